@@ -1,0 +1,31 @@
+"""`python -m core`: train one config, print a summary, write its record as JSON."""
+from __future__ import annotations
+
+import json
+
+from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.record import summary, write_record
+from core.train import run
+
+
+def main() -> int:
+    parser = ArgumentParser(prog="python -m core", description="Fine-tune one text classifier and record the run.")
+    add_run_arguments(parser)
+    parser.add_argument("--output", default="run.json", help="where to write the run record (default: run.json)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute the frozen layers every step instead of caching their outputs")
+    args = parser.parse_args()
+    config = config_from_args(args)
+    record = run(config, device=args.device, progress=not args.no_progress,
+                 use_prefix_cache=not args.no_prefix_cache)
+    write_record(record, args.output)
+    print(summary(record))
+    print(json.dumps({e["epoch"]: {"accuracy": e["accuracy"], "loss": e["loss"]} for e in record["history"]}))
+    print(f"record written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,62 @@
+"""Command-line plumbing shared by `python -m core` and the ablation commands: flags from `RunConfig` fields,
+and bad input ending as one line on stderr with exit code 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from typing import Callable
+
+from core.config import RunConfig
+from core.errors import UsageError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_type(annotation):
+    kind = {"int": int, "float": float, "str": str, "bool": bool}
+    names = [part.strip() for part in str(annotation).split("|") if part.strip() != "None"]
+    return kind[names[0]]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per RunConfig field, with its default and help; bools become --x/--no-x."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
+        kind = _parse_type(f.type)
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(_flag(f.name), type=kind, default=f.default,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
+    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130, never a traceback for either."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = main() or 0
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

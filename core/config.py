@@ -1,0 +1,99 @@
+"""`RunConfig`: the single source of truth for one fine-tuning run.
+
+Defaults reproduce the reference study's modified recipe (DistilBERT on GLUE SST-2, embeddings +
+layers 0-3 frozen, cosine schedule, lr 3e-5, 4 epochs, 10 % warmup, weight decay 0.01, batch 16).
+The canonical JSON of a config hashes to its run id, so the same config is recognised wherever it ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from transformers import SchedulerType
+
+from core.errors import UsageError
+
+SCHEDULERS: tuple[str, ...] = tuple(s.value for s in SchedulerType)
+SELECT_BY = ("accuracy", "loss", "f1")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = _help("Hugging Face Hub id or local model folder.", default="distilbert-base-uncased")
+    dataset: str = _help("Hub id (`glue/sst2`, `name:config`) or a local folder/file of train/validation[/test] "
+                         "tsv, csv, json(l) or parquet.", default="glue/sst2")
+    text_column: str | None = _help("Text column (two columns as `a,b` for sentence pairs); auto-detected if unset.",
+                                    default=None)
+    label_column: str | None = _help("Label column; auto-detected if unset.", default=None)
+    freeze_depth: int = _help("Freeze the embeddings and encoder layers 0..K-1 (0 trains everything; "
+                              "K = number of layers trains only the head).", default=4)
+    scheduler: str = _help("Learning-rate schedule: any name transformers.get_scheduler accepts.", default="cosine")
+    epochs: int = _help("Training epochs.", default=4)
+    learning_rate: float = _help("Peak learning rate of AdamW.", default=3e-5)
+    batch_size: int = _help("Training batch size.", default=16)
+    warmup_ratio: float = _help("Fraction of the training steps spent warming up the learning rate.", default=0.1)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights).", default=0.01)
+    seed: int = _help("Seed for initialisation, batch order and the training subsample.", default=42)
+    max_train_samples: int | None = _help("Train on a seeded random subsample of this many examples.", default=None)
+    max_length: int = _help("Truncate inputs to this many tokens.", default=128)
+    select_by: str = _help("Validation metric that picks the reported epoch: accuracy, loss or f1.",
+                           default="accuracy")
+    frozen_dropout: bool = _help("Run the frozen layers in train mode (dropout on), exactly as the reference study "
+                                 "did; this disables the frozen-prefix cache.", default=False)
+    precision: str = _help("auto (bf16 autocast where the hardware supports it), fp32 or bf16.", default="auto")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.freeze_depth >= 0, f"--freeze-depth {self.freeze_depth} is invalid: use 0 (train everything) up to "
+                                     "the model's number of layers"),
+            (self.scheduler in SCHEDULERS, f"--scheduler {self.scheduler!r} is unknown: use one of "
+                                           f"{', '.join(SCHEDULERS)}"),
+            (self.epochs >= 1, f"--epochs {self.epochs} is invalid: use a whole number of at least 1"),
+            (self.learning_rate > 0, f"--learning-rate {self.learning_rate} is invalid: use a positive number"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size} is invalid: use a whole number of at least 1"),
+            (0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio} is invalid: use a fraction in [0, 1)"),
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is invalid: use 0 or a positive number"),
+            (self.max_train_samples is None or self.max_train_samples >= 1,
+             f"--max-train-samples {self.max_train_samples} is invalid: use a whole number of at least 1"),
+            (self.max_length >= 8, f"--max-length {self.max_length} is invalid: use at least 8 tokens"),
+            (self.select_by in SELECT_BY, f"--select-by {self.select_by!r} is unknown: use one of "
+                                          f"{', '.join(SELECT_BY)}"),
+            (self.precision in PRECISIONS, f"--precision {self.precision!r} is unknown: use one of "
+                                           f"{', '.join(PRECISIONS)}"),
+            (bool(self.model), "--model is empty: give a Hub id or a local model folder"),
+            (bool(self.dataset), "--dataset is empty: give a Hub id or a local data folder"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.scheduler == "reduce_lr_on_plateau":
+            raise UsageError("--scheduler 'reduce_lr_on_plateau' needs a metric per step and is not supported: "
+                             "use one of the step-based schedules such as linear or cosine")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UsageError(f"unknown run setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
+        return cls(**values)

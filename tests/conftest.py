@@ -1,0 +1,103 @@
+"""Tiny models and learnable toy data, built inside the tests: everything runs on a CPU in seconds."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
+NEUTRAL = ["okay", "average", "plain"]
+FILLER = ["the", "movie", "film", "was", "a", "story", "plot", "really", "quite", "very", "and", "it", "is", "acting"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL + FILLER
+
+
+def write_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(VOCAB)}, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def save_tiny(folder: Path, kind: str = "bert", layers: int = 2, **overrides) -> Path:
+    """A randomly initialised model of the given family, small enough to train in a test."""
+    import torch
+    from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig, ElectraConfig,
+                              RobertaConfig)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, num_labels=2)
+    if kind == "distilbert":
+        config = DistilBertConfig(n_layers=layers, dim=32, hidden_dim=64, n_heads=2, **common, **overrides)
+    elif kind == "roberta":
+        config = RobertaConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                               pad_token_id=0, bos_token_id=2, eos_token_id=3, **common, **overrides)
+    elif kind == "electra":
+        config = ElectraConfig(num_hidden_layers=layers, embedding_size=16, hidden_size=32, intermediate_size=64,
+                               num_attention_heads=2, **common, **overrides)
+    else:
+        config = BertConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            **common, **overrides)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+def toy_rows(n: int, seed: int, classes: int = 2) -> list[tuple[str, int]]:
+    """Sentences whose label is carried by one sentiment word among filler: learnable, not trivial noise."""
+    rng = random.Random(seed)
+    words = [NEGATIVE, POSITIVE, NEUTRAL][:classes]
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(classes)
+        sentence = rng.sample(FILLER, rng.randint(2, 6))
+        sentence.insert(rng.randint(0, len(sentence)), rng.choice(words[label]))
+        rows.append((" ".join(sentence), label))
+    return rows
+
+
+def write_split(path: Path, rows, text="sentence", label="label", sep="\t", names=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{text}{sep}{label}"] + [f"{s}{sep}{names[y] if names else y}" for s, y in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_toy_dataset(folder: Path, train=96, validation=48, test=0, classes=2, text="sentence", label="label",
+                      ext="tsv", names=None) -> Path:
+    sep = "\t" if ext == "tsv" else ","
+    write_split(folder / f"train.{ext}", toy_rows(train, 1, classes), text, label, sep, names)
+    write_split(folder / f"validation.{ext}", toy_rows(validation, 2, classes), text, label, sep, names)
+    if test:
+        write_split(folder / f"test.{ext}", toy_rows(test, 3, classes), text, label, sep, names)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return str(save_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert", layers=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory) -> str:
+    return str(save_tiny(tmp_path_factory.mktemp("tiny-distilbert"), "distilbert", layers=3))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> str:
+    return str(write_toy_dataset(tmp_path_factory.mktemp("toy-data")))
+
+
+def quick_config(model: str, dataset: str, **changes):
+    from core import RunConfig
+    settings = dict(model=model, dataset=dataset, freeze_depth=0, scheduler="linear", epochs=1, learning_rate=1e-3,
+                    batch_size=16, warmup_ratio=0.0, weight_decay=0.01, seed=0, max_length=32, precision="fp32")
+    settings.update(changes)
+    return RunConfig(**settings)
