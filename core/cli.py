@@ -42,8 +42,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                                 help=f"{f.metadata['help']} (default: {f.default})")
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **overrides) -> RunConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+              if hasattr(args, f.name) and f.name not in skip}
     values.update(overrides)
     return RunConfig(**values)
 

@@ -1,0 +1,305 @@
+"""The trade-off report: accuracy against training time per configuration, generated from stored runs only.
+
+`write_report(runs, output_dir)` turns the run rows of `ablations.study.load_runs` into runs.csv, tradeoff.csv,
+tradeoff.md and three figures; `python -m ablations.report --storage URL --output-dir DIR` does the same from the
+command line. A configuration is a run config minus its seed (plus the device, since times only compare on the
+same hardware); seeds are averaged, and each configuration is tested against its baseline, by default the full
+fine-tune (freeze depth 0) with every other field equal.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ablations import plots
+from ablations.stats import accuracy_interval, mcnemar_exact, pareto_front
+
+RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
+               "accuracy", "test_accuracy", "train_seconds", "trainable_params", "train_samples", "device",
+               "fail_reason", "reused_from"]
+SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
+DEFAULT_BASELINE: dict[str, Any] = {"freeze_depth": 0}
+SCHEDULER_SHORT = {"linear": "lin", "cosine": "cos", "constant": "const", "constant_with_warmup": "const-w",
+                   "cosine_with_restarts": "cos-r", "polynomial": "poly", "inverse_sqrt": "isqrt"}
+
+
+def usage_error(message: str) -> Exception:
+    from core.errors import UsageError  # `core` pulls in torch: only when a user must be told something
+    return UsageError(message)
+
+
+def run_table(runs: list[dict]) -> pd.DataFrame:
+    """Every stored run, whatever its state: the ledger behind runs.csv."""
+    rows = []
+    for run in runs:
+        record = run.get("record") or {}
+        config = {**(run.get("params") or {}), **(record.get("config") or {})}
+        values = list(run.get("values") or []) + [None, None]
+        rows.append({**{key: run.get(key) for key in ("study", "number", "state", "run_id")},
+                     **{key: config.get(key) for key in ("freeze_depth", "scheduler", "epochs", "seed",
+                                                          "learning_rate")},
+                     "accuracy": record.get("accuracy", values[0]), "test_accuracy": record.get("test_accuracy"),
+                     "train_seconds": record.get("train_seconds", values[1]),
+                     **{key: record.get(key) for key in ("trainable_params", "train_samples", "device")},
+                     "fail_reason": run.get("fail_reason"), "reused_from": run.get("reused_from")})
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def completed_runs(runs: list[dict]) -> list[dict]:
+    """One COMPLETE row per run id: reused copies and the same run seen from several studies count once."""
+    chosen: dict[str, dict] = {}
+    for run in runs:
+        if run.get("state") != "COMPLETE" or not run.get("record"):
+            continue
+        key = run.get("run_id") or run["record"].get("run_id") or f"{run.get('study')}#{run.get('number')}"
+        if key not in chosen or (chosen[key].get("reused_from") and not run.get("reused_from")):
+            chosen[key] = run
+    return list(chosen.values())
+
+
+def _configurations(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+    """Group completed records by config minus seed (plus device): canonical JSON key -> (fields, records)."""
+    groups: dict[str, tuple[dict, list[dict]]] = {}
+    for run in completed_runs(runs):
+        record = run["record"]
+        fields = {k: v for k, v in record["config"].items() if k != "seed"} | {"device": record.get("device")}
+        key = json.dumps(fields, sort_keys=True, default=str)
+        groups.setdefault(key, (fields, []))[1].append(record)
+    return groups
+
+
+def _coerce(field: str, value: Any, known: list[Any]) -> Any:
+    """A --baseline value as text, read with the type that field has in the stored configs."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("none", "null") and None in known:
+        return None
+    kinds = {type(v) for v in known if v is not None}
+    try:
+        if kinds == {bool}:
+            return value.lower() in ("1", "true", "yes")
+        if kinds <= {int}:
+            return int(value)
+        if kinds <= {int, float}:
+            return float(value)
+    except ValueError:
+        raise usage_error(f"--baseline {field}={value} is invalid: the stored values are {sorted(map(str, known))}")
+    return value
+
+
+def parse_baseline(text: str) -> dict[str, str]:
+    """`freeze_depth=0,scheduler=linear` -> {"freeze_depth": "0", "scheduler": "linear"}; values are typed later."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if not pairs or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        raise usage_error(f"--baseline {text!r} is invalid: use key=value[,key=value...], e.g. freeze_depth=0")
+    return {key.strip().replace("-", "_"): value.strip() for key, value in pairs}
+
+
+def _label(fields: dict, extra: list[str]) -> str:
+    """Short point label such as 'd4 cos 2ep', plus any other field that varies."""
+    scheduler = SCHEDULER_SHORT.get(str(fields.get("scheduler")), str(fields.get("scheduler")))
+    parts = [f"d{fields.get('freeze_depth')}", scheduler, f"{fields.get('epochs')}ep"]
+    names = {"learning_rate": "lr", "max_train_samples": "n", "device": ""}
+    parts += [f"{names.get(name, name + '=')}{fields.get(name):g}" if isinstance(fields.get(name), float)
+              else f"{names.get(name, name + '=')}{fields.get(name)}" for name in extra]
+    return " ".join(parts)
+
+
+def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
+    """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, McNemar vs its baseline."""
+    groups = _configurations(runs)
+    if not groups:
+        raise usage_error("no completed runs to report: the storage holds only failed, pruned or running trials")
+    field_names = sorted({name for fields, _ in groups.values() for name in fields})
+    values = {name: [fields.get(name) for fields, _ in groups.values()] for name in field_names}
+    varying = [name for name in field_names if len({json.dumps(v, default=str) for v in values[name]}) > 1]
+    shown = list(SCIENTIFIC) + [name for name in varying if name not in SCIENTIFIC]
+    overrides = dict(DEFAULT_BASELINE if baseline is None else baseline)
+    for name in overrides:
+        if name not in field_names or name == "seed":
+            raise usage_error(f"--baseline field {name!r} is unknown: use one of {', '.join(field_names)}")
+    overrides = {name: _coerce(name, value, values[name]) for name, value in overrides.items()}
+    if not any(all(fields.get(k) == v for k, v in overrides.items()) for fields, _ in groups.values()):
+        described = ",".join(f"{k}={v}" for k, v in overrides.items())
+        raise usage_error(f"--baseline {described} matches no completed configuration")
+
+    rows = []
+    for key, (fields, records) in groups.items():
+        records = sorted(records, key=lambda r: r["config"]["seed"])
+        correct = records[0].get("validation_correct") or ""
+        interval = accuracy_interval([r["accuracy"] for r in records], correct.count("1"), len(correct))
+        tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
+        target = json.dumps(fields | overrides, sort_keys=True, default=str)
+        rows.append({**{name: fields.get(name) for name in shown}, "label": _label(fields, shown[4:]),
+                     "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
+                     "accuracy_high": interval.high, "interval": interval.method,
+                     "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
+                     "train_seconds_mean": sum(r["train_seconds"] for r in records) / len(records),
+                     "trainable_params": records[0].get("trainable_params"),
+                     "train_samples": records[0].get("train_samples"),
+                     "validation_samples": records[0].get("validation_samples") or len(correct) or None,
+                     "baseline": target == key, "_target": target, "_key": key})
+    table = pd.DataFrame(rows)
+    table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds_mean"].tolist())
+    table = _compare_with_baselines(table, groups).drop(columns=["_target", "_key"])
+    return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, list[dict]]]) -> pd.DataFrame:
+    """Speed-up, accuracy difference and the seed-paired exact McNemar test of each row against its baseline."""
+    by_key = table.set_index("_key")
+    compared = []
+    for row in table.itertuples(index=False):
+        result: dict[str, Any] = {"speedup": math.nan, "accuracy_delta": math.nan, "mcnemar_b": None,
+                                  "mcnemar_c": None, "mcnemar_pairs": None, "p_value": math.nan}
+        if row._target in by_key.index:
+            base = by_key.loc[row._target]
+            result["speedup"] = base["train_seconds_mean"] / row.train_seconds_mean
+            result["accuracy_delta"] = row.accuracy_mean - base["accuracy_mean"]
+            if not row.baseline:
+                mine = {r["config"]["seed"]: r.get("validation_correct") or "" for r in groups[row._key][1]}
+                theirs = {r["config"]["seed"]: r.get("validation_correct") or "" for r in groups[row._target][1]}
+                pairs = [(mine[s], theirs[s]) for s in sorted(mine.keys() & theirs.keys())
+                         if mine[s] and len(mine[s]) == len(theirs[s])]
+                test = mcnemar_exact(pairs)
+                result.update(mcnemar_b=test.only_config, mcnemar_c=test.only_baseline, mcnemar_pairs=test.pairs,
+                              p_value=test.p_value)
+        compared.append(result)
+    return pd.concat([table, pd.DataFrame(compared, index=table.index)], axis=1)
+
+
+def _history(runs: list[dict], table: pd.DataFrame) -> pd.DataFrame:
+    """Validation accuracy per epoch of every completed run, labelled like its configuration's point."""
+    extra = list(table.columns[4:table.columns.get_loc("label")])
+    rows = []
+    for fields, records in _configurations(runs).values():
+        for record in records:
+            rows += [{"label": _label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
+                      "scheduler": fields.get("scheduler"), "epochs": fields.get("epochs"),
+                      "seed": record["config"]["seed"], "epoch": point["epoch"], "accuracy": point["accuracy"]}
+                     for point in record.get("history") or []]
+    return pd.DataFrame(rows, columns=["label", "freeze_depth", "scheduler", "epochs", "seed", "epoch", "accuracy"])
+
+
+def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
+    """What the numbers are about, for captions and titles: model, data, train size, validation size, device."""
+    records = [run["record"] for run in completed_runs(runs)]
+
+    def distinct(values) -> str:
+        seen = list(dict.fromkeys(str(v) for v in values if v is not None))
+        return ", ".join(seen) if seen else "unknown"
+
+    return {"model": distinct(r["config"].get("model") for r in records),
+            "data": distinct(r["config"].get("dataset") for r in records),
+            "train": distinct(f"{n:,}" for n in table["train_samples"].dropna().astype(int)),
+            "validation": distinct(f"{n:,}" for n in table["validation_samples"].dropna().astype(int)),
+            "device": distinct(r.get("device") for r in records)}
+
+
+def _percent(value: float) -> str:
+    return "—" if value is None or pd.isna(value) else f"{100 * value:.1f} %"
+
+
+def _p_value(p: float) -> str:
+    return "—" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None) -> str:
+    """A GitHub-flavoured table with a caption that names the data and every method used."""
+    shown = list(table.columns[:table.columns.get_loc("label")])
+    names = {"freeze_depth": "freeze depth", "scheduler": "schedule", "learning_rate": "learning rate"}
+    header = [names.get(c, c.replace("_", " ")) for c in shown] + [
+        "seeds", "val. accuracy [95 % CI]", "test accuracy", "train s", "speed-up", "trainable params", "Pareto",
+        "vs baseline (Δ, McNemar p, b/c)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(shown) + ["--:"] * 6 + [":-:", "---"]) + "|"]
+    for row in table.itertuples(index=False):
+        cells = [f"{getattr(row, c):g}" if isinstance(getattr(row, c), float) else str(getattr(row, c))
+                 for c in shown]
+        if row.baseline:
+            cells = [f"**{cell}**" for cell in cells]
+        accuracy = f"{_percent(row.accuracy_mean)} [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
+        if row.baseline:
+            versus = "**baseline**"
+        elif pd.isna(row.accuracy_delta):
+            versus = "no baseline run"
+        else:
+            pairs = f"{row.mcnemar_b}/{row.mcnemar_c}" if row.mcnemar_pairs else "no shared seeds"
+            versus = f"{100 * row.accuracy_delta:+.1f} pp, p {_p_value(row.p_value)}, {pairs}"
+        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), f"{row.train_seconds_mean:,.0f}",
+                  "—" if pd.isna(row.speedup) else f"{row.speedup:.2f}×",
+                  "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
+                  "★" if row.pareto else "", versus]
+        lines.append("| " + " | ".join(cells) + " |")
+    target = ", ".join(f"{k} = {v}" for k, v in (DEFAULT_BASELINE if baseline is None else baseline).items())
+    caption = (f"**Accuracy–time trade-off.** Model `{about['model']}`, data `{about['data']}`, "
+               f"{about['train']} training examples, {about['validation']} validation examples, "
+               f"device: {about['device']}.")
+    methods = (
+        "Validation accuracy is the mean over seeds with a 95 % Student-t interval (scipy.stats.t); a configuration "
+        "with one seed gets a 95 % Wilson binomial interval over its validation examples. Train s is the mean "
+        f"training time; speed-up = baseline time / configuration time. Baseline (**bold**): {target}, every other "
+        "field equal. The p-value is an exact McNemar test on per-example validation correctness, pairing seed s "
+        "with baseline seed s and pooling the discordant counts over seeds (b = right only here, c = right only in "
+        "the baseline; two-sided scipy.stats.binomtest of b against Bin(b + c, ½)). ★ = Pareto-optimal: no other "
+        "configuration is at least as accurate and at least as fast.")
+    return "\n".join([caption, "", *lines, "", methods, ""])
+
+
+def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None) -> dict[str, Path]:
+    """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png; return their paths by short name."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"runs": output / "runs.csv"}
+    run_table(runs).to_csv(paths["runs"], index=False)  # the ledger is written even when nothing completed
+    table = tradeoff_table(runs, baseline)
+    about = context(runs, table)
+    paths["tradeoff_csv"] = output / "tradeoff.csv"
+    table.to_csv(paths["tradeoff_csv"], index=False)
+    paths["tradeoff_md"] = output / "tradeoff.md"
+    paths["tradeoff_md"].write_text(markdown(table, about, baseline))
+    paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
+    paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
+    paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")
+    return paths
+
+
+def main() -> int:
+    from core.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m ablations.report",
+                            description="Trade-off report (tables and figures) from the runs stored in an Optuna "
+                                        "storage.")
+    parser.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///results/ablations.db.")
+    parser.add_argument("--study-name", dest="study_names", action="append", metavar="NAME",
+                        help="Report only this study (repeatable; default: every study in the storage).")
+    parser.add_argument("--output-dir", required=True, type=Path, help="Folder for the CSV, Markdown and PNG files.")
+    parser.add_argument("--baseline", default="freeze_depth=0",
+                        help="Fields that define each configuration's baseline; the others must match "
+                             "(default: freeze_depth=0, the full fine-tune).")
+    args = parser.parse_args()
+    baseline = parse_baseline(args.baseline)
+    if args.storage.startswith("sqlite:///") and not Path(args.storage.removeprefix("sqlite:///")).exists():
+        raise usage_error(f"--storage {args.storage} is invalid: the SQLite file does not exist")
+    import optuna
+
+    available = optuna.get_all_study_names(storage=args.storage)
+    missing = [name for name in args.study_names or [] if name not in available]
+    if missing:
+        raise usage_error(f"--study-name {missing[0]!r} is not in the storage: use one of "
+                          f"{', '.join(available) or '(none: the storage is empty)'}")
+    from ablations.study import load_runs
+
+    paths = write_report(load_runs(args.storage, study_names=args.study_names), args.output_dir, baseline)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    from core.cli import main_guard
+
+    main_guard(main)

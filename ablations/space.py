@@ -1,0 +1,146 @@
+"""Grid and search spaces as data: values you can print, store beside the results and override.
+
+Following the tuning playbook, parameters are *scientific* (what the study asks about: freeze depth,
+scheduler, epochs), *nuisance* (tuned away or averaged: learning rate, warmup, seed) or *fixed* (model, data).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna.distributions as od
+
+from core.config import SCHEDULERS, RunConfig
+from core.errors import UsageError
+
+# Every study stores these parameters with the same distributions, so a grid study and a search study on one
+# storage hold comparable trials, and a second invocation with other lists never clashes with the first.
+PARAM_DISTRIBUTIONS: dict[str, od.BaseDistribution] = {
+    "freeze_depth": od.IntDistribution(0, 128),
+    "scheduler": od.CategoricalDistribution(SCHEDULERS),
+    "epochs": od.IntDistribution(1, 1000),
+    "seed": od.IntDistribution(0, 2**31 - 1),
+    "learning_rate": od.FloatDistribution(1e-8, 1.0, log=True),
+    "warmup_ratio": od.FloatDistribution(0.0, 1.0),
+    "weight_decay": od.FloatDistribution(0.0, 10.0),
+    "batch_size": od.IntDistribution(1, 65536),
+    "max_train_samples": od.IntDistribution(1, 2**40),
+}
+SCIENTIFIC = ("freeze_depth", "scheduler", "epochs")
+
+
+def parse_int_list(text: str, flag: str, low: int = 0, high: int | None = None) -> list[int]:
+    """'0-6', '0,2,4' or '1,3-4' -> sorted unique ints, with a one-line error naming the flag."""
+    values: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            start, _, stop = part.partition("-")
+            first, last = int(start), int(stop) if stop else int(start)
+            if last < first:
+                raise ValueError
+            values.update(range(first, last + 1))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is invalid: use whole numbers, lists and ranges such as 0,2,4 or 0-6") \
+            from None
+    if not values:
+        raise UsageError(f"{flag} {text!r} is empty: give at least one value")
+    if min(values) < low or (high is not None and max(values) > high):
+        allowed = f"{low} to {high}" if high is not None else f"at least {low}"
+        raise UsageError(f"{flag} {text!r} is out of range: use values from {allowed}")
+    return sorted(values)
+
+
+def parse_choices(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [p.strip() for p in str(text).split(",") if p.strip()]
+    for value in values:
+        if value not in allowed:
+            raise UsageError(f"{flag} value {value!r} is unknown: use one of {', '.join(allowed)}")
+    if not values:
+        raise UsageError(f"{flag} is empty: give at least one of {', '.join(allowed)}")
+    return list(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The cells of a grid: every combination of the scientific values, repeated over seeds."""
+    freeze_depths: tuple[int, ...]
+    schedulers: tuple[str, ...]
+    epochs: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def configs(self, base: RunConfig) -> list[RunConfig]:
+        # Shallow depths first: a deeper frozen prefix is then derived from a cached shallower one.
+        return [base.replace(freeze_depth=d, scheduler=s, epochs=e, seed=seed)
+                for d, e, seed, s in itertools.product(self.freeze_depths, self.epochs, self.seeds, self.schedulers)]
+
+    def describe(self) -> str:
+        return (f"{len(self.freeze_depths)} depth(s) × {len(self.schedulers)} scheduler(s) × {len(self.epochs)} "
+                f"epoch setting(s) × {len(self.seeds)} seed(s) = {self.size} runs")
+
+    @property
+    def size(self) -> int:
+        return len(self.freeze_depths) * len(self.schedulers) * len(self.epochs) * len(self.seeds)
+
+
+def study_params(config: RunConfig, varying: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The trial parameters for a config: the scientific ones, the seed, the learning rate and whatever varies."""
+    names = list(dict.fromkeys((*SCIENTIFIC, "seed", "learning_rate", *varying)))
+    values = config.to_dict()
+    params = {n: values[n] for n in names if values.get(n) is not None}
+    return params, {n: PARAM_DISTRIBUTIONS[n] for n in params}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search may choose. Scientific: depth, scheduler, epochs. Nuisance: learning rate, warmup."""
+    freeze_depth: tuple[int, int] = (0, 6)
+    schedulers: tuple[str, ...] = ("linear", "cosine")
+    epochs: tuple[int, int] = (1, 4)
+    learning_rate: tuple[float, float] = (1e-5, 5e-4)
+    warmup_ratio: tuple[float, float] = (0.0, 0.2)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"freeze_depth": list(self.freeze_depth), "schedulers": list(self.schedulers),
+                "epochs": list(self.epochs), "learning_rate": list(self.learning_rate),
+                "warmup_ratio": list(self.warmup_ratio)}
+
+    def describe(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SearchSpace":
+        known = {"freeze_depth", "schedulers", "epochs", "learning_rate", "warmup_ratio"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"search space key {unknown[0]!r} is unknown: use {', '.join(sorted(known))}")
+        try:
+            space = cls(**{k: tuple(v) for k, v in values.items()})
+        except TypeError:
+            raise UsageError("search space values must be lists, e.g. {\"freeze_depth\": [0, 6]}") from None
+        space.validate()
+        return space
+
+    @classmethod
+    def load(cls, path: str) -> "SearchSpace":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise UsageError(f"cannot read search space {path!r}: {str(error).splitlines()[0]}") from None
+
+    def validate(self, layers: int | None = None) -> None:
+        low, high = self.freeze_depth
+        if not 0 <= low <= high or (layers is not None and high > layers):
+            limit = f"0 to {layers}" if layers is not None else "0 or more"
+            raise UsageError(f"search space freeze_depth {list(self.freeze_depth)} is invalid: use a range within "
+                             f"{limit}")
+        parse_choices(",".join(self.schedulers), "search space schedulers", SCHEDULERS)
+        if not 1 <= self.epochs[0] <= self.epochs[1]:
+            raise UsageError(f"search space epochs {list(self.epochs)} is invalid: use a range like [1, 4]")
+        if not 0 < self.learning_rate[0] <= self.learning_rate[1]:
+            raise UsageError(f"search space learning_rate {list(self.learning_rate)} is invalid: use positive bounds")
+        if not 0 <= self.warmup_ratio[0] <= self.warmup_ratio[1] < 1:
+            raise UsageError(f"search space warmup_ratio {list(self.warmup_ratio)} is invalid: use fractions in "
+                             "[0, 1)")
