@@ -23,8 +23,7 @@ RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler"
                "fail_reason", "reused_from"]
 SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
 DEFAULT_BASELINE: dict[str, Any] = {"freeze_depth": 0}
-SCHEDULER_SHORT = {"linear": "lin", "cosine": "cos", "constant": "const", "constant_with_warmup": "const-w",
-                   "cosine_with_restarts": "cos-r", "polynomial": "poly", "inverse_sqrt": "isqrt"}
+
 
 
 def usage_error(message: str) -> Exception:
@@ -99,16 +98,6 @@ def parse_baseline(text: str) -> dict[str, str]:
     return {key.strip().replace("-", "_"): value.strip() for key, value in pairs}
 
 
-def _label(fields: dict, extra: list[str]) -> str:
-    """Short point label such as 'd4 cos 2ep', plus any other field that varies."""
-    scheduler = SCHEDULER_SHORT.get(str(fields.get("scheduler")), str(fields.get("scheduler")))
-    parts = [f"d{fields.get('freeze_depth')}", scheduler, f"{fields.get('epochs')}ep"]
-    names = {"learning_rate": "lr", "max_train_samples": "n", "device": ""}
-    parts += [f"{names.get(name, name + '=')}{fields.get(name):g}" if isinstance(fields.get(name), float)
-              else f"{names.get(name, name + '=')}{fields.get(name)}" for name in extra]
-    return " ".join(parts)
-
-
 def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
     """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, McNemar vs its baseline."""
     groups = _configurations(runs)
@@ -118,6 +107,7 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
     values = {name: [fields.get(name) for fields, _ in groups.values()] for name in field_names}
     varying = [name for name in field_names if len({json.dumps(v, default=str) for v in values[name]}) > 1]
     shown = list(SCIENTIFIC) + [name for name in varying if name not in SCIENTIFIC]
+    in_label = [name for name in shown[3:] if name in varying]
     overrides = dict(DEFAULT_BASELINE if baseline is None else baseline)
     for name in overrides:
         if name not in field_names or name == "seed":
@@ -131,54 +121,62 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
     for key, (fields, records) in groups.items():
         records = sorted(records, key=lambda r: r["config"]["seed"])
         correct = records[0].get("validation_correct") or ""
-        interval = accuracy_interval([r["accuracy"] for r in records], correct.count("1"), len(correct))
+        total = len(correct) or records[0].get("validation_samples") or 0
+        hits = correct.count("1") if correct else round(records[0]["accuracy"] * total)
+        interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
         tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
-        rows.append({**{name: fields.get(name) for name in shown}, "label": _label(fields, shown[4:]),
+        rows.append({**{name: fields.get(name) for name in shown}, "label": plots.point_label(fields, in_label),
                      "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
                      "accuracy_high": interval.high, "interval": interval.method,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
                      "train_seconds_mean": sum(r["train_seconds"] for r in records) / len(records),
                      "trainable_params": records[0].get("trainable_params"),
                      "train_samples": records[0].get("train_samples"),
-                     "validation_samples": records[0].get("validation_samples") or len(correct) or None,
-                     "baseline": target == key, "_target": target, "_key": key})
+                     "validation_samples": total or None,
+                     "baseline": target == key, "baseline_key": target, "config_key": key})
     table = pd.DataFrame(rows)
     table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds_mean"].tolist())
-    table = _compare_with_baselines(table, groups).drop(columns=["_target", "_key"])
+    table = _compare_with_baselines(table, groups).drop(columns=["baseline_key", "config_key"])
     return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def _correct_by_seed(records: list[dict]) -> dict[int, str]:
+    return {record["config"]["seed"]: record.get("validation_correct") or "" for record in records}
 
 
 def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, list[dict]]]) -> pd.DataFrame:
     """Speed-up, accuracy difference and the seed-paired exact McNemar test of each row against its baseline."""
-    by_key = table.set_index("_key")
+    by_key = table.set_index("config_key")
     compared = []
     for row in table.itertuples(index=False):
         result: dict[str, Any] = {"speedup": math.nan, "accuracy_delta": math.nan, "mcnemar_b": None,
                                   "mcnemar_c": None, "mcnemar_pairs": None, "p_value": math.nan}
-        if row._target in by_key.index:
-            base = by_key.loc[row._target]
+        if row.baseline_key in by_key.index:
+            base = by_key.loc[row.baseline_key]
             result["speedup"] = base["train_seconds_mean"] / row.train_seconds_mean
             result["accuracy_delta"] = row.accuracy_mean - base["accuracy_mean"]
             if not row.baseline:
-                mine = {r["config"]["seed"]: r.get("validation_correct") or "" for r in groups[row._key][1]}
-                theirs = {r["config"]["seed"]: r.get("validation_correct") or "" for r in groups[row._target][1]}
+                mine, theirs = (_correct_by_seed(groups[key][1]) for key in (row.config_key, row.baseline_key))
                 pairs = [(mine[s], theirs[s]) for s in sorted(mine.keys() & theirs.keys())
                          if mine[s] and len(mine[s]) == len(theirs[s])]
                 test = mcnemar_exact(pairs)
                 result.update(mcnemar_b=test.only_config, mcnemar_c=test.only_baseline, mcnemar_pairs=test.pairs,
                               p_value=test.p_value)
         compared.append(result)
-    return pd.concat([table, pd.DataFrame(compared, index=table.index)], axis=1)
+    compared = pd.DataFrame(compared, index=table.index)
+    counts = ["mcnemar_b", "mcnemar_c", "mcnemar_pairs"]
+    compared[counts] = compared[counts].astype("Int64")  # whole numbers, blank where there is no test
+    return pd.concat([table, compared], axis=1)
 
 
 def _history(runs: list[dict], table: pd.DataFrame) -> pd.DataFrame:
     """Validation accuracy per epoch of every completed run, labelled like its configuration's point."""
-    extra = list(table.columns[4:table.columns.get_loc("label")])
+    extra = plots.varying_fields(table)
     rows = []
     for fields, records in _configurations(runs).values():
         for record in records:
-            rows += [{"label": _label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
+            rows += [{"label": plots.point_label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
                       "scheduler": fields.get("scheduler"), "epochs": fields.get("epochs"),
                       "seed": record["config"]["seed"], "epoch": point["epoch"], "accuracy": point["accuracy"]}
                      for point in record.get("history") or []]
@@ -204,6 +202,10 @@ def _percent(value: float) -> str:
     return "—" if value is None or pd.isna(value) else f"{100 * value:.1f} %"
 
 
+def _cell(value: Any) -> str:
+    return "—" if value is None or value is pd.NA else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _p_value(p: float) -> str:
     return "—" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
@@ -215,20 +217,23 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
     header = [names.get(c, c.replace("_", " ")) for c in shown] + [
         "seeds", "val. accuracy [95 % CI]", "test accuracy", "train s", "speed-up", "trainable params", "Pareto",
         "vs baseline (Δ, McNemar p, b/c)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(shown) + ["--:"] * 6 + [":-:", "---"]) + "|"]
+    align = ["---"] * len(shown) + ["--:"] * 6 + [":-:", "---"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in table.itertuples(index=False):
-        cells = [f"{getattr(row, c):g}" if isinstance(getattr(row, c), float) else str(getattr(row, c))
-                 for c in shown]
+        cells = [_cell(getattr(row, c)) for c in shown]
         if row.baseline:
             cells = [f"**{cell}**" for cell in cells]
-        accuracy = f"{_percent(row.accuracy_mean)} [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
+        accuracy = _percent(row.accuracy_mean)
+        if not pd.isna(row.accuracy_low):
+            accuracy += f" [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
         if row.baseline:
             versus = "**baseline**"
         elif pd.isna(row.accuracy_delta):
             versus = "no baseline run"
         else:
             pairs = f"{row.mcnemar_b}/{row.mcnemar_c}" if row.mcnemar_pairs else "no shared seeds"
-            versus = f"{100 * row.accuracy_delta:+.1f} pp, p {_p_value(row.p_value)}, {pairs}"
+            delta = f"{100 * row.accuracy_delta:+.1f}".replace("-", "−")
+            versus = f"{delta} pp, p {_p_value(row.p_value)}, {pairs}"
         cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), f"{row.train_seconds_mean:,.0f}",
                   "—" if pd.isna(row.speedup) else f"{row.speedup:.2f}×",
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
@@ -284,16 +289,10 @@ def main() -> int:
     baseline = parse_baseline(args.baseline)
     if args.storage.startswith("sqlite:///") and not Path(args.storage.removeprefix("sqlite:///")).exists():
         raise usage_error(f"--storage {args.storage} is invalid: the SQLite file does not exist")
-    import optuna
+    from ablations.study import load_runs, storage_url  # load_runs names a missing study in one line
 
-    available = optuna.get_all_study_names(storage=args.storage)
-    missing = [name for name in args.study_names or [] if name not in available]
-    if missing:
-        raise usage_error(f"--study-name {missing[0]!r} is not in the storage: use one of "
-                          f"{', '.join(available) or '(none: the storage is empty)'}")
-    from ablations.study import load_runs
-
-    paths = write_report(load_runs(args.storage, study_names=args.study_names), args.output_dir, baseline)
+    runs = load_runs(storage_url(args.storage, args.output_dir), study_names=args.study_names)
+    paths = write_report(runs, args.output_dir, baseline)
     for path in paths.values():
         print(path)
     return 0

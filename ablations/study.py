@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import threading
 import time
 import warnings
@@ -52,17 +53,25 @@ def storage_url(url: str | None, output_dir: str | Path) -> str:
 
 def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-                          grace_period=3 * heartbeat_seconds, heartbeat_stale_trial_callback=_mark_stale)
-    except Exception as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UsageError(f"cannot open storage {url!r}: {reason}") from None
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+                              grace_period=3 * heartbeat_seconds)
+        except Exception as error:
+            # Workers started together on an empty database race to create Optuna's tables: the losers retry.
+            if ("duplicate key" in str(error) or "already exists" in str(error)) and attempt < 4:
+                time.sleep(0.5 + random.random())
+                continue
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise UsageError(f"cannot open storage {url!r}: {reason}") from None
+    raise UsageError(f"cannot open storage {url!r}: its tables could not be created")
 
 
-def _mark_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_kind", "stale")
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker stopped sending heartbeats")
+def fail_kind(trial: FrozenTrial) -> str | None:
+    """Why a trial failed; a FAIL without our own tag was failed by Optuna's stale-heartbeat check."""
+    if trial.state != TrialState.FAIL:
+        return None
+    return trial.user_attrs.get("fail_kind", "stale")
 
 
 def open_study(storage: RDBStorage, name: str) -> optuna.Study:
@@ -111,7 +120,7 @@ class Ledger:
                     status.complete.append(trial)
                 elif trial.state == TrialState.RUNNING:
                     status.live.append(trial)
-                elif trial.user_attrs.get("fail_kind") in COUNTED_FAILURES:
+                elif fail_kind(trial) in COUNTED_FAILURES:
                     status.failures.append(trial)
         return index
 
@@ -152,10 +161,18 @@ class Ledger:
         self.finish_failed(study, trial_id, "claim_lost", f"{reason}; nothing trained")
 
     def finish_complete(self, study: optuna.Study, trial_id: int, record: dict, reused_from: str | None = None) -> None:
-        self.storage.set_trial_user_attr(trial_id, "record", record)
-        if reused_from:
-            self.storage.set_trial_user_attr(trial_id, "reused_from", reused_from)
-        study.tell(optuna.trial.Trial(study, trial_id), values=[record["accuracy"], record["train_seconds"]])
+        values = [record["accuracy"], record["train_seconds"]]
+        try:
+            self.storage.set_trial_user_attr(trial_id, "record", record)
+            if reused_from:
+                self.storage.set_trial_user_attr(trial_id, "reused_from", reused_from)
+            study.tell(optuna.trial.Trial(study, trial_id), values=values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Our heartbeats stalled and another worker failed the claim as stale: keep the finished work anyway.
+            study.add_trial(optuna.trial.create_trial(
+                params=self.storage.get_trial(trial_id).params, distributions=self.storage.get_trial(
+                    trial_id).distributions, values=values, user_attrs={"run_id": record["run_id"],
+                                                                        "record": record}))
 
     def finish_failed(self, study: optuna.Study, trial_id: int, kind: str, reason: str,
                       state: TrialState = TrialState.FAIL, record: dict | None = None) -> None:
@@ -210,8 +227,9 @@ def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
             runs.append({"study": name, "number": trial.number, "state": trial.state.name,
                          "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
                          "values": list(trial.values) if trial.values else None,
-                         "fail_reason": trial.user_attrs.get("fail_reason"),
-                         "fail_kind": trial.user_attrs.get("fail_kind"),
+                         "fail_reason": trial.user_attrs.get("fail_reason") or (
+                             "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
+                         "fail_kind": fail_kind(trial),
                          "reused_from": trial.user_attrs.get("reused_from"),
                          "record": trial.user_attrs.get("record")})
     return runs

@@ -1,0 +1,88 @@
+"""`RunConfig`: bad values fail at construction with one sentence naming them; the run id is stable."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import get_scheduler
+
+from core import RunConfig, UsageError
+from core.config import SCHEDULERS
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"freeze_depth": -1}, "--freeze-depth -1"),
+    ({"scheduler": "bogus"}, "'bogus'"),
+    ({"scheduler": "reduce_lr_on_plateau"}, "'reduce_lr_on_plateau'"),
+    ({"epochs": 0}, "--epochs 0"),
+    ({"learning_rate": -0.001}, "--learning-rate -0.001"),
+    ({"learning_rate": 0.0}, "--learning-rate 0.0"),
+    ({"batch_size": 0}, "--batch-size 0"),
+    ({"warmup_ratio": 1.0}, "--warmup-ratio 1.0"),
+    ({"weight_decay": -0.1}, "--weight-decay -0.1"),
+    ({"max_train_samples": 0}, "--max-train-samples 0"),
+    ({"max_length": 4}, "--max-length 4"),
+    ({"select_by": "recall"}, "'recall'"),
+    ({"precision": "fp8"}, "'fp8'"),
+    ({"model": ""}, "--model"),
+    ({"dataset": ""}, "--dataset"),
+])
+def test_invalid_value_names_itself(changes, named):
+    with pytest.raises(UsageError) as caught:
+        RunConfig(**changes)
+    message = str(caught.value)
+    assert named in message
+    assert "\n" not in message
+
+
+def test_unknown_scheduler_lists_the_allowed_ones():
+    with pytest.raises(UsageError, match="use one of linear, cosine"):
+        RunConfig(scheduler="bogus")
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_accepted_scheduler_runs_on_steps_alone(scheduler):
+    # A name the config accepts must not crash later, after the model is loaded.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=1, num_training_steps=4)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    assert RunConfig(scheduler=scheduler).scheduler == scheduler
+
+
+def test_defaults_are_the_reference_recipe():
+    config = RunConfig()
+    assert (config.model, config.freeze_depth, config.scheduler, config.epochs, config.learning_rate,
+            config.batch_size, config.warmup_ratio, config.weight_decay) == (
+        "distilbert-base-uncased", 4, "cosine", 4, 3e-5, 16, 0.1, 0.01)
+
+
+def test_run_id_is_a_hash_of_the_config():
+    config = RunConfig(model="m", dataset="d")
+    assert config.run_id == RunConfig(model="m", dataset="d").run_id
+    assert len(config.run_id) == 16
+    assert config.replace(seed=1).run_id != config.run_id
+    assert config.replace(freeze_depth=2).run_id != config.run_id
+
+
+def test_config_round_trips_through_a_dict():
+    config = RunConfig(model="m", dataset="d", text_column="a,b", max_train_samples=100)
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert RunConfig.from_dict(config.to_dict()).run_id == config.run_id
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(UsageError, match="'freeze'"):
+        RunConfig.from_dict({"freeze": 3})
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().seed = 1  # type: ignore[misc]
+
+
+def test_replace_validates_too():
+    with pytest.raises(UsageError, match="--epochs 0"):
+        RunConfig().replace(epochs=0)

@@ -1,0 +1,238 @@
+"""Data: columns are found, labels of any kind become 0..n-1, splits are what the user gave, bad data is named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from conftest import quick_config, toy_rows, write_split, write_tokenizer, write_toy_dataset
+from core import UsageError
+from core.data import detect_columns, load_raw, load_text_data, subsample
+from core.train import run
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def write_table(path: Path, columns: dict[str, list]) -> None:
+    """One split in the format its suffix names, written through `datasets`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = datasets.Dataset.from_dict(columns)
+    if path.suffix in (".tsv", ".csv"):
+        table.to_csv(path, sep="\t" if path.suffix == ".tsv" else ",", index=False)
+    elif path.suffix == ".parquet":
+        table.to_parquet(path)
+    else:
+        table.to_json(path, lines=True)
+
+
+def toy_columns(n: int, seed: int, text="sentence", label="label", classes=2, names=None) -> dict[str, list]:
+    rows = toy_rows(n, seed, classes)
+    return {text: [s for s, _ in rows], label: [names[y] if names else y for _, y in rows]}
+
+
+def pair_columns(n: int, seed: int, first: str, second: str) -> dict[str, list]:
+    rows = toy_rows(n, seed)
+    return {first: [s for s, _ in rows], second: ["the story was told"] * n, "label": [y for _, y in rows]}
+
+
+# Column detection
+
+@pytest.mark.parametrize("columns, texts, label", [
+    (["sentence", "label"], ("sentence",), "label"),
+    (["idx", "text", "labels"], ("text",), "labels"),
+    (["content", "sentiment"], ("content",), "sentiment"),
+    (["review", "class"], ("review",), "class"),
+    (["tweet", "target"], ("tweet",), "target"),
+    (["document", "category"], ("document",), "category"),
+    (["idx", "sentence1", "sentence2", "label"], ("sentence1", "sentence2"), "label"),
+    (["premise", "hypothesis", "label"], ("premise", "hypothesis"), "label"),
+    (["question", "sentence", "label"], ("question", "sentence"), "label"),
+    (["question1", "question2", "label"], ("question1", "question2"), "label"),
+])
+def test_columns_are_detected(columns, texts, label):
+    train = datasets.Dataset.from_dict({c: ["x"] for c in columns})
+    assert detect_columns(train, None, None) == (texts, label)
+
+
+def test_given_columns_win_over_detection():
+    train = datasets.Dataset.from_dict({"sentence": ["x"], "a": ["x"], "b": ["y"], "label": [0], "y": [1]})
+    assert detect_columns(train, "a, b", "y") == (("a", "b"), "y")
+
+
+@pytest.mark.parametrize("text_column, label_column, named", [
+    (None, None, "no label column found in the train split (columns: sentence, score)"),
+    (None, "nope", "label column 'nope' is not in the train split: columns are sentence, score"),
+    ("words", None, "text column 'words' is not in the train split"),
+])
+def test_missing_columns_are_named(text_column, label_column, named):
+    train = datasets.Dataset.from_dict({"sentence": ["x"], "score": [1]})
+    with pytest.raises(UsageError) as caught:
+        detect_columns(train, text_column, label_column)
+    assert named in str(caught.value)
+
+
+def test_missing_text_column_lists_the_columns():
+    train = datasets.Dataset.from_dict({"words": ["x"], "label": [1]})
+    with pytest.raises(UsageError, match=r"no text column found .*columns: words, label.*--text-column"):
+        detect_columns(train, None, None)
+
+
+def test_missing_label_column_is_named_when_loading_files(tmp_path, tokenizer):
+    write_table(tmp_path / "train.csv", {"sentence": ["a good film", "a bad film"], "stars": [5, 1]})
+    with pytest.raises(UsageError, match="no label column found .*sentence, stars"):
+        load_text_data(str(tmp_path), tokenizer)
+    with pytest.raises(UsageError, match="label column 'nope'"):
+        load_text_data(str(tmp_path), tokenizer, label_column="nope")
+
+
+# Files and formats
+
+@pytest.mark.parametrize("ext", ["tsv", "csv", "jsonl", "json", "parquet"])
+def test_every_file_format_loads(tmp_path, tokenizer, ext):
+    write_table(tmp_path / f"train.{ext}", toy_columns(40, 1, text="text", label="labels"))
+    write_table(tmp_path / f"dev.{ext}", toy_columns(12, 2, text="text", label="labels"))
+    data = load_text_data(str(tmp_path), tokenizer, max_length=32)
+    assert (data.text_columns, data.label_column) == (("text",), "labels")
+    assert {name: len(split) for name, split in data.splits.items()} == {"train": 40, "validation": 12}
+    assert data.label_names == ["0", "1"]
+    assert data.splits["train"].labels.tolist() == toy_columns(40, 1)["label"]
+
+
+@pytest.mark.parametrize("first, second", [("sentence1", "sentence2"), ("premise", "hypothesis")])
+def test_sentence_pairs_are_encoded_as_two_segments(tmp_path, tokenizer, first, second):
+    write_table(tmp_path / "train.csv", pair_columns(20, 1, first, second))
+    write_table(tmp_path / "validation.csv", pair_columns(8, 2, first, second))
+    data = load_text_data(str(tmp_path), tokenizer, max_length=32)
+    assert data.text_columns == (first, second)
+    train = data.splits["train"]
+    # [CLS] first [SEP] second [SEP]: two [SEP]s and a second segment in the token types.
+    assert all(ids.count(tokenizer.sep_token_id) == 2 for ids in train.input_ids)
+    assert all(1 in types for types in train.token_type_ids)
+
+
+def test_inputs_are_truncated_to_max_length(tmp_path, tokenizer):
+    long = " ".join(["the movie was good"] * 20)
+    write_table(tmp_path / "train.csv", {"sentence": [long, "bad"], "label": [1, 0]})
+    write_table(tmp_path / "validation.csv", {"sentence": [long, "bad"], "label": [1, 0]})
+    data = load_text_data(str(tmp_path), tokenizer, max_length=16)
+    assert data.splits["train"].lengths.tolist() == [16, 3]
+
+
+def test_a_single_file_is_split_into_train_and_validation(tmp_path, tokenizer):
+    write_table(tmp_path / "all.jsonl", toy_columns(100, 1))
+    data = load_text_data(str(tmp_path / "all.jsonl"), tokenizer, max_length=32)
+    assert (len(data.splits["train"]), len(data.splits["validation"])) == (90, 10)
+    # A fixed split: every run of a study is judged on the same validation rows.
+    again = load_raw(str(tmp_path / "all.jsonl"))
+    assert again["validation"]["sentence"] == load_raw(str(tmp_path / "all.jsonl"))["validation"]["sentence"]
+
+
+def test_subsample_is_seeded_and_matches_datasets_shuffle():
+    table = datasets.Dataset.from_dict({"row": list(range(100))})
+    assert subsample(100, 10, 7).tolist() == list(table.shuffle(seed=7).select(range(10))["row"])
+    assert subsample(100, 10, 7).tolist() != subsample(100, 10, 8).tolist()
+    assert subsample(100, None, 7).tolist() == subsample(100, 500, 7).tolist() == list(range(100))
+
+
+# Labels
+
+def test_string_labels_become_class_indices(tmp_path, tokenizer):
+    names = ["neg", "pos"]
+    write_table(tmp_path / "train.tsv", toy_columns(30, 1, names=names))
+    write_table(tmp_path / "validation.tsv", toy_columns(10, 2, names=names))
+    data = load_text_data(str(tmp_path), tokenizer)
+    assert data.label_names == ["neg", "pos"]
+    assert data.splits["train"].labels.tolist() == toy_columns(30, 1)["label"]
+
+
+def test_one_label_value_is_refused(tmp_path, tokenizer):
+    write_table(tmp_path / "train.csv", {"sentence": ["good", "great"], "label": [1, 1]})
+    write_table(tmp_path / "validation.csv", {"sentence": ["fine"], "label": [1]})
+    with pytest.raises(UsageError, match="'label' holds 1 distinct value"):
+        load_text_data(str(tmp_path), tokenizer)
+
+
+def test_string_labels_train_end_to_end(tmp_path, tiny_bert):
+    folder = write_toy_dataset(tmp_path, train=64, validation=32, names=["neg", "pos"])
+    record = run(quick_config(tiny_bert, str(folder)), progress=False)
+    assert record["label_names"] == ["neg", "pos"] and record["num_labels"] == 2
+
+
+def test_three_classes_report_macro_f1(tmp_path, tiny_distilbert):
+    folder = write_toy_dataset(tmp_path, train=360, validation=60, classes=3)
+    record = run(quick_config(tiny_distilbert, str(folder), epochs=3, learning_rate=3e-3), progress=False)
+    assert record["num_labels"] == 3
+    predictions = np.array(record["validation_predictions"])
+    labels = np.array([y for _, y in toy_rows(60, 2, 3)])
+    f1s = []
+    for c in range(3):
+        tp, predicted, actual = np.sum((predictions == c) & (labels == c)), np.sum(predictions == c), np.sum(labels == c)
+        f1s.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+    assert record["f1"] == pytest.approx(np.mean(f1s), abs=1e-6)
+    assert record["accuracy"] == pytest.approx(np.mean(predictions == labels), abs=1e-6)
+    assert record["accuracy"] >= 0.8  # well above chance (1/3)
+
+
+# Test split
+
+def test_labeled_test_split_is_reported(tmp_path, tiny_bert):
+    folder = write_toy_dataset(tmp_path, train=64, validation=32, test=40)
+    record = run(quick_config(tiny_bert, str(folder)), progress=False)
+    assert record["test_samples"] == 40
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and record["test_f1"] is not None
+
+
+def test_absent_test_split_is_null(tmp_path, tiny_bert):
+    folder = write_toy_dataset(tmp_path, train=64, validation=32)
+    record = run(quick_config(tiny_bert, str(folder)), progress=False)
+    assert record["test_accuracy"] is None and record["test_samples"] == 0
+
+
+def test_unlabeled_test_split_is_ignored(tmp_path, tiny_bert, tokenizer):
+    folder = write_toy_dataset(tmp_path, train=64, validation=32)
+    write_split(folder / "test.tsv", [(sentence, -1) for sentence, _ in toy_rows(20, 3)])  # GLUE's hidden labels
+    assert "test" not in load_text_data(str(folder), tokenizer).splits
+    record = run(quick_config(tiny_bert, str(folder)), progress=False)
+    assert record["test_accuracy"] is None and record["test_samples"] == 0
+
+
+# Bad datasets: one sentence naming the path
+
+def test_missing_dataset_folder_is_named(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(UsageError, match=f"dataset folder '{missing}' does not exist"):
+        load_raw(missing)
+
+
+def test_empty_dataset_folder_is_named(tmp_path):
+    with pytest.raises(UsageError, match=f"'{tmp_path}' has no train file .*it holds nothing"):
+        load_raw(str(tmp_path))
+
+
+def test_folder_without_train_file_lists_what_it_holds(tmp_path):
+    write_split(tmp_path / "validation.tsv", toy_rows(4, 1))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(UsageError, match=f"'{tmp_path}' has no train file .*it holds notes.txt, validation.tsv"):
+        load_raw(str(tmp_path))
+
+
+def test_unsupported_file_type_is_named(tmp_path):
+    (tmp_path / "data.txt").write_text("good\t1\n")
+    with pytest.raises(UsageError, match="data.txt' has an unsupported type"):
+        load_raw(str(tmp_path / "data.txt"))
+
+
+def test_empty_train_file_is_named(tmp_path):
+    write_table(tmp_path / "train.csv", {"sentence": [], "label": []})
+    with pytest.raises(UsageError, match=f"'{tmp_path / 'train.csv'}'"):
+        load_raw(str(tmp_path))
+
+
+def test_hub_dataset_offline_is_named():
+    with pytest.raises(UsageError, match="could not load dataset 'glue/sst2' from the Hugging Face Hub"):
+        load_raw("glue/sst2")

@@ -1,0 +1,196 @@
+"""Freezing a prefix: exact trainable counts, every supported family, clear refusals, and an exact prefix cache."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, DistilBertConfig, GPT2Config
+
+from conftest import save_tiny
+from core import UsageError
+from core.data import load_text_data
+from core.model import count_parameters, find_backbone, freeze, load_model, load_tokenizer
+from core.prefix_cache import PrefixCache, layer_view, prefix_states
+
+FAMILIES = ("bert", "distilbert", "roberta", "electra")
+TINY_LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def distilbert_base():
+    """The shape of distilbert-base-uncased (random weights): what the reference study's counts refer to."""
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(DistilBertConfig(num_labels=2))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_family(request, tmp_path_factory) -> tuple[str, str]:
+    folder = save_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param, layers=TINY_LAYERS)
+    return request.param, str(folder)
+
+
+@pytest.mark.parametrize("depth, trainable", [(0, 66_955_010), (4, 14_767_874), (6, 592_130)])
+def test_distilbert_trainable_counts_are_exact(distilbert_base, depth, trainable):
+    freeze(distilbert_base, depth)
+    assert count_parameters(distilbert_base) == (trainable, 66_955_010)
+
+
+def test_deeper_freezing_trains_strictly_fewer_parameters(distilbert_base):
+    counts = []
+    for depth in range(7):
+        freeze(distilbert_base, depth)
+        counts.append(count_parameters(distilbert_base)[0])
+    assert counts == sorted(counts, reverse=True) and len(set(counts)) == 7
+    assert counts[0] == 66_955_010 and counts[6] == 592_130
+
+
+def test_freezing_again_replaces_the_previous_depth(distilbert_base):
+    freeze(distilbert_base, 6)
+    freeze(distilbert_base, 4)
+    assert count_parameters(distilbert_base)[0] == 14_767_874
+
+
+def test_depth_beyond_the_layers_is_refused(distilbert_base):
+    with pytest.raises(UsageError, match="--freeze-depth 7 .* has 6 layers: use 0 to 6"):
+        freeze(distilbert_base, 7)
+
+
+def test_every_family_exposes_embeddings_and_layers(tiny_family):
+    kind, folder = tiny_family
+    model = load_model(folder, ["0", "1"])
+    backbone = find_backbone(model)
+    assert len(backbone.layers) == TINY_LAYERS
+    expected = ("embeddings", "embeddings_project") if kind == "electra" else ("embeddings",)
+    assert backbone.embedding_names == expected
+
+
+def test_every_family_freezes_embeddings_and_the_first_layers(tiny_family):
+    _, folder = tiny_family
+    model = load_model(folder, ["0", "1"])
+    backbone = find_backbone(model)
+    total = count_parameters(model)[1]
+    size = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    embeddings = sum(size(m) for m in backbone.embedding_modules())
+    for depth in range(TINY_LAYERS + 1):
+        freeze(model, depth)
+        frozen = (embeddings if depth else 0) + sum(size(layer) for layer in backbone.layers[:depth])
+        assert count_parameters(model) == (total - frozen, total)
+        for index, layer in enumerate(backbone.layers):
+            assert all(p.requires_grad == (index >= depth) for p in layer.parameters())
+    # Fully frozen: only the classification head (and BERT's pooler, which feeds it) still learns.
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith(("classifier", "pre_classifier")) or ".pooler." in name
+                             for name in trainable)
+
+
+def test_depth_beyond_a_tiny_model_is_refused(tiny_family):
+    _, folder = tiny_family
+    model = load_model(folder, ["0", "1"])
+    with pytest.raises(UsageError, match=f"--freeze-depth {TINY_LAYERS + 1} .* has {TINY_LAYERS} layers"):
+        freeze(model, TINY_LAYERS + 1)
+
+
+def test_architecture_without_embeddings_is_refused():
+    gpt2 = AutoModelForSequenceClassification.from_config(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(UsageError, match="'gpt2'.*BERT-like encoders"):
+        freeze(gpt2, 1)
+
+
+def test_model_without_a_layer_list_is_refused():
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings = torch.nn.Embedding(8, 4)
+            self.blocks = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+
+    class Classifier(torch.nn.Module):
+        base_model_prefix = "base"
+
+        def __init__(self):
+            super().__init__()
+            self.base = Base()
+            self.config = DistilBertConfig(n_layers=2)
+
+    with pytest.raises(UsageError, match="cannot find the 2 encoder layers"):
+        freeze(Classifier(), 1)
+
+
+# The frozen-prefix cache must compute the same function as the full model: cached + upper layers == full.
+
+@pytest.fixture(scope="module")
+def family_setup(tiny_family, toy_data):
+    kind, folder = tiny_family
+    data = load_text_data(toy_data, load_tokenizer(folder), max_length=32)
+    model = load_model(folder, data.label_names).eval()
+    return kind, folder, data, model
+
+
+def _full_outputs(model, backbone, data, split):
+    batch = split.batch(np.arange(len(split)), data.pad_id, "cpu")
+    with torch.inference_mode():
+        return model(**batch).logits, backbone.base(**batch).last_hidden_state, batch["attention_mask"].bool()
+
+
+def test_prefix_cache_plus_upper_layers_equals_the_full_model(family_setup):
+    kind, folder, data, model = family_setup
+    split = data.splits["validation"]
+    backbone = find_backbone(model)
+    logits, hidden, mask = _full_outputs(model, backbone, data, split)
+    for depth in range(1, TINY_LAYERS + 1):
+        freeze(model, depth)
+        key = ("test-exact", folder, data.fingerprint, depth)
+        states, reused = prefix_states(model, backbone, split, key, depth, data.pad_id, "cpu",
+                                       contextlib.nullcontext)
+        assert not reused and states.depth == depth and states.flat.dtype == torch.float16
+        assert states.flat.shape[0] == int(split.lengths.sum())
+        batch = states.batch(np.arange(len(split)), "cpu")
+        with layer_view(backbone, depth, TINY_LAYERS, skip_embeddings=True), torch.inference_mode():
+            cached_logits = model(**batch).logits
+            cached_hidden = backbone.base(**batch).last_hidden_state
+        torch.testing.assert_close(cached_logits, logits, atol=1e-3, rtol=0, msg=f"{kind} depth {depth}")
+        # A random head's logits are tiny (about 0.01), so compare the final hidden states too: a layer run
+        # twice or skipped moves them by 0.03 or more, fp16 storage by about 0.002.
+        torch.testing.assert_close(cached_hidden[mask], hidden[mask], atol=4e-3, rtol=2e-3,
+                                   msg=f"{kind} depth {depth}")
+    # The view is temporary: the model is whole again afterwards.
+    assert len(backbone.layers) == TINY_LAYERS
+    torch.testing.assert_close(_full_outputs(model, backbone, data, split)[0], logits)
+
+
+def test_deeper_cache_derived_from_a_shallower_one_equals_one_built_from_scratch(family_setup, monkeypatch):
+    kind, folder, data, model = family_setup
+    split = data.splits["validation"]
+    backbone = find_backbone(model)
+    key = ("test-derive", folder, data.fingerprint)
+    args = (data.pad_id, "cpu", contextlib.nullcontext)
+
+    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache())
+    shallow, _ = prefix_states(model, backbone, split, key, 1, *args)
+    derived, reused = prefix_states(model, backbone, split, key, 2, *args)
+    assert not reused and derived.build_seconds >= shallow.build_seconds
+    again, reused = prefix_states(model, backbone, split, key, 2, *args)
+    assert reused and again is derived
+
+    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache())
+    scratch, _ = prefix_states(model, backbone, split, key, 2, *args)
+    np.testing.assert_array_equal(derived.offsets, scratch.offsets)
+    torch.testing.assert_close(derived.flat.float(), scratch.flat.float(), atol=4e-3, rtol=2e-3,
+                               msg=f"{kind}: depth 2 from depth 1 differs from depth 2 from scratch")
+    # ...while one layer more or less is a visible change, so the comparison above can fail.
+    assert (derived.flat.float() - shallow.flat.float()).abs().max() > 0.02
+
+
+def test_cache_beyond_its_memory_budget_spills_to_disk_unchanged(family_setup, monkeypatch):
+    _, folder, data, model = family_setup
+    split = data.splits["validation"]
+    backbone = find_backbone(model)
+    key = ("test-spill", folder, data.fingerprint)
+    args = (data.pad_id, "cpu", contextlib.nullcontext)
+    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache())
+    in_memory, _ = prefix_states(model, backbone, split, key, 2, *args)
+    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache(device_budget_gb=0, host_budget_gb=0))
+    on_disk, _ = prefix_states(model, backbone, split, key, 2, *args)
+    torch.testing.assert_close(on_disk.flat, in_memory.flat, atol=0, rtol=0)

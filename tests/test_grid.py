@@ -1,0 +1,147 @@
+"""The grid trains every cell exactly once: on re-runs, after kill -9, with several workers, after failures."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from ablations.grid import run_cells
+from ablations.space import Grid
+from ablations.study import Ledger, fail_kind, open_storage, open_study
+from conftest import quick_config, write_toy_dataset
+from core import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grid_command(model, data, out, url=None, *extra):
+    command = [sys.executable, "-m", "ablations.grid", "--model", model, "--dataset", data,
+               "--freeze-depths", "0-2", "--schedulers", "linear,cosine", "--epochs", "1", "--learning-rate", "3e-3",
+               "--precision", "fp32", "--max-length", "32", "--output-dir", str(out), "--no-progress", "--no-report",
+               "--heartbeat", "1", *extra]
+    return command + (["--storage", url] if url else [])
+
+
+def start(command) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout=300) -> str:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-2000:]
+    return out
+
+
+def trained_per_run(url: str, study: str = "grid") -> collections.Counter:
+    """How many times each run id was actually trained (COMPLETE and not answered from another run)."""
+    trials = optuna.load_study(study_name=study, storage=url).get_trials()
+    return collections.Counter(t.user_attrs["run_id"] for t in trials
+                               if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("reused_from"))
+
+
+def test_grid_runs_every_cell_once_and_a_rerun_trains_nothing(tiny_bert, toy_data, tmp_path):
+    url = f"sqlite:///{tmp_path}/grid.db"
+    first = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url)))
+    assert "6 trained now" in first
+    counts = trained_per_run(url)
+    assert len(counts) == 6 and set(counts.values()) == {1}
+    study = optuna.load_study(study_name="grid", storage=url)
+    trial = study.best_trials[0]
+    assert set(trial.params) >= {"freeze_depth", "scheduler", "epochs", "seed", "learning_rate"}
+    assert trial.values[0] == trial.user_attrs["record"]["accuracy"]
+    assert trial.values[1] == trial.user_attrs["record"]["train_seconds"]
+    second = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url)))
+    assert "0 trained now" in second
+    assert trained_per_run(url) == counts
+
+
+def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_bert, toy_data, tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
+    study, ledger = open_study(storage, "grid"), Ledger(storage)
+    configs = Grid((0, 1), ("linear",), (1,), (0,)).configs(quick_config(tiny_bert, toy_data))
+    broken = configs[0].run_id
+
+    def flaky(config):
+        if config.run_id == broken:
+            raise FloatingPointError("training loss became nan in epoch 1")
+        return run(config, progress=False)
+
+    outcome = run_cells(configs, study, ledger, flaky, retries=1, progress=False)
+    assert list(outcome.failed) == [broken] and len(outcome.trained) == 1
+    failed = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.user_attrs["fail_reason"] for t in failed] == ["FloatingPointError: training loss became nan in epoch 1"]
+
+    outcome = run_cells(configs, study, ledger, flaky, retries=1, progress=False)   # retry 1 of 1: fails again
+    assert list(outcome.failed) == [broken] and outcome.trained == []
+    outcome = run_cells(configs, study, ledger, flaky, retries=1, progress=False)   # out of retries: given up
+    assert outcome.given_up == [broken] and outcome.failed == {}
+    outcome = run_cells(configs, study, ledger, lambda c: run(c, progress=False), retries=3, progress=False)
+    assert outcome.trained == [broken]
+    assert trained_per_run(storage.url if hasattr(storage, "url") else f"sqlite:///{tmp_path}/grid.db")[broken] == 1
+
+
+def test_kill_9_mid_grid_then_the_same_command_finishes_every_cell_once(tiny_bert, tmp_path):
+    data = str(write_toy_dataset(tmp_path / "data", train=3000, validation=64))  # cells slow enough to interrupt
+    url = f"sqlite:///{tmp_path}/grid.db"
+    command = grid_command(tiny_bert, data, tmp_path, url)
+    process = start(command)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="grid", storage=url).get_trials()
+        except KeyError:
+            continue
+        states = collections.Counter(t.state.name for t in trials)
+        if states["COMPLETE"] >= 1 and states["RUNNING"] >= 1:
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 1 <= len(trained_per_run(url)) < 6
+    finish(start(command))
+    counts = trained_per_run(url)
+    assert len(counts) == 6 and set(counts.values()) == {1}
+    killed = [t for t in optuna.load_study(study_name="grid", storage=url).get_trials()
+              if t.state == optuna.trial.TrialState.FAIL]
+    assert [fail_kind(t) for t in killed] == ["stale"]
+
+
+def run_workers(model, data, tmp_path, url, workers: int) -> None:
+    processes = [start(grid_command(model, data, tmp_path / f"w{i}", url)) for i in range(workers)]
+    outputs = [finish(p) for p in processes]
+    counts = trained_per_run(url)
+    assert len(counts) == 6 and set(counts.values()) == {1}, outputs
+    trained_now = sum(int(o.split(" trained now")[0].rsplit(" ", 1)[-1]) for o in outputs)
+    assert trained_now == 6
+
+
+def test_two_processes_on_sqlite_split_the_cells(tiny_bert, toy_data, tmp_path):
+    run_workers(tiny_bert, toy_data, tmp_path, f"sqlite:///{tmp_path}/grid.db", workers=2)
+
+
+@pytest.fixture
+def postgres_url():
+    admin = os.environ.get("ABLATIONS_TEST_POSTGRES")
+    if not admin:
+        pytest.skip("set ABLATIONS_TEST_POSTGRES=postgresql://user@host/db to run the PostgreSQL tests")
+    import psycopg
+    name = f"grid_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.postgres
+def test_three_workers_on_postgresql_train_every_cell_exactly_once(tiny_bert, toy_data, tmp_path, postgres_url):
+    run_workers(tiny_bert, toy_data, tmp_path, postgres_url, workers=3)

@@ -1,0 +1,261 @@
+"""The trade-off report on synthetic run rows with known numbers: aggregation, baselines, tests, files, the CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ablations.report import completed_runs, markdown, parse_baseline, tradeoff_table, write_report
+from ablations.report import context as report_context
+
+VALIDATION = 200
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def correctness(accuracy: float, seed: int, n: int = VALIDATION) -> str:
+    """A '0'/'1' string with exactly round(accuracy * n) ones, placed by the seed."""
+    k = round(accuracy * n)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    right = set(order[:k])
+    return "".join("1" if i in right else "0" for i in range(n))
+
+
+def make_run(freeze_depth: int, scheduler: str, epochs: int, seed: int, accuracy: float, seconds: float,
+             study: str = "grid", number: int = 0, correct: str | None = None, learning_rate: float = 3e-5,
+             test_accuracy: float | None = None, reused_from: str | None = None, **config_changes) -> dict:
+    config = dict(model="distilbert-base-uncased", dataset="glue/sst2", text_column=None, label_column=None,
+                  freeze_depth=freeze_depth, scheduler=scheduler, epochs=epochs, learning_rate=learning_rate,
+                  batch_size=16, warmup_ratio=0.1, weight_decay=0.01, seed=seed, max_train_samples=2000,
+                  max_length=128, select_by="accuracy", frozen_dropout=False, precision="auto") | config_changes
+    run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    correct = correct if correct is not None else correctness(accuracy, seed * 100 + freeze_depth)
+    history = [{"epoch": e, "accuracy": accuracy - 0.02 * (epochs - e), "loss": 0.4, "f1": accuracy,
+                "train_loss": 0.3, "train_seconds": seconds * e / epochs} for e in range(1, epochs + 1)]
+    record = {"run_id": run_id, "config": config, "accuracy": correct.count("1") / len(correct), "f1": accuracy,
+              "loss": 0.35, "best_epoch": epochs, "history": history, "test_accuracy": test_accuracy,
+              "train_seconds": seconds, "eval_seconds": 1.0, "wall_seconds": seconds + 3,
+              "trainable_params": 66_955_010 - 7_087_872 * freeze_depth, "total_params": 66_955_010,
+              "train_samples": 2000, "validation_samples": len(correct), "num_labels": 2,
+              "device": "cpu (Intel Xeon, 2 threads)", "precision": "fp32",
+              "validation_predictions": [int(c) for c in correct], "validation_correct": correct}
+    return {"study": study, "number": number, "state": "COMPLETE", "run_id": run_id,
+            "params": {"freeze_depth": freeze_depth, "scheduler": scheduler, "epochs": epochs, "seed": seed},
+            "values": [record["accuracy"], seconds], "fail_reason": None, "reused_from": reused_from,
+            "record": record}
+
+
+def failed(state: str, number: int, **params) -> dict:
+    return {"study": "grid", "number": number, "state": state, "run_id": None, "params": params, "values": None,
+            "fail_reason": "CUDA out of memory" if state == "FAIL" else None, "reused_from": None, "record": None}
+
+
+def realistic_runs() -> list[dict]:
+    """14 configurations (depths 0-6 x linear/cosine), 3 seeds, accuracy ~0.80-0.90, time ~20-45 s."""
+    rng = random.Random(0)
+    runs = []
+    for depth in range(7):
+        for scheduler in ("linear", "cosine"):
+            for seed in (0, 1, 2):
+                accuracy = 0.90 - 0.015 * depth + (0.004 if scheduler == "cosine" else 0) + rng.gauss(0, 0.005)
+                seconds = 45 - 3.8 * depth + (0.6 if scheduler == "cosine" else 0) + rng.gauss(0, 0.6)
+                runs.append(make_run(depth, scheduler, 3, seed, accuracy, seconds, number=len(runs),
+                                     test_accuracy=accuracy - 0.01))
+    return runs
+
+
+@pytest.fixture
+def runs() -> list[dict]:
+    """Depth 0 and 4, linear, 2 epochs, seeds 0-2; plus known FAIL and PRUNED rows."""
+    rows = [make_run(0, "linear", 2, s, a, t, number=i) for i, (s, a, t) in
+            enumerate([(0, 0.90, 40.0), (1, 0.88, 42.0), (2, 0.89, 44.0)])]
+    rows += [make_run(4, "linear", 2, s, a, t, number=3 + i) for i, (s, a, t) in
+             enumerate([(0, 0.85, 20.0), (1, 0.86, 21.0), (2, 0.84, 22.0)])]
+    return rows + [failed("FAIL", 6, freeze_depth=6, scheduler="linear", epochs=2, seed=0),
+                   failed("PRUNED", 7, freeze_depth=5, scheduler="linear", epochs=2, seed=0)]
+
+
+def row(table: pd.DataFrame, **fields) -> pd.Series:
+    mask = pd.Series(True, index=table.index)
+    for key, value in fields.items():
+        mask &= table[key] == value
+    assert mask.sum() == 1, f"expected one row for {fields}, found {mask.sum()}"
+    return table[mask].iloc[0]
+
+
+def test_configurations_average_over_seeds(runs):
+    table = tradeoff_table(runs)
+    assert len(table) == 2
+    frozen = row(table, freeze_depth=4)
+    assert frozen["seeds"] == 3
+    assert frozen["accuracy_mean"] == pytest.approx(0.85)
+    assert frozen["train_seconds_mean"] == pytest.approx(21.0)
+    assert frozen["interval"] == "t"
+    assert frozen["accuracy_low"] == pytest.approx(0.85 - 4.302652729911275 * 0.01 / 3 ** 0.5)
+    assert frozen["speedup"] == pytest.approx(42.0 / 21.0)
+    assert frozen["accuracy_delta"] == pytest.approx(-0.04)
+    assert frozen["trainable_params"] == 66_955_010 - 4 * 7_087_872
+
+
+def test_failed_and_pruned_runs_are_listed_but_not_tabulated(runs, tmp_path):
+    paths = write_report(runs, tmp_path)
+    ledger = pd.read_csv(paths["runs"])
+    assert sorted(ledger["state"]) == ["COMPLETE"] * 6 + ["FAIL", "PRUNED"]
+    assert ledger.loc[ledger["state"] == "FAIL", "fail_reason"].item() == "CUDA out of memory"
+    assert ledger.loc[ledger["state"] == "PRUNED", "freeze_depth"].item() == 5
+    table = pd.read_csv(paths["tradeoff_csv"])
+    assert sorted(table["freeze_depth"]) == [0, 4]
+
+
+def test_one_seed_uses_a_binomial_interval():
+    table = tradeoff_table([make_run(0, "linear", 1, 0, 0.85, 30.0)])
+    only = table.iloc[0]
+    assert only["interval"] == "wilson"
+    assert only["accuracy_low"] < 0.85 < only["accuracy_high"]
+    assert bool(only["baseline"]) and bool(only["pareto"])
+
+
+def test_mcnemar_pairs_seeds_and_pools_discordant_counts():
+    right = "1" * 90
+    base = {0: "0" * 5 + "1" + right, 1: "0" * 3 + "1" + right}
+    mine = {0: "1" * 5 + "0" + right, 1: "1" * 3 + "0" + right, 2: "1" * 96}   # seed 2 has no baseline partner
+    rows = [make_run(0, "linear", 2, s, 0, 40.0, correct=c) for s, c in base.items()]
+    rows += [make_run(3, "linear", 2, s, 0, 25.0, correct=c) for s, c in mine.items()]
+    frozen = row(tradeoff_table(rows), freeze_depth=3)
+    assert (frozen["mcnemar_b"], frozen["mcnemar_c"], frozen["mcnemar_pairs"]) == (8, 2, 2)
+    assert frozen["p_value"] == pytest.approx(0.109375)
+
+
+def test_baseline_matches_scheduler_and_epochs_by_default(runs):
+    rows = runs + [make_run(0, "cosine", 2, s, 0.91, 60.0) for s in (0, 1)]
+    rows += [make_run(4, "cosine", 2, s, 0.87, 30.0) for s in (0, 1)]
+    table = tradeoff_table(rows)
+    assert row(table, freeze_depth=4, scheduler="cosine")["speedup"] == pytest.approx(2.0)
+    assert row(table, freeze_depth=4, scheduler="linear")["speedup"] == pytest.approx(2.0)
+    assert list(table.loc[table["baseline"], "freeze_depth"]) == [0, 0]
+
+
+def test_baseline_override_changes_the_matched_fields(runs):
+    rows = runs + [make_run(0, "cosine", 2, s, 0.91, 60.0) for s in (0, 1)]
+    table = tradeoff_table(rows, parse_baseline("freeze_depth=0,scheduler=cosine"))
+    assert row(table, freeze_depth=4, scheduler="linear")["speedup"] == pytest.approx(60.0 / 21.0)
+    assert row(table, freeze_depth=0, scheduler="linear")["speedup"] == pytest.approx(60.0 / 42.0)
+    assert list(table.loc[table["baseline"], "scheduler"]) == ["cosine"]
+    depth_four = tradeoff_table(rows, {"freeze_depth": "4"})
+    assert list(depth_four.loc[depth_four["baseline"], "freeze_depth"]) == [4]
+
+
+def test_bad_baseline_is_a_usage_error(runs):
+    from core.errors import UsageError
+    with pytest.raises(UsageError, match="unknown"):
+        tradeoff_table(runs, {"depth": "0"})
+    with pytest.raises(UsageError, match="matches no completed configuration"):
+        tradeoff_table(runs, {"freeze_depth": "9"})
+    with pytest.raises(UsageError, match="key=value"):
+        parse_baseline("freeze_depth")
+
+
+def test_no_completed_runs_is_a_usage_error_after_writing_the_ledger(tmp_path):
+    from core.errors import UsageError
+    with pytest.raises(UsageError, match="no completed runs"):
+        write_report([failed("FAIL", 0, freeze_depth=0)], tmp_path)
+    assert (tmp_path / "runs.csv").exists()
+
+
+def test_reused_copies_count_once(runs):
+    original = runs[3]
+    copy = json.loads(json.dumps(original)) | {"study": "search", "number": 9, "reused_from": "grid#3"}
+    table = tradeoff_table([copy] + runs)
+    assert row(table, freeze_depth=4)["seeds"] == 3
+    kept = [r for r in completed_runs([copy] + runs) if r["run_id"] == original["run_id"]]
+    assert len(kept) == 1 and kept[0]["reused_from"] is None
+
+
+def test_varying_fields_are_shown_and_pareto_flags(runs):
+    rows = runs + [make_run(4, "linear", 2, s, 0.80, 30.0, learning_rate=1e-4) for s in (0, 1)]
+    table = tradeoff_table(rows)
+    assert len(table) == 3
+    assert "learning_rate" in table.columns
+    dominated = row(table, freeze_depth=4, learning_rate=1e-4)   # slower and less accurate than depth 4 at 3e-5
+    assert not dominated["pareto"]
+    assert bool(row(table, freeze_depth=4, learning_rate=3e-5)["pareto"])
+    assert bool(row(table, freeze_depth=0)["pareto"])
+
+
+def test_markdown_names_methods_data_and_marks_rows(runs):
+    table = tradeoff_table(runs)
+    text = markdown(table, report_context(runs, table))
+    assert "Student-t" in text and "McNemar" in text and "Wilson" in text
+    assert "distilbert-base-uncased" in text and "glue/sst2" in text and "2,000" in text and "Intel Xeon" in text
+    assert "**baseline**" in text and "★" in text
+    assert "85.0 %" in text and "38,603,522" in text
+    body = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [line.split("|")[1].strip() for line in body] == ["**0**", "4"]
+
+
+def test_every_file_is_written_and_figures_are_large(tmp_path):
+    paths = write_report(realistic_runs(), tmp_path)
+    names = {"runs.csv", "tradeoff.csv", "tradeoff.md", "tradeoff.png", "heatmap.png", "curves.png"}
+    assert {p.name for p in paths.values()} == names
+    assert len(pd.read_csv(paths["tradeoff_csv"])) == 14
+    for key in ("tradeoff_png", "heatmap_png", "curves_png"):
+        with Image.open(paths[key]) as image:
+            assert image.size[0] >= 1600 and image.size[1] >= 1000
+
+
+def test_report_package_does_not_import_torch():
+    code = "import sys, ablations.report, ablations.stats, ablations.plots; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def run_cli(monkeypatch, *arguments: str) -> int:
+    """`python -m ablations.report ARGS` in this process: the exit code, with output left to capsys."""
+    from ablations.report import main
+    from core.cli import main_guard
+    monkeypatch.setattr(sys, "argv", ["python -m ablations.report", *arguments])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    return exit_.value.code
+
+
+def test_cli_reports_a_missing_storage_in_one_line(monkeypatch, capsys, tmp_path):
+    code = run_cli(monkeypatch, "--storage", f"sqlite:///{tmp_path}/none.db", "--output-dir", str(tmp_path))
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "does not exist" in error
+
+
+def stored(url: str, name: str, runs: list[dict]) -> None:
+    """Put run rows into an Optuna storage the way the study ledger does: values plus user attributes."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(study_name=name, storage=url, directions=["maximize", "minimize"])
+    for run in runs:
+        params = {key: run["params"][key] for key in ("freeze_depth", "scheduler", "epochs", "seed")}
+        distributions = {"freeze_depth": IntDistribution(0, 12), "scheduler": CategoricalDistribution(["linear"]),
+                         "epochs": IntDistribution(1, 10), "seed": IntDistribution(0, 100)}
+        attrs = {key: run[key] for key in ("run_id", "record", "fail_reason", "reused_from") if run.get(key)}
+        study.add_trial(create_trial(state=TrialState[run["state"]], params=params, distributions=distributions,
+                                     values=run["values"], user_attrs=attrs))
+
+
+def test_cli_writes_the_report_from_a_storage(runs, monkeypatch, capsys, tmp_path):
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    stored(url, "grid", [r for r in runs if r["state"] == "COMPLETE"])
+    arguments = ["--storage", url, "--output-dir", str(tmp_path / "out")]
+    assert run_cli(monkeypatch, *arguments, "--baseline", "freeze_depth=4") == 0
+    table = pd.read_csv(tmp_path / "out" / "tradeoff.csv")
+    assert list(table.loc[table["baseline"], "freeze_depth"]) == [4]
+    capsys.readouterr()
+    assert run_cli(monkeypatch, *arguments, "--study-name", "nope") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "nope" in error
