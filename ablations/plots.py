@@ -171,10 +171,11 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         mean = mean.rename(columns={"freeze_depth": "freeze depth", "epochs": "epochs trained"})
         depths = sorted(mean["freeze depth"].unique())
         style = "epochs trained" if mean["epochs trained"].nunique() > 1 else None
+        markers = {"markers": True} if style else {"marker": "o"}  # a marker per epoch either way
         for i, (ax, scheduler) in enumerate(zip(axes, schedulers)):
             sns.lineplot(mean[mean["scheduler"] == scheduler], x="epoch", y="accuracy", hue="freeze depth",
                          style=style, units="label", estimator=None, palette=_depth_colours(depths),
-                         hue_order=depths, markers=True, markersize=11, linewidth=2.5, ax=ax,
+                         hue_order=depths, markersize=11, **markers, linewidth=2.5, ax=ax,
                          legend=i == len(schedulers) - 1)
             ax.set_title(f"schedule: {scheduler}")
             ax.set_ylabel("validation accuracy (%)" if i == 0 else "")

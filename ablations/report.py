@@ -279,10 +279,10 @@ def main() -> int:
                             description="Trade-off report (tables and figures) from the runs stored in an Optuna "
                                         "storage.")
     parser.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///results/ablations.db.")
-    parser.add_argument("--study-name", dest="study_names", action="append", metavar="NAME",
-                        help="Report only this study (repeatable; default: every study in the storage).")
+    parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAME",
+                        help="Report only these studies (default: every study in the storage).")
     parser.add_argument("--output-dir", required=True, type=Path, help="Folder for the CSV, Markdown and PNG files.")
-    parser.add_argument("--baseline", default="freeze_depth=0",
+    parser.add_argument("--baseline", default="freeze_depth=0", metavar="KEY=VALUE[,...]",
                         help="Fields that define each configuration's baseline; the others must match "
                              "(default: freeze_depth=0, the full fine-tune).")
     args = parser.parse_args()

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna.distributions as od
+
+from transformers import SchedulerType
 
 from core.config import SCHEDULERS, RunConfig
 from core.errors import UsageError
@@ -19,7 +21,7 @@ from core.errors import UsageError
 # storage hold comparable trials, and a second invocation with other lists never clashes with the first.
 PARAM_DISTRIBUTIONS: dict[str, od.BaseDistribution] = {
     "freeze_depth": od.IntDistribution(0, 128),
-    "scheduler": od.CategoricalDistribution(SCHEDULERS),
+    "scheduler": od.CategoricalDistribution(tuple(s.value for s in SchedulerType)),
     "epochs": od.IntDistribution(1, 1000),
     "seed": od.IntDistribution(0, 2**31 - 1),
     "learning_rate": od.FloatDistribution(1e-8, 1.0, log=True),
@@ -100,7 +102,6 @@ class SearchSpace:
     epochs: tuple[int, int] = (1, 4)
     learning_rate: tuple[float, float] = (1e-5, 5e-4)
     warmup_ratio: tuple[float, float] = (0.0, 0.2)
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"freeze_depth": list(self.freeze_depth), "schedulers": list(self.schedulers),

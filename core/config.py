@@ -70,6 +70,8 @@ class RunConfig:
     precision: str = _help("auto (bf16 autocast where the hardware supports it), fp32 or bf16.", default="auto")
 
     def __post_init__(self) -> None:
+        for name in ("model", "dataset"):  # accept pathlib.Path; the run id hashes the string
+            object.__setattr__(self, name, str(getattr(self, name)))
         unsupported = "not supported (it needs a metric per step or extra settings)" \
             if self.scheduler in {kind.value for kind in SchedulerType} else "unknown"
         checks = [
