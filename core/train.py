@@ -90,8 +90,7 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
     train = splits["train"]
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, config, device)
     scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     labels = {name: torch.as_tensor(split.labels) for name, split in splits.items()}
@@ -192,6 +191,16 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
         "validation_correct": "".join("1" if p == y else "0" for p, y in zip(predictions,
                                                                               splits["validation"].labels)),
     }
+
+
+def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel (CUDA; CPU since torch 2.4): the update of every trainable
+    parameter, embeddings included, is otherwise a chain of small ops that costs as much as the backward pass."""
+    groups = decay_groups(model, config.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type in ("cuda", "cpu"))
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
 def _sync_time(device: torch.device) -> float:

@@ -1,0 +1,121 @@
+"""`python -m ablations.benchmark`: the project's grid against plain Hugging Face Trainer runs, same configs,
+same data, same machine, one invocation.
+
+Three contenders over the cells freeze depths × schedulers (1 epoch by default):
+- reference: `seed_recipe.py` as the reference study ran it (random batches, a checkpoint every epoch, the
+  lowest-loss epoch reloaded at the end), one process per cell;
+- tuned: the same script with `--tuned` (length-grouped batches, no checkpoints), one process per cell;
+- project: one `python -m ablations.grid` command over all cells (fresh storage).
+Wall time is measured around each process, start-up included, so the ratio is what a user waits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from core.cli import ArgumentParser, main_guard
+from core.errors import UsageError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed_recipe.py"
+
+
+def _timed(command: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UsageError(f"benchmark command failed ({' '.join(command[:4])} ...): {tail[0][:300]}")
+    return seconds, done.stdout
+
+
+def recipe_run(args, depth: int, scheduler: str, tuned: bool) -> dict:
+    command = [sys.executable, str(args.recipe), "--model", args.model, "--data", args.dataset,
+               "--freeze-depth", str(depth), "--scheduler", scheduler, "--epochs", str(args.epochs),
+               "--learning-rate", str(args.learning_rate), "--max-train-samples", str(args.max_train_samples),
+               "--seed", str(args.seed)] + (["--tuned"] if tuned else [])
+    seconds, out = _timed(command)
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"wall_seconds": seconds, "train_seconds": result["train_seconds"], "accuracy": result["accuracy"]}
+
+
+def project_run(args, depths: list[int], schedulers: list[str], workdir: Path) -> tuple[float, dict]:
+    command = [sys.executable, "-m", "ablations.grid", "--model", args.model, "--dataset", args.dataset,
+               "--freeze-depths", ",".join(map(str, depths)), "--schedulers", ",".join(schedulers),
+               "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+               "--max-train-samples", str(args.max_train_samples), "--seed", str(args.seed),
+               "--output-dir", str(workdir), "--no-progress", "--no-report"] + args.project_args
+    seconds, _ = _timed(command)
+    from ablations.study import load_runs
+    runs = [r for r in load_runs(f"sqlite:///{workdir}/ablations.db") if r["state"] == "COMPLETE"]
+    cells = {(r["params"]["freeze_depth"], r["params"]["scheduler"]): r["record"] for r in runs}
+    return seconds, cells
+
+
+def main() -> int:
+    parser = ArgumentParser(prog="python -m ablations.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local model folder (the same for every contender)")
+    parser.add_argument("--dataset", required=True, help="folder with train.tsv and validation.tsv")
+    parser.add_argument("--freeze-depths", default="0,3,6")
+    parser.add_argument("--schedulers", default="linear,cosine")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--max-train-samples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the Trainer recipe script")
+    parser.add_argument("--skip-reference", action="store_true", help="time only the tuned Trainer and the project")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("project_args", nargs="*", help="extra flags for the project's grid (after --)")
+    args = parser.parse_args()
+    if not args.recipe.is_file():
+        raise UsageError(f"--recipe {str(args.recipe)!r} does not exist: point it at seed_recipe.py")
+    from ablations.space import parse_choices, parse_int_list
+    from core.config import SCHEDULERS
+    depths = parse_int_list(args.freeze_depths, "--freeze-depths")
+    schedulers = parse_choices(args.schedulers, "--schedulers", SCHEDULERS)
+    cells = [(d, s) for d in depths for s in schedulers]
+
+    rows = {cell: {} for cell in cells}
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as workdir:
+        project_seconds, project_cells = project_run(args, depths, schedulers, Path(workdir))
+    for cell in cells:
+        rows[cell]["project"] = {"accuracy": project_cells[cell]["accuracy"],
+                                 "train_seconds": project_cells[cell]["train_seconds"]}
+        for name, tuned in (("reference", False), ("tuned", True)):
+            if name == "reference" and args.skip_reference:
+                continue
+            rows[cell][name] = recipe_run(args, cell[0], cell[1], tuned)
+            print(f"{name:9s} freeze {cell[0]} {cell[1]:7s}: {rows[cell][name]['wall_seconds']:6.1f} s wall, "
+                  f"{rows[cell][name]['train_seconds']:6.1f} s train, accuracy {rows[cell][name]['accuracy']:.4f}",
+                  flush=True)
+
+    totals = {"project": project_seconds}
+    for name in ("reference", "tuned"):
+        if all(name in r for r in rows.values()):
+            totals[name] = sum(r[name]["wall_seconds"] for r in rows.values())
+    mean_accuracy = {name: sum(r[name]["accuracy"] for r in rows.values()) / len(rows)
+                     for name in ("project", "reference", "tuned") if name in totals}
+    print(f"\n{'cell':18s} " + " ".join(f"{n:>22s}" for n in ("reference", "tuned", "project")))
+    for (depth, scheduler), r in rows.items():
+        cols = [f"{r[n]['accuracy']:.4f} / {r[n].get('wall_seconds', r[n]['train_seconds']):6.1f} s"
+                if n in r else "—" for n in ("reference", "tuned", "project")]
+        print(f"freeze {depth} {scheduler:9s} " + " ".join(f"{c:>22s}" for c in cols))
+    print("(project per cell: training seconds incl. its prefix-cache build; the others: process wall time)")
+    for name, seconds in totals.items():
+        ratio = f", {seconds / project_seconds:.2f}x the project's" if name != "project" else ""
+        print(f"total {name:9s}: {seconds:7.1f} s wall, mean accuracy {mean_accuracy[name]:.4f}{ratio}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"cells": {f"{d}-{s}": r for (d, s), r in rows.items()},
+                                           "total_wall_seconds": totals, "mean_accuracy": mean_accuracy,
+                                           "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

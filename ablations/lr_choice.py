@@ -1,0 +1,46 @@
+"""`python -m ablations.lr_choice`: the best learning rate per freeze depth from a stored sweep.
+
+The learning rate is a nuisance parameter: deeper freezing wants larger rates, so comparing depths at one
+shared rate measures the rate, not the depth. Sweep rates per depth (a grid per rate into one study), then let
+this print `depth lr accuracy` lines that the next grid reads.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from core.cli import ArgumentParser, main_guard
+from core.errors import UsageError
+
+
+def best_rates(runs: list[dict]) -> dict[int, tuple[float, float, int]]:
+    """depth -> (learning rate with the best mean accuracy over seeds/schedulers, that accuracy, runs averaged)."""
+    scores: dict[tuple[int, float], list[float]] = defaultdict(list)
+    for run in runs:
+        if run["state"] == "COMPLETE" and run.get("record"):
+            config = run["record"]["config"]
+            scores[(config["freeze_depth"], config["learning_rate"])].append(run["record"]["accuracy"])
+    best: dict[int, tuple[float, float, int]] = {}
+    for (depth, rate), accuracies in sorted(scores.items()):
+        mean = sum(accuracies) / len(accuracies)
+        if depth not in best or mean > best[depth][1]:
+            best[depth] = (rate, mean, len(accuracies))
+    return best
+
+
+def main() -> int:
+    parser = ArgumentParser(prog="python -m ablations.lr_choice", description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", required=True, help="Optuna storage URL holding the sweep")
+    parser.add_argument("--study-name", default="lr-sweep", help="the sweep's study (default: lr-sweep)")
+    args = parser.parse_args()
+    from ablations.study import load_runs
+    best = best_rates(load_runs(args.storage, [args.study_name]))
+    if not best:
+        raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")
+    print("# depth learning_rate mean_validation_accuracy runs")
+    for depth, (rate, accuracy, count) in sorted(best.items()):
+        print(f"{depth} {rate:g} {accuracy:.4f} {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)
