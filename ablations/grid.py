@@ -102,13 +102,14 @@ def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: Ru
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
         ledger.finish_failed(study, trial_id, "error", reason)
         failed[config.run_id] = reason
-        _free_accelerator_memory()
+        free_accelerator_memory()
         return None
     ledger.finish_complete(study, trial_id, record)
     return record
 
 
-def _free_accelerator_memory() -> None:
+def free_accelerator_memory() -> None:
+    """After a failed run (CUDA out of memory, say), hand the cached blocks back before the next one."""
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -5,8 +5,10 @@ scheduler, epochs), *nuisance* (tuned away or averaged: learning rate, warmup, s
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,24 +114,37 @@ class SearchSpace:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SearchSpace":
+    def from_dict(cls, values: dict, defaults: "SearchSpace | None" = None) -> "SearchSpace":
+        """A space from JSON-like values: keys left out keep `defaults`; ranges are [low, high] pairs."""
         known = {"freeze_depth", "schedulers", "epochs", "learning_rate", "warmup_ratio"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"search space key {unknown[0]!r} is unknown: use {', '.join(sorted(known))}")
-        try:
-            space = cls(**{k: tuple(v) for k, v in values.items()})
-        except TypeError:
-            raise UsageError("search space values must be lists, e.g. {\"freeze_depth\": [0, 6]}") from None
+        kinds = {"freeze_depth": int, "epochs": int, "learning_rate": float, "warmup_ratio": float}
+        fields = {}
+        for key, value in values.items():
+            if key == "schedulers":
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                fields[key] = tuple(value) if ok else None
+            else:
+                fields[key] = _pair(value, kinds[key])
+            if fields[key] is None:
+                example = {"freeze_depth": "[0, 6]", "schedulers": '["linear", "cosine"]', "epochs": "[1, 4]",
+                           "learning_rate": "[1e-5, 5e-4]", "warmup_ratio": "[0, 0.2]"}[key]
+                raise UsageError(f"search space {key} {json.dumps(value)} is invalid: use a list such as {example}")
+        space = dataclasses.replace(defaults or cls(), **fields)
         space.validate()
         return space
 
     @classmethod
-    def load(cls, path: str) -> "SearchSpace":
+    def load(cls, path: str, defaults: "SearchSpace | None" = None) -> "SearchSpace":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            values = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise UsageError(f"cannot read search space {path!r}: {str(error).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"search space {path!r} is invalid: use a JSON object such as {{\"epochs\": [1, 4]}}")
+        return cls.from_dict(values, defaults)
 
     def validate(self, layers: int | None = None) -> None:
         low, high = self.freeze_depth
@@ -145,3 +160,26 @@ class SearchSpace:
         if not 0 <= self.warmup_ratio[0] <= self.warmup_ratio[1] < 1:
             raise UsageError(f"search space warmup_ratio {list(self.warmup_ratio)} is invalid: use fractions in "
                              "[0, 1)")
+
+
+def _pair(value, kind: type) -> tuple | None:
+    """[low, high] of whole numbers or of numbers as a typed pair; None when it is not one."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return None
+    if kind is int and any(float(v) != int(v) for v in value):
+        return None
+    return kind(value[0]), kind(value[1])
+
+
+def parse_range(text: str, flag: str, kind: type) -> tuple:
+    """'0-6', '0,6' or '3' for whole numbers; '1e-5,5e-4' or '3e-5' for fractions -> (low, high)."""
+    parts = text.split(",") if "," in text or kind is float else text.split("-")
+    try:
+        values = tuple(kind(part.strip()) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        example = "0-6" if kind is int else "1e-5,5e-4"
+        raise UsageError(f"{flag} {text!r} is invalid: use LOW{'-' if kind is int else ','}HIGH such as {example}")
+    return values[0], values[-1]

@@ -74,12 +74,19 @@ def fail_kind(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get("fail_kind", "stale")
 
 
-def open_study(storage: RDBStorage, name: str) -> optuna.Study:
-    study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True)
-    if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
-        raise UsageError(f"study {name!r} exists with other objectives than (accuracy max, seconds min): "
-                         "choose another --study-name")
+def open_study(storage: RDBStorage, name: str, directions: tuple[str, ...] = DIRECTIONS) -> optuna.Study:
+    """Open or create a study; ("maximize",) is the accuracy-only study of `--objective accuracy`."""
+    study = optuna.create_study(storage=storage, study_name=name, directions=list(directions), load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != list(directions):
+        wanted = "(accuracy max, seconds min)" if len(directions) == 2 else "(accuracy max)"
+        raise UsageError(f"study {name!r} exists with other objectives than {wanted}: choose another --study-name")
     return study
+
+
+def objective_values(study: optuna.Study, record: dict) -> list[float]:
+    """A run's values in the study's objectives: accuracy and training seconds, or accuracy alone."""
+    values = [record["accuracy"], record["train_seconds"]]
+    return values[:len(study.directions)]
 
 
 @dataclass
@@ -161,7 +168,7 @@ class Ledger:
         self.finish_failed(study, trial_id, "claim_lost", f"{reason}; nothing trained")
 
     def finish_complete(self, study: optuna.Study, trial_id: int, record: dict, reused_from: str | None = None) -> None:
-        values = [record["accuracy"], record["train_seconds"]]
+        values = objective_values(study, record)
         try:
             self.storage.set_trial_user_attr(trial_id, "record", record)
             if reused_from:
@@ -186,7 +193,7 @@ class Ledger:
         """Answer a run from an identical one that already ran (in this study or another on the storage)."""
         record = source.user_attrs["record"]
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=distributions, values=[record["accuracy"], record["train_seconds"]],
+            params=params, distributions=distributions, values=objective_values(study, record),
             user_attrs={"run_id": source.user_attrs["run_id"], "record": record, "reused_from": self.where(source)}))
 
 

@@ -1,0 +1,302 @@
+"""Search freeze depth, schedule and epochs for the best accuracy–time trade-off (Pareto front).
+
+`python -m ablations.optuna_search --trials N` adds N trials to the study; learning rate and warmup are
+searched too, as nuisance parameters, so that each scientific choice is judged at a good learning rate.
+
+Every trial goes through the shared run ledger: a config that already ran anywhere on the storage (a grid or
+another search) is answered from its record, one that another worker is training is waited for, and only a
+new one is trained. Run it again to add N more trials; start it on several machines with one `--storage` and
+the workers share the study.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import optuna
+from optuna.trial import Trial, TrialState
+from tqdm.auto import tqdm
+
+from ablations import pareto
+from ablations.grid import add_study_arguments, free_accelerator_memory
+from ablations.pareto import SEARCHED, fixed_fields, write_outputs
+from ablations.space import SearchSpace, parse_choices, parse_range
+from ablations.study import Heartbeat, Ledger, RunStatus, open_storage, open_study, storage_url
+from core import RunConfig
+from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.config import SCHEDULERS
+from core.errors import UsageError
+
+TrainFn = Callable[[RunConfig, Callable[[dict], "str | None"] | None], dict]
+SAMPLERS = ("tpe", "nsga2", "random", "qmc")
+OBJECTIVES = {"pareto": ("maximize", "minimize"), "accuracy": ("maximize",)}
+# The ledger drives trials by ask/tell under its own heartbeats; Optuna's hint about optimize() does not apply.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)  # multi-objective TPE on the two-objective study
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def suggest(trial: Trial, space: SearchSpace) -> dict:
+    return {"freeze_depth": trial.suggest_int("freeze_depth", *space.freeze_depth),
+            "scheduler": trial.suggest_categorical("scheduler", list(space.schedulers)),
+            "epochs": trial.suggest_int("epochs", *space.epochs),
+            "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+            "warmup_ratio": trial.suggest_float("warmup_ratio", *space.warmup_ratio)}
+
+
+def open_search_study(storage, name: str, objective: str, space: SearchSpace, base: RunConfig) -> optuna.Study:
+    """The study, holding its space and fixed settings so that a later invocation extends the same search."""
+    study = open_study(storage, name, OBJECTIVES[objective])
+    if "grid" in study.user_attrs:
+        raise UsageError(f"study {name!r} holds a grid, not a search: choose another --study-name")
+    stored = study.user_attrs.get("search")
+    wanted = json.loads(json.dumps({"space": space.to_dict(), "fixed": fixed_fields(base.to_dict())}))
+    if stored is None:
+        study.set_user_attr("search", wanted)
+    elif stored["space"] != wanted["space"]:
+        raise UsageError(f"study {name!r} was created with the search space {json.dumps(stored['space'])}: "
+                         "search that space again or choose another --study-name")
+    elif stored["fixed"] != wanted["fixed"]:
+        changed = next(k for k in wanted["fixed"] if stored["fixed"].get(k) != wanted["fixed"][k])
+        raise UsageError(f"study {name!r} was created with {changed}={stored['fixed'].get(changed)!r}, not "
+                         f"{wanted['fixed'][changed]!r}: use the same fixed settings or choose another --study-name")
+    return study
+
+
+@dataclass
+class Outcome:
+    """What one trial came to: trained, reused, pruned or failed (lost: another worker failed our claim)."""
+    kind: str
+    record: dict | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Search:
+    study: optuna.Study
+    ledger: Ledger
+    base: RunConfig
+    space: SearchSpace
+    train: TrainFn
+    sampler: str = "tpe"
+    seed: int | None = 0
+    prune: bool = True
+    margin: float = 0.01
+    device: str | None = None      # runs timed on another device are not compared when pruning
+    poll_seconds: float = 5.0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("trained", "reused", "pruned", "failed", "lost"), 0))
+    train_seconds: float = 0.0
+
+    def run(self, trials: int, timeout: float | None = None, progress: bool = True) -> None:
+        started = time.time()
+        bar = tqdm(total=trials, disable=not progress, unit="trial", desc=f"search {self.study.study_name}")
+        for _ in range(trials):
+            if timeout is not None and time.time() - started > timeout:
+                break
+            outcome = self.trial(bar)
+            self.counts[outcome.kind] += 1
+            bar.update()
+        bar.close()
+
+    def trial(self, bar: tqdm) -> Outcome:
+        trial = self.study.ask()
+        # Re-seeded per trial from (study name, seed, trial number): a fresh study of one name and seed proposes
+        # the same configs, workers sharing a study (numbers are unique) never propose in lockstep, and two
+        # studies on one storage do not replay each other's proposals (which the ledger would answer, not train).
+        key = f"{self.study.study_name}/{self.seed}/{trial.number}".encode()
+        self.study.sampler = make_sampler(self.sampler, None if self.seed is None else zlib.crc32(key))
+        trial_id = trial._trial_id
+        self.ledger.storage.record_heartbeat(trial_id)  # a worker killed from here on leaves a stale trial
+        try:
+            with Heartbeat(self.ledger.storage, trial_id):
+                config = self.base.replace(**suggest(trial, self.space))
+                bar.set_postfix_str(f"freeze {config.freeze_depth} · {config.scheduler} · {config.epochs} ep · "
+                                    f"lr {config.learning_rate:.2g}")
+                outcome = self._resolve(trial, config)
+        except KeyboardInterrupt:
+            self.ledger.finish_failed(self.study, trial_id, "interrupted", "interrupted by the user")
+            raise
+        if outcome.kind == "trained":
+            self.ledger.finish_complete(self.study, trial_id, outcome.record)
+            self.train_seconds += outcome.record["train_seconds"]
+        elif outcome.kind == "reused":
+            self.ledger.storage.set_trial_user_attr(trial_id, "run_id", config.run_id)
+            self.ledger.finish_complete(self.study, trial_id, outcome.record, reused_from=outcome.reason)
+        elif outcome.kind == "pruned":
+            self.ledger.finish_failed(self.study, trial_id, "pruned", outcome.reason, state=TrialState.PRUNED,
+                                      record=outcome.record)
+            self.train_seconds += outcome.record["train_seconds"]
+        elif outcome.kind == "failed":
+            self.ledger.finish_failed(self.study, trial_id, "error", outcome.reason)
+            free_accelerator_memory()
+        return outcome
+
+    def _resolve(self, trial: Trial, config: RunConfig) -> Outcome:
+        """Answer the trial from a stored run, wait for a worker training it, or claim and train it."""
+        trial_id, run_id, tagged = trial._trial_id, config.run_id, False
+        while True:
+            if tagged:
+                won, status = self.ledger.settle(trial_id, run_id)
+                if won:
+                    return self._train(trial, config)
+            else:
+                status = self.ledger.scan().get(run_id, RunStatus())
+            if status.complete:
+                source = next((t for t in status.complete if not t.user_attrs.get("reused_from")), status.complete[0])
+                return Outcome("reused", source.user_attrs["record"], self.ledger.where(source))
+            if tagged and all(t._trial_id != trial_id for t in status.live):
+                return Outcome("lost", reason="this worker's claim went stale and was failed by another worker")
+            if not tagged and not status.live:
+                self.ledger.tag_claim(trial_id, run_id)
+                tagged = True
+                continue
+            time.sleep(self.poll_seconds)  # another worker trains this run: reuse it when done, or reclaim if stale
+            self.ledger.fail_stale()
+
+    def _train(self, trial: Trial, config: RunConfig) -> Outcome:
+        try:
+            record = self.train(config, self._stopper(trial, config))
+        except Exception as error:  # NaN loss at a high learning rate, out of memory: record it, search on
+            return Outcome("failed", reason=f"{type(error).__name__}: "
+                                            f"{str(error).splitlines()[0] if str(error) else ''}"[:500])
+        if record.get("stopped_early"):
+            return Outcome("pruned", record, record["stopped_early"])
+        return Outcome("trained", record)
+
+    def _stopper(self, trial: Trial, config: RunConfig) -> Callable[[dict], str | None]:
+        """The on_epoch callback: Optuna's pruner for one objective, Pareto dominance for two."""
+        history: list[dict] = []
+        elsewhere = pareto.storage_points(self.ledger, self.study.study_name, fixed_fields(self.base.to_dict()),
+                                          self.device) if self.prune and len(self.study.directions) == 2 else []
+
+        def on_epoch(entry: dict) -> str | None:
+            history.append(entry)
+            last = entry["epoch"] >= config.epochs  # a finished run is worth keeping: never prune the last epoch
+            if len(self.study.directions) == 1:
+                trial.report(entry["accuracy"], entry["epoch"])
+                if self.prune and not last and trial.should_prune():
+                    return (f"pruned by {type(self.study.pruner).__name__} after epoch {entry['epoch']}: accuracy "
+                            f"{entry['accuracy']:.4f} is below the median of earlier trials at that epoch")
+                return None
+            if not self.prune or last:
+                return None
+            return pareto.prune_reason(elsewhere + pareto.study_points(self.study, self.device), history,
+                                       self.margin)
+
+        return on_epoch
+
+
+def resolve_space(args: argparse.Namespace, layers: int) -> SearchSpace:
+    """Defaults (freeze depth 0 to the model's layer count) < the --space file < the range flags."""
+    space = SearchSpace(freeze_depth=(0, layers))
+    if args.space:
+        space = SearchSpace.load(args.space, defaults=space)
+    flags = {"freeze_depth": (args.freeze_depths, "--freeze-depths", int),
+             "epochs": (args.epochs_range, "--epochs-range", int),
+             "learning_rate": (args.lr_range, "--lr-range", float),
+             "warmup_ratio": (args.warmup_range, "--warmup-range", float)}
+    values = {key: list(parse_range(text, flag, kind)) for key, (text, flag, kind) in flags.items() if text}
+    if args.schedulers:
+        values["schedulers"] = parse_choices(args.schedulers, "--schedulers", SCHEDULERS)
+    space = SearchSpace.from_dict(values, defaults=space)
+    space.validate(layers)
+    return space
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m ablations.optuna_search", description=__doc__.splitlines()[0])
+    add_run_arguments(parser, skip=(*SEARCHED, "seed"))
+    parser.add_argument("--run-seed", type=int, default=42, help="training seed of every run (fixed; default: 42)")
+    parser.add_argument("--trials", type=int, default=20, help="trials to add in this invocation (default: 20)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (default: tpe)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed: a fresh study of one name and seed "
+                        "proposes the same configs (default: 0)")
+    parser.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="pareto",
+                        help="pareto: maximize accuracy and minimize training seconds; accuracy: accuracy alone, in "
+                             "its own study (default name search-accuracy) with Optuna's MedianPruner")
+    parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy)")
+    parser.add_argument("--margin", type=float, default=0.01, help="accuracy a pruned trial is assumed still able "
+                        "to gain (default: 0.01)")
+    parser.add_argument("--space", default=None, help="JSON file overriding the search space (see --print-space)")
+    parser.add_argument("--freeze-depths", default=None, help="freeze depth range, e.g. 0-6 (default: 0 to the "
+                        "model's layer count)")
+    parser.add_argument("--schedulers", default=None, help="schedulers to choose from (default: linear,cosine)")
+    parser.add_argument("--epochs-range", default=None, help="epochs range, e.g. 1-4 (default: 1-4)")
+    parser.add_argument("--lr-range", default=None, help="log-uniform learning rate range (default: 1e-5,5e-4)")
+    parser.add_argument("--warmup-range", default=None, help="uniform warmup ratio range (default: 0,0.2)")
+    parser.add_argument("--print-space", action="store_true", help="print the search space as JSON and exit")
+    add_study_arguments(parser, default_study="search")
+    parser.set_defaults(study_name=None)  # search, or search-accuracy for --objective accuracy
+    return parser
+
+
+def make_trainer(args: argparse.Namespace) -> TrainFn:
+    from core import run
+    return lambda config, on_epoch: run(config, device=args.device, progress=not args.no_progress,
+                                        on_epoch=on_epoch)
+
+
+def device_label(device: str | None) -> str:
+    """The device name runs record, so that only runs timed on this device are compared when pruning."""
+    import torch
+    from core.model import device_name
+    from core.train import default_device
+    try:
+        return device_name(torch.device(device) if device else default_device())
+    except (RuntimeError, AssertionError) as error:  # a bad name, or CUDA asked for where there is none
+        raise UsageError(f"--device {device!r} is not usable here ({str(error).splitlines()[0]}): use cpu, cuda "
+                         "or cuda:N") from None
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    checks = [(args.trials >= 1, f"--trials {args.trials} is invalid: use a whole number of at least 1"),
+              (args.heartbeat >= 1, f"--heartbeat {args.heartbeat} is invalid: use at least 1 second"),
+              (args.margin >= 0, f"--margin {args.margin} is invalid: use 0 or a positive accuracy such as 0.01"),
+              (args.timeout is None or args.timeout > 0, f"--timeout {args.timeout} is invalid: use positive seconds")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    from core import check
+    from core.model import model_config, num_layers
+    base = config_from_args(args, skip=(*SEARCHED, "seed"), seed=args.run_seed, freeze_depth=0)
+    if args.print_space:
+        print(json.dumps(resolve_space(args, num_layers(model_config(base.model))).to_dict(), indent=2))
+        return 0
+    space = resolve_space(args, num_layers(check(base)))
+    device = device_label(args.device)
+    name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
+    url = storage_url(args.storage, args.output_dir)
+    ledger = Ledger(open_storage(url, args.heartbeat))
+    study = open_search_study(ledger.storage, name, args.objective, space, base)
+    study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
+    search = Search(study, ledger, base, space, make_trainer(args), args.sampler, args.seed, args.prune,
+                    args.margin, device, poll_seconds=min(5.0, args.heartbeat))
+    print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.seed}), objective "
+          f"{args.objective}, pruning {'on' if args.prune else 'off'}, space {space.describe()} on {url}")
+    search.run(args.trials, args.timeout, progress=not args.no_progress)
+    c = search.counts
+    print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
+          f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
+    print(write_outputs(study, ledger, base, url, args.output_dir, report=not args.no_report))
+    return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

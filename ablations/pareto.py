@@ -1,0 +1,260 @@
+"""Pareto fronts of stored runs: validation accuracy up, training seconds down.
+
+The front and its knee, the dominance test that prunes a two-objective trial (Optuna has no pruner for
+several objectives, optuna#3450), and the search's outputs: pareto.csv, importance.png, search_summary.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import optuna
+import optuna.distributions as od
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations.stats import pareto_front
+from ablations.study import Ledger
+from core.errors import UsageError
+
+if TYPE_CHECKING:
+    from core.config import RunConfig
+
+SEARCHED = ("freeze_depth", "scheduler", "epochs", "learning_rate", "warmup_ratio")
+PARETO_COLUMNS = [*SEARCHED, "accuracy", "train_seconds", "trainable_params", "run_id", "trial"]
+MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer runs ranks noise
+OBJECTIVE_NAMES = {"accuracy": "validation accuracy", "train_seconds": "training seconds"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One finished run on the accuracy–time plane, and where it is stored ('study#number')."""
+    accuracy: float
+    seconds: float
+    where: str
+
+
+def dominator(points: Iterable[Point], accuracy: float, seconds: float) -> Point | None:
+    """A point at least as accurate and at least as fast as (accuracy, seconds), strictly better in one."""
+    for point in points:
+        if point.accuracy >= accuracy and point.seconds <= seconds and \
+                (point.accuracy > accuracy or point.seconds < seconds):
+            return point
+    return None
+
+
+def prune_reason(points: Iterable[Point], history: list[dict], margin: float) -> str | None:
+    """Why a two-objective trial should stop after the epochs in `history`, or None to let it go on.
+
+    The trial's best reachable point is optimistic on both axes: the best accuracy so far plus `margin`
+    (later epochs may still improve it), reached in the seconds already spent (it can only get slower).
+    If a finished run dominates even that point, the finished trial would be dominated too."""
+    best = max(entry["accuracy"] for entry in history)
+    spent = sum(entry["train_seconds"] for entry in history)
+    hit = dominator(points, best + margin, spent)
+    if hit is None:
+        return None
+    return (f"dominated after epoch {history[-1]['epoch']}: best accuracy {best:.4f} + margin {margin:g} in "
+            f"{spent:.2f} s already spent cannot beat {hit.where} ({hit.accuracy:.4f} in {hit.seconds:.2f} s)")
+
+
+def fixed_fields(config: dict) -> dict:
+    """What every run of one search shares: the config minus the searched parameters."""
+    return {name: value for name, value in config.items() if name not in SEARCHED}
+
+
+def _same_device(record: dict | None, device: str | None) -> bool:
+    """Times compare only on one device; a run without a device name (or no device to match) is kept."""
+    return record is None or device is None or record.get("device") in (None, device)
+
+
+def study_points(study: optuna.Study, device: str | None = None) -> list[Point]:
+    """A study's finished runs; its trials share the fixed settings (checked when a search study opens)."""
+    return [Point(t.values[0], t.values[1], f"{study.study_name}#{t.number}")
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if _same_device(t.user_attrs.get("record"), device)]
+
+
+def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | None = None) -> list[Point]:
+    """Finished runs of the storage's other studies (a grid, say) with exactly these fixed settings."""
+    points = []
+    for status in ledger.scan().values():
+        for trial in status.complete:
+            record, where = trial.user_attrs.get("record"), ledger.where(trial)
+            if record and not where.startswith(f"{skip_study}#") and _same_device(record, device) \
+                    and fixed_fields(record["config"]) == fixed:
+                points.append(Point(record["accuracy"], record["train_seconds"], where))
+    return points
+
+
+def run_rows(trials: Iterable[FrozenTrial], where: Callable[[FrozenTrial], str]) -> pd.DataFrame:
+    """One row per distinct run among the COMPLETE trials that carry a record (a reused copy counts once)."""
+    rows: dict[str, dict] = {}
+    copied: set[str] = set()
+    for trial in trials:
+        record = trial.user_attrs.get("record")
+        if trial.state != TrialState.COMPLETE or not record:
+            continue
+        run_id = record.get("run_id") or where(trial)
+        reused = bool(trial.user_attrs.get("reused_from"))
+        if run_id in rows and (reused or run_id not in copied):
+            continue  # keep the trial that trained the run, else the first copy
+        (copied.add if reused else copied.discard)(run_id)
+        rows[run_id] = {**{name: record["config"].get(name) for name in SEARCHED},
+                        "accuracy": record["accuracy"], "train_seconds": record["train_seconds"],
+                        "trainable_params": record.get("trainable_params"), "run_id": run_id,
+                        "trial": where(trial), "device": record.get("device")}
+    return pd.DataFrame(list(rows.values()), columns=[*PARETO_COLUMNS, "device"])
+
+
+def front_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The non-dominated rows, fastest first."""
+    if rows.empty:
+        return rows
+    mask = pareto_front(rows["accuracy"].tolist(), rows["train_seconds"].tolist())
+    return rows[mask].sort_values(["train_seconds", "accuracy"], ascending=[True, False]).reset_index(drop=True)
+
+
+def knee_index(front: pd.DataFrame) -> int:
+    """The front point farthest above the chord from its fastest to its most accurate end.
+
+    Accuracy and time are min-max scaled over the front, so the chord runs from (0, 0) to (1, 1) and the
+    distance above it is proportional to scaled accuracy minus scaled time; ties go to the faster point."""
+    def scaled(column: pd.Series) -> pd.Series:
+        span = column.max() - column.min()
+        return (column - column.min()) / span if span > 0 else column * 0.0
+
+    gain = scaled(front["accuracy"]) - scaled(front["train_seconds"])
+    return int(gain.idxmax())  # idxmax returns the first maximum; the front is sorted fastest first
+
+
+def importance_plot(rows: pd.DataFrame, path: Path) -> str:
+    """fANOVA importances of the searched parameters for each objective as a bar chart; returns a note."""
+    path.unlink(missing_ok=True)  # never leave a stale figure beside fresh tables
+    varying = [name for name in SEARCHED if rows[name].astype(str).nunique() > 1] if len(rows) else []
+    if len(rows) < MIN_IMPORTANCE_TRIALS or not varying:
+        return (f"importance.png skipped: {len(rows)} complete run(s) and {len(varying)} varying parameter(s); "
+                f"it needs at least {MIN_IMPORTANCE_TRIALS} runs and one parameter that varies.")
+    # A private study holds each run once with its record's values, so copies of reused runs weigh nothing.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    distributions = {name: _distribution(rows[name]) for name in varying}
+    for row in rows.itertuples(index=False):
+        study.add_trial(optuna.trial.create_trial(
+            params={name: _plain(getattr(row, name)) for name in varying}, distributions=distributions,
+            values=[row.accuracy, row.train_seconds]))
+    # fANOVA explains variance, so it needs no direction (Optuna 5's default evaluator ranks for low values).
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    panels: dict[str, dict | str] = {}
+    for index, (column, objective) in enumerate(OBJECTIVE_NAMES.items()):
+        panels[objective] = "the same in every run: nothing to explain"
+        if rows[column].nunique() > 1:
+            try:
+                panels[objective] = optuna.importance.get_param_importances(
+                    study, evaluator=evaluator, target=lambda t, i=index: t.values[i])
+            except RuntimeError:  # fANOVA found no split that explains any variance
+                panels[objective] = "no parameter explains any of its variance"
+    if all(isinstance(panel, str) for panel in panels.values()):
+        return "importance.png skipped: every complete run has the same accuracy and the same training time."
+    _draw_importances(panels, varying, len(rows), path)
+    return f"importance.png: fANOVA importances over {len(rows)} complete runs."
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _distribution(column: pd.Series) -> od.BaseDistribution:
+    if column.name == "scheduler":
+        return od.CategoricalDistribution(sorted(column.unique()))
+    if column.name in ("freeze_depth", "epochs"):
+        return od.IntDistribution(int(column.min()), int(column.max()))
+    return od.FloatDistribution(float(column.min()), float(column.max()), log=column.name == "learning_rate")
+
+
+def _draw_importances(panels: dict[str, dict | str], parameters: list[str], runs: int, path: Path) -> None:
+    import seaborn as sns
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with sns.plotting_context("talk"):
+        figure = Figure(figsize=(14, 6), layout="constrained")
+        FigureCanvasAgg(figure)  # Agg canvas, no pyplot: no display needed and no global figure state
+        for ax, (objective, found) in zip(figure.subplots(1, 2, sharey=True), panels.items()):
+            values = [float(found.get(name, 0.0)) if isinstance(found, dict) else 0.0 for name in parameters]
+            sns.barplot(x=values, y=parameters, order=parameters, color="#31688e", ax=ax)
+            if isinstance(found, str):
+                ax.text(0.5, 0.5, found, transform=ax.transAxes, ha="center", va="center", wrap=True)
+            ax.set(title=objective, xlim=(0, 1), xlabel="fANOVA importance", ylabel="")
+        figure.suptitle(f"What drives each objective ({runs} complete runs)")
+        figure.savefig(path, dpi=120)
+
+
+def _row_text(row) -> str:
+    return (f"freeze {row.freeze_depth}, {row.scheduler}, {row.epochs} epoch(s), lr {row.learning_rate:.3g}, "
+            f"warmup {row.warmup_ratio:.3g}: accuracy {row.accuracy:.4f} in {row.train_seconds:.1f} s "
+            f"({row.trial})")
+
+
+def summary_markdown(title: str, counts: str, front: pd.DataFrame, baseline: pd.DataFrame, notes: list[str]) -> str:
+    """The search in a few lines: the front, its knee and the full fine-tune for reference."""
+    lines = [f"# {title}", "", counts, ""]
+    if front.empty:
+        return "\n".join(lines + ["No complete run yet: no front.", "", *notes, ""])
+    lines += ["## Pareto front (validation accuracy vs training seconds)", "",
+              "| freeze depth | schedule | epochs | learning rate | warmup | accuracy | train s | trainable params "
+              "| trial |", "|--:|---|--:|--:|--:|--:|--:|--:|---|"]
+    lines += [f"| {r.freeze_depth} | {r.scheduler} | {r.epochs} | {r.learning_rate:.3g} | {r.warmup_ratio:.3g} | "
+              f"{r.accuracy:.4f} | {r.train_seconds:.1f} | {_count(r.trainable_params)} | {r.trial} |"
+              for r in front.itertuples(index=False)]
+    knee = front.iloc[knee_index(front)]
+    lines += ["", f"**Knee point**: {_row_text(knee)}. It is the front point farthest above the line from the "
+                  "front's fastest to its most accurate end, with accuracy and time min-max scaled over the front.", ""]
+    if baseline.empty:
+        lines.append("**Full fine-tune baseline**: no freeze_depth 0 run with these fixed settings is stored yet.")
+    else:
+        best = baseline.sort_values("accuracy", ascending=False).iloc[0]
+        lines.append(f"**Full fine-tune baseline** (best of {len(baseline)} freeze_depth 0 run(s) on the storage): "
+                     f"{_row_text(best)}. The knee is {best.train_seconds / knee.train_seconds:.2f}× as fast, "
+                     f"{100 * (knee.accuracy - best.accuracy):+.1f} pp accuracy.")
+    return "\n".join(lines + ["", *notes, ""])
+
+
+def _count(value) -> str:
+    return "—" if value is None or pd.isna(value) else f"{int(value):,}"
+
+
+def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str, output_dir: str | Path,
+                  report: bool = True) -> str:
+    """pareto.csv, importance.png, search_summary.md and the shared trade-off report; returns the summary."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    rows = run_rows(trials, lambda t: f"{study.study_name}#{t.number}")
+    front = front_table(rows)
+    front[PARETO_COLUMNS].to_csv(output / "pareto.csv", index=False)
+    fixed = fixed_fields(base.to_dict())
+    baseline = [t for status in ledger.scan().values() for t in status.complete
+                if (t.user_attrs.get("record") or {}).get("config", {}).get("freeze_depth") == 0
+                and fixed_fields(t.user_attrs["record"]["config"]) == fixed]
+    baseline_rows = run_rows(baseline, ledger.where)
+    if not front.empty:  # times compare only on one device: the knee's
+        baseline_rows = baseline_rows[baseline_rows["device"] == front["device"].iloc[knee_index(front)]]
+    states = {state: sum(t.state == state for t in trials) for state in TrialState}
+    notes = [importance_plot(rows, output / "importance.png")]
+    if report and not (rows["freeze_depth"] == 0).any():
+        notes.append("Trade-off report skipped: it compares each configuration with a full fine-tune "
+                     "(freeze_depth 0) and this study has none yet.")
+    elif report:
+        try:
+            from ablations.grid import write_report
+            write_report(url, [study.study_name], str(output_dir))
+        except UsageError as error:
+            notes.append(f"Trade-off report skipped: {error}")
+    counts = (f"{len(trials)} trials in study `{study.study_name}`: {states[TrialState.COMPLETE]} complete, "
+              f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, {states[TrialState.RUNNING]} "
+              f"running; {len(rows)} distinct complete runs. Model `{base.model}`, data "
+              f"`{base.dataset}`, run seed {base.seed}.")
+    text = summary_markdown(f"Search `{study.study_name}`", counts, front, baseline_rows, notes)
+    (output / "search_summary.md").write_text(text)
+    return text

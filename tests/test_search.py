@@ -1,0 +1,264 @@
+"""The two-objective search: it extends one study, replays a seed, reuses stored runs, prunes dominated trials,
+keeps failures, writes a front with no dominated point, and refuses bad input in one line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from ablations.grid import run_cells
+from ablations.optuna_search import Search, main, open_search_study
+from ablations.pareto import SEARCHED, run_rows, write_outputs
+from ablations.space import Grid, SearchSpace
+from ablations.study import Ledger, open_storage
+from conftest import quick_config
+from core import UsageError, run
+from core.cli import main_guard
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = SearchSpace(freeze_depth=(0, 2), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
+
+
+@pytest.fixture(autouse=True)
+def quick_settle(monkeypatch):
+    """One worker per test (but the last): no concurrent claim can land, so the ledger need not wait long."""
+    monkeypatch.setattr("ablations.study.SETTLE_SECONDS", 0.05)
+
+
+def fake_train(config, on_epoch=None, calls: list | None = None) -> dict:
+    """A stand-in for core.run with known numbers: freezing deeper is faster and a little less accurate."""
+    if calls is not None:
+        calls.append(config)
+    history, stopped = [], None
+    for epoch in range(1, config.epochs + 1):
+        accuracy = 0.9 - 0.1 * config.freeze_depth + 0.02 * epoch + config.learning_rate + config.warmup_ratio / 100
+        history.append({"epoch": epoch, "accuracy": round(accuracy, 6), "train_seconds": 3.0 - config.freeze_depth})
+        if on_epoch is not None and (stopped := on_epoch(history[-1])):
+            break
+    return {"run_id": config.run_id, "config": config.to_dict(), "accuracy": max(e["accuracy"] for e in history),
+            "train_seconds": sum(e["train_seconds"] for e in history), "trainable_params": 100 - config.freeze_depth,
+            "stopped_early": stopped, "history": history, "device": "fake"}
+
+
+def searcher(tmp_path, name="search", space=SMALL, train=fake_train, objective="pareto", base=None,
+             **settings) -> Search:
+    storage = open_storage(f"sqlite:///{tmp_path}/search.db", heartbeat_seconds=1)
+    base = base or quick_config(str(tmp_path / "model"), str(tmp_path / "data"))
+    study = open_search_study(storage, name, objective, space, base)
+    return Search(study, Ledger(storage), base, space, train, poll_seconds=0.2, **settings)
+
+
+def run_cli(monkeypatch, *arguments: str) -> int:
+    """`python -m ablations.optuna_search ARGS` in this process: the exit code, output left to capsys."""
+    monkeypatch.setattr(sys, "argv", ["python -m ablations.optuna_search", *arguments])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    return exit_.value.code
+
+
+def test_print_space_prints_the_space_resolved_against_the_model(monkeypatch, capsys, tiny_bert):
+    assert run_cli(monkeypatch, "--model", tiny_bert, "--epochs-range", "1-2", "--print-space") == 0
+    space = SearchSpace.from_dict(__import__("json").loads(capsys.readouterr().out))
+    assert space == SearchSpace(freeze_depth=(0, 2), epochs=(1, 2))  # 0 to the tiny BERT's 2 layers
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--sampler", "bogus"], "argument --sampler: invalid choice: 'bogus'"),
+    (["--trials", "0"], "--trials 0 is invalid"),
+    (["--freeze-depths", "0-5"], "search space freeze_depth [0, 5] is invalid: use a range within 0 to 2"),
+    (["--lr-range", "fast"], "--lr-range 'fast' is invalid"),
+    (["--objective", "loss"], "argument --objective: invalid choice: 'loss'"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, tiny_bert, toy_data, arguments, message):
+    assert run_cli(monkeypatch, "--model", tiny_bert, "--dataset", toy_data, *arguments) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+
+
+def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
+    command = [sys.executable, "-m", "ablations.optuna_search", "--model", tiny_bert, "--dataset", toy_data,
+               "--freeze-depths", "0-2", "--epochs-range", "1-2", "--lr-range", "1e-3,5e-3", "--max-length", "32",
+               "--precision", "fp32", "--trials", "2", "--output-dir", str(tmp_path), "--no-progress", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(2):
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path}/ablations.db").get_trials()
+    assert len(trials) == 4 and all(set(t.params) == set(SEARCHED) for t in trials)
+    assert "4 trials in study `search`" in (tmp_path / "search_summary.md").read_text()
+    assert (tmp_path / "pareto.csv").exists()
+
+
+def test_the_same_seed_proposes_the_same_configs_on_a_fresh_study(tmp_path):
+    proposed = {}
+    for folder, name, seed in [("a", "search", 7), ("b", "search", 7), ("c", "search", 8), ("d", "other", 7)]:
+        (tmp_path / folder).mkdir()
+        search = searcher(tmp_path / folder, name, seed=seed)
+        search.run(3, progress=False)
+        proposed[folder] = [t.params for t in search.study.get_trials()]
+    assert proposed["a"] == proposed["b"]  # the same command on a fresh storage
+    assert proposed["c"] != proposed["a"] and proposed["d"] != proposed["a"]  # another seed, another study
+
+
+def test_a_config_the_grid_ran_is_answered_from_its_record_without_training(tiny_bert, toy_data, tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/search.db", heartbeat_seconds=1)
+    base = quick_config(tiny_bert, toy_data)
+    grid = optuna.create_study(storage=storage, study_name="grid", directions=["maximize", "minimize"])
+    run_cells(Grid((1,), ("linear",), (1,), (0,)).configs(base), grid, Ledger(storage),
+              lambda c: run(c, progress=False), progress=False)
+    only = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 1e-3),
+                       warmup_ratio=(0.0, 0.0))  # one point: the grid's cell
+    calls: list = []
+    search = Search(open_search_study(storage, "search", "pareto", only, base), Ledger(storage), base, only,
+                    lambda config, on_epoch: fake_train(config, on_epoch, calls))
+    search.run(2, progress=False)
+    assert calls == [] and search.counts["reused"] == 2
+    stored = grid.get_trials()[0]
+    for trial in search.study.get_trials():
+        assert trial.state == TrialState.COMPLETE and trial.user_attrs["reused_from"] == "grid#0"
+        assert trial.values == stored.values and trial.user_attrs["run_id"] == stored.user_attrs["run_id"]
+
+
+def test_a_trial_dominated_by_the_front_is_pruned_with_its_reason(tiny_bert, toy_data, tmp_path):
+    space = SearchSpace(freeze_depth=(0, 0), epochs=(2, 2))
+    search = searcher(tmp_path, space=space, train=lambda c, on_epoch: run(c, progress=False, on_epoch=on_epoch),
+                      base=quick_config(tiny_bert, toy_data))
+    search.study.add_trial(optuna.trial.create_trial(values=[1.0, 1e-6]))  # perfect and instant: dominates all
+    search.run(1, progress=False)
+    trial = search.study.get_trials()[-1]
+    assert trial.state == TrialState.PRUNED and search.counts["pruned"] == 1
+    assert trial.user_attrs["fail_reason"].startswith("dominated after epoch 1: best accuracy")
+    assert "search#0 (1.0000 in 0.00 s)" in trial.user_attrs["fail_reason"]
+    record = trial.user_attrs["record"]
+    assert record["stopped_early"] == trial.user_attrs["fail_reason"] and len(record["history"]) == 1
+    assert trial.user_attrs["run_id"] not in search.ledger.scan()  # a pruned run is not done: it may train again
+
+
+def test_without_pruning_or_at_the_last_epoch_nothing_is_pruned(tmp_path):
+    search = searcher(tmp_path, space=SearchSpace(freeze_depth=(0, 2), epochs=(1, 1)), prune=True)
+    search.study.add_trial(optuna.trial.create_trial(values=[1.0, 1e-6]))
+    search.run(2, progress=False)  # one-epoch runs: the only epoch is the last
+    unpruned = searcher(tmp_path, "unpruned", space=SearchSpace(freeze_depth=(0, 2), epochs=(3, 3)), prune=False)
+    unpruned.study.add_trial(optuna.trial.create_trial(values=[1.0, 1e-6]))
+    unpruned.run(2, progress=False)
+    for study in (search.study, unpruned.study):
+        assert [t.state for t in study.get_trials()[1:]] == [TrialState.COMPLETE] * 2
+
+
+def test_pareto_csv_holds_exactly_the_non_dominated_runs(tmp_path):
+    search = searcher(tmp_path, sampler="random", prune=False)
+    search.run(12, progress=False)
+    write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=False)
+    front = pd.read_csv(tmp_path / "pareto.csv")
+    runs = run_rows(search.study.get_trials(), lambda t: f"search#{t.number}")
+
+    def dominated(row, table) -> bool:
+        return any(o.accuracy >= row.accuracy and o.train_seconds <= row.train_seconds and
+                   (o.accuracy > row.accuracy or o.train_seconds < row.train_seconds) for o in table.itertuples())
+
+    assert not any(dominated(row, front) for row in front.itertuples())
+    assert set(front.run_id) == {row.run_id for row in runs.itertuples() if not dominated(row, runs)}
+    assert list(front.columns[:5]) == list(SEARCHED)
+    summary = (tmp_path / "search_summary.md").read_text()
+    assert "**Knee point**" in summary and "**Full fine-tune baseline**" in summary
+    assert (tmp_path / "importance.png").exists()
+
+
+def test_a_failing_run_is_recorded_as_fail_with_its_reason_and_the_search_goes_on(tmp_path):
+    calls: list = []
+
+    def flaky(config, on_epoch):
+        if not calls:
+            calls.append(config)
+            raise FloatingPointError("training loss became nan in epoch 1")
+        return fake_train(config, on_epoch, calls)
+
+    search = searcher(tmp_path, train=flaky)
+    search.run(3, progress=False)
+    states = [t.state for t in search.study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    failed = search.study.get_trials()[0]
+    assert failed.user_attrs["fail_reason"] == "FloatingPointError: training loss became nan in epoch 1"
+    assert failed.user_attrs["fail_kind"] == "error"
+
+
+def test_a_study_refuses_another_space_or_other_fixed_settings(tmp_path):
+    search = searcher(tmp_path)
+    open_search_study(search.ledger.storage, "search", "pareto", SMALL, search.base)  # the same: extends
+    with pytest.raises(UsageError, match="was created with the search space"):
+        open_search_study(search.ledger.storage, "search", "pareto", SearchSpace(), search.base)
+    with pytest.raises(UsageError, match="was created with batch_size=16, not 32"):
+        open_search_study(search.ledger.storage, "search", "pareto", SMALL, search.base.replace(batch_size=32))
+    with pytest.raises(UsageError, match="other objectives"):
+        open_search_study(search.ledger.storage, "search", "accuracy", SMALL, search.base)
+
+
+def test_the_accuracy_objective_has_its_own_study_and_optunas_median_pruner(tmp_path):
+    search = searcher(tmp_path, "search-accuracy", objective="accuracy")
+    search.study.pruner = optuna.pruners.MedianPruner()
+    for index in range(5):  # five good runs set the median, then a deep freeze falls below it
+        search.study.enqueue_trial({"freeze_depth": 0, "scheduler": "linear", "epochs": 2,
+                                    "learning_rate": 1e-3 + index * 1e-4, "warmup_ratio": 0.0})
+    search.study.enqueue_trial({"freeze_depth": 2, "scheduler": "linear", "epochs": 2, "learning_rate": 1e-3,
+                                "warmup_ratio": 0.0})
+    search.run(6, progress=False)
+    trials = search.study.get_trials()
+    assert [d.name for d in search.study.directions] == ["MAXIMIZE"] and len(trials[0].values) == 1
+    assert trials[0].intermediate_values == {1: 0.921, 2: 0.941}
+    assert trials[-1].state == TrialState.PRUNED
+    assert trials[-1].user_attrs["fail_reason"].startswith("pruned by MedianPruner after epoch 1")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/search.db"
+        return
+    admin = os.environ.get("ABLATIONS_TEST_POSTGRES")
+    if not admin:
+        pytest.skip("set ABLATIONS_TEST_POSTGRES=postgresql://user@host/db to run the PostgreSQL tests")
+    import psycopg
+    name = f"search_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_two_workers_proposing_one_config_train_it_once(tmp_path, storage_url, monkeypatch):
+    monkeypatch.setattr("ablations.study.SETTLE_SECONDS", 0.5)  # two workers: let concurrent claims land
+    from ablations.study import storage_url as resolve
+    url = resolve(storage_url, tmp_path)
+    only = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 1e-3),
+                       warmup_ratio=(0.0, 0.0))
+    base, calls, started = quick_config("model", "data"), [], threading.Barrier(2)
+
+    def slow_train(config, on_epoch):
+        threading.Event().wait(1.5)  # long enough for the other worker to find the claim and wait on it
+        return fake_train(config, on_epoch, calls)
+
+    def worker(name: str) -> None:
+        storage = open_storage(url, heartbeat_seconds=1)
+        search = Search(open_search_study(storage, name, "pareto", only, base), Ledger(storage), base, only,
+                        slow_train, poll_seconds=0.2)
+        started.wait()
+        search.run(1, progress=False)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("left", "right")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(calls) == 1
+    reused = [t.user_attrs.get("reused_from") for name in ("left", "right")
+              for t in optuna.load_study(study_name=name, storage=url).get_trials()]
+    assert sorted(map(bool, reused)) == [False, True]
