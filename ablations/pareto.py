@@ -242,10 +242,7 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
         baseline_rows = baseline_rows[baseline_rows["device"] == front["device"].iloc[knee_index(front)]]
     states = {state: sum(t.state == state for t in trials) for state in TrialState}
     notes = [importance_plot(rows, output / "importance.png")]
-    if report and not (rows["freeze_depth"] == 0).any():
-        notes.append("Trade-off report skipped: it compares each configuration with a full fine-tune "
-                     "(freeze_depth 0) and this study has none yet.")
-    elif report:
+    if report:
         try:
             from ablations.grid import write_report
             write_report(url, [study.study_name], str(output_dir))

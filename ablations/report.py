@@ -98,6 +98,10 @@ def parse_baseline(text: str) -> dict[str, str]:
     return {key.strip().replace("-", "_"): value.strip() for key, value in pairs}
 
 
+def _seconds(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
     """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, McNemar vs its baseline."""
     groups = _configurations(runs)
@@ -113,7 +117,10 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         if name not in field_names or name == "seed":
             raise usage_error(f"--baseline field {name!r} is unknown: use one of {', '.join(field_names)}")
     overrides = {name: _coerce(name, value, values[name]) for name, value in overrides.items()}
-    if not any(all(fields.get(k) == v for k, v in overrides.items()) for fields, _ in groups.values()):
+    # Only a baseline the user asked for must exist; without one (a search that never sampled depth 0, say)
+    # the rows say "no baseline run".
+    if baseline is not None and not any(all(fields.get(k) == v for k, v in overrides.items())
+                                        for fields, _ in groups.values()):
         described = ",".join(f"{k}={v}" for k, v in overrides.items())
         raise usage_error(f"--baseline {described} matches no completed configuration")
 
@@ -234,7 +241,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
             pairs = f"{row.mcnemar_b}/{row.mcnemar_c}" if row.mcnemar_pairs else "no shared seeds"
             delta = f"{100 * row.accuracy_delta:+.1f}".replace("-", "−")
             versus = f"{delta} pp, p {_p_value(row.p_value)}, {pairs}"
-        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), f"{row.train_seconds_mean:,.0f}",
+        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _seconds(row.train_seconds_mean),
                   "—" if pd.isna(row.speedup) else f"{row.speedup:.2f}×",
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
                   "★" if row.pareto else "", versus]

@@ -31,7 +31,8 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     if spread == 0:  # identical seeds: scipy returns (nan, nan) for a zero scale
         return Interval(mean, mean, mean, "t")
     low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=spread)
-    return Interval(mean, float(low), float(high), "t")
+    # An accuracy lies in [0, 1]; with 2-3 seeds the t interval can reach past either end.
+    return Interval(mean, max(0.0, float(low)), min(1.0, float(high)), "t")
 
 
 def binomial_interval(correct: int, total: int, confidence: float = CONFIDENCE) -> Interval:
