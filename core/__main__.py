@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.cli import (ArgumentParser, add_cache_arguments, add_run_arguments, apply_cache_arguments,
+                      config_from_args, main_guard)
 from core.record import summary, write_record
 from core.train import run
 
@@ -16,7 +17,9 @@ def main() -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="recompute the frozen layers every step instead of caching their outputs")
+    add_cache_arguments(parser)
     args = parser.parse_args()
+    apply_cache_arguments(args)
     config = config_from_args(args)
     record = run(config, device=args.device, progress=not args.no_progress,
                  use_prefix_cache=not args.no_prefix_cache)

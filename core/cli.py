@@ -42,6 +42,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                                 help=f"{f.metadata['help']} (default: {f.default})")
 
 
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-gb", type=float, default=4.0, help="host memory for frozen-prefix caches before "
+                        "they spill to memory-mapped files (default: 4)")
+    parser.add_argument("--cache-device-gb", type=float, default=4.0, help="GPU memory for frozen-prefix caches "
+                        "(default: 4)")
+
+
+def apply_cache_arguments(args: argparse.Namespace) -> None:
+    from core.prefix_cache import set_budget
+    if args.cache_gb < 0 or args.cache_device_gb < 0:
+        raise UsageError("--cache-gb and --cache-device-gb must be 0 or more")
+    set_budget(args.cache_device_gb, args.cache_gb)
+
+
 def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **overrides) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
               if hasattr(args, f.name) and f.name not in skip}

@@ -95,10 +95,18 @@ def _split_file(folder: Path, split: str) -> Path | None:
 
 def _load_file(path: Path) -> datasets.Dataset:
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    # A local file reads in moments; its progress bar would only put a second line before a one-line error
+    # (a missing column, say) on stderr.
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(BUILDERS[path.suffix], data_files={"data": str(path)}, split="data", **kwargs)
     except Exception as error:  # pandas/arrow parse errors: show one line
         raise UsageError(f"could not read {str(path)!r}: {str(error).splitlines()[0]}") from None
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def load_raw(dataset: str) -> dict[str, datasets.Dataset]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 from core.errors import UsageError
 
@@ -54,9 +55,18 @@ def load_tokenizer(name: str):
 
 def load_model(name: str, label_names: list[str]) -> nn.Module:
     labels = [str(n) for n in label_names]
-    return AutoModelForSequenceClassification.from_pretrained(
-        os.path.expanduser(name), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+    # A fresh classification head is the point of fine-tuning: silence the per-run "newly initialized" report
+    # and the weight-loading bar, which would otherwise repeat for every cell of a grid.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            os.path.expanduser(name), num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 @dataclass

