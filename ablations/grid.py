@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ablations.space import Grid, parse_choices, parse_int_list, study_params
 from ablations.study import Heartbeat, Ledger, open_storage, open_study, storage_url
 from core import RunConfig, check
-from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.cli import (ArgumentParser, add_cache_arguments, add_run_arguments, apply_cache_arguments,
+                      config_from_args, main_guard)
 from core.config import SCHEDULERS
 from core.errors import UsageError
 from core.model import num_layers
@@ -149,10 +150,12 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str) -> 
                         "whose worker is silent for 3 beats is failed and reclaimed")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-report", action="store_true", help="skip the trade-off report at the end")
+    add_cache_arguments(parser)
 
 
 def make_trainer(args: argparse.Namespace) -> TrainFn:
     from core import run
+    apply_cache_arguments(args)
     return lambda config: run(config, device=args.device, progress=not args.no_progress)
 
 

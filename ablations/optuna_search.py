@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_trainer(args: argparse.Namespace) -> TrainFn:
     from core import run
+    from core.cli import apply_cache_arguments
+    apply_cache_arguments(args)
     return lambda config, on_epoch: run(config, device=args.device, progress=not args.no_progress,
                                         on_epoch=on_epoch)
 

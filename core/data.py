@@ -82,7 +82,10 @@ def check_dataset(dataset: str) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS or not HUB_ID.match(name)
+    """A path the user meant as local: explicit, with a data suffix, not shaped like a Hub id, or under an
+    existing local folder (data/mydata when ./data exists)."""
+    return name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS or not HUB_ID.match(name) \
+        or ("/" in name and Path(name.split("/")[0]).is_dir())
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -172,10 +175,9 @@ def _label_names(splits: dict[str, datasets.Dataset], label: str) -> list:
     feature = splits["train"].features[label]
     if isinstance(feature, datasets.ClassLabel):
         return list(range(feature.num_classes))
-    values = set()
-    for name, split in splits.items():
-        if label in split.column_names and not _unlabeled(split, label):
-            values.update(v for v in split[label] if v is not None)
+    # The classes are what the train split uses; a label seen only in validation or test is an error later
+    # (encode), not a silent extra class.
+    values = {v for v in splits["train"][label] if v is not None}
     return sorted(values, key=lambda v: (str(type(v)), v))
 
 

@@ -17,7 +17,8 @@ EMBEDDING_MODULES = ("embeddings", "embeddings_project")
 
 
 def _is_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
+    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1 \
+        or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
 def model_config(name: str) -> PretrainedConfig:

@@ -239,3 +239,24 @@ def test_empty_train_file_is_named(tmp_path):
 def test_hub_dataset_offline_is_named():
     with pytest.raises(UsageError, match="could not load dataset 'glue/sst2' from the Hugging Face Hub"):
         load_raw("glue/sst2")
+
+
+def test_a_label_only_in_validation_is_refused_not_made_a_class(tmp_path, tiny_bert):
+    from conftest import toy_rows, write_split
+    from core.data import load_text_data
+    from core.model import load_tokenizer
+    write_split(tmp_path / "train.tsv", toy_rows(40, 1))
+    write_split(tmp_path / "validation.tsv", toy_rows(10, 2) + [("the movie", 7)])
+    with pytest.raises(UsageError, match="7"):
+        load_text_data(str(tmp_path), load_tokenizer(tiny_bert))
+
+
+def test_a_missing_relative_folder_under_an_existing_one_is_called_missing(tmp_path, monkeypatch):
+    from core.data import check_dataset
+    from core.model import model_config
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        check_dataset("data/mydata")
+    with pytest.raises(UsageError, match="does not exist"):
+        model_config("data/mymodel")

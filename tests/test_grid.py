@@ -22,11 +22,11 @@ from core import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grid_command(model, data, out, url=None, *extra):
+def grid_command(model, data, out, url=None, *extra, heartbeat=1):
     command = [sys.executable, "-m", "ablations.grid", "--model", model, "--dataset", data,
                "--freeze-depths", "0-2", "--schedulers", "linear,cosine", "--epochs", "1", "--learning-rate", "3e-3",
                "--precision", "fp32", "--max-length", "32", "--output-dir", str(out), "--no-progress", "--no-report",
-               "--heartbeat", "1", *extra]
+               "--heartbeat", str(heartbeat), *extra]
     return command + (["--storage", url] if url else [])
 
 
@@ -116,7 +116,8 @@ def test_kill_9_mid_grid_then_the_same_command_finishes_every_cell_once(tiny_ber
 
 
 def run_workers(model, data, tmp_path, url, workers: int) -> None:
-    processes = [start(grid_command(model, data, tmp_path / f"w{i}", url)) for i in range(workers)]
+    # A heartbeat slow enough that a worker starved of CPU on a loaded test machine is not taken for dead.
+    processes = [start(grid_command(model, data, tmp_path / f"w{i}", url, heartbeat=3)) for i in range(workers)]
     outputs = [finish(p) for p in processes]
     counts = trained_per_run(url)
     assert len(counts) == 6 and set(counts.values()) == {1}, outputs
