@@ -17,8 +17,14 @@ from tqdm.auto import tqdm
 from ablations.space import Grid, parse_choices, parse_int_list, study_params
 from ablations.study import Heartbeat, Ledger, open_storage, open_study, storage_url
 from core import RunConfig, check
-from core.cli import (ArgumentParser, add_cache_arguments, add_run_arguments, apply_cache_arguments,
-                      config_from_args, main_guard)
+from core.cli import (
+    ArgumentParser,
+    add_cache_arguments,
+    add_run_arguments,
+    apply_cache_arguments,
+    config_from_args,
+    main_guard,
+)
 from core.config import SCHEDULERS
 from core.errors import UsageError
 from core.model import num_layers

@@ -257,6 +257,7 @@ def make_trainer(args: argparse.Namespace) -> TrainFn:
 def device_label(device: str | None) -> str:
     """The device name runs record, so that only runs timed on this device are compared when pruning."""
     import torch
+
     from core.model import device_name
     from core.train import default_device
     try:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna.distributions as od
-
 from transformers import SchedulerType
 
 from core.config import SCHEDULERS, RunConfig

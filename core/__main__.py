@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import json
 
-from core.cli import (ArgumentParser, add_cache_arguments, add_run_arguments, apply_cache_arguments,
-                      config_from_args, main_guard)
+from core.cli import (
+    ArgumentParser,
+    add_cache_arguments,
+    add_run_arguments,
+    apply_cache_arguments,
+    config_from_args,
+    main_guard,
+)
 from core.record import summary, write_record
 from core.train import run
 

@@ -16,8 +16,18 @@ from transformers import get_scheduler, set_seed
 from core import record as rec
 from core.config import RunConfig
 from core.data import check_dataset, eval_tokens, length_grouped_batches, load_text_data, sorted_batches, subsample
-from core.model import (check_freeze_depth, count_parameters, decay_groups, device_name, freeze, frozen_modules,
-                        load_model, load_tokenizer, model_config, num_layers)
+from core.model import (
+    check_freeze_depth,
+    count_parameters,
+    decay_groups,
+    device_name,
+    freeze,
+    frozen_modules,
+    load_model,
+    load_tokenizer,
+    model_config,
+    num_layers,
+)
 from core.prefix_cache import layer_view, prefix_states
 
 EpochCallback = Callable[[dict], "str | None"]

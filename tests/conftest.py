@@ -1,8 +1,10 @@
 """Tiny models and learnable toy data, built inside the tests: everything runs on a CPU in seconds."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import uuid
 from pathlib import Path
 
 import pytest
@@ -34,8 +36,13 @@ def write_tokenizer(folder: Path):
 def save_tiny(folder: Path, kind: str = "bert", layers: int = 2, **overrides) -> Path:
     """A randomly initialised model of the given family, small enough to train in a test."""
     import torch
-    from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig, ElectraConfig,
-                              RobertaConfig)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        DistilBertConfig,
+        ElectraConfig,
+        RobertaConfig,
+    )
     torch.manual_seed(0)
     common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, num_labels=2)
     if kind == "distilbert":
@@ -96,6 +103,23 @@ def tiny_distilbert(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> str:
     return str(write_toy_dataset(tmp_path_factory.mktemp("toy-data")))
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str):
+    """A new, empty PostgreSQL database for one test (skips when no server is configured)."""
+    admin = os.environ.get("ABLATIONS_TEST_POSTGRES")
+    if not admin:
+        pytest.skip("set ABLATIONS_TEST_POSTGRES=postgresql://user@host/db to run the PostgreSQL tests")
+    import psycopg
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    try:
+        yield admin.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def quick_config(model: str, dataset: str, **changes):

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import quick_config, toy_rows, write_split
 from transformers import DistilBertConfig
 
 import core.train
-from conftest import quick_config, toy_rows, write_split
 from core import UsageError, check
 from core.__main__ import main
 from core.cli import main_guard

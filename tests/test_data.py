@@ -7,8 +7,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-
 from conftest import quick_config, toy_rows, write_split, write_tokenizer, write_toy_dataset
+
 from core import UsageError
 from core.data import detect_columns, load_raw, load_text_data, subsample
 from core.train import run
@@ -243,6 +243,7 @@ def test_hub_dataset_offline_is_named():
 
 def test_a_label_only_in_validation_is_refused_not_made_a_class(tmp_path, tiny_bert):
     from conftest import toy_rows, write_split
+
     from core.data import load_text_data
     from core.model import load_tokenizer
     write_split(tmp_path / "train.tsv", toy_rows(40, 1))

@@ -6,9 +6,9 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny
 from transformers import AutoModelForSequenceClassification, DistilBertConfig, GPT2Config
 
-from conftest import save_tiny
 from core import UsageError
 from core.data import load_text_data
 from core.model import count_parameters, find_backbone, freeze, load_model, load_tokenizer

@@ -7,16 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import fresh_postgres_database, quick_config, write_toy_dataset
 
 from ablations.grid import run_cells
 from ablations.space import Grid
 from ablations.study import Ledger, fail_kind, open_storage, open_study
-from conftest import quick_config, write_toy_dataset
 from core import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,16 +130,8 @@ def test_two_processes_on_sqlite_split_the_cells(tiny_bert, toy_data, tmp_path):
 
 @pytest.fixture
 def postgres_url():
-    admin = os.environ.get("ABLATIONS_TEST_POSTGRES")
-    if not admin:
-        pytest.skip("set ABLATIONS_TEST_POSTGRES=postgresql://user@host/db to run the PostgreSQL tests")
-    import psycopg
-    name = f"grid_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    yield admin.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_postgres_database("grid") as url:
+        yield url
 
 
 @pytest.mark.postgres

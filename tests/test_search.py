@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+from conftest import fresh_postgres_database, quick_config
 from optuna.trial import TrialState
 
 from ablations.grid import run_cells
@@ -19,7 +19,6 @@ from ablations.optuna_search import Search, main, open_search_study
 from ablations.pareto import SEARCHED, run_rows, write_outputs
 from ablations.space import Grid, SearchSpace
 from ablations.study import Ledger, open_storage
-from conftest import quick_config
 from core import UsageError, run
 from core.cli import main_guard
 
@@ -222,16 +221,8 @@ def storage_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/search.db"
         return
-    admin = os.environ.get("ABLATIONS_TEST_POSTGRES")
-    if not admin:
-        pytest.skip("set ABLATIONS_TEST_POSTGRES=postgresql://user@host/db to run the PostgreSQL tests")
-    import psycopg
-    name = f"search_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    yield admin.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_postgres_database("search") as url:
+        yield url
 
 
 def test_two_workers_proposing_one_config_train_it_once(tmp_path, storage_url, monkeypatch):

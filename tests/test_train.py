@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_SST2, quick_config, write_toy_dataset
 
 import core.train
-from conftest import SHARED_SST2, quick_config, write_toy_dataset
 from core import RunConfig
 from core.data import load_text_data
 from core.model import load_model, load_tokenizer
