@@ -59,7 +59,8 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
                               grace_period=3 * heartbeat_seconds)
         except Exception as error:
             # Workers started together on an empty database race to create Optuna's tables: the losers retry.
-            if ("duplicate key" in str(error) or "already exists" in str(error)) and attempt < 4:
+            racing = ("duplicate key", "already exists", "UNIQUE constraint", "IntegrityError", "database is locked")
+            if any(text in str(error) for text in racing) and attempt < 4:
                 time.sleep(0.5 + random.random())
                 continue
             reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
