@@ -156,13 +156,14 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str) -> 
                         "whose worker is silent for 3 beats is failed and reclaimed")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-report", action="store_true", help="skip the trade-off report at the end")
+    parser.add_argument("--compile", action="store_true", help="run models through torch.compile")
     add_cache_arguments(parser)
 
 
 def make_trainer(args: argparse.Namespace) -> TrainFn:
     from core import run
     apply_cache_arguments(args)
-    return lambda config: run(config, device=args.device, progress=not args.no_progress)
+    return lambda config: run(config, device=args.device, progress=not args.no_progress, compile=args.compile)
 
 
 def write_report(url: str, study_names: list[str], output_dir: str) -> None:

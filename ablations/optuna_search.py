@@ -251,7 +251,7 @@ def make_trainer(args: argparse.Namespace) -> TrainFn:
     from core.cli import apply_cache_arguments
     apply_cache_arguments(args)
     return lambda config, on_epoch: run(config, device=args.device, progress=not args.no_progress,
-                                        on_epoch=on_epoch)
+                                        on_epoch=on_epoch, compile=args.compile)
 
 
 def device_label(device: str | None) -> str:

@@ -23,12 +23,13 @@ def main() -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="recompute the frozen layers every step instead of caching their outputs")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     add_cache_arguments(parser)
     args = parser.parse_args()
     apply_cache_arguments(args)
     config = config_from_args(args)
     record = run(config, device=args.device, progress=not args.no_progress,
-                 use_prefix_cache=not args.no_prefix_cache)
+                 use_prefix_cache=not args.no_prefix_cache, compile=args.compile)
     write_record(record, args.output)
     print(summary(record))
     print(json.dumps({e["epoch"]: {"accuracy": e["accuracy"], "loss": e["loss"]} for e in record["history"]}))

@@ -181,3 +181,12 @@ def test_minilm_learns_sst2_in_one_epoch():
     record = run(config, progress=False)
     assert record["train_samples"] == 2000 and record["validation_samples"] == 872
     assert record["accuracy"] >= 0.80
+
+
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="torch.compile takes a minute on a CPU: RUN_SLOW=1")
+def test_a_compiled_run_computes_what_an_eager_run_does(tiny_bert, toy_data):
+    config = quick_config(tiny_bert, toy_data, epochs=1)
+    eager = run(config, progress=False)
+    compiled = run(config, progress=False, compile=True)
+    assert compiled["compiled"] and not eager["compiled"]
+    assert compiled["accuracy"] == pytest.approx(eager["accuracy"], abs=0.05)
