@@ -61,6 +61,26 @@ def test_grid_runs_every_cell_once_and_a_rerun_trains_nothing(tiny_bert, toy_dat
     second = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url)))
     assert "0 trained now" in second
     assert trained_per_run(url) == counts
+    assert_dashboard_opens(url, "grid", trials=6)
+
+
+def assert_dashboard_opens(url: str, study_name: str, trials: int) -> None:
+    """optuna-dashboard serves the study: its API lists the study and returns every trial."""
+    import json
+    from wsgiref.util import setup_testing_defaults
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    app = optuna_dashboard.wsgi(url)
+
+    def get(path: str) -> dict:
+        environ, status = {"PATH_INFO": path}, []
+        setup_testing_defaults(environ)
+        body = b"".join(app(environ, lambda code, headers, *rest: status.append(code)))
+        assert status[0].startswith("200"), (path, status)
+        return json.loads(body)
+
+    study = next(s for s in get("/api/studies")["study_summaries"] if s["study_name"] == study_name)
+    detail = get(f"/api/studies/{study['study_id']}")
+    assert len(detail["trials"]) == trials
 
 
 def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_bert, toy_data, tmp_path):
