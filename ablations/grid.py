@@ -80,6 +80,8 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
         config = rng.choice([c for c in runnable if c.freeze_depth == depth])
         params, distributions = study_params(config, varying)
         trial_id = ledger.create_claim(study, config.run_id, params, distributions)
+        if trial_id is None:
+            continue
         won, status = ledger.settle(trial_id, config.run_id)
         if not won:
             ledger.give_up_claim(study, trial_id, status)

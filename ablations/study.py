@@ -5,7 +5,7 @@ Every run is an Optuna trial whose user attributes hold its `run_id` and full re
 invocations and studies. The claim protocol, on top of Optuna's own storage and heartbeat machinery:
 
 1. A worker writes a RUNNING trial tagged with the run id and a claim time (one insert, so atomic).
-2. It waits `SETTLE_SECONDS`, longer than a claim insert takes, so every concurrent claim is visible.
+2. It waits a settle time, longer than a claim insert may take, so every concurrent claim is visible.
 3. Among live claims of that run id in any study of the storage, the earliest (claim time, trial id) wins;
    the others end as FAIL with `fail_kind` "claim_lost" and train nothing.
 4. The winner sends heartbeats while training; a worker that dies (kill -9) stops sending them, and
@@ -30,7 +30,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import UsageError
 
-SETTLE_SECONDS = float(os.environ.get("ABLATIONS_SETTLE_SECONDS", "0.5"))
+# How long a claim waits before it looks for rivals: longer than a claim insert takes to land (a claim whose
+# insert took more than half of it is withdrawn). SQLite serialises writers on one machine; a database server
+# has clients on machines whose clocks differ by a little.
+SETTLE_SECONDS = float(os.environ["ABLATIONS_SETTLE_SECONDS"]) if "ABLATIONS_SETTLE_SECONDS" in os.environ else None
+
+
+def settle_seconds(storage: RDBStorage) -> float:
+    if SETTLE_SECONDS is not None:
+        return SETTLE_SECONDS
+    return 0.25 if str(storage.engine.url).startswith("sqlite") else 0.5
 DIRECTIONS = ("maximize", "minimize")  # validation accuracy, training seconds
 COUNTED_FAILURES = ("error",)           # claim_lost, stale and interrupted attempts are not the run's fault
 
@@ -136,8 +145,8 @@ class Ledger:
         """'study#number' of a trial seen by the last scan."""
         return self._where.get(trial._trial_id, f"trial id {trial._trial_id}")
 
-    def create_claim(self, study: optuna.Study, run_id: str, params: dict, distributions: dict) -> int:
-        """Insert a RUNNING trial that carries the run id from its first moment (the claim)."""
+    def create_claim(self, study: optuna.Study, run_id: str, params: dict, distributions: dict) -> int | None:
+        """Insert a RUNNING trial that carries the run id from its first moment (the claim); None if withdrawn."""
         now = datetime.datetime.now()
         template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=now,
                                datetime_complete=None, params=params, distributions=distributions,
@@ -145,17 +154,25 @@ class Ledger:
                                intermediate_values={}, trial_id=-1)
         trial_id = self.storage.create_new_trial(study._study_id, template_trial=template)
         self.storage.record_heartbeat(trial_id)
+        if time.time() - template.user_attrs["claimed_at"] > settle_seconds(self.storage) / 2:
+            # A claim that landed late could be invisible to a rival that settled before it: withdraw it.
+            self.finish_failed(study, trial_id, "claim_lost", "the claim took too long to land; retried")
+            return None
         return trial_id
 
     def tag_claim(self, trial_id: int, run_id: str) -> None:
         """Turn a trial the sampler created (the search) into a claim of `run_id`."""
-        self.storage.set_trial_user_attr(trial_id, "claimed_at", time.time())
+        claimed_at = time.time()
+        self.storage.set_trial_user_attr(trial_id, "claimed_at", claimed_at)
         self.storage.set_trial_user_attr(trial_id, "run_id", run_id)
+        if time.time() - claimed_at > settle_seconds(self.storage) / 2:
+            # Landed late: move the claim time to now. A later claim time can only make this claim lose a tie.
+            self.storage.set_trial_user_attr(trial_id, "claimed_at", time.time())
         self.storage.record_heartbeat(trial_id)
 
     def settle(self, trial_id: int, run_id: str) -> tuple[bool, RunStatus]:
         """Wait for concurrent claims to land, then tell whether this claim is the one that trains."""
-        time.sleep(SETTLE_SECONDS)
+        time.sleep(settle_seconds(self.storage))
         status = self.scan().get(run_id, RunStatus())
         if status.complete:
             return False, status

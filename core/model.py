@@ -1,6 +1,7 @@
 """Load a classifier, find its embeddings and layer list, freeze a prefix of it."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ def check_freeze_depth(depth: int, config: PretrainedConfig, name: str) -> None:
                          f"{layers}")
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str):
+    """Loaded once per process: every cell of a grid uses the same tokenizer."""
     return AutoTokenizer.from_pretrained(os.path.expanduser(name))
 
 
