@@ -4,7 +4,7 @@
 tradeoff.md and three figures; `python -m ablations.report --storage URL --output-dir DIR` does the same from the
 command line. A configuration is a run config minus its seed (plus the device, since times only compare on the
 same hardware); seeds are averaged, and each configuration is tested against its baseline, by default the full
-fine-tune (freeze depth 0) with every other field equal.
+fine-tune (freeze depth 0) with every other field equal but the nuisance settings, which are tuned away.
 """
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def completed_runs(runs: list[dict]) -> list[dict]:
         if key not in chosen or (chosen[key].get("reused_from") and not run.get("reused_from")):
             chosen[key] = run
     return list(chosen.values())
+
+
+NUISANCE = ("learning_rate", "warmup_ratio", "weight_decay")
 
 
 def _configurations(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
@@ -143,9 +146,30 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
                      "validation_samples": total or None,
                      "baseline": target == key, "baseline_key": target, "config_key": key})
     table = pd.DataFrame(rows)
+    _tuned_baselines(table, groups, overrides)
     table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds_mean"].tolist())
     table = _compare_with_baselines(table, groups).drop(columns=["baseline_key", "config_key"])
     return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
+    """Point each row at its baseline with nuisance settings tuned away: among the configurations that match the
+    row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the most
+    accurate one. A study that picked the learning rate per depth then still compares depth with depth."""
+    ignored = [n for n in NUISANCE if n not in overrides]
+
+    def scientific(key: str) -> str:
+        return json.dumps({k: v for k, v in json.loads(key).items() if k not in ignored}, sort_keys=True)
+
+    accuracy = dict(zip(table["config_key"], table["accuracy_mean"]))
+    candidates: dict[str, list[str]] = {}
+    for key, (fields, _) in groups.items():
+        if all(fields.get(k) == v for k, v in overrides.items()):
+            candidates.setdefault(scientific(key), []).append(key)
+    chosen = [max(candidates.get(scientific(target), [target]), key=lambda k: accuracy.get(k, -1.0))
+              for target in table["baseline_key"]]
+    table["baseline_key"] = chosen
+    table["baseline"] = table["baseline_key"] == table["config_key"]
 
 
 def _correct_by_seed(records: list[dict]) -> dict[int, str]:
@@ -254,7 +278,8 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "Validation accuracy is the mean over seeds with a 95 % Student-t interval (scipy.stats.t); a configuration "
         "with one seed gets a 95 % Wilson binomial interval over its validation examples. Train s is the mean "
         f"training time; speed-up = baseline time / configuration time. Baseline (**bold**): {target}, every other "
-        "field equal. The p-value is an exact McNemar test on per-example validation correctness, pairing seed s "
+        "scientific and fixed field equal; learning rate, warmup and weight decay are nuisance settings, so among "
+        "baselines that differ only in them the most accurate one is used. The p-value is an exact McNemar test on per-example validation correctness, pairing seed s "
         "with baseline seed s and pooling the discordant counts over seeds (b = right only here, c = right only in "
         "the baseline; two-sided scipy.stats.binomtest of b against Bin(b + c, ½)). ★ = Pareto-optimal: no other "
         "configuration is at least as accurate and at least as fast.")

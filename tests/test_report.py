@@ -142,6 +142,16 @@ def test_baseline_matches_scheduler_and_epochs_by_default(runs):
     assert list(table.loc[table["baseline"], "freeze_depth"]) == [0, 0]
 
 
+def test_baseline_is_the_best_full_fine_tune_over_nuisance_learning_rates():
+    rows = [make_run(0, "linear", 1, s, 0.80, 60.0, learning_rate=1e-4) for s in (0, 1)]
+    rows += [make_run(0, "linear", 1, s, 0.85, 50.0, learning_rate=3e-4) for s in (0, 1)]
+    rows += [make_run(4, "linear", 1, s, 0.84, 20.0, learning_rate=1e-3) for s in (0, 1)]
+    table = tradeoff_table(rows)
+    frozen = row(table, freeze_depth=4)
+    assert frozen["speedup"] == pytest.approx(50.0 / 20.0)
+    assert list(table.loc[table["baseline"], "learning_rate"]) == [3e-4]
+
+
 def test_baseline_override_changes_the_matched_fields(runs):
     rows = runs + [make_run(0, "cosine", 2, s, 0.91, 60.0) for s in (0, 1)]
     table = tradeoff_table(rows, parse_baseline("freeze_depth=0,scheduler=cosine"))
