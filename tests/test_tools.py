@@ -1,0 +1,32 @@
+"""The small commands around the grid: the per-depth learning-rate choice and the Trainer benchmark."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ablations.lr_choice import best_rates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_run(depth: int, rate: float, accuracy: float, state: str = "COMPLETE") -> dict:
+    record = {"config": {"freeze_depth": depth, "learning_rate": rate}, "accuracy": accuracy}
+    return {"state": state, "record": record if state == "COMPLETE" else None}
+
+
+def test_the_best_learning_rate_is_chosen_per_depth_by_mean_accuracy():
+    runs = [sweep_run(0, 1e-4, 0.80), sweep_run(0, 1e-4, 0.82), sweep_run(0, 3e-4, 0.83), sweep_run(0, 3e-4, 0.77),
+            sweep_run(6, 1e-4, 0.55), sweep_run(6, 1e-3, 0.70), sweep_run(6, 3e-3, 0.99, state="FAIL")]
+    best = best_rates(runs)
+    assert best[0] == (1e-4, 0.81, 2)
+    assert best[6] == (1e-3, 0.70, 1)
+
+
+def test_the_benchmark_refuses_a_missing_recipe_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ablations.benchmark", "--model", str(tmp_path), "--dataset",
+                           str(tmp_path), "--recipe", str(tmp_path / "nope.py")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "nope.py" in done.stderr
