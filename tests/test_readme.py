@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +25,16 @@ def test_the_readme_has_runnable_commands():
     assert any(c.startswith("python -m ablations.optuna_search") for c in commands)
 
 
+@pytest.fixture(scope="module")
+def six_layer_bert(tmp_path_factory) -> str:
+    """Six layers, like DistilBERT and MiniLM, so the README's depths (0, 3, 6) are valid."""
+    return str(save_tiny(tmp_path_factory.mktemp("six-layer-bert"), "bert", layers=6))
+
+
 @pytest.mark.parametrize("command", readme_commands(), ids=lambda c: " ".join(c.split()[:3]))
-def test_readme_command_runs(command, tiny_bert, toy_data, tmp_path_factory):
+def test_readme_command_runs(command, six_layer_bert, toy_data, tmp_path_factory):
     workdir = tmp_path_factory.getbasetemp() / "readme"  # shared: the report reads what the grid stored
     workdir.mkdir(exist_ok=True)
-    env = {**os.environ, "MODEL": tiny_bert, "DATA": toy_data, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MODEL": six_layer_bert, "DATA": toy_data, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(["bash", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
