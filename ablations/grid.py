@@ -26,7 +26,7 @@ from core.cli import (
     main_guard,
 )
 from core.config import SCHEDULERS
-from core.errors import UsageError
+from core.errors import UsageError, failure_reason
 from core.model import num_layers
 
 TrainFn = Callable[[RunConfig], dict]
@@ -108,7 +108,7 @@ def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: Ru
         ledger.finish_failed(study, trial_id, "interrupted", "interrupted by the user")
         raise
     except Exception as error:  # NaN loss, CUDA out of memory, a bad batch: record it and go on
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+        reason = failure_reason(error)
         ledger.finish_failed(study, trial_id, "error", reason)
         failed[config.run_id] = reason
         free_accelerator_memory()

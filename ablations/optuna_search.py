@@ -30,7 +30,7 @@ from ablations.study import Heartbeat, Ledger, RunStatus, open_storage, open_stu
 from core import RunConfig
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
 from core.config import SCHEDULERS
-from core.errors import UsageError
+from core.errors import UsageError, failure_reason
 
 TrainFn = Callable[[RunConfig, Callable[[dict], "str | None"] | None], dict]
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
@@ -171,8 +171,7 @@ class Search:
         try:
             record = self.train(config, self._stopper(trial, config))
         except Exception as error:  # NaN loss at a high learning rate, out of memory: record it, search on
-            return Outcome("failed", reason=f"{type(error).__name__}: "
-                                            f"{str(error).splitlines()[0] if str(error) else ''}"[:500])
+            return Outcome("failed", reason=failure_reason(error))
         if record.get("stopped_early"):
             return Outcome("pruned", record, record["stopped_early"])
         return Outcome("trained", record)

@@ -28,7 +28,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from core.errors import UsageError
+from core.errors import UsageError, first_line
 
 # How long a claim waits before it looks for rivals: longer than a claim insert takes to land (a claim whose
 # insert took more than half of it is withdrawn). SQLite serialises writers on one machine; a database server
@@ -72,7 +72,7 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
             if any(text in str(error) for text in racing) and attempt < 4:
                 time.sleep(0.5 + random.random())
                 continue
-            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            reason = first_line(error, 200)
             raise UsageError(f"cannot open storage {url!r}: {reason}") from None
     raise UsageError(f"cannot open storage {url!r}: its tables could not be created")
 

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import torch
 
-from core.errors import UsageError
+from core.errors import UsageError, first_line
 
 TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
@@ -140,7 +140,7 @@ def _load_hub(dataset: str) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(name, config or None)
     except Exception as error:
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub ({reason}); offline, pass "
                          "a local folder with train/validation files instead") from None
     return {s: loaded[alias] for s, aliases in SPLIT_NAMES.items() for alias in aliases if alias in loaded}

@@ -3,3 +3,15 @@
 
 class UsageError(ValueError):
     """Bad input: a value the run cannot use. The message is one sentence naming the value and what is allowed."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception as a short phrase for a one-line message: its first line, or its type if it has no text."""
+    text = str(error)
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a run failed, as stored with a FAIL trial: the exception's type and first line."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:500]

