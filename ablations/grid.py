@@ -14,7 +14,7 @@ from typing import Callable
 import optuna
 from tqdm.auto import tqdm
 
-from ablations.space import Grid, parse_choices, parse_int_list, study_params
+from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
 from ablations.study import Heartbeat, Ledger, open_storage, open_study, storage_url
 from core import RunConfig, check
 from core.cli import (
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(3 for full fine-tuning, 4 for the frozen recipe)")
     parser.add_argument("--seeds", type=int, default=1, help="repeats per cell (seeds seed, seed+1, ...)")
     parser.add_argument("--seed", type=int, default=42, help="first seed")
+    parser.add_argument("--lr-by-depth", default=None, metavar="SPEC", help="a learning rate per freeze depth, "
+                        "overriding --learning-rate: 0=3e-4,6=1e-3 or the file python -m ablations.lr_choice wrote")
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, help="re-attempts of a failed cell on later invocations")
     return parser
@@ -187,11 +189,19 @@ def main() -> int:
                 tuple(parse_int_list(args.epochs, "--epochs", 1)),
                 tuple(range(args.seed, args.seed + args.seeds)))
     configs = grid.configs(base)
+    rates = None if args.lr_by_depth is None else parse_rates_by_depth(args.lr_by_depth)
+    if rates is not None:
+        missing = [d for d in depths if d not in rates]
+        if missing:
+            raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
+                             f"add {missing[0]}=RATE")
+        configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
     url = storage_url(args.storage, args.output_dir)
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
-                                 "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict()})
+                                 "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
+                                 "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
     print(f"grid {args.study_name!r}: {grid.describe()} on {url}")
     outcome = run_cells(configs, study, ledger, make_trainer(args), args.retries,
                         poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)

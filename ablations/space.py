@@ -65,6 +65,29 @@ def parse_choices(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def parse_rates_by_depth(text: str, flag: str = "--lr-by-depth") -> dict[int, float]:
+    """'0=3e-4,4=1e-3' or a file of `depth rate ...` lines (what `python -m ablations.lr_choice` prints) ->
+    {depth: learning rate}."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        pairs = [line.split()[:2] for line in path.read_text().splitlines() if line.strip() and
+                 not line.lstrip().startswith("#")]
+        source = f"{flag} file {text!r}"
+    else:
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        source = f"{flag} {text!r}"
+    rates: dict[int, float] = {}
+    try:
+        for depth, rate in pairs:
+            rates[int(depth)] = float(rate)
+    except ValueError:
+        raise UsageError(f"{source} is invalid: use DEPTH=RATE pairs such as 0=3e-4,4=1e-3, or a file of "
+                         "'depth rate' lines from python -m ablations.lr_choice") from None
+    if not rates or min(rates) < 0 or not all(0 < r < 1 for r in rates.values()):
+        raise UsageError(f"{source} is invalid: give at least one depth (0 or more) with a rate in (0, 1)")
+    return rates
+
+
 @dataclass(frozen=True)
 class Grid:
     """The cells of a grid: every combination of the scientific values, repeated over seeds."""

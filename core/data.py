@@ -49,7 +49,17 @@ class Split:
         if self.token_type_ids is not None:
             types = [torch.tensor(self.token_type_ids[i]) for i in indices]
             out["token_type_ids"] = torch.nn.utils.rnn.pad_sequence(types, batch_first=True)
-        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        return {k: to_device(v, device) for k, v in out.items()}
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Copy a host tensor to `device` without stalling the GPU: a copy from ordinary (pageable) host memory
+    waits for every queued kernel first, one from pinned memory is queued behind them, so the host can launch
+    the next step while this one runs."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass

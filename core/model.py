@@ -67,7 +67,8 @@ def load_model(name: str, label_names: list[str]) -> nn.Module:
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             os.path.expanduser(name), num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True,
+            dtype=torch.float32)  # fp32 master weights even from an fp16/bf16 checkpoint; autocast does the rest
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

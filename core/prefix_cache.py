@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.data import Split, eval_tokens, sorted_batches
+from core.data import Split, eval_tokens, sorted_batches, to_device
 from core.model import Backbone
 
 
@@ -61,10 +61,10 @@ class PrefixStates:
 
     def batch(self, indices, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
         rows = [self.flat[self.offsets[i]:self.offsets[i + 1]] for i in indices]
-        states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, dtype, non_blocking=True)
+        states = to_device(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), device).to(dtype)
         lengths = torch.as_tensor(self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)])
-        mask = (torch.arange(states.shape[1])[None, :] < lengths[:, None]).long().to(device)
-        return {"inputs_embeds": states, "attention_mask": mask}
+        mask = (torch.arange(states.shape[1])[None, :] < lengths[:, None]).long()
+        return {"inputs_embeds": states, "attention_mask": to_device(mask, device)}
 
 
 @torch.inference_mode()

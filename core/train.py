@@ -15,7 +15,15 @@ from transformers import get_scheduler, set_seed
 
 from core import record as rec
 from core.config import RunConfig
-from core.data import check_dataset, eval_tokens, length_grouped_batches, load_text_data, sorted_batches, subsample
+from core.data import (
+    check_dataset,
+    eval_tokens,
+    length_grouped_batches,
+    load_text_data,
+    sorted_batches,
+    subsample,
+    to_device,
+)
 from core.model import (
     check_freeze_depth,
     count_parameters,
@@ -121,8 +129,9 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
                     module.eval()
             started, loss_sum = _sync_time(device), torch.zeros((), device=device)
             for indices in length_grouped_batches(train.lengths, config.batch_size, seed=config.seed * 1000 + epoch):
+                target = to_device(labels["train"][indices], device)
                 with autocast():
-                    loss = forward(**inputs("train", indices), labels=labels["train"][indices].to(device)).loss
+                    loss = forward(**inputs("train", indices), labels=target).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

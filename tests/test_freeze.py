@@ -194,3 +194,14 @@ def test_cache_beyond_its_memory_budget_spills_to_disk_unchanged(family_setup, m
     monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache(device_budget_gb=0, host_budget_gb=0))
     on_disk, _ = prefix_states(model, backbone, split, key, 2, *args)
     torch.testing.assert_close(on_disk.flat, in_memory.flat, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("saved_as", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_trains_with_fp32_weights(tmp_path, saved_as):
+    """Hub checkpoints are often stored in fp16/bf16; transformers 5 would load them so, and AdamW on 16-bit
+    weights loses small updates. The run keeps fp32 weights (autocast computes in bf16 where it helps)."""
+    folder = save_tiny(tmp_path / "half")
+    AutoModelForSequenceClassification.from_pretrained(folder, dtype=saved_as).save_pretrained(folder)
+    assert AutoModelForSequenceClassification.from_pretrained(folder).dtype == saved_as  # what a plain load gives
+    model = load_model(str(folder), ["neg", "pos"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -83,6 +83,39 @@ def assert_dashboard_opens(url: str, study_name: str, trials: int) -> None:
     assert len(detail["trials"]) == trials
 
 
+def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(tiny_bert, toy_data, tmp_path):
+    url = f"sqlite:///{tmp_path}/grid.db"
+    inline = ["--freeze-depths", "0,2", "--schedulers", "linear", "--lr-by-depth", "0=3e-3,2=1e-2,5=0.5"]
+    assert "2 trained now" in finish(start(grid_command(tiny_bert, toy_data, tmp_path, url, *inline)))
+    study = optuna.load_study(study_name="grid", storage=url)
+    rates = {t.params["freeze_depth"]: t.params["learning_rate"] for t in study.get_trials()}
+    assert rates == {0: 3e-3, 2: 1e-2}
+    assert study.user_attrs["grid"]["lr_by_depth"] == {"0": 3e-3, "2": 1e-2}
+    # The file `python -m ablations.lr_choice` prints names the same runs: nothing is trained again.
+    (tmp_path / "lr.txt").write_text("# depth learning_rate mean_validation_accuracy runs\n0 0.003 0.7 1\n"
+                                     "2 0.01 0.8 1\n")
+    from_file = ["--freeze-depths", "0,2", "--schedulers", "linear", "--lr-by-depth", str(tmp_path / "lr.txt")]
+    assert "0 trained now" in finish(start(grid_command(tiny_bert, toy_data, tmp_path, url, *from_file)))
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("0=3e-3", "--lr-by-depth gives no learning rate for freeze depth 1: add 1=RATE"),
+    ("0=3e-3,1=fast", "--lr-by-depth '0=3e-3,1=fast' is invalid: use DEPTH=RATE pairs"),
+    ("0=3e-3,1=2", "is invalid: give at least one depth (0 or more) with a rate in (0, 1)"),
+])
+def test_a_bad_lr_by_depth_ends_the_grid_with_one_line(spec, expected, tiny_bert, toy_data, tmp_path, monkeypatch,
+                                                       capsys):
+    from ablations.grid import main
+    from core.cli import main_guard
+    argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", "--lr-by-depth", spec)
+    monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *argv[3:]])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "ablations.db").exists()   # checked before any storage is opened
+
+
 def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_bert, toy_data, tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
     study, ledger = open_study(storage, "grid"), Ledger(storage)
