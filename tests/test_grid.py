@@ -190,3 +190,23 @@ def postgres_url():
 @pytest.mark.postgres
 def test_three_workers_on_postgresql_train_every_cell_exactly_once(tiny_bert, toy_data, tmp_path, postgres_url):
     run_workers(tiny_bert, toy_data, tmp_path, postgres_url, workers=3)
+
+
+def test_workers_with_their_own_sqlite_files_merge_into_one_storage(tiny_bert, toy_data, tmp_path):
+    """Workers that cannot share a database each write a file; merged, the grid is complete and a rerun on the
+    merged storage trains nothing; merging again copies nothing."""
+    workers = [start(grid_command(tiny_bert, toy_data, tmp_path, f"sqlite:///{tmp_path}/w{depth}.db",
+                                  "--freeze-depths", str(depth))) for depth in (0, 1, 2)]
+    for worker in workers:
+        assert "2 trained now" in finish(worker)
+    merged = tmp_path / "merged.db"
+    command = [sys.executable, "-m", "ablations.merge", *(str(tmp_path / f"w{d}.db") for d in (0, 1, 2)),
+               "--into", str(merged)]
+    assert "6 run(s) copied into study 'grid'" in finish(start(command))
+    assert "0 run(s) copied" in finish(start(command))
+    counts = trained_per_run(f"sqlite:///{merged}")
+    assert len(counts) == 6 and set(counts.values()) == {1}
+    assert "0 trained now" in finish(start(grid_command(tiny_bert, toy_data, tmp_path, f"sqlite:///{merged}")))
+    missing = subprocess.run([*command[:3], str(tmp_path / "nope.db"), "--into", str(merged)], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: storage file '{tmp_path}/nope.db' does not exist"
