@@ -187,13 +187,12 @@ def _label_names(splits: dict[str, datasets.Dataset], label: str) -> list:
         return list(range(feature.num_classes))
     # The classes are what the train split uses; a label seen only in validation or test is an error later
     # (encode), not a silent extra class.
-    values = {v for v in splits["train"][label] if v is not None}
+    values = {v for v in splits["train"].unique(label) if v is not None}
     return sorted(values, key=lambda v: (str(type(v)), v))
 
 
 def _unlabeled(split: datasets.Dataset, label: str) -> bool:
-    values = set(split[label])
-    return values <= {-1, None}  # GLUE marks hidden test labels with -1
+    return set(split.unique(label)) <= {-1, None}  # GLUE marks hidden test labels with -1
 
 
 def load_text_data(dataset: str, tokenizer, text_column: str | None = None, label_column: str | None = None,
@@ -241,12 +240,14 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
     splits = {}
     for name, split in raw.items():
         tokenized = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}")
-        labels = np.asarray(tokenized["label"], dtype=np.int64)
+        # Plain Python lists: datasets returns lazy columns whose per-row indexing (every batch) is slow.
+        columns = tokenized.to_dict()
+        labels = np.asarray(columns["label"], dtype=np.int64)
         if (labels < 0).any():
-            bad = split[label][int(np.argmax(labels < 0))]
+            bad = split[int(np.argmax(labels < 0))][label]
             raise UsageError(f"the {name} split has label {bad!r}, which the train split never uses")
-        input_ids = tokenized["input_ids"]
-        types = tokenized["token_type_ids"] if "token_type_ids" in tokenized.column_names else None
+        input_ids = columns["input_ids"]
+        types = columns.get("token_type_ids")
         splits[name] = Split(input_ids, types, labels, np.fromiter(map(len, input_ids), np.int64, len(input_ids)))
     source = hashlib.sha256(repr((dataset, texts, label, tokenizer.name_or_path, max_length,
                                   [(n, len(s), int(s.lengths.sum())) for n, s in splits.items()])).encode())

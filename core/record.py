@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import resource
 from pathlib import Path
@@ -16,6 +17,10 @@ _METRICS: dict[str, object] = {}
 def _evaluate_metric(name: str):
     """`evaluate`'s metric when it can be loaded (it comes from the Hub), else None; tried once per process."""
     if name not in _METRICS:
+        # `evaluate` has an offline switch of its own: without it an offline process spends seconds retrying
+        # the Hub for every metric even when the user said HF_HUB_OFFLINE=1.
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
         try:
             import evaluate
             _METRICS[name] = evaluate.load(name)

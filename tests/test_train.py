@@ -190,3 +190,17 @@ def test_a_compiled_run_computes_what_an_eager_run_does(tiny_bert, toy_data):
     compiled = run(config, progress=False, compile=True)
     assert compiled["compiled"] and not eager["compiled"]
     assert compiled["accuracy"] == pytest.approx(eager["accuracy"], abs=0.05)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])   # gradient norm below and above the clipping threshold
+def test_clip_gradients_matches_clip_grad_norm_bit_for_bit(scale):
+    from core.train import clip_gradients
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(50, 20)) for _ in range(3)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, reference):
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    clip_gradients(ours, 1.0, torch.device("cpu"))
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, reference))
