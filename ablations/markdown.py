@@ -17,7 +17,9 @@ def _percent(value: float) -> str:
 
 
 def _cell(value: Any) -> str:
-    return "—" if value is None or value is pd.NA else f"{value:g}" if isinstance(value, float) else str(value)
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):  # None becomes NaN
+        return "—"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _p_value(p: float) -> str:

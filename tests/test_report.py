@@ -269,3 +269,13 @@ def test_cli_writes_the_report_from_a_storage(runs, monkeypatch, capsys, tmp_pat
     assert run_cli(monkeypatch, *arguments, "--study-name", "nope") == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "nope" in error
+
+
+def test_a_field_left_unset_in_some_runs_shows_as_a_dash_not_nan():
+    runs = [make_run(0, "linear", 1, 42, 0.8, 60.0), make_run(0, "linear", 1, 42, 0.9, 600.0, max_train_samples=None)]
+    table = tradeoff_table(runs)
+    assert "max_train_samples" in table.columns
+    text = markdown(table, report_context(runs, table))
+    rows = [line for line in text.splitlines() if line.startswith("| **0**")]
+    assert len(rows) == 2 and "nan" not in text
+    assert any("| **—** |" in row for row in rows) and any("| **2000** |" in row for row in rows)
