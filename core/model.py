@@ -1,6 +1,7 @@
 """Load a classifier, find its embeddings and layer list, freeze a prefix of it."""
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from dataclasses import dataclass
@@ -58,20 +59,46 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, label_names: list[str]) -> nn.Module:
-    labels = [str(n) for n in label_names]
+    """A fresh classifier from the pretrained weights; the new head is drawn from the global RNG (seed it first).
+
+    The checkpoint is read once per process: a grid's later cells copy the pristine model kept in host memory
+    and draw their head again from the RNG state they were called with, so every cell gets exactly the weights a
+    fresh `from_pretrained` under the same seed gives (tested), without reading the checkpoint again."""
+    key = (os.path.expanduser(name), tuple(str(n) for n in label_names))
+    rng = torch.random.get_rng_state()
+    if key not in _PRETRAINED:
+        _PRETRAINED.clear()  # one model at a time
+        _PRETRAINED[key] = _from_pretrained(key[0], list(key[1]))
+    pristine, fresh = _PRETRAINED[key]
+    model = copy.deepcopy(pristine)
+    torch.random.set_rng_state(rng)
+    with torch.no_grad():
+        for module_name in fresh:
+            model._init_weights(model.get_submodule(module_name))
+    return model
+
+
+_PRETRAINED: dict[tuple, tuple[nn.Module, list[str]]] = {}
+
+
+def _from_pretrained(name: str, labels: list[str]) -> tuple[nn.Module, list[str]]:
+    """The model and the names of its modules that the checkpoint did not provide (the new head), in model order."""
     # A fresh classification head is the point of fine-tuning: silence the per-run "newly initialized" report
-    # and the weight-loading bar, which would otherwise repeat for every cell of a grid.
+    # and the weight-loading bar.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            os.path.expanduser(name), num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True,
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True, output_loading_info=True,
             dtype=torch.float32)  # fp32 master weights even from an fp16/bf16 checkpoint; autocast does the rest
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    new = {k[0] if isinstance(k, tuple) else k for k in (*info["missing_keys"], *info["mismatched_keys"])}
+    owners = {key.rsplit(".", 1)[0] for key in new}
+    return model, [module_name for module_name, _ in model.named_modules() if module_name in owners]
 
 
 @dataclass

@@ -205,3 +205,32 @@ def test_a_half_precision_checkpoint_trains_with_fp32_weights(tmp_path, saved_as
     assert AutoModelForSequenceClassification.from_pretrained(folder).dtype == saved_as  # what a plain load gives
     model = load_model(str(folder), ["neg", "pos"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_the_checkpoint_is_read_once_and_every_load_equals_a_fresh_from_pretrained(tiny_family, monkeypatch):
+    tiny_family = tiny_family[1]
+    """Later cells of a grid copy the pristine model; under the same seed they get bit for bit the weights (and
+    leave the RNG where) a fresh from_pretrained would, whatever the head's shape."""
+    import transformers
+    import core.model
+    core.model._PRETRAINED.clear()
+    labels = ["neg", "pos", "mixed"]
+    torch.manual_seed(1)
+    load_model(tiny_family, labels)                                 # reads the checkpoint
+    reads = []
+    original = core.model._from_pretrained
+    monkeypatch.setattr(core.model, "_from_pretrained", lambda *a: reads.append(a) or original(*a))
+    for seed in (2, 3):
+        torch.manual_seed(seed)
+        ours = load_model(tiny_family, labels).state_dict()
+        rng_after_ours = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        fresh = transformers.AutoModelForSequenceClassification.from_pretrained(
+            tiny_family, num_labels=3, ignore_mismatched_sizes=True, dtype=torch.float32).state_dict()
+        assert torch.equal(rng_after_ours, torch.random.get_rng_state())
+        assert all(torch.equal(ours[k], fresh[k]) for k in fresh)
+    assert reads == []                                              # both came from the copy
+    first = load_model(tiny_family, labels)
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)                          # training one copy leaves the next untouched
+    assert not torch.equal(next(first.parameters()), next(load_model(tiny_family, labels).parameters()))
