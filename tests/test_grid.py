@@ -209,4 +209,5 @@ def test_workers_with_their_own_sqlite_files_merge_into_one_storage(tiny_bert, t
     assert "0 trained now" in finish(start(grid_command(tiny_bert, toy_data, tmp_path, f"sqlite:///{merged}")))
     missing = subprocess.run([*command[:3], str(tmp_path / "nope.db"), "--into", str(merged)], cwd=ROOT,
                              capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: storage file '{tmp_path}/nope.db' does not exist"
+    expected = f"error: storage file '{tmp_path}/nope.db' does not exist"
+    assert missing.returncode == 2 and missing.stderr.strip() == expected
