@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from core.errors import UsageError, first_line
 
@@ -25,7 +26,7 @@ CONFIG_DATASETS = ("glue", "super_glue")  # legacy ids whose second part is a co
 
 @dataclass
 class Split:
-    """One tokenized split: unpadded token ids, labels and lengths."""
+    """Tokenized rows of one split: unpadded token ids, labels and lengths."""
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: np.ndarray
@@ -52,6 +53,65 @@ class Split:
         return {k: to_device(v, device) for k, v in out.items()}
 
 
+class TextSplit:
+    """The texts and encoded labels of one split, tokenized row by row as runs ask for rows, once per process.
+
+    A 2,000-sentence run on the 67,349-sentence SST-2 train file tokenizes its 2,000 sentences, not the file;
+    a later run of the same process tokenizes only the rows no earlier run used."""
+
+    CHUNK = 2048  # rows per tokenizer call: the fast tokenizer's batch parallelism, and progress-bar steps
+
+    def __init__(self, name: str, texts: list[list[str]], labels: np.ndarray, tokenize):
+        self.name, self.texts, self.labels, self._tokenize = name, texts, labels, tokenize
+        self._ids: list[list[int] | None] = [None] * len(labels)
+        self._types: list[list[int] | None] | None = None
+        self._all: Split | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray | None = None, progress: bool = True) -> Split:
+        """The tokenized rows `indices` (all rows when None), in that order."""
+        if indices is None:
+            if self._all is None:
+                self._all = self.subset(np.arange(len(self)), progress)
+            return self._all
+        indices = np.asarray(indices, dtype=np.int64)
+        missing = [int(i) for i in np.unique(indices) if self._ids[i] is None]
+        with tqdm(total=len(missing), unit="row", desc=f"tokenize {self.name}", leave=False,
+                  disable=not progress or len(missing) < 8 * self.CHUNK) as bar:
+            for start in range(0, len(missing), self.CHUNK):
+                rows = missing[start:start + self.CHUNK]
+                encoded = self._tokenize([[column[i] for i in rows] for column in self.texts])
+                types = encoded.get("token_type_ids")
+                if types is not None and self._types is None:
+                    self._types = [None] * len(self)
+                for j, i in enumerate(rows):
+                    self._ids[i] = encoded["input_ids"][j]
+                    if types is not None:
+                        self._types[i] = types[j]
+                bar.update(len(rows))
+        input_ids = [self._ids[i] for i in indices]
+        types = None if self._types is None else [self._types[i] for i in indices]
+        return Split(input_ids, types, self.labels[indices], np.fromiter(map(len, input_ids), np.int64, len(indices)))
+
+    # The whole split, tokenized (validation and test are used whole).
+    @property
+    def input_ids(self) -> list[list[int]]:
+        return self.subset().input_ids
+
+    @property
+    def token_type_ids(self) -> list[list[int]] | None:
+        return self.subset().token_type_ids
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.subset().lengths
+
+    def batch(self, indices, pad_id: int, device) -> dict[str, torch.Tensor]:
+        return self.subset().batch(indices, pad_id, device)
+
+
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """Copy a host tensor to `device` without stalling the GPU: a copy from ordinary (pageable) host memory
     waits for every queued kernel first, one from pinned memory is queued behind them, so the host can launch
@@ -64,7 +124,7 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 @dataclass
 class TextData:
-    splits: dict[str, Split]          # train, validation and (when labeled) test
+    splits: dict[str, TextSplit]      # train, validation and (when labeled) test, tokenized on demand
     label_names: list[str]
     text_columns: tuple[str, ...]
     label_column: str
@@ -197,7 +257,7 @@ def _unlabeled(split: datasets.Dataset, label: str) -> bool:
 
 def load_text_data(dataset: str, tokenizer, text_column: str | None = None, label_column: str | None = None,
                    max_length: int = 128) -> TextData:
-    """Load, detect columns, encode labels as 0..n-1 and tokenize every split (memoised per process)."""
+    """Load, detect columns and encode labels as 0..n-1 (memoised per process); rows are tokenized on demand."""
     key = (dataset, os.path.abspath(dataset) if os.path.exists(dataset) else "", tokenizer.name_or_path,
            text_column, label_column, max_length)
     if key not in _MEMO:
@@ -231,26 +291,22 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
     names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(v) for v in values]
     index = {v: i for i, v in enumerate(values)}
 
-    def encode(batch):
-        columns = [[str(t) if t is not None else "" for t in batch[c]] for c in texts]
-        out = tokenizer(*columns, truncation=True, max_length=max_length)
-        out["label"] = [index.get(v, -1) for v in batch[label]]
-        return out
+    def tokenize(columns: list[list[str]]):
+        return tokenizer(*columns, truncation=True, max_length=max_length)
 
     splits = {}
     for name, split in raw.items():
-        tokenized = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}")
-        # Plain Python lists: datasets returns lazy columns whose per-row indexing (every batch) is slow.
-        columns = tokenized.to_dict()
-        labels = np.asarray(columns["label"], dtype=np.int64)
+        # Plain Python lists: datasets returns lazy columns whose per-row indexing is slow.
+        columns = split.select_columns(list(dict.fromkeys([*texts, label]))).to_dict()
+        labels = np.asarray([index.get(v, -1) for v in columns[label]], dtype=np.int64)
         if (labels < 0).any():
-            bad = split[int(np.argmax(labels < 0))][label]
+            bad = columns[label][int(np.argmax(labels < 0))]
             raise UsageError(f"the {name} split has label {bad!r}, which the train split never uses")
-        input_ids = columns["input_ids"]
-        types = columns.get("token_type_ids")
-        splits[name] = Split(input_ids, types, labels, np.fromiter(map(len, input_ids), np.int64, len(input_ids)))
+        texts_of = [[str(t) if t is not None else "" for t in columns[c]] for c in texts]
+        splits[name] = TextSplit(name, texts_of, labels, tokenize)
     source = hashlib.sha256(repr((dataset, texts, label, tokenizer.name_or_path, max_length,
-                                  [(n, len(s), int(s.lengths.sum())) for n, s in splits.items()])).encode())
+                                  [(n, len(s), getattr(raw[n], "_fingerprint", None)) for n, s in splits.items()])
+                                 ).encode())
     return TextData(splits, names, texts, label, source.hexdigest()[:16], tokenizer.pad_token_id or 0)
 
 

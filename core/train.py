@@ -15,6 +15,7 @@ from transformers import get_scheduler, set_seed
 
 from core import record as rec
 from core.config import RunConfig
+from core.host_memory import reuse_freed_memory
 from core.data import (
     check_dataset,
     eval_tokens,
@@ -79,11 +80,14 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
         else contextlib.nullcontext
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        reuse_freed_memory()  # large per-step tensors would otherwise be page-faulted in every step
 
     tokenizer = load_tokenizer(config.model)
     data = load_text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
     rows = subsample(len(data.splits["train"]), config.max_train_samples, config.seed)
-    splits = {"train": data.splits["train"].subset(rows), **{k: v for k, v in data.splits.items() if k != "train"}}
+    splits = {name: split.subset(rows if name == "train" else None, progress)  # tokenizes only rows in use
+              for name, split in data.splits.items()}
 
     set_seed(config.seed)
     model = load_model(config.model, data.label_names).to(device)

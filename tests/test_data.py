@@ -116,6 +116,26 @@ def test_sentence_pairs_are_encoded_as_two_segments(tmp_path, tokenizer, first, 
     assert all(1 in types for types in train.token_type_ids)
 
 
+def test_rows_are_tokenized_when_a_run_asks_for_them(tmp_path, tokenizer):
+    """A subsampled run tokenizes its rows only; a later subset reuses them; the ids are the tokenizer's own."""
+    write_table(tmp_path / "train.csv", pair_columns(50, 1, "sentence1", "sentence2"))
+    write_table(tmp_path / "validation.csv", pair_columns(8, 2, "sentence1", "sentence2"))
+    train = load_text_data(str(tmp_path), tokenizer, max_length=32).splits["train"]
+    rows = subsample(len(train), 10, seed=3)
+    part = train.subset(rows, progress=False)
+    assert sum(ids is not None for ids in train._ids) == 10
+    texts = pair_columns(50, 1, "sentence1", "sentence2")
+    expected = tokenizer([texts["sentence1"][i] for i in rows], [texts["sentence2"][i] for i in rows],
+                         truncation=True, max_length=32)
+    assert part.input_ids == expected["input_ids"] and part.token_type_ids == expected["token_type_ids"]
+    assert part.labels.tolist() == [texts["label"][i] for i in rows]
+    assert part.lengths.tolist() == [len(ids) for ids in expected["input_ids"]]
+    train.subset(rows[:5], progress=False)
+    assert sum(ids is not None for ids in train._ids) == 10  # nothing tokenized twice
+    assert train.input_ids == tokenizer(texts["sentence1"], texts["sentence2"], truncation=True,
+                                        max_length=32)["input_ids"]
+
+
 def test_inputs_are_truncated_to_max_length(tmp_path, tokenizer):
     long = " ".join(["the movie was good"] * 20)
     write_table(tmp_path / "train.csv", {"sentence": [long, "bad"], "label": [1, 0]})
