@@ -28,8 +28,9 @@ from core.cli import (
 from core.config import SCHEDULERS
 from core.errors import UsageError, failure_reason
 from core.model import num_layers
+from core.shared_steps import trajectory_key
 
-TrainFn = Callable[[RunConfig], dict]
+TrainFn = Callable[[RunConfig, list[RunConfig]], dict]  # (config, the cells this worker may train next)
 GRID_AXES = ("freeze_depth", "scheduler", "epochs", "seed")
 
 
@@ -48,7 +49,7 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
     outcome, attempted = GridOutcome(), set()
     by_id = {c.run_id: c for c in configs}
     bar = tqdm(total=len(by_id), disable=not progress, unit="cell", desc=f"grid {study.study_name}")
-    rng, last_depth = random.Random(), None
+    rng, last = random.Random(), None
     while True:
         ledger.fail_stale()
         index = ledger.scan()
@@ -74,10 +75,13 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
             time.sleep(poll_seconds)  # cells held by other workers: wait for them, or for them to go stale
             continue
         # Stay at the depth this worker just ran (its frozen prefix is cached), else the shallowest depth
-        # (a deeper prefix derives from it); pick at random there so concurrent workers rarely collide.
-        depth = last_depth if any(c.freeze_depth == last_depth for c in runnable) else \
+        # (a deeper prefix derives from it); there, prefer a cell that differs from the last one only in its
+        # schedule (it starts from their common steps, core.shared_steps); pick at random among equals so
+        # concurrent workers rarely collide.
+        depth = last.freeze_depth if last and any(c.freeze_depth == last.freeze_depth for c in runnable) else \
             min(c.freeze_depth for c in runnable)
-        config = rng.choice([c for c in runnable if c.freeze_depth == depth])
+        here = [c for c in runnable if c.freeze_depth == depth]
+        config = rng.choice([c for c in here if last and trajectory_key(c) == trajectory_key(last)] or here)
         params, distributions = study_params(config, varying)
         trial_id = ledger.create_claim(study, config.run_id, params, distributions)
         if trial_id is None:
@@ -87,10 +91,11 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
             ledger.give_up_claim(study, trial_id, status)
             continue
         attempted.add(config.run_id)
-        last_depth = config.freeze_depth
+        last = config
         bar.set_postfix_str(f"freeze {config.freeze_depth} · {config.scheduler} · {config.epochs} ep · "
                             f"seed {config.seed}")
-        record = train_claimed(study, ledger, trial_id, config, train, outcome.failed)
+        record = train_claimed(study, ledger, trial_id, config, train, outcome.failed,
+                               [c for c in runnable if c is not config])
         if record is not None:
             outcome.trained.append(config.run_id)
             outcome.train_seconds += record["train_seconds"]
@@ -99,11 +104,11 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
 
 
 def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: RunConfig, train: TrainFn,
-                  failed: dict[str, str]) -> dict | None:
+                  failed: dict[str, str], siblings: list[RunConfig]) -> dict | None:
     """Train a claimed run under a heartbeat; any error becomes a FAIL trial with its reason, never a crash."""
     try:
         with Heartbeat(ledger.storage, trial_id):
-            record = train(config)
+            record = train(config, siblings)
     except KeyboardInterrupt:
         ledger.finish_failed(study, trial_id, "interrupted", "interrupted by the user")
         raise
@@ -167,7 +172,8 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str) -> 
 def make_trainer(args: argparse.Namespace) -> TrainFn:
     from core import run
     apply_cache_arguments(args)
-    return lambda config: run(config, device=args.device, progress=not args.no_progress, compile=args.compile)
+    return lambda config, siblings: run(config, device=args.device, progress=not args.no_progress,
+                                        compile=args.compile, siblings=siblings)
 
 
 def write_report(url: str, study_names: list[str], output_dir: str) -> None:

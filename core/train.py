@@ -5,7 +5,7 @@ import contextlib
 import hashlib
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from core.model import (
     num_layers,
 )
 from core.prefix_cache import layer_view, prefix_states
+from core import shared_steps
 
 EpochCallback = Callable[[dict], "str | None"]
 
@@ -67,11 +68,14 @@ def check(config: RunConfig):
 
 
 def run(config: RunConfig, device: str | torch.device | None = None, progress: bool = True,
-        on_epoch: EpochCallback | None = None, use_prefix_cache: bool = True, compile: bool = False) -> dict:
+        on_epoch: EpochCallback | None = None, use_prefix_cache: bool = True, compile: bool = False,
+        siblings: Iterable[RunConfig] = ()) -> dict:
     """Train one config and return its record. `on_epoch(entry)` may return a reason to stop early.
 
     `compile=True` runs the model through `torch.compile` (dynamic shapes: batches vary in length); it pays
-    off on long GPU runs, rarely on short CPU ones, and does not change what is computed."""
+    off on long GPU runs, rarely on short CPU ones, and does not change what is computed.
+    `siblings`: configs this process may train next; where one differs only in its schedule, the steps both
+    take alike are kept for it (`core.shared_steps`), and this run itself starts from such steps if kept."""
     wall_start = time.perf_counter()
     model_cfg = check(config)
     device = torch.device(device) if device else default_device()
@@ -121,6 +125,18 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
     labels = {name: torch.as_tensor(split.labels) for name, split in splits.items()}
     view = layer_view(backbone, depth, layers, skip_embeddings=True) if cached else contextlib.nullcontext()
 
+    # Steps shared with siblings that differ only in their schedule (core.shared_steps).
+    trajectory = shared_steps.trajectory_key(config, device=device.type, precision=precision, cached=cached,
+                                             compile=compile, data=data.fingerprint)
+    rates = shared_steps.multipliers(config, steps_per_epoch)
+    resumed = shared_steps.STORE.find(trajectory, rates)
+    keep_at = sorted({n for other in siblings if other.run_id != config.run_id and shared_steps.trajectory_key(
+        other, device=device.type, precision=precision, cached=cached, compile=compile, data=data.fingerprint)
+        == trajectory for n in [shared_steps.common_steps(rates, shared_steps.multipliers(other, steps_per_epoch))]
+        if n >= max(shared_steps.MIN_SHARED_STEPS, resumed.steps + 1 if resumed else 0)})
+    shared = {"steps": resumed.steps, "from_run": resumed.run_id, "seconds": round(resumed.seconds, 3)} \
+        if resumed else None
+
     history, best, stopped, train_seconds, eval_seconds = [], None, None, 0.0, 0.0
     bar = tqdm(total=total_steps, disable=not progress, unit="step", leave=False,
                desc=f"freeze {depth} · {config.scheduler} · seed {config.seed}")
@@ -132,7 +148,21 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
                 for module in frozen_modules(backbone, depth) if not cached else []:
                     module.eval()
             started, loss_sum = _sync_time(device), torch.zeros((), device=device)
-            for indices in length_grouped_batches(train.lengths, config.batch_size, seed=config.seed * 1000 + epoch):
+            skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
+            if epoch == 1 and resumed:
+                shared_steps.STORE.restore(resumed, params, optimizer, scheduler, device, loss_sum)
+                skip, earlier = resumed.steps, resumed.seconds
+                bar.update(skip)
+            batches = length_grouped_batches(train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
+            for step in range(skip, len(batches) + 1):
+                if epoch == 1 and step in keep_at:  # the state after `step` steps, for a sibling
+                    paused = _sync_time(device)
+                    shared_steps.STORE.take(trajectory, rates[:step], config.run_id, params, optimizer, device,
+                                            loss_sum, earlier + paused - started)
+                    started += _sync_time(device) - paused  # the copy is not this run's training time
+                if step == len(batches):
+                    break
+                indices = batches[step]
                 target = to_device(labels["train"][indices], device)
                 with autocast():
                     loss = forward(**inputs("train", indices), labels=target).loss
@@ -143,7 +173,7 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
                 bar.update()
-            epoch_seconds = _sync_time(device) - started
+            epoch_seconds = _sync_time(device) - started + earlier
             train_loss = loss_sum.item() / steps_per_epoch
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
@@ -197,6 +227,7 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
         "eval_seconds": round(eval_seconds + prefix_eval, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
         "prefix_cache": prefix,
+        "shared_steps": shared,
         "trainable_params": trainable,
         "total_params": total,
         "train_samples": len(train),

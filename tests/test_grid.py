@@ -122,7 +122,7 @@ def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_
     configs = Grid((0, 1), ("linear",), (1,), (0,)).configs(quick_config(tiny_bert, toy_data))
     broken = configs[0].run_id
 
-    def flaky(config):
+    def flaky(config, siblings):
         if config.run_id == broken:
             raise FloatingPointError("training loss became nan in epoch 1")
         return run(config, progress=False)
@@ -136,7 +136,7 @@ def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_
     assert list(outcome.failed) == [broken] and outcome.trained == []
     outcome = run_cells(configs, study, ledger, flaky, retries=1, progress=False)   # out of retries: given up
     assert outcome.given_up == [broken] and outcome.failed == {}
-    outcome = run_cells(configs, study, ledger, lambda c: run(c, progress=False), retries=3, progress=False)
+    outcome = run_cells(configs, study, ledger, lambda c, _: run(c, progress=False), retries=3, progress=False)
     assert outcome.trained == [broken]
     assert trained_per_run(storage.url if hasattr(storage, "url") else f"sqlite:///{tmp_path}/grid.db")[broken] == 1
 

@@ -112,7 +112,7 @@ def test_a_config_the_grid_ran_is_answered_from_its_record_without_training(tiny
     base = quick_config(tiny_bert, toy_data)
     grid = optuna.create_study(storage=storage, study_name="grid", directions=["maximize", "minimize"])
     run_cells(Grid((1,), ("linear",), (1,), (0,)).configs(base), grid, Ledger(storage),
-              lambda c: run(c, progress=False), progress=False)
+              lambda c, _: run(c, progress=False), progress=False)
     only = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 1e-3),
                        warmup_ratio=(0.0, 0.0))  # one point: the grid's cell
     calls: list = []

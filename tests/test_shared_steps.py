@@ -1,0 +1,94 @@
+"""Shared steps: a run that differs from an earlier one only in its schedule starts where their schedules part,
+and ends exactly where it would have ended alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import quick_config
+
+from core import shared_steps
+from core.train import run
+
+SAME = ("accuracy", "loss", "f1", "best_epoch", "validation_predictions", "validation_correct")
+
+
+def alone(config) -> dict:
+    shared_steps.STORE.clear()
+    return run(config, device="cpu", progress=False)
+
+
+@pytest.fixture
+def final_weights(monkeypatch):
+    """The trained weights of every run in the test, in order (the record does not carry them)."""
+    import core.train
+    models, load = [], core.train.load_model
+    monkeypatch.setattr(core.train, "load_model", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
+    return lambda: [torch.cat([p.detach().flatten().float() for p in m.parameters()]) for m in models]
+
+
+@pytest.mark.parametrize("depth, precision", [(0, "fp32"), (1, "fp32"), (1, "bf16")])
+def test_a_sibling_resumes_bit_for_bit(tiny_bert, toy_data, depth, precision, final_weights):
+    # 96 sentences, batch 16: 6 steps an epoch, 12 in all; warm-up ceil(0.3 * 12) = 4 steps, then both schedules
+    # are at their peak at step 4: steps 0-4 are the same arithmetic for linear and cosine.
+    linear = quick_config(tiny_bert, toy_data, epochs=2, warmup_ratio=0.3, freeze_depth=depth, precision=precision)
+    cosine = linear.replace(scheduler="cosine")
+    expected = alone(cosine)
+    assert expected["shared_steps"] is None
+
+    first = run(linear, device="cpu", progress=False, siblings=[linear, cosine])
+    assert first["shared_steps"] is None
+    second = run(cosine, device="cpu", progress=False)
+    assert second["shared_steps"]["steps"] == 5 and second["shared_steps"]["from_run"] == linear.run_id
+    for name in SAME:
+        assert second[name] == expected[name], name
+    for got, want in zip(second["history"], expected["history"]):
+        assert {k: v for k, v in got.items() if k != "train_seconds"} == \
+               {k: v for k, v in want.items() if k != "train_seconds"}
+    weights = final_weights()
+    assert torch.equal(weights[2], weights[0]) and not torch.equal(weights[1], weights[0])
+    # What the run costs alone: its own steps plus what the shared ones took when they ran.
+    assert second["history"][0]["train_seconds"] >= second["shared_steps"]["seconds"] > 0
+
+
+def test_only_schedule_siblings_share(tiny_bert, toy_data):
+    linear = quick_config(tiny_bert, toy_data, warmup_ratio=0.3)
+    other_rate = linear.replace(scheduler="cosine", learning_rate=2e-3)
+    other_seed = linear.replace(scheduler="cosine", seed=1)
+    no_warmup = linear.replace(scheduler="constant")  # its first multiplier is 1, linear's 0: nothing in common
+    shared_steps.STORE.clear()
+    run(linear, device="cpu", progress=False, siblings=[other_rate, other_seed, no_warmup])
+    assert not shared_steps.STORE.entries
+    for config in (other_rate, other_seed, no_warmup):
+        assert run(config, device="cpu", progress=False)["shared_steps"] is None
+
+
+def test_common_steps_follow_the_schedules():
+    linear = quick_config("m", "d", epochs=1, warmup_ratio=0.1)
+    rates = {name: shared_steps.multipliers(linear.replace(scheduler=name), 125)
+             for name in ("linear", "cosine", "polynomial", "constant_with_warmup", "constant")}
+    assert shared_steps.common_steps(rates["linear"], rates["cosine"]) == 14  # 13 warm-up steps and the peak
+    assert shared_steps.common_steps(rates["linear"], rates["polynomial"]) == 14  # decays to 1e-7 by its own formula
+    assert shared_steps.common_steps(rates["cosine"], rates["constant_with_warmup"]) == 14
+    assert shared_steps.common_steps(rates["linear"], rates["constant"]) == 0
+
+
+def test_the_grid_trains_schedule_siblings_back_to_back_and_shares_their_steps(tiny_bert, toy_data, tmp_path):
+    from ablations.grid import run_cells
+    from ablations.space import Grid
+    from ablations.study import Ledger, load_runs, open_storage, open_study
+    storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
+    base = quick_config(tiny_bert, toy_data, warmup_ratio=0.3)
+    configs = Grid((0, 1), ("linear", "cosine"), (1,), (0, 1)).configs(base)
+    shared_steps.STORE.clear()
+    run_cells(configs, open_study(storage, "grid"), Ledger(storage),
+              lambda c, siblings: run(c, progress=False, siblings=siblings), progress=False)
+    records = {r["record"]["run_id"]: r["record"] for r in load_runs(f"sqlite:///{tmp_path}/grid.db")}
+    assert len(records) == 8
+    for config in configs:  # of each (depth, seed) pair, the second starts from the first's common steps
+        sibling = config.replace(scheduler="cosine" if config.scheduler == "linear" else "linear")
+        pair = [records[config.run_id]["shared_steps"], records[sibling.run_id]["shared_steps"]]
+        assert sorted(map(bool, pair)) == [False, True]
+        shared = next(p for p in pair if p)
+        assert shared["steps"] == 3 and shared["from_run"] in (config.run_id, sibling.run_id)
+    resumed = next(c for c in configs if records[c.run_id]["shared_steps"])
+    assert alone(resumed)["validation_correct"] == records[resumed.run_id]["validation_correct"]
