@@ -60,6 +60,35 @@ def common_steps(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> in
 
 
 @dataclass
+class Plan:
+    """What one run shares: the snapshot it starts from (if any) and the steps after which it keeps one."""
+    key: str
+    rates: tuple[float, ...] | None
+    resumed: "Snapshot | None"
+    keep_at: frozenset[int]
+
+    def record(self) -> dict | None:
+        if self.resumed is None:
+            return None
+        return {"steps": self.resumed.steps, "from_run": self.resumed.run_id,
+                "seconds": round(self.resumed.seconds, 3)}
+
+
+def plan(config: RunConfig, siblings, steps_per_epoch: int, **runtime) -> Plan:
+    """Find a snapshot for `config`, and the steps at which a sibling's learning rates part from its own."""
+    key, rates = trajectory_key(config, **runtime), multipliers(config, steps_per_epoch)
+    resumed = STORE.find(key, rates)
+    first = max(MIN_SHARED_STEPS, resumed.steps + 1 if resumed else 0)
+    keep_at = set()
+    for other in siblings:
+        if other.run_id != config.run_id and trajectory_key(other, **runtime) == key:
+            n = common_steps(rates, multipliers(other, steps_per_epoch))
+            if n >= first:
+                keep_at.add(n)
+    return Plan(key, rates, resumed, frozenset(keep_at))
+
+
+@dataclass
 class Snapshot:
     key: str
     multipliers: tuple[float, ...]   # of the steps taken so far
@@ -86,11 +115,11 @@ class SharedSteps:
 
     def find(self, key: str, wanted: tuple[float, ...] | None) -> Snapshot | None:
         """The snapshot furthest along whose steps used the learning rates `wanted` begins with."""
-        best = None
-        for snapshot in self.entries.values():
-            if snapshot.key == key and wanted is not None and snapshot.steps <= len(wanted) \
-                    and wanted[:snapshot.steps] == snapshot.multipliers and (best is None or snapshot.steps > best.steps):
-                best = snapshot
+        if wanted is None:
+            return None
+        matching = [s for s in self.entries.values()
+                    if s.key == key and s.steps <= len(wanted) and wanted[:s.steps] == s.multipliers]
+        best = max(matching, key=lambda s: s.steps, default=None)
         if best is not None:
             self.entries.move_to_end((best.key, best.steps))
         return best
@@ -118,8 +147,9 @@ class SharedSteps:
             for p, saved in zip(params, snapshot.params):
                 p.copy_(saved)
             loss_sum.copy_(snapshot.loss_sum)
-        optimizer.load_state_dict({"state": snapshot.optimizer["state"],
-                                   "param_groups": copy.deepcopy(snapshot.optimizer["param_groups"])})
+        # A copy: load_state_dict keeps tensors that already have the right device and dtype, and the next
+        # step would update the snapshot's moments in place under a third sibling.
+        optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
         # The schedule goes on from the snapshot's step with this run's own multipliers.
         schedule.last_epoch = snapshot.steps
         schedule._step_count = snapshot.steps + 1

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from core import record as rec
+from core import shared_steps
 from core.config import RunConfig
-from core.host_memory import reuse_freed_memory
 from core.data import (
     check_dataset,
     eval_tokens,
@@ -25,6 +25,7 @@ from core.data import (
     subsample,
     to_device,
 )
+from core.host_memory import reuse_freed_memory
 from core.model import (
     check_freeze_depth,
     count_parameters,
@@ -38,7 +39,6 @@ from core.model import (
     num_layers,
 )
 from core.prefix_cache import layer_view, prefix_states
-from core import shared_steps
 
 EpochCallback = Callable[[dict], "str | None"]
 
@@ -126,16 +126,8 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
     view = layer_view(backbone, depth, layers, skip_embeddings=True) if cached else contextlib.nullcontext()
 
     # Steps shared with siblings that differ only in their schedule (core.shared_steps).
-    trajectory = shared_steps.trajectory_key(config, device=device.type, precision=precision, cached=cached,
-                                             compile=compile, data=data.fingerprint)
-    rates = shared_steps.multipliers(config, steps_per_epoch)
-    resumed = shared_steps.STORE.find(trajectory, rates)
-    keep_at = sorted({n for other in siblings if other.run_id != config.run_id and shared_steps.trajectory_key(
-        other, device=device.type, precision=precision, cached=cached, compile=compile, data=data.fingerprint)
-        == trajectory for n in [shared_steps.common_steps(rates, shared_steps.multipliers(other, steps_per_epoch))]
-        if n >= max(shared_steps.MIN_SHARED_STEPS, resumed.steps + 1 if resumed else 0)})
-    shared = {"steps": resumed.steps, "from_run": resumed.run_id, "seconds": round(resumed.seconds, 3)} \
-        if resumed else None
+    sharing = shared_steps.plan(config, siblings, steps_per_epoch, device=device.type, precision=precision,
+                                cached=cached, compile=compile, data=data.fingerprint)
 
     history, best, stopped, train_seconds, eval_seconds = [], None, None, 0.0, 0.0
     bar = tqdm(total=total_steps, disable=not progress, unit="step", leave=False,
@@ -149,16 +141,16 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
                     module.eval()
             started, loss_sum = _sync_time(device), torch.zeros((), device=device)
             skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
-            if epoch == 1 and resumed:
-                shared_steps.STORE.restore(resumed, params, optimizer, scheduler, device, loss_sum)
-                skip, earlier = resumed.steps, resumed.seconds
+            if epoch == 1 and sharing.resumed:
+                shared_steps.STORE.restore(sharing.resumed, params, optimizer, scheduler, device, loss_sum)
+                skip, earlier = sharing.resumed.steps, sharing.resumed.seconds
                 bar.update(skip)
             batches = length_grouped_batches(train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
             for step in range(skip, len(batches) + 1):
-                if epoch == 1 and step in keep_at:  # the state after `step` steps, for a sibling
+                if epoch == 1 and step in sharing.keep_at:  # the state after `step` steps, for a sibling
                     paused = _sync_time(device)
-                    shared_steps.STORE.take(trajectory, rates[:step], config.run_id, params, optimizer, device,
-                                            loss_sum, earlier + paused - started)
+                    shared_steps.STORE.take(sharing.key, sharing.rates[:step], config.run_id, params, optimizer,
+                                            device, loss_sum, earlier + paused - started)
                     started += _sync_time(device) - paused  # the copy is not this run's training time
                 if step == len(batches):
                     break
@@ -227,7 +219,7 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
         "eval_seconds": round(eval_seconds + prefix_eval, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
         "prefix_cache": prefix,
-        "shared_steps": shared,
+        "shared_steps": sharing.record(),
         "trainable_params": trainable,
         "total_params": total,
         "train_samples": len(train),

@@ -35,17 +35,23 @@ def test_a_sibling_resumes_bit_for_bit(tiny_bert, toy_data, depth, precision, fi
     expected = alone(cosine)
     assert expected["shared_steps"] is None
 
-    first = run(linear, device="cpu", progress=False, siblings=[linear, cosine])
+    third = linear.replace(scheduler="constant_with_warmup")
+    expected_third = alone(third)
+
+    first = run(linear, device="cpu", progress=False, siblings=[linear, cosine, third])
     assert first["shared_steps"] is None
     second = run(cosine, device="cpu", progress=False)
-    assert second["shared_steps"]["steps"] == 5 and second["shared_steps"]["from_run"] == linear.run_id
-    for name in SAME:
-        assert second[name] == expected[name], name
-    for got, want in zip(second["history"], expected["history"]):
-        assert {k: v for k, v in got.items() if k != "train_seconds"} == \
-               {k: v for k, v in want.items() if k != "train_seconds"}
-    weights = final_weights()
-    assert torch.equal(weights[2], weights[0]) and not torch.equal(weights[1], weights[0])
+    last = run(third, device="cpu", progress=False)  # from the same snapshot, after `second` trained on from it
+    for got, want in ((second, expected), (last, expected_third)):
+        assert got["shared_steps"]["steps"] == 5 and got["shared_steps"]["from_run"] == linear.run_id
+        for name in SAME:
+            assert got[name] == want[name], name
+        for mine, theirs in zip(got["history"], want["history"]):
+            assert {k: v for k, v in mine.items() if k != "train_seconds"} == \
+                   {k: v for k, v in theirs.items() if k != "train_seconds"}
+    weights = final_weights()  # alone: cosine, third; shared: linear, cosine, third
+    assert torch.equal(weights[3], weights[0]) and torch.equal(weights[4], weights[1])
+    assert not torch.equal(weights[2], weights[0])
     # What the run costs alone: its own steps plus what the shared ones took when they ran.
     assert second["history"][0]["train_seconds"] >= second["shared_steps"]["seconds"] > 0
 
