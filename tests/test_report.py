@@ -279,3 +279,34 @@ def test_a_field_left_unset_in_some_runs_shows_as_a_dash_not_nan():
     rows = [line for line in text.splitlines() if line.startswith("| **0**")]
     assert len(rows) == 2 and "nan" not in text
     assert any("| **—** |" in row for row in rows) and any("| **2000** |" in row for row in rows)
+
+
+def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(monkeypatch, tmp_path):
+    from matplotlib.text import Text
+
+    from ablations import plots
+    # The 14-cell grid of results/ (8,000 sentences): depths 1-5 crowd within 26 s and 3 points.
+    cells = [(132.6, .805, .783, .827), (89.5, .824, .771, .878), (38.3, .812, .804, .821), (38.5, .819, .764, .874),
+             (31.9, .838, .802, .874), (31.8, .835, .779, .890), (25.2, .838, .824, .851), (25.5, .841, .832, .851),
+             (18.5, .841, .815, .867), (18.7, .841, .816, .867), (12.6, .826, .805, .846), (12.3, .827, .805, .849),
+             (6.2, .733, .704, .762), (6.2, .730, .687, .773)]
+    table = pd.DataFrame([{"freeze_depth": i // 2, "scheduler": "linear" if i % 2 else "cosine", "train_seconds_mean": x,
+                           "accuracy_mean": m, "accuracy_low": lo, "accuracy_high": hi, "baseline": i < 2,
+                           "pareto": i in (8, 9, 11, 12, 13), "label": f"d{i // 2} {'lin' if i % 2 else 'cos'} 1ep"}
+                          for i, (x, m, lo, hi) in enumerate(cells)])
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or path)
+    plots.tradeoff(table, {"model": "m", "data": "d", "train": "8,000", "validation": "872", "device": "cpu"},
+                   tmp_path / "tradeoff.png")
+    ax = drawn[0].axes[0]
+    renderer = plots.FigureCanvasAgg(drawn[0]).get_renderer()
+    for text in ax.texts:
+        text.update_positions(renderer)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, not its leader line
+    assert sorted(t.get_text() for t in ax.texts) == sorted(table["label"])
+    markers = [ax.transData.transform((x, 100 * y)) for x, y, _, _ in cells]
+    frame = ax.get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), ax.texts[i].get_text()
+        assert not any(box.x0 < px < box.x1 and box.y0 < py < box.y1 for px, py in markers)
