@@ -15,7 +15,8 @@ PROBE = """
 import json, resource, sys, torch
 from core.host_memory import reuse_freed_memory
 tuned = reuse_freed_memory()
-torch.ones(16 * 2**20).sum()  # 64 MB, above glibc's largest mmap threshold
+for _ in range(2):  # 64 MB, above glibc's largest mmap threshold; the heap settles after the first one or two
+    torch.ones(16 * 2**20).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     torch.ones(16 * 2**20).sum()  # what a training step does with its embedding gradient
