@@ -81,7 +81,8 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
         depth = last.freeze_depth if last and any(c.freeze_depth == last.freeze_depth for c in runnable) else \
             min(c.freeze_depth for c in runnable)
         here = [c for c in runnable if c.freeze_depth == depth]
-        config = rng.choice([c for c in here if last and trajectory_key(c) == trajectory_key(last)] or here)
+        last_key = trajectory_key(last) if last else None
+        config = rng.choice([c for c in here if trajectory_key(c) == last_key] or here)
         params, distributions = study_params(config, varying)
         trial_id = ledger.create_claim(study, config.run_id, params, distributions)
         if trial_id is None:

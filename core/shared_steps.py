@@ -13,6 +13,7 @@ shared steps took when they ran (the record's `shared_steps` says how many, and 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -39,9 +40,14 @@ def trajectory_key(config: RunConfig, **runtime) -> str:
 
 def multipliers(config: RunConfig, steps_per_epoch: int) -> tuple[float, ...] | None:
     """The learning-rate multiplier of each step of the first epoch, as the run's scheduler computes it."""
-    total = steps_per_epoch * config.epochs
+    return _multipliers(config.scheduler, config.epochs, config.warmup_ratio, steps_per_epoch)
+
+
+@functools.lru_cache(maxsize=64)  # every run of a grid asks for its siblings' schedules again
+def _multipliers(scheduler: str, epochs: int, warmup_ratio: float, steps_per_epoch: int) -> tuple[float, ...] | None:
+    total = steps_per_epoch * epochs
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total),
+    schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total),
                              num_training_steps=total)
     lambdas = getattr(schedule, "lr_lambdas", None)
     if not lambdas or len(lambdas) != 1:
