@@ -21,9 +21,9 @@ from core.cli import (
     ArgumentParser,
     add_cache_arguments,
     add_run_arguments,
-    apply_cache_arguments,
     config_from_args,
     main_guard,
+    make_session,
 )
 from core.config import SCHEDULERS
 from core.errors import UsageError, failure_reason
@@ -171,10 +171,11 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str) -> 
 
 
 def make_trainer(args: argparse.Namespace) -> TrainFn:
+    """Runs of one command share one session (loaded data and checkpoint, prefix caches, shared steps)."""
     from core import run
-    apply_cache_arguments(args)
+    session = make_session(args)
     return lambda config, siblings: run(config, device=args.device, progress=not args.no_progress,
-                                        compile=args.compile, siblings=siblings)
+                                        compile=args.compile, siblings=siblings, session=session).to_dict()
 
 
 def write_report(url: str, study_names: list[str], output_dir: str) -> None:

@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_trainer(args: argparse.Namespace) -> TrainFn:
     from core import run
-    from core.cli import apply_cache_arguments
-    apply_cache_arguments(args)
+    from core.cli import make_session
+    session = make_session(args)
     return lambda config, on_epoch: run(config, device=args.device, progress=not args.no_progress,
-                                        on_epoch=on_epoch, compile=args.compile)
+                                        on_epoch=on_epoch, compile=args.compile, session=session).to_dict()
 
 
 def device_label(device: str | None) -> str:

@@ -7,11 +7,11 @@ from core.cli import (
     ArgumentParser,
     add_cache_arguments,
     add_run_arguments,
-    apply_cache_arguments,
     config_from_args,
     main_guard,
+    make_session,
 )
-from core.record import summary, write_record
+from core.record import write_record
 from core.train import run
 
 
@@ -26,13 +26,13 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     add_cache_arguments(parser)
     args = parser.parse_args()
-    apply_cache_arguments(args)
+    session = make_session(args)
     config = config_from_args(args)
     record = run(config, device=args.device, progress=not args.no_progress,
-                 use_prefix_cache=not args.no_prefix_cache, compile=args.compile)
+                 use_prefix_cache=not args.no_prefix_cache, compile=args.compile, session=session)
     write_record(record, args.output)
-    print(summary(record))
-    print(json.dumps({e["epoch"]: {"accuracy": e["accuracy"], "loss": e["loss"]} for e in record["history"]}))
+    print(record.summary())
+    print(json.dumps({e["epoch"]: {"accuracy": e["accuracy"], "loss": e["loss"]} for e in record.history}))
     print(f"record written to {args.output}")
     return 0
 

@@ -49,11 +49,12 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 4)")
 
 
-def apply_cache_arguments(args: argparse.Namespace) -> None:
-    from core.prefix_cache import set_budget
+def make_session(args: argparse.Namespace):
+    """The `core.session.Session` a command's runs share, with the cache budgets from the flags."""
+    from core.session import Session
     if args.cache_gb < 0 or args.cache_device_gb < 0:
         raise UsageError("--cache-gb and --cache-device-gb must be 0 or more")
-    set_budget(args.cache_device_gb, args.cache_gb)
+    return Session(cache_device_gb=args.cache_device_gb, cache_host_gb=args.cache_gb)
 
 
 def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **overrides) -> RunConfig:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,16 +256,8 @@ def _unlabeled(split: datasets.Dataset, label: str) -> bool:
 
 def load_text_data(dataset: str, tokenizer, text_column: str | None = None, label_column: str | None = None,
                    max_length: int = 128) -> TextData:
-    """Load, detect columns and encode labels as 0..n-1 (memoised per process); rows are tokenized on demand."""
-    key = (dataset, os.path.abspath(dataset) if os.path.exists(dataset) else "", tokenizer.name_or_path,
-           text_column, label_column, max_length)
-    if key not in _MEMO:
-        _MEMO.clear()  # one dataset at a time: a grid reuses it, a new dataset replaces it
-        _MEMO[key] = _build(dataset, tokenizer, text_column, label_column, max_length)
-    return _MEMO[key]
-
-
-_MEMO: dict[tuple, TextData] = {}
+    """Load, detect columns and encode labels as 0..n-1; rows are tokenized on demand (`core.session` keeps it)."""
+    return _build(dataset, tokenizer, text_column, label_column, max_length)
 
 
 def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextData:

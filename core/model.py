@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,24 +51,22 @@ def check_freeze_depth(depth: int, config: PretrainedConfig, name: str) -> None:
                          f"{layers}")
 
 
-@functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str):
-    """Loaded once per process: every cell of a grid uses the same tokenizer."""
     return AutoTokenizer.from_pretrained(os.path.expanduser(name))
 
 
-def load_model(name: str, label_names: list[str]) -> nn.Module:
-    """A fresh classifier from the pretrained weights; the new head is drawn from the global RNG (seed it first).
+def load_pretrained(name: str, label_names: list[str]) -> tuple[nn.Module, list[str]]:
+    """The pristine classifier as the checkpoint gives it, and the modules it did not provide (the new head)."""
+    return _from_pretrained(os.path.expanduser(name), [str(n) for n in label_names])
 
-    The checkpoint is read once per process: a grid's later cells copy the pristine model kept in host memory
-    and draw their head again from the RNG state they were called with, so every cell gets exactly the weights a
-    fresh `from_pretrained` under the same seed gives (tested), without reading the checkpoint again."""
-    key = (os.path.expanduser(name), tuple(str(n) for n in label_names))
+
+def fresh_model(pristine: nn.Module, fresh: list[str]) -> nn.Module:
+    """A copy of the pristine model whose new head is drawn from the global RNG (seed it first).
+
+    A grid's later cells copy the pristine model kept in host memory (`core.session`) and draw their head
+    again from the RNG state they were called with, so every cell gets exactly the weights a fresh
+    `from_pretrained` under the same seed gives (tested), without reading the checkpoint again."""
     rng = torch.random.get_rng_state()
-    if key not in _PRETRAINED:
-        _PRETRAINED.clear()  # one model at a time
-        _PRETRAINED[key] = _from_pretrained(key[0], list(key[1]))
-    pristine, fresh = _PRETRAINED[key]
     model = copy.deepcopy(pristine)
     torch.random.set_rng_state(rng)
     with torch.no_grad():
@@ -78,7 +75,12 @@ def load_model(name: str, label_names: list[str]) -> nn.Module:
     return model
 
 
-_PRETRAINED: dict[tuple, tuple[nn.Module, list[str]]] = {}
+def load_model(name: str, label_names: list[str]) -> nn.Module:
+    """A fresh classifier from the pretrained weights (reads the checkpoint; `Session.model` reads it once)."""
+    rng = torch.random.get_rng_state()
+    pristine, fresh = load_pretrained(name, label_names)
+    torch.random.set_rng_state(rng)
+    return fresh_model(pristine, fresh)
 
 
 def _from_pretrained(name: str, labels: list[str]) -> tuple[nn.Module, list[str]]:

@@ -88,7 +88,7 @@ def _run_layers(model: nn.Module, backbone: Backbone, source, lengths: np.ndarra
 
 
 class PrefixCache:
-    """Process-wide store of prefix states, keyed by (model, data, split, rows, depth), within a memory budget.
+    """A session's store of prefix states, keyed by (model, data, split, rows, depth), within a memory budget.
 
     States stay on the run's device while they fit `device_budget_gb`, else in host memory while they fit
     `host_budget_gb`, else in a memory-mapped file; the least recently used entries are dropped first.
@@ -139,21 +139,13 @@ class PrefixCache:
         self.entries.clear()
 
 
-CACHE = PrefixCache()
-
-
-def set_budget(device_gb: float, host_gb: float) -> None:
-    """Memory the process-wide cache may use on the run's device and in host RAM before it spills to disk."""
-    CACHE.device_budget, CACHE.host_budget = device_gb * 2**30, host_gb * 2**30
-
-
-def prefix_states(model: nn.Module, backbone: Backbone, split: Split, split_key: tuple, depth: int, pad_id: int,
-                  device, autocast) -> tuple[PrefixStates, bool]:
-    """States after layer depth-1 for `split`, from the process cache when this prefix was built before."""
+def prefix_states(cache: PrefixCache, model: nn.Module, backbone: Backbone, split: Split, split_key: tuple, depth: int,
+                  pad_id: int, device, autocast) -> tuple[PrefixStates, bool]:
+    """States after layer depth-1 for `split`, from `cache` when this prefix was built before."""
 
     def build(shallower: PrefixStates | None, start: int) -> torch.Tensor:
         source = split if shallower is None else shallower
         return _run_layers(model, backbone, source, split.lengths, start, depth, pad_id, device, autocast)
 
     build.lengths = split.lengths
-    return CACHE.get(split_key, depth, build, device)
+    return cache.get(split_key, depth, build, device)

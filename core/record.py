@@ -1,84 +1,88 @@
-"""Metrics and the run record: what one run reports about itself."""
+"""`RunRecord`: what one run reports about itself — one definition of every field, written once as JSON.
+
+The record is what the ledger stores (as `to_dict()`), what `python -m core` writes next to the run, and
+what the report reads back. It imports neither torch nor transformers, so light tools can read records.
+"""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
-import os
-import platform
-import resource
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import torch
-
-_METRICS: dict[str, object] = {}
+from typing import Any
 
 
-def _evaluate_metric(name: str):
-    """`evaluate`'s metric when it can be loaded (it comes from the Hub), else None; tried once per process."""
-    if name not in _METRICS:
-        # `evaluate` has an offline switch of its own: without it an offline process spends seconds retrying
-        # the Hub for every metric even when the user said HF_HUB_OFFLINE=1.
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
-        try:
-            import evaluate
-            _METRICS[name] = evaluate.load(name)
-        except Exception:  # offline: evaluate fetches metric scripts from the Hub
-            _METRICS[name] = None
-    return _METRICS[name]
+@dataclass
+class RunRecord:
+    run_id: str
+    config: dict[str, Any]                    # RunConfig.to_dict()
+    # The selected epoch (by `selected_by` on the validation split) and its validation metrics.
+    accuracy: float
+    f1: float
+    loss: float
+    best_epoch: int
+    selected_by: str
+    history: list[dict[str, Any]]             # per epoch: epoch, accuracy, loss, f1, train_loss, train_seconds
+    stopped_early: str | None                 # the reason an on_epoch callback gave (pruning), else None
+    test_accuracy: float | None               # on a labeled test split, with the selected epoch's weights
+    test_f1: float | None
+    # Times, in seconds. train_seconds: what the run costs alone — its steps (shared steps included as they
+    # cost when they ran) plus building its frozen-prefix cache, even when that cache was reused here.
+    train_seconds: float
+    train_loop_seconds: float                 # the steps alone, as they ran in this process
+    eval_seconds: float
+    wall_seconds: float                       # the whole call, loading included: what it actually took here
+    prefix_cache: dict[str, Any]              # cached (bool), seconds and reused per split
+    shared_steps: dict[str, Any] | None       # steps taken over from a schedule sibling: steps, from_run, seconds
+    trainable_params: int
+    total_params: int
+    train_samples: int
+    validation_samples: int
+    test_samples: int
+    num_labels: int
+    label_names: list[str]
+    text_columns: list[str]
+    label_column: str
+    tokens_per_second: float | None
+    peak_memory_mb: float
+    peak_memory_scope: str                    # "run (CUDA allocator)" or "process (max RSS)"
+    device: str
+    precision: str                            # what ran: fp32 or bf16 (autocast)
+    compiled: bool
+    metrics_backend: str
+    versions: dict[str, str]
+    finished_at: str
+    validation_predictions: list[int]         # per validation example, for paired tests
+    validation_correct: str                   # '1'/'0' per validation example
+    extra: dict[str, Any] = field(default_factory=dict)  # keys a newer version wrote that this one does not know
 
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {**values.pop("extra"), **values}
 
-def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 through `evaluate`, with the same definitions computed locally when offline."""
-    accuracy_metric, f1_metric = _evaluate_metric("accuracy"), _evaluate_metric("f1")
-    if accuracy_metric is not None and f1_metric is not None:
-        accuracy = accuracy_metric.compute(predictions=predictions, references=labels)["accuracy"]
-        f1 = f1_metric.compute(predictions=predictions, references=labels, average="macro",
-                               labels=list(range(num_labels)))["f1"]
-        return {"accuracy": float(accuracy), "f1": float(f1)}
-    accuracy = float((predictions == labels).mean()) if len(labels) else 0.0
-    f1s = []
-    for c in range(num_labels):
-        tp = np.sum((predictions == c) & (labels == c))
-        denominator = np.sum(predictions == c) + np.sum(labels == c)
-        f1s.append(2 * tp / denominator if denominator else 0.0)
-    return {"accuracy": accuracy, "f1": float(np.mean(f1s))}
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunRecord":
+        """A stored record; fields an older version did not write are None, unknown keys go to `extra`."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        return cls(**{name: values.get(name) for name in names},
+                   extra={k: v for k, v in values.items() if k not in names})
 
-
-def metrics_backend() -> str:
-    return "evaluate" if _METRICS.get("accuracy") is not None else "numpy (evaluate offline)"
-
-
-def versions() -> dict[str, str]:
-    import datasets
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated by this run. CPU: the process's peak resident memory (ru_maxrss)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def summary(self) -> str:
+        c = self.config
+        test = f", test {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
+        return (f"run {self.run_id}: freeze {c['freeze_depth']}, {c['scheduler']}, {c['epochs']} epoch(s), "
+                f"seed {c['seed']} -> validation accuracy {self.accuracy:.4f} (epoch {self.best_epoch}{test}); "
+                f"train {self.train_seconds:.1f}s, {self.trainable_params:,} of {self.total_params:,} parameters "
+                f"trainable, {self.train_samples:,} train examples, {self.device}")
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_record(record: dict, path: str | Path) -> None:
+def write_record(record: RunRecord | dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def summary(record: dict) -> str:
-    c = record["config"]
-    test = f", test {record['test_accuracy']:.4f}" if record.get("test_accuracy") is not None else ""
-    return (f"run {record['run_id']}: freeze {c['freeze_depth']}, {c['scheduler']}, {c['epochs']} epoch(s), "
-            f"seed {c['seed']} -> validation accuracy {record['accuracy']:.4f} (epoch {record['best_epoch']}"
-            f"{test}); train {record['train_seconds']:.1f}s, {record['trainable_params']:,} of "
-            f"{record['total_params']:,} parameters trainable, {record['train_samples']:,} train examples, "
-            f"{record['device']}")
+    values = record.to_dict() if isinstance(record, RunRecord) else record
+    path.write_text(json.dumps(values, indent=2) + "\n")

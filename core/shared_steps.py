@@ -80,10 +80,10 @@ class Plan:
                 "seconds": round(self.resumed.seconds, 3)}
 
 
-def plan(config: RunConfig, siblings, steps_per_epoch: int, **runtime) -> Plan:
-    """Find a snapshot for `config`, and the steps at which a sibling's learning rates part from its own."""
+def plan(store: "SharedSteps", config: RunConfig, siblings, steps_per_epoch: int, **runtime) -> Plan:
+    """Find a snapshot for `config` in `store`, and the steps at which a sibling's learning rates part from its own."""
     key, rates = trajectory_key(config, **runtime), multipliers(config, steps_per_epoch)
-    resumed = STORE.find(key, rates)
+    resumed = store.find(key, rates)
     first = max(MIN_SHARED_STEPS, resumed.steps + 1 if resumed else 0)
     keep_at = set()
     for other in siblings:
@@ -112,7 +112,7 @@ class Snapshot:
 
 
 class SharedSteps:
-    """Process-wide snapshots, the `capacity` most recent kept: one by default, since the grid trains schedule
+    """A session's snapshots, the `capacity` most recent kept: one by default, since the grid trains schedule
     siblings back to back, and a snapshot holds three copies of the trainable weights (weights, two moments)."""
 
     def __init__(self, capacity: int = 1):
@@ -176,5 +176,3 @@ def _to_host(state: dict) -> dict:
     return {k: {name: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                 for name, v in per_param.items()} for k, per_param in state.items()}
 
-
-STORE = SharedSteps()

@@ -1,10 +1,15 @@
-"""One run, top to bottom: check, load, freeze, (cache the frozen prefix), train, evaluate, record."""
+"""One run in four stages: prepare (data, model, freeze, frozen-prefix cache) -> train epochs -> evaluate -> record.
+
+`run()` reads top to bottom through them. The training step itself is `train_step`; an engine that trains
+differently (several runs at once, a captured step) replaces `train_epochs` and keeps the other stages.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -13,32 +18,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
-from core import record as rec
+from core import metrics as run_metrics
 from core import shared_steps
 from core.config import RunConfig
-from core.data import (
-    check_dataset,
-    eval_tokens,
-    length_grouped_batches,
-    load_text_data,
-    sorted_batches,
-    subsample,
-    to_device,
-)
+from core.data import Split, TextData, check_dataset, eval_tokens, length_grouped_batches, sorted_batches, subsample, \
+    to_device
 from core.host_memory import reuse_freed_memory
 from core.model import (
+    Backbone,
     check_freeze_depth,
     count_parameters,
     decay_groups,
     device_name,
     freeze,
     frozen_modules,
-    load_model,
-    load_tokenizer,
     model_config,
     num_layers,
 )
 from core.prefix_cache import layer_view, prefix_states
+from core.record import RunRecord, now
+from core.session import Session
 
 EpochCallback = Callable[[dict], "str | None"]
 
@@ -69,179 +68,252 @@ def check(config: RunConfig):
 
 def run(config: RunConfig, device: str | torch.device | None = None, progress: bool = True,
         on_epoch: EpochCallback | None = None, use_prefix_cache: bool = True, compile: bool = False,
-        siblings: Iterable[RunConfig] = ()) -> dict:
+        siblings: Iterable[RunConfig] = (), session: Session | None = None) -> RunRecord:
     """Train one config and return its record. `on_epoch(entry)` may return a reason to stop early.
 
-    `compile=True` runs the model through `torch.compile` (dynamic shapes: batches vary in length); it pays
-    off on long GPU runs, rarely on short CPU ones, and does not change what is computed.
-    `siblings`: configs this process may train next; where one differs only in its schedule, the steps both
-    take alike are kept for it (`core.shared_steps`), and this run itself starts from such steps if kept."""
+    `session` holds what runs of one process share (loaded data and checkpoint, prefix caches, shared steps);
+    a grid passes one along, a single run gets a fresh one. `compile=True` runs the model through
+    `torch.compile` (dynamic shapes: batches vary in length). `siblings`: configs this process may train
+    next; where one differs only in its schedule, the steps both take alike are kept for it
+    (`core.shared_steps`), and this run itself starts from such steps if kept."""
     wall_start = time.perf_counter()
-    model_cfg = check(config)
+    session = session or Session()
+    prepared = prepare(config, session, device, progress, use_prefix_cache)
+    with prepared.frozen_view():
+        forward = torch.compile(prepared.model, dynamic=True) if compile else prepared.model
+        training = train_epochs(prepared, forward, session, on_epoch, progress, compile, siblings)
+        test_metrics = evaluate_test(prepared, forward, training.best, session)
+    return make_record(prepared, training, test_metrics, session, compile, wall_start)
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before its first step: data, model (frozen prefix cached or not), device."""
+    config: RunConfig
+    device: torch.device
+    precision: str
+    data: TextData
+    splits: dict[str, Split]
+    labels: dict[str, torch.Tensor]
+    model: torch.nn.Module
+    backbone: Backbone
+    params: list[torch.nn.Parameter]   # the trainable ones
+    trainable: int
+    total: int
+    cached: bool                       # the frozen prefix's outputs are cached: the loop runs layers depth..
+    prefix: dict                       # cached, build seconds and reused per split
+    sources: dict                      # per split: the tokenized rows, or the cached prefix states
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def inputs(self, name: str, indices) -> dict[str, torch.Tensor]:
+        if self.cached:
+            return self.sources[name].batch(indices, self.device)
+        return self.sources[name].batch(indices, self.data.pad_id, self.device)
+
+    def frozen_view(self):
+        """With a cached prefix the model runs only the layers after it, on the cached states."""
+        if not self.cached:
+            return contextlib.nullcontext()
+        return layer_view(self.backbone, self.config.freeze_depth, num_layers(self.model.config),
+                          skip_embeddings=True)
+
+
+def prepare(config: RunConfig, session: Session, device, progress: bool, use_prefix_cache: bool) -> Prepared:
+    """Check, load data and model, freeze, and (depth > 0) compute the frozen prefix's outputs once."""
+    check(config)
     device = torch.device(device) if device else default_device()
     precision = precision_for(config.precision, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "cpu":
         reuse_freed_memory()  # large per-step tensors would otherwise be page-faulted in every step
 
-    tokenizer = load_tokenizer(config.model)
-    data = load_text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
+    tokenizer = session.tokenizer(config.model)
+    data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
     rows = subsample(len(data.splits["train"]), config.max_train_samples, config.seed)
     splits = {name: split.subset(rows if name == "train" else None, progress)  # tokenizes only rows in use
               for name, split in data.splits.items()}
 
     set_seed(config.seed)
-    model = load_model(config.model, data.label_names).to(device)
+    model = session.model(config.model, data.label_names).to(device)
     backbone = freeze(model, config.freeze_depth)
     trainable, total = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    depth, layers = config.freeze_depth, num_layers(model_cfg)
-
-    # Stage 1, the frozen prefix: with depth k > 0 its outputs are computed once and the loop trains on them.
-    cached = depth > 0 and use_prefix_cache and not config.frozen_dropout
-    sources, prefix = dict(splits), {"cached": cached, "seconds": {}, "reused": {}}
-    if cached:
+    prepared = Prepared(config, device, precision, data, splits,
+                        {name: torch.as_tensor(split.labels) for name, split in splits.items()}, model, backbone,
+                        [p for p in model.parameters() if p.requires_grad], trainable, total,
+                        cached=config.freeze_depth > 0 and use_prefix_cache and not config.frozen_dropout,
+                        prefix={}, sources=dict(splits))
+    prepared.prefix = {"cached": prepared.cached, "seconds": {}, "reused": {}}
+    if prepared.cached:
         rows_key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         for name, split in splits.items():
             key = (config.model, data.fingerprint, name, rows_key if name == "train" else "all", precision)
-            states, reused = prefix_states(model, backbone, split, key, depth, data.pad_id, device, autocast)
-            sources[name] = states
-            prefix["seconds"][name], prefix["reused"][name] = round(states.build_seconds, 3), reused
+            states, reused = prefix_states(session.prefix_cache, model, backbone, split, key, config.freeze_depth,
+                                           data.pad_id, device, prepared.autocast)
+            prepared.sources[name] = states
+            prepared.prefix["seconds"][name], prepared.prefix["reused"][name] = round(states.build_seconds, 3), reused
+    return prepared
 
-    def inputs(name: str, indices) -> dict[str, torch.Tensor]:
-        if cached:
-            return sources[name].batch(indices, device)
-        return sources[name].batch(indices, data.pad_id, device)
 
-    train = splits["train"]
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+@dataclass
+class Training:
+    """What the epochs produced: per-epoch history, the selected epoch (weights kept in memory), timings."""
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None           # epoch, metrics, predictions, weights of the selected epoch
+    stopped: str | None = None         # the reason on_epoch gave for stopping early
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    sharing: shared_steps.Plan | None = None
+
+
+def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback | None, progress: bool,
+                 compile: bool, siblings: Iterable[RunConfig]) -> Training:
+    """The loop: epochs of length-grouped batches, evaluation after each, the best epoch kept."""
+    config, device = p.config, p.device
+    steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = make_optimizer(model, config, device)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+    optimizer = make_optimizer(p.model, config, device)
+    scheduler = get_scheduler(config.scheduler, optimizer,
+                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    labels = {name: torch.as_tensor(split.labels) for name, split in splits.items()}
-    view = layer_view(backbone, depth, layers, skip_embeddings=True) if cached else contextlib.nullcontext()
-
     # Steps shared with siblings that differ only in their schedule (core.shared_steps).
-    sharing = shared_steps.plan(config, siblings, steps_per_epoch, device=device.type, precision=precision,
-                                cached=cached, compile=compile, data=data.fingerprint)
-
-    history, best, stopped, train_seconds, eval_seconds = [], None, None, 0.0, 0.0
+    store = session.shared_steps
+    sharing = shared_steps.plan(store, config, siblings, steps_per_epoch, device=device.type, precision=p.precision,
+                                cached=p.cached, compile=compile, data=p.data.fingerprint)
+    done = Training(sharing=sharing)
     bar = tqdm(total=total_steps, disable=not progress, unit="step", leave=False,
-               desc=f"freeze {depth} · {config.scheduler} · seed {config.seed}")
-    with view:
-        forward = torch.compile(model, dynamic=True) if compile else model
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            if not config.frozen_dropout:  # frozen layers run in eval mode: the same function the cache computed
-                for module in frozen_modules(backbone, depth) if not cached else []:
-                    module.eval()
-            started, loss_sum = _sync_time(device), torch.zeros((), device=device)
-            skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
-            if epoch == 1 and sharing.resumed:
-                shared_steps.STORE.restore(sharing.resumed, params, optimizer, scheduler, device, loss_sum)
-                skip, earlier = sharing.resumed.steps, sharing.resumed.seconds
-                bar.update(skip)
-            batches = length_grouped_batches(train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
-            for step in range(skip, len(batches) + 1):
-                if epoch == 1 and step in sharing.keep_at:  # the state after `step` steps, for a sibling
-                    paused = _sync_time(device)
-                    shared_steps.STORE.take(sharing.key, sharing.rates[:step], config.run_id, params, optimizer,
-                                            device, loss_sum, earlier + paused - started)
-                    started += _sync_time(device) - paused  # the copy is not this run's training time
-                if step == len(batches):
-                    break
-                indices = batches[step]
-                target = to_device(labels["train"][indices], device)
-                with autocast():
-                    loss = forward(**inputs("train", indices), labels=target).loss
-                loss.backward()
-                clip_gradients(params, 1.0, device)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                bar.update()
-            epoch_seconds = _sync_time(device) - started + earlier
-            train_loss = loss_sum.item() / steps_per_epoch
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
-                                         "rate or check the data")
-            train_seconds += epoch_seconds
-
-            started = time.perf_counter()
-            metrics, predictions = _evaluate(forward, inputs, splits["validation"], labels["validation"], "validation",
-                                             data.num_labels, device, autocast)
-            eval_seconds += time.perf_counter() - started
-            entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5),
-                     "train_seconds": round(epoch_seconds, 3)}
-            history.append(entry)
-            bar.set_postfix(accuracy=f"{metrics['accuracy']:.4f}", loss=f"{metrics['loss']:.4f}")
-            if best is None or _better(metrics, best["metrics"], config.select_by):
-                best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
-                        "weights": [p.detach().clone() for p in params]}
-            if on_epoch is not None and (stopped := on_epoch(entry)):
+               desc=f"freeze {config.freeze_depth} · {config.scheduler} · seed {config.seed}")
+    for epoch in range(1, config.epochs + 1):
+        p.model.train()
+        if not config.frozen_dropout:  # frozen layers run in eval mode: the same function the cache computed
+            for module in frozen_modules(p.backbone, config.freeze_depth) if not p.cached else []:
+                module.eval()
+        started, loss_sum = _sync_time(device), torch.zeros((), device=device)
+        skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
+        if epoch == 1 and sharing.resumed:
+            store.restore(sharing.resumed, p.params, optimizer, scheduler, device, loss_sum)
+            skip, earlier = sharing.resumed.steps, sharing.resumed.seconds
+            bar.update(skip)
+        batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
+        for step in range(skip, len(batches) + 1):
+            if epoch == 1 and step in sharing.keep_at:  # the state after `step` steps, for a sibling
+                paused = _sync_time(device)
+                store.take(sharing.key, sharing.rates[:step], config.run_id, p.params, optimizer, device, loss_sum,
+                           earlier + paused - started)
+                started += _sync_time(device) - paused  # the copy is not this run's training time
+            if step == len(batches):
                 break
-        bar.close()
+            loss_sum += train_step(p, forward, batches[step], optimizer, scheduler)
+            bar.update()
+        epoch_seconds = _sync_time(device) - started + earlier
+        train_loss = loss_sum.item() / steps_per_epoch
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
+                                     "rate or check the data")
+        done.train_seconds += epoch_seconds
 
-        test_metrics = None
-        if "test" in splits:
-            with torch.no_grad():
-                for p, w in zip(params, best["weights"]):
-                    p.copy_(w)
-            started = time.perf_counter()
-            test_metrics, _ = _evaluate(forward, inputs, splits["test"], labels["test"], "test", data.num_labels,
-                                        device, autocast)
-            eval_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        metrics, predictions = evaluate(p, forward, "validation", session)
+        done.eval_seconds += time.perf_counter() - started
+        entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5),
+                 "train_seconds": round(epoch_seconds, 3)}
+        done.history.append(entry)
+        bar.set_postfix(accuracy=f"{metrics['accuracy']:.4f}", loss=f"{metrics['loss']:.4f}")
+        if done.best is None or _better(metrics, done.best["metrics"], config.select_by):
+            done.best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
+                         "weights": [w.detach().clone() for w in p.params]}
+        if on_epoch is not None and (stopped := on_epoch(entry)):
+            done.stopped = stopped
+            break
+    bar.close()
+    return done
 
-    train_tokens = int(train.lengths.sum()) * len(history)
-    prefix_train = prefix["seconds"].get("train", 0.0) if cached else 0.0
-    prefix_eval = sum(v for k, v in prefix["seconds"].items() if k != "train") if cached else 0.0
+
+def train_step(p: Prepared, forward, indices: np.ndarray, optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
+    """One optimizer step on the rows `indices`: forward, backward, clip to norm 1, AdamW, schedule."""
+    target = to_device(p.labels["train"][indices], p.device)
+    with p.autocast():
+        loss = forward(**p.inputs("train", indices), labels=target).loss
+    loss.backward()
+    clip_gradients(p.params, 1.0, p.device)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def evaluate_test(p: Prepared, forward, best: dict, session: Session) -> dict | None:
+    """The labeled test split, once, with the selected epoch's weights."""
+    if "test" not in p.splits:
+        return None
+    with torch.no_grad():
+        for param, weights in zip(p.params, best["weights"]):
+            param.copy_(weights)
+    metrics, _ = evaluate(p, forward, "test", session)
+    return metrics
+
+
+@torch.inference_mode()
+def evaluate(p: Prepared, forward, name: str, session: Session) -> tuple[dict, np.ndarray]:
+    """Loss, accuracy and macro-F1 on one split, in large length-sorted batches; also the predictions."""
+    forward.eval()
+    split = p.splits[name]
+    predictions = np.empty(len(split), dtype=np.int64)
+    loss_sum = 0.0
+    for indices in sorted_batches(split.lengths, eval_tokens(p.device)):
+        with p.autocast():
+            logits = forward(**p.inputs(name, indices)).logits.float()
+        target = p.labels[name][indices].to(p.device)
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        predictions[indices] = logits.argmax(-1).cpu().numpy()
+    scores = run_metrics.classification_metrics(predictions, split.labels, p.data.num_labels,
+                                                session.metric("accuracy"), session.metric("f1"))
+    return {"accuracy": round(scores["accuracy"], 6), "loss": round(loss_sum / max(1, len(split)), 6),
+            "f1": round(scores["f1"], 6)}, predictions
+
+
+def make_record(p: Prepared, training: Training, test_metrics: dict | None, session: Session, compile: bool,
+                wall_start: float) -> RunRecord:
+    config, best, splits = p.config, training.best, p.splits
+    train_tokens = int(p.train.lengths.sum()) * len(training.history)
+    prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
+    prefix_eval = sum(v for k, v in p.prefix["seconds"].items() if k != "train") if p.cached else 0.0
     predictions = best["predictions"]
-    return {
-        "run_id": config.run_id,
-        "config": config.to_dict(),
-        "accuracy": best["metrics"]["accuracy"],
-        "f1": best["metrics"]["f1"],
-        "loss": best["metrics"]["loss"],
-        "best_epoch": best["epoch"],
-        "selected_by": config.select_by,
-        "history": history,
-        "stopped_early": stopped,
-        "test_accuracy": test_metrics["accuracy"] if test_metrics else None,
-        "test_f1": test_metrics["f1"] if test_metrics else None,
-        # What the run costs alone: its steps plus building its frozen-prefix cache (even if reused here).
-        "train_seconds": round(train_seconds + prefix_train, 3),
-        "train_loop_seconds": round(train_seconds, 3),
-        "eval_seconds": round(eval_seconds + prefix_eval, 3),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "prefix_cache": prefix,
-        "shared_steps": sharing.record(),
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_samples": len(train),
-        "validation_samples": len(splits["validation"]),
-        "test_samples": len(splits["test"]) if "test" in splits else 0,
-        "num_labels": data.num_labels,
-        "label_names": [str(n) for n in data.label_names],
-        "text_columns": list(data.text_columns),
-        "label_column": data.label_column,
-        "tokens_per_second": round(train_tokens / train_seconds, 1) if train_seconds else None,
-        "peak_memory_mb": round(rec.peak_memory_mb(device), 1),
-        "peak_memory_scope": "run (CUDA allocator)" if device.type == "cuda" else "process (max RSS)",
-        "device": device_name(device),
-        "precision": precision,
-        "compiled": compile,
-        "metrics_backend": rec.metrics_backend(),
-        "versions": rec.versions(),
-        "finished_at": rec.now(),
-        "validation_predictions": [int(p) for p in predictions],
-        "validation_correct": "".join("1" if p == y else "0" for p, y in zip(predictions,
-                                                                              splits["validation"].labels)),
-    }
+    evaluated = session.metric("accuracy") is not None and session.metric("f1") is not None
+    return RunRecord(
+        run_id=config.run_id, config=config.to_dict(),
+        accuracy=best["metrics"]["accuracy"], f1=best["metrics"]["f1"], loss=best["metrics"]["loss"],
+        best_epoch=best["epoch"], selected_by=config.select_by, history=training.history,
+        stopped_early=training.stopped,
+        test_accuracy=test_metrics["accuracy"] if test_metrics else None,
+        test_f1=test_metrics["f1"] if test_metrics else None,
+        train_seconds=round(training.train_seconds + prefix_train, 3),
+        train_loop_seconds=round(training.train_seconds, 3),
+        eval_seconds=round(training.eval_seconds + prefix_eval, 3),
+        wall_seconds=round(time.perf_counter() - wall_start, 3),
+        prefix_cache=p.prefix, shared_steps=training.sharing.record(),
+        trainable_params=p.trainable, total_params=p.total,
+        train_samples=len(p.train), validation_samples=len(splits["validation"]),
+        test_samples=len(splits["test"]) if "test" in splits else 0,
+        num_labels=p.data.num_labels, label_names=[str(n) for n in p.data.label_names],
+        text_columns=list(p.data.text_columns), label_column=p.data.label_column,
+        tokens_per_second=round(train_tokens / training.train_seconds, 1) if training.train_seconds else None,
+        peak_memory_mb=round(run_metrics.peak_memory_mb(p.device), 1),
+        peak_memory_scope="run (CUDA allocator)" if p.device.type == "cuda" else "process (max RSS)",
+        device=device_name(p.device), precision=p.precision, compiled=compile,
+        metrics_backend="evaluate" if evaluated else "numpy (evaluate offline)",
+        versions=run_metrics.versions(), finished_at=now(),
+        validation_predictions=[int(x) for x in predictions],
+        validation_correct="".join("1" if x == y else "0" for x, y in zip(predictions, splits["validation"].labels)),
+    )
 
 
 def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -260,7 +332,7 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, device: to
     if device.type != "cpu" or not hasattr(torch.nn.utils, "get_total_norm"):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = torch.nn.utils.get_total_norm([g.grad for g in params if g.grad is not None])
     if norm > max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
@@ -273,19 +345,3 @@ def _sync_time(device: torch.device) -> float:
 
 def _better(new: dict, old: dict, select_by: str) -> bool:
     return new["loss"] < old["loss"] if select_by == "loss" else new[select_by] > old[select_by]
-
-
-@torch.inference_mode()
-def _evaluate(model, inputs, split, labels, name, num_labels, device, autocast) -> tuple[dict, np.ndarray]:
-    model.eval()
-    predictions = np.empty(len(split), dtype=np.int64)
-    loss_sum = 0.0
-    for indices in sorted_batches(split.lengths, eval_tokens(device)):
-        with autocast():
-            logits = model(**inputs(name, indices)).logits.float()
-        target = labels[indices].to(device)
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        predictions[indices] = logits.argmax(-1).cpu().numpy()
-    metrics = rec.classification_metrics(predictions, split.labels, num_labels)
-    return {"accuracy": round(metrics["accuracy"], 6), "loss": round(loss_sum / max(1, len(split)), 6),
-            "f1": round(metrics["f1"], 6)}, predictions

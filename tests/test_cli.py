@@ -14,6 +14,7 @@ import pytest
 from conftest import quick_config, toy_rows, write_split
 from transformers import DistilBertConfig
 
+import core.session
 import core.train
 from core import UsageError, check
 from core.__main__ import main
@@ -126,8 +127,8 @@ def test_checks_run_before_anything_heavy_is_loaded(monkeypatch, tiny_bert, toy_
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded before the checks ran")
 
-    for name in ("load_model", "load_tokenizer", "load_text_data"):
-        monkeypatch.setattr(core.train, name, must_not_load)
+    for name in ("load_pretrained", "load_tokenizer", "load_text_data"):
+        monkeypatch.setattr(core.session, name, must_not_load)
     bad_configs = [quick_config(tiny_bert, toy_data, freeze_depth=3),
                    quick_config(tiny_bert, str(tmp_path / "missing")),
                    quick_config(str(tmp_path / "missing"), toy_data),

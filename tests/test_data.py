@@ -11,7 +11,11 @@ from conftest import quick_config, toy_rows, write_split, write_tokenizer, write
 
 from core import UsageError
 from core.data import detect_columns, load_raw, load_text_data, subsample
-from core.train import run
+from core.train import run as train_run
+
+
+def run(config, **kwargs) -> dict:
+    return train_run(config, **kwargs).to_dict()
 
 
 @pytest.fixture(scope="module")

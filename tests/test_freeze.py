@@ -142,7 +142,7 @@ def test_prefix_cache_plus_upper_layers_equals_the_full_model(family_setup):
     for depth in range(1, TINY_LAYERS + 1):
         freeze(model, depth)
         key = ("test-exact", folder, data.fingerprint, depth)
-        states, reused = prefix_states(model, backbone, split, key, depth, data.pad_id, "cpu",
+        states, reused = prefix_states(PrefixCache(), model, backbone, split, key, depth, data.pad_id, "cpu",
                                        contextlib.nullcontext)
         assert not reused and states.depth == depth and states.flat.dtype == torch.float16
         assert states.flat.shape[0] == int(split.lengths.sum())
@@ -167,15 +167,14 @@ def test_deeper_cache_derived_from_a_shallower_one_equals_one_built_from_scratch
     key = ("test-derive", folder, data.fingerprint)
     args = (data.pad_id, "cpu", contextlib.nullcontext)
 
-    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache())
-    shallow, _ = prefix_states(model, backbone, split, key, 1, *args)
-    derived, reused = prefix_states(model, backbone, split, key, 2, *args)
+    cache = PrefixCache()
+    shallow, _ = prefix_states(cache, model, backbone, split, key, 1, *args)
+    derived, reused = prefix_states(cache, model, backbone, split, key, 2, *args)
     assert not reused and derived.build_seconds >= shallow.build_seconds
-    again, reused = prefix_states(model, backbone, split, key, 2, *args)
+    again, reused = prefix_states(cache, model, backbone, split, key, 2, *args)
     assert reused and again is derived
 
-    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache())
-    scratch, _ = prefix_states(model, backbone, split, key, 2, *args)
+    scratch, _ = prefix_states(PrefixCache(), model, backbone, split, key, 2, *args)
     np.testing.assert_array_equal(derived.offsets, scratch.offsets)
     torch.testing.assert_close(derived.flat.float(), scratch.flat.float(), atol=4e-3, rtol=2e-3,
                                msg=f"{kind}: depth 2 from depth 1 differs from depth 2 from scratch")
@@ -189,10 +188,9 @@ def test_cache_beyond_its_memory_budget_spills_to_disk_unchanged(family_setup, m
     backbone = find_backbone(model)
     key = ("test-spill", folder, data.fingerprint)
     args = (data.pad_id, "cpu", contextlib.nullcontext)
-    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache())
-    in_memory, _ = prefix_states(model, backbone, split, key, 2, *args)
-    monkeypatch.setattr("core.prefix_cache.CACHE", PrefixCache(device_budget_gb=0, host_budget_gb=0))
-    on_disk, _ = prefix_states(model, backbone, split, key, 2, *args)
+    in_memory, _ = prefix_states(PrefixCache(), model, backbone, split, key, 2, *args)
+    on_disk, _ = prefix_states(PrefixCache(device_budget_gb=0, host_budget_gb=0), model, backbone, split, key, 2,
+                               *args)
     torch.testing.assert_close(on_disk.flat, in_memory.flat, atol=0, rtol=0)
 
 
@@ -212,17 +210,19 @@ def test_the_checkpoint_is_read_once_and_every_load_equals_a_fresh_from_pretrain
     """Later cells of a grid copy the pristine model; under the same seed they get bit for bit the weights (and
     leave the RNG where) a fresh from_pretrained would, whatever the head's shape."""
     import transformers
+
     import core.model
-    core.model._PRETRAINED.clear()
+    from core import Session
+    session = Session()
     labels = ["neg", "pos", "mixed"]
     torch.manual_seed(1)
-    load_model(tiny_family, labels)                                 # reads the checkpoint
+    session.model(tiny_family, labels)                              # reads the checkpoint
     reads = []
     original = core.model._from_pretrained
     monkeypatch.setattr(core.model, "_from_pretrained", lambda *a: reads.append(a) or original(*a))
     for seed in (2, 3):
         torch.manual_seed(seed)
-        ours = load_model(tiny_family, labels).state_dict()
+        ours = session.model(tiny_family, labels).state_dict()
         rng_after_ours = torch.random.get_rng_state()
         torch.manual_seed(seed)
         fresh = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -230,7 +230,7 @@ def test_the_checkpoint_is_read_once_and_every_load_equals_a_fresh_from_pretrain
         assert torch.equal(rng_after_ours, torch.random.get_rng_state())
         assert all(torch.equal(ours[k], fresh[k]) for k in fresh)
     assert reads == []                                              # both came from the copy
-    first = load_model(tiny_family, labels)
+    first = session.model(tiny_family, labels)
     with torch.no_grad():
         next(first.parameters()).add_(1.0)                          # training one copy leaves the next untouched
-    assert not torch.equal(next(first.parameters()), next(load_model(tiny_family, labels).parameters()))
+    assert not torch.equal(next(first.parameters()), next(session.model(tiny_family, labels).parameters()))

@@ -125,7 +125,7 @@ def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_
     def flaky(config, siblings):
         if config.run_id == broken:
             raise FloatingPointError("training loss became nan in epoch 1")
-        return run(config, progress=False)
+        return run(config, progress=False).to_dict()
 
     outcome = run_cells(configs, study, ledger, flaky, retries=1, progress=False)
     assert list(outcome.failed) == [broken] and len(outcome.trained) == 1
@@ -136,7 +136,8 @@ def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_
     assert list(outcome.failed) == [broken] and outcome.trained == []
     outcome = run_cells(configs, study, ledger, flaky, retries=1, progress=False)   # out of retries: given up
     assert outcome.given_up == [broken] and outcome.failed == {}
-    outcome = run_cells(configs, study, ledger, lambda c, _: run(c, progress=False), retries=3, progress=False)
+    outcome = run_cells(configs, study, ledger, lambda c, _: run(c, progress=False).to_dict(), retries=3,
+                        progress=False)
     assert outcome.trained == [broken]
     assert trained_per_run(storage.url if hasattr(storage, "url") else f"sqlite:///{tmp_path}/grid.db")[broken] == 1
 

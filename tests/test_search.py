@@ -112,7 +112,7 @@ def test_a_config_the_grid_ran_is_answered_from_its_record_without_training(tiny
     base = quick_config(tiny_bert, toy_data)
     grid = optuna.create_study(storage=storage, study_name="grid", directions=["maximize", "minimize"])
     run_cells(Grid((1,), ("linear",), (1,), (0,)).configs(base), grid, Ledger(storage),
-              lambda c, _: run(c, progress=False), progress=False)
+              lambda c, _: run(c, progress=False).to_dict(), progress=False)
     only = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 1e-3),
                        warmup_ratio=(0.0, 0.0))  # one point: the grid's cell
     calls: list = []
@@ -128,7 +128,8 @@ def test_a_config_the_grid_ran_is_answered_from_its_record_without_training(tiny
 
 def test_a_trial_dominated_by_the_front_is_pruned_with_its_reason(tiny_bert, toy_data, tmp_path):
     space = SearchSpace(freeze_depth=(0, 0), epochs=(2, 2))
-    search = searcher(tmp_path, space=space, train=lambda c, on_epoch: run(c, progress=False, on_epoch=on_epoch),
+    search = searcher(tmp_path, space=space,
+                      train=lambda c, on_epoch: run(c, progress=False, on_epoch=on_epoch).to_dict(),
                       base=quick_config(tiny_bert, toy_data))
     search.study.add_trial(optuna.trial.create_trial(values=[1.0, 1e-6]))  # perfect and instant: dominates all
     search.run(1, progress=False)

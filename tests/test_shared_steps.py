@@ -6,23 +6,25 @@ import pytest
 import torch
 from conftest import quick_config
 
-from core import shared_steps
-from core.train import run
+import core.train
+from core import Session, shared_steps
 
 SAME = ("accuracy", "loss", "f1", "best_epoch", "validation_predictions", "validation_correct")
 
 
+def run(config, session: Session, **kwargs) -> dict:
+    return core.train.run(config, session=session, **kwargs).to_dict()
+
+
 def alone(config) -> dict:
-    shared_steps.STORE.clear()
-    return run(config, device="cpu", progress=False)
+    return run(config, Session(), device="cpu", progress=False)
 
 
 @pytest.fixture
 def final_weights(monkeypatch):
     """The trained weights of every run in the test, in order (the record does not carry them)."""
-    import core.train
-    models, load = [], core.train.load_model
-    monkeypatch.setattr(core.train, "load_model", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
+    models, load = [], Session.model
+    monkeypatch.setattr(Session, "model", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
     return lambda: [torch.cat([p.detach().flatten().float() for p in m.parameters()]) for m in models]
 
 
@@ -38,10 +40,11 @@ def test_a_sibling_resumes_bit_for_bit(tiny_bert, toy_data, depth, precision, fi
     third = linear.replace(scheduler="constant_with_warmup")
     expected_third = alone(third)
 
-    first = run(linear, device="cpu", progress=False, siblings=[linear, cosine, third])
+    session = Session()
+    first = run(linear, session, device="cpu", progress=False, siblings=[linear, cosine, third])
     assert first["shared_steps"] is None
-    second = run(cosine, device="cpu", progress=False)
-    last = run(third, device="cpu", progress=False)  # from the same snapshot, after `second` trained on from it
+    second = run(cosine, session, device="cpu", progress=False)
+    last = run(third, session, device="cpu", progress=False)  # same snapshot, after `second` trained on from it
     for got, want in ((second, expected), (last, expected_third)):
         assert got["shared_steps"]["steps"] == 5 and got["shared_steps"]["from_run"] == linear.run_id
         for name in SAME:
@@ -61,11 +64,11 @@ def test_only_schedule_siblings_share(tiny_bert, toy_data):
     other_rate = linear.replace(scheduler="cosine", learning_rate=2e-3)
     other_seed = linear.replace(scheduler="cosine", seed=1)
     no_warmup = linear.replace(scheduler="constant")  # its first multiplier is 1, linear's 0: nothing in common
-    shared_steps.STORE.clear()
-    run(linear, device="cpu", progress=False, siblings=[other_rate, other_seed, no_warmup])
-    assert not shared_steps.STORE.entries
+    session = Session()
+    run(linear, session, device="cpu", progress=False, siblings=[other_rate, other_seed, no_warmup])
+    assert not session.shared_steps.entries
     for config in (other_rate, other_seed, no_warmup):
-        assert run(config, device="cpu", progress=False)["shared_steps"] is None
+        assert run(config, session, device="cpu", progress=False)["shared_steps"] is None
 
 
 def test_common_steps_follow_the_schedules():
@@ -85,9 +88,9 @@ def test_the_grid_trains_schedule_siblings_back_to_back_and_shares_their_steps(t
     storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
     base = quick_config(tiny_bert, toy_data, warmup_ratio=0.3)
     configs = Grid((0, 1), ("linear", "cosine"), (1,), (0, 1)).configs(base)
-    shared_steps.STORE.clear()
+    session = Session()
     run_cells(configs, open_study(storage, "grid"), Ledger(storage),
-              lambda c, siblings: run(c, progress=False, siblings=siblings), progress=False)
+              lambda c, siblings: run(c, session, progress=False, siblings=siblings), progress=False)
     records = {r["record"]["run_id"]: r["record"] for r in load_runs(f"sqlite:///{tmp_path}/grid.db")}
     assert len(records) == 8
     for config in configs:  # of each (depth, seed) pair, the second starts from the first's common steps

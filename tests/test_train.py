@@ -9,10 +9,13 @@ import torch
 from conftest import SHARED_SST2, quick_config, write_toy_dataset
 
 import core.train
-from core import RunConfig
-from core.data import load_text_data
-from core.model import load_model, load_tokenizer
-from core.train import run
+from core import RunConfig, Session
+from core.model import load_model
+
+
+def run(config, **kwargs) -> dict:
+    """The record as the ledger stores it and a user reads it."""
+    return core.train.run(config, **kwargs).to_dict()
 
 TIMING = {"train_seconds", "train_loop_seconds", "eval_seconds", "wall_seconds", "tokens_per_second",
           "peak_memory_mb", "finished_at", "prefix_cache"}
@@ -91,11 +94,13 @@ def test_frozen_dropout_turns_the_cache_off(tiny_distilbert, toy_data):
 def test_frozen_weights_do_not_change(tiny_distilbert, toy_data, monkeypatch, use_prefix_cache):
     loaded = []
 
+    model = Session.model
+
     def keep_model(*args):
-        loaded.append(load_model(*args))
+        loaded.append(model(*args))
         return loaded[-1]
 
-    monkeypatch.setattr(core.train, "load_model", keep_model)
+    monkeypatch.setattr(Session, "model", keep_model)
     run(quick_config(tiny_distilbert, toy_data, epochs=1, learning_rate=3e-3, freeze_depth=2), progress=False,
         use_prefix_cache=use_prefix_cache)
     before = load_model(tiny_distilbert, ["0", "1"]).state_dict()
@@ -123,21 +128,18 @@ def small_data_with_test(tmp_path_factory) -> str:
 @pytest.fixture
 def scripted_validation(monkeypatch, tiny_distilbert, small_data_with_test):
     """Validation metrics follow SCRIPTED; the real test-split accuracy is measured after every epoch."""
-    real_evaluate = core.train._evaluate
-    tokenizer = load_tokenizer(tiny_distilbert)
-    test_split = load_text_data(small_data_with_test, tokenizer, max_length=32).splits["test"]
+    real_evaluate = core.train.evaluate
     test_by_epoch = []
 
-    def evaluate(model, inputs, split, labels, name, num_labels, device, autocast):
+    def evaluate(prepared, forward, name, session):
         if name != "validation":
-            return real_evaluate(model, inputs, split, labels, name, num_labels, device, autocast)
-        test_by_epoch.append(real_evaluate(model, inputs, test_split, torch.as_tensor(test_split.labels), "test",
-                                           num_labels, device, autocast)[0]["accuracy"])
-        model.train()
+            return real_evaluate(prepared, forward, name, session)
+        test_by_epoch.append(real_evaluate(prepared, forward, "test", session)[0]["accuracy"])
+        forward.train()
         epoch = len(test_by_epoch)
-        return dict(SCRIPTED[epoch - 1]), np.full(len(split), epoch)
+        return dict(SCRIPTED[epoch - 1]), np.full(len(prepared.splits["validation"]), epoch)
 
-    monkeypatch.setattr(core.train, "_evaluate", evaluate)
+    monkeypatch.setattr(core.train, "evaluate", evaluate)
     return test_by_epoch
 
 
