@@ -7,8 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import quick_config
-
 from core.host_memory import reuse_freed_memory
 
 PROBE = """
@@ -39,9 +37,32 @@ def test_large_tensors_are_reused_instead_of_faulted_in_every_step():
     assert tuned["faults"] < pages / 20   # the freed block is reused
 
 
-def test_a_cpu_run_applies_it(monkeypatch, tiny_bert, toy_data):
-    import core.train
-    calls = []
-    monkeypatch.setattr(core.train, "reuse_freed_memory", lambda: calls.append(1) or True)
-    core.train.run(quick_config(tiny_bert, toy_data, epochs=1), device="cpu", progress=False)
-    assert calls == [1]
+AFTER_A_RUN = """
+import json, resource, sys
+import torch
+from conftest import quick_config
+import core.train
+core.train.run(quick_config(sys.argv[1], sys.argv[2], epochs=1), device="cpu", progress=False)
+for _ in range(2):
+    torch.ones(16 * 2**20).sum()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(16 * 2**20).sum()
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not reuse_freed_memory(), reason="glibc only")
+def test_a_cpu_run_leaves_large_blocks_reused(tiny_bert, toy_data):
+    """After a CPU run the process reuses freed large blocks (the run applied the setting), unless turned off."""
+    tests = os.path.dirname(__file__)
+
+    def faults(**env) -> int:
+        done = subprocess.run([sys.executable, "-c", AFTER_A_RUN, tiny_bert, toy_data], capture_output=True,
+                              text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]), **env})
+        return json.loads(done.stdout.strip().splitlines()[-1])["faults"]
+
+    pages = 5 * 64 * 2**20 // 4096
+    assert faults() < pages / 20
+    assert faults(ABLATIONS_KEEP_GLIBC_MALLOC="1") > pages / 2
