@@ -5,6 +5,8 @@ from typing import Any
 
 import pandas as pd
 
+from ablations.stats import MCNEMAR, TOO_FEW_SEEDS
+
 DEFAULT_BASELINE: dict[str, Any] = {"freeze_depth": 0}
 
 
@@ -26,13 +28,24 @@ def _p_value(p: float) -> str:
     return "—" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def _versus(row: Any) -> str:
+    """Δ, the Holm-adjusted p and the test that gave it (or why there is none) for a non-baseline row."""
+    if pd.isna(row.accuracy_delta):
+        return "no baseline run"
+    delta = f"{100 * row.accuracy_delta:+.1f}".replace("-", "−") + " pp"
+    if row.test == TOO_FEW_SEEDS or pd.isna(row.p_value):
+        return f"{delta}, {TOO_FEW_SEEDS} ({row.seed_pairs} shared)"
+    test = "McNemar, 1 seed" if row.test == MCNEMAR else f"t, {row.seed_pairs} seeds"
+    return f"{delta}, p {_p_value(row.p_value)} ({test})"
+
+
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None) -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used."""
     shown = list(table.columns[:table.columns.get_loc("label")])
     names = {"freeze_depth": "freeze depth", "scheduler": "schedule", "learning_rate": "learning rate"}
     header = [names.get(c, c.replace("_", " ")) for c in shown] + [
         "seeds", "val. accuracy [95 % CI]", "test accuracy", "train s", "speed-up", "trainable params", "Pareto",
-        "vs baseline (Δ, McNemar p, b/c)"]
+        "vs baseline (Δ, Holm p, test)"]
     align = ["---"] * len(shown) + ["--:"] * 6 + [":-:", "---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in table.itertuples(index=False):
@@ -42,14 +55,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         accuracy = _percent(row.accuracy_mean)
         if not pd.isna(row.accuracy_low):
             accuracy += f" [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
-        if row.baseline:
-            versus = "**baseline**"
-        elif pd.isna(row.accuracy_delta):
-            versus = "no baseline run"
-        else:
-            pairs = f"{row.mcnemar_b}/{row.mcnemar_c}" if row.mcnemar_pairs else "no shared seeds"
-            delta = f"{100 * row.accuracy_delta:+.1f}".replace("-", "−")
-            versus = f"{delta} pp, p {_p_value(row.p_value)}, {pairs}"
+        versus = "**baseline**" if row.baseline else _versus(row)
         cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _seconds(row.train_seconds_mean),
                   "—" if pd.isna(row.speedup) else f"{row.speedup:.2f}×",
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
@@ -60,13 +66,18 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
                f"{about['train']} training examples, {about['validation']} validation examples, "
                f"device: {about['device']}.")
     methods = (
-        "Validation accuracy is the mean over seeds with a 95 % Student-t interval (scipy.stats.t); a configuration "
-        "with one seed gets a 95 % Wilson binomial interval over its validation examples. Train s is the mean "
-        f"training time; speed-up = baseline time / configuration time. Baseline (**bold**): {target}, every other "
-        "scientific and fixed field equal; learning rate, warmup and weight decay are nuisance settings, so among "
-        "baselines that differ only in them the most accurate one is used. The p-value is an exact McNemar test on "
-        "per-example validation correctness, pairing seed s "
-        "with baseline seed s and pooling the discordant counts over seeds (b = right only here, c = right only in "
-        "the baseline; two-sided scipy.stats.binomtest of b against Bin(b + c, ½)). ★ = Pareto-optimal: no other "
-        "configuration is at least as accurate and at least as fast.")
+        "Validation accuracy is the mean over seeds with a 95 % Student-t interval over seeds (scipy.stats.t: the "
+        "spread of training runs on these validation examples, not the examples' own sampling noise, which the test "
+        "adds); a configuration with one seed gets a 95 % Wilson binomial interval over its validation examples. "
+        "Train s is the mean training time; speed-up = baseline time / configuration time. Baseline (**bold**): "
+        f"{target}, every other scientific and fixed field equal; learning rate, warmup and weight decay are "
+        "nuisance settings, so among baselines that differ only in them the most accurate one is used (on the dev "
+        "split when every candidate has one). Δ = accuracy − baseline accuracy. The test pairs seed s with baseline "
+        "seed s on the same validation examples. With two or more seed pairs (t, n seeds) it counts both noises: "
+        "the larger p of the paired t over the per-seed differences (n − 1 degrees of freedom) and a t whose squared "
+        "standard error adds the per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees "
+        "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
+        "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
+        "(tradeoff.csv: p_value adjusted, p_value_raw not). ★ = Pareto-optimal: no other configuration is at least "
+        "as accurate and at least as fast.")
     return "\n".join([caption, "", *lines, "", methods, ""])

@@ -17,11 +17,11 @@ import pandas as pd
 
 from ablations import plots
 from ablations.markdown import DEFAULT_BASELINE, markdown
-from ablations.stats import accuracy_interval, mcnemar_exact, pareto_front
+from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
-               "accuracy", "test_accuracy", "train_seconds", "trainable_params", "train_samples", "device",
-               "fail_reason", "reused_from"]
+               "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "trainable_params", "train_samples",
+               "device", "fail_reason", "reused_from"]
 SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
 
 
@@ -41,7 +41,8 @@ def run_table(runs: list[dict]) -> pd.DataFrame:
         rows.append({**{key: run.get(key) for key in ("study", "number", "state", "run_id")},
                      **{key: config.get(key) for key in ("freeze_depth", "scheduler", "epochs", "seed",
                                                           "learning_rate")},
-                     "accuracy": record.get("accuracy", values[0]), "test_accuracy": record.get("test_accuracy"),
+                     "accuracy": record.get("accuracy", values[0]), "dev_accuracy": record.get("dev_accuracy"),
+                     "test_accuracy": record.get("test_accuracy"),
                      "train_seconds": record.get("train_seconds", values[1]),
                      **{key: record.get(key) for key in ("trainable_params", "train_samples", "device")},
                      "fail_reason": run.get("fail_reason"), "reused_from": run.get("reused_from")})
@@ -102,7 +103,7 @@ def parse_baseline(text: str) -> dict[str, str]:
 
 
 def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
-    """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, McNemar vs its baseline."""
+    """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, a test vs its baseline."""
     groups = _configurations(runs)
     if not groups:
         raise usage_error("no completed runs to report: the storage holds only failed, pruned or running trials")
@@ -131,10 +132,13 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         hits = correct.count("1") if correct else round(records[0]["accuracy"] * total)
         interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
         tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
+        dev = [r["dev_accuracy"] for r in records if r.get("dev_accuracy") is not None]
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
         rows.append({**{name: fields.get(name) for name in shown}, "label": plots.point_label(fields, in_label),
                      "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
                      "accuracy_high": interval.high, "interval": interval.method,
+                     # blank unless every seed has one: a mean over some of the seeds would not compare
+                     "dev_accuracy_mean": sum(dev) / len(dev) if dev and len(dev) == len(records) else math.nan,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
                      "train_seconds_mean": sum(r["train_seconds"] for r in records) / len(records),
                      "trainable_params": records[0].get("trainable_params"),
@@ -151,19 +155,25 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
 def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
     """Point each row at its baseline with nuisance settings tuned away: among the configurations that match the
     row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the most
-    accurate one. A study that picked the learning rate per depth then still compares depth with depth."""
+    accurate one — on the dev split where every candidate has one, so that the reported accuracy is not also the
+    one it was chosen on. A study that picked the learning rate per depth then still compares depth with depth."""
     ignored = [n for n in NUISANCE if n not in overrides]
 
     def scientific(key: str) -> str:
         return json.dumps({k: v for k, v in json.loads(key).items() if k not in ignored}, sort_keys=True)
 
-    accuracy = dict(zip(table["config_key"], table["accuracy_mean"]))
     candidates: dict[str, list[str]] = {}
     for key, (fields, _) in groups.items():
         if all(fields.get(k) == v for k, v in overrides.items()):
             candidates.setdefault(scientific(key), []).append(key)
-    chosen = [max(candidates.get(scientific(target), [target]), key=lambda k: accuracy.get(k, -1.0))
-              for target in table["baseline_key"]]
+    held_out = dict(zip(table["config_key"], table["accuracy_mean"]))
+    dev = dict(zip(table["config_key"], table["dev_accuracy_mean"]))
+
+    def most_accurate(keys: list[str]) -> str:
+        score = dev if all(not math.isnan(dev.get(k, math.nan)) for k in keys) else held_out
+        return max(keys, key=lambda k: score.get(k, -1.0))
+
+    chosen = [most_accurate(candidates.get(scientific(target), [target])) for target in table["baseline_key"]]
     table["baseline_key"] = chosen
     table["baseline"] = table["baseline_key"] == table["config_key"]
 
@@ -173,12 +183,14 @@ def _correct_by_seed(records: list[dict]) -> dict[int, str]:
 
 
 def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, list[dict]]]) -> pd.DataFrame:
-    """Speed-up, accuracy difference and the seed-paired exact McNemar test of each row against its baseline."""
+    """Speed-up, accuracy difference and a test of each row against its baseline on seed-matched runs
+    (`ablations.stats.compare_seed_pairs`: over seeds and sentences, exact McNemar for one seed each, or "too few
+    seeds"), Holm-adjusted over the rows of this report: `p_value` adjusted, `p_value_raw` not."""
     by_key = table.set_index("config_key")
     compared = []
     for row in table.itertuples(index=False):
-        result: dict[str, Any] = {"speedup": math.nan, "accuracy_delta": math.nan, "mcnemar_b": None,
-                                  "mcnemar_c": None, "mcnemar_pairs": None, "p_value": math.nan}
+        result: dict[str, Any] = {"speedup": math.nan, "accuracy_delta": math.nan, "seed_pairs": None,
+                                  "test": None, "p_value_raw": math.nan}
         if row.baseline_key in by_key.index:
             base = by_key.loc[row.baseline_key]
             result["speedup"] = base["train_seconds_mean"] / row.train_seconds_mean
@@ -187,13 +199,12 @@ def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, l
                 mine, theirs = (_correct_by_seed(groups[key][1]) for key in (row.config_key, row.baseline_key))
                 pairs = [(mine[s], theirs[s]) for s in sorted(mine.keys() & theirs.keys())
                          if mine[s] and len(mine[s]) == len(theirs[s])]
-                test = mcnemar_exact(pairs)
-                result.update(mcnemar_b=test.only_config, mcnemar_c=test.only_baseline, mcnemar_pairs=test.pairs,
-                              p_value=test.p_value)
+                test = compare_seed_pairs(pairs, len(mine), len(theirs))
+                result.update(seed_pairs=test.seed_pairs, test=test.test, p_value_raw=test.p_value)
         compared.append(result)
     compared = pd.DataFrame(compared, index=table.index)
-    counts = ["mcnemar_b", "mcnemar_c", "mcnemar_pairs"]
-    compared[counts] = compared[counts].astype("Int64")  # whole numbers, blank where there is no test
+    compared["seed_pairs"] = compared["seed_pairs"].astype("Int64")  # whole numbers, blank where there is no test
+    compared["p_value"] = holm(compared["p_value_raw"].tolist())
     return pd.concat([table, compared], axis=1)
 
 

@@ -1,6 +1,7 @@
-"""The statistics behind the trade-off report: intervals over seeds, the paired McNemar test, the Pareto front.
+"""The statistics behind the trade-off report: intervals over seeds, tests against the baseline, Holm, the front.
 
-Every test and interval comes from `scipy.stats`; this module only decides which one applies and what goes in.
+Distributions and intervals come from `scipy.stats`; written here is only what scipy lacks: the standard error of a
+mean difference over seeds × examples (two crossed sources of noise) and Holm's adjustment.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -53,34 +55,116 @@ def accuracy_interval(accuracies: Sequence[float], correct: int | None = None, t
     return Interval(float(accuracies[0]), math.nan, math.nan, "none")
 
 
+# The tests the report can name in its `test` column.
+SEEDS_AND_SENTENCES = "t over seeds and sentences"
+MCNEMAR = "exact McNemar, one seed"
+TOO_FEW_SEEDS = "too few seeds"
+MIN_SEED_PAIRS = 2  # the seed-to-seed spread needs at least two seed pairs
+
+
 @dataclass(frozen=True)
-class McNemar:
-    only_config: int     # b: examples the configuration gets right and the baseline gets wrong
-    only_baseline: int   # c: examples the baseline gets right and the configuration gets wrong
-    pairs: int           # seed pairs that entered the pooled count
-    p_value: float       # two-sided exact binomial test of b against Bin(b + c, 1/2); nan without pairs
+class Comparison:
+    """A configuration against its baseline on seed-matched runs evaluated on the same examples."""
+    test: str            # SEEDS_AND_SENTENCES, MCNEMAR or TOO_FEW_SEEDS
+    seed_pairs: int      # seeds that both have
+    delta: float         # mean correctness difference (configuration − baseline) over those pairs and examples
+    std_error: float     # of delta over seeds and sentences; nan for McNemar and without a test
+    df: float            # its Welch–Satterthwaite degrees of freedom; nan otherwise
+    p_value: float       # two-sided, not adjusted for multiple comparisons; nan without a test
+
+
+def _correctness(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int8) - ord("0")
+
+
+def _differences(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Seeds × examples matrix of config minus baseline correctness (-1, 0 or 1)."""
+    for config_correct, baseline_correct in pairs:
+        if len(config_correct) != len(baseline_correct) or len(config_correct) != len(pairs[0][0]):
+            raise ValueError(f"correctness strings differ in length ({len(config_correct)} vs "
+                             f"{len(baseline_correct)}): the runs were not evaluated on the same validation set")
+    return np.stack([_correctness(mine) - _correctness(theirs) for mine, theirs in pairs]).astype(float)
 
 
 def discordant(config_correct: str, baseline_correct: str) -> tuple[int, int]:
-    """(b, c) for one pair of runs from their per-example correctness strings of '0'/'1'."""
-    if len(config_correct) != len(baseline_correct):
-        raise ValueError(f"correctness strings differ in length ({len(config_correct)} vs {len(baseline_correct)}): "
-                         "the runs were not evaluated on the same validation set")
-    b = sum(1 for x, y in zip(config_correct, baseline_correct) if x == "1" and y == "0")
-    c = sum(1 for x, y in zip(config_correct, baseline_correct) if x == "0" and y == "1")
-    return b, c
+    """(b, c) for one pair of runs: examples right only in the configuration, right only in the baseline."""
+    difference = _differences([(config_correct, baseline_correct)])[0]
+    return int((difference > 0).sum()), int((difference < 0).sum())
 
 
-def mcnemar_exact(pairs: Sequence[tuple[str, str]]) -> McNemar:
-    """Exact McNemar test with the discordant counts pooled over (config, baseline) pairs of the same seed."""
-    b = c = 0
-    for config_correct, baseline_correct in pairs:
-        more_b, more_c = discordant(config_correct, baseline_correct)
-        b, c = b + more_b, c + more_c
-    if not pairs:
-        return McNemar(0, 0, 0, math.nan)
-    p_value = 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
-    return McNemar(b, c, len(pairs), p_value)
+def mcnemar_exact(config_correct: str, baseline_correct: str) -> float:
+    """Exact McNemar p for ONE pair of runs: two-sided binomial test of b against Bin(b + c, 1/2).
+
+    It measures only the noise of the finite example set, for these two trained models: never pool b and c over
+    seeds (the same examples would count once per seed, and the training noise would not count at all)."""
+    b, c = discordant(config_correct, baseline_correct)
+    return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def _two_sided_t(delta: float, std_error: float, df: float) -> float:
+    if std_error == 0:  # no spread at all: any difference is certain, none is no evidence
+        return 1.0 if delta == 0 else 0.0
+    return float(2 * stats.t.sf(abs(delta) / std_error, df))
+
+
+def seeds_and_sentences_t(pairs: Sequence[tuple[str, str]]) -> Comparison:
+    """Test the mean difference against both noises: the seeds (training) and the sentences (sampling).
+
+    D[s, i] is the correctness difference of seed pair s on example i (a pairs × n examples, crossed: every seed
+    is scored on the same examples). Two t tests, and the larger p of the two:
+    - over seeds: the paired t on the a per-seed accuracy differences (a − 1 degrees of freedom). Exact for the
+      training noise, but the example set is held fixed, so it misses the sampling noise of the sentences;
+    - over seeds and sentences: its squared standard error adds the paired t's over seeds and the paired t's over
+      examples (the per-example differences averaged over seeds, /√n), with Welch–Satterthwaite degrees of
+      freedom: Clark's (1973) min F′ for two crossed random factors (subjects × items there, seeds × sentences
+      here). It counts both noises, but with two or three seeds that happen to agree its degrees of freedom run
+      high and its p low.
+    Each covers the other's weak case, and a difference must pass both (an intersection–union rule), which
+    keeps the level in both regimes (simulated in tests/test_stats.py). Three identical seed pairs give exactly
+    the p of one pair (the seed spread is zero, and the sentences count once, not three times).
+
+    Why not a bootstrap over seeds and then sentences: with the 2–5 seeds a study affords, resampling seeds sees a
+    handful of distinct draws, shrinks the seed variance by (a − 1)/a and has no small-sample correction, so its
+    p-values come out too small exactly where studies live; these tests are closed-form and deterministic."""
+    differences = _differences(pairs)
+    seeds, examples = differences.shape
+    delta = float(differences.mean())
+    seed_term = float(differences.mean(axis=1).var(ddof=1)) / seeds if seeds > 1 else 0.0
+    example_term = float(differences.mean(axis=0).var(ddof=1)) / examples
+    variance = seed_term + example_term
+    terms = [(term, dof) for term, dof in ((seed_term, seeds - 1), (example_term, examples - 1)) if term > 0]
+    df = variance ** 2 / sum(term ** 2 / dof for term, dof in terms) if terms else math.nan
+    p_value = _two_sided_t(delta, math.sqrt(variance), df)
+    if seeds > 1:
+        p_value = max(p_value, _two_sided_t(delta, math.sqrt(seed_term), seeds - 1))
+    return Comparison(SEEDS_AND_SENTENCES, seeds, delta, math.sqrt(variance), df, p_value)
+
+
+def compare_seed_pairs(pairs: Sequence[tuple[str, str]], config_seeds: int, baseline_seeds: int) -> Comparison:
+    """The test a row gets: over seeds and sentences with two or more seed pairs; exact McNemar when each side
+    has a single seed (one training run each: only the example noise is measurable, and the reader must know);
+    otherwise "too few seeds" — one shared seed out of several would ignore the seeds that exist."""
+    if len(pairs) >= MIN_SEED_PAIRS:
+        return seeds_and_sentences_t(pairs)
+    if len(pairs) == 1 and config_seeds == baseline_seeds == 1:
+        (mine, theirs), = pairs
+        delta = float(_differences(pairs).mean())
+        return Comparison(MCNEMAR, 1, delta, math.nan, math.nan, mcnemar_exact(mine, theirs))
+    return Comparison(TOO_FEW_SEEDS, len(pairs), math.nan, math.nan, math.nan, math.nan)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment over one family of tests (scipy.stats controls only the false discovery rate).
+
+    Sorted ascending, p_(k) becomes max over j ≤ k of min(1, (m − j + 1) · p_(j)), with m the number of tests;
+    a nan (a row without a test) stays nan and is not counted in m."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def pareto_front(accuracy: Sequence[float], seconds: Sequence[float]) -> list[bool]:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ablations.report import completed_runs, markdown, parse_baseline, tradeoff_table, write_report
+from ablations.report import completed_runs, markdown, parse_baseline, run_table, tradeoff_table, write_report
 from ablations.report import context as report_context
 
 VALIDATION = 200
@@ -122,15 +122,56 @@ def test_one_seed_uses_a_binomial_interval():
     assert bool(only["baseline"]) and bool(only["pareto"])
 
 
-def test_mcnemar_pairs_seeds_and_pools_discordant_counts():
+def test_rows_are_tested_on_seed_pairs_and_holm_adjusted(runs):
+    from ablations.stats import SEEDS_AND_SENTENCES, holm, seeds_and_sentences_t
+    rows = runs + [make_run(2, "linear", 2, s, a, 30.0) for s, a in ((0, 0.95), (1, 0.94), (2, 0.96))]
+    table = tradeoff_table(rows)
+    correct = {(r["params"]["freeze_depth"], r["params"]["seed"]): r["record"]["validation_correct"]
+               for r in rows if r["record"]}
+    for depth in (2, 4):
+        tested = row(table, freeze_depth=depth)
+        expected = seeds_and_sentences_t([(correct[depth, s], correct[0, s]) for s in (0, 1, 2)])
+        assert (tested["test"], tested["seed_pairs"]) == (SEEDS_AND_SENTENCES, 3)
+        assert tested["p_value_raw"] == pytest.approx(expected.p_value)
+    small, large = sorted(row(table, freeze_depth=d)["p_value_raw"] for d in (2, 4))
+    # Holm over the two tested rows: the smaller p doubled, the larger kept but never below the first
+    assert sorted(table["p_value"].dropna()) == pytest.approx([min(1, 2 * small), max(large, min(1, 2 * small))])
+    assert table["p_value"].tolist() == pytest.approx(holm(table["p_value_raw"].tolist()), nan_ok=True)
+    assert pd.isna(row(table, freeze_depth=0)["test"]) and pd.isna(row(table, freeze_depth=0)["p_value"])
+
+
+def test_one_seed_each_gets_exact_mcnemar_and_a_lone_shared_seed_is_too_few():
+    from ablations.stats import MCNEMAR, TOO_FEW_SEEDS, mcnemar_exact
     right = "1" * 90
-    base = {0: "0" * 5 + "1" + right, 1: "0" * 3 + "1" + right}
-    mine = {0: "1" * 5 + "0" + right, 1: "1" * 3 + "0" + right, 2: "1" * 96}   # seed 2 has no baseline partner
-    rows = [make_run(0, "linear", 2, s, 0, 40.0, correct=c) for s, c in base.items()]
-    rows += [make_run(3, "linear", 2, s, 0, 25.0, correct=c) for s, c in mine.items()]
-    frozen = row(tradeoff_table(rows), freeze_depth=3)
-    assert (frozen["mcnemar_b"], frozen["mcnemar_c"], frozen["mcnemar_pairs"]) == (8, 2, 2)
-    assert frozen["p_value"] == pytest.approx(0.109375)
+    base, single = "0" * 5 + "1" + right, "1" * 5 + "0" + right
+    rows = [make_run(0, "linear", 2, 0, 0, 40.0, correct=base), make_run(3, "linear", 2, 0, 0, 25.0, correct=single)]
+    rows += [make_run(5, "linear", 2, s, 0, 20.0, correct=correctness(0.9, s, 96)) for s in (0, 1, 2)]  # 1 shared
+    table = tradeoff_table(rows)
+    one = row(table, freeze_depth=3)
+    assert (one["test"], one["seed_pairs"]) == (MCNEMAR, 1)
+    assert one["p_value_raw"] == pytest.approx(mcnemar_exact(single, base))   # b/c 5/1: 0.21875
+    assert one["p_value"] == pytest.approx(one["p_value_raw"])                 # the only tested row
+    few = row(table, freeze_depth=5)
+    assert few["test"] == TOO_FEW_SEEDS and pd.isna(few["p_value"]) and pd.isna(few["p_value_raw"])
+    text = markdown(table, report_context(rows, table))
+    assert "McNemar, 1 seed" in text and "too few seeds (1 shared)" in text
+
+
+def test_dev_accuracy_is_reported_and_chooses_the_baseline():
+    def with_dev(run: dict, dev: float) -> dict:
+        run["record"]["dev_accuracy"] = dev
+        return run
+    # lr 3e-4 is better on the held-out split, lr 1e-4 on the dev split: the choice is made on dev.
+    rows = [with_dev(make_run(0, "linear", 1, s, 0.85, 50.0, learning_rate=3e-4), 0.80) for s in (0, 1)]
+    rows += [with_dev(make_run(0, "linear", 1, s, 0.80, 60.0, learning_rate=1e-4), 0.84) for s in (0, 1)]
+    rows += [with_dev(make_run(4, "linear", 1, s, 0.84, 20.0, learning_rate=1e-3), 0.83) for s in (0, 1)]
+    table = tradeoff_table(rows)
+    assert list(table.loc[table["baseline"], "learning_rate"]) == [1e-4]
+    assert row(table, freeze_depth=4)["speedup"] == pytest.approx(60.0 / 20.0)
+    assert row(table, freeze_depth=4)["dev_accuracy_mean"] == pytest.approx(0.83)
+    ledger = run_table(rows + [make_run(6, "linear", 1, 0, 0.7, 5.0)])
+    assert ledger["dev_accuracy"].tolist()[:2] == [0.80, 0.80] and pd.isna(ledger["dev_accuracy"].iloc[-1])
+    assert list(ledger.columns).index("dev_accuracy") == list(ledger.columns).index("accuracy") + 1
 
 
 def test_baseline_matches_scheduler_and_epochs_by_default(runs):
@@ -202,7 +243,7 @@ def test_varying_fields_are_shown_and_pareto_flags(runs):
 def test_markdown_names_methods_data_and_marks_rows(runs):
     table = tradeoff_table(runs)
     text = markdown(table, report_context(runs, table))
-    assert "Student-t" in text and "McNemar" in text and "Wilson" in text
+    assert "Student-t" in text and "McNemar" in text and "Wilson" in text and "Holm" in text
     assert "distilbert-base-uncased" in text and "glue/sst2" in text and "2,000" in text and "Intel Xeon" in text
     assert "**baseline**" in text and "★" in text
     assert "85.0 %" in text and "38,603,522" in text
