@@ -26,6 +26,32 @@ def _p_value(p: float) -> str:
     return "—" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
+TIME_METHODS = (
+    "Train s is what training the configuration costs alone on this hardware (mean over seeds) with its 95 % "
+    "interval over timing repeats (README: How training time is measured); ⚠ = timed while "
+    "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
+    "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals. ★ = Pareto-"
+    "optimal: no other configuration is at least as accurate and clearly faster (its time interval lies "
+    "entirely below this one's), and none with the same measured time is more accurate; a time difference "
+    "inside the timing noise decides nothing.")
+
+
+def _time_cell(row) -> str:
+    cell = _seconds(row.train_seconds)
+    if not pd.isna(row.train_seconds_lo) and not pd.isna(row.train_seconds_hi):
+        cell += f" [{_seconds(row.train_seconds_lo)}, {_seconds(row.train_seconds_hi)}]"
+    contended = getattr(row, "contended", None)
+    return cell + (" ⚠" if not pd.isna(contended) and bool(contended) else "")
+
+
+def _speedup_cell(row) -> str:
+    if pd.isna(row.speedup):
+        return "—"
+    if pd.isna(row.speedup_lo) or pd.isna(row.speedup_hi) or row.baseline:
+        return f"{row.speedup:.2f}×"
+    return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
+
+
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None) -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used."""
     shown = list(table.columns[:table.columns.get_loc("label")])
@@ -50,8 +76,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
             pairs = f"{row.mcnemar_b}/{row.mcnemar_c}" if row.mcnemar_pairs else "no shared seeds"
             delta = f"{100 * row.accuracy_delta:+.1f}".replace("-", "−")
             versus = f"{delta} pp, p {_p_value(row.p_value)}, {pairs}"
-        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _seconds(row.train_seconds_mean),
-                  "—" if pd.isna(row.speedup) else f"{row.speedup:.2f}×",
+        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _time_cell(row), _speedup_cell(row),
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
                   "★" if row.pareto else "", versus]
         lines.append("| " + " | ".join(cells) + " |")
@@ -61,12 +86,11 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
                f"device: {about['device']}.")
     methods = (
         "Validation accuracy is the mean over seeds with a 95 % Student-t interval (scipy.stats.t); a configuration "
-        "with one seed gets a 95 % Wilson binomial interval over its validation examples. Train s is the mean "
-        f"training time; speed-up = baseline time / configuration time. Baseline (**bold**): {target}, every other "
+        "with one seed gets a 95 % Wilson binomial interval over its validation examples. Baseline (**bold**): "
+        f"{target}, every other "
         "scientific and fixed field equal; learning rate, warmup and weight decay are nuisance settings, so among "
         "baselines that differ only in them the most accurate one is used. The p-value is an exact McNemar test on "
         "per-example validation correctness, pairing seed s "
         "with baseline seed s and pooling the discordant counts over seeds (b = right only here, c = right only in "
-        "the baseline; two-sided scipy.stats.binomtest of b against Bin(b + c, ½)). ★ = Pareto-optimal: no other "
-        "configuration is at least as accurate and at least as fast.")
+        "the baseline; two-sided scipy.stats.binomtest of b against Bin(b + c, ½)). " + TIME_METHODS)
     return "\n".join([caption, "", *lines, "", methods, ""])
