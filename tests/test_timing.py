@@ -209,3 +209,21 @@ def test_probe_flags_a_cpu_hog_and_not_the_same_hog_registered_as_a_worker():
     # Same window, same background load (other helpers share this machine): registering the hog as a project
     # worker moves exactly its cores out of the foreign load.
     assert worker.foreign_cores == pytest.approx(foreign.foreign_cores - hog_cores, abs=0.01)
+
+
+def test_a_worker_can_time_while_it_holds_its_own_shared_lock(tmp_path):
+    import threading
+    lease, done = Lease(tmp_path), []
+
+    def work():
+        with lease.working():
+            with lease.exclusive():  # would wait for itself forever if its shared hold were kept
+                done.append("timed")
+            lease.pause_point()
+            done.append("trained on")
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert done == ["timed", "trained on"]
+    assert lease.worker_pids() == []  # unregistered once it stops working
