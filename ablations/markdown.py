@@ -39,6 +39,32 @@ def _versus(row: Any) -> str:
     return f"{delta}, p {_p_value(row.p_value)} ({test})"
 
 
+TIME_METHODS = (
+    "Train s is what training the configuration costs alone on this hardware (mean over seeds) with its 95 % "
+    "interval over timing repeats (README: How training time is measured); ⚠ = timed while "
+    "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
+    "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals. ★ = Pareto-"
+    "optimal: no other configuration is at least as accurate and clearly faster (its time interval lies "
+    "entirely below this one's), and none with the same measured time is more accurate; a time difference "
+    "inside the timing noise decides nothing.")
+
+
+def _time_cell(row) -> str:
+    cell = _seconds(row.train_seconds)
+    if not pd.isna(row.train_seconds_lo) and not pd.isna(row.train_seconds_hi):
+        cell += f" [{_seconds(row.train_seconds_lo)}, {_seconds(row.train_seconds_hi)}]"
+    contended = getattr(row, "contended", None)
+    return cell + (" ⚠" if not pd.isna(contended) and bool(contended) else "")
+
+
+def _speedup_cell(row) -> str:
+    if pd.isna(row.speedup):
+        return "—"
+    if pd.isna(row.speedup_lo) or pd.isna(row.speedup_hi) or row.baseline:
+        return f"{row.speedup:.2f}×"
+    return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
+
+
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None) -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used."""
     shown = list(table.columns[:table.columns.get_loc("label")])
@@ -56,8 +82,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         if not pd.isna(row.accuracy_low):
             accuracy += f" [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
         versus = "**baseline**" if row.baseline else _versus(row)
-        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _seconds(row.train_seconds_mean),
-                  "—" if pd.isna(row.speedup) else f"{row.speedup:.2f}×",
+        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _time_cell(row), _speedup_cell(row),
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
                   "★" if row.pareto else "", versus]
         lines.append("| " + " | ".join(cells) + " |")
@@ -69,7 +94,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "Validation accuracy is the mean over seeds with a 95 % Student-t interval over seeds (scipy.stats.t: the "
         "spread of training runs on these validation examples, not the examples' own sampling noise, which the test "
         "adds); a configuration with one seed gets a 95 % Wilson binomial interval over its validation examples. "
-        "Train s is the mean training time; speed-up = baseline time / configuration time. Baseline (**bold**): "
+        "Baseline (**bold**): "
         f"{target}, every other scientific and fixed field equal; learning rate, warmup and weight decay are "
         "nuisance settings, so among baselines that differ only in them the most accurate one is used (on the dev "
         "split when every candidate has one). Δ = accuracy − baseline accuracy. The test pairs seed s with baseline "
@@ -78,6 +103,5 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "standard error adds the per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees "
         "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
-        "(tradeoff.csv: p_value adjusted, p_value_raw not). ★ = Pareto-optimal: no other configuration is at least "
-        "as accurate and at least as fast.")
+        "(tradeoff.csv: p_value adjusted, p_value_raw not). " + TIME_METHODS)
     return "\n".join([caption, "", *lines, "", methods, ""])

@@ -20,8 +20,8 @@ from ablations.markdown import DEFAULT_BASELINE, markdown
 from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
-               "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "trainable_params", "train_samples",
-               "device", "fail_reason", "reused_from"]
+               "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "train_seconds_lo", "train_seconds_hi",
+               "contended", "wall_seconds", "trainable_params", "train_samples", "device", "fail_reason", "reused_from"]
 SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
 
 
@@ -44,6 +44,8 @@ def run_table(runs: list[dict]) -> pd.DataFrame:
                      "accuracy": record.get("accuracy", values[0]), "dev_accuracy": record.get("dev_accuracy"),
                      "test_accuracy": record.get("test_accuracy"),
                      "train_seconds": record.get("train_seconds", values[1]),
+                     **{key: record.get(key) for key in ("train_seconds_lo", "train_seconds_hi", "contended",
+                                                          "wall_seconds")},
                      **{key: record.get(key) for key in ("trainable_params", "train_samples", "device")},
                      "fail_reason": run.get("fail_reason"), "reused_from": run.get("reused_from")})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
@@ -140,16 +142,41 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
                      # blank unless every seed has one: a mean over some of the seeds would not compare
                      "dev_accuracy_mean": sum(dev) / len(dev) if dev and len(dev) == len(records) else math.nan,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
-                     "train_seconds_mean": sum(r["train_seconds"] for r in records) / len(records),
+                     **time_summary(records),
                      "trainable_params": records[0].get("trainable_params"),
                      "train_samples": records[0].get("train_samples"),
                      "validation_samples": total or None,
                      "baseline": target == key, "baseline_key": target, "config_key": key})
     table = pd.DataFrame(rows)
     _tuned_baselines(table, groups, overrides)
-    table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds_mean"].tolist())
+    table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds"].tolist(),
+                                   table["train_seconds_lo"].tolist(), table["train_seconds_hi"].tolist())
     table = _compare_with_baselines(table, groups).drop(columns=["baseline_key", "config_key"])
     return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def time_summary(records: list[dict]) -> dict[str, Any]:
+    """A configuration's training time over its seeds: the mean `train_seconds`, its 95 % interval (the mean of
+    the records' bounds: seeds of one configuration share one timing of their work shape) and whether any
+    was timed under foreign load, with the evidence. Records from before timing was measured carry no
+    interval (blank bounds, `contended` unknown): writing their time as both bounds would claim no noise."""
+    def mean(key: str) -> float:
+        values = [r.get(key) for r in records]
+        return math.nan if any(v is None for v in values) else sum(values) / len(values)
+
+    flags = [r["contended"] for r in records if r.get("contended") is not None]
+    evidence = {(r.get("timing") or {}).get("evidence") for r in records if r.get("contended")}
+    return {"train_seconds": mean("train_seconds"), "train_seconds_lo": mean("train_seconds_lo"),
+            "train_seconds_hi": mean("train_seconds_hi"), "contended": any(flags) if flags else None,
+            "contention": "; ".join(sorted(e for e in evidence if e)) or None}
+
+
+def speedup_interval(base, row) -> dict[str, float]:
+    """Baseline time / configuration time, with bounds from the two 95 % time intervals (slowest baseline
+    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval)."""
+    return {"speedup": base["train_seconds"] / row.train_seconds,
+            "speedup_lo": base["train_seconds_lo"] / row.train_seconds_hi,
+            "speedup_hi": base["train_seconds_hi"] / row.train_seconds_lo}
 
 
 def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
@@ -189,11 +216,11 @@ def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, l
     by_key = table.set_index("config_key")
     compared = []
     for row in table.itertuples(index=False):
-        result: dict[str, Any] = {"speedup": math.nan, "accuracy_delta": math.nan, "seed_pairs": None,
-                                  "test": None, "p_value_raw": math.nan}
+        result: dict[str, Any] = {"speedup": math.nan, "speedup_lo": math.nan, "speedup_hi": math.nan,
+                                  "accuracy_delta": math.nan, "seed_pairs": None, "test": None, "p_value_raw": math.nan}
         if row.baseline_key in by_key.index:
             base = by_key.loc[row.baseline_key]
-            result["speedup"] = base["train_seconds_mean"] / row.train_seconds_mean
+            result.update(speedup_interval(base, row))
             result["accuracy_delta"] = row.accuracy_mean - base["accuracy_mean"]
             if not row.baseline:
                 mine, theirs = (_correct_by_seed(groups[key][1]) for key in (row.config_key, row.baseline_key))

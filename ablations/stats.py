@@ -167,11 +167,27 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def pareto_front(accuracy: Sequence[float], seconds: Sequence[float]) -> list[bool]:
-    """True where no other point is at least as accurate and at least as fast, and strictly better in one."""
-    points = list(zip(accuracy, seconds))
+def pareto_front(accuracy: Sequence[float], seconds: Sequence[float], low: Sequence[float] | None = None,
+                 high: Sequence[float] | None = None) -> list[bool]:
+    """True where no other point dominates: is at least as accurate and *clearly* faster (its time interval
+    [low, high] lies entirely below this point's), or has the very same time and is more accurate.
 
-    def dominated(a: float, s: float) -> bool:
-        return any(oa >= a and os <= s and (oa > a or os < s) for oa, os in points)
+    A time difference inside the timing noise (overlapping intervals) decides nothing. Configs that share a
+    work shape share one timing, so their times are equal by construction and accuracy decides between them.
+    A point without an interval (nan, or no `low`/`high` given) counts as its time exactly: then this is the
+    usual rule, at least as accurate and at least as fast, strictly better in one."""
+    n = len(seconds)
 
-    return [not dominated(a, s) for a, s in points]
+    def bounds(values: Sequence[float] | None) -> list[float]:
+        return [s if values is None or values[i] is None or math.isnan(values[i]) else values[i]
+                for i, s in enumerate(seconds)]
+
+    lows, highs = bounds(low), bounds(high)
+
+    def dominates(j: int, i: int) -> bool:
+        if accuracy[j] < accuracy[i]:
+            return False
+        same_time = math.isclose(seconds[j], seconds[i], rel_tol=1e-9, abs_tol=1e-12)
+        return highs[j] < lows[i] or (same_time and accuracy[j] > accuracy[i])
+
+    return [not any(dominates(j, i) for j in range(n) if j != i) for i in range(n)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_configurations_average_over_seeds(runs):
     frozen = row(table, freeze_depth=4)
     assert frozen["seeds"] == 3
     assert frozen["accuracy_mean"] == pytest.approx(0.85)
-    assert frozen["train_seconds_mean"] == pytest.approx(21.0)
+    assert frozen["train_seconds"] == pytest.approx(21.0)
     assert frozen["interval"] == "t"
     assert frozen["accuracy_low"] == pytest.approx(0.85 - 4.302652729911275 * 0.01 / 3 ** 0.5)
     assert frozen["speedup"] == pytest.approx(42.0 / 21.0)
@@ -331,7 +332,7 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(mo
              (31.9, .838, .802, .874), (31.8, .835, .779, .890), (25.2, .838, .824, .851), (25.5, .841, .832, .851),
              (18.5, .841, .815, .867), (18.7, .841, .816, .867), (12.6, .826, .805, .846), (12.3, .827, .805, .849),
              (6.2, .733, .704, .762), (6.2, .730, .687, .773)]
-    table = pd.DataFrame([{"freeze_depth": i // 2, "scheduler": "linear" if i % 2 else "cosine", "train_seconds_mean": x,
+    table = pd.DataFrame([{"freeze_depth": i // 2, "scheduler": "linear" if i % 2 else "cosine", "train_seconds": x,
                            "accuracy_mean": m, "accuracy_low": lo, "accuracy_high": hi, "baseline": i < 2,
                            "pareto": i in (8, 9, 11, 12, 13), "label": f"d{i // 2} {'lin' if i % 2 else 'cos'} 1ep"}
                           for i, (x, m, lo, hi) in enumerate(cells)])
@@ -351,3 +352,69 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(mo
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
         assert not any(box.overlaps(other) for other in boxes[i + 1:]), ax.texts[i].get_text()
         assert not any(box.x0 < px < box.x1 and box.y0 < py < box.y1 for px, py in markers)
+
+
+def timed(run: dict, low: float, high: float, contended: bool = False, evidence: str = "quiet") -> dict:
+    """A run row whose record carries a solo timing: `train_seconds` with its 95 % interval and the probe."""
+    run["record"].update(train_seconds_lo=low, train_seconds_hi=high, contended=contended,
+                         timing={"evidence": evidence, "contended": contended})
+    return run
+
+
+def test_pareto_does_not_decide_by_a_time_difference_inside_the_timing_noise():
+    from ablations.stats import pareto_front
+    accuracy = [0.86, 0.85, 0.84, 0.80]
+    seconds = [20.0, 20.3, 30.0, 20.0]
+    low, high = [19.2, 19.5, 29.0, 19.2], [20.8, 21.1, 31.0, 20.8]
+    # Point estimates alone: 0.86 @ 20.0 dominates 0.85 @ 20.3. Their intervals overlap: the 0.3 s decide nothing.
+    assert pareto_front(accuracy, seconds) == [True, False, False, False]
+    assert pareto_front(accuracy, seconds, low, high) == [True, True, False, False]
+    # 0.84 @ [29, 31] lies entirely above both: dominated. 0.80 shares 0.86's timing (one work shape): dominated.
+    assert pareto_front([0.9, 0.8], [20.0, 20.0], [math.nan] * 2, [math.nan] * 2) == [True, False]
+
+
+def test_timed_runs_give_time_intervals_speedup_bounds_and_contended_marks(tmp_path):
+    rows = [timed(make_run(0, "linear", 2, s, a, 40.0, number=s), 38.0, 42.0) for s, a in ((0, 0.9), (1, 0.88))]
+    rows += [timed(make_run(4, "linear", 2, s, a, 20.0, number=2 + s), 19.0, 21.0, contended=s == 1,
+                   evidence="other processes kept 1.00 of 2 cores busy (threshold 0.25)")
+             for s, a in ((0, 0.85), (1, 0.86))]
+    table = tradeoff_table(rows)
+    frozen, full = row(table, freeze_depth=4), row(table, freeze_depth=0)
+    assert (frozen["train_seconds"], frozen["train_seconds_lo"], frozen["train_seconds_hi"]) == (20.0, 19.0, 21.0)
+    assert frozen["speedup"] == pytest.approx(2.0)
+    assert (frozen["speedup_lo"], frozen["speedup_hi"]) == pytest.approx((38 / 21, 42 / 19))
+    assert bool(frozen["contended"]) and "1.00 of 2 cores" in frozen["contention"]
+    assert not full["contended"] and pd.isna(full["contention"])
+    text = markdown(table, report_context(rows, table))
+    assert "| 20 [19, 21] ⚠ | 2.00× [1.81, 2.21] |" in text and "40 [38, 42] |" in text
+    assert "clearly faster" in text
+    paths = write_report(rows, tmp_path)
+    written = pd.read_csv(paths["tradeoff_csv"])
+    assert {"train_seconds", "train_seconds_lo", "train_seconds_hi", "contended"} <= set(written.columns)
+    assert written.set_index("freeze_depth").loc[4, "contended"]
+    ledger = pd.read_csv(paths["runs"])
+    assert {"train_seconds_lo", "train_seconds_hi", "contended", "wall_seconds"} <= set(ledger.columns)
+
+
+def test_runs_recorded_before_timing_have_blank_bounds_and_unknown_contention(runs, tmp_path):
+    table = tradeoff_table(runs)
+    frozen = row(table, freeze_depth=4)
+    assert frozen["train_seconds"] == pytest.approx(21.0)
+    assert math.isnan(frozen["train_seconds_lo"]) and math.isnan(frozen["speedup_lo"]) and frozen["contended"] is None
+    written = pd.read_csv(write_report(runs, tmp_path)["tradeoff_csv"])
+    assert written[["train_seconds_lo", "train_seconds_hi", "contended"]].isna().all().all()
+
+
+def test_tradeoff_plot_draws_the_time_interval_as_x_error_bars(monkeypatch, tmp_path):
+    from matplotlib.axes import Axes
+    drawn = []
+    original = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((x, kwargs.get("xerr")))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    rows = [timed(make_run(0, "linear", 2, 0, 0.9, 40.0), 37.0, 44.0), make_run(4, "linear", 2, 0, 0.85, 20.0)]
+    write_report(rows, tmp_path)
+    assert sorted(drawn, key=lambda d: d[0]) == [(20.0, None), (40.0, [[3.0], [4.0]])]

@@ -1,0 +1,252 @@
+"""Training time as a property of the config: what its steps cost alone on this hardware with this engine.
+
+What determines a step's cost is the *work shape* (model, data, rows, freeze depth and whether the prefix is
+cached, batch size, max length, precision, device, compile); seed, schedule, learning rate, warmup and weight
+decay do not, and epochs only multiply the steps. So a timing pass runs once per work shape: `warmup` steps
+(CUDA context, allocator growth, compilation, first batches; timed and reported apart), then `repeats`
+repeats of `steps` real training steps on batches chosen to span the run's batch lengths, each repeat timed
+(CUDA events on a GPU, perf_counter elsewhere; process CPU time beside it), under the machine's exclusive
+lease (`core.lease`) with a foreign-load probe. A config's `train_seconds` is its step count times the mean
+per-step time, with a 95 % Student-t interval over the repeats. Timings are kept per work shape in memory
+and in a JSON file in the lease folder, so the other workers of the machine reuse them; a contended timing
+is kept in memory only, so the next process times that shape again.
+
+The steps run on the run's real state before training and `preserved()` puts it back (weights, AdamW state,
+schedule, RNG), so timing changes nothing the run computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from scipy import stats
+
+from core.lease import Contention, Lease, LoadProbe
+
+REPEATS, STEPS, WARMUP = 5, 10, 3
+CONFIDENCE = 0.95
+COST_FREE = ("seed", "scheduler", "learning_rate", "warmup_ratio", "weight_decay", "epochs", "select_by")
+
+
+def work_shape(config, **runtime) -> str:
+    """Equal for two configs (and runtime settings: device name, precision, cached prefix, compile, rows)
+    whose training steps cost the same. The torch version is part of it: another engine, another cost."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in COST_FREE}
+    text = json.dumps([fields, {k: str(v) for k, v in sorted(runtime.items())}, torch.__version__], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sample_batches(batches: Sequence, k: int, cost: Sequence[float] | None = None) -> list:
+    """k batches at evenly spaced quantiles of `cost` (e.g. padded tokens per batch): a sample whose mean
+    step is the epoch's mean step, not the first k batches' (length grouping makes those unrepresentative)."""
+    if k >= len(batches):
+        return list(batches)
+    order = sorted(range(len(batches)), key=lambda i: cost[i]) if cost is not None else list(range(len(batches)))
+    return [batches[order[int((j + 0.5) * len(batches) / k)]] for j in range(k)]
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One timing pass of one work shape."""
+    shape: str
+    per_step: float                 # mean seconds per training step over the repeats
+    per_step_low: float             # 95 % Student-t interval over the repeats (nan with one repeat)
+    per_step_high: float
+    repeat_seconds: list[float]     # per-step seconds of each repeat
+    steps_per_repeat: int
+    warmup_steps: int
+    warmup_seconds: float           # the warm-up steps together, excluded from per_step
+    cpu_per_step: float             # process CPU seconds per step (all threads), beside the wall clock
+    clock: str                      # "cuda events" or "perf_counter"
+    device: str
+    contended: bool
+    evidence: str
+    foreign_cores: float
+    measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def seconds(self, steps: int, extra: float = 0.0) -> tuple[float, float, float]:
+        """(mean, low, high) seconds of `steps` steps plus `extra` (e.g. the frozen-prefix build, no interval)."""
+        return (steps * self.per_step + extra, steps * self.per_step_low + extra,
+                steps * self.per_step_high + extra)
+
+    def record(self, steps: int, extra: float = 0.0) -> dict[str, Any]:
+        """The record's timing fields: `train_seconds` (+ `_low`/`_high`), `contended` and the details."""
+        mean, low, high = self.seconds(steps, extra)
+        return {"train_seconds": round(mean, 3),
+                "train_seconds_lo": None if math.isnan(low) else round(low, 3),
+                "train_seconds_hi": None if math.isnan(high) else round(high, 3),
+                "contended": self.contended,
+                "timing": {**asdict(self), "steps": steps, "extra_seconds": round(extra, 3)}}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StepTiming":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def per_step_interval(repeat_seconds: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean per-step seconds with a Student-t interval over the repeats (nan bounds with one repeat)."""
+    n = len(repeat_seconds)
+    mean = sum(repeat_seconds) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    spread = stats.sem(repeat_seconds)
+    if spread == 0:
+        return mean, mean, mean
+    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=spread)
+    return mean, max(0.0, float(low)), float(high)
+
+
+def measure_steps(step_fn: Callable[[Any], None], batches: Sequence, device: torch.device | str = "cpu",
+                  warmup: int = WARMUP, repeats: int = REPEATS, probe: LoadProbe | None = None,
+                  shape: str = "", device_label: str = "") -> StepTiming:
+    """`warmup` untimed-for-the-mean steps (round-robin over `batches`), then `repeats` passes of
+    `step_fn(batch)` (one full optimizer step) over `batches`, each pass timed as a whole."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    started = time.perf_counter()
+    for i in range(warmup):
+        step_fn(batches[i % len(batches)])
+    sync()
+    warmup_seconds = time.perf_counter() - started
+    if probe is not None:
+        probe.start()
+    per_repeat, cpu = [], 0.0
+    for _ in range(max(1, repeats)):
+        cpu_start = time.process_time()
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for batch in batches:
+                step_fn(batch)
+            end.record()
+            end.synchronize()
+            seconds = begin.elapsed_time(end) / 1000
+        else:
+            begin = time.perf_counter()
+            for batch in batches:
+                step_fn(batch)
+            seconds = time.perf_counter() - begin
+        cpu += time.process_time() - cpu_start
+        per_repeat.append(seconds / len(batches))
+    contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
+    mean, low, high = per_step_interval(per_repeat)
+    return StepTiming(shape, mean, low, high, per_repeat, len(batches), warmup, round(warmup_seconds, 4),
+                      cpu / (len(per_repeat) * len(batches)), "cuda events" if cuda else "perf_counter",
+                      device_label or str(device), contention.contended, contention.evidence,
+                      contention.foreign_cores)
+
+
+@contextlib.contextmanager
+def preserved(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler=None,
+              device: torch.device | str = "cpu"):
+    """Steps taken inside leave no trace: trainable weights, optimizer state and learning rates, the schedule's
+    position, the RNG (dropout masks) and the gradients are put back as they were."""
+    device = torch.device(device)
+    weights = [p.detach().clone() for p in params]
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+                p.grad = None
+        optimizer.load_state_dict(optimizer_state)
+        if scheduler is not None:
+            scheduler.load_state_dict(scheduler_state)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+
+
+class Timer:
+    """Step timings per work shape for one session: in memory, in the machine's timing file, else measured
+    under the exclusive lease. `repeats=1` is the quick look (no interval)."""
+
+    def __init__(self, repeats: int = REPEATS, steps: int = STEPS, warmup: int = WARMUP,
+                 lease: Lease | None = None, threshold: float | None = None):
+        self.repeats, self.steps, self.warmup = repeats, steps, warmup
+        self.lease = lease or Lease()
+        self.threshold = threshold
+        self.path = self.lease.directory / "timings.json"
+        self.memory: dict[str, StepTiming] = {}
+
+    def working(self):
+        return self.lease.working()
+
+    def pause_point(self) -> None:
+        self.lease.pause_point()
+
+    def _key(self, shape: str) -> str:
+        return f"{shape}:r{self.repeats}:k{self.steps}"  # a quick look does not stand in for a full timing
+
+    def step_timing(self, shape: str, step_fn: Callable[[Any], None], batches: Sequence,
+                    device: torch.device | str = "cpu", device_label: str = "",
+                    cost: Sequence[float] | None = None) -> StepTiming:
+        """The shape's timing: remembered, or read from the file, or measured now (alone on the machine)."""
+        key = self._key(shape)
+        if key in self.memory:
+            return self.memory[key]
+        if (found := self._read().get(key)) is not None:
+            self.memory[key] = timing = StepTiming.from_dict(found)
+            return timing
+        with self.lease.exclusive():
+            if (found := self._read().get(key)) is not None:  # another worker timed it while we waited
+                self.memory[key] = timing = StepTiming.from_dict(found)
+                return timing
+            device = torch.device(device)
+            probe = self._probe(device)
+            timing = measure_steps(step_fn, sample_batches(batches, self.steps, cost), device, self.warmup,
+                                   self.repeats, probe, shape, device_label)
+            self.memory[key] = timing
+            if not timing.contended:
+                self._write(key, timing)
+        return timing
+
+    def solo(self, fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float, Contention]:
+        """Run `fn` once alone on the machine (a frozen-prefix build, say): (its result, seconds, contention)."""
+        device = torch.device(device)
+        with self.lease.exclusive():
+            probe = self._probe(device)
+            probe.start()
+            started = time.perf_counter()
+            result = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            return result, seconds, probe.stop()
+
+    def _probe(self, device: torch.device) -> LoadProbe:
+        extra = {} if self.threshold is None else {"threshold": self.threshold}
+        return LoadProbe(self.lease.worker_pids, cuda=device.type == "cuda", **extra)
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, key: str, timing: StepTiming) -> None:
+        # Under the exclusive lease: no other writer. Write aside and rename: readers never see half a file.
+        saved = self._read() | {key: asdict(timing)}
+        scratch = self.path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        os.replace(scratch, self.path)
+

@@ -1,0 +1,229 @@
+"""Training time measured alone: per-step intervals, the machine lease, the foreign-load probe, the timing cache."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+from core.lease import FOREIGN_CORES, Lease, LoadProbe, foreign_gpu_processes, judge
+from core.timing import Timer, measure_steps, per_step_interval, preserved, sample_batches, work_shape
+from conftest import quick_config
+
+LEASE_PY = Path(__file__).resolve().parents[1] / "core" / "lease.py"
+
+
+def test_per_step_interval_is_student_t_over_repeats():
+    repeats = [0.101, 0.097, 0.104, 0.099, 0.102]
+    mean, low, high = per_step_interval(repeats)
+    sd = math.sqrt(sum((r - 0.1006) ** 2 for r in repeats) / 4)
+    half = stats.t.ppf(0.975, 4) * sd / math.sqrt(5)
+    assert mean == pytest.approx(0.1006)
+    assert (low, high) == pytest.approx((0.1006 - half, 0.1006 + half))
+    one = per_step_interval([0.1])
+    assert one[0] == 0.1 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+def test_warm_up_is_timed_apart_and_each_repeat_is_timed():
+    calls = []
+
+    def step(batch):
+        calls.append(batch)
+        time.sleep(0.15 if len(calls) == 1 else 0.01)  # the first step pays a start-up cost
+
+    timing = measure_steps(step, ["a", "b"], warmup=2, repeats=3)
+    assert len(calls) == 2 + 3 * 2
+    assert len(timing.repeat_seconds) == 3 and timing.steps_per_repeat == 2
+    assert timing.warmup_seconds >= 0.15
+    assert 0.009 < timing.per_step < 0.05          # the start-up step is not in the mean
+    assert timing.per_step_low <= timing.per_step <= timing.per_step_high
+    assert timing.cpu_per_step < timing.per_step   # sleeping costs wall time, not CPU time
+    record = timing.record(steps=100, extra=2.0)
+    assert record["train_seconds"] == pytest.approx(100 * timing.per_step + 2.0, abs=1e-3)
+    assert record["train_seconds_lo"] <= record["train_seconds"] <= record["train_seconds_hi"]
+
+
+def _tiny_training(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(6)]
+
+    def step(batch):
+        x, y = batch
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return params, optimizer, scheduler, data, step
+
+
+def test_timing_before_training_leaves_the_run_unchanged():
+    params, _, _, data, step = _tiny_training()
+    for batch in data:
+        step(batch)
+    untimed = [p.detach().clone() for p in params]
+
+    params, optimizer, scheduler, data, step = _tiny_training()
+    with preserved(params, optimizer, scheduler):
+        measure_steps(step, data[:2], warmup=1, repeats=2)
+    assert optimizer.state_dict()["state"] == {} and scheduler.last_epoch == 0
+    for batch in data:
+        step(batch)
+    for before, after in zip(untimed, params):
+        assert torch.equal(before, after)  # bit for bit: weights, moments, schedule and dropout masks restored
+
+
+def test_sample_spans_the_batch_costs():
+    batches = list(range(100))
+    chosen = sample_batches(batches, 5, cost=[(i * 37) % 100 for i in range(100)])
+    assert sorted((i * 37) % 100 for i in chosen) == [10, 30, 50, 70, 90]
+    assert sample_batches(batches[:3], 10) == [0, 1, 2]
+
+
+def test_work_shape_ignores_what_does_not_change_the_cost():
+    base = quick_config("m", "d", max_train_samples=200)
+    same = base.replace(seed=7, scheduler="cosine", learning_rate=3e-4, warmup_ratio=0.1, epochs=3, weight_decay=0.0)
+    assert work_shape(base, device="cpu") == work_shape(same, device="cpu")
+    for other in (base.replace(freeze_depth=2), base.replace(batch_size=8), base.replace(max_length=64),
+                  base.replace(max_train_samples=400)):
+        assert work_shape(other, device="cpu") != work_shape(base, device="cpu")
+    assert work_shape(base, device="cpu") != work_shape(base, device="cuda")
+
+
+def test_a_shape_is_timed_once_and_shared_through_the_file_unless_contended(tmp_path):
+    calls = []
+
+    def step(batch):
+        calls.append(batch)
+
+    quiet = dict(repeats=2, steps=3, warmup=1, threshold=1e9)
+    first = Timer(lease=Lease(tmp_path), **quiet).step_timing("shape-a", step, list(range(10)))
+    assert len(calls) == 1 + 2 * 3 and not first.contended
+    again = Timer(lease=Lease(tmp_path), **quiet).step_timing("shape-a", step, list(range(10)))  # another worker
+    assert len(calls) == 7 and again == first
+    quick = Timer(lease=Lease(tmp_path), **quiet | {"repeats": 1}).step_timing("shape-a", step, list(range(10)))
+    assert len(calls) == 7 + 1 + 3 and math.isnan(quick.per_step_low)  # a quick look does not pass for a timing
+
+    loud = dict(repeats=2, steps=3, warmup=1, threshold=-1.0)  # every reading counts as foreign load
+    timer = Timer(lease=Lease(tmp_path), **loud)
+    contended = timer.step_timing("shape-b", step, list(range(10)))
+    assert contended.contended and "other processes kept" in contended.evidence
+    assert timer.step_timing("shape-b", step, list(range(10))) is contended  # kept in memory for this process
+    Timer(lease=Lease(tmp_path), **loud).step_timing("shape-b", step, list(range(10)))
+    assert len(calls) == 11 + 2 * 7  # not in the file: the next process times it again
+
+
+WORKER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("lease", sys.argv[1])
+lease = sys.modules["lease"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lease)
+out = open(sys.argv[3], "a", buffering=1)
+with lease.Lease(sys.argv[2]).working() as held:
+    for step in range(4000):
+        held.pause_point()
+        out.write(f"{time.monotonic()}\\n")
+        time.sleep(0.005)
+"""
+
+
+def _steps(path: Path) -> list[float]:
+    return [float(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_a_worker_pauses_while_another_process_holds_the_timing_lease(tmp_path):
+    log = tmp_path / "steps.txt"
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(LEASE_PY), str(tmp_path / "lease"), str(log)])
+    try:
+        deadline = time.monotonic() + 20
+        while len(_steps(log)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_steps(log)) >= 5, "the worker never started stepping"
+        lease = Lease(tmp_path / "lease")
+        assert worker.pid in lease.worker_pids()
+        with lease.exclusive():
+            held = time.monotonic()
+            time.sleep(0.6)
+            released = time.monotonic()
+        time.sleep(0.3)
+        steps = _steps(log)
+        assert not [t for t in steps if held + 0.05 < t < released]  # no step while the lease was held
+        assert [t for t in steps if t > released]                    # and it went on afterwards
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_judge_separates_foreign_load_from_the_projects_own():
+    # 1,000 ticks over 2 cores; 400 busy. The project used 380 of them: quiet. It used 200: 0.4 foreign cores.
+    quiet = judge(busy=400, total=1000, project=380, cores=2)
+    assert not quiet.contended and quiet.foreign_cores == pytest.approx(0.04) and quiet.evidence.startswith("quiet")
+    loaded = judge(busy=400, total=1000, project=200, cores=2)
+    assert loaded.contended and loaded.foreign_cores == pytest.approx(0.4)
+    assert "other processes kept 0.40 of 2 cores busy" in loaded.evidence
+    assert judge(busy=0, total=1000, project=0, cores=2, gpu_processes=1).contended
+
+
+def test_probe_reads_deltas_and_counts_paused_workers_as_the_projects():
+    stat = iter([(1000, 5000), (1600, 6000)])           # 600 busy of 1000 ticks, 2 cores
+    ticks = {os.getpid(): iter([10, 210]), 4242: iter([0, 350])}
+    probe = LoadProbe(lambda: [4242], read_stat=lambda: next(stat), read_ticks=lambda pid: next(ticks[pid]),
+                      cores=2)
+    probe.start()
+    result = probe.stop()
+    assert result.foreign_cores == pytest.approx((600 - 200 - 350) / 1000 * 2) and not result.contended
+
+
+def test_gpu_processes_other_than_the_projects_are_foreign():
+    assert foreign_gpu_processes(None, [1]) == 0
+    assert foreign_gpu_processes([1, 2, 99], [1, 2]) == 1
+    assert foreign_gpu_processes([5001, 5002], [7]) == 1   # container: host PIDs, none of ours match
+
+
+def test_probe_flags_a_cpu_hog_and_not_the_same_hog_registered_as_a_worker():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        as_foreign = LoadProbe(lambda: [])
+        as_worker = LoadProbe(lambda: [hog.pid])
+        as_foreign.start(), as_worker.start()
+        time.sleep(1.5)
+        foreign, worker = as_foreign.stop(), as_worker.stop()
+    finally:
+        hog.kill()
+        hog.wait()
+    hog_cores = worker.project_cores  # the hog's own ticks over the window, read from /proc/<pid>/stat
+    assert hog_cores > FOREIGN_CORES, "the hog did not get a core (the machine is saturated)"
+    assert foreign.contended and "other processes kept" in foreign.evidence
+    assert foreign.foreign_cores >= hog_cores - 0.05
+    # Same window, same background load (other helpers share this machine): registering the hog as a project
+    # worker moves exactly its cores out of the foreign load.
+    assert worker.foreign_cores == pytest.approx(foreign.foreign_cores - hog_cores, abs=0.01)
+
+
+def test_a_worker_can_time_while_it_holds_its_own_shared_lock(tmp_path):
+    import threading
+    lease, done = Lease(tmp_path), []
+
+    def work():
+        with lease.working():
+            with lease.exclusive():  # would wait for itself forever if its shared hold were kept
+                done.append("timed")
+            lease.pause_point()
+            done.append("trained on")
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert done == ["timed", "trained on"]
+    assert lease.worker_pids() == []  # unregistered once it stops working
