@@ -47,6 +47,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                         "they spill to memory-mapped files (default: 4)")
     parser.add_argument("--cache-device-gb", type=float, default=4.0, help="GPU memory for frozen-prefix caches "
                         "(default: 4)")
+    parser.add_argument("--timing-repeats", type=int, default=5, help="timed repeats of a work shape's steps, "
+                        "taken alone on the machine, for train_seconds and its 95 %% interval; 1 = a quick look "
+                        "without an interval, 0 = no timing pass (train_seconds as the loop ran) (default: 5)")
 
 
 def make_session(args: argparse.Namespace):
@@ -54,7 +57,10 @@ def make_session(args: argparse.Namespace):
     from core.session import Session
     if args.cache_gb < 0 or args.cache_device_gb < 0:
         raise UsageError("--cache-gb and --cache-device-gb must be 0 or more")
-    return Session(cache_device_gb=args.cache_device_gb, cache_host_gb=args.cache_gb)
+    if args.timing_repeats < 0:
+        raise UsageError(f"--timing-repeats {args.timing_repeats} is invalid: use 0 (no timing), 1 or more")
+    return Session(cache_device_gb=args.cache_device_gb, cache_host_gb=args.cache_gb,
+                   timing_repeats=args.timing_repeats)
 
 
 def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **overrides) -> RunConfig:

@@ -55,6 +55,12 @@ class RunRecord:
     finished_at: str
     validation_predictions: list[int]         # per validation example, for paired tests
     validation_correct: str                   # '1'/'0' per validation example
+    # train_seconds from a timing pass of the run's work shape alone on the machine (`core.timing`): its 95 %
+    # interval over repeats, whether foreign load was seen while timing, and the pass itself. None: no pass ran.
+    train_seconds_lo: float | None = None
+    train_seconds_hi: float | None = None
+    contended: bool | None = None
+    timing: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer version wrote that this one does not know
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,16 +16,26 @@ from core.metrics import load_metric
 from core.model import fresh_model, load_pretrained, load_tokenizer
 from core.prefix_cache import PrefixCache
 from core.shared_steps import SharedSteps
+from core.timing import REPEATS, Timer
 
 
 class Session:
-    def __init__(self, cache_device_gb: float = 4.0, cache_host_gb: float = 4.0):
+    def __init__(self, cache_device_gb: float = 4.0, cache_host_gb: float = 4.0, timing_repeats: int = REPEATS):
         self.prefix_cache = PrefixCache(cache_device_gb, cache_host_gb)
         self.shared_steps = SharedSteps()
+        self.timing_repeats = timing_repeats  # 0: no timing pass, train_seconds is the loop as it ran here
+        self._timer: Timer | None = None
         self._tokenizers: dict[str, object] = {}
         self._data: dict[tuple, TextData] = {}
         self._pretrained: dict[tuple, tuple] = {}
         self._metrics: dict[str, object] = {}
+
+    @property
+    def timer(self) -> Timer:
+        """Step timings per work shape, taken alone on the machine (`core.timing`); made on first use."""
+        if self._timer is None:
+            self._timer = Timer(repeats=max(1, self.timing_repeats))
+        return self._timer
 
     def tokenizer(self, name: str):
         if name not in self._tokenizers:

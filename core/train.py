@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from core import metrics as run_metrics
-from core import shared_steps
+from core import shared_steps, timing
 from core.config import RunConfig
 from core.data import Split, TextData, check_dataset, eval_tokens, length_grouped_batches, sorted_batches, subsample, \
     to_device
@@ -78,11 +78,12 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
     (`core.shared_steps`), and this run itself starts from such steps if kept."""
     wall_start = time.perf_counter()
     session = session or Session()
-    prepared = prepare(config, session, device, progress, use_prefix_cache)
-    with prepared.frozen_view():
-        forward = torch.compile(prepared.model, dynamic=True) if compile else prepared.model
-        training = train_epochs(prepared, forward, session, on_epoch, progress, compile, siblings)
-        test_metrics = evaluate_test(prepared, forward, training.best, session)
+    with session.timer.working():  # a project process that times elsewhere on this machine pauses us
+        prepared = prepare(config, session, device, progress, use_prefix_cache)
+        with prepared.frozen_view():
+            forward = torch.compile(prepared.model, dynamic=True) if compile else prepared.model
+            training = train_epochs(prepared, forward, session, on_epoch, progress, compile, siblings)
+            test_metrics = evaluate_test(prepared, forward, training.best, session)
     return make_record(prepared, training, test_metrics, session, compile, wall_start)
 
 
@@ -169,9 +170,11 @@ class Training:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None           # epoch, metrics, predictions, weights of the selected epoch
     stopped: str | None = None         # the reason on_epoch gave for stopping early
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0         # the steps as they ran in this process (shared steps as they ran)
     eval_seconds: float = 0.0
     sharing: shared_steps.Plan | None = None
+    timing: timing.StepTiming | None = None  # what one step of this work shape costs alone
+    steps: int = 0                     # steps the run took (shared ones included)
 
 
 def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback | None, progress: bool,
@@ -189,13 +192,14 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
     sharing = shared_steps.plan(store, config, siblings, steps_per_epoch, device=device.type, precision=p.precision,
                                 cached=p.cached, compile=compile, data=p.data.fingerprint)
     done = Training(sharing=sharing)
+    if session.timing_repeats:
+        _train_mode(p)
+        done.timing = time_steps(p, forward, optimizer, scheduler, session, compile)
+    prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
     bar = tqdm(total=total_steps, disable=not progress, unit="step", leave=False,
                desc=f"freeze {config.freeze_depth} · {config.scheduler} · seed {config.seed}")
     for epoch in range(1, config.epochs + 1):
-        p.model.train()
-        if not config.frozen_dropout:  # frozen layers run in eval mode: the same function the cache computed
-            for module in frozen_modules(p.backbone, config.freeze_depth) if not p.cached else []:
-                module.eval()
+        _train_mode(p)
         started, loss_sum = _sync_time(device), torch.zeros((), device=device)
         skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
         if epoch == 1 and sharing.resumed:
@@ -212,8 +216,10 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
             if step == len(batches):
                 break
             loss_sum += train_step(p, forward, batches[step], optimizer, scheduler)
+            session.timer.pause_point()
             bar.update()
         epoch_seconds = _sync_time(device) - started + earlier
+        done.steps += len(batches)
         train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
@@ -223,8 +229,12 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
         started = time.perf_counter()
         metrics, predictions = evaluate(p, forward, "validation", session)
         done.eval_seconds += time.perf_counter() - started
-        entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5),
-                 "train_seconds": round(epoch_seconds, 3)}
+        # An epoch's train_seconds is what it costs alone (timed steps; the prefix build counts in epoch 1),
+        # the seconds the search's pruning compares; loop_seconds what its steps took here.
+        alone = done.timing.seconds(len(batches), prefix_train if epoch == 1 else 0.0)[0] if done.timing else \
+            epoch_seconds
+        entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5), "train_seconds": round(alone, 3),
+                 "loop_seconds": round(epoch_seconds, 3)}
         done.history.append(entry)
         bar.set_postfix(accuracy=f"{metrics['accuracy']:.4f}", loss=f"{metrics['loss']:.4f}")
         if done.best is None or _better(metrics, done.best["metrics"], config.select_by):
@@ -235,6 +245,26 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
             break
     bar.close()
     return done
+
+
+def _train_mode(p: Prepared) -> None:
+    p.model.train()
+    if not p.config.frozen_dropout:  # frozen layers run in eval mode: the same function the cache computed
+        for module in frozen_modules(p.backbone, p.config.freeze_depth) if not p.cached else []:
+            module.eval()
+
+
+def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, compile: bool) -> timing.StepTiming:
+    """What one step of this run's work shape costs alone on this machine (`core.timing`): timed once per shape
+    on the run's own first-epoch batches before it trains, the run's state put back afterwards."""
+    config = p.config
+    batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + 1)
+    cost = [len(b) * int(p.train.lengths[b].max()) for b in batches]
+    shape = timing.work_shape(config, device=device_name(p.device), precision=p.precision, cached=p.cached,
+                              compile=compile, rows=len(p.train), data=p.data.fingerprint)
+    with timing.preserved(p.params, optimizer, scheduler, p.device):
+        return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
+                                         batches, p.device, device_name(p.device), cost)
 
 
 def train_step(p: Prepared, forward, indices: np.ndarray, optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
@@ -269,6 +299,7 @@ def evaluate(p: Prepared, forward, name: str, session: Session) -> tuple[dict, n
     predictions = np.empty(len(split), dtype=np.int64)
     loss_sum = 0.0
     for indices in sorted_batches(split.lengths, eval_tokens(p.device)):
+        session.timer.pause_point()
         with p.autocast():
             logits = forward(**p.inputs(name, indices)).logits.float()
         target = p.labels[name][indices].to(p.device)
@@ -288,6 +319,10 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
     prefix_eval = sum(v for k, v in p.prefix["seconds"].items() if k != "train") if p.cached else 0.0
     predictions = best["predictions"]
     evaluated = session.metric("accuracy") is not None and session.metric("f1") is not None
+    if training.timing:  # what the run costs alone: its steps at the timed per-step cost, plus its prefix build
+        alone = training.timing.record(training.steps, extra=prefix_train)
+    else:
+        alone = {"train_seconds": round(training.train_seconds + prefix_train, 3)}
     return RunRecord(
         run_id=config.run_id, config=config.to_dict(),
         accuracy=best["metrics"]["accuracy"], f1=best["metrics"]["f1"], loss=best["metrics"]["loss"],
@@ -295,7 +330,7 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
         stopped_early=training.stopped,
         test_accuracy=test_metrics["accuracy"] if test_metrics else None,
         test_f1=test_metrics["f1"] if test_metrics else None,
-        train_seconds=round(training.train_seconds + prefix_train, 3),
+        **alone,
         train_loop_seconds=round(training.train_seconds, 3),
         eval_seconds=round(training.eval_seconds + prefix_eval, 3),
         wall_seconds=round(time.perf_counter() - wall_start, 3),

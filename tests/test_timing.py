@@ -203,7 +203,9 @@ def test_probe_flags_a_cpu_hog_and_not_the_same_hog_registered_as_a_worker():
         hog.kill()
         hog.wait()
     hog_cores = worker.project_cores  # the hog's own ticks over the window, read from /proc/<pid>/stat
-    assert hog_cores > FOREIGN_CORES, "the hog did not get a core (the machine is saturated)"
+    if hog_cores <= FOREIGN_CORES:  # nothing to detect: the machine is saturated by others (it is contended)
+        assert foreign.contended
+        pytest.skip(f"the hog got only {hog_cores:.2f} cores on a saturated machine")
     assert foreign.contended and "other processes kept" in foreign.evidence
     assert foreign.foreign_cores >= hog_cores - 0.05
     # Same window, same background load (other helpers share this machine): registering the hog as a project

@@ -18,7 +18,8 @@ def run(config, **kwargs) -> dict:
     return core.train.run(config, **kwargs).to_dict()
 
 TIMING = {"train_seconds", "train_loop_seconds", "eval_seconds", "wall_seconds", "tokens_per_second",
-          "peak_memory_mb", "finished_at", "prefix_cache"}
+          "peak_memory_mb", "finished_at", "prefix_cache", "train_seconds_lo", "train_seconds_hi", "contended",
+          "timing"}
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,34 @@ def test_same_config_and_seed_give_the_same_record(tiny_distilbert, toy_data):
 
     def without_timing(record):
         kept = {k: v for k, v in record.items() if k not in TIMING}
-        kept["history"] = [{k: v for k, v in e.items() if k != "train_seconds"} for e in record["history"]]
+        kept["history"] = [{k: v for k, v in e.items() if k not in ("train_seconds", "loop_seconds")}
+                           for e in record["history"]]
         return kept
 
     assert without_timing(first) == without_timing(second)
     other_seed = run(config.replace(seed=1), progress=False)
     assert other_seed["history"] != first["history"]
+
+
+def test_train_seconds_is_the_timed_solo_cost_and_timing_changes_nothing(tiny_distilbert, toy_data):
+    config = quick_config(tiny_distilbert, toy_data, epochs=2, freeze_depth=1)
+    timed = run(config, progress=False, session=Session(timing_repeats=3))
+    untimed = run(config, progress=False, session=Session(timing_repeats=0))
+    pass_ = timed["timing"]
+    steps, prefix = pass_["steps"], timed["prefix_cache"]["seconds"]["train"]
+    assert steps == 2 * 6 and pass_["steps_per_repeat"] >= 1 and len(pass_["repeat_seconds"]) == 3
+    assert timed["train_seconds"] == pytest.approx(steps * pass_["per_step"] + prefix, abs=2e-3)
+    assert timed["train_seconds_lo"] <= timed["train_seconds"] <= timed["train_seconds_hi"]
+    assert isinstance(timed["contended"], bool) and pass_["evidence"]
+    assert sum(e["train_seconds"] for e in timed["history"]) == pytest.approx(timed["train_seconds"], abs=2e-3)
+    # Without a pass: the loop as it ran here (plus the prefix build), and no interval to claim.
+    assert untimed["timing"] is None and untimed["train_seconds_lo"] is None and untimed["contended"] is None
+    assert untimed["train_seconds"] == pytest.approx(untimed["train_loop_seconds"] + untimed["prefix_cache"][
+        "seconds"]["train"], abs=2e-3)
+    # The timing pass steps on the run's own state and puts it back: the run computes the same thing.
+    for name in ("validation_correct", "accuracy", "loss", "best_epoch"):
+        assert timed[name] == untimed[name], name
+    assert [e["train_loss"] for e in timed["history"]] == [e["train_loss"] for e in untimed["history"]]
 
 
 def test_prefix_cache_gives_the_same_run_as_recomputing_the_frozen_layers(tiny_distilbert, toy_data):
