@@ -132,3 +132,27 @@ def test_engine_switch_is_eager_on_the_cpu_and_refuses_unknown_names():
     assert resolve_engine("stacked", "cpu") == "stacked"
     with pytest.raises(UsageError, match="--engine 'graph' is unknown"):
         resolve_engine("graph", "cpu")
+
+
+def test_benchmark_step_times_runs_on_the_cpu_with_small_groups(tiny_bert, tmp_path, monkeypatch, capsys):
+    import json
+
+    from ablations import benchmark
+    out = tmp_path / "steps.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", tiny_bert, "--runs", "1,2",
+                                      "--freeze-depths", "0,1", "--steps", "1", "--rounds", "1", "--length", "12",
+                                      "--output", str(out)])
+    assert benchmark.main() == 0
+    rows = json.loads(out.read_text())["step_times"]
+    assert [(r["depth"], r["engine"]) for r in rows] == [
+        (d, e) for d in (0, 1) for e in ("eager", "stacked N=1", "stacked N=2")]  # no capture without CUDA
+    assert all(r["ms_per_run_step"] > 0 and r["device"] == "cpu" for r in rows)
+    assert [r["vs_eager"] for r in rows if r["engine"] == "eager"] == [1.0, 1.0]
+    assert "stacked N=2" in capsys.readouterr().out
+
+
+def test_benchmark_step_times_refuses_bad_sizes_in_one_line(tiny_bert, monkeypatch):
+    from ablations import benchmark
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", tiny_bert, "--runs", "0,2"])
+    with pytest.raises(UsageError, match="--runs '0,2' is out of range"):
+        benchmark.main()
