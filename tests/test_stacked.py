@@ -193,3 +193,26 @@ def test_frozen_modules_are_shared_only_when_equal(tiny_bert):
         models[1].bert.embeddings.word_embeddings.weight[3] += 1
     with pytest.raises(ValueError, match="differs between runs"):
         stack_models(models)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra", "bert", "distilbert"])
+def test_a_stacked_model_computes_each_runs_logits(kind, tmp_path):
+    """Every BERT-like family stacks: run i's rows of the stacked model give run i's own model's logits."""
+    from transformers import AutoModelForSequenceClassification
+    folder = save_tiny(tmp_path / kind, kind, layers=2)
+    models = []
+    for run in range(3):
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01 * run)  # every weight its own per run
+        models.append(model)
+    stacked, axis = stack_models(models)
+    ids = torch.randint(5, 30, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    axis.rows = 2
+    with torch.no_grad():
+        out = stacked.eval()(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1)).logits.view(3, 2, -1)
+        reference = torch.stack([m(input_ids=ids, attention_mask=mask).logits for m in models])
+    assert torch.allclose(out, reference, atol=1e-6) and not torch.allclose(reference[0], reference[2])
