@@ -72,10 +72,10 @@ def _stacked(config: RunConfig, depth: int, runs: int, batches: list[dict], devi
         model = load_model(config.model, ["0", "1"])
         freeze(model, depth)
         members.append(StackedRun(config.replace(seed=seed), model, lambda i: {}, np.zeros(1), torch.zeros(1)))
-    engine = StackedRuns(members, steps_per_epoch=100_000, pad_id=0, device=device, autocast=autocast,
+    engine = StackedRuns(members, steps_per_epoch=1000, pad_id=0, device=device, autocast=autocast,
                          cached=depth > 0)
     del members
-    rates = LearningRates(engine.rates[:100_000], device)
+    rates = LearningRates(engine.rates, device)  # a constant schedule: past its end the last rate stays
     stacked = []
     for i in range(len(batches)):
         parts = [batches[(i + r) % len(batches)] for r in range(runs)]  # each run its own batch
