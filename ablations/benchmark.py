@@ -7,6 +7,9 @@ Three contenders over the cells freeze depths × schedulers (1 epoch by default)
 - tuned: the same script with `--tuned` (length-grouped batches, no checkpoints), one process per cell;
 - project: one `python -m ablations.grid` command over all cells (fresh storage).
 Wall time is measured around each process, start-up included, so the ratio is what a user waits.
+
+`--step-times` instead times one training step per run of the engines (`core.engine_timing`): eager (the
+solo step), stacked and, on CUDA, captured, at `--runs` runs per group (default 1,14,56; a CPU wants 1,2,4).
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def project_run(args, depths: list[int], schedulers: list[str], workdir: Path) -
 def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local model folder (the same for every contender)")
-    parser.add_argument("--dataset", required=True, help="folder with train.tsv and validation.tsv")
+    parser.add_argument("--dataset", help="folder with train.tsv and validation.tsv (not for --step-times)")
     parser.add_argument("--freeze-depths", default="0,3,6")
     parser.add_argument("--schedulers", default="linear,cosine")
     parser.add_argument("--epochs", type=int, default=1)
@@ -70,8 +73,19 @@ def main() -> int:
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the Trainer recipe script")
     parser.add_argument("--skip-reference", action="store_true", help="time only the tuned Trainer and the project")
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--step-times", action="store_true",
+                        help="time ms per run-step of the eager, stacked and (CUDA) captured engines instead")
+    parser.add_argument("--runs", default="1,14,56", help="--step-times: runs per stacked group")
+    parser.add_argument("--batch-size", type=int, default=16, help="--step-times: rows per run and step")
+    parser.add_argument("--length", type=int, default=32, help="--step-times: tokens per row")
+    parser.add_argument("--steps", type=int, default=20, help="--step-times: timed steps per contender and round")
+    parser.add_argument("--rounds", type=int, default=3, help="--step-times: interleaved rounds (median kept)")
     parser.add_argument("project_args", nargs="*", help="extra flags for the project's grid (after --)")
     args = parser.parse_args()
+    if args.step_times:
+        return step_times_main(args)
+    if not args.dataset:
+        raise UsageError("--dataset is missing: give a folder with train.tsv and validation.tsv")
     if not args.recipe.is_file():
         raise UsageError(f"--recipe {str(args.recipe)!r} does not exist: point it at seed_recipe.py")
     from ablations.space import parse_choices, parse_int_list
@@ -114,6 +128,31 @@ def main() -> int:
         args.output.write_text(json.dumps({"cells": {f"{d}-{s}": r for (d, s), r in rows.items()},
                                            "total_wall_seconds": totals, "mean_accuracy": mean_accuracy,
                                            "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    return 0
+
+
+def step_times_main(args) -> int:
+    from ablations.space import parse_int_list
+    runs = parse_int_list(args.runs, "--runs", low=1)
+    depths = parse_int_list(args.freeze_depths, "--freeze-depths")
+    for name, value, least in (("--batch-size", args.batch_size, 1), ("--length", args.length, 8),
+                               ("--steps", args.steps, 1), ("--rounds", args.rounds, 1)):
+        if value < least:
+            raise UsageError(f"{name} {value} is too small: use at least {least}")
+    from core.engine_timing import step_times
+    from core.model import check_freeze_depth, model_config
+    config = model_config(args.model)
+    for depth in depths:
+        check_freeze_depth(depth, config, args.model)
+    rows = step_times(args.model, runs, depths, args.batch_size, args.length, args.steps, rounds=args.rounds)
+    print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device']}, "
+          f"{rows[0]['precision']}, batch {args.batch_size}, {args.length} tokens, median of {args.rounds} rounds)")
+    for row in rows:
+        print(f"{row['depth']:>5d} {row['engine']:16s} {row['ms_per_run_step']:16.2f} {row['vs_eager']:9.2f}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"step_times": rows, "args": {k: str(v) for k, v in vars(args).items()}},
+                                          indent=2))
     return 0
 
 

@@ -1,0 +1,139 @@
+"""Milliseconds per run-step of the three engines on one model, measured interleaved (a shared machine drifts).
+
+- eager: the project's solo step (`core.train`: fused AdamW, `clip_gradients`, a schedule), one run;
+- stacked N: `core.stacked.StackedRuns`, N runs as one model, the time divided by N;
+- captured N: the same stacked step captured as a CUDA graph and replayed (CUDA only; N = 1 is one run).
+The inputs are random token ids (depth 0) or random hidden states of the model's width (depth > 0: what the
+frozen-prefix cache feeds), `length` tokens with some padding, the model's real weights and shapes. Each
+round times every contender for `steps` steps after `warmup` untimed ones; what is reported is the median
+over rounds of each contender's ms per run-step and of its ratio to the eager step of the same round.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from core.captured import CapturedStep, LearningRates
+from core.config import RunConfig
+from core.model import find_backbone, freeze, load_model, num_layers
+from core.prefix_cache import layer_view
+from core.stacked import StackedRun, StackedRuns, pad_and_stack
+from core.train import clip_gradients, make_optimizer, precision_for
+
+
+def _batches(model, depth: int, batch_size: int, length: int, count: int, device) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        lengths = torch.randint(length * 3 // 4, length + 1, (batch_size,), generator=generator)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        if depth:
+            values = {"inputs_embeds": torch.randn(batch_size, length, model.config.hidden_size, generator=generator)}
+        else:
+            values = {"input_ids": torch.randint(5, model.config.vocab_size, (batch_size, length), generator=generator)}
+        out.append({**{k: v.to(device) for k, v in values.items()}, "attention_mask": mask.to(device),
+                    "labels": torch.randint(0, 2, (batch_size,), generator=generator).to(device)})
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _eager(config: RunConfig, depth: int, batches: list[dict], device, autocast):
+    model = load_model(config.model, ["0", "1"]).to(device)
+    backbone = freeze(model, depth)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, config, device)
+    view = (lambda: layer_view(backbone, depth, num_layers(model.config), True)) if depth else contextlib.nullcontext
+    state = {"i": 0}
+
+    def step():
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        with view(), autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        clip_gradients(params, 1.0, device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _stacked(config: RunConfig, depth: int, runs: int, batches: list[dict], device, autocast, capture: bool):
+    members = []
+    for seed in range(runs):
+        torch.manual_seed(seed)
+        model = load_model(config.model, ["0", "1"])
+        freeze(model, depth)
+        members.append(StackedRun(config.replace(seed=seed), model, lambda i: {}, np.zeros(1), torch.zeros(1)))
+    engine = StackedRuns(members, steps_per_epoch=1000, pad_id=0, device=device, autocast=autocast,
+                         cached=depth > 0)
+    del members
+    rates = LearningRates(engine.rates, device)  # a constant schedule: past its end the last rate stays
+    stacked = []
+    for i in range(len(batches)):
+        parts = [batches[(i + r) % len(batches)] for r in range(runs)]  # each run its own batch
+        inputs, labels, weights = pad_and_stack([{k: v for k, v in p.items() if k != "labels"} for p in parts],
+                                                [p["labels"] for p in parts], pad_id=0)
+        stacked.append({**inputs, "labels": labels, "weights": weights})
+
+    def body(values):
+        loss = engine.step({k: v for k, v in values.items() if k not in ("labels", "weights")}, values["labels"],
+                           values["weights"], rates.views)
+        rates.advance()
+        return loss
+    step = CapturedStep(body, device, enabled=capture) if capture else body
+    state = {"i": 0}
+
+    def run_step():
+        values = stacked[state["i"] % len(stacked)]
+        state["i"] += 1
+        with engine.view():
+            return step(0, values) if capture else step(values)
+    return run_step
+
+
+def step_times(model: str, runs: list[int], depths: list[int], batch_size: int = 16, length: int = 32,
+               steps: int = 5, warmup: int = 2, rounds: int = 3, device=None, capture: bool | None = None) -> list[dict]:
+    """One row per (depth, contender): ms per run-step (median over rounds) and its ratio to eager."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    capture = device.type == "cuda" if capture is None else capture
+    precision = precision_for("auto", device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
+        else contextlib.nullcontext
+    rows = []
+    for depth in depths:
+        config = RunConfig(model=model, dataset="timing", freeze_depth=depth, batch_size=batch_size, epochs=1,
+                           scheduler="constant", max_length=max(8, length), learning_rate=1e-5, precision=precision)
+        base = load_model(model, ["0", "1"])
+        batches = _batches(base, depth, batch_size, length, 8, device)
+        del base
+        contenders = {"eager": (1, _eager(config, depth, batches, device, autocast))}
+        for n in runs:
+            contenders[f"stacked N={n}"] = (n, _stacked(config, depth, n, batches, device, autocast, False))
+            if capture:
+                contenders[f"captured N={n}"] = (n, _stacked(config, depth, n, batches, device, autocast, True))
+        times = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, (n, step) in contenders.items():
+                for _ in range(warmup):
+                    step()
+                _sync(device)
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(device)
+                times[name].append((time.perf_counter() - started) / steps / n * 1e3)
+        for name, values in times.items():
+            ratios = [v / e for v, e in zip(values, times["eager"])]
+            rows.append({"depth": depth, "engine": name, "runs": contenders[name][0],
+                         "ms_per_run_step": round(statistics.median(values), 3),
+                         "vs_eager": round(statistics.median(ratios), 3), "rounds_ms": [round(v, 2) for v in values],
+                         "device": str(device), "precision": precision, "batch_size": batch_size, "length": length})
+    return rows

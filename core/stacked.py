@@ -1,0 +1,328 @@
+"""Many runs of one work shape trained at once, as one stacked model (horizontal fusion, HFTA-style).
+
+Runs that share model, freeze depth, batch size, max length, precision, epochs and training-set size but
+differ in seed, schedule, learning rate or weight decay become ONE model: every trainable Linear, LayerNorm
+and Embedding gets a leading run axis (bmm instead of mm) and the batch holds run 0's rows, then run 1's, ...
+Everything between those modules (attention, masks, activations) works per row and is the Hugging Face code
+unchanged, so BERT/MiniLM, DistilBERT, RoBERTa and ELECTRA stack without a table of architectures.
+(`torch.func.vmap` over `functional_call` was tried first: transformers 5.24's mask code hits vmap's
+data-dependent control-flow error on all four families.)
+
+Each run keeps its own arithmetic: its own batches and their order, its own head (drawn from its seed), its
+own learning-rate schedule, its own gradient norm clipped to 1.0, its own AdamW state and update (torch's
+fused AdamW kernel called on the run's slice: the same kernel and arithmetic as a solo run), its own
+evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
+a solo run would draw, so with dropout on a stacked run equals a solo run in distribution, not bit for bit.
+Frozen modules are not stacked: the runs share them (they hold the same pretrained weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_scheduler
+
+from core import record as rec
+from core.config import RunConfig
+from core.data import eval_tokens, length_grouped_batches, sorted_batches
+from core.model import find_backbone, frozen_modules, num_layers
+from core.prefix_cache import layer_view
+
+# What may differ between the runs of one stacked group; every other RunConfig field must be equal.
+PER_RUN_FIELDS = ("seed", "scheduler", "learning_rate", "warmup_ratio", "weight_decay", "select_by")
+
+
+def work_shape(config: RunConfig) -> tuple:
+    """Equal for configs that can train as one stacked group."""
+    return tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k not in PER_RUN_FIELDS))
+
+
+class RunAxis:
+    """Shared by the stacked modules of one model: how many runs, and how many batch rows each run has now."""
+
+    def __init__(self, runs: int):
+        self.runs, self.rows = runs, 1
+
+
+class StackedLinear(nn.Module):
+    def __init__(self, linears: list[nn.Linear], axis: RunAxis):
+        super().__init__()
+        self.axis = axis
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))           # [N, out, in]
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in linears])) if linears[0].bias is not None \
+            else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(self.axis.runs, -1, x.shape[-1])  # rows are run-major: run n owns a contiguous block
+        weight = self.weight.transpose(1, 2)
+        out = torch.bmm(flat, weight) if self.bias is None else torch.baddbmm(self.bias[:, None], flat, weight)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class StackedLayerNorm(nn.Module):
+    def __init__(self, norms: list[nn.LayerNorm], axis: RunAxis):
+        super().__init__()
+        self.axis, self.eps, self.shape = axis, norms[0].eps, norms[0].normalized_shape
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in norms]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in norms]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = F.layer_norm(x.reshape(self.axis.runs, -1, x.shape[-1]), self.shape, eps=self.eps)
+        return torch.addcmul(self.bias[:, None], flat, self.weight[:, None]).reshape(x.shape)
+
+
+class StackedEmbedding(nn.Module):
+    def __init__(self, embeddings: list[nn.Embedding], axis: RunAxis):
+        super().__init__()
+        if any(m.max_norm is not None or m.sparse for m in embeddings):
+            raise ValueError("stacking supports plain nn.Embedding (no max_norm, no sparse gradients)")
+        self.axis, self.padding_idx = axis, embeddings[0].padding_idx
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in embeddings]))        # [N, V, H]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        runs, vocab, hidden = self.weight.shape
+        shared = ids.shape[0] == 1 and runs > 1  # a buffer every row uses alike (position ids)
+        if shared:
+            ids = ids.expand(runs, *ids.shape[1:])
+        rows_per_run = ids.shape[0] // runs
+        offset = torch.arange(runs, device=ids.device).repeat_interleave(rows_per_run) * vocab
+        out = F.embedding(ids + offset.view(-1, *[1] * (ids.ndim - 1)), self.weight.reshape(runs * vocab, hidden))
+        return out.repeat_interleave(self.axis.rows, 0) if shared else out
+
+    def zero_padding_grad(self) -> None:
+        """nn.Embedding(padding_idx) never updates the padding row: neither does its stacked twin."""
+        if self.padding_idx is not None and self.weight.grad is not None:
+            self.weight.grad[:, self.padding_idx].zero_()
+
+
+STACKED = {nn.Linear: StackedLinear, nn.LayerNorm: StackedLayerNorm, nn.Embedding: StackedEmbedding}
+
+
+def stack_models(models: list[nn.Module]) -> tuple[nn.Module, RunAxis]:
+    """One model whose trainable modules carry every run's weights; frozen modules are shared (checked equal)."""
+    axis = RunAxis(len(models))
+    stacked = copy.deepcopy(models[0])
+    by_name = [dict(m.named_modules()) for m in models]
+    for name, module in list(stacked.named_modules()):
+        own = list(module.parameters(recurse=False))
+        trainable = [p.requires_grad for p in own]
+        if not own:
+            continue
+        if not any(trainable):
+            for other in by_name[1:]:
+                if not all(torch.equal(a, b) for a, b in zip(own, other[name].parameters(recurse=False))):
+                    raise ValueError(f"frozen module {name!r} differs between runs: they cannot share it")
+            continue
+        kind = STACKED.get(type(module))
+        if kind is None or not all(trainable):
+            raise ValueError(f"cannot stack {type(module).__name__} {name!r}: stacking supports trainable "
+                             "Linear, LayerNorm and Embedding modules")
+        parent, _, attr = name.rpartition(".")
+        setattr(stacked.get_submodule(parent) if parent else stacked, attr, kind([m[name] for m in by_name], axis))
+    return stacked, axis
+
+
+def learning_rate_table(configs: list[RunConfig], total_steps: int) -> np.ndarray:
+    """[steps, runs]: the rate each run's own `get_scheduler` sets before each step (what its solo run uses)."""
+    table = np.empty((total_steps, len(configs)))
+    for run, config in enumerate(configs):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+        schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=int(np.ceil(
+            config.warmup_ratio * total_steps)), num_training_steps=total_steps)
+        for step in range(total_steps):
+            table[step, run] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            schedule.step()
+    return table
+
+
+def pad_and_stack(batches: list[dict], labels: list[torch.Tensor], pad_id: int, rows: int | None = None,
+                  length: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Pad every run's batch to `rows` x `length` (default: the largest in the step) and stack them run-major.
+
+    Returns (model inputs with N*rows rows, labels [N, rows], loss weights [N, rows]). A padding row attends to
+    one token (an all-masked row would give NaN) and weighs 0 in its run's loss."""
+    rows = rows or max(len(y) for y in labels)
+    length = length or max(b["attention_mask"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id}
+    inputs = {}
+    for key in batches[0]:
+        parts = []
+        for batch in batches:
+            value = batch[key]
+            padded = value.new_full((rows, length, *value.shape[2:]), fill.get(key, 0))
+            padded[:value.shape[0], :value.shape[1]] = value
+            if key == "attention_mask":
+                padded[value.shape[0]:, 0] = 1
+            parts.append(padded)
+        inputs[key] = torch.cat(parts)
+    target = torch.zeros((len(labels), rows), dtype=torch.long, device=labels[0].device)
+    weights = torch.zeros((len(labels), rows), device=labels[0].device)
+    for run, y in enumerate(labels):
+        target[run, :len(y)], weights[run, :len(y)] = y, 1.0
+    return inputs, target, weights
+
+
+@dataclass
+class StackedRun:
+    """One run of a group, as its prepare stage left it: config, model (own seed, frozen), training inputs."""
+    config: RunConfig
+    model: nn.Module
+    batch: Callable[[np.ndarray], dict]   # training rows -> model inputs on the device (tokens or prefix states)
+    lengths: np.ndarray                   # training-row lengths (batch order is drawn from them, as solo)
+    labels: torch.Tensor                  # training labels, on the host
+    history: list = field(default_factory=list)
+    best: dict | None = None
+
+
+class StackedRuns:
+    """The training and evaluation of N runs of one work shape, as one stacked model."""
+
+    def __init__(self, runs: list[StackedRun], steps_per_epoch: int, pad_id: int, device, autocast=None,
+                 cached: bool = False, max_grad_norm: float = 1.0):
+        shapes = {work_shape(r.config) for r in runs}
+        if len(shapes) != 1 or len({len(r.lengths) for r in runs}) != 1:
+            raise ValueError("stacked runs must share their work shape (model, depth, batch, length, precision, "
+                             f"epochs, training-set size); only {', '.join(PER_RUN_FIELDS)} may differ")
+        self.runs, self.device, self.pad_id, self.max_grad_norm = runs, torch.device(device), pad_id, max_grad_norm
+        self.autocast = autocast or contextlib.nullcontext
+        config = runs[0].config
+        self.model, self.axis = stack_models([r.model for r in runs])
+        self.model.to(self.device)
+        backbone = find_backbone(self.model)
+        self.frozen = [] if cached or config.frozen_dropout else frozen_modules(backbone, config.freeze_depth)
+        self.view = (lambda: layer_view(backbone, config.freeze_depth, num_layers(self.model.config), True)) \
+            if cached else contextlib.nullcontext
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.decay = [p.ndim >= 3 for p in self.params]  # [N, ...] of a matrix: decayed; biases and norms are not
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.step_count = torch.zeros((), device=self.device)
+        self.embeddings = [m for m in self.model.modules() if isinstance(m, StackedEmbedding)]
+        self.rates = learning_rate_table([r.config for r in runs], steps_per_epoch * config.epochs)
+        self.steps_per_epoch, self.global_step = steps_per_epoch, 0
+
+    def step(self, inputs: dict, labels: torch.Tensor, weights: torch.Tensor, rates) -> torch.Tensor:
+        """One training step of every run (inputs from `pad_and_stack`); `rates[i]` is run i's learning rate
+        (a float, or a 0-d device tensor when the step is captured). Returns the runs' losses [N]."""
+        self.axis.rows = labels.shape[1]
+        with self.autocast():
+            logits = self.model(**inputs).logits
+        losses = F.cross_entropy(logits.float(), labels.reshape(-1), reduction="none").view_as(weights)
+        losses = (losses * weights).sum(1) / weights.sum(1)
+        losses.sum().backward()  # the runs share no weight, so each gets exactly its own gradient
+        for embedding in self.embeddings:
+            embedding.zero_padding_grad()
+        self._clip()
+        self._update(rates)
+        for p in self.params:
+            p.grad = None
+        return losses.detach()
+
+    def _clip(self) -> None:
+        """Each run's gradient clipped to its own global norm, as `clip_grad_norm_` does for a solo run."""
+        norms = torch.stack([g.grad.reshape(len(self.runs), -1).norm(dim=1) for g in self.params]).norm(dim=0)
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        if self.device.type == "cpu":  # reading the norms costs no sync here: rescale only runs above the limit
+            for run in (norms > self.max_grad_norm).nonzero().flatten().tolist():
+                torch._foreach_mul_([p.grad[run] for p in self.params], coef[run])
+            return
+        for p in self.params:
+            p.grad.mul_(coef.view(-1, *[1] * (p.ndim - 1)))
+
+    @torch.no_grad()
+    def _update(self, rates) -> None:
+        self.step_count += 1
+        for run, config in enumerate(r.config for r in self.runs):
+            for decay in (True, False):
+                pick = [i for i, d in enumerate(self.decay) if d == decay]
+                if not pick:
+                    continue
+                torch._fused_adamw_([self.params[i][run] for i in pick], [self.params[i].grad[run] for i in pick],
+                                    [self.exp_avg[i][run] for i in pick], [self.exp_avg_sq[i][run] for i in pick],
+                                    [], [self.step_count] * len(pick), lr=rates[run], beta1=0.9, beta2=0.999,
+                                    weight_decay=config.weight_decay if decay else 0.0, eps=1e-8, amsgrad=False,
+                                    maximize=False, grad_scale=None, found_inf=None)
+
+    def train_epoch(self, epoch: int) -> np.ndarray:
+        """One epoch of every run, each over its own length-grouped batches (seeded as a solo run seeds them)."""
+        self.model.train()
+        for module in self.frozen:
+            module.eval()  # frozen layers compute what the prefix cache would: no dropout
+        orders = [length_grouped_batches(r.lengths, r.config.batch_size, seed=r.config.seed * 1000 + epoch)
+                  for r in self.runs]
+        loss_sum = torch.zeros(len(self.runs), device=self.device)
+        with self.view():
+            for step in range(len(orders[0])):
+                picks = [order[step] for order in orders]
+                inputs, labels, weights = pad_and_stack([r.batch(i) for r, i in zip(self.runs, picks)],
+                                                        [r.labels[i].to(self.device) for r, i in zip(self.runs, picks)],
+                                                        self.pad_id)
+                loss_sum += self.step(inputs, labels, weights, self.rates[self.global_step].tolist())
+                self.global_step += 1
+        return (loss_sum / len(orders[0])).cpu().numpy()
+
+    @torch.inference_mode()
+    def evaluate(self, batch: Callable[[np.ndarray], dict], lengths: np.ndarray, labels: np.ndarray,
+                 num_labels: int) -> list[tuple[dict, np.ndarray]]:
+        """Every run's metrics and predictions on one shared split (each row is repeated once per run)."""
+        self.model.eval()
+        runs = len(self.runs)
+        predictions = np.empty((runs, len(labels)), dtype=np.int64)
+        loss_sum = torch.zeros(runs, dtype=torch.float64)
+        with self.view():
+            for indices in sorted_batches(lengths, max(1, eval_tokens(self.device) // runs)):
+                inputs = {k: v.repeat(runs, *[1] * (v.ndim - 1)) for k, v in batch(indices).items()}
+                self.axis.rows = len(indices)
+                with self.autocast():
+                    logits = self.model(**inputs).logits.float().view(runs, len(indices), -1)
+                target = torch.as_tensor(labels[indices], device=logits.device).repeat(runs)
+                loss_sum += F.cross_entropy(logits.flatten(0, 1), target, reduction="none").view(runs, -1).sum(1).cpu()
+                predictions[:, indices] = logits.argmax(-1).cpu().numpy()
+        results = []
+        for run in range(runs):
+            metrics = rec.classification_metrics(predictions[run], labels, num_labels)
+            results.append(({"accuracy": round(metrics["accuracy"], 6), "f1": round(metrics["f1"], 6),
+                             "loss": round(float(loss_sum[run]) / max(1, len(labels)), 6)}, predictions[run]))
+        return results
+
+    def fit(self, batch: Callable[[np.ndarray], dict], lengths: np.ndarray, labels: np.ndarray,
+            num_labels: int) -> float:
+        """Every epoch of every run, each run evaluated after each epoch on the shared validation split and its
+        best epoch (by its own `select_by`) kept with its weights. Returns the group's training seconds."""
+        train_seconds = 0.0
+        for epoch in range(1, self.runs[0].config.epochs + 1):
+            started = _sync_time(self.device)
+            losses = self.train_epoch(epoch)
+            seconds = _sync_time(self.device) - started
+            train_seconds += seconds
+            for run, (result, loss) in enumerate(zip(self.evaluate(batch, lengths, labels, num_labels), losses)):
+                metrics, predictions = result
+                state = self.runs[run]
+                state.history.append({"epoch": epoch, **metrics, "train_loss": round(float(loss), 5),
+                                      "train_seconds": round(seconds / len(self.runs), 3)})  # the group's, shared
+                if state.best is None or _better(metrics, state.best["metrics"], state.config.select_by):
+                    state.best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
+                                  "weights": self.run_weights(run)}
+        return train_seconds
+
+    def run_weights(self, run: int) -> dict[str, torch.Tensor]:
+        """Run `run`'s trainable weights under the solo model's parameter names."""
+        return {name: p[run].detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+
+
+def _better(new: dict, old: dict, select_by: str) -> bool:
+    return new["loss"] < old["loss"] if select_by == "loss" else new[select_by] > old[select_by]
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,158 @@
+"""The captured step's CPU-side logic: buckets, static buffers, the schedule as a tensor, the eager fallback."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from core.captured import (
+    CapturedStep,
+    LearningRates,
+    bucket_for,
+    buckets_for,
+    fill_static,
+    probe_capture,
+    resolve_engine,
+)
+from core.errors import UsageError
+from core.stacked import learning_rate_table, pad_and_stack
+from conftest import quick_config
+
+
+def test_a_batch_goes_to_the_shortest_bucket_that_holds_it():
+    buckets = buckets_for(100)
+    assert buckets == (32, 64, 100)
+    assert [bucket_for(n, buckets) for n in (1, 32, 33, 64, 65, 100)] == [32, 32, 64, 64, 100, 100]
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        bucket_for(101, buckets)
+
+
+def test_batches_are_padded_into_the_same_static_buffers():
+    first = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    inputs, labels, weights = pad_and_stack([first], [torch.tensor([1, 0])], pad_id=0, rows=4, length=8)
+    static = {**{k: v.clone() for k, v in inputs.items()}, "labels": labels.clone(), "weights": weights.clone()}
+    storage = static["input_ids"].data_ptr()
+    second = {"input_ids": torch.tensor([[11, 12]]), "attention_mask": torch.tensor([[1, 1]])}
+    inputs, labels, weights = pad_and_stack([second], [torch.tensor([1])], pad_id=3, rows=4, length=8)
+    fill_static(static, {**inputs, "labels": labels, "weights": weights})
+    assert static["input_ids"].data_ptr() == storage  # a replayed graph reads these very buffers
+    assert static["input_ids"].tolist() == [[11, 12, 3, 3, 3, 3, 3, 3]] + [[3] * 8] * 3
+    assert static["attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0, 0, 0]] + [[1] + [0] * 7] * 3
+    assert static["weights"].tolist() == [[1, 0, 0, 0]]
+    too_long = {**inputs, "input_ids": torch.zeros(4, 9, dtype=torch.long)}
+    with pytest.raises(ValueError, match="pad the batch to the bucket"):
+        fill_static(static, {**too_long, "labels": labels, "weights": weights})
+
+
+def test_the_schedule_advances_on_the_device_as_the_scheduler_would(tiny_bert, toy_data):
+    runs = [quick_config(tiny_bert, toy_data, scheduler="linear", warmup_ratio=0.25, learning_rate=1e-3),
+            quick_config(tiny_bert, toy_data, scheduler="cosine", warmup_ratio=0.0, learning_rate=5e-4)]
+    table = learning_rate_table(runs, total_steps=8)
+    assert table[0].tolist() == [0.0, 5e-4] and table[2, 0] == pytest.approx(1e-3)
+    rates = LearningRates(table, "cpu")
+    seen = []
+    for _ in range(10):  # past the end the last rate stays
+        seen.append([float(v) for v in rates.views])
+        rates.advance()
+    assert np.allclose(seen[:8], table) and seen[8] == seen[9] == table[-1].tolist()
+
+
+class GraphOnTheCpu(CapturedStep):
+    """Replays by calling the body on the static buffers, as a CUDA graph would read them."""
+    needs_cuda = False
+
+    def _warm(self, static):
+        return self.body(static)
+
+    def _capture(self, static):
+        self.captures = getattr(self, "captures", 0) + 1
+        return lambda: self.body(static)
+
+
+def counting_body():
+    seen = []
+
+    def body(static):
+        seen.append(static["x"].clone())
+        return static["x"].sum()
+    return body, seen
+
+
+def test_each_step_runs_once_warm_up_then_one_capture_per_bucket():
+    body, seen = counting_body()
+    step = GraphOnTheCpu(body, "cpu", enabled=True, warmup=2)
+    values = [torch.full((2,), float(i)) for i in range(6)]
+    losses = [float(step(32 if i < 4 else 64, {"x": v})) for i, v in enumerate(values)]
+    assert losses == [2.0 * i for i in range(6)]  # every step saw its own batch, through the static buffer
+    assert [float(s[0]) for s in seen] == list(range(6))
+    assert step.captures == 1 and set(step.static) == {32, 64}  # bucket 64 is still warming up
+
+
+def test_without_cuda_the_step_runs_eagerly_with_one_log_line(caplog):
+    body, seen = counting_body()
+    with caplog.at_level(logging.WARNING, logger="core.captured"):
+        step = CapturedStep(body, "cpu", enabled=True)
+        for i in range(5):
+            step(32, {"x": torch.full((2,), float(i))})
+    assert len(seen) == 5
+    assert [r.getMessage() for r in caplog.records] == ["training step runs eagerly: capture needs CUDA"]
+
+
+def test_a_failed_capture_falls_back_to_eager_with_one_log_line(caplog):
+    class FailingCapture(GraphOnTheCpu):
+        def _capture(self, static):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    body, seen = counting_body()
+    step = FailingCapture(body, "cpu", enabled=True, warmup=1)
+    with caplog.at_level(logging.WARNING, logger="core.captured"):
+        losses = [float(step(32, {"x": torch.full((1,), float(i))})) for i in range(4)]
+    assert losses == [0.0, 1.0, 2.0, 3.0] and len(seen) == 4  # no step lost or repeated
+    assert [r.getMessage() for r in caplog.records] == [
+        "training step runs eagerly: capturing it failed (operation not permitted when stream is capturing)"]
+
+
+def test_a_probe_that_crashes_answers_no_and_the_parent_lives_on():
+    crash = (sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})")
+    ok, why = probe_capture("some-model", 32, "cuda", command=crash)
+    assert not ok and f"crashed (signal {int(signal.SIGSEGV)})" in why
+    ok, why = probe_capture("some-model", 32, "cuda", command=(sys.executable, "-c", "raise SystemExit('no graph')"))
+    assert not ok and why.endswith("no graph")
+    assert probe_capture("some-model", 32, "cuda", command=(sys.executable, "-c", "pass")) == (True, "")
+    assert probe_capture("some-model", 32, "cpu") == (False, "capture needs CUDA")
+
+
+def test_engine_switch_is_eager_on_the_cpu_and_refuses_unknown_names():
+    assert resolve_engine("auto", "cpu") == "eager"
+    assert resolve_engine("stacked", "cpu") == "stacked"
+    with pytest.raises(UsageError, match="--engine 'graph' is unknown"):
+        resolve_engine("graph", "cpu")
+
+
+def test_benchmark_step_times_runs_on_the_cpu_with_small_groups(tiny_bert, tmp_path, monkeypatch, capsys):
+    import json
+
+    from ablations import benchmark
+    out = tmp_path / "steps.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", tiny_bert, "--runs", "1,2",
+                                      "--freeze-depths", "0,1", "--steps", "1", "--rounds", "1", "--length", "12",
+                                      "--output", str(out)])
+    assert benchmark.main() == 0
+    rows = json.loads(out.read_text())["step_times"]
+    assert [(r["depth"], r["engine"]) for r in rows] == [
+        (d, e) for d in (0, 1) for e in ("eager", "stacked N=1", "stacked N=2")]  # no capture without CUDA
+    assert all(r["ms_per_run_step"] > 0 and r["device"] == "cpu" for r in rows)
+    assert [r["vs_eager"] for r in rows if r["engine"] == "eager"] == [1.0, 1.0]
+    assert "stacked N=2" in capsys.readouterr().out
+
+
+def test_benchmark_step_times_refuses_bad_sizes_in_one_line(tiny_bert, monkeypatch):
+    from ablations import benchmark
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", tiny_bert, "--runs", "0,2"])
+    with pytest.raises(UsageError, match="--runs '0,2' is out of range"):
+        benchmark.main()
