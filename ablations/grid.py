@@ -59,7 +59,8 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
             status = statuses[run_id]
             if status.complete:
                 done += 1
-                if run_id not in in_study and config.legacy_run_id not in in_study:
+                here = status.where.startswith(f"{study.study_name}#")
+                if not here and run_id not in in_study and config.legacy_run_id not in in_study:
                     # A run done in another study on the same storage is copied here, not trained again.
                     ledger.copy_complete(study, status, *study_params(config, varying))
                     in_study.add(run_id)

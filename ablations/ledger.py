@@ -188,8 +188,13 @@ class Ledger:
             return RunStatus(run_id)
         where = f"{row['study']}#{row['number']}"
         self._where[row["trial_id"]] = where
-        live = row["state"] == "RUNNING" and self._trial_state(row["trial_id"]) == TrialState.RUNNING
-        return RunStatus(run_id, row["state"], row["trial_id"], where, row["failures"], live)
+        state, live = row["state"], False
+        if state == "RUNNING":
+            trial_state = self._trial_state(row["trial_id"])
+            live = trial_state == TrialState.RUNNING
+            if trial_state == TrialState.COMPLETE:   # told, and its row about to say so: done, never retaken
+                state = "COMPLETE"
+        return RunStatus(run_id, state, row["trial_id"], where, row["failures"], live)
 
     def _trial_state(self, trial_id: int) -> TrialState | None:
         trials = models.TrialModel.__table__
@@ -209,10 +214,16 @@ class Ledger:
                 rows[config.run_id] = {**old, "run_id": config.run_id}
         return {c.run_id: self._status(c.run_id, rows.get(c.run_id)) for c in configs}
 
+    def lookup_ids(self, run_ids: list[str]) -> dict[str, RunStatus]:
+        rows = self._rows(run_ids)
+        return {run_id: self._status(run_id, rows.get(run_id)) for run_id in run_ids}
+
     # -- claims ----------------------------------------------------------------------------------------------
     def claim(self, study: optuna.Study, run_id: str, trial_id: int) -> RunStatus | None:
         """Make `trial_id` the holder of `run_id`: None if it now is, else the status of the run as it stands."""
-        number = self.storage.get_trial_number_from_id(trial_id)
+        trials = models.TrialModel.__table__
+        with self.storage.engine.connect() as connection:
+            number = connection.execute(sa.select(trials.c.number).where(trials.c.trial_id == trial_id)).scalar_one()
         row = {"run_id": run_id, "trial_id": trial_id, "study": study.study_name, "number": number,
                "state": "RUNNING", "failures": 0}
         for _ in range(3):
@@ -287,7 +298,7 @@ class Ledger:
             retrying(store)
         except sa.exc.OperationalError as error:
             params, distributions = self._params.get(trial_id, ({}, {}))
-            path = self.spool.add(study.study_name, run_id, params, distributions, record)
+            path = self.spool.add(study.study_name, trial_id, run_id, params, distributions, record)
             print(f"storage unreachable ({mask_url(str(self.storage.engine.url))}: {type(error.orig).__name__}): "
                   f"finished run {run_id} kept in {path}; it is stored when the storage answers again")
 
@@ -322,6 +333,10 @@ class Ledger:
                                       entry["record"], **({"reused_from": status.where} if status.complete else {}))
         if not status.complete:
             self._mark_complete(entry["run_id"], trial_id)
+        try:  # the trial that trained it is still RUNNING: end it, or it would hold the claim until it goes stale
+            self.storage.set_trial_state_values(entry["trial_id"], state=TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            pass
 
     def finish_failed(self, study: optuna.Study, trial_id: int, kind: str, reason: str,
                       state: TrialState = TrialState.FAIL, record: dict | None = None) -> None:
@@ -329,9 +344,9 @@ class Ledger:
         self.storage.set_trial_user_attr(trial_id, "fail_reason", reason[:2000])
         if record is not None:
             self.storage.set_trial_user_attr(trial_id, "record", record)
-        study.tell(optuna.trial.Trial(study, trial_id), state=state)
-        if kind != "claim_lost":
+        if kind != "claim_lost":  # released first: a rival may take it over only once the failure is counted
             self._release(trial_id, "FREE", failed=kind in COUNTED_FAILURES)
+        study.tell(optuna.trial.Trial(study, trial_id), state=state)
 
     def copy_complete(self, study: optuna.Study, status: RunStatus, params: dict, distributions: dict) -> None:
         """Answer a run from an identical one that already ran (in this study or another on the storage)."""

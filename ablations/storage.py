@@ -127,8 +127,8 @@ class Spool:
         home = Path(os.environ.get("ABLATIONS_SPOOL_DIR") or Path.home() / ".cache" / "freeze-ablations" / "spool")
         return cls(home / f"{hashlib.sha256(mask_url(url).encode()).hexdigest()[:16]}.jsonl")
 
-    def add(self, study: str, run_id: str, params: dict, distributions: dict, record: dict) -> Path:
-        entry = {"study": study, "run_id": run_id, "params": params, "record": record,
+    def add(self, study: str, trial_id: int, run_id: str, params: dict, distributions: dict, record: dict) -> Path:
+        entry = {"study": study, "trial_id": trial_id, "run_id": run_id, "params": params, "record": record,
                  "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in distributions.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
