@@ -14,8 +14,8 @@ from typing import Callable
 import optuna
 from tqdm.auto import tqdm
 
-from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
 from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
+from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
 from core import RunConfig, check
 from core.cli import (
     ArgumentParser,
@@ -172,8 +172,8 @@ def make_trainer(args: argparse.Namespace) -> TrainFn:
 
 
 def write_report(url: str, study_names: list[str], output_dir: str) -> None:
-    from ablations.report import write_report as report
     from ablations.ledger import load_runs
+    from ablations.report import write_report as report
     paths = report(load_runs(url, study_names), output_dir)
     print(f"report: {', '.join(str(p) for p in paths.values())}")
 

@@ -22,6 +22,7 @@ workers (optuna#2039, #5489).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import threading
@@ -35,14 +36,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations.storage import (
-    Spool,
-    mask_url,
-    open_storage,
-    retrying,
-    storage_errors,
-    storage_url,
-)
+from ablations.storage import Spool, mask_url, open_storage, retrying, storage_errors, storage_url
 from core.errors import UsageError
 
 DIRECTIONS = ("maximize", "minimize")  # validation accuracy, training seconds
@@ -247,8 +241,9 @@ class Ledger:
 
     def new_claim(self, study: optuna.Study, run_id: str, params: dict, distributions: dict) -> int | None:
         """Create a RUNNING trial for `run_id` and claim the run with it; None (a FAIL `claim_lost`) if lost."""
-        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
-                               datetime_complete=None, params=params, distributions=distributions,
+        # datetime_start is for display (the dashboard's durations); no claim decision reads a worker's clock.
+        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
+                               datetime_start=datetime.datetime.now(), datetime_complete=None, params=params, distributions=distributions,
                                user_attrs={"run_id": run_id}, system_attrs={}, intermediate_values={}, trial_id=-1)
         trial_id = self.storage.create_new_trial(study._study_id, template_trial=template)
         self.storage.record_heartbeat(trial_id)
@@ -260,8 +255,10 @@ class Ledger:
             return None
         return trial_id
 
-    def tag_claim(self, study: optuna.Study, trial_id: int, run_id: str) -> RunStatus | None:
-        """Claim `run_id` with a trial the sampler created (the search); see `claim`."""
+    def tag_claim(self, study: optuna.Study, trial_id: int, config) -> RunStatus | None:
+        """Claim `config`'s run with a trial the sampler created (the search); see `claim`."""
+        run_id = config.run_id
+        self.lookup([config])   # a run stored under its legacy id is found (and aliased) first
         self.storage.set_trial_user_attr(trial_id, "run_id", run_id)
         trial = self.storage.get_trial(trial_id)
         self._params[trial_id] = (trial.params, trial.distributions)
@@ -420,7 +417,8 @@ def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
         names = [s.study_name for s in storage.get_all_studies()]
         for name in study_names or []:
             if name not in names:
-                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds {', '.join(names) or 'no studies'}")
+                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
+                                 f"{', '.join(names) or 'no studies'}")
         runs = []
         for name in study_names or names:
             for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):

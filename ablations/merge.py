@@ -12,8 +12,8 @@ import optuna
 from optuna.trial import TrialState
 
 from ablations.ledger import Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
-from core.config import RunConfig
 from core.cli import ArgumentParser, main_guard
+from core.config import RunConfig
 from core.errors import UsageError
 
 

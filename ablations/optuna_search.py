@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from ablations import pareto
 from ablations.grid import add_study_arguments, free_accelerator_memory
+from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
 from ablations.pareto import SEARCHED, fixed_fields, write_outputs
 from ablations.space import SearchSpace, parse_choices, parse_range
-from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
 from core import RunConfig
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
 from core.config import SCHEDULERS
@@ -147,7 +147,7 @@ class Search:
     def _resolve(self, trial: Trial, config: RunConfig) -> Outcome:
         """Answer the trial from a stored run, wait for a worker training it, or claim and train it."""
         while True:
-            holder = self.ledger.tag_claim(self.study, trial._trial_id, config.run_id)
+            holder = self.ledger.tag_claim(self.study, trial._trial_id, config)
             if holder is None:
                 return self._train(trial, config)
             if holder.complete:

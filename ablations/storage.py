@@ -48,11 +48,18 @@ def mask_url(url: str) -> str:
         return url
 
 
-def _password(url: str) -> str | None:
+def _hide(text: str, url: str) -> str:
+    """`text` (an error message) with the URL's password masked wherever the URL or the password appears."""
     try:
-        return sa.engine.make_url(url).password
+        password = sa.engine.make_url(url).password
     except Exception:
-        return None
+        password = None
+    text = text.replace(url, mask_url(url))
+    if password:
+        text = text.replace(f":{password}@", ":***@").replace(f"password={password}", "password=***")
+        if password not in mask_url(url):   # not also part of the user or host name: mask it everywhere
+            text = text.replace(password, "***")
+    return text
 
 
 def describe(error: BaseException, url: str) -> str:
@@ -68,8 +75,7 @@ def describe(error: BaseException, url: str) -> str:
     else:
         reason = first_line(getattr(error, "orig", None) or error, 200)
         line = f"cannot use storage {where!r}: {reason}"
-    password = _password(url)
-    return line.replace(password, "***") if password else line
+    return _hide(line, url)
 
 
 @contextlib.contextmanager
@@ -98,10 +104,8 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
             if isinstance(error, (sa.exc.SQLAlchemyError, OSError)) and any(
                     t in str(error) for t in DISK_FULL + CORRUPT):
                 raise UsageError(describe(error, url)) from None
-            reason = first_line(error, 200)
-            password = _password(url)
-            line = f"cannot open storage {mask_url(url)!r}: {reason}"
-            raise UsageError(line.replace(password, "***") if password else line) from None
+            reason = _hide(first_line(error, 200), url)
+            raise UsageError(f"cannot open storage {mask_url(url)!r}: {reason}") from None
     raise UsageError(f"cannot open storage {mask_url(url)!r}: its tables could not be created")
 
 

@@ -92,6 +92,20 @@ def test_a_storage_written_with_legacy_run_ids_is_read_and_merge_deduplicates_by
                                                       f"sqlite:///{tmp_path}/other.db"]) == {"grid": 4}
 
 
+def test_the_committed_storage_is_read_through_its_legacy_ids(tmp_path, monkeypatch):
+    """results/sst2.db (run ids of the path strings) on a copy: every complete run is found, nothing retrains."""
+    from core import RunConfig
+    shutil.copy(ROOT / "results" / "sst2.db", tmp_path / "sst2.db")
+    monkeypatch.chdir(tmp_path)   # its relative data path resolves to nothing here: the ids fall back to strings
+    storage = open_storage(f"sqlite:///{tmp_path}/sst2.db")
+    grid = optuna.load_study(study_name="grid", storage=storage)
+    configs = [RunConfig.from_dict(t.user_attrs["record"]["config"]) for t in grid.get_trials(deepcopy=False)]
+    calls = []
+    outcome = run_cells(configs, grid, Ledger(storage), counting_train(calls), progress=False)
+    assert calls == [] and outcome.reused == [] and len({c.run_id for c in configs}) == len(configs) == 42
+    assert len(grid.get_trials(deepcopy=False)) == 42
+
+
 def statements(storage, action) -> list[str]:
     seen: list[str] = []
 
@@ -258,7 +272,8 @@ def test_a_postgresql_error_does_not_print_the_password():
     assert "s3cret-pw" not in str(error.value) and "***" in str(error.value)
 
 
-SKEWED = "import runpy, sys, time; real = time.time; time.time = lambda: real() + float(sys.argv.pop(1)); " \
+SKEWED = "import runpy, sys, time; real, skew = time.time, float(sys.argv.pop(1)); " \
+         "time.time = lambda: real() + skew; " \
          "runpy.run_module('ablations.grid', run_name='__main__', alter_sys=True)"
 
 
