@@ -158,7 +158,13 @@ class Ledger:
                            reused=bool(entry.get("reused_from")))
         for row in rows.values():
             row.pop("reused", None)
-            self._insert(row)
+        try:  # one transaction: a commit per row is minutes on a large SQLite file
+            with self.storage.engine.begin() as connection:
+                if rows:
+                    connection.execute(RUNS.insert(), list(rows.values()))
+        except sa.exc.IntegrityError:   # another worker indexed some of them meanwhile
+            for row in rows.values():
+                self._insert(row)
 
     def _insert(self, row: dict) -> bool:
         try:
