@@ -14,8 +14,8 @@ from typing import Callable
 import optuna
 from tqdm.auto import tqdm
 
+from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
 from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
-from ablations.study import Heartbeat, Ledger, open_storage, open_study, storage_url
 from core import RunConfig, check
 from core.cli import (
     ArgumentParser,
@@ -50,18 +50,24 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
     by_id = {c.run_id: c for c in configs}
     bar = tqdm(total=len(by_id), disable=not progress, unit="cell", desc=f"grid {study.study_name}")
     rng, last = random.Random(), None
+    in_study = ledger.complete_in_study(study)
     while True:
         ledger.fail_stale()
-        index = ledger.scan()
+        statuses = ledger.lookup(configs)
         runnable, waiting, done = [], [], 0
         for run_id, config in by_id.items():
-            status = index.get(run_id)
-            if status and status.complete:
+            status = statuses[run_id]
+            if status.complete:
                 done += 1
-                _ensure_in_study(study, ledger, config, status, varying, outcome)
-            elif status and status.live:
+                here = status.where.startswith(f"{study.study_name}#")
+                if not here and run_id not in in_study and config.legacy_run_id not in in_study:
+                    # A run done in another study on the same storage is copied here, not trained again.
+                    ledger.copy_complete(study, status, *study_params(config, varying))
+                    in_study.add(run_id)
+                    outcome.reused.append(run_id)
+            elif status.live:
                 waiting.append(run_id)
-            elif status and len(status.failures) > retries:
+            elif status.failures > retries:
                 done += 1
                 if run_id not in outcome.given_up:
                     outcome.given_up.append(run_id)
@@ -84,13 +90,9 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
         last_key = trajectory_key(last) if last else None
         config = rng.choice([c for c in here if trajectory_key(c) == last_key] or here)
         params, distributions = study_params(config, varying)
-        trial_id = ledger.create_claim(study, config.run_id, params, distributions)
+        trial_id = ledger.new_claim(study, config.run_id, params, distributions)
         if trial_id is None:
-            continue
-        won, status = ledger.settle(trial_id, config.run_id)
-        if not won:
-            ledger.give_up_claim(study, trial_id, status)
-            continue
+            continue  # another worker claimed it a moment earlier: look again
         attempted.add(config.run_id)
         last = config
         bar.set_postfix_str(f"freeze {config.freeze_depth} · {config.scheduler} · {config.epochs} ep · "
@@ -99,6 +101,7 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
                                [c for c in runnable if c is not config])
         if record is not None:
             outcome.trained.append(config.run_id)
+            in_study.add(config.run_id)
             outcome.train_seconds += record["train_seconds"]
     bar.close()
     return outcome
@@ -128,15 +131,6 @@ def free_accelerator_memory() -> None:
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _ensure_in_study(study, ledger, config, status, varying, outcome) -> None:
-    """A run done in another study on the same storage is copied here, not trained again."""
-    if any(ledger.where(t).startswith(f"{study.study_name}#") for t in status.complete):
-        return
-    params, distributions = study_params(config, varying)
-    ledger.copy_complete(study, status.complete[0], params, distributions)
-    outcome.reused.append(config.run_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +173,8 @@ def make_trainer(args: argparse.Namespace) -> TrainFn:
 
 
 def write_report(url: str, study_names: list[str], output_dir: str) -> None:
+    from ablations.ledger import load_runs
     from ablations.report import write_report as report
-    from ablations.study import load_runs
     paths = report(load_runs(url, study_names), output_dir)
     print(f"report: {', '.join(str(p) for p in paths.values())}")
 
@@ -205,12 +199,17 @@ def main() -> int:
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
     url = storage_url(args.storage, args.output_dir)
+    with storage_errors(url):
+        return run_grid(args, url, configs, grid, base, depths, rates)
+
+
+def run_grid(args, url, configs, grid, base, depths, rates) -> int:
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
-    print(f"grid {args.study_name!r}: {grid.describe()} on {url}")
+    print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}")
     outcome = run_cells(configs, study, ledger, make_trainer(args), args.retries,
                         poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "

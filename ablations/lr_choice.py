@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--storage", required=True, help="Optuna storage URL holding the sweep")
     parser.add_argument("--study-name", default="lr-sweep", help="the sweep's study (default: lr-sweep)")
     args = parser.parse_args()
-    from ablations.study import load_runs
+    from ablations.ledger import load_runs
     best = best_rates(load_runs(args.storage, [args.study_name]))
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")

@@ -11,41 +11,71 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from ablations.study import Ledger, open_storage, open_study, storage_url
+from ablations.ledger import Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
 from core.cli import ArgumentParser, main_guard
+from core.config import RunConfig
 from core.errors import UsageError
 
 
 def merge(target_url: str, source_urls: list[str], study_names: list[str] | None = None,
           rename: str | None = None) -> dict[str, int]:
     """Copy COMPLETE runs of the named studies (default: all) into same-named studies, or into `rename`.
-    Returns {target study: runs copied}."""
-    target = open_storage(target_url)
-    ledger = Ledger(target)
-    done = {run_id for run_id, status in ledger.scan().items() if status.complete}
-    copied: dict[str, int] = {}
-    for url in source_urls:
+    Returns {target study: runs copied}. Every source is read in full before the target is written, so a
+    source that cannot be read leaves nothing behind."""
+    sources = [(url, _read(url, study_names)) for url in source_urls]
+    with storage_errors(target_url):
+        ledger = Ledger(open_storage(target_url))
+        copied: dict[str, int] = {}
+        for url, studies in sources:
+            for name, (directions, attrs, trials) in studies.items():
+                into = open_study(ledger.storage, rename or name, directions)
+                for key, value in attrs.items():
+                    if key not in into.user_attrs:
+                        into.set_user_attr(key, value)
+                copied.setdefault(into.study_name, 0)
+                wanted = {trial._trial_id: _ids(trial) for trial in trials}
+                stored = ledger._rows([i for ids in wanted.values() for i in ids])
+                for trial in trials:
+                    run_id, legacy = wanted[trial._trial_id]
+                    if run_id is None or any(stored.get(i, {}).get("state") == "COMPLETE" for i in (run_id, legacy)):
+                        continue
+                    copy = optuna.trial.create_trial(
+                        params=trial.params, distributions=trial.distributions, values=trial.values,
+                        user_attrs={**trial.user_attrs, "run_id": run_id,
+                                    "merged_from": f"{mask_url(url)} {name}#{trial.number}"})
+                    ledger._mark_complete(run_id, ledger.storage.create_new_trial(into._study_id, template_trial=copy))
+                    stored[run_id] = {"state": "COMPLETE"}
+                    copied[into.study_name] += 1
+    return copied
+
+
+def _read(url: str, study_names: list[str] | None) -> dict[str, tuple]:
+    """{study: (directions, user attrs, COMPLETE trials)} of one source storage."""
+    with storage_errors(url):
         source = open_storage(url)
         names = [s.study_name for s in source.get_all_studies()]
+        studies = {}
         for name in study_names or names:
             if name not in names:
-                raise UsageError(f"study {name!r} is not in {url!r}: it holds {', '.join(names) or 'no studies'}")
+                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
+                                 f"{', '.join(names) or 'no studies'}")
             study = optuna.load_study(study_name=name, storage=source)
-            into = open_study(target, rename or name, tuple(d.name.lower() for d in study.directions))
-            for key, value in study.user_attrs.items():
-                if key not in into.user_attrs:
-                    into.set_user_attr(key, value)
-            copied.setdefault(into.study_name, 0)
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                run_id = trial.user_attrs.get("run_id")
-                if run_id is None or run_id in done:
-                    continue
-                into.add_trial(optuna.trial.create_trial(
-                    params=trial.params, distributions=trial.distributions, values=trial.values,
-                    user_attrs={**trial.user_attrs, "merged_from": f"{url} {name}#{trial.number}"}))
-                done.add(run_id)
-                copied[into.study_name] += 1
-    return copied
+            studies[name] = (tuple(d.name.lower() for d in study.directions), study.user_attrs,
+                             study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return studies
+
+
+def _ids(trial) -> tuple[str | None, str | None]:
+    """(run id, legacy id) of a stored trial. One written before fingerprints carries its legacy id: its id
+    now is computed from its recorded config, so that merges de-duplicate across machines and spellings."""
+    run_id, config = trial.user_attrs.get("run_id"), (trial.user_attrs.get("record") or {}).get("config")
+    if run_id is None or not config:
+        return run_id, None
+    try:
+        config = RunConfig.from_dict(config)
+    except Exception:  # a record of another version's settings: keep the id it was stored under
+        return run_id, None
+    return (config.run_id if run_id == config.legacy_run_id else run_id), config.legacy_run_id
 
 
 def main() -> int:
@@ -58,7 +88,7 @@ def main() -> int:
     urls = [_url(s, must_exist=True) for s in args.sources]
     copied = merge(_url(args.into), urls, args.study_name, args.rename)
     for name, count in copied.items():
-        print(f"merge: {count} run(s) copied into study {name!r} of {_url(args.into)}")
+        print(f"merge: {count} run(s) copied into study {name!r} of {mask_url(_url(args.into))}")
     return 0
 
 

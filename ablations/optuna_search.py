@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from ablations import pareto
 from ablations.grid import add_study_arguments, free_accelerator_memory
+from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
 from ablations.pareto import SEARCHED, fixed_fields, write_outputs
 from ablations.space import SearchSpace, parse_choices, parse_range
-from ablations.study import Heartbeat, Ledger, RunStatus, open_storage, open_study, storage_url
 from core import RunConfig
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
 from core.config import SCHEDULERS
@@ -134,7 +134,6 @@ class Search:
             self.ledger.finish_complete(self.study, trial_id, outcome.record)
             self.train_seconds += outcome.record["train_seconds"]
         elif outcome.kind == "reused":
-            self.ledger.storage.set_trial_user_attr(trial_id, "run_id", config.run_id)
             self.ledger.finish_complete(self.study, trial_id, outcome.record, reused_from=outcome.reason)
         elif outcome.kind == "pruned":
             self.ledger.finish_failed(self.study, trial_id, "pruned", outcome.reason, state=TrialState.PRUNED,
@@ -147,23 +146,12 @@ class Search:
 
     def _resolve(self, trial: Trial, config: RunConfig) -> Outcome:
         """Answer the trial from a stored run, wait for a worker training it, or claim and train it."""
-        trial_id, run_id, tagged = trial._trial_id, config.run_id, False
         while True:
-            if tagged:
-                won, status = self.ledger.settle(trial_id, run_id)
-                if won:
-                    return self._train(trial, config)
-            else:
-                status = self.ledger.scan().get(run_id, RunStatus())
-            if status.complete:
-                source = next((t for t in status.complete if not t.user_attrs.get("reused_from")), status.complete[0])
-                return Outcome("reused", source.user_attrs["record"], self.ledger.where(source))
-            if tagged and all(t._trial_id != trial_id for t in status.live):
-                return Outcome("lost", reason="this worker's claim went stale and was failed by another worker")
-            if not tagged and not status.live:
-                self.ledger.tag_claim(trial_id, run_id)
-                tagged = True
-                continue
+            holder = self.ledger.tag_claim(self.study, trial._trial_id, config)
+            if holder is None:
+                return self._train(trial, config)
+            if holder.complete:
+                return Outcome("reused", self.ledger.record(holder), holder.where)
             time.sleep(self.poll_seconds)  # another worker trains this run: reuse it when done, or reclaim if stale
             self.ledger.fail_stale()
 
@@ -285,18 +273,19 @@ def main() -> int:
     device = device_label(args.device)
     name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
     url = storage_url(args.storage, args.output_dir)
-    ledger = Ledger(open_storage(url, args.heartbeat))
-    study = open_search_study(ledger.storage, name, args.objective, space, base)
-    study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
-    search = Search(study, ledger, base, space, make_trainer(args), args.sampler, args.seed, args.prune,
-                    args.margin, device, poll_seconds=min(5.0, args.heartbeat))
-    print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.seed}), objective "
-          f"{args.objective}, pruning {'on' if args.prune else 'off'}, space {space.describe()} on {url}")
-    search.run(args.trials, args.timeout, progress=not args.no_progress)
-    c = search.counts
-    print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
-          f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
-    print(write_outputs(study, ledger, base, url, args.output_dir, report=not args.no_report))
+    with storage_errors(url):
+        ledger = Ledger(open_storage(url, args.heartbeat))
+        study = open_search_study(ledger.storage, name, args.objective, space, base)
+        study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
+        search = Search(study, ledger, base, space, make_trainer(args), args.sampler, args.seed, args.prune,
+                        args.margin, device, poll_seconds=min(5.0, args.heartbeat))
+        print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.seed}), objective "
+              f"{args.objective}, pruning {'on' if args.prune else 'off'}, space {space.describe()} on {mask_url(url)}")
+        search.run(args.trials, args.timeout, progress=not args.no_progress)
+        c = search.counts
+        print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
+              f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
+        print(write_outputs(study, ledger, base, url, args.output_dir, report=not args.no_report))
     return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.stats import pareto_front
-from ablations.study import Ledger
+from ablations.ledger import Ledger
 from core.errors import UsageError
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """The trade-off report: accuracy against training time per configuration, generated from stored runs only.
 
-`write_report(runs, output_dir)` turns the run rows of `ablations.study.load_runs` into runs.csv, tradeoff.csv,
+`write_report(runs, output_dir)` turns the run rows of `ablations.ledger.load_runs` into runs.csv, tradeoff.csv,
 tradeoff.md and three figures; `python -m ablations.report --storage URL --output-dir DIR` does the same from the
 command line. A configuration is a run config minus its seed (plus the device, since times only compare on the
 same hardware); seeds are averaged, and each configuration is tested against its baseline, by default the full
@@ -306,7 +306,7 @@ def main() -> int:
     baseline = parse_baseline(args.baseline)
     if args.storage.startswith("sqlite:///") and not Path(args.storage.removeprefix("sqlite:///")).exists():
         raise usage_error(f"--storage {args.storage} is invalid: the SQLite file does not exist")
-    from ablations.study import load_runs, storage_url  # load_runs names a missing study in one line
+    from ablations.ledger import load_runs, storage_url  # load_runs names a missing study in one line
 
     runs = load_runs(storage_url(args.storage, args.output_dir), study_names=args.study_names)
     paths = write_report(runs, args.output_dir, baseline)

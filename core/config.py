@@ -2,7 +2,8 @@
 
 Defaults reproduce the reference study's modified recipe (DistilBERT on GLUE SST-2, embeddings +
 layers 0-3 frozen, cosine schedule, lr 3e-5, 4 epochs, 10 % warmup, weight decay 0.01, batch 16).
-The canonical JSON of a config hashes to its run id, so the same config is recognised wherever it ran.
+A config hashes to its run id with the model and dataset replaced by fingerprints of their files and rows
+(core.identity), so the same config is recognised wherever it ran and however its paths are spelled.
 """
 from __future__ import annotations
 
@@ -106,6 +107,18 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
+        """The hash of the settings with the model and data as fingerprints of their contents."""
+        from core.identity import data_fingerprint, model_fingerprint
+        values = self.to_dict()
+        values["model"] = model_fingerprint(self.model)
+        values["dataset"] = data_fingerprint(self.dataset, self.text_column, self.label_column)
+        if values["dataset"].startswith("data:"):  # the fingerprint holds the detected columns' values
+            values["text_column"] = values["label_column"] = None
+        return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+    @property
+    def legacy_run_id(self) -> str:
+        """The id storages written before fingerprints hold: the hash of the settings with the path strings."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "RunConfig":

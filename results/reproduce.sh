@@ -36,7 +36,7 @@ search)  # The two-objective search on the grid's data.
     --output-dir results --timeout "${SEARCH_TIMEOUT:-2400}" ;;
 report)  # The grid's trade-off at the top of results/; the two recipes against each other in results/recipes/.
   python -m ablations.report --storage "$DB" --study-name grid --output-dir results
-  python -c "import sys; from ablations.study import load_runs; from ablations.report import run_table
+  python -c "import sys; from ablations.ledger import load_runs; from ablations.report import run_table
 run_table(load_runs(sys.argv[1])).to_csv('results/runs.csv', index=False)" "$DB"  # runs.csv: every study's runs
   python -m ablations.report --storage "$DB" --study-name recipes --output-dir results/recipes \
     --baseline freeze_depth=0,scheduler=linear,epochs=3

@@ -18,18 +18,12 @@ from ablations.grid import run_cells
 from ablations.optuna_search import Search, main, open_search_study
 from ablations.pareto import SEARCHED, run_rows, write_outputs
 from ablations.space import Grid, SearchSpace
-from ablations.study import Ledger, open_storage
+from ablations.ledger import Ledger, open_storage
 from core import UsageError, run
 from core.cli import main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SearchSpace(freeze_depth=(0, 2), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
-
-
-@pytest.fixture(autouse=True)
-def quick_settle(monkeypatch):
-    """One worker per test (but the last): no concurrent claim can land, so the ledger need not wait long."""
-    monkeypatch.setattr("ablations.study.SETTLE_SECONDS", 0.05)
 
 
 def fake_train(config, on_epoch=None, calls: list | None = None) -> dict:
@@ -227,8 +221,7 @@ def storage_url(request, tmp_path):
 
 
 def test_two_workers_proposing_one_config_train_it_once(tmp_path, storage_url, monkeypatch):
-    monkeypatch.setattr("ablations.study.SETTLE_SECONDS", 0.5)  # two workers: let concurrent claims land
-    from ablations.study import storage_url as resolve
+    from ablations.ledger import storage_url as resolve
     url = resolve(storage_url, tmp_path)
     only = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 1e-3),
                        warmup_ratio=(0.0, 0.0))

@@ -1,0 +1,439 @@
+"""The run ledger on an Optuna storage: claim a run, train it once, record it, reuse it, retry it.
+
+Every run is an Optuna trial whose user attributes hold its `run_id` and full record; values are
+(validation accuracy, training seconds). A run id is trained at most once per storage, across workers,
+invocations and studies. The claim protocol uses the database alone, never a worker's clock:
+
+1. Beside Optuna's tables the storage holds `ablation_runs`: one row per run id (primary key) naming the trial
+   that holds or completed it, its study and number, its state and its counted failures.
+2. A worker claims a run by inserting that row for its RUNNING trial, in one transaction. The key is unique,
+   so of two concurrent inserts one fails: the loser ends its trial as FAIL `claim_lost` (grid) or waits for
+   the winner and reuses its record (search). A look-up reads the rows of the wanted run ids only.
+3. The holder sends Optuna heartbeats while training. A worker that dies (kill -9) stops sending them and
+   `optuna.storages.fail_stale_trials` turns its trial into FAIL ("stale") by the database's clock; a row whose
+   trial is no longer RUNNING, or that a failed attempt released, is taken over by a compare-and-set update on
+   (run id, trial id), which again only one worker can win.
+4. A finished run is retried with back-off while the storage is unreachable, then kept in a local spool file
+   and stored the next time the storage answers (this invocation's next loop, or the next one).
+Storages written before the table existed are indexed once on open (one light query, no records); their runs
+keep the ids of that time (`RunConfig.legacy_run_id`), which a look-up also tries.
+Optuna's GridSampler is deliberately not used: it counts FAIL cells as done and can hand one cell to two
+workers (optuna#2039, #5489).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import optuna
+import sqlalchemy as sa
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations.storage import Spool, mask_url, open_storage, retrying, storage_errors, storage_url
+from core.errors import UsageError
+
+DIRECTIONS = ("maximize", "minimize")  # validation accuracy, training seconds
+COUNTED_FAILURES = ("error",)           # claim_lost, stale and interrupted attempts are not the run's fault
+TABLES = sa.MetaData()
+RUNS = sa.Table("ablation_runs", TABLES,
+                sa.Column("run_id", sa.String(64), primary_key=True),
+                sa.Column("trial_id", sa.Integer, nullable=False),
+                sa.Column("study", sa.String(512), nullable=False),
+                sa.Column("number", sa.Integer, nullable=False),
+                sa.Column("state", sa.String(16), nullable=False),   # RUNNING, COMPLETE or FREE (failed, retry)
+                sa.Column("failures", sa.Integer, nullable=False, default=0))
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+__all__ = ["DIRECTIONS", "Heartbeat", "Ledger", "RunStatus", "fail_kind", "load_runs", "mask_url", "open_storage",
+           "open_study", "storage_errors", "storage_url"]
+
+
+def fail_kind(trial: FrozenTrial) -> str | None:
+    """Why a trial failed; a FAIL without our own tag was failed by Optuna's stale-heartbeat check."""
+    if trial.state != TrialState.FAIL:
+        return None
+    return trial.user_attrs.get("fail_kind", "stale")
+
+
+def open_study(storage: RDBStorage, name: str, directions: tuple[str, ...] = DIRECTIONS) -> optuna.Study:
+    """Open or create a study; ("maximize",) is the accuracy-only study of `--objective accuracy`."""
+    study = optuna.create_study(storage=storage, study_name=name, directions=list(directions), load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != list(directions):
+        wanted = "(accuracy max, seconds min)" if len(directions) == 2 else "(accuracy max)"
+        raise UsageError(f"study {name!r} exists with other objectives than {wanted}: choose another --study-name")
+    return study
+
+
+def objective_values(study: optuna.Study, record: dict) -> list[float]:
+    """A run's values in the study's objectives: accuracy and training seconds, or accuracy alone."""
+    values = [record["accuracy"], record["train_seconds"]]
+    return values[:len(study.directions)]
+
+
+@dataclass
+class RunStatus:
+    """What the storage knows about one run id: its row in `ablation_runs` (or none)."""
+    run_id: str
+    state: str | None = None      # None: never claimed
+    trial_id: int | None = None
+    where: str = ""               # 'study#number' of that trial
+    failures: int = 0
+    live: bool = False            # RUNNING and its trial still alive
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE"
+
+
+@dataclass
+class StoredRuns:
+    """The COMPLETE trials of one run id (the search's Pareto pruning reads records across studies)."""
+    complete: list[FrozenTrial] = field(default_factory=list)
+
+
+class Ledger:
+    """Reads and writes runs on one storage. Trials of every study count: a run id trains once per storage."""
+
+    def __init__(self, storage: RDBStorage, spool: Spool | None = None):
+        self.storage = storage
+        self.spool = spool or Spool.for_url(str(storage.engine.url))
+        self._where: dict[int, str] = {}
+        self._params: dict[int, tuple[dict, dict]] = {}
+        self._create_index()
+        self.flush_spool()
+
+    # -- the index -------------------------------------------------------------------------------------------
+    def _create_index(self) -> None:
+        for attempt in range(5):
+            try:
+                with self.storage.engine.begin() as connection:
+                    if sa.inspect(connection).has_table(RUNS.name) and connection.execute(
+                            sa.select(sa.func.count()).select_from(RUNS)).scalar():
+                        return
+                    RUNS.create(connection, checkfirst=True)
+                break
+            except sa.exc.SQLAlchemyError as error:   # two workers creating it at once: the loser retries
+                if attempt == 4 or not _racing(error):
+                    raise
+                time.sleep(0.2 + random.random())
+        self._index_existing_trials()
+
+    def _index_existing_trials(self) -> None:
+        """One light query over a storage written before the index (or by hand): run id, state, tags."""
+        trials, attrs = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
+        studies = models.StudyModel.__table__
+        query = sa.select(trials.c.trial_id, trials.c.number, trials.c.state, studies.c.study_name, attrs.c.key,
+                          attrs.c.value_json).join(studies, studies.c.study_id == trials.c.study_id).join(
+            attrs, attrs.c.trial_id == trials.c.trial_id).where(attrs.c.key.in_(("run_id", "fail_kind", "reused_from")))
+        found: dict[int, dict] = {}
+        with self.storage.engine.connect() as connection:
+            for trial_id, number, state, study, key, value in connection.execute(query):
+                entry = found.setdefault(trial_id, {"number": number, "state": getattr(state, "name", state),
+                                                    "study": study})
+                entry[key] = json.loads(value)
+        rows: dict[str, dict] = {}
+        rank = {"COMPLETE": 0, "RUNNING": 1, "FREE": 2}
+        for trial_id, entry in sorted(found.items()):
+            if "run_id" not in entry or entry["state"] not in ("COMPLETE", "RUNNING", "FAIL"):
+                continue
+            state = "FREE" if entry["state"] == "FAIL" else entry["state"]
+            row = rows.setdefault(entry["run_id"], {"run_id": entry["run_id"], "trial_id": trial_id,
+                                                    "study": entry["study"], "number": entry["number"],
+                                                    "state": state, "failures": 0})
+            if entry["state"] == "FAIL" and entry.get("fail_kind", "stale") in COUNTED_FAILURES:
+                row["failures"] += 1
+            better = rank[state] < rank[row["state"]] or (
+                state == "COMPLETE" and row["state"] == "COMPLETE" and row.get("reused") and not entry.get(
+                    "reused_from"))
+            if better:
+                row.update(trial_id=trial_id, study=entry["study"], number=entry["number"], state=state,
+                           reused=bool(entry.get("reused_from")))
+        for row in rows.values():
+            row.pop("reused", None)
+        try:  # one transaction: a commit per row is minutes on a large SQLite file
+            with self.storage.engine.begin() as connection:
+                if rows:
+                    connection.execute(RUNS.insert(), list(rows.values()))
+        except sa.exc.IntegrityError:   # another worker indexed some of them meanwhile
+            for row in rows.values():
+                self._insert(row)
+
+    def _insert(self, row: dict) -> bool:
+        try:
+            with self.storage.engine.begin() as connection:
+                connection.execute(RUNS.insert().values(**row))
+            return True
+        except sa.exc.IntegrityError:
+            return False
+
+    def _rows(self, run_ids: list[str]) -> dict[str, dict]:
+        rows = {}
+        with self.storage.engine.connect() as connection:
+            for start in range(0, len(run_ids), 500):
+                chunk = run_ids[start:start + 500]
+                for row in connection.execute(sa.select(RUNS).where(RUNS.c.run_id.in_(chunk))).mappings():
+                    rows[row["run_id"]] = dict(row)
+        return rows
+
+    def _status(self, run_id: str, row: dict | None) -> RunStatus:
+        if row is None:
+            return RunStatus(run_id)
+        where = f"{row['study']}#{row['number']}"
+        self._where[row["trial_id"]] = where
+        state, live = row["state"], False
+        if state == "RUNNING":
+            trial_state = self._trial_state(row["trial_id"])
+            live = trial_state == TrialState.RUNNING
+            if trial_state == TrialState.COMPLETE:   # told, and its row about to say so: done, never retaken
+                state = "COMPLETE"
+        return RunStatus(run_id, state, row["trial_id"], where, row["failures"], live)
+
+    def _trial_state(self, trial_id: int) -> TrialState | None:
+        trials = models.TrialModel.__table__
+        with self.storage.engine.connect() as connection:
+            return connection.execute(sa.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+
+    def lookup(self, configs: list) -> dict[str, RunStatus]:
+        """The status of each config's run id. A run stored under its legacy id (storages written before
+        fingerprints) counts as done: the new id is recorded as an alias of that trial."""
+        self.flush_spool()
+        rows = self._rows([c.run_id for c in configs])
+        missing = [c for c in configs if c.run_id not in rows]
+        legacy = self._rows([c.legacy_run_id for c in missing]) if missing else {}
+        for config in missing:
+            old = legacy.get(config.legacy_run_id)
+            if old and old["state"] == "COMPLETE" and self._insert({**old, "run_id": config.run_id}):
+                rows[config.run_id] = {**old, "run_id": config.run_id}
+        return {c.run_id: self._status(c.run_id, rows.get(c.run_id)) for c in configs}
+
+    def lookup_ids(self, run_ids: list[str]) -> dict[str, RunStatus]:
+        rows = self._rows(run_ids)
+        return {run_id: self._status(run_id, rows.get(run_id)) for run_id in run_ids}
+
+    # -- claims ----------------------------------------------------------------------------------------------
+    def claim(self, study: optuna.Study, run_id: str, trial_id: int) -> RunStatus | None:
+        """Make `trial_id` the holder of `run_id`: None if it now is, else the status of the run as it stands."""
+        trials = models.TrialModel.__table__
+        with self.storage.engine.connect() as connection:
+            number = connection.execute(sa.select(trials.c.number).where(trials.c.trial_id == trial_id)).scalar_one()
+        row = {"run_id": run_id, "trial_id": trial_id, "study": study.study_name, "number": number,
+               "state": "RUNNING", "failures": 0}
+        for _ in range(3):
+            current = self._rows([run_id]).get(run_id)
+            if current is None:
+                if self._insert(row):
+                    return None
+                continue
+            status = self._status(run_id, current)
+            if status.complete or status.live:
+                return status
+            # Released by a failure, or held by a trial that went stale: take it over unless a rival did first.
+            with self.storage.engine.begin() as connection:
+                taken = connection.execute(RUNS.update().where(
+                    (RUNS.c.run_id == run_id) & (RUNS.c.trial_id == current["trial_id"]) &
+                    (RUNS.c.state == current["state"])).values(
+                    trial_id=trial_id, study=study.study_name, number=number, state="RUNNING")).rowcount
+            if taken == 1:
+                return None
+        return self._status(run_id, self._rows([run_id]).get(run_id))
+
+    def new_claim(self, study: optuna.Study, run_id: str, params: dict, distributions: dict) -> int | None:
+        """Create a RUNNING trial for `run_id` and claim the run with it; None (a FAIL `claim_lost`) if lost."""
+        # datetime_start is for display (the dashboard's durations); no claim decision reads a worker's clock.
+        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
+                               datetime_start=datetime.datetime.now(), datetime_complete=None, params=params, distributions=distributions,
+                               user_attrs={"run_id": run_id}, system_attrs={}, intermediate_values={}, trial_id=-1)
+        trial_id = self.storage.create_new_trial(study._study_id, template_trial=template)
+        self.storage.record_heartbeat(trial_id)
+        self._params[trial_id] = (params, distributions)
+        holder = self.claim(study, run_id, trial_id)
+        if holder is not None:
+            state = "done" if holder.complete else "claimed"
+            self.finish_failed(study, trial_id, "claim_lost", f"run already {state} by {holder.where}; nothing trained")
+            return None
+        return trial_id
+
+    def tag_claim(self, study: optuna.Study, trial_id: int, config) -> RunStatus | None:
+        """Claim `config`'s run with a trial the sampler created (the search); see `claim`."""
+        run_id = config.run_id
+        self.lookup([config])   # a run stored under its legacy id is found (and aliased) first
+        self.storage.set_trial_user_attr(trial_id, "run_id", run_id)
+        trial = self.storage.get_trial(trial_id)
+        self._params[trial_id] = (trial.params, trial.distributions)
+        return self.claim(study, run_id, trial_id)
+
+    def _release(self, trial_id: int, state: str, failed: bool = False) -> None:
+        with self.storage.engine.begin() as connection:
+            connection.execute(RUNS.update().where((RUNS.c.trial_id == trial_id) & (RUNS.c.state != "COMPLETE"))
+                               .values(state=state, failures=RUNS.c.failures + int(failed)))
+
+    # -- outcomes --------------------------------------------------------------------------------------------
+    def finish_complete(self, study: optuna.Study, trial_id: int, record: dict, reused_from: str | None = None,
+                        run_id: str | None = None) -> None:
+        """Store a finished run; while the storage is unreachable retry, then keep it in the spool."""
+        values = objective_values(study, record)
+        run_id = run_id or record["run_id"]
+
+        def store() -> None:
+            try:
+                self.storage.set_trial_user_attr(trial_id, "record", record)
+                if reused_from:
+                    self.storage.set_trial_user_attr(trial_id, "reused_from", reused_from)
+                study.tell(optuna.trial.Trial(study, trial_id), values=values)
+                stored_as = trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Our heartbeats stalled and another worker failed the claim as stale: keep the finished work.
+                params, distributions = self._params.get(trial_id) or (
+                    self.storage.get_trial(trial_id).params, self.storage.get_trial(trial_id).distributions)
+                stored_as = self._add_complete(study, run_id, params, distributions, record)
+            if not reused_from:
+                self._mark_complete(run_id, stored_as)
+
+        try:
+            retrying(store)
+        except sa.exc.OperationalError as error:
+            params, distributions = self._params.get(trial_id, ({}, {}))
+            path = self.spool.add(study.study_name, trial_id, run_id, params, distributions, record)
+            print(f"storage unreachable ({mask_url(str(self.storage.engine.url))}: {type(error.orig).__name__}): "
+                  f"finished run {run_id} kept in {path}; it is stored when the storage answers again")
+
+    def _add_complete(self, study: optuna.Study, run_id: str, params: dict, distributions: dict, record: dict,
+                      **attrs) -> int:
+        trial = optuna.trial.create_trial(params=params, distributions=distributions,
+                                          values=objective_values(study, record),
+                                          user_attrs={"run_id": run_id, "record": record, **attrs})
+        return self.storage.create_new_trial(study._study_id, template_trial=trial)
+
+    def _mark_complete(self, run_id: str, trial_id: int) -> None:
+        trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
+        with self.storage.engine.connect() as connection:
+            number, study = connection.execute(sa.select(trials.c.number, studies.c.study_name).join(
+                studies, studies.c.study_id == trials.c.study_id).where(trials.c.trial_id == trial_id)).one()
+        values = {"trial_id": trial_id, "study": study, "number": number, "state": "COMPLETE"}
+        if not self._insert({"run_id": run_id, "failures": 0, **values}):
+            with self.storage.engine.begin() as connection:
+                connection.execute(RUNS.update().where((RUNS.c.run_id == run_id) & (RUNS.c.state != "COMPLETE"))
+                                   .values(**values))
+
+    def flush_spool(self) -> None:
+        """Store the runs a storage outage left in the spool (one line says how many)."""
+        stored = self.spool.flush(self._store_spooled)
+        if stored:
+            print(f"stored {stored} finished run(s) kept in {self.spool.path} while the storage was unreachable")
+
+    def _store_spooled(self, entry: dict) -> None:
+        study = optuna.load_study(study_name=entry["study"], storage=self.storage)
+        status = self._status(entry["run_id"], self._rows([entry["run_id"]]).get(entry["run_id"]))
+        trial_id = self._add_complete(study, entry["run_id"], entry["params"], entry["distributions"],
+                                      entry["record"], **({"reused_from": status.where} if status.complete else {}))
+        if not status.complete:
+            self._mark_complete(entry["run_id"], trial_id)
+        try:  # the trial that trained it is still RUNNING: end it, or it would hold the claim until it goes stale
+            self.storage.set_trial_state_values(entry["trial_id"], state=TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            pass
+
+    def finish_failed(self, study: optuna.Study, trial_id: int, kind: str, reason: str,
+                      state: TrialState = TrialState.FAIL, record: dict | None = None) -> None:
+        self.storage.set_trial_user_attr(trial_id, "fail_kind", kind)
+        self.storage.set_trial_user_attr(trial_id, "fail_reason", reason[:2000])
+        if record is not None:
+            self.storage.set_trial_user_attr(trial_id, "record", record)
+        if kind != "claim_lost":  # released first: a rival may take it over only once the failure is counted
+            self._release(trial_id, "FREE", failed=kind in COUNTED_FAILURES)
+        study.tell(optuna.trial.Trial(study, trial_id), state=state)
+
+    def copy_complete(self, study: optuna.Study, status: RunStatus, params: dict, distributions: dict) -> None:
+        """Answer a run from an identical one that already ran (in this study or another on the storage)."""
+        record = self.record(status)
+        self._add_complete(study, status.run_id, params, distributions, record, reused_from=status.where)
+
+    def record(self, status: RunStatus) -> dict:
+        return self.storage.get_trial(status.trial_id).user_attrs["record"]
+
+    def complete_in_study(self, study: optuna.Study) -> set[str]:
+        """Run ids with a COMPLETE trial in `study` (one light query: no records)."""
+        trials, attrs = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
+        query = sa.select(attrs.c.value_json).join(trials, trials.c.trial_id == attrs.c.trial_id).where(
+            (trials.c.study_id == study._study_id) & (trials.c.state == TrialState.COMPLETE) &
+            (attrs.c.key == "run_id"))
+        with self.storage.engine.connect() as connection:
+            return {value.strip('"') for value in connection.execute(query).scalars()}
+
+    def fail_stale(self) -> None:
+        for summary in self.storage.get_all_studies():
+            optuna.storages.fail_stale_trials(optuna.load_study(study_name=summary.study_name, storage=self.storage))
+
+    def where(self, trial: FrozenTrial) -> str:
+        """'study#number' of a trial seen by the last look-up or scan."""
+        return self._where.get(trial._trial_id, f"trial id {trial._trial_id}")
+
+    def scan(self) -> dict[str, StoredRuns]:
+        """Every COMPLETE trial with its record, by run id: the search's pruning and front read these."""
+        index: dict[str, StoredRuns] = {}
+        for summary in self.storage.get_all_studies():
+            for trial in self.storage.get_all_trials(summary._study_id, deepcopy=False, states=(TrialState.COMPLETE,)):
+                self._where[trial._trial_id] = f"{summary.study_name}#{trial.number}"
+                if (run_id := trial.user_attrs.get("run_id")) is not None:
+                    index.setdefault(run_id, StoredRuns()).complete.append(trial)
+        return index
+
+
+def _racing(error: Exception) -> bool:
+    return any(text in str(error) for text in ("already exists", "duplicate key", "UNIQUE constraint",
+                                               "database is locked"))
+
+
+class Heartbeat:
+    """Tells the storage, every few seconds, that the worker holding `trial_id` is alive."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int):
+        self.storage, self.trial_id, self.stop_event = storage, trial_id, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval() or 20
+        while not self.stop_event.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a missed beat is retried next interval; the run itself must go on
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
+    """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
+    with storage_errors(url):
+        storage = open_storage(url)
+        names = [s.study_name for s in storage.get_all_studies()]
+        for name in study_names or []:
+            if name not in names:
+                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
+                                 f"{', '.join(names) or 'no studies'}")
+        runs = []
+        for name in study_names or names:
+            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+                runs.append({"study": name, "number": trial.number, "state": trial.state.name,
+                             "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
+                             "values": list(trial.values) if trial.values else None,
+                             "fail_reason": trial.user_attrs.get("fail_reason") or (
+                                 "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
+                             "fail_kind": fail_kind(trial),
+                             "reused_from": trial.user_attrs.get("reused_from"),
+                             "record": trial.user_attrs.get("record")})
+    return runs

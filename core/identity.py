@@ -1,0 +1,104 @@
+"""Fingerprints of what determines a run's result: the model's files and the data's rows, not their names.
+
+`./m`, `/abs/m` and `m/` are one model; a data folder copied elsewhere is the same data. A run id built from
+these fingerprints (`RunConfig.run_id`) is the same wherever the run is spelled, started or stored.
+Hashes are cached per process by (path, size, mtime) of every file read, so asking again costs a few stats.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# The files of a model folder that change what a run computes: architecture, weights, tokenizer.
+MODEL_FILES = ("config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+_FILE_HASHES: dict[tuple, str] = {}
+_DATA_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _model_folder(name: str) -> Path | None:
+    """The local folder holding the model: a path, or a Hub id already in the local cache; None otherwise."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    try:  # offline: only what is cached; a Hub id never downloaded keeps its name as its identity
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def model_fingerprint(name: str) -> str:
+    """'model:<hash>' of the model's config, weights and tokenizer files; the name itself if none is found."""
+    folder = _model_folder(name)
+    files = [] if folder is None else sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.name in MODEL_FILES or (
+            p.name.endswith(WEIGHT_SUFFIXES) and p.name != "training_args.bin")))
+    if not any(p.name == "config.json" for p in files):
+        return name
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{_file_hash(path)}\n".encode())
+    return f"model:{digest.hexdigest()[:32]}"
+
+
+def _data_files(dataset: str) -> list[Path] | None:
+    from core.data import SPLIT_NAMES, _split_file
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [path.resolve()]
+    if path.is_dir():
+        return [f.resolve() for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None]
+    return None
+
+
+def data_fingerprint(dataset: str, text_column: str | None = None, label_column: str | None = None) -> str:
+    """'data:<hash>' of every split's texts and labels in order, after core.data's column detection, so the same
+    rows give the same fingerprint from any folder or spelling; the name itself where the rows cannot be read
+    here (a Hub id offline, a missing or broken file: the run reports that)."""
+    files = _data_files(dataset)
+    if not files:
+        return dataset
+    key = (tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files), text_column, label_column)
+    if key not in _DATA_HASHES:
+        try:
+            _DATA_HASHES[key] = _rows_hash(dataset, text_column, label_column)
+        except Exception:
+            return dataset
+    return _DATA_HASHES[key]
+
+
+def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) -> str:
+    from core.data import _unlabeled, detect_columns, load_raw
+    raw = load_raw(dataset)
+    texts, label = detect_columns(raw["train"], text_column, label_column)
+    if "test" in raw and (label not in raw["test"].column_names or _unlabeled(raw["test"], label)):
+        del raw["test"]  # core.data drops it too: it never touches a result
+    digest = hashlib.sha256()
+    for name in sorted(raw):
+        columns = raw[name].select_columns(list(dict.fromkeys([*texts, label]))).to_dict()
+        rows = [[columns[c] for c in texts], columns[label]]
+        digest.update(f"{name}\0{json.dumps(rows, default=str, separators=(',', ':'))}\n".encode())
+    return f"data:{digest.hexdigest()[:32]}"
+
+
+def clear_caches() -> None:
+    _FILE_HASHES.clear()
+    _DATA_HASHES.clear()
+

@@ -1,0 +1,289 @@
+"""The ledger is exact by construction: claims are atomic in the database, run ids come from what determines the
+result, look-ups read only the wanted runs, and storage faults end in one line with nothing trained lost."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from conftest import fresh_postgres_database, quick_config, save_tiny, write_toy_dataset
+
+from ablations import storage as storage_module
+from ablations.grid import run_cells
+from ablations.ledger import Ledger, open_storage, open_study
+from ablations.space import Grid
+from core import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_record(config) -> dict:
+    return {"run_id": config.run_id, "config": config.to_dict(), "accuracy": 0.5 + config.freeze_depth / 10,
+            "train_seconds": 1.0 + config.epochs}
+
+
+def counting_train(calls: list):
+    def train(config, siblings):
+        calls.append(config.run_id)
+        return fake_record(config)
+    return train
+
+
+@pytest.fixture(autouse=True)
+def own_spool(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABLATIONS_SPOOL_DIR", str(tmp_path / "spool"))
+
+
+def cells(model: str, data: str):
+    return Grid((0, 1), ("linear", "cosine"), (1,), (0,)).configs(quick_config(model, data))
+
+
+def test_the_same_model_and_rows_spelled_or_placed_otherwise_train_nothing(tmp_path, monkeypatch):
+    save_tiny(tmp_path / "m")
+    write_toy_dataset(tmp_path / "data")
+    storage = open_storage(f"sqlite:///{tmp_path}/grid.db")
+    study, ledger, calls = open_study(storage, "grid"), Ledger(storage), []
+    assert len(run_cells(cells(str(tmp_path / "m"), str(tmp_path / "data")), study, ledger, counting_train(calls),
+                         progress=False).trained) == 4
+    # Another working directory, the model spelled ./m and m/, the same rows in a copied folder: one run each.
+    shutil.copytree(tmp_path / "data", tmp_path / "elsewhere" / "copy")
+    monkeypatch.chdir(tmp_path)
+    for model, data in (("./m", "elsewhere/copy"), ("m/", "./data/")):
+        outcome = run_cells(cells(model, data), study, ledger, counting_train(calls), progress=False)
+        assert outcome.trained == [] and outcome.reused == []
+    assert len(calls) == 4
+    # Other weights or other rows are another run.
+    save_tiny(tmp_path / "m2", hidden_dropout_prob=0.2)
+    write_toy_dataset(tmp_path / "data2", train=97)
+    assert {quick_config("m2", "data").run_id, quick_config("m", "data2").run_id}.isdisjoint(set(calls))
+
+
+def add_old_style_runs(storage, configs) -> None:
+    """Trials as a ledger before fingerprints wrote them: the run id is the hash of the path strings."""
+    study = open_study(storage, "grid")
+    for config in configs:
+        record = {**fake_record(config), "run_id": config.legacy_run_id}
+        study.add_trial(optuna.trial.create_trial(
+            params={"freeze_depth": config.freeze_depth}, distributions={
+                "freeze_depth": optuna.distributions.IntDistribution(0, 8)},
+            values=[record["accuracy"], record["train_seconds"]],
+            user_attrs={"run_id": config.legacy_run_id, "record": record}))
+
+
+def test_a_storage_written_with_legacy_run_ids_is_read_and_merge_deduplicates_by_the_new_id(tmp_path, tiny_bert,
+                                                                                             toy_data):
+    old = open_storage(f"sqlite:///{tmp_path}/old.db")
+    configs = cells(tiny_bert, toy_data)
+    add_old_style_runs(old, configs[:3])
+    assert configs[0].legacy_run_id != configs[0].run_id
+    ledger, calls = Ledger(old), []
+    outcome = run_cells(configs, optuna.load_study(study_name="grid", storage=old), ledger, counting_train(calls),
+                        progress=False)
+    assert calls == [configs[3].run_id] and outcome.reused == []
+    # A worker elsewhere trained all four under new ids; merging both keeps one run per id.
+    from ablations.merge import merge
+    other = open_storage(f"sqlite:///{tmp_path}/other.db")
+    run_cells(configs, open_study(other, "grid"), Ledger(other), counting_train([]), progress=False)
+    assert merge(f"sqlite:///{tmp_path}/merged.db", [f"sqlite:///{tmp_path}/old.db",
+                                                      f"sqlite:///{tmp_path}/other.db"]) == {"grid": 4}
+
+
+def test_the_committed_storage_is_read_through_its_legacy_ids(tmp_path, monkeypatch):
+    """results/sst2.db (run ids of the path strings) on a copy: every complete run is found, nothing retrains."""
+    from core import RunConfig
+    shutil.copy(ROOT / "results" / "sst2.db", tmp_path / "sst2.db")
+    monkeypatch.chdir(tmp_path)   # its relative data path resolves to nothing here: the ids fall back to strings
+    storage = open_storage(f"sqlite:///{tmp_path}/sst2.db")
+    grid = optuna.load_study(study_name="grid", storage=storage)
+    configs = [RunConfig.from_dict(t.user_attrs["record"]["config"]) for t in grid.get_trials(deepcopy=False)]
+    calls = []
+    outcome = run_cells(configs, grid, Ledger(storage), counting_train(calls), progress=False)
+    assert calls == [] and outcome.reused == [] and len({c.run_id for c in configs}) == len(configs) == 42
+    assert len(grid.get_trials(deepcopy=False)) == 42
+
+
+def statements(storage, action) -> list[str]:
+    seen: list[str] = []
+
+    def log(conn, cursor, statement, *rest):
+        seen.append(statement)
+    sa.event.listen(storage.engine, "before_cursor_execute", log)
+    try:
+        action()
+    finally:
+        sa.event.remove(storage.engine, "before_cursor_execute", log)
+    return seen
+
+
+def test_a_claim_reads_only_the_rows_of_its_run_ids_however_many_trials_are_stored(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/many.db")
+    ledger, study = Ledger(storage), open_study(storage, "grid")
+    base = quick_config("model", "data")   # no such folders: the ids fall back to the names, no fingerprint I/O
+    counts = []
+    for stored in (20, 400):
+        while len(study.get_trials(deepcopy=False)) < stored:
+            seed = len(study.get_trials(deepcopy=False))
+            ledger._mark_complete(f"old{seed}", ledger._add_complete(study, f"old{seed}", {}, {},
+                                                                     fake_record(base.replace(seed=seed))))
+        wanted = [base.replace(seed=10_000 + stored + i) for i in range(4)]
+        executed = statements(storage, lambda: (ledger.lookup(wanted),
+                                                ledger.new_claim(study, wanted[0].run_id, {}, {})))
+        # No statement reads the trials' attributes, where the records are.
+        assert not any("trial_user_attributes" in s and s.lstrip().upper().startswith("SELECT")
+                       for s in executed), executed
+        counts.append(len(executed))
+    assert counts[0] == counts[1]   # 20x the stored trials, the same statements
+
+
+def test_two_claims_of_one_run_one_wins_and_a_stale_holder_is_taken_over(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/claims.db", heartbeat_seconds=1)
+    study, first, second = open_study(storage, "grid"), Ledger(storage), Ledger(storage)
+    won = first.new_claim(study, "run-a", {}, {})
+    assert won is not None and second.new_claim(study, "run-a", {}, {}) is None
+    lost = study.get_trials()[-1]
+    assert lost.state.name == "FAIL" and lost.user_attrs["fail_kind"] == "claim_lost"
+    storage.set_trial_state_values(won, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does
+    taken = second.new_claim(study, "run-a", {}, {})
+    assert taken is not None and first.lookup_ids(["run-a"])["run-a"].trial_id == taken
+
+
+def failing(*args, **kwargs):
+    raise sa.exc.OperationalError("UPDATE trials", {}, ConnectionRefusedError("connection refused"))
+
+
+def test_a_finished_run_survives_a_storage_outage_in_the_spool(tmp_path, monkeypatch, capsys):
+    """The database goes away as a run finishes, for longer than the retries: the record waits in the spool
+    and is stored as soon as the database answers (here: the worker's next look-up)."""
+    monkeypatch.setattr(storage_module, "RETRY_SECONDS", (0.01, 0.01))
+    storage = open_storage(f"sqlite:///{tmp_path}/outage.db")
+    study, ledger = open_study(storage, "grid"), Ledger(storage)
+    configs = cells("model", "data")[:1]
+    real, down = storage.set_trial_user_attr, iter(range(3))   # three failed attempts: more than the retries
+
+    def set_attr(*args):
+        if next(down, None) is not None:
+            failing()
+        return real(*args)
+
+    def train_then_outage(config, siblings):
+        monkeypatch.setattr(storage, "set_trial_user_attr", set_attr)
+        return fake_record(config)
+
+    outcome = run_cells(configs, study, ledger, train_then_outage, progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert outcome.trained == [configs[0].run_id] and len(lines) == 2, lines
+    assert f"finished run {configs[0].run_id} kept in {ledger.spool.path}" in lines[0]
+    assert lines[1].startswith("stored 1 finished run(s) kept in") and not ledger.spool.path.exists()
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert [t.user_attrs["record"] for t in done] == [fake_record(configs[0])]
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "COMPLETE"]   # no trial left RUNNING
+    calls = []
+    run_cells(configs, study, Ledger(storage), counting_train(calls), progress=False)
+    assert calls == []
+
+
+def test_a_database_down_at_the_next_look_up_ends_in_one_line_and_the_next_invocation_stores_the_run(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(storage_module, "RETRY_SECONDS", (0.01,))
+    url = f"sqlite:///{tmp_path}/down.db"
+    storage = open_storage(url)
+    study, ledger = open_study(storage, "grid"), Ledger(storage)
+    configs = cells("model", "data")[:1]
+
+    def train_then_outage(config, siblings):
+        monkeypatch.setattr(storage, "set_trial_user_attr", failing)
+        monkeypatch.setattr(Ledger, "fail_stale", failing)
+        return fake_record(config)
+
+    from ablations.ledger import storage_errors
+    with pytest.raises(UsageError) as error, storage_errors(url):
+        run_cells(configs, study, ledger, train_then_outage, progress=False)
+    assert str(error.value) == f"cannot use storage {str(tmp_path / 'down.db')!r}: connection refused"
+    assert "kept in" in capsys.readouterr().out and ledger.spool.path.exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("ABLATIONS_SPOOL_DIR", str(tmp_path / "spool"))
+    back = Ledger(open_storage(url))
+    assert "stored 1 finished run(s)" in capsys.readouterr().out
+    assert back.lookup(configs)[configs[0].run_id].complete
+
+
+def test_a_short_outage_is_retried_and_nothing_is_spooled(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage_module, "RETRY_SECONDS", (0.01, 0.01, 0.01))
+    storage = open_storage(f"sqlite:///{tmp_path}/blip.db")
+    study, ledger = open_study(storage, "grid"), Ledger(storage)
+    real, failures = storage.set_trial_user_attr, iter(range(2))
+
+    def flaky(*args):
+        if next(failures, None) is not None:
+            failing()
+        return real(*args)
+    configs = cells("model", "data")[:1]
+
+    def train(config, siblings):
+        monkeypatch.setattr(storage, "set_trial_user_attr", flaky)
+        return fake_record(config)
+    assert run_cells(configs, study, ledger, train, progress=False).trained == [configs[0].run_id]
+    assert not ledger.spool.path.exists() and ledger.lookup(configs)[configs[0].run_id].complete
+
+
+def run_module(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *arguments], cwd=ROOT, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+
+
+def test_a_full_disk_while_claiming_is_one_line(tmp_path, tiny_bert, toy_data, monkeypatch, capsys):
+    from ablations.grid import main
+    from core.cli import main_guard
+    monkeypatch.setattr(optuna.storages.RDBStorage, "create_new_trial", lambda *a, **k: (_ for _ in ()).throw(
+        sa.exc.OperationalError("INSERT INTO trials", {}, Exception("database or disk is full"))))
+    monkeypatch.setattr(sys, "argv", ["grid", "--model", tiny_bert, "--dataset", toy_data, "--freeze-depths", "0",
+                                      "--schedulers", "linear", "--epochs", "1", "--output-dir", str(tmp_path),
+                                      "--no-progress", "--no-report"])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "is full" in err and "ablations.db" in err, err
+
+
+def test_a_corrupt_sqlite_file_is_one_line_and_merge_leaves_no_empty_study(tmp_path, tiny_bert, toy_data):
+    corrupt = tmp_path / "corrupt.db"
+    storage = open_storage(f"sqlite:///{corrupt}")
+    run_cells(cells(tiny_bert, toy_data)[:1], open_study(storage, "grid"), Ledger(storage), counting_train([]),
+              progress=False)
+    storage.engine.dispose()
+    data = bytearray(corrupt.read_bytes())
+    data[:100] = b"\x13" * 100   # the header page overwritten
+    corrupt.write_bytes(bytes(data))
+    report = run_module("ablations.report", "--storage", f"sqlite:///{corrupt}", "--output-dir", str(tmp_path))
+    assert report.returncode == 2 and report.stderr.count("\n") == 1 and str(corrupt) in report.stderr, report.stderr
+    merged = run_module("ablations.merge", str(corrupt), "--into", str(tmp_path / "merged.db"))
+    assert merged.returncode == 2 and merged.stderr.count("\n") == 1 and str(corrupt) in merged.stderr
+    if (tmp_path / "merged.db").exists():
+        assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/merged.db") == []
+
+
+def test_a_postgresql_error_does_not_print_the_password():
+    with pytest.raises(UsageError) as error:
+        open_storage("postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/ablations")
+    assert "s3cret-pw" not in str(error.value) and "***" in str(error.value)
+
+
+SKEWED = "import runpy, sys, time; real, skew = time.time, float(sys.argv.pop(1)); " \
+         "time.time = lambda: real() + skew; " \
+         "runpy.run_module('ablations.grid', run_name='__main__', alter_sys=True)"
+
+
+@pytest.mark.postgres
+def test_workers_whose_clocks_differ_by_10_s_train_every_cell_once_on_postgresql(tiny_bert, toy_data, tmp_path):
+    from test_grid import finish, grid_command, start, trained_per_run
+    with fresh_postgres_database("skew") as url:
+        workers = [start([sys.executable, "-c", SKEWED, skew, *grid_command(tiny_bert, toy_data, tmp_path / skew,
+                                                                            url, heartbeat=3)[3:]])
+                   for skew in ("5", "-5")]
+        outputs = [finish(worker) for worker in workers]
+        counts = trained_per_run(url)
+        assert len(counts) == 6 and set(counts.values()) == {1}, outputs
