@@ -19,7 +19,7 @@ import torch
 
 from core.captured import CapturedStep, LearningRates
 from core.config import RunConfig
-from core.model import find_backbone, freeze, load_model, num_layers
+from core.model import freeze, load_model, num_layers
 from core.prefix_cache import layer_view
 from core.stacked import StackedRun, StackedRuns, pad_and_stack
 from core.train import clip_gradients, make_optimizer, precision_for

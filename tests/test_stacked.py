@@ -5,7 +5,6 @@ import contextlib
 import hashlib
 import math
 
-import numpy as np
 import pytest
 import torch
 from transformers import get_scheduler, set_seed
