@@ -156,7 +156,8 @@ def importance_plot(rows: pd.DataFrame, path: Path) -> str:
                 panels[objective] = "no parameter explains any of its variance"
     if all(isinstance(panel, str) for panel in panels.values()):
         return "importance.png skipped: every complete run has the same accuracy and the same training time."
-    _draw_importances(panels, varying, len(rows), path)
+    from ablations import plots  # seaborn and matplotlib only when there is something to draw
+    plots.importance(panels, varying, len(rows), path)
     return f"importance.png: fANOVA importances over {len(rows)} complete runs."
 
 
@@ -170,24 +171,6 @@ def _distribution(column: pd.Series) -> od.BaseDistribution:
     if column.name in ("freeze_depth", "epochs"):
         return od.IntDistribution(int(column.min()), int(column.max()))
     return od.FloatDistribution(float(column.min()), float(column.max()), log=column.name == "learning_rate")
-
-
-def _draw_importances(panels: dict[str, dict | str], parameters: list[str], runs: int, path: Path) -> None:
-    import seaborn as sns
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with sns.plotting_context("talk"):
-        figure = Figure(figsize=(14, 6), layout="constrained")
-        FigureCanvasAgg(figure)  # Agg canvas, no pyplot: no display needed and no global figure state
-        for ax, (objective, found) in zip(figure.subplots(1, 2, sharey=True), panels.items()):
-            values = [float(found.get(name, 0.0)) if isinstance(found, dict) else 0.0 for name in parameters]
-            sns.barplot(x=values, y=parameters, order=parameters, color="#31688e", ax=ax)
-            if isinstance(found, str):
-                ax.text(0.5, 0.5, found, transform=ax.transAxes, ha="center", va="center", wrap=True)
-            ax.set(title=objective, xlim=(0, 1), xlabel="fANOVA importance", ylabel="")
-        figure.suptitle(f"What drives each objective ({runs} complete runs)")
-        figure.savefig(path, dpi=120)
 
 
 def _row_text(row) -> str:
