@@ -61,15 +61,20 @@ def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local model folder (the same for every contender)")
     parser.add_argument("--dataset", required=True, help="folder with train.tsv and validation.tsv")
-    parser.add_argument("--freeze-depths", default="0,3,6")
-    parser.add_argument("--schedulers", default="linear,cosine")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--max-train-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the Trainer recipe script")
+    parser.add_argument("--freeze-depths", default="0,3,6", metavar="LIST",
+                        help="comma-separated depths or a range, e.g. 0,3,6 or 0-6 (default: 0,3,6)")
+    parser.add_argument("--schedulers", default="linear,cosine", metavar="LIST",
+                        help="comma-separated schedulers (default: linear,cosine)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every cell, one number (default: 1)")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    parser.add_argument("--max-train-samples", type=int, default=2000, metavar="N",
+                        help="training subsample (default: 2000)")
+    parser.add_argument("--seed", type=int, default=42, help="training seed (default: 42)")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the Trainer recipe script "
+                        "(default: ../shared/bench/seed_recipe.py)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the tuned Trainer and the project")
-    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here "
+                        "(default: print only)")
     parser.add_argument("project_args", nargs="*", help="extra flags for the project's grid (after --)")
     args = parser.parse_args()
     if not args.recipe.is_file():

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
-
-from ablations.study import Ledger, open_storage, open_study, storage_url
+from ablations.runner import default_output_dir, default_storage, split_names
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
@@ -20,6 +17,11 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
           rename: str | None = None) -> dict[str, int]:
     """Copy COMPLETE runs of the named studies (default: all) into same-named studies, or into `rename`.
     Returns {target study: runs copied}."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ablations.study import Ledger, open_storage, open_study
+
     target = open_storage(target_url)
     ledger = Ledger(target)
     done = {run_id for run_id, status in ledger.scan().items() if status.complete}
@@ -50,21 +52,28 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
 
 def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.merge", description=__doc__.splitlines()[0])
-    parser.add_argument("sources", nargs="+", help="storage URLs or SQLite files to copy from")
-    parser.add_argument("--into", required=True, help="target storage URL or SQLite file (created if missing)")
-    parser.add_argument("--study-name", nargs="+", default=None, help="copy only these studies (default: all)")
-    parser.add_argument("--as", dest="rename", default=None, help="put every copied run into this study instead")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="storage URLs or SQLite files to copy from")
+    parser.add_argument("--into", default=None, metavar="URL", help="target storage URL or SQLite file, created if "
+                        f"missing (default: {default_storage(default_output_dir(None))}, where the report looks)")
+    parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAMES",
+                        help="copy only these studies, comma-separated, e.g. grid,search (default: all)")
+    parser.add_argument("--as", dest="rename", default=None, metavar="NAME",
+                        help="put every copied run into this study instead (default: the same names)")
     args = parser.parse_args()
     urls = [_url(s, must_exist=True) for s in args.sources]
-    copied = merge(_url(args.into), urls, args.study_name, args.rename)
+    into = _url(args.into) if args.into else default_storage(default_output_dir(None))
+    if into.startswith("sqlite:///"):
+        Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    copied = merge(into, urls, split_names(args.study_names), args.rename)
     for name, count in copied.items():
-        print(f"merge: {count} run(s) copied into study {name!r} of {_url(args.into)}")
+        print(f"merge: {count} run(s) copied into study {name!r} of {into}")
     return 0
 
 
 def _url(text: str, must_exist: bool = False) -> str:
     """A storage URL as given, or a SQLite file path turned into one."""
     if "://" in text:
+        from ablations.study import storage_url
         return storage_url(text, ".")
     path = Path(text).expanduser().resolve()
     if must_exist and not path.is_file():
