@@ -64,22 +64,30 @@ def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local model folder (the same for every contender)")
     parser.add_argument("--dataset", help="folder with train.tsv and validation.tsv (not for --step-times)")
-    parser.add_argument("--freeze-depths", default="0,3,6")
-    parser.add_argument("--schedulers", default="linear,cosine")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--max-train-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the Trainer recipe script")
+    parser.add_argument("--freeze-depths", default="0,3,6", metavar="LIST",
+                        help="comma-separated depths or a range, e.g. 0,3,6 or 0-6 (default: 0,3,6)")
+    parser.add_argument("--schedulers", default="linear,cosine", metavar="LIST",
+                        help="comma-separated schedulers (default: linear,cosine)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every cell, one number (default: 1)")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    parser.add_argument("--max-train-samples", type=int, default=2000, metavar="N",
+                        help="training subsample (default: 2000)")
+    parser.add_argument("--seed", type=int, default=42, help="training seed (default: 42)")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the Trainer recipe script "
+                        "(default: ../shared/bench/seed_recipe.py)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the tuned Trainer and the project")
-    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here "
+                        "(default: print only)")
     parser.add_argument("--step-times", action="store_true",
                         help="time ms per run-step of the eager, stacked and (CUDA) captured engines instead")
-    parser.add_argument("--runs", default="1,14,56", help="--step-times: runs per stacked group")
-    parser.add_argument("--batch-size", type=int, default=16, help="--step-times: rows per run and step")
-    parser.add_argument("--length", type=int, default=32, help="--step-times: tokens per row")
-    parser.add_argument("--steps", type=int, default=20, help="--step-times: timed steps per contender and round")
-    parser.add_argument("--rounds", type=int, default=3, help="--step-times: interleaved rounds (median kept)")
+    parser.add_argument("--runs", default="1,14,56", metavar="LIST",
+                        help="--step-times: comma-separated runs per stacked group (default: 1,14,56)")
+    parser.add_argument("--batch-size", type=int, default=16, help="--step-times: rows per run and step (default: 16)")
+    parser.add_argument("--length", type=int, default=32, help="--step-times: tokens per row (default: 32)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="--step-times: timed steps per contender and round (default: 20)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--step-times: interleaved rounds, the median kept (default: 3)")
     parser.add_argument("project_args", nargs="*", help="extra flags for the project's grid (after --)")
     args = parser.parse_args()
     if args.step_times:

@@ -9,26 +9,24 @@ import argparse
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import optuna
-from tqdm.auto import tqdm
-
-from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
-from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
-from core import RunConfig, check
-from core.cli import (
-    ArgumentParser,
-    add_cache_arguments,
-    add_run_arguments,
-    config_from_args,
-    main_guard,
-    make_session,
+from ablations.runner import (
+    add_study_arguments,
+    free_accelerator_memory,
+    make_trainer,
+    output_dir_of,
+    storage_of,
+    write_report,
 )
-from core.config import SCHEDULERS
+from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.config import RunConfig
 from core.errors import UsageError, failure_reason
-from core.model import num_layers
-from core.shared_steps import trajectory_key
+
+if TYPE_CHECKING:  # optuna, torch and the ledger load when the grid runs, not for --help
+    import optuna
+
+    from ablations.ledger import Ledger
 
 TrainFn = Callable[[RunConfig, list[RunConfig]], dict]  # (config, the cells this worker may train next)
 GRID_AXES = ("freeze_depth", "scheduler", "epochs", "seed")
@@ -46,6 +44,11 @@ class GridOutcome:
 def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, train: TrainFn, retries: int = 2,
               varying: tuple[str, ...] = (), poll_seconds: float = 5.0, progress: bool = True) -> GridOutcome:
     """Claim and train cells until each is complete, failed `retries + 1` times, or (this run) failed once."""
+    from tqdm.auto import tqdm
+
+    from ablations.space import study_params
+    from core.shared_steps import trajectory_key
+
     outcome, attempted = GridOutcome(), set()
     by_id = {c.run_id: c for c in configs}
     bar = tqdm(total=len(by_id), disable=not progress, unit="cell", desc=f"grid {study.study_name}")
@@ -110,6 +113,8 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
 def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: RunConfig, train: TrainFn,
                   failed: dict[str, str], siblings: list[RunConfig]) -> dict | None:
     """Train a claimed run under a heartbeat; any error becomes a FAIL trial with its reason, never a crash."""
+    from ablations.ledger import Heartbeat
+
     try:
         with Heartbeat(ledger.storage, trial_id):
             record = train(config, siblings)
@@ -126,63 +131,37 @@ def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: Ru
     return record
 
 
-def free_accelerator_memory() -> None:
-    """After a failed run (CUDA out of memory, say), hand the cached blocks back before the next one."""
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m ablations.grid", description=__doc__.splitlines()[0])
     add_run_arguments(parser, skip=GRID_AXES)
-    parser.add_argument("--freeze-depths", default="all", help="depths to run: all (0..layers), 0,2,4 or 0-6")
-    parser.add_argument("--schedulers", default="linear,cosine", help="comma-separated schedulers")
-    parser.add_argument("--epochs", default="3,4", help="epoch counts; the default is the reference study's "
-                        "(3 for full fine-tuning, 4 for the frozen recipe)")
-    parser.add_argument("--seeds", type=int, default=1, help="repeats per cell (seeds seed, seed+1, ...)")
-    parser.add_argument("--seed", type=int, default=42, help="first seed")
+    parser.add_argument("--freeze-depths", default="all", metavar="LIST", help="depths to run: all (0 to the "
+                        "model's layer count), a comma-separated list or a range, e.g. 0,2,4 or 0-6 (default: all)")
+    parser.add_argument("--schedulers", default="linear,cosine", metavar="LIST",
+                        help="comma-separated schedulers, e.g. linear,cosine (default: linear,cosine)")
+    parser.add_argument("--epochs", default="3,4", metavar="LIST", help="comma-separated epoch counts, e.g. 1,3 "
+                        "(default: 3,4, the reference study's: 3 for full fine-tuning, 4 for the frozen recipe)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="repeats per cell, with training seeds --seed, --seed + 1, ... (default: 1)")
+    parser.add_argument("--seed", type=int, default=42, help="training seed of the first repeat (default: 42)")
     parser.add_argument("--lr-by-depth", default=None, metavar="SPEC", help="a learning rate per freeze depth, "
-                        "overriding --learning-rate: 0=3e-4,6=1e-3 or the file python -m ablations.lr_choice wrote")
+                        "overriding --learning-rate: 0=3e-4,6=1e-3 or the file python -m ablations.lr_choice wrote "
+                        "(default: --learning-rate for every depth)")
     add_study_arguments(parser, default_study="grid")
-    parser.add_argument("--retries", type=int, default=2, help="re-attempts of a failed cell on later invocations")
+    parser.add_argument("--retries", type=int, default=2, metavar="N",
+                        help="re-attempts of a failed cell on later invocations (default: 2)")
     return parser
-
-
-def add_study_arguments(parser: argparse.ArgumentParser, default_study: str) -> None:
-    """Flags the grid and the search share: where runs are stored and how a worker behaves."""
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///x.db, postgresql://...); "
-                        "default: a SQLite file in --output-dir")
-    parser.add_argument("--study-name", default=default_study, help=f"Optuna study name (default: {default_study})")
-    parser.add_argument("--output-dir", default="results", help="where tables and plots go (default: results)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--heartbeat", type=int, default=20, help="seconds between a worker's heartbeats; a run "
-                        "whose worker is silent for 3 beats is failed and reclaimed")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--no-report", action="store_true", help="skip the trade-off report at the end")
-    parser.add_argument("--compile", action="store_true", help="run models through torch.compile")
-    add_cache_arguments(parser)
-
-
-def make_trainer(args: argparse.Namespace) -> TrainFn:
-    """Runs of one command share one session (loaded data and checkpoint, prefix caches, shared steps)."""
-    from core import run
-    session = make_session(args)
-    return lambda config, siblings: run(config, device=args.device, progress=not args.no_progress,
-                                        compile=args.compile, siblings=siblings, session=session).to_dict()
-
-
-def write_report(url: str, study_names: list[str], output_dir: str) -> None:
-    from ablations.ledger import load_runs
-    from ablations.report import write_report as report
-    paths = report(load_runs(url, study_names), output_dir)
-    print(f"report: {', '.join(str(p) for p in paths.values())}")
 
 
 def main() -> int:
     args = build_parser().parse_args()
     if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
         raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
+    from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
+    from ablations.ledger import storage_errors
+    from core import check
+    from core.config import SCHEDULERS
+    from core.model import num_layers
+
     base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0)
     layers = num_layers(check(base))
     depths = list(range(layers + 1)) if args.freeze_depths == "all" else \
@@ -198,19 +177,22 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
-    url = storage_url(args.storage, args.output_dir)
+    output_dir = output_dir_of(args, args.study_name)
+    url = storage_of(args.storage, output_dir)
     with storage_errors(url):
-        return run_grid(args, url, configs, grid, base, depths, rates)
+        return run_grid(args, url, output_dir, configs, grid, base, depths, rates)
 
 
-def run_grid(args, url, configs, grid, base, depths, rates) -> int:
+def run_grid(args, url, output_dir, configs, grid, base, depths, rates) -> int:
+    from ablations.ledger import Ledger, mask_url, open_storage, open_study
+
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
     print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}")
-    outcome = run_cells(configs, study, ledger, make_trainer(args), args.retries,
+    outcome = run_cells(configs, study, ledger, make_trainer(args, pass_as="siblings"), args.retries,
                         poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "
           f"{len(outcome.reused)} reused from other studies, {len(outcome.failed)} failed now, "
@@ -218,7 +200,7 @@ def run_grid(args, url, configs, grid, base, depths, rates) -> int:
     for run_id, reason in outcome.failed.items():
         print(f"  failed {run_id}: {reason}")
     if not args.no_report:
-        write_report(url, [args.study_name], args.output_dir)
+        write_report(url, [args.study_name], output_dir)
     return 1 if outcome.failed or outcome.given_up else 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ablations.runner import default_output_dir, default_storage
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
@@ -29,11 +30,15 @@ def best_rates(runs: list[dict]) -> dict[int, tuple[float, float, int]]:
 
 def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.lr_choice", description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", required=True, help="Optuna storage URL holding the sweep")
-    parser.add_argument("--study-name", default="lr-sweep", help="the sweep's study (default: lr-sweep)")
+    parser.add_argument("--study-name", default="lr-sweep", metavar="NAME",
+                        help="the sweep's study (default: lr-sweep)")
+    parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL holding the sweep "
+                        "(default: the grid's default for that study, the SQLite file ablations.db in "
+                        f"{default_output_dir('STUDY')})")
     args = parser.parse_args()
     from ablations.ledger import load_runs
-    best = best_rates(load_runs(args.storage, [args.study_name]))
+    storage = args.storage or default_storage(default_output_dir(args.study_name))
+    best = best_rates(load_runs(storage, [args.study_name]))
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")
     print("# depth learning_rate mean_validation_accuracy runs")

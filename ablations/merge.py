@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
-
-from ablations.ledger import Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
+from ablations.runner import default_output_dir, default_storage, split_names
 from core.cli import ArgumentParser, main_guard
 from core.config import RunConfig
 from core.errors import UsageError
@@ -22,6 +19,9 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
     """Copy COMPLETE runs of the named studies (default: all) into same-named studies, or into `rename`.
     Returns {target study: runs copied}. Every source is read in full before the target is written, so a
     source that cannot be read leaves nothing behind."""
+    import optuna  # optuna and the ledger load here, not for --help
+
+    from ablations.ledger import Ledger, mask_url, open_storage, open_study, storage_errors
     sources = [(url, _read(url, study_names)) for url in source_urls]
     with storage_errors(target_url):
         ledger = Ledger(open_storage(target_url))
@@ -51,6 +51,10 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
 
 def _read(url: str, study_names: list[str] | None) -> dict[str, tuple]:
     """{study: (directions, user attrs, COMPLETE trials)} of one source storage."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ablations.ledger import mask_url, open_storage, storage_errors
     with storage_errors(url):
         source = open_storage(url)
         names = [s.study_name for s in source.get_all_studies()]
@@ -80,21 +84,29 @@ def _ids(trial) -> tuple[str | None, str | None]:
 
 def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.merge", description=__doc__.splitlines()[0])
-    parser.add_argument("sources", nargs="+", help="storage URLs or SQLite files to copy from")
-    parser.add_argument("--into", required=True, help="target storage URL or SQLite file (created if missing)")
-    parser.add_argument("--study-name", nargs="+", default=None, help="copy only these studies (default: all)")
-    parser.add_argument("--as", dest="rename", default=None, help="put every copied run into this study instead")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="storage URLs or SQLite files to copy from")
+    parser.add_argument("--into", default=None, metavar="URL", help="target storage URL or SQLite file, created if "
+                        f"missing (default: {default_storage(default_output_dir(None))}, where the report looks)")
+    parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAMES",
+                        help="copy only these studies, comma-separated, e.g. grid,search (default: all)")
+    parser.add_argument("--as", dest="rename", default=None, metavar="NAME",
+                        help="put every copied run into this study instead (default: the same names)")
     args = parser.parse_args()
     urls = [_url(s, must_exist=True) for s in args.sources]
-    copied = merge(_url(args.into), urls, args.study_name, args.rename)
+    into = _url(args.into) if args.into else default_storage(default_output_dir(None))
+    if into.startswith("sqlite:///"):
+        Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    copied = merge(into, urls, split_names(args.study_names), args.rename)
+    from ablations.ledger import mask_url
     for name, count in copied.items():
-        print(f"merge: {count} run(s) copied into study {name!r} of {mask_url(_url(args.into))}")
+        print(f"merge: {count} run(s) copied into study {name!r} of {mask_url(into)}")
     return 0
 
 
 def _url(text: str, must_exist: bool = False) -> str:
     """A storage URL as given, or a SQLite file path turned into one."""
     if "://" in text:
+        from ablations.ledger import storage_url
         return storage_url(text, ".")
     path = Path(text).expanduser().resolve()
     if must_exist and not path.is_file():

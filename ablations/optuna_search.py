@@ -16,21 +16,27 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import optuna
-from optuna.trial import Trial, TrialState
-from tqdm.auto import tqdm
-
-from ablations import pareto
-from ablations.grid import add_study_arguments, free_accelerator_memory
-from ablations.ledger import Heartbeat, Ledger, mask_url, open_storage, open_study, storage_errors, storage_url
-from ablations.pareto import SEARCHED, fixed_fields, write_outputs
-from ablations.space import SearchSpace, parse_choices, parse_range
-from core import RunConfig
+from ablations.runner import (
+    SEARCHED,
+    add_study_arguments,
+    free_accelerator_memory,
+    make_trainer,
+    output_dir_of,
+    storage_of,
+)
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
-from core.config import SCHEDULERS
+from core.config import RunConfig
 from core.errors import UsageError, failure_reason
+
+if TYPE_CHECKING:  # optuna, torch and the ledger load when the search runs, not for --help
+    import optuna
+    from optuna.trial import Trial
+    from tqdm.auto import tqdm
+
+    from ablations.space import SearchSpace
+    from ablations.ledger import Ledger
 
 TrainFn = Callable[[RunConfig, Callable[[dict], "str | None"] | None], dict]
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
@@ -40,6 +46,7 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    import optuna
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)  # multi-objective TPE on the two-objective study
     if name == "nsga2":
@@ -59,6 +66,9 @@ def suggest(trial: Trial, space: SearchSpace) -> dict:
 
 def open_search_study(storage, name: str, objective: str, space: SearchSpace, base: RunConfig) -> optuna.Study:
     """The study, holding its space and fixed settings so that a later invocation extends the same search."""
+    from ablations.pareto import fixed_fields
+    from ablations.ledger import open_study
+
     study = open_study(storage, name, OBJECTIVES[objective])
     if "grid" in study.user_attrs:
         raise UsageError(f"study {name!r} holds a grid, not a search: choose another --study-name")
@@ -102,6 +112,8 @@ class Search:
     train_seconds: float = 0.0
 
     def run(self, trials: int, timeout: float | None = None, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
         started = time.time()
         bar = tqdm(total=trials, disable=not progress, unit="trial", desc=f"search {self.study.study_name}")
         for _ in range(trials):
@@ -113,6 +125,10 @@ class Search:
         bar.close()
 
     def trial(self, bar: tqdm) -> Outcome:
+        from optuna.trial import TrialState
+
+        from ablations.ledger import Heartbeat
+
         trial = self.study.ask()
         # Re-seeded per trial from (study name, seed, trial number): a fresh study of one name and seed proposes
         # the same configs, workers sharing a study (numbers are unique) never propose in lockstep, and two
@@ -166,6 +182,9 @@ class Search:
 
     def _stopper(self, trial: Trial, config: RunConfig) -> Callable[[dict], str | None]:
         """The on_epoch callback: Optuna's pruner for one objective, Pareto dominance for two."""
+        from ablations import pareto
+        from ablations.pareto import fixed_fields
+
         history: list[dict] = []
         elsewhere = pareto.storage_points(self.ledger, self.study.study_name, fixed_fields(self.base.to_dict()),
                                           self.device) if self.prune and len(self.study.directions) == 2 else []
@@ -189,6 +208,9 @@ class Search:
 
 def resolve_space(args: argparse.Namespace, layers: int) -> SearchSpace:
     """Defaults (freeze depth 0 to the model's layer count) < the --space file < the range flags."""
+    from ablations.space import SearchSpace, parse_choices, parse_range
+    from core.config import SCHEDULERS
+
     space = SearchSpace(freeze_depth=(0, layers))
     if args.space:
         space = SearchSpace.load(args.space, defaults=space)
@@ -206,39 +228,37 @@ def resolve_space(args: argparse.Namespace, layers: int) -> SearchSpace:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m ablations.optuna_search", description=__doc__.splitlines()[0])
-    add_run_arguments(parser, skip=(*SEARCHED, "seed"))
-    parser.add_argument("--run-seed", type=int, default=42, help="training seed of every run (fixed; default: 42)")
-    parser.add_argument("--trials", type=int, default=20, help="trials to add in this invocation (default: 20)")
+    add_run_arguments(parser, skip=SEARCHED)
+    parser.add_argument("--trials", type=int, default=20, metavar="N",
+                        help="trials to add in this invocation (default: 20)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (default: tpe)")
-    parser.add_argument("--seed", type=int, default=0, help="sampler seed: a fresh study of one name and seed "
-                        "proposes the same configs (default: 0)")
-    parser.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="sampler seed: a fresh study of one name and "
+                        "sampler seed proposes the same configs (default: 0)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="start no new trial after this many seconds (default: no limit)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="pareto",
                         help="pareto: maximize accuracy and minimize training seconds; accuracy: accuracy alone, in "
-                             "its own study (default name search-accuracy) with Optuna's MedianPruner")
+                             "its own study (default name search-accuracy) with Optuna's MedianPruner "
+                             "(default: pareto)")
     parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
                         help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy)")
     parser.add_argument("--margin", type=float, default=0.01, help="accuracy a pruned trial is assumed still able "
                         "to gain (default: 0.01)")
-    parser.add_argument("--space", default=None, help="JSON file overriding the search space (see --print-space)")
-    parser.add_argument("--freeze-depths", default=None, help="freeze depth range, e.g. 0-6 (default: 0 to the "
-                        "model's layer count)")
-    parser.add_argument("--schedulers", default=None, help="schedulers to choose from (default: linear,cosine)")
-    parser.add_argument("--epochs-range", default=None, help="epochs range, e.g. 1-4 (default: 1-4)")
-    parser.add_argument("--lr-range", default=None, help="log-uniform learning rate range (default: 1e-5,5e-4)")
-    parser.add_argument("--warmup-range", default=None, help="uniform warmup ratio range (default: 0,0.2)")
+    parser.add_argument("--space", default=None, metavar="FILE",
+                        help="JSON file overriding the search space (see --print-space) (default: none)")
+    parser.add_argument("--freeze-depths", default=None, metavar="RANGE", help="freeze depth range, e.g. 0-6 "
+                        "(default: 0 to the model's layer count)")
+    parser.add_argument("--schedulers", default=None, metavar="LIST",
+                        help="comma-separated schedulers to choose from, e.g. linear,cosine (default: linear,cosine)")
+    parser.add_argument("--epochs-range", default=None, metavar="RANGE", help="epochs range, e.g. 1-4 "
+                        "(default: 1-4)")
+    parser.add_argument("--lr-range", default=None, metavar="LOW,HIGH",
+                        help="log-uniform learning rate range, e.g. 1e-5,5e-4 (default: 1e-5,5e-4)")
+    parser.add_argument("--warmup-range", default=None, metavar="LOW,HIGH",
+                        help="uniform warmup ratio range, e.g. 0,0.2 (default: 0,0.2)")
     parser.add_argument("--print-space", action="store_true", help="print the search space as JSON and exit")
-    add_study_arguments(parser, default_study="search")
-    parser.set_defaults(study_name=None)  # search, or search-accuracy for --objective accuracy
+    add_study_arguments(parser, default_study=None)  # search, or search-accuracy for --objective accuracy
     return parser
-
-
-def make_trainer(args: argparse.Namespace) -> TrainFn:
-    from core import run
-    from core.cli import make_session
-    session = make_session(args)
-    return lambda config, on_epoch: run(config, device=args.device, progress=not args.no_progress,
-                                        on_epoch=on_epoch, compile=args.compile, session=session).to_dict()
 
 
 def device_label(device: str | None) -> str:
@@ -263,29 +283,35 @@ def main() -> int:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    import optuna
+
+    from ablations.pareto import write_outputs
+    from ablations.ledger import Ledger, mask_url, open_storage, storage_errors
     from core import check
     from core.model import model_config, num_layers
-    base = config_from_args(args, skip=(*SEARCHED, "seed"), seed=args.run_seed, freeze_depth=0)
+    base = config_from_args(args, skip=SEARCHED, freeze_depth=0)
     if args.print_space:
         print(json.dumps(resolve_space(args, num_layers(model_config(base.model))).to_dict(), indent=2))
         return 0
     space = resolve_space(args, num_layers(check(base)))
     device = device_label(args.device)
     name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
-    url = storage_url(args.storage, args.output_dir)
+    output_dir = output_dir_of(args, name)
+    url = storage_of(args.storage, output_dir)
     with storage_errors(url):
         ledger = Ledger(open_storage(url, args.heartbeat))
         study = open_search_study(ledger.storage, name, args.objective, space, base)
         study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
-        search = Search(study, ledger, base, space, make_trainer(args), args.sampler, args.seed, args.prune,
-                        args.margin, device, poll_seconds=min(5.0, args.heartbeat))
-        print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.seed}), objective "
-              f"{args.objective}, pruning {'on' if args.prune else 'off'}, space {space.describe()} on {mask_url(url)}")
+        search = Search(study, ledger, base, space, make_trainer(args, pass_as="on_epoch"), args.sampler,
+                        args.sampler_seed, args.prune, args.margin, device, poll_seconds=min(5.0, args.heartbeat))
+        print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "
+              f"training seed {base.seed}, objective {args.objective}, pruning {'on' if args.prune else 'off'}, "
+              f"space {space.describe()} on {mask_url(url)}")
         search.run(args.trials, args.timeout, progress=not args.no_progress)
         c = search.counts
         print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
               f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
-        print(write_outputs(study, ledger, base, url, args.output_dir, report=not args.no_report))
+        print(write_outputs(study, ledger, base, url, output_dir, report=not args.no_report))
     return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
 
 

@@ -14,6 +14,7 @@ import optuna.distributions as od
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from ablations.runner import SEARCHED
 from ablations.stats import pareto_front
 from ablations.ledger import Ledger
 from core.errors import UsageError
@@ -21,7 +22,6 @@ from core.errors import UsageError
 if TYPE_CHECKING:
     from core.config import RunConfig
 
-SEARCHED = ("freeze_depth", "scheduler", "epochs", "learning_rate", "warmup_ratio")
 PARETO_COLUMNS = [*SEARCHED, "accuracy", "train_seconds", "trainable_params", "run_id", "trial"]
 MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer runs ranks noise
 OBJECTIVE_NAMES = {"accuracy": "validation accuracy", "train_seconds": "training seconds"}
@@ -156,7 +156,8 @@ def importance_plot(rows: pd.DataFrame, path: Path) -> str:
                 panels[objective] = "no parameter explains any of its variance"
     if all(isinstance(panel, str) for panel in panels.values()):
         return "importance.png skipped: every complete run has the same accuracy and the same training time."
-    _draw_importances(panels, varying, len(rows), path)
+    from ablations import plots  # seaborn and matplotlib only when there is something to draw
+    plots.importance(panels, varying, len(rows), path)
     return f"importance.png: fANOVA importances over {len(rows)} complete runs."
 
 
@@ -172,32 +173,36 @@ def _distribution(column: pd.Series) -> od.BaseDistribution:
     return od.FloatDistribution(float(column.min()), float(column.max()), log=column.name == "learning_rate")
 
 
-def _draw_importances(panels: dict[str, dict | str], parameters: list[str], runs: int, path: Path) -> None:
-    import seaborn as sns
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with sns.plotting_context("talk"):
-        figure = Figure(figsize=(14, 6), layout="constrained")
-        FigureCanvasAgg(figure)  # Agg canvas, no pyplot: no display needed and no global figure state
-        for ax, (objective, found) in zip(figure.subplots(1, 2, sharey=True), panels.items()):
-            values = [float(found.get(name, 0.0)) if isinstance(found, dict) else 0.0 for name in parameters]
-            sns.barplot(x=values, y=parameters, order=parameters, color="#31688e", ax=ax)
-            if isinstance(found, str):
-                ax.text(0.5, 0.5, found, transform=ax.transAxes, ha="center", va="center", wrap=True)
-            ax.set(title=objective, xlim=(0, 1), xlabel="fANOVA importance", ylabel="")
-        figure.suptitle(f"What drives each objective ({runs} complete runs)")
-        figure.savefig(path, dpi=120)
-
-
 def _row_text(row) -> str:
     return (f"freeze {row.freeze_depth}, {row.scheduler}, {row.epochs} epoch(s), lr {row.learning_rate:.3g}, "
             f"warmup {row.warmup_ratio:.3g}: accuracy {row.accuracy:.4f} in {row.train_seconds:.1f} s "
             f"({row.trial})")
 
 
-def summary_markdown(title: str, counts: str, front: pd.DataFrame, baseline: pd.DataFrame, notes: list[str]) -> str:
-    """The search in a few lines: the front, its knee and the full fine-tune for reference."""
+def knee_comparison(table: pd.DataFrame | None, knee: pd.Series) -> str:
+    """The knee against its baseline, read from the trade-off report's table (`ablations.report.tradeoff_table`)
+    so that search_summary.md and tradeoff.md state one speed-up for one configuration."""
+    if table is None:
+        return "**Speed-up**: no trade-off table (no complete run to report)."
+    config = {"freeze_depth": knee.freeze_depth, "scheduler": knee.scheduler, "epochs": knee.epochs,
+              "learning_rate": knee.learning_rate, "warmup_ratio": knee.warmup_ratio, "device": knee.device}
+    mask = pd.Series(True, index=table.index)
+    for name, value in config.items():
+        if name in table.columns:  # a field the table does not show is the same in every configuration
+            mask &= table[name] == value
+    rows = table[mask]
+    rule = ("the report's rule (tradeoff.md): the most accurate freeze_depth 0 configuration of this study with the "
+            "knee's schedule and epochs, learning rate and warmup tuned away, timed on the same device")
+    if len(rows) != 1 or pd.isna(rows.iloc[0]["speedup"]):
+        return f"**Full fine-tune baseline**: none by {rule}; no speed-up is stated."
+    row = rows.iloc[0]
+    return (f"**Full fine-tune baseline** by {rule}: the knee ({row['label']}, mean over {row['seeds']} seed(s)) is "
+            f"{row['speedup']:.2f}× as fast, {100 * row['accuracy_delta']:+.1f} pp accuracy.")
+
+
+def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.DataFrame | None,
+                     notes: list[str]) -> str:
+    """The search in a few lines: the front, its knee and, from the report's table, the knee's speed-up."""
     lines = [f"# {title}", "", counts, ""]
     if front.empty:
         return "\n".join(lines + ["No complete run yet: no front.", "", *notes, ""])
@@ -210,13 +215,7 @@ def summary_markdown(title: str, counts: str, front: pd.DataFrame, baseline: pd.
     knee = front.iloc[knee_index(front)]
     lines += ["", f"**Knee point**: {_row_text(knee)}. It is the front point farthest above the line from the "
                   "front's fastest to its most accurate end, with accuracy and time min-max scaled over the front.", ""]
-    if baseline.empty:
-        lines.append("**Full fine-tune baseline**: no freeze_depth 0 run with these fixed settings is stored yet.")
-    else:
-        best = baseline.sort_values("accuracy", ascending=False).iloc[0]
-        lines.append(f"**Full fine-tune baseline** (best of {len(baseline)} freeze_depth 0 run(s) on the storage): "
-                     f"{_row_text(best)}. The knee is {best.train_seconds / knee.train_seconds:.2f}× as fast, "
-                     f"{100 * (knee.accuracy - best.accuracy):+.1f} pp accuracy.")
+    lines.append(knee_comparison(table, knee))
     return "\n".join(lines + ["", *notes, ""])
 
 
@@ -227,24 +226,25 @@ def _count(value) -> str:
 def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str, output_dir: str | Path,
                   report: bool = True) -> str:
     """pareto.csv, importance.png, search_summary.md and the shared trade-off report; returns the summary."""
+    from ablations.report import tradeoff_table
+    from ablations.runner import write_report
+    from ablations.ledger import load_runs
+
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     rows = run_rows(trials, lambda t: f"{study.study_name}#{t.number}")
     front = front_table(rows)
     front[PARETO_COLUMNS].to_csv(output / "pareto.csv", index=False)
-    fixed = fixed_fields(base.to_dict())
-    baseline = [t for status in ledger.scan().values() for t in status.complete
-                if (t.user_attrs.get("record") or {}).get("config", {}).get("freeze_depth") == 0
-                and fixed_fields(t.user_attrs["record"]["config"]) == fixed]
-    baseline_rows = run_rows(baseline, ledger.where)
-    if not front.empty:  # times compare only on one device: the knee's
-        baseline_rows = baseline_rows[baseline_rows["device"] == front["device"].iloc[knee_index(front)]]
     states = {state: sum(t.state == state for t in trials) for state in TrialState}
     notes = [importance_plot(rows, output / "importance.png")]
+    url = url or ledger.storage.url
+    try:  # the same runs and the same table as the trade-off report, so both state one speed-up
+        table = tradeoff_table(load_runs(url, [study.study_name]))
+    except UsageError:
+        table = None
     if report:
         try:
-            from ablations.grid import write_report
             write_report(url, [study.study_name], str(output_dir))
         except UsageError as error:
             notes.append(f"Trade-off report skipped: {error}")
@@ -252,6 +252,6 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
               f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, {states[TrialState.RUNNING]} "
               f"running; {len(rows)} distinct complete runs. Model `{base.model}`, data "
               f"`{base.dataset}`, run seed {base.seed}.")
-    text = summary_markdown(f"Search `{study.study_name}`", counts, front, baseline_rows, notes)
+    text = summary_markdown(f"Search `{study.study_name}`", counts, front, table, notes)
     (output / "search_summary.md").write_text(text)
     return text

@@ -24,13 +24,23 @@ SCHEDULER_SHORT = {"linear": "lin", "cosine": "cos", "constant": "const", "const
                    "cosine_with_restarts": "cos-r", "polynomial": "poly", "inverse_sqrt": "isqrt"}
 
 
+LABEL_NAMES = {"learning_rate": "lr", "warmup_ratio": "warmup", "weight_decay": "wd", "max_train_samples": "n",
+               "batch_size": "batch", "device": ""}
+
+
+def _value_text(value) -> str:
+    """Two significant digits for a float (7.42921e-05 -> 7.4e-05, 0.16777 -> 0.17): a label names a point, the
+    table holds the exact value."""
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
 def point_label(fields: dict, extra: list[str]) -> str:
-    """Short point label such as 'd4 cos 2ep', plus any other field that varies."""
+    """Short point label such as 'd4 cos 2ep', plus any other field that varies ('lr 7.4e-05 warmup 0.17')."""
     scheduler = SCHEDULER_SHORT.get(str(fields.get("scheduler")), str(fields.get("scheduler")))
     parts = [f"d{fields.get('freeze_depth')}", scheduler, f"{fields.get('epochs')}ep"]
-    names = {"learning_rate": "lr", "max_train_samples": "n", "device": ""}
-    parts += [f"{names.get(name, name + '=')}{fields.get(name):g}" if isinstance(fields.get(name), float)
-              else f"{names.get(name, name + '=')}{fields.get(name)}" for name in extra]
+    for name in extra:
+        short = LABEL_NAMES.get(name, name)
+        parts.append(f"{short} {_value_text(fields.get(name))}".strip())
     return " ".join(parts)
 
 
@@ -45,8 +55,11 @@ def _style():
 
 
 def _depth_colours(depths: list) -> dict:
-    """Sequential palette, darker = deeper freeze; the palest end is cut so every colour reads on white."""
-    palette = sns.color_palette("viridis_r", len(depths) + 1)[1:] if len(depths) > 1 else ["#31688e"]
+    """A colour per freeze depth that tells neighbours apart up to 13 depths: hue runs red -> purple with depth
+    (so order still reads), lightness alternates dark/light (so adjacent depths never share a shade), and the
+    light shade stays dark enough to read on white."""
+    ramp = len(depths) + 1  # one spare step, so the first and last hue do not meet around the wheel
+    palette = [sns.husl_palette(ramp, h=0.01, s=0.95, l=0.38 if i % 2 == 0 else 0.68)[i] for i in range(len(depths))]
     return dict(zip(depths, palette))
 
 
@@ -170,12 +183,17 @@ def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
     others = varying_fields(table)
     values = table.assign(accuracy=PERCENT * table["accuracy_mean"])
     low, high = values["accuracy"].min(), values["accuracy"].max()
+    # Every panel indexes the same depths and schedules: the panels share one y axis, so a panel with its own
+    # rows would be labelled with another panel's depths. A cell no run filled stays blank.
+    depths = sorted(values["freeze_depth"].unique())
+    schedulers = sorted(values["scheduler"].unique())
     with _style():
         figure = Figure(figsize=(max(SIZE[0], 6.5 * len(epochs)), SIZE[1]), layout="constrained")
         axes = figure.subplots(1, len(epochs), squeeze=False, sharey=True)[0]
         for i, (ax, epoch_count) in enumerate(zip(axes, epochs)):
             grid = values[values["epochs"] == epoch_count].pivot_table(
-                index="freeze_depth", columns="scheduler", values="accuracy", aggfunc="max")
+                index="freeze_depth", columns="scheduler", values="accuracy", aggfunc="max"
+            ).reindex(index=depths, columns=schedulers)
             sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", annot_kws={"fontsize": 18}, cmap="viridis",
                         vmin=low, vmax=high, linewidths=1, linecolor="white", cbar=i == len(epochs) - 1,
                         cbar_kws={"label": "validation accuracy (%)"})
@@ -188,8 +206,24 @@ def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         return _save(figure, path)
 
 
+LINESTYLES = ["-", "--", ":", "-."]
+DODGE = 0.5  # the share of an epoch's width over which the configurations of one panel are spread
+
+
+def _dodge(count: int) -> list[float]:
+    """x offsets (in epochs) for `count` configurations drawn at the same epochs, centred on the epoch: two
+    configurations with the same accuracy at the same epoch stay two visible markers."""
+    if count < 2:
+        return [0.0] * count
+    step = DODGE / (count - 1)
+    return [-DODGE / 2 + k * step for k in range(count)]
+
+
 def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
-    """Validation accuracy per epoch, mean over seeds, one line per configuration, one panel per schedule."""
+    """Validation accuracy per epoch, mean over seeds, one line per configuration, one panel per schedule.
+
+    The configurations of a panel are spread a little around each whole epoch (deeper freeze to the right), so
+    none hides another; each line carries its configuration's label as its gid."""
     with _style(), sns.axes_style("whitegrid"):
         figure = Figure(figsize=SIZE, layout="constrained")
         if history.empty:
@@ -199,21 +233,47 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         axes = figure.subplots(1, len(schedulers), squeeze=False, sharey=True)[0]
         mean = (history.groupby(["label", "freeze_depth", "scheduler", "epochs", "epoch"], as_index=False)
                 ["accuracy"].mean())
-        mean["accuracy"] *= PERCENT
-        mean = mean.rename(columns={"freeze_depth": "freeze depth", "epochs": "epochs trained"})
-        depths = sorted(mean["freeze depth"].unique())
-        style = "epochs trained" if mean["epochs trained"].nunique() > 1 else None
-        markers = {"markers": True} if style else {"marker": "o"}  # a marker per epoch either way
+        depths = sorted(mean["freeze_depth"].unique())
+        colours = _depth_colours(depths)
+        trained = sorted(mean["epochs"].unique())
+        styles = dict(zip(trained, LINESTYLES * 4))
         for i, (ax, scheduler) in enumerate(zip(axes, schedulers)):
-            sns.lineplot(mean[mean["scheduler"] == scheduler], x="epoch", y="accuracy", hue="freeze depth",
-                         style=style, units="label", estimator=None, palette=_depth_colours(depths),
-                         hue_order=depths, markersize=11, **markers, linewidth=2.5, ax=ax,
-                         legend=i == len(schedulers) - 1)
+            panel = mean[mean["scheduler"] == scheduler]
+            configs = panel[["freeze_depth", "epochs", "label"]].drop_duplicates().sort_values(
+                ["freeze_depth", "epochs", "label"])
+            for offset, config in zip(_dodge(len(configs)), configs.itertuples(index=False)):
+                line = panel[panel["label"] == config.label].sort_values("epoch")
+                ax.plot(line["epoch"] + offset, PERCENT * line["accuracy"], marker="o", markersize=11,
+                        linewidth=2.5, linestyle=styles[config.epochs], color=colours[config.freeze_depth],
+                        markeredgecolor="white", markeredgewidth=1.0, gid=config.label)
             ax.set_title(f"schedule: {scheduler}")
+            ax.set_xlabel("epoch")
             ax.set_ylabel("validation accuracy (%)" if i == 0 else "")
             ax.set_xticks(sorted(mean["epoch"].unique()))  # whole epochs, also when there is only one
-        legend = axes[-1].get_legend()
-        if legend is not None:
-            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+            ax.set_xlim(mean["epoch"].min() - 0.5, mean["epoch"].max() + 0.5)
+        handles = [Line2D([], [], marker="o", linestyle="-", markersize=11, linewidth=2.5, color=colours[d],
+                          label=f"{d}") for d in depths]
+        legend = axes[-1].legend(handles=handles, title="freeze depth", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                                 frameon=False)
+        if len(trained) > 1:
+            axes[-1].add_artist(legend)  # a second legend() call would replace it
+            handles = [Line2D([], [], color="0.35", linestyle=styles[e], linewidth=2.5, label=f"{e}") for e in trained]
+            axes[-1].legend(handles=handles, title="epochs trained", loc="lower left", bbox_to_anchor=(1.02, 0.0),
+                            frameon=False)
         figure.suptitle(f"Validation accuracy per epoch (mean over seeds)\n{_title(about)}", fontsize=19)
+        return _save(figure, path)
+
+
+def importance(panels: dict[str, dict | str], parameters: list[str], runs: int, path: Path) -> Path:
+    """fANOVA importance of each searched parameter, one panel per objective; a panel given as text (nothing to
+    explain) shows that text over empty bars."""
+    with sns.plotting_context("talk"):
+        figure = Figure(figsize=(14, 6), layout="constrained")
+        for ax, (objective, found) in zip(figure.subplots(1, 2, sharey=True), panels.items()):
+            values = [float(found.get(name, 0.0)) if isinstance(found, dict) else 0.0 for name in parameters]
+            sns.barplot(x=values, y=parameters, order=parameters, color="#31688e", ax=ax)
+            if isinstance(found, str):
+                ax.text(0.5, 0.5, found, transform=ax.transAxes, ha="center", va="center", wrap=True)
+            ax.set(title=objective, xlim=(0, 1), xlabel="fANOVA importance", ylabel="")
+        figure.suptitle(f"What drives each objective ({runs} complete runs)")
         return _save(figure, path)

@@ -13,11 +13,32 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from ablations.runner import add_output_arguments, default_output_dir, default_storage, split_names
+from core.cli import ArgumentParser
 
-from ablations import plots
-from ablations.markdown import DEFAULT_BASELINE, markdown
-from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m ablations.report",
+                            description="Trade-off report (tables and figures) from the runs stored in an Optuna "
+                                        "storage.")
+    add_output_arguments(parser)
+    parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAMES",
+                        help="report only these studies, comma-separated, e.g. grid,search (default: every study "
+                             "in the storage)")
+    parser.add_argument("--baseline", default="freeze_depth=0", metavar="KEY=VALUE[,...]",
+                        help="fields that define each configuration's baseline; the others must match "
+                             "(default: freeze_depth=0, the full fine-tune)")
+    return parser
+
+
+if __name__ == "__main__":  # answer --help and a bad flag now, before pandas, scipy and matplotlib load below
+    ARGUMENTS = build_parser().parse_args()
+
+import pandas as pd  # noqa: E402
+
+from ablations import plots  # noqa: E402
+from ablations.markdown import DEFAULT_BASELINE, markdown  # noqa: E402
+from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front  # noqa: E402
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
                "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "train_seconds_lo", "train_seconds_hi",
@@ -289,27 +310,18 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     return paths
 
 
-def main() -> int:
-    from core.cli import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m ablations.report",
-                            description="Trade-off report (tables and figures) from the runs stored in an Optuna "
-                                        "storage.")
-    parser.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///results/ablations.db.")
-    parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAME",
-                        help="Report only these studies (default: every study in the storage).")
-    parser.add_argument("--output-dir", required=True, type=Path, help="Folder for the CSV, Markdown and PNG files.")
-    parser.add_argument("--baseline", default="freeze_depth=0", metavar="KEY=VALUE[,...]",
-                        help="Fields that define each configuration's baseline; the others must match "
-                             "(default: freeze_depth=0, the full fine-tune).")
-    args = parser.parse_args()
+def main(args=None) -> int:
+    args = args or build_parser().parse_args()
     baseline = parse_baseline(args.baseline)
-    if args.storage.startswith("sqlite:///") and not Path(args.storage.removeprefix("sqlite:///")).exists():
-        raise usage_error(f"--storage {args.storage} is invalid: the SQLite file does not exist")
+    names = split_names(args.study_names)
+    output_dir = args.output_dir or default_output_dir(names[0] if names and len(names) == 1 else None)
+    storage = args.storage or default_storage(output_dir)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        raise usage_error(f"--storage {storage} is invalid: the SQLite file does not exist")
     from ablations.ledger import load_runs, storage_url  # load_runs names a missing study in one line
 
-    runs = load_runs(storage_url(args.storage, args.output_dir), study_names=args.study_names)
-    paths = write_report(runs, args.output_dir, baseline)
+    runs = load_runs(storage_url(storage, output_dir), study_names=names)
+    paths = write_report(runs, output_dir, baseline)
     for path in paths.values():
         print(path)
     return 0
@@ -318,4 +330,4 @@ def main() -> int:
 if __name__ == "__main__":
     from core.cli import main_guard
 
-    main_guard(main)
+    main_guard(lambda: main(ARGUMENTS))

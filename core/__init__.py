@@ -2,7 +2,16 @@
 from core.config import RunConfig
 from core.errors import UsageError
 from core.record import RunRecord
-from core.session import Session
-from core.train import check, run
 
 __all__ = ["RunConfig", "RunRecord", "Session", "UsageError", "check", "run"]
+
+
+def __getattr__(name: str):
+    # `check`, `run` and `Session` load torch and transformers: only when asked for, so that `core.errors` and
+    # `core.cli` (and every command's --help) import without them.
+    import importlib
+    if name in ("check", "run"):
+        return getattr(importlib.import_module("core.train"), name)
+    if name == "Session":
+        return importlib.import_module("core.session").Session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

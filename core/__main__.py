@@ -11,8 +11,6 @@ from core.cli import (
     main_guard,
     make_session,
 )
-from core.record import write_record
-from core.train import run
 
 
 def main() -> int:
@@ -20,12 +18,16 @@ def main() -> int:
     add_run_arguments(parser)
     parser.add_argument("--output", default="run.json", help="where to write the run record (default: run.json)")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     parser.add_argument("--no-prefix-cache", action="store_true",
-                        help="recompute the frozen layers every step instead of caching their outputs")
-    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+                        help="recompute the frozen layers every step instead of caching their outputs "
+                             "(default: cached)")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (default: off)")
     add_cache_arguments(parser)
     args = parser.parse_args()
+    from core.record import write_record  # torch and transformers load after the flags are read
+    from core.train import run
+
     session = make_session(args)
     config = config_from_args(args)
     record = run(config, device=args.device, progress=not args.no_progress,

@@ -1,5 +1,9 @@
 """Command-line plumbing shared by `python -m core` and the ablation commands: flags from `RunConfig` fields,
-and bad input ending as one line on stderr with exit code 2."""
+and bad input ending as one line on stderr with exit code 2.
+
+Imports no torch, transformers or optuna: every command answers --help and argument errors before loading them.
+The flags are read from RunConfig's fields by hand rather than by `transformers.HfArgumentParser`, which could not
+express them (see add_run_arguments)."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +33,11 @@ def _parse_type(annotation):
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per RunConfig field, with its default and help; bools become --x/--no-x."""
+    """One flag per RunConfig field, with its default and help; bools become --x/--no-x.
+
+    Not HfArgumentParser (transformers 5.24, tried): it cannot leave fields out (the grid's --epochs is a list,
+    not RunConfig's int: "conflicting option string"), gives a False-default bool `--x [X]` and no `--no-x`, names
+    flags `--freeze_depth` in usage and errors, and importing it loads transformers (~4 s of --help here)."""
     for f in dataclasses.fields(RunConfig):
         if f.name in skip:
             continue
@@ -38,8 +46,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
         else:
+            default = "unset" if f.default is None else f.default
             parser.add_argument(_flag(f.name), type=kind, default=f.default,
-                                help=f"{f.metadata['help']} (default: {f.default})")
+                                help=f"{f.metadata['help']} (default: {default})")
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:

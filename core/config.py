@@ -8,21 +8,24 @@ A config hashes to its run id with the model and dataset replaced by fingerprint
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 
-import torch
-from transformers import SchedulerType, get_scheduler
-
 from core.errors import UsageError
 
 
-def _step_schedulers() -> tuple[str, ...]:
+@functools.cache  # what the installed transformers can build: the same for every run of this process
+def step_schedulers() -> tuple[str, ...]:
     """The schedules `get_scheduler` builds and steps from warmup and total steps alone.
 
     Others (reduce_lr_on_plateau, greedy: a metric per step; cosine_with_min_lr, warmup_stable_decay: extra
-    settings) would pass a name check and then crash after the model is loaded, so they are refused up front."""
+    settings) would pass a name check and then crash after the model is loaded, so they are refused up front.
+    Computed on first use: building schedules needs torch, and `--help` or an argument error must not wait for it."""
+    import torch
+    from transformers import SchedulerType, get_scheduler
+
     names = []
     for kind in SchedulerType:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -36,7 +39,12 @@ def _step_schedulers() -> tuple[str, ...]:
     return tuple(names)
 
 
-SCHEDULERS: tuple[str, ...] = _step_schedulers()
+def __getattr__(name: str):
+    if name == "SCHEDULERS":  # `from core.config import SCHEDULERS` still works, and computes the list then
+        return step_schedulers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 SELECT_BY = ("accuracy", "loss", "f1")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -73,13 +81,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in ("model", "dataset"):  # accept pathlib.Path; the run id hashes the string
             object.__setattr__(self, name, str(getattr(self, name)))
+        from transformers import SchedulerType
+        schedulers = step_schedulers()
         unsupported = "not supported (it needs a metric per step or extra settings)" \
             if self.scheduler in {kind.value for kind in SchedulerType} else "unknown"
         checks = [
             (self.freeze_depth >= 0, f"--freeze-depth {self.freeze_depth} is invalid: use 0 (train everything) up to "
                                      "the model's number of layers"),
-            (self.scheduler in SCHEDULERS, f"--scheduler {self.scheduler!r} is {unsupported}: use one of "
-                                           f"{', '.join(SCHEDULERS)}"),
+            (self.scheduler in schedulers, f"--scheduler {self.scheduler!r} is {unsupported}: use one of "
+                                           f"{', '.join(schedulers)}"),
             (self.epochs >= 1, f"--epochs {self.epochs} is invalid: use a whole number of at least 1"),
             (self.learning_rate > 0, f"--learning-rate {self.learning_rate} is invalid: use a positive number"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} is invalid: use a whole number of at least 1"),

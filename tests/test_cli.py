@@ -165,3 +165,81 @@ def test_a_run_writes_its_record_and_prints_a_summary(tiny_distilbert, toy_data,
                     rf"{record['accuracy']:.4f} \(epoch {record['best_epoch']}\)", lines[0])
     assert json.loads(lines[1]).keys() == {"1", "2"}
     assert lines[-1] == "record written to run.json"
+
+
+COMMANDS = ("core", "ablations.grid", "ablations.optuna_search", "ablations.report", "ablations.merge",
+            "ablations.lr_choice", "ablations.benchmark")
+HEAVY = ("torch", "transformers", "optuna", "pandas", "scipy", "matplotlib", "datasets", "tqdm")
+
+
+def test_light_modules_import_without_torch():
+    code = ("import sys, core.errors, core.cli, core.config, ablations.runner; "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip() == "[]"
+
+
+def test_every_command_answers_help_without_loading_heavy_libraries():
+    """--help is answered before torch, transformers, optuna or pandas load (together they take seconds)."""
+    code = f"""
+import contextlib, io, runpy, sys
+for command in {COMMANDS!r}:
+    sys.argv = [command, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        runpy.run_module(command, run_name="__main__", alter_sys=True)
+    loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)
+    print(command, loaded, "usage:" in out.getvalue())
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"{command} [] True" for command in COMMANDS]
+
+
+def test_the_search_seed_is_the_training_seed_and_the_sampler_has_its_own():
+    from ablations.optuna_search import build_parser
+    from ablations.runner import SEARCHED
+    from core.cli import config_from_args
+    args = build_parser().parse_args(["--seed", "7", "--sampler-seed", "3"])
+    assert config_from_args(args, skip=SEARCHED, freeze_depth=0).seed == 7 and args.sampler_seed == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--run-seed", "7"])
+
+
+@pytest.mark.parametrize("module", ["ablations.grid", "ablations.optuna_search", "ablations.report"])
+def test_every_flag_that_takes_a_value_shows_its_default(module):
+    import importlib
+    parser = importlib.import_module(module).build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.nargs != 0]
+    assert flags and [a.option_strings[0] for a in flags if "default" not in (a.help or "")] == []
+    if module == "ablations.grid":
+        lists = {a.option_strings[0]: a.help for a in flags if a.metavar == "LIST"}
+        assert set(lists) == {"--freeze-depths", "--schedulers", "--epochs"}
+        assert all("comma-separated" in text for text in lists.values())
+
+
+def test_report_defaults_storage_and_output_dir_like_the_grid_and_takes_comma_separated_studies(
+        monkeypatch, capsys, tmp_path):
+    from test_report import make_run, stored
+
+    from ablations.report import main
+    from ablations.runner import default_output_dir, default_storage
+    monkeypatch.chdir(tmp_path)
+    folder = Path(default_output_dir("grid"))
+    folder.mkdir(parents=True, exist_ok=True)
+    url = default_storage(folder)
+    stored(url, "grid", [make_run(0, "linear", 1, 42, 0.8, 10.0), make_run(2, "linear", 1, 42, 0.7, 5.0)])
+    stored(url, "other", [make_run(4, "linear", 1, 42, 0.6, 3.0)])
+    # No flags: the grid's folder and its SQLite file; then commas, as in grid and search (spaces still accepted).
+    for arguments, counts in ((["--study-name", "grid"], (2, 0)),
+                              (["--output-dir", str(folder), "--study-name", "grid,other"], (2, 1)),
+                              (["--output-dir", str(folder), "--study-name", "grid", "other"], (2, 1))):
+        (folder / "runs.csv").unlink(missing_ok=True)
+        monkeypatch.setattr(sys, "argv", ["python -m ablations.report", *arguments])
+        with pytest.raises(SystemExit) as exit_:
+            main_guard(main)
+        assert exit_.value.code == 0, capsys.readouterr().err
+        runs = (folder / "runs.csv").read_text()
+        assert (runs.count("\ngrid,"), runs.count("\nother,")) == counts

@@ -1,0 +1,105 @@
+"""What the commands share (grid, search, report, merge, lr_choice): where results go, the study flags, the trainer,
+the report at the end. Commands are siblings over this module; none imports another.
+
+Importing it loads no torch, transformers, optuna or pandas, so every command answers --help and argument errors
+at once; what a command needs to run is imported when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from core.config import RunConfig
+
+STORAGE_FILE = "ablations.db"
+# What a search varies; its runs share every other field of the config (ablations.pareto.fixed_fields).
+SEARCHED = ("freeze_depth", "scheduler", "epochs", "learning_rate", "warmup_ratio")
+
+
+def default_output_dir(study_name: str | None) -> str:
+    """The folder a command writes to when --output-dir is not given (one place, so all commands agree);
+    study_name is None for a report over several studies or all of them."""
+    return "results"
+
+
+def default_storage(output_dir: str | Path) -> str:
+    """The storage a command uses when --storage is not given: a SQLite file in the output folder."""
+    return f"sqlite:///{Path(output_dir).resolve() / STORAGE_FILE}"
+
+
+def storage_of(storage: str | None, output_dir: str | Path) -> str:
+    """--storage as given (a PostgreSQL URL gets the installed driver), else the default file, its folder made."""
+    from ablations.ledger import storage_url
+
+    if storage is None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return storage_url(storage or default_storage(output_dir), output_dir)
+
+
+def output_dir_of(args: argparse.Namespace, study_name: str) -> str:
+    """--output-dir as given, else the default folder of this study."""
+    return args.output_dir or default_output_dir(study_name)
+
+
+def split_names(values: list[str] | str | None) -> list[str] | None:
+    """Study names as a comma-separated list ('grid,search'); separate words ('grid search') are still accepted."""
+    if values is None:
+        return None
+    names = [name.strip() for value in ([values] if isinstance(values, str) else values)
+             for name in value.split(",") if name.strip()]
+    return names or None
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--storage and --output-dir, with the defaults every command shares."""
+    parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (sqlite:///x.db, "
+                        f"postgresql://user:pass@host/db) (default: the SQLite file {STORAGE_FILE} in --output-dir)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR", help="where tables and plots go (default: "
+                        f"{default_output_dir('STUDY')})")
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, default_study: str | None) -> None:
+    """Flags the grid and the search share: where runs are stored and how a worker behaves."""
+    from core.cli import add_cache_arguments
+
+    add_output_arguments(parser)
+    parser.add_argument("--study-name", default=default_study, metavar="NAME",
+                        help=f"Optuna study name (default: {default_study or 'see --objective'})")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--heartbeat", type=int, default=20, metavar="SECONDS", help="seconds between a worker's "
+                        "heartbeats; a run whose worker is silent for 3 beats is failed and reclaimed (default: 20)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
+    parser.add_argument("--no-report", action="store_true", help="skip the trade-off report at the end "
+                        "(default: written)")
+    parser.add_argument("--compile", action="store_true", help="run models through torch.compile (default: off)")
+    add_cache_arguments(parser)
+
+
+def make_trainer(args: argparse.Namespace, pass_as: str) -> Callable[[RunConfig, Any], dict]:
+    """`core.run` with the command's device, progress and compile flags, returning the record as stored. The trainer's second argument is the
+    command's own (the grid's schedule siblings, the search's per-epoch callback), passed to `run` as `pass_as`."""
+    from core import run
+    from core.cli import make_session
+
+    session = make_session(args)  # the command's runs share one session: loaded data, checkpoint, caches
+    return lambda config, extra: run(config, device=args.device, progress=not args.no_progress,
+                                     compile=args.compile, session=session, **{pass_as: extra}).to_dict()
+
+
+def write_report(url: str, study_names: list[str], output_dir: str | Path) -> dict[str, Path]:
+    """The trade-off report of these studies into output_dir; prints where it went."""
+    from ablations.report import write_report as report
+    from ablations.ledger import load_runs
+
+    paths = report(load_runs(url, study_names), output_dir)
+    print(f"report: {', '.join(str(p) for p in paths.values())}")
+    return paths
+
+
+def free_accelerator_memory() -> None:
+    """After a failed run (CUDA out of memory, say), hand the cached blocks back before the next one."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
