@@ -14,9 +14,10 @@ from typing import Callable
 import optuna
 from tqdm.auto import tqdm
 
+from ablations.paths import check_output_dir, storage_and_output
 from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
 from ablations.study import Heartbeat, Ledger, open_storage, open_study, storage_url
-from core import RunConfig, check
+from core import RunConfig
 from core.cli import (
     ArgumentParser,
     add_cache_arguments,
@@ -27,7 +28,7 @@ from core.cli import (
 )
 from core.config import SCHEDULERS
 from core.errors import UsageError, failure_reason
-from core.model import num_layers
+from core.model import num_layers, preflight, resolve_model
 from core.shared_steps import trajectory_key
 
 TrainFn = Callable[[RunConfig, list[RunConfig]], dict]  # (config, the cells this worker may train next)
@@ -152,15 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "overriding --learning-rate: 0=3e-4,6=1e-3 or the file python -m ablations.lr_choice wrote")
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, help="re-attempts of a failed cell on later invocations")
+    parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     return parser
 
 
 def add_study_arguments(parser: argparse.ArgumentParser, default_study: str) -> None:
     """Flags the grid and the search share: where runs are stored and how a worker behaves."""
     parser.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///x.db, postgresql://...); "
-                        "default: a SQLite file in --output-dir")
+                        "default: runs/ablations.db, shared by every study, or ablations.db in --output-dir when "
+                        "that is given")
     parser.add_argument("--study-name", default=default_study, help=f"Optuna study name (default: {default_study})")
-    parser.add_argument("--output-dir", default="results", help="where tables and plots go (default: results)")
+    parser.add_argument("--output-dir", default=None, help="where tables and plots go (default: runs/<study name>)")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--heartbeat", type=int, default=20, help="seconds between a worker's heartbeats; a run "
                         "whose worker is silent for 3 beats is failed and reclaimed")
@@ -188,8 +191,11 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
         raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
-    base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0)
-    layers = num_layers(check(base))
+    storage, output_dir = storage_and_output(args.storage, args.output_dir, args.study_name)
+    check_output_dir(output_dir)
+    base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0,
+                            model=resolve_model(args.model, RunConfig.model))
+    layers = num_layers(preflight(base))  # model and data checked once, before any trial is recorded
     depths = list(range(layers + 1)) if args.freeze_depths == "all" else \
         parse_int_list(args.freeze_depths, "--freeze-depths", 0, layers)
     grid = Grid(tuple(depths), tuple(parse_choices(args.schedulers, "--schedulers", SCHEDULERS)),
@@ -203,7 +209,7 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
-    url = storage_url(args.storage, args.output_dir)
+    url = storage_url(storage, output_dir)
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
@@ -218,7 +224,7 @@ def main() -> int:
     for run_id, reason in outcome.failed.items():
         print(f"  failed {run_id}: {reason}")
     if not args.no_report:
-        write_report(url, [args.study_name], args.output_dir)
+        write_report(url, [args.study_name], output_dir)
     return 1 if outcome.failed or outcome.given_up else 0
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ablations import pareto
 from ablations.grid import add_study_arguments, free_accelerator_memory
 from ablations.pareto import SEARCHED, fixed_fields, write_outputs
+from ablations.paths import check_output_dir, storage_and_output
 from ablations.space import SearchSpace, parse_choices, parse_range
 from ablations.study import Heartbeat, Ledger, RunStatus, open_storage, open_study, storage_url
 from core import RunConfig
@@ -64,7 +65,9 @@ def open_search_study(storage, name: str, objective: str, space: SearchSpace, ba
         raise UsageError(f"study {name!r} holds a grid, not a search: choose another --study-name")
     stored = study.user_attrs.get("search")
     wanted = json.loads(json.dumps({"space": space.to_dict(), "fixed": fixed_fields(base.to_dict())}))
-    if stored is None:
+    # Settings are pinned by the first trial that completed: a study whose every trial failed (a dataset that
+    # would not load, say) holds no result that other settings could be mixed with, so it takes the new ones.
+    if stored is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         study.set_user_attr("search", wanted)
     elif stored["space"] != wanted["space"]:
         raise UsageError(f"study {name!r} was created with the search space {json.dumps(stored['space'])}: "
@@ -99,6 +102,7 @@ class Search:
     poll_seconds: float = 5.0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("trained", "reused", "pruned", "failed", "lost"), 0))
+    failures: list[str] = field(default_factory=list)  # this invocation's failed runs: config and reason
     train_seconds: float = 0.0
 
     def run(self, trials: int, timeout: float | None = None, progress: bool = True) -> None:
@@ -142,6 +146,8 @@ class Search:
             self.train_seconds += outcome.record["train_seconds"]
         elif outcome.kind == "failed":
             self.ledger.finish_failed(self.study, trial_id, "error", outcome.reason)
+            self.failures.append(f"trial {trial.number} (freeze {config.freeze_depth}, {config.scheduler}, "
+                                 f"{config.epochs} ep, lr {config.learning_rate:.2g}): {outcome.reason}")
             free_accelerator_memory()
         return outcome
 
@@ -241,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-range", default=None, help="uniform warmup ratio range (default: 0,0.2)")
     parser.add_argument("--print-space", action="store_true", help="print the search space as JSON and exit")
     add_study_arguments(parser, default_study="search")
-    parser.set_defaults(study_name=None)  # search, or search-accuracy for --objective accuracy
+    # study: search, or search-accuracy for --objective accuracy; model not given: distilbert-base-uncased, or
+    # offline the packaged MiniLM
+    parser.set_defaults(study_name=None, model=None)
     return parser
 
 
@@ -275,16 +283,18 @@ def main() -> int:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    from core import check
-    from core.model import model_config, num_layers
-    base = config_from_args(args, skip=(*SEARCHED, "seed"), seed=args.run_seed, freeze_depth=0)
+    from core.model import model_config, num_layers, preflight, resolve_model
+    base = config_from_args(args, skip=(*SEARCHED, "seed"), seed=args.run_seed, freeze_depth=0,
+                            model=resolve_model(args.model, RunConfig.model))
     if args.print_space:
         print(json.dumps(resolve_space(args, num_layers(model_config(base.model))).to_dict(), indent=2))
         return 0
-    space = resolve_space(args, num_layers(check(base)))
-    device = device_label(args.device)
     name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
-    url = storage_url(args.storage, args.output_dir)
+    storage, output_dir = storage_and_output(args.storage, args.output_dir, name)
+    check_output_dir(output_dir)
+    space = resolve_space(args, num_layers(preflight(base)))  # model and data checked once, before any trial
+    device = device_label(args.device)
+    url = storage_url(storage, output_dir)
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_search_study(ledger.storage, name, args.objective, space, base)
     study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
@@ -296,7 +306,9 @@ def main() -> int:
     c = search.counts
     print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
           f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
-    print(write_outputs(study, ledger, base, url, args.output_dir, report=not args.no_report))
+    for failure in search.failures:
+        print(f"  failed {failure}")
+    print(write_outputs(study, ledger, base, url, output_dir, report=not args.no_report))
     return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
 
 
