@@ -187,6 +187,25 @@ def write_report(url: str, study_names: list[str], output_dir: str) -> None:
     print(f"report: {', '.join(str(p) for p in paths.values())}")
 
 
+def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | None) -> str:
+    """How long the grid's training takes here if nothing is stored yet, from timed steps of the slowest cell."""
+    import math
+
+    from core.model import seconds_per_training_step
+    step, rows = seconds_per_training_step(base, device)
+    steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in configs)
+    total = steps * step
+    hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 else ""
+    return (f"estimate: at most {_duration(total)} of training for {len(configs)} runs if none is stored yet "
+            f"({steps:,} steps x {step:.3f} s, the median of 3 timed steps of a full fine-tune here; frozen cells "
+            f"are faster, evaluation is extra).{hint}")
+
+
+def _duration(seconds: float) -> str:
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min"
+
+
 def main() -> int:
     args = build_parser().parse_args()
     if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
@@ -216,6 +235,7 @@ def main() -> int:
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
     print(f"grid {args.study_name!r}: {grid.describe()} on {url}")
+    print(duration_estimate(configs, base, args.device))
     outcome = run_cells(configs, study, ledger, make_trainer(args), args.retries,
                         poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "
