@@ -150,7 +150,7 @@ class TextData:
 
 
 def hub_offline() -> bool:
-    """True when the Hugging Face Hub is out of reach: an offline variable is set, or a 2-second connection probe
+    """True when the Hugging Face Hub is out of reach: an offline variable is set, or a 1.5-second connection probe
     fails. Asked before any Hub download, so an offline machine fails (or falls back) at once instead of after
     the libraries' own retries."""
     if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES):
@@ -166,13 +166,13 @@ def _hub_answers(endpoint: str) -> bool:
 
     def probe() -> None:  # in a thread: a DNS look-up ignores socket timeouts
         try:
-            socket.create_connection((name, int(port or 443)), timeout=1.5).close()
+            socket.create_connection((name, int(port or 443)), timeout=1.0).close()
             answered.set()
         except OSError:
             pass
 
     threading.Thread(target=probe, daemon=True).start()
-    return answered.wait(2.0)
+    return answered.wait(1.5)
 
 
 def load_embedded_sst2() -> dict[str, datasets.Dataset]:
