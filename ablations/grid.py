@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ablations.runner import (
+    check_output_dir,
+    locations,
     add_study_arguments,
     free_accelerator_memory,
     make_trainer,
-    output_dir_of,
-    storage_of,
     write_report,
 )
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
@@ -149,21 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")
+    parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     return parser
+
+
+def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | None) -> str:
+    """How long the grid's training takes here if nothing is stored yet, from timed steps of the slowest cell."""
+    import math
+
+    from core.model import seconds_per_training_step
+    step, rows = seconds_per_training_step(base, device)
+    steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in configs)
+    total = steps * step
+    hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 else ""
+    return (f"estimate: at most {_duration(total)} of training for {len(configs)} runs if none is stored yet "
+            f"({steps:,} steps x {step:.3f} s, the median of 3 timed steps of a full fine-tune here; frozen cells "
+            f"are faster, evaluation is extra).{hint}")
+
+
+def _duration(seconds: float) -> str:
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min"
 
 
 def main() -> int:
     args = build_parser().parse_args()
     if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
         raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
-    from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
     from ablations.ledger import storage_errors
-    from core import check
+    from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
     from core.config import SCHEDULERS
-    from core.model import num_layers
+    from core.model import num_layers, preflight, resolve_model
 
-    base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0)
-    layers = num_layers(check(base))
+    url, output_dir = locations(args.storage, args.output_dir, args.study_name)
+    check_output_dir(output_dir)
+    base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0,
+                            model=resolve_model(args.model, RunConfig.model))
+    layers = num_layers(preflight(base))  # model and data checked once, before any trial is recorded
     depths = list(range(layers + 1)) if args.freeze_depths == "all" else \
         parse_int_list(args.freeze_depths, "--freeze-depths", 0, layers)
     grid = Grid(tuple(depths), tuple(parse_choices(args.schedulers, "--schedulers", SCHEDULERS)),
@@ -177,8 +199,6 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
-    output_dir = output_dir_of(args, args.study_name)
-    url = storage_of(args.storage, output_dir)
     with storage_errors(url):
         return run_grid(args, url, output_dir, configs, grid, base, depths, rates)
 
@@ -192,6 +212,7 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates) -> int:
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
     print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}")
+    print(duration_estimate(configs, base, args.device))
     outcome = run_cells(configs, study, ledger, make_trainer(args, pass_as="siblings"), args.retries,
                         poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ablations.runner import default_output_dir, default_storage
+from ablations.runner import default_storage
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
@@ -33,11 +33,10 @@ def main() -> int:
     parser.add_argument("--study-name", default="lr-sweep", metavar="NAME",
                         help="the sweep's study (default: lr-sweep)")
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL holding the sweep "
-                        "(default: the grid's default for that study, the SQLite file ablations.db in "
-                        f"{default_output_dir('STUDY')})")
+                        f"(default: {default_storage()}, the grid's default ledger)")
     args = parser.parse_args()
     from ablations.ledger import load_runs
-    storage = args.storage or default_storage(default_output_dir(args.study_name))
+    storage = args.storage or default_storage()
     best = best_rates(load_runs(storage, [args.study_name]))
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")

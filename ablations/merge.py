@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ablations.runner import default_output_dir, default_storage, split_names
+from ablations.runner import default_storage, split_names
 from core.cli import ArgumentParser, main_guard
 from core.config import RunConfig
 from core.errors import UsageError
@@ -86,14 +86,14 @@ def main() -> int:
     parser = ArgumentParser(prog="python -m ablations.merge", description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help="storage URLs or SQLite files to copy from")
     parser.add_argument("--into", default=None, metavar="URL", help="target storage URL or SQLite file, created if "
-                        f"missing (default: {default_storage(default_output_dir(None))}, where the report looks)")
+                        f"missing (default: {default_storage()}, where the report looks)")
     parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAMES",
                         help="copy only these studies, comma-separated, e.g. grid,search (default: all)")
     parser.add_argument("--as", dest="rename", default=None, metavar="NAME",
                         help="put every copied run into this study instead (default: the same names)")
     args = parser.parse_args()
     urls = [_url(s, must_exist=True) for s in args.sources]
-    into = _url(args.into) if args.into else default_storage(default_output_dir(None))
+    into = _url(args.into) if args.into else default_storage()
     if into.startswith("sqlite:///"):
         Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     copied = merge(into, urls, split_names(args.study_names), args.rename)

@@ -23,8 +23,8 @@ from ablations.runner import (
     add_study_arguments,
     free_accelerator_memory,
     make_trainer,
-    output_dir_of,
-    storage_of,
+    check_output_dir,
+    locations,
 )
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
 from core.config import RunConfig
@@ -67,6 +67,8 @@ def suggest(trial: Trial, space: SearchSpace) -> dict:
 def open_search_study(storage, name: str, objective: str, space: SearchSpace, base: RunConfig) -> optuna.Study:
     """The study, holding its space and fixed settings so that a later invocation extends the same search."""
     from ablations.pareto import fixed_fields
+    from optuna.trial import TrialState
+
     from ablations.ledger import open_study
 
     study = open_study(storage, name, OBJECTIVES[objective])
@@ -74,7 +76,9 @@ def open_search_study(storage, name: str, objective: str, space: SearchSpace, ba
         raise UsageError(f"study {name!r} holds a grid, not a search: choose another --study-name")
     stored = study.user_attrs.get("search")
     wanted = json.loads(json.dumps({"space": space.to_dict(), "fixed": fixed_fields(base.to_dict())}))
-    if stored is None:
+    # Settings are pinned by the first trial that completed: a study whose every trial failed (a dataset that
+    # would not load, say) holds no result that other settings could be mixed with, so it takes the new ones.
+    if stored is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         study.set_user_attr("search", wanted)
     elif stored["space"] != wanted["space"]:
         raise UsageError(f"study {name!r} was created with the search space {json.dumps(stored['space'])}: "
@@ -109,6 +113,7 @@ class Search:
     poll_seconds: float = 5.0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("trained", "reused", "pruned", "failed", "lost"), 0))
+    failures: list[str] = field(default_factory=list)  # this invocation's failed runs: config and reason
     train_seconds: float = 0.0
 
     def run(self, trials: int, timeout: float | None = None, progress: bool = True) -> None:
@@ -157,6 +162,8 @@ class Search:
             self.train_seconds += outcome.record["train_seconds"]
         elif outcome.kind == "failed":
             self.ledger.finish_failed(self.study, trial_id, "error", outcome.reason)
+            self.failures.append(f"trial {trial.number} (freeze {config.freeze_depth}, {config.scheduler}, "
+                                 f"{config.epochs} ep, lr {config.learning_rate:.2g}): {outcome.reason}")
             free_accelerator_memory()
         return outcome
 
@@ -258,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="uniform warmup ratio range, e.g. 0,0.2 (default: 0,0.2)")
     parser.add_argument("--print-space", action="store_true", help="print the search space as JSON and exit")
     add_study_arguments(parser, default_study=None)  # search, or search-accuracy for --objective accuracy
+    parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     return parser
 
 
@@ -285,19 +293,18 @@ def main() -> int:
             raise UsageError(message)
     import optuna
 
-    from ablations.pareto import write_outputs
     from ablations.ledger import Ledger, mask_url, open_storage, storage_errors
-    from core import check
-    from core.model import model_config, num_layers
-    base = config_from_args(args, skip=SEARCHED, freeze_depth=0)
+    from ablations.pareto import write_outputs
+    from core.model import model_config, num_layers, preflight, resolve_model
+    base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=resolve_model(args.model, RunConfig.model))
     if args.print_space:
         print(json.dumps(resolve_space(args, num_layers(model_config(base.model))).to_dict(), indent=2))
         return 0
-    space = resolve_space(args, num_layers(check(base)))
-    device = device_label(args.device)
     name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
-    output_dir = output_dir_of(args, name)
-    url = storage_of(args.storage, output_dir)
+    url, output_dir = locations(args.storage, args.output_dir, name)
+    check_output_dir(output_dir)
+    space = resolve_space(args, num_layers(preflight(base)))  # model and data checked once, before any trial
+    device = device_label(args.device)
     with storage_errors(url):
         ledger = Ledger(open_storage(url, args.heartbeat))
         study = open_search_study(ledger.storage, name, args.objective, space, base)
@@ -311,6 +318,8 @@ def main() -> int:
         c = search.counts
         print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
               f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
+        for failure in search.failures:
+            print(f"  failed {failure}")
         print(write_outputs(study, ledger, base, url, output_dir, report=not args.no_report))
     return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
 

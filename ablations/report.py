@@ -315,7 +315,7 @@ def main(args=None) -> int:
     baseline = parse_baseline(args.baseline)
     names = split_names(args.study_names)
     output_dir = args.output_dir or default_output_dir(names[0] if names and len(names) == 1 else None)
-    storage = args.storage or default_storage(output_dir)
+    storage = args.storage or default_storage(args.output_dir)  # the grid's and the search's default ledger
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         raise usage_error(f"--storage {storage} is invalid: the SQLite file does not exist")
     from ablations.ledger import load_runs, storage_url  # load_runs names a missing study in one line

@@ -18,29 +18,54 @@ STORAGE_FILE = "ablations.db"
 SEARCHED = ("freeze_depth", "scheduler", "epochs", "learning_rate", "warmup_ratio")
 
 
+RUNS = Path("runs")  # git-ignored: examples never touch tracked results (results/ is reproduce.sh's alone)
+
+
 def default_output_dir(study_name: str | None) -> str:
-    """The folder a command writes to when --output-dir is not given (one place, so all commands agree);
-    study_name is None for a report over several studies or all of them."""
-    return "results"
+    """The folder a command writes to when --output-dir is not given: runs/<study>/, so the grid and the search
+    never overwrite each other's tables; runs/ for a report over several studies or all of them."""
+    return str(RUNS / study_name) if study_name else str(RUNS)
 
 
-def default_storage(output_dir: str | Path) -> str:
-    """The storage a command uses when --storage is not given: a SQLite file in the output folder."""
-    return f"sqlite:///{Path(output_dir).resolve() / STORAGE_FILE}"
+def default_storage(output_dir: str | Path | None = None) -> str:
+    """The ledger when --storage is not given: runs/ablations.db, one for every study (a run the grid trained
+    answers the search), or ablations.db in --output-dir when only that is given."""
+    return f"sqlite:///{(Path(output_dir) if output_dir else RUNS).resolve() / STORAGE_FILE}"
 
 
-def storage_of(storage: str | None, output_dir: str | Path) -> str:
-    """--storage as given (a PostgreSQL URL gets the installed driver), else the default file, its folder made."""
+def locations(storage: str | None, output_dir: str | None, study_name: str | None) -> tuple[str, str]:
+    """(storage URL, output folder) from --storage and --output-dir, each defaulted as above; a default SQLite
+    file's folder is made, and a PostgreSQL URL gets the installed driver."""
     from ablations.ledger import storage_url
 
-    if storage is None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return storage_url(storage or default_storage(output_dir), output_dir)
+    url = storage or default_storage(output_dir)
+    if url.startswith("sqlite:///") and storage is None:
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    output = output_dir or default_output_dir(study_name)
+    return storage_url(url, output), output
 
 
-def output_dir_of(args: argparse.Namespace, study_name: str) -> str:
-    """--output-dir as given, else the default folder of this study."""
-    return args.output_dir or default_output_dir(study_name)
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+    """The folder exists or can be made, and a file can be written in it: fails in one line before training."""
+    import os
+    import tempfile
+
+    from core.errors import UsageError
+
+    folder = Path(path).expanduser()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under the file {str(existing)!r}"
+        raise UsageError(f"{flag} {str(path)!r} {where}: give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}): give a folder you "
+                         "can write to") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: give a folder you can write to")
 
 
 def split_names(values: list[str] | str | None) -> list[str] | None:
@@ -55,7 +80,8 @@ def split_names(values: list[str] | str | None) -> list[str] | None:
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """--storage and --output-dir, with the defaults every command shares."""
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (sqlite:///x.db, "
-                        f"postgresql://user:pass@host/db) (default: the SQLite file {STORAGE_FILE} in --output-dir)")
+                        f"postgresql://user:pass@host/db) (default: {RUNS / STORAGE_FILE}, one ledger for every "
+                        f"study; {STORAGE_FILE} in --output-dir when only that is given)")
     parser.add_argument("--output-dir", default=None, metavar="DIR", help="where tables and plots go (default: "
                         f"{default_output_dir('STUDY')})")
 

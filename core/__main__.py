@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 from core.cli import (
     ArgumentParser,
@@ -11,6 +13,27 @@ from core.cli import (
     main_guard,
     make_session,
 )
+from core.errors import UsageError
+
+
+def check_output_file(path: str) -> None:
+    """--output can be written, checked before training so that a finished run is never lost to a bad path."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"--output {path!r} is a folder: give a file name such as {str(target / 'run.json')!r}")
+    existing = next(p for p in target.parents if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output {path!r} is under the file {str(existing)!r}: give a path in a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".write-check-"):
+            pass
+        if target.exists():
+            with open(target, "a"):
+                pass
+    except OSError as error:
+        raise UsageError(f"--output {path!r} cannot be written ({error.strerror or error}): give a path you can "
+                         "write to") from None
 
 
 def main() -> int:
@@ -24,12 +47,16 @@ def main() -> int:
                              "(default: cached)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (default: off)")
     add_cache_arguments(parser)
+    parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     args = parser.parse_args()
-    from core.record import write_record  # torch and transformers load after the flags are read
+    from core.config import RunConfig
+    from core.model import resolve_model  # torch and transformers load after the flags are read
+    from core.record import write_record
     from core.train import run
 
+    check_output_file(args.output)
     session = make_session(args)
-    config = config_from_args(args)
+    config = config_from_args(args, model=resolve_model(args.model, RunConfig.model))
     record = run(config, device=args.device, progress=not args.no_progress,
                  use_prefix_cache=not args.no_prefix_cache, compile=args.compile, session=session)
     write_record(record, args.output)

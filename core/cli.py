@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import typing
@@ -90,4 +91,27 @@ def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        print(f"error: disk full: {full}; free some space and run the command again (finished runs are kept)",
+              file=sys.stderr)
+        code = 1
     sys.exit(code)
+
+
+def disk_full(error: BaseException) -> str | None:
+    """What could not be written when `error` (or an error it was raised from) is a full disk, else None.
+
+    A full disk reaches us as OSError ENOSPC (a file, a PNG) or, through SQLAlchemy and Optuna, as SQLite's
+    "database or disk is full" wrapped in errors whose own text says something else."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return f"could not write {error.filename!r}" if error.filename else "a write failed"
+        if "database or disk is full" in str(error) or "No space left on device" in str(error):
+            return "the run ledger could not be written"
+        error = error.__cause__ or error.__context__
+    return None

@@ -1,8 +1,14 @@
 """Load a text-classification dataset, find its columns, encode labels, tokenize once per process."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import lzma
+import os
 import re
+import socket
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +27,14 @@ SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev",
 BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 CONFIG_DATASETS = ("glue", "super_glue")  # legacy ids whose second part is a config: glue/sst2
+# SST-2 ships inside the package (core/sst2/README.md): `--dataset sst2` names it, and `glue/sst2` falls back to it
+# when the Hub cannot be reached. Same rows in the Hub's order, checked against these digests on loading.
+EMBEDDED_SST2 = Path(__file__).resolve().parent / "sst2"
+EMBEDDED_NAMES = ("sst2", "sst-2")
+HUB_SST2 = ("glue/sst2", "glue:sst2", "nyu-mll/glue:sst2", "nyu-mll/glue/sst2")
+EMBEDDED_SHA256 = {"train": "c75796b01672b41c38cd4b35f4ff1ade88ca79b7577f3926e01ff69739d85ec9",
+                   "validation": "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8"}
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 @dataclass
@@ -135,6 +149,50 @@ class TextData:
         return len(self.label_names)
 
 
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub is out of reach: an offline variable is set, or a 1.5-second connection probe
+    fails. Asked before any Hub download, so an offline machine fails (or falls back) at once instead of after
+    the libraries' own retries."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES):
+        return True
+    return not _hub_answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_answers(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    name, _, port = host.partition(":")
+    answered = threading.Event()
+
+    def probe() -> None:  # in a thread: a DNS look-up ignores socket timeouts
+        try:
+            socket.create_connection((name, int(port or 443)), timeout=1.0).close()
+            answered.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=probe, daemon=True).start()
+    return answered.wait(1.5)
+
+
+def load_embedded_sst2() -> dict[str, datasets.Dataset]:
+    """The packaged SST-2: the columns and label names of the Hub's `glue/sst2`, its rows in its order."""
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"]),
+                                  "idx": datasets.Value("int32")})
+    splits = {}
+    for split, digest in EMBEDDED_SHA256.items():
+        raw = lzma.decompress((EMBEDDED_SST2 / f"{split}.tsv.xz").read_bytes())
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise UsageError(f"the embedded SST-2 {split} file in {str(EMBEDDED_SST2)!r} is damaged (its sha256 "
+                             "differs from core/sst2/README.md): reinstall the package")
+        rows = [line.rsplit("\t", 1) for line in raw.decode("utf-8").splitlines()[1:]]
+        splits[split] = datasets.Dataset.from_dict(
+            {"sentence": [r[0] for r in rows], "label": [int(r[1]) for r in rows], "idx": list(range(len(rows)))},
+            features=features)
+    return splits
+
+
 def check_dataset(dataset: str) -> None:
     """Fail fast, before any model is loaded, on a local dataset path that cannot work."""
     path = Path(dataset).expanduser()
@@ -169,14 +227,25 @@ def _load_file(path: Path) -> datasets.Dataset:
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     # A local file reads in moments; its progress bar would only put a second line before a one-line error
     # (a missing column, say) on stderr.
-    quiet = not datasets.are_progress_bars_disabled()
+    # datasets also logs each parse error before raising it: that log line would be a second line.
+    quiet, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     if quiet:
         datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        return datasets.load_dataset(BUILDERS[path.suffix], data_files={"data": str(path)}, split="data", **kwargs)
-    except Exception as error:  # pandas/arrow parse errors: show one line
-        raise UsageError(f"could not read {str(path)!r}: {str(error).splitlines()[0]}") from None
+        loaded = datasets.load_dataset(BUILDERS[path.suffix], data_files={"data": str(path)}, split="data", **kwargs)
+        if "__index_level_0__" in loaded.column_names:  # pandas made the extra first field of every row an index
+            header = ", ".join(c for c in loaded.column_names if c != "__index_level_0__")
+            raise UsageError(f"could not read {str(path)!r}: its rows have more fields than its header ({header})")
+        return loaded
+    except UsageError:
+        raise
+    except Exception as error:  # pandas/arrow parse errors: show one line, the parser's own reason
+        while error.__cause__ is not None and "error occurred while generating" in str(error):
+            error = error.__cause__
+        raise UsageError(f"could not read {str(path)!r}: {first_line(error, 300)}") from None
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if quiet:
             datasets.enable_progress_bars()
 
@@ -189,6 +258,12 @@ def load_raw(dataset: str) -> dict[str, datasets.Dataset]:
         splits = {"train": _load_file(path)}
     elif path.is_dir():
         splits = {s: _load_file(f) for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None}
+    elif dataset.lower() in EMBEDDED_NAMES:
+        splits = load_embedded_sst2()
+    elif dataset in HUB_SST2 and hub_offline():
+        print(f"note: the Hugging Face Hub cannot be reached: {dataset} comes from the embedded copy (the same "
+              "rows; core/sst2/README.md)", file=sys.stderr)
+        splits = load_embedded_sst2()
     else:
         splits = _load_hub(dataset)
     if "train" not in splits:
@@ -209,9 +284,15 @@ def _load_hub(dataset: str) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(name, config or None)
     except Exception as error:
+        if dataset in HUB_SST2:
+            print(f"note: {dataset} could not be loaded from the Hugging Face Hub ({first_line(error)}): it comes "
+                  "from the embedded copy (the same rows; core/sst2/README.md)", file=sys.stderr)
+            return load_embedded_sst2()
         reason = first_line(error)
-        raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub ({reason}); offline, pass "
-                         "a local folder with train/validation files instead") from None
+        offline = " (the Hub cannot be reached)" if hub_offline() else ""
+        raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub{offline} ({reason}): pass a "
+                         "local folder with train/validation files, or --dataset sst2 for the embedded SST-2") \
+            from None
     return {s: loaded[alias] for s, aliases in SPLIT_NAMES.items() for alias in aliases if alias in loaded}
 
 
@@ -274,6 +355,13 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
     if label not in raw["validation"].column_names:
         raise UsageError(f"the validation split has no label column {label!r}: columns are "
                          f"{', '.join(raw['validation'].column_names)}")
+    for name, split in raw.items():
+        labels = split[label]
+        if None in labels:
+            row = labels.index(None)
+            raise UsageError(f"row {row + 1} of the {name} split ({str(split[row][texts[0]])[:40]!r}) has no "
+                             f"{label!r} value, and {labels.count(None)} row(s) in all: a ragged file? every row "
+                             "needs a text and a label")
     values = _label_names(raw, label)
     if len(values) < 2:
         raise UsageError(f"label column {label!r} holds {len(values)} distinct value(s): a classifier needs at "

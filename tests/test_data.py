@@ -1,6 +1,7 @@
 """Data: columns are found, labels of any kind become 0..n-1, splits are what the user gave, bad data is named."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -260,9 +261,73 @@ def test_empty_train_file_is_named(tmp_path):
         load_raw(str(tmp_path))
 
 
-def test_hub_dataset_offline_is_named():
-    with pytest.raises(UsageError, match="could not load dataset 'glue/sst2' from the Hugging Face Hub"):
-        load_raw("glue/sst2")
+def test_hub_dataset_offline_is_named_with_the_ways_out():
+    with pytest.raises(UsageError, match="could not load dataset 'glue/cola' from the Hugging Face Hub.*"
+                                         "--dataset sst2"):
+        load_raw("glue/cola")
+
+
+# The embedded SST-2: the Hub's glue/sst2 rows, in its order, wherever the Hub cannot be reached
+
+def test_the_embedded_sst2_has_the_hub_splits_columns_and_counts():
+    splits = load_raw("sst2")
+    assert set(splits) == {"train", "validation"}  # the Hub's test split is unlabeled and dropped either way
+    assert [len(splits["train"]), len(splits["validation"])] == [67349, 872]
+    assert splits["train"].features["label"].names == ["negative", "positive"]
+    assert np.bincount(splits["train"]["label"]).tolist() == [29780, 37569]
+    assert np.bincount(splits["validation"]["label"]).tolist() == [428, 444]
+    assert splits["train"][0] == {"sentence": "hide new secretions from the parental units", "label": 0, "idx": 0}
+    assert splits["validation"]["idx"] == list(range(872))
+
+
+def test_the_embedded_sst2_keeps_the_reference_files_row_order():
+    from conftest import SHARED_SST2
+    if not SHARED_SST2.is_dir():
+        pytest.skip("../shared/data/sst2 is absent")
+    splits = load_raw("sst2")
+    for name in ("train", "validation"):
+        lines = (SHARED_SST2 / f"{name}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        assert [line.rsplit("\t", 1)[0] for line in lines] == splits[name]["sentence"]
+        assert [int(line.rsplit("\t", 1)[1]) for line in lines] == splits[name]["label"]
+
+
+def test_glue_sst2_offline_comes_from_the_embedded_copy_saying_so_in_one_line(capsys):
+    splits = load_raw("glue/sst2")  # conftest sets HF_HUB_OFFLINE
+    assert len(splits["train"]) == 67349
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "embedded copy" in note[0] and "glue/sst2" in note[0]
+
+
+# Unreadable files: one line, the parser's own reason, no log line before it
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("train.tsv", b"sentence\tlabel\n\xff\xfe bad\t0\ngood\t1\n", "can't decode byte 0xff"),
+    ("train.csv", b'sentence,label\n"unclosed,0\ngood,1\n', "EOF inside string"),
+    ("train.tsv", b"sentence\tlabel\nfine movie\t1\textra\nbad film\t0\tmore\n", "more fields than its header"),
+])
+def test_an_unreadable_file_is_one_line_with_the_parsers_reason(tmp_path, capfd, caplog, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UsageError, match=re.escape(reason)):
+        load_raw(str(tmp_path))
+    assert capfd.readouterr().err.strip() == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # a second line
+
+
+def test_a_truncated_parquet_file_is_one_line(tmp_path, capfd, caplog):
+    write_table(tmp_path / "whole" / "train.parquet", toy_columns(64, 1))
+    data = (tmp_path / "whole" / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(data[:len(data) // 2])
+    capfd.readouterr()  # the writer's own progress bar
+    with pytest.raises(UsageError, match="could not read .*train.parquet'"):
+        load_raw(str(tmp_path))
+    assert capfd.readouterr().err.strip() == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # a second line
+
+
+def test_a_row_without_a_label_is_named_not_called_one_distinct_value(tmp_path, tokenizer):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nfine movie\nbad film\t0\ngood\t1\n")
+    with pytest.raises(UsageError, match="row 1 of the train split \\('fine movie'\\) has no 'label' value"):
+        load_text_data(str(tmp_path), tokenizer)
 
 
 def test_a_label_only_in_validation_is_refused_not_made_a_class(tmp_path, tiny_bert):

