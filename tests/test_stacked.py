@@ -13,7 +13,7 @@ from conftest import quick_config, save_tiny, write_toy_dataset
 from core import train as solo_train
 from core.data import length_grouped_batches, load_text_data, subsample
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
-from core.prefix_cache import CACHE, layer_view, prefix_states
+from core.prefix_cache import PrefixCache, layer_view, prefix_states
 from core.stacked import StackedRun, StackedRuns, pad_and_stack, stack_models, work_shape
 
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -41,8 +41,9 @@ def configs(model: str, data: str, depth: int, precision: str = "fp32"):
             base.replace(seed=2, scheduler="constant_with_warmup", learning_rate=5e-4, select_by="loss")]
 
 
-def prepare(config, autocast=contextlib.nullcontext):
+def prepare(config, autocast=contextlib.nullcontext, cache: PrefixCache | None = None):
     """What a run's prepare stage hands the engine: its model (own seed), training rows and their inputs."""
+    cache = cache or PrefixCache()
     tokenizer = load_tokenizer(config.model)
     text = load_text_data(config.dataset, tokenizer, None, None, config.max_length)
     rows = subsample(len(text.splits["train"]), config.max_train_samples, config.seed)
@@ -55,8 +56,9 @@ def prepare(config, autocast=contextlib.nullcontext):
     if config.freeze_depth > 0:
         rows_key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         for name, split, key in (("train", train, rows_key), ("validation", validation, "all")):
-            states, _ = prefix_states(model, backbone, split, (config.model, text.fingerprint, name, key, "x"),
-                                      config.freeze_depth, text.pad_id, "cpu", autocast)
+            states, _ = prefix_states(cache, model, backbone, split,
+                                      (config.model, text.fingerprint, name, key, "x"), config.freeze_depth,
+                                      text.pad_id, "cpu", autocast)
             sources[name] = lambda i, s=states: s.batch(i, "cpu")
     run = StackedRun(config, model, sources["train"], train.lengths, torch.as_tensor(train.labels))
     return run, (sources["validation"], validation.lengths, validation.labels, text.num_labels), text.pad_id
@@ -68,7 +70,8 @@ def solo_weights(run: StackedRun, autocast=contextlib.nullcontext) -> dict[str, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = solo_train.make_optimizer(model, config, torch.device("cpu"))
     batches = length_grouped_batches(run.lengths, config.batch_size, seed=config.seed * 1000 + 1)
-    schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * len(batches)),
+    schedule = get_scheduler(config.scheduler, optimizer,
+                             num_warmup_steps=math.ceil(config.warmup_ratio * len(batches)),
                              num_training_steps=len(batches))
     backbone = find_backbone(model)
     view = layer_view(backbone, config.freeze_depth, num_layers(model.config), True) if config.freeze_depth \
@@ -92,9 +95,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("depth", [0, 1])
 def test_stacked_runs_match_solo_runs_in_fp32(model_dir, data, depth):
-    CACHE.clear()
-    group = configs(model_dir, data, depth)
-    prepared = [prepare(c) for c in group]
+    group, cache = configs(model_dir, data, depth), PrefixCache()
+    prepared = [prepare(c, cache=cache) for c in group]
     runs = [p[0] for p in prepared]
     validation, pad_id = prepared[0][1], prepared[0][2]
     assert len({len(r.lengths) for r in runs}) == 1 and math.ceil(TRAIN_ROWS / 4) == 30
