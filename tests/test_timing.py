@@ -229,3 +229,17 @@ def test_a_worker_can_time_while_it_holds_its_own_shared_lock(tmp_path):
     thread.join(timeout=10)
     assert done == ["timed", "trained on"]
     assert lease.worker_pids() == []  # unregistered once it stops working
+
+
+def test_timing_check_flags_a_config_off_by_more_than_20_percent_unless_contended():
+    from ablations.timing_check import compare
+
+    def record(seconds, contended=False):
+        return {"train_seconds": seconds, "train_loop_seconds": seconds, "contended": contended,
+                "train_seconds_lo": seconds * 0.9, "train_seconds_hi": seconds * 1.1}
+
+    alone = {(0, "linear", 42): record(10.0), (3, "linear", 42): record(5.0), (6, "linear", 42): record(1.0)}
+    loaded = {(0, "linear", 42): record(11.5), (3, "linear", 42): record(7.0), (6, "linear", 42): record(2.0, True)}
+    rows, broken = compare(alone, loaded)
+    assert broken == 1 and len(rows) == 3          # depth 3: 1.40x and not contended
+    assert rows[1].endswith("✗ |") and rows[0].endswith("✓ |") and rows[2].endswith("✓ |")

@@ -1,0 +1,68 @@
+"""`python -m ablations.timing_check A_URL A_STUDY B_URL B_STUDY`: the same configs' training time in two studies.
+
+Issue 12's check of the time axis: a grid run alone (A) and the same grid run under load (B: several workers, a
+CPU hog). Each config's `train_seconds` (its solo cost from the timing pass) should agree within 20 % or be
+marked contended; `loop seconds` (what the steps took as they ran) shows what the old time axis would have said.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.cli import ArgumentParser, main_guard
+
+TOLERANCE = 0.20
+
+
+def by_config(url: str, study: str) -> dict[tuple, dict]:
+    from ablations.ledger import load_runs
+    records = [r["record"] for r in load_runs(url, [study]) if r["state"] == "COMPLETE" and r.get("record")]
+    return {(r["config"]["freeze_depth"], r["config"]["scheduler"], r["config"]["seed"]): r for r in records}
+
+
+def compare(alone: dict[tuple, dict], loaded: dict[tuple, dict]) -> tuple[list[str], int]:
+    """Markdown rows, and how many configs break the rule (off by more than 20 % and not marked contended)."""
+    rows, broken = [], 0
+    for key in sorted(alone.keys() & loaded.keys()):
+        a, b = alone[key], loaded[key]
+        ratio = b["train_seconds"] / a["train_seconds"]
+        ok = abs(ratio - 1) <= TOLERANCE or bool(b.get("contended"))
+        broken += not ok
+        loop = b["train_loop_seconds"] / a["train_loop_seconds"] if a.get("train_loop_seconds") else float("nan")
+        rows.append(f"| {key[0]} | {key[1]} | {_time(a)} | {_time(b)} | {ratio:.2f} | "
+                    f"{'yes' if b.get('contended') else 'no'} | {loop:.2f} | {'✓' if ok else '✗'} |")
+    return rows, broken
+
+
+def _time(record: dict) -> str:
+    low, high = record.get("train_seconds_lo"), record.get("train_seconds_hi")
+    interval = f" [{low:.1f}, {high:.1f}]" if low is not None and high is not None else ""
+    return f"{record['train_seconds']:.1f}{interval}{' ⚠' if record.get('contended') else ''}"
+
+
+def main() -> int:
+    parser = ArgumentParser(prog="python -m ablations.timing_check", description=__doc__.splitlines()[0])
+    parser.add_argument("alone_url", help="storage of the grid run alone")
+    parser.add_argument("alone_study", help="its study")
+    parser.add_argument("loaded_url", help="storage of the same grid run under load")
+    parser.add_argument("loaded_study", help="its study")
+    parser.add_argument("--output", type=Path, default=None, help="also write the table here (default: print only)")
+    args = parser.parse_args()
+    alone, loaded = by_config(args.alone_url, args.alone_study), by_config(args.loaded_url, args.loaded_study)
+    rows, broken = compare(alone, loaded)
+    device = next(iter(alone.values()))["device"] if alone else "unknown"
+    lines = [f"Same grid alone (A) and as two workers beside a CPU hog (B), device: {device}.", "",
+             "| freeze depth | schedule | train s, A | train s, B | B / A | B contended | loop s B / A | rule |",
+             "|--:|---|--:|--:|--:|:-:|--:|:-:|", *rows, "",
+             f"Rule: train_seconds in B within {TOLERANCE:.0%} of A, or B marked contended. "
+             f"{len(rows) - broken} of {len(rows)} configs keep it. 'loop s' is what the steps took as they ran "
+             "(the time axis before this check)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    main_guard(main)
