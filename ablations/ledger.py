@@ -249,7 +249,8 @@ class Ledger:
         """Create a RUNNING trial for `run_id` and claim the run with it; None (a FAIL `claim_lost`) if lost."""
         # datetime_start is for display (the dashboard's durations); no claim decision reads a worker's clock.
         template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
-                               datetime_start=datetime.datetime.now(), datetime_complete=None, params=params, distributions=distributions,
+                               datetime_start=datetime.datetime.now(), datetime_complete=None, params=params,
+                               distributions=distributions,
                                user_attrs={"run_id": run_id}, system_attrs={}, intermediate_values={}, trial_id=-1)
         trial_id = self.storage.create_new_trial(study._study_id, template_trial=template)
         self.storage.record_heartbeat(trial_id)

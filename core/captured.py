@@ -173,7 +173,8 @@ def _probe(model_dir: str, length: int) -> None:
     rates = LearningRates(engine.rates, "cuda")
     ids = torch.randint(5, model.config.vocab_size, (16, length), device="cuda")
     values = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "labels": torch.zeros(1, 16, dtype=torch.long, device="cuda"), "weights": torch.ones(1, 16, device="cuda")}
+              "labels": torch.zeros(1, 16, dtype=torch.long, device="cuda"),
+              "weights": torch.ones(1, 16, device="cuda")}
 
     def body(static):
         loss = engine.step({k: static[k] for k in ("input_ids", "attention_mask")}, static["labels"],

@@ -100,7 +100,8 @@ def _stacked(config: RunConfig, depth: int, runs: int, batches: list[dict], devi
 
 
 def step_times(model: str, runs: list[int], depths: list[int], batch_size: int = 16, length: int = 32,
-               steps: int = 5, warmup: int = 2, rounds: int = 3, device=None, capture: bool | None = None) -> list[dict]:
+               steps: int = 5, warmup: int = 2, rounds: int = 3, device=None,
+               capture: bool | None = None) -> list[dict]:
     """One row per (depth, contender): ms per run-step (median over rounds) and its ratio to eager."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     capture = device.type == "cuda" if capture is None else capture

