@@ -105,8 +105,8 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str | No
 
 def make_trainer(args: argparse.Namespace, pass_as: str) -> Callable[[RunConfig, Any], dict]:
     """`core.run` with the command's device, progress and compile flags, returning the record as stored. The
-    trainer's second argument is the
-    command's own (the grid's schedule siblings, the search's per-epoch callback), passed to `run` as `pass_as`."""
+    trainer's second argument is the command's own (the grid's schedule siblings, the search's per-epoch
+    callback), passed to `run` as `pass_as`."""
     from core import run
     from core.cli import make_session
 
