@@ -153,12 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | None) -> str:
+def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | None, session) -> str:
     """How long the grid's training takes here if nothing is stored yet, from timed steps of the slowest cell."""
     import math
 
     from core.model import seconds_per_training_step
-    step, rows = seconds_per_training_step(base, device)
+    step, rows = seconds_per_training_step(base, session, device)
     steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in configs)
     total = steps * step
     hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 else ""
@@ -179,13 +179,15 @@ def main() -> int:
     from ablations.ledger import storage_errors
     from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
     from core.config import SCHEDULERS
+    from core.cli import make_session
     from core.model import num_layers, preflight, resolve_model
 
     url, output_dir = locations(args.storage, args.output_dir, args.study_name)
     check_output_dir(output_dir)
     base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0,
                             model=resolve_model(args.model, RunConfig.model))
-    layers = num_layers(preflight(base))  # model and data checked once, before any trial is recorded
+    session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
+    layers = num_layers(preflight(base, session))  # model and data checked once, before any trial is recorded
     depths = list(range(layers + 1)) if args.freeze_depths == "all" else \
         parse_int_list(args.freeze_depths, "--freeze-depths", 0, layers)
     grid = Grid(tuple(depths), tuple(parse_choices(args.schedulers, "--schedulers", SCHEDULERS)),
@@ -200,10 +202,10 @@ def main() -> int:
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
     with storage_errors(url):
-        return run_grid(args, url, output_dir, configs, grid, base, depths, rates)
+        return run_grid(args, url, output_dir, configs, grid, base, depths, rates, session)
 
 
-def run_grid(args, url, output_dir, configs, grid, base, depths, rates) -> int:
+def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session) -> int:
     from ablations.ledger import Ledger, mask_url, open_storage, open_study
 
     ledger = Ledger(open_storage(url, args.heartbeat))
@@ -212,9 +214,10 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates) -> int:
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
     print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}")
-    print(duration_estimate(configs, base, args.device))
-    outcome = run_cells(configs, study, ledger, make_trainer(args, pass_as="siblings"), args.retries,
-                        poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
+    print(duration_estimate(configs, base, args.device, session))
+    train = make_trainer(args, pass_as="siblings", session=session)
+    outcome = run_cells(configs, study, ledger, train, args.retries, poll_seconds=min(5.0, args.heartbeat),
+                        progress=not args.no_progress)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "
           f"{len(outcome.reused)} reused from other studies, {len(outcome.failed)} failed now, "
           f"{len(outcome.given_up)} given up after {args.retries + 1} failures")

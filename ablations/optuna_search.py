@@ -303,14 +303,17 @@ def main() -> int:
     name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
     url, output_dir = locations(args.storage, args.output_dir, name)
     check_output_dir(output_dir)
-    space = resolve_space(args, num_layers(preflight(base)))  # model and data checked once, before any trial
+    from core.cli import make_session
+    session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
+    space = resolve_space(args, num_layers(preflight(base, session)))  # checked once, before any trial
     device = device_label(args.device)
     with storage_errors(url):
         ledger = Ledger(open_storage(url, args.heartbeat))
         study = open_search_study(ledger.storage, name, args.objective, space, base)
         study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
-        search = Search(study, ledger, base, space, make_trainer(args, pass_as="on_epoch"), args.sampler,
-                        args.sampler_seed, args.prune, args.margin, device, poll_seconds=min(5.0, args.heartbeat))
+        train = make_trainer(args, pass_as="on_epoch", session=session)
+        search = Search(study, ledger, base, space, train, args.sampler, args.sampler_seed, args.prune, args.margin,
+                        device, poll_seconds=min(5.0, args.heartbeat))
         print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "
               f"training seed {base.seed}, objective {args.objective}, pruning {'on' if args.prune else 'off'}, "
               f"space {space.describe()} on {mask_url(url)}")

@@ -103,14 +103,14 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str | No
     add_cache_arguments(parser)
 
 
-def make_trainer(args: argparse.Namespace, pass_as: str) -> Callable[[RunConfig, Any], dict]:
+def make_trainer(args: argparse.Namespace, pass_as: str, session=None) -> Callable[[RunConfig, Any], dict]:
     """`core.run` with the command's device, progress and compile flags, returning the record as stored. The
     trainer's second argument is the command's own (the grid's schedule siblings, the search's per-epoch
     callback), passed to `run` as `pass_as`."""
     from core import run
     from core.cli import make_session
 
-    session = make_session(args)  # the command's runs share one session: loaded data, checkpoint, caches
+    session = session or make_session(args)  # the command's runs share one session: data, checkpoint, caches
     return lambda config, extra: run(config, device=args.device, progress=not args.no_progress,
                                      compile=args.compile, session=session, **{pass_as: extra}).to_dict()
 

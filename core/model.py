@@ -144,21 +144,21 @@ def check_safetensors(path: Path) -> None:
         raise bad(f"truncated: {size} bytes of {8 + length + end}")
 
 
-def preflight(config) -> PretrainedConfig:
+def preflight(config, session) -> PretrainedConfig:
     """Resolve and check everything a study's runs share, once, before any trial is recorded: the model (config,
     weights, tokenizer, finite weight values, a layer list to freeze) and the dataset (it loads, its columns and
-    labels). The tokenizer, the tokenized data and the checkpoint stay loaded for the first run."""
-    from core.data import check_dataset, load_text_data
+    labels). Loaded through the command's `core.session.Session`, so the first run finds them loaded."""
+    from core.data import check_dataset
     check_dataset(config.dataset)
     model_cfg = model_config(config.model)
     check_freeze_depth(config.freeze_depth, model_cfg, config.model)
-    tokenizer = load_tokenizer(config.model)
-    data = load_text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
-    find_backbone(load_model(config.model, data.label_names))
+    tokenizer = session.tokenizer(config.model)
+    data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
+    find_backbone(session.model(config.model, data.label_names))
     return model_cfg
 
 
-def seconds_per_training_step(config, device=None, steps: int = 3) -> tuple[float, int]:
+def seconds_per_training_step(config, session, device=None, steps: int = 3) -> tuple[float, int]:
     """Median wall time of `steps` training steps of the whole model (depth 0: the slowest kind) on `batch_size`
     random train rows, after one warm-up step (the measured basis of a grid's duration estimate), and the number
     of train rows."""
@@ -167,13 +167,13 @@ def seconds_per_training_step(config, device=None, steps: int = 3) -> tuple[floa
 
     import numpy as np
 
-    from core.data import load_text_data, subsample
+    from core.data import subsample
     from core.train import default_device, precision_for
     device = torch.device(device) if device else default_device()
     autocast = precision_for(config.precision, device) == "bf16"
-    data = load_text_data(config.dataset, load_tokenizer(config.model), config.text_column, config.label_column,
-                          config.max_length)
-    model = load_model(config.model, data.label_names).to(device).train()
+    data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
+                             config.label_column, config.max_length)
+    model = session.model(config.model, data.label_names).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     rows = subsample(len(data.splits["train"]), config.batch_size, config.seed)
     split = data.splits["train"].subset(rows, progress=False)

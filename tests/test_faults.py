@@ -9,9 +9,9 @@ import optuna
 import pytest
 from conftest import save_tiny, write_toy_dataset
 
-from core import UsageError
-from core.cli import main_guard
+from core import Session, UsageError
 from core import model as core_model
+from core.cli import main_guard
 from core.model import model_config
 
 
@@ -74,7 +74,7 @@ def test_non_finite_weights_name_the_checkpoint_not_the_learning_rate(tmp_path):
     data = write_toy_dataset(tmp_path / "data")
     with pytest.raises(UsageError, match=f"the checkpoint in '{folder}' holds NaN or infinite weights "
                                          r"\(bert.encoder.layer.0.attention.self.query.weight\)"):
-        core_model.preflight(quick_config(str(folder), str(data)))
+        core_model.preflight(quick_config(str(folder), str(data)), Session())
 
 
 # Output paths: checked before training, nothing trained
