@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_scheduler
 
-from core import record as rec
+from core import metrics as run_metrics
 from core.config import RunConfig
 from core.data import eval_tokens, length_grouped_batches, sorted_batches
 from core.model import find_backbone, frozen_modules, num_layers
@@ -288,7 +288,7 @@ class StackedRuns:
                 predictions[:, indices] = logits.argmax(-1).cpu().numpy()
         results = []
         for run in range(runs):
-            metrics = rec.classification_metrics(predictions[run], labels, num_labels)
+            metrics = run_metrics.classification_metrics(predictions[run], labels, num_labels)
             results.append(({"accuracy": round(metrics["accuracy"], 6), "f1": round(metrics["f1"], 6),
                              "loss": round(float(loss_sum[run]) / max(1, len(labels)), 6)}, predictions[run]))
         return results

@@ -228,13 +228,15 @@ def test_report_defaults_storage_and_output_dir_like_the_grid_and_takes_comma_se
     monkeypatch.chdir(tmp_path)
     folder = Path(default_output_dir("grid"))
     folder.mkdir(parents=True, exist_ok=True)
-    url = default_storage(folder)
+    url = default_storage()  # runs/ablations.db: the grid's and the search's ledger
+    assert url.endswith("/runs/ablations.db") and folder == Path("runs/grid")
     stored(url, "grid", [make_run(0, "linear", 1, 42, 0.8, 10.0), make_run(2, "linear", 1, 42, 0.7, 5.0)])
     stored(url, "other", [make_run(4, "linear", 1, 42, 0.6, 3.0)])
-    # No flags: the grid's folder and its SQLite file; then commas, as in grid and search (spaces still accepted).
+    # No flags: the study's folder and the shared ledger; then commas, as in grid and search (spaces accepted).
     for arguments, counts in ((["--study-name", "grid"], (2, 0)),
-                              (["--output-dir", str(folder), "--study-name", "grid,other"], (2, 1)),
-                              (["--output-dir", str(folder), "--study-name", "grid", "other"], (2, 1))):
+                              (["--storage", url, "--output-dir", str(folder), "--study-name", "grid,other"], (2, 1)),
+                              (["--storage", url, "--output-dir", str(folder), "--study-name", "grid", "other"],
+                               (2, 1))):
         (folder / "runs.csv").unlink(missing_ok=True)
         monkeypatch.setattr(sys, "argv", ["python -m ablations.report", *arguments])
         with pytest.raises(SystemExit) as exit_:

@@ -66,7 +66,7 @@ def test_the_commands_default_to_runs_of_their_study_and_one_shared_ledger(monke
 def test_a_search_whose_trials_all_failed_takes_the_next_settings(tmp_path):
     from ablations.optuna_search import open_search_study
     from ablations.space import SearchSpace
-    from ablations.study import open_storage
+    from ablations.ledger import open_storage
     storage = open_storage(f"sqlite:///{tmp_path}/ledger.db")
     space = SearchSpace(freeze_depth=(0, 2))
     wrong = quick_config("model", "glue/cola")
@@ -82,7 +82,7 @@ def test_a_search_whose_trials_all_failed_takes_the_next_settings(tmp_path):
 def test_the_search_prints_each_failed_runs_reason(monkeypatch, capsys, tmp_path, tiny_bert, toy_data):
     import ablations.optuna_search as search
 
-    def failing_trainer(args):
+    def failing_trainer(args, pass_as, session=None):
         def train(config, on_epoch):
             raise FloatingPointError("training loss became nan in epoch 1")
         return train

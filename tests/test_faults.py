@@ -89,7 +89,8 @@ def run_main(monkeypatch, module, *arguments):
 @pytest.mark.parametrize("where", ["under a file", "a folder"])
 def test_core_output_is_checked_before_training(monkeypatch, capsys, tmp_path, tiny_bert, toy_data, where):
     import core.__main__ as command
-    monkeypatch.setattr(command, "run", lambda *a, **k: pytest.fail("trained before checking --output"))
+    import core.train
+    monkeypatch.setattr(core.train, "run", lambda *a, **k: pytest.fail("trained before checking --output"))
     (tmp_path / "file").write_text("x")
     output = str(tmp_path / "file" / "run.json") if where == "under a file" else str(tmp_path)
     assert run_main(monkeypatch, command, "--model", tiny_bert, "--dataset", toy_data, "--output", output) == 2
@@ -101,7 +102,8 @@ def test_core_output_is_checked_before_training(monkeypatch, capsys, tmp_path, t
 def test_core_output_in_a_read_only_folder_is_checked_before_training(monkeypatch, capsys, tmp_path, tiny_bert,
                                                                       toy_data):
     import core.__main__ as command
-    monkeypatch.setattr(command, "run", lambda *a, **k: pytest.fail("trained before checking --output"))
+    import core.train
+    monkeypatch.setattr(core.train, "run", lambda *a, **k: pytest.fail("trained before checking --output"))
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked").chmod(0o500)
     arguments = ("--model", tiny_bert, "--dataset", toy_data, "--output", str(tmp_path / "locked" / "run.json"))

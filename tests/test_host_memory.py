@@ -13,7 +13,7 @@ PROBE = """
 import json, resource, sys, torch
 from core.host_memory import reuse_freed_memory
 tuned = reuse_freed_memory()
-for _ in range(2):  # 64 MB, above glibc's largest mmap threshold; the heap settles after the first one or two
+for _ in range(3):  # 64 MB, above glibc's largest mmap threshold; the heap settles after the first few
     torch.ones(16 * 2**20).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
