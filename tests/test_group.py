@@ -132,3 +132,25 @@ def test_a_run_whose_loss_turns_nan_fails_alone(model, data):
     alone = train_epochs(p, p.model, session, None, False, False, ())
     assert (good.best["predictions"] == alone.best["predictions"]).all()
     assert good.best["metrics"]["accuracy"] == alone.best["metrics"]["accuracy"]
+
+
+def test_a_group_that_fails_as_a_whole_fails_each_of_its_runs_once(model, data, tmp_path):
+    from ablations.grid import run_cells
+    from ablations.ledger import Ledger, open_storage, open_study
+    from ablations.space import Grid
+    storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
+    study, ledger = open_study(storage, "grid"), Ledger(storage)
+    configs = Grid((0,), ("linear",), (1,), (0, 1, 2)).configs(quick_config(model, data))
+    groups = []
+
+    def out_of_memory(group):
+        groups.append([c.seed for c in group])
+        raise RuntimeError("CUDA out of memory")
+
+    outcome = run_cells(configs, study, ledger, lambda c, _: pytest.fail("trained alone"), retries=0,
+                        progress=False, train_group=out_of_memory, max_parallel=3)
+    assert len(groups) == 1 and sorted(groups[0]) == [0, 1, 2]
+    assert sorted(outcome.failed) == sorted(c.run_id for c in configs) and outcome.trained == []
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"RuntimeError: CUDA out of memory"}
