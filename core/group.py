@@ -147,7 +147,7 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         if not any(isinstance(o, Training) and not o.stopped for o in outcome):
             break
         started = _sync_time(first.device)
-        losses = engine.train_epoch(epoch)
+        losses = engine.train_epoch(epoch, session.timer.pause_point)
         share = (_sync_time(first.device) - started) / len(prepared)  # the group's loop, per run
         for i, (p, training) in enumerate(zip(prepared, done)):
             if outcome[i] is not training or training.stopped:
