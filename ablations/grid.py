@@ -6,6 +6,7 @@ same `--storage` and the workers split the cells between them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from ablations.runner import (
     locations,
     add_study_arguments,
     free_accelerator_memory,
-    make_trainer,
     write_report,
 )
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # optuna, torch and the ledger load when the grid runs, not f
     from ablations.ledger import Ledger
 
 TrainFn = Callable[[RunConfig, list[RunConfig]], dict]  # (config, the cells this worker may train next)
+GroupTrainFn = Callable[[list[RunConfig]], list]  # configs of one work shape -> per run a record dict or an error
 GRID_AXES = ("freeze_depth", "scheduler", "epochs", "seed")
 
 
@@ -42,8 +43,13 @@ class GridOutcome:
 
 
 def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, train: TrainFn, retries: int = 2,
-              varying: tuple[str, ...] = (), poll_seconds: float = 5.0, progress: bool = True) -> GridOutcome:
-    """Claim and train cells until each is complete, failed `retries + 1` times, or (this run) failed once."""
+              varying: tuple[str, ...] = (), poll_seconds: float = 5.0, progress: bool = True,
+              train_group: GroupTrainFn | None = None, max_parallel: int = 1) -> GridOutcome:
+    """Claim and train cells until each is complete, failed `retries + 1` times, or (this run) failed once.
+
+    With `max_parallel` > 1 and `train_group`, up to that many runnable cells of one work shape (seeds,
+    schedules, rates of one depth) are claimed, each through the ledger's atomic claim, and trained together;
+    each still ends as its own COMPLETE or FAIL trial."""
     from tqdm.auto import tqdm
 
     from ablations.space import study_params
@@ -100,6 +106,15 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
         last = config
         bar.set_postfix_str(f"freeze {config.freeze_depth} · {config.scheduler} · {config.epochs} ep · "
                             f"seed {config.seed}")
+        partners = claim_partners(study, ledger, config, runnable, max_parallel if train_group else 1, varying)
+        if partners:
+            claims = [(config, trial_id), *partners]
+            attempted.update(c.run_id for c, _ in partners)
+            for done_config, record in train_group_claimed(study, ledger, claims, train_group, outcome.failed):
+                outcome.trained.append(done_config.run_id)
+                in_study.add(done_config.run_id)
+                outcome.train_seconds += record["train_seconds"]
+            continue
         record = train_claimed(study, ledger, trial_id, config, train, outcome.failed,
                                [c for c in runnable if c is not config])
         if record is not None:
@@ -108,6 +123,54 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
             outcome.train_seconds += record["train_seconds"]
     bar.close()
     return outcome
+
+
+def claim_partners(study: optuna.Study, ledger: Ledger, config: RunConfig, runnable: list[RunConfig],
+                   max_parallel: int, varying: tuple[str, ...]) -> list[tuple[RunConfig, int]]:
+    """Claim up to `max_parallel - 1` more runnable cells of `config`'s work shape; a cell another worker claims
+    first is skipped."""
+    from ablations.space import study_params
+    from core.stacked import work_shape
+
+    shape, partners = work_shape(config), []
+    for other in runnable:
+        if len(partners) >= max_parallel - 1:
+            break
+        if other.run_id == config.run_id or work_shape(other) != shape:
+            continue
+        trial_id = ledger.new_claim(study, other.run_id, *study_params(other, varying))
+        if trial_id is not None:
+            partners.append((other, trial_id))
+    return partners
+
+
+def train_group_claimed(study: optuna.Study, ledger: Ledger, claims: list[tuple[RunConfig, int]],
+                        train_group: GroupTrainFn, failed: dict[str, str]) -> list[tuple[RunConfig, dict]]:
+    """Train claimed runs as one group under a heartbeat each; every run ends COMPLETE with its own record or
+    FAIL with its own reason (an error of the whole group fails each of its runs)."""
+    from ablations.ledger import Heartbeat
+
+    try:
+        with contextlib.ExitStack() as beats:
+            for _, trial_id in claims:
+                beats.enter_context(Heartbeat(ledger.storage, trial_id))
+            results = train_group([config for config, _ in claims])
+    except KeyboardInterrupt:
+        for _, trial_id in claims:
+            ledger.finish_failed(study, trial_id, "interrupted", "interrupted by the user")
+        raise
+    except Exception as error:  # out of memory for the group, say: each run fails with the reason
+        results = [error] * len(claims)
+        free_accelerator_memory()
+    done = []
+    for (config, trial_id), result in zip(claims, results):
+        if isinstance(result, Exception):
+            failed[config.run_id] = reason = failure_reason(result)
+            ledger.finish_failed(study, trial_id, "error", reason)
+        else:
+            ledger.finish_complete(study, trial_id, result)
+            done.append((config, result))
+    return done
 
 
 def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: RunConfig, train: TrainFn,
@@ -149,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")
+    parser.add_argument("--engine", default="auto", help="auto, eager, stacked or captured: how runs train (auto: "
+                        "stacked for a group of several runs, else eager; see README, Engines) (default: auto)")
+    parser.add_argument("--max-parallel-runs", default="auto", metavar="N", help="runs of one work shape trained "
+                        "at once as one stacked model (auto: 1 on a CPU, on CUDA as many as fit in the free memory; "
+                        "1: one at a time) (default: auto)")
     parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     return parser
 
@@ -170,6 +238,42 @@ def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | N
 def _duration(seconds: float) -> str:
     hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min"
+
+
+def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> tuple[TrainFn, GroupTrainFn]:
+    """The grid's trainers of one run and of a group of runs, over the command's one session."""
+    from core import run
+    from core.group import run_group
+
+    def group(configs: list[RunConfig]) -> list:
+        return [r if isinstance(r, Exception) else r.to_dict() for r in run_group(configs, session, args.device)]
+
+    def one(config: RunConfig, siblings: list[RunConfig]) -> dict:
+        if engine == "stacked":
+            result = group([config])[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return run(config, device=args.device, progress=not args.no_progress, compile=args.compile,
+                   siblings=siblings, session=session).to_dict()
+    return one, group
+
+
+def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
+    """(engine, group size) from --engine and --max-parallel-runs; bad values are a UsageError."""
+    from core.group import choose_engine, group_size
+    if args.max_parallel_runs == "auto":
+        size = group_size(base, args.device)
+    elif args.max_parallel_runs.isdigit() and int(args.max_parallel_runs) >= 1:
+        size = int(args.max_parallel_runs)
+    else:
+        raise UsageError(f"--max-parallel-runs {args.max_parallel_runs!r} is invalid: use auto or a whole number "
+                         "of at least 1")
+    from core.train import default_device
+    engine = choose_engine(args.engine, args.device or default_device(), size, base.model, base.max_length)
+    if engine == "stacked" and args.compile:
+        raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")
+    return engine, size if engine == "stacked" else 1
 
 
 def main() -> int:
@@ -201,11 +305,12 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
+    engine, size = parallel_runs(args, base)  # the depth-0 base: the most memory per run, the smallest group
     with storage_errors(url):
-        return run_grid(args, url, output_dir, configs, grid, base, depths, rates, session)
+        return run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine, size)
 
 
-def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session) -> int:
+def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine="eager", size=1) -> int:
     from ablations.ledger import Ledger, mask_url, open_storage, open_study
 
     ledger = Ledger(open_storage(url, args.heartbeat))
@@ -213,11 +318,12 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session)
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
-    print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}")
+    print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}; engine {engine}, "
+          f"{size} run(s) at once")
     print(duration_estimate(configs, base, args.device, session))
-    train = make_trainer(args, pass_as="siblings", session=session)
+    train, train_group = make_trainers(args, session, engine)
     outcome = run_cells(configs, study, ledger, train, args.retries, poll_seconds=min(5.0, args.heartbeat),
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, train_group=train_group, max_parallel=size)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "
           f"{len(outcome.reused)} reused from other studies, {len(outcome.failed)} failed now, "
           f"{len(outcome.given_up)} given up after {args.retries + 1} failures")

@@ -61,6 +61,10 @@ class RunRecord:
     train_seconds_hi: float | None = None
     contended: bool | None = None
     timing: dict[str, Any] | None = None
+    # What trained it: "eager" (one run, the step as written) or "stacked (N runs)" (`core.group`: N runs of
+    # one work shape as one model; shared steps do not apply there, train_loop_seconds is the group's loop / N,
+    # wall_seconds and peak_memory_mb are the group's).
+    engine: str | None = "eager"
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer version wrote that this one does not know
 
     def to_dict(self) -> dict[str, Any]:

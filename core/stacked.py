@@ -251,8 +251,9 @@ class StackedRuns:
                                     weight_decay=config.weight_decay if decay else 0.0, eps=1e-8, amsgrad=False,
                                     maximize=False, grad_scale=None, found_inf=None)
 
-    def train_epoch(self, epoch: int) -> np.ndarray:
-        """One epoch of every run, each over its own length-grouped batches (seeded as a solo run seeds them)."""
+    def train_epoch(self, epoch: int, after_step: Callable[[], None] | None = None) -> np.ndarray:
+        """One epoch of every run, each over its own length-grouped batches (seeded as a solo run seeds them).
+        `after_step` runs between steps (a grid's timer pauses there while another process times alone)."""
         self.model.train()
         for module in self.frozen:
             module.eval()  # frozen layers compute what the prefix cache would: no dropout
@@ -267,6 +268,8 @@ class StackedRuns:
                                                         self.pad_id)
                 loss_sum += self.step(inputs, labels, weights, self.rates[self.global_step].tolist())
                 self.global_step += 1
+                if after_step is not None:
+                    after_step()
         return (loss_sum / len(orders[0])).cpu().numpy()
 
     @torch.inference_mode()

@@ -195,7 +195,6 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
     if session.timing_repeats:
         _train_mode(p)
         done.timing = time_steps(p, forward, optimizer, scheduler, session, compile)
-    prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
     bar = tqdm(total=total_steps, disable=not progress, unit="step", leave=False,
                desc=f"freeze {config.freeze_depth} · {config.scheduler} · seed {config.seed}")
     for epoch in range(1, config.epochs + 1):
@@ -220,31 +219,44 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
             bar.update()
         epoch_seconds = _sync_time(device) - started + earlier
         done.steps += len(batches)
-        train_loss = loss_sum.item() / steps_per_epoch
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
-                                     "rate or check the data")
-        done.train_seconds += epoch_seconds
-
-        started = time.perf_counter()
-        metrics, predictions = evaluate(p, forward, "validation", session)
-        done.eval_seconds += time.perf_counter() - started
-        # An epoch's train_seconds is what it costs alone (timed steps; the prefix build counts in epoch 1),
-        # the seconds the search's pruning compares; loop_seconds what its steps took here.
-        alone = done.timing.seconds(len(batches), prefix_train if epoch == 1 else 0.0)[0] if done.timing else \
-            epoch_seconds
-        entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5), "train_seconds": round(alone, 3),
-                 "loop_seconds": round(epoch_seconds, 3)}
-        done.history.append(entry)
-        bar.set_postfix(accuracy=f"{metrics['accuracy']:.4f}", loss=f"{metrics['loss']:.4f}")
-        if done.best is None or _better(metrics, done.best["metrics"], config.select_by):
-            done.best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
-                         "weights": [w.detach().clone() for w in p.params]}
-        if on_epoch is not None and (stopped := on_epoch(entry)):
-            done.stopped = stopped
+        entry = end_epoch(p, forward, session, done, epoch, len(batches), loss_sum.item() / steps_per_epoch,
+                          epoch_seconds, on_epoch)
+        bar.set_postfix(accuracy=f"{entry['accuracy']:.4f}", loss=f"{entry['loss']:.4f}")
+        if done.stopped:
             break
     bar.close()
     return done
+
+
+def end_epoch(p: Prepared, forward, session: Session, done: Training, epoch: int, steps: int, train_loss: float,
+              epoch_seconds: float, on_epoch: EpochCallback | None) -> dict:
+    """After an epoch's steps (solo or in a stacked group, `core.group`): evaluate, log, keep the best epoch,
+    ask `on_epoch` whether to stop. The model holds this run's weights. Returns the epoch's history entry."""
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
+                                 "rate or check the data")
+    done.train_seconds += epoch_seconds
+    started = time.perf_counter()
+    metrics, predictions = evaluate(p, forward, "validation", session)
+    done.eval_seconds += time.perf_counter() - started
+    # An epoch's train_seconds is what it costs alone (timed steps; the prefix build counts in epoch 1),
+    # the seconds the search's pruning compares; loop_seconds what its steps took here.
+    prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
+    alone = done.timing.seconds(steps, prefix_train if epoch == 1 else 0.0)[0] if done.timing else epoch_seconds
+    entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5), "train_seconds": round(alone, 3),
+             "loop_seconds": round(epoch_seconds, 3)}
+    done.history.append(entry)
+    select_epoch(p, done, epoch, metrics, predictions)
+    if on_epoch is not None and (stopped := on_epoch(entry)):
+        done.stopped = stopped
+    return entry
+
+
+def select_epoch(p: Prepared, done: Training, epoch: int, metrics: dict, predictions: np.ndarray) -> None:
+    """Keep this epoch (its weights too) if it beats the best so far by the run's `select_by`."""
+    if done.best is None or _better(metrics, done.best["metrics"], p.config.select_by):
+        done.best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
+                     "weights": [w.detach().clone() for w in p.params]}
 
 
 def _train_mode(p: Prepared) -> None:
@@ -312,7 +324,7 @@ def evaluate(p: Prepared, forward, name: str, session: Session) -> tuple[dict, n
 
 
 def make_record(p: Prepared, training: Training, test_metrics: dict | None, session: Session, compile: bool,
-                wall_start: float) -> RunRecord:
+                wall_start: float, engine: str = "eager") -> RunRecord:
     config, best, splits = p.config, training.best, p.splits
     train_tokens = int(p.train.lengths.sum()) * len(training.history)
     prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
@@ -343,7 +355,7 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
         tokens_per_second=round(train_tokens / training.train_seconds, 1) if training.train_seconds else None,
         peak_memory_mb=round(run_metrics.peak_memory_mb(p.device), 1),
         peak_memory_scope="run (CUDA allocator)" if p.device.type == "cuda" else "process (max RSS)",
-        device=device_name(p.device), precision=p.precision, compiled=compile,
+        device=device_name(p.device), precision=p.precision, compiled=compile, engine=engine,
         metrics_backend="evaluate" if evaluated else "numpy (evaluate offline)",
         versions=run_metrics.versions(), finished_at=now(),
         validation_predictions=[int(x) for x in predictions],

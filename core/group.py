@@ -1,0 +1,180 @@
+"""Several runs of one work shape trained at once as one stacked model (`core.stacked`), each with its own record.
+
+Only the training steps are shared. Everything else is the solo code of `core.train`, run per run: `prepare`
+(data, own seed and head, frozen-prefix cache), the timing pass `time_steps` (so a record's train_seconds is
+what the run costs alone, never the group's wall time), and after each epoch `end_epoch` on the run's own
+prepared model with the run's weights copied in (evaluation, best-epoch selection, `on_epoch` pruning), then
+`evaluate_test` and `make_record`. Shared steps (`core.shared_steps`) do not apply inside a group: a group's
+runs start together, so there is no finished sibling to take steps over from.
+
+A run whose training loss turns non-finite fails alone: the runs share no trainable weight, and each run's
+clip and AdamW update read only its own slice, so a NaN stays in its run. Its slot (like a pruned run's)
+keeps computing until the group ends but is no longer evaluated. An error outside the steps fails the group.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import get_scheduler
+
+from core import shared_steps
+from core.captured import probe_capture, resolve_engine
+from core.config import RunConfig
+from core.model import model_config
+from core.record import RunRecord
+from core.session import Session
+from core.stacked import StackedRun, StackedRuns, work_shape
+from core.train import (
+    EpochCallback,
+    Prepared,
+    Training,
+    _train_mode,
+    default_device,
+    end_epoch,
+    evaluate_test,
+    make_optimizer,
+    make_record,
+    prepare,
+    time_steps,
+)
+
+log = logging.getLogger(__name__)
+MAX_GROUP = 64          # beyond this the stacked step stopped gaining in the H100 probes (N = 56: 0.99 ms/run-step)
+MEMORY_HEADROOM = 0.8   # of the free device memory: the allocator fragments, eval batches come on top
+_said: set[str] = set()
+
+
+def choose_engine(requested: str, device, group_size: int, model: str = "", max_length: int = 128) -> str:
+    """What trains a group of `group_size` runs: "stacked" when it holds more than one run (or on request),
+    else "eager". `captured` (and `auto` on CUDA) probes capture in a child process first; the captured step
+    is not wired into training yet, so those run eagerly too, with one log line saying why."""
+    engine = resolve_engine(requested, device)  # checks the name; auto -> captured on CUDA, eager on the CPU
+    if group_size > 1 and requested in ("auto", "stacked"):
+        return "stacked"
+    if requested == "stacked":
+        return "stacked"
+    if engine == "captured":
+        ok, why = probe_capture(model, max_length, str(torch.device(device)))
+        _say_once(why if not ok else "the captured step is not wired into training yet (issue 14)")
+    return "eager"
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _said:
+        _said.add(reason)
+        log.warning("training step runs eagerly: %s", reason)
+
+
+def bytes_per_run(config: RunConfig) -> int:
+    """Device memory one more run adds to a stacked group: its trainable weights, their gradients and two AdamW
+    moments (4 tensors, 4 bytes each: master weights stay fp32 under autocast) plus the activations one batch
+    keeps for the backward pass in each trained layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al.
+    2022, "Reducing activation recomputation", eq. 1), doubled in fp32. Frozen layers and the prefix cache are
+    shared by the group and not counted."""
+    cfg = model_config(config.model)
+    hidden = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layers
+    inner = getattr(cfg, "intermediate_size", None) or cfg.hidden_dim
+    trained = layers - min(config.freeze_depth, layers)
+    per_layer = 4 * hidden * hidden + 2 * hidden * inner + 9 * hidden + inner  # attention, FFN, biases, 2 norms
+    embeddings = (cfg.vocab_size + cfg.max_position_embeddings + 2) * hidden if config.freeze_depth == 0 else 0
+    head = hidden * hidden + hidden * 8  # pooler/pre-classifier and a classifier of a few labels
+    params = trained * per_layer + embeddings + head
+    s, b = config.max_length, config.batch_size
+    activations = trained * s * b * hidden * (34 + 5 * heads * s / hidden) * (1 if config.precision == "bf16" else 2)
+    return int(16 * params + activations)
+
+
+def group_size(config: RunConfig, device, free_bytes: int | None = None) -> int:
+    """The automatic --max-parallel-runs: 1 on a CPU (stacking did not pay there, `core.captured`); on CUDA as
+    many runs as fit in MEMORY_HEADROOM of the free device memory at `bytes_per_run` each, 1..MAX_GROUP."""
+    device = torch.device(device) if device else default_device()
+    if device.type != "cuda" and free_bytes is None:
+        return 1
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_GROUP, int(MEMORY_HEADROOM * free_bytes // bytes_per_run(config))))
+
+
+def run_group(configs: Sequence[RunConfig], session: Session | None = None, device=None,
+              on_epoch: Sequence[EpochCallback | None] | None = None, use_prefix_cache: bool = True
+              ) -> list[RunRecord | Exception]:
+    """Train `configs` (one work shape) as one stacked model; per run its record, or the error that failed it."""
+    wall_start = time.perf_counter()
+    session = session or Session()
+    if len({work_shape(c) for c in configs}) != 1:
+        raise ValueError("a group's runs must share their work shape (core.stacked.work_shape)")
+    with session.timer.working():
+        prepared = [prepare(c, session, device, False, use_prefix_cache) for c in configs]
+        trainings = train_group(prepared, session, on_epoch or [None] * len(configs))
+        results: list[RunRecord | Exception] = []
+        for p, training in zip(prepared, trainings):
+            if isinstance(training, Exception):
+                results.append(training)
+                continue
+            with p.frozen_view():
+                test_metrics = evaluate_test(p, p.model, training.best, session)
+            results.append(make_record(p, training, test_metrics, session, False, wall_start,
+                                       engine=f"stacked ({len(configs)} runs)"))
+    return results
+
+
+def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[EpochCallback | None]
+                ) -> list[Training | Exception]:
+    """The epochs of every run at once; after each, every live run's weights go into its own model for the
+    solo `end_epoch`. Returns each run's Training, or the error that ended it."""
+    first = prepared[0]
+    steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
+    done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
+    for p, training in zip(prepared, done):
+        if session.timing_repeats:  # what a step of this shape costs alone: timed once per shape, as solo
+            optimizer = make_optimizer(p.model, p.config, p.device)
+            scheduler = get_scheduler(p.config.scheduler, optimizer, num_training_steps=steps_per_epoch *
+                                      p.config.epochs, num_warmup_steps=math.ceil(p.config.warmup_ratio *
+                                                                                   steps_per_epoch * p.config.epochs))
+            with p.frozen_view():
+                _train_mode(p)
+                training.timing = time_steps(p, p.model, optimizer, scheduler, session, False)
+    runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
+    engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, first.autocast, first.cached)
+    outcome: list[Training | Exception] = list(done)
+    for epoch in range(1, first.config.epochs + 1):
+        if not any(isinstance(o, Training) and not o.stopped for o in outcome):
+            break
+        started = _sync_time(first.device)
+        losses = engine.train_epoch(epoch, session.timer.pause_point)
+        share = (_sync_time(first.device) - started) / len(prepared)  # the group's loop, per run
+        for i, (p, training) in enumerate(zip(prepared, done)):
+            if outcome[i] is not training or training.stopped:
+                continue
+            training.steps += steps_per_epoch
+            _load(p, engine.run_weights(i))
+            try:
+                with p.frozen_view():
+                    end_epoch(p, p.model, session, training, epoch, steps_per_epoch, float(losses[i]), share,
+                              on_epoch[i])
+            except FloatingPointError as error:
+                outcome[i] = error
+    return outcome
+
+
+def _batches(p: Prepared) -> Callable:
+    return lambda indices: p.inputs("train", indices)
+
+
+@torch.no_grad()
+def _load(p: Prepared, weights: dict[str, torch.Tensor]) -> None:
+    for name, param in p.model.named_parameters():
+        if param.requires_grad:
+            param.copy_(weights[name])
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

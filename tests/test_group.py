@@ -1,0 +1,156 @@
+"""A stacked group of runs (core.group, the grid's --max-parallel-runs) records what each run would alone."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import optuna
+import pytest
+import torch
+from conftest import quick_config, save_tiny, write_toy_dataset
+
+from core import group as run_group_module
+from core.group import bytes_per_run, choose_engine, group_size, train_group
+from core.session import Session
+from core.train import prepare, train_epochs
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+ZERO_GRADIENT = "attention.self.key.bias"  # exactly zero gradient: moved by rounding noise only (see test_stacked)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(save_tiny(tmp_path_factory.mktemp("group-bert"), "bert", layers=2, **NO_DROPOUT))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(write_toy_dataset(tmp_path_factory.mktemp("group-data"), train=60, validation=32))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def test_a_group_trains_each_run_as_alone_and_times_it_alone(model, data):
+    """Weights within 1e-5 relative, same epochs kept, pruning stops one run only, solo per-step timing."""
+    base = quick_config(model, data, freeze_depth=1, epochs=2, batch_size=8, warmup_ratio=0.1)
+    configs = [base.replace(seed=0), base.replace(seed=1, scheduler="cosine", learning_rate=3e-3),
+               base.replace(seed=2, learning_rate=5e-4, select_by="loss")]
+    callbacks = [None, lambda entry: "pruned" if entry["epoch"] == 1 else None, None]
+    session = Session(timing_repeats=1)
+    group = train_group([prepare(c, session, "cpu", False, True) for c in configs], session, callbacks)
+    for config, callback, together in zip(configs, callbacks, group):
+        p = prepare(config, session, "cpu", False, True)
+        with p.frozen_view():
+            alone = train_epochs(p, p.model, session, callback, False, False, ())
+        names = [n for n, q in p.model.named_parameters() if q.requires_grad]
+        keep = [i for i, n in enumerate(names) if not n.endswith(ZERO_GRADIENT)]
+        error = relative_error(torch.cat([together.best["weights"][i].flatten() for i in keep]),
+                               torch.cat([alone.best["weights"][i].flatten() for i in keep]))
+        assert error < 1e-5, f"seed {config.seed}: weights differ by {error:.1e} relative"
+        assert together.best["epoch"] == alone.best["epoch"] and together.stopped == alone.stopped
+        assert (together.best["predictions"] == alone.best["predictions"]).all()
+        assert [e["train_seconds"] for e in together.history] == [e["train_seconds"] for e in alone.history]
+        assert together.timing is alone.timing  # one timing pass per work shape, the solo one
+    assert [len(t.history) for t in group] == [2, 1, 2]
+
+
+def grid_argv(model, data, out, *extra):
+    return ["python -m ablations.grid", "--model", model, "--dataset", data, "--freeze-depths", "0",
+            "--schedulers", "linear", "--epochs", "1", "--seeds", "3", "--seed", "0", "--learning-rate", "3e-3",
+            "--precision", "fp32", "--max-length", "32", "--batch-size", "8", "--output-dir", str(out),
+            "--no-progress", "--no-report", "--timing-repeats", "0", "--storage", f"sqlite:///{out}/grid.db", *extra]
+
+
+def grid_records(model, data, out, monkeypatch, *extra) -> dict:
+    from ablations.grid import main
+    out.mkdir()
+    monkeypatch.setattr(sys, "argv", grid_argv(model, data, out, *extra))
+    assert main() == 0
+    trials = optuna.load_study(study_name="grid", storage=f"sqlite:///{out}/grid.db").get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials) and len(trials) == 3
+    return {t.user_attrs["record"]["config"]["seed"]: t.user_attrs["record"] for t in trials}
+
+
+def test_grid_of_three_seeds_stacked_equals_one_at_a_time_and_captured_falls_back_on_cpu(
+        model, data, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(run_group_module, "_said", set())
+    with caplog.at_level(logging.WARNING, logger="core.group"):
+        alone = grid_records(model, data, tmp_path / "one", monkeypatch, "--engine", "captured",
+                             "--max-parallel-runs", "1")
+    assert [r.getMessage() for r in caplog.records] == ["training step runs eagerly: capture needs CUDA"]
+    stacked = grid_records(model, data, tmp_path / "three", monkeypatch, "--max-parallel-runs", "3")
+    assert sorted(alone) == sorted(stacked) == [0, 1, 2]
+    for seed in alone:
+        assert alone[seed]["engine"] == "eager" and stacked[seed]["engine"] == "stacked (3 runs)"
+        assert stacked[seed]["validation_predictions"] == alone[seed]["validation_predictions"]
+        assert (stacked[seed]["accuracy"], stacked[seed]["f1"]) == (alone[seed]["accuracy"], alone[seed]["f1"])
+        assert stacked[seed]["loss"] == pytest.approx(alone[seed]["loss"], rel=1e-4)
+        assert stacked[seed]["history"][0]["train_loss"] == pytest.approx(alone[seed]["history"][0]["train_loss"],
+                                                                           rel=1e-4)
+        assert stacked[seed]["shared_steps"] is None
+
+
+def test_engine_choice_on_the_cpu(model):
+    config = quick_config(model, "unused")
+    assert group_size(config, "cpu") == 1  # stacking did not pay on the CPU: one run at a time by default
+    assert choose_engine("auto", "cpu", 1) == "eager"
+    assert choose_engine("auto", "cpu", 3) == "stacked" and choose_engine("stacked", "cpu", 1) == "stacked"
+    assert choose_engine("eager", "cpu", 3) == "eager"
+    from core.errors import UsageError
+    with pytest.raises(UsageError, match="--engine 'fast' is unknown"):
+        choose_engine("fast", "cpu", 1)
+    from argparse import Namespace
+
+    from ablations.grid import parallel_runs
+    flags = {"engine": "auto", "device": "cpu", "compile": False}
+    assert parallel_runs(Namespace(max_parallel_runs="auto", **flags), config) == ("eager", 1)
+    assert parallel_runs(Namespace(max_parallel_runs="4", **flags), config) == ("stacked", 4)
+    assert parallel_runs(Namespace(max_parallel_runs="4", **{**flags, "engine": "eager"}), config) == ("eager", 1)
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(UsageError, match=f"--max-parallel-runs '{bad}' is invalid"):
+            parallel_runs(Namespace(max_parallel_runs=bad, **flags), config)
+
+
+def test_automatic_group_size_is_bounded_by_free_memory(model):
+    config = quick_config(model, "unused")
+    per_run = bytes_per_run(config)
+    assert bytes_per_run(config.replace(freeze_depth=2)) < per_run < bytes_per_run(config.replace(max_length=64))
+    assert group_size(config, "cpu", free_bytes=int(10.5 * per_run / run_group_module.MEMORY_HEADROOM)) == 10
+    assert group_size(config, "cpu", free_bytes=per_run // 2) == 1
+    assert group_size(config, "cpu", free_bytes=10**15) == run_group_module.MAX_GROUP
+
+
+def test_a_run_whose_loss_turns_nan_fails_alone(model, data):
+    base = quick_config(model, data, batch_size=8)
+    configs = [base.replace(seed=0), base.replace(seed=1, learning_rate=1e30)]  # the second one diverges
+    session = Session(timing_repeats=0)
+    good, bad = train_group([prepare(c, session, "cpu", False, True) for c in configs], session, [None, None])
+    assert isinstance(bad, FloatingPointError) and "training loss became" in str(bad)
+    p = prepare(configs[0], session, "cpu", False, True)
+    alone = train_epochs(p, p.model, session, None, False, False, ())
+    assert (good.best["predictions"] == alone.best["predictions"]).all()
+    assert good.best["metrics"]["accuracy"] == alone.best["metrics"]["accuracy"]
+
+
+def test_a_group_that_fails_as_a_whole_fails_each_of_its_runs_once(model, data, tmp_path):
+    from ablations.grid import run_cells
+    from ablations.ledger import Ledger, open_storage, open_study
+    from ablations.space import Grid
+    storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
+    study, ledger = open_study(storage, "grid"), Ledger(storage)
+    configs = Grid((0,), ("linear",), (1,), (0, 1, 2)).configs(quick_config(model, data))
+    groups = []
+
+    def out_of_memory(group):
+        groups.append([c.seed for c in group])
+        raise RuntimeError("CUDA out of memory")
+
+    outcome = run_cells(configs, study, ledger, lambda c, _: pytest.fail("trained alone"), retries=0,
+                        progress=False, train_group=out_of_memory, max_parallel=3)
+    assert len(groups) == 1 and sorted(groups[0]) == [0, 1, 2]
+    assert sorted(outcome.failed) == sorted(c.run_id for c in configs) and outcome.trained == []
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"RuntimeError: CUDA out of memory"}
