@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth, study_params
 from ablations.study import Heartbeat, Ledger, open_storage, open_study, storage_url
+from ablations.tuning import TIE_RULE, choose_rates, chosen_configs, parse_rates, tuning_configs
 from core import RunConfig, check
 from core.cli import (
     ArgumentParser,
@@ -104,6 +105,23 @@ def run_cells(configs: list[RunConfig], study: optuna.Study, ledger: Ledger, tra
     return outcome
 
 
+def run_tuned(configs: list[RunConfig], rates: tuple[float, ...], study: optuna.Study, ledger: Ledger,
+              train: TrainFn, **run) -> GridOutcome:
+    """Every cell tuned alike (`ablations.tuning`): its first seed at every rate, then its seeds at the rate chosen
+    on dev. The choice is stored as the study's `lr_tuning` attribute; a rerun recomputes it from the ledger."""
+    tuning = tuning_configs(configs, rates)
+    outcome = run_cells(tuning, study, ledger, train, **run)
+    records = {run_id: status.record for run_id, status in ledger.scan().items() if status.complete}
+    choices = choose_rates(tuning, records)
+    study.set_user_attr("lr_tuning", {"rates": list(rates), "rule": TIE_RULE, "cells": list(choices.values())})
+    for choice in choices.values():
+        print(f"  freeze {choice['freeze_depth']} · {choice['scheduler']} · {choice['epochs']} ep: learning rate "
+              f"{choice['learning_rate']:g} chosen on {choice['selected_on']} ({choice['dev_accuracy']})")
+    seeds = run_cells(chosen_configs(configs, choices), study, ledger, train, **run)  # seed 1 is a tuning run: reused
+    return GridOutcome(outcome.trained + seeds.trained, outcome.reused + seeds.reused, outcome.failed | seeds.failed,
+                       outcome.given_up + seeds.given_up, outcome.train_seconds + seeds.train_seconds)
+
+
 def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: RunConfig, train: TrainFn,
                   failed: dict[str, str], siblings: list[RunConfig]) -> dict | None:
     """Train a claimed run under a heartbeat; any error becomes a FAIL trial with its reason, never a crash."""
@@ -150,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="first seed")
     parser.add_argument("--lr-by-depth", default=None, metavar="SPEC", help="a learning rate per freeze depth, "
                         "overriding --learning-rate: 0=3e-4,6=1e-3 or the file python -m ablations.lr_choice wrote")
+    parser.add_argument("--learning-rates", default=None, metavar="RATES", help="tune every cell alike: train "
+                        "each cell's first seed at each of these rates (1e-5,3e-5,1e-4,3e-4,1e-3), choose on the dev "
+                        f"split by {TIE_RULE}, and train its other seeds at the chosen rate")
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, help="re-attempts of a failed cell on later invocations")
     return parser
@@ -204,6 +225,9 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
+    tuning_rates = None if args.learning_rates is None else parse_rates(args.learning_rates)
+    if tuning_rates and rates:
+        raise UsageError("--learning-rates and --lr-by-depth both set the learning rate: give one of them")
     url = storage_url(args.storage, args.output_dir)
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
@@ -211,8 +235,11 @@ def main() -> int:
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
     print(f"grid {args.study_name!r}: {grid.describe()} on {url}")
-    outcome = run_cells(configs, study, ledger, make_trainer(args), args.retries,
-                        poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
+    run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress)
+    if tuning_rates:
+        outcome = run_tuned(configs, tuning_rates, study, ledger, make_trainer(args), **run)
+    else:
+        outcome = run_cells(configs, study, ledger, make_trainer(args), **run)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "
           f"{len(outcome.reused)} reused from other studies, {len(outcome.failed)} failed now, "
           f"{len(outcome.given_up)} given up after {args.retries + 1} failures")

@@ -69,4 +69,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "with baseline seed s and pooling the discordant counts over seeds (b = right only here, c = right only in "
         "the baseline; two-sided scipy.stats.binomtest of b against Bin(b + c, ½)). ★ = Pareto-optimal: no other "
         "configuration is at least as accurate and at least as fast.")
+    if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
+        from ablations.tuning import caption as rate_caption
+        methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])))
     return "\n".join([caption, "", *lines, "", methods, ""])

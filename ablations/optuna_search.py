@@ -26,6 +26,7 @@ from ablations import pareto
 from ablations.grid import add_study_arguments, free_accelerator_memory
 from ablations.pareto import SEARCHED, fixed_fields, write_outputs
 from ablations.space import SearchSpace, parse_choices, parse_range
+from ablations.tuning import choice_accuracy
 from ablations.study import Heartbeat, Ledger, RunStatus, open_storage, open_study, storage_url
 from core import RunConfig
 from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
@@ -186,10 +187,10 @@ class Search:
             history.append(entry)
             last = entry["epoch"] >= config.epochs  # a finished run is worth keeping: never prune the last epoch
             if len(self.study.directions) == 1:
-                trial.report(entry["accuracy"], entry["epoch"])
+                trial.report(choice_accuracy(entry), entry["epoch"])  # dev accuracy: the report's set chooses nothing
                 if self.prune and not last and trial.should_prune():
                     return (f"pruned by {type(self.study.pruner).__name__} after epoch {entry['epoch']}: accuracy "
-                            f"{entry['accuracy']:.4f} is below the median of earlier trials at that epoch")
+                            f"{choice_accuracy(entry):.4f} is below the median of earlier trials at that epoch")
                 return None
             if not self.prune or last:
                 return None

@@ -18,9 +18,10 @@ import pandas as pd
 from ablations import plots
 from ablations.markdown import DEFAULT_BASELINE, markdown
 from ablations.stats import accuracy_interval, mcnemar_exact, pareto_front
+from ablations.tuning import choose_configuration, rate_curve_rows, tuned_cells
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
-               "accuracy", "test_accuracy", "train_seconds", "trainable_params", "train_samples", "device",
+               "dev_accuracy", "accuracy", "test_accuracy", "train_seconds", "trainable_params", "train_samples", "device",
                "fail_reason", "reused_from"]
 SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
 
@@ -41,6 +42,7 @@ def run_table(runs: list[dict]) -> pd.DataFrame:
         rows.append({**{key: run.get(key) for key in ("study", "number", "state", "run_id")},
                      **{key: config.get(key) for key in ("freeze_depth", "scheduler", "epochs", "seed",
                                                           "learning_rate")},
+                     "dev_accuracy": record.get("dev_accuracy"),
                      "accuracy": record.get("accuracy", values[0]), "test_accuracy": record.get("test_accuracy"),
                      "train_seconds": record.get("train_seconds", values[1]),
                      **{key: record.get(key) for key in ("trainable_params", "train_samples", "device")},
@@ -123,18 +125,26 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         described = ",".join(f"{k}={v}" for k, v in overrides.items())
         raise usage_error(f"--baseline {described} matches no completed configuration")
 
+    # Configurations that differ only in the learning rate are one tuned cell: its row is the rate chosen on dev.
+    how = tuned_cells(groups)
+    rate_choice = {"learning_rate_choice": None} if any(text != "given" for text in how.values()) else {}
     rows = []
     for key, (fields, records) in groups.items():
+        if key not in how:
+            continue
         records = sorted(records, key=lambda r: r["config"]["seed"])
+        devs = [r.get("dev_accuracy") for r in records]
         correct = records[0].get("validation_correct") or ""
         total = len(correct) or records[0].get("validation_samples") or 0
         hits = correct.count("1") if correct else round(records[0]["accuracy"] * total)
         interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
         tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
-        rows.append({**{name: fields.get(name) for name in shown}, "label": plots.point_label(fields, in_label),
+        rows.append({**{name: fields.get(name) for name in shown}, **{k: how[key] for k in rate_choice},
+                     "label": plots.point_label(fields, in_label),
                      "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
                      "accuracy_high": interval.high, "interval": interval.method,
+                     "dev_accuracy_mean": sum(devs) / len(devs) if None not in devs else math.nan,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
                      "train_seconds_mean": sum(r["train_seconds"] for r in records) / len(records),
                      "trainable_params": records[0].get("trainable_params"),
@@ -149,21 +159,21 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
 
 
 def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
-    """Point each row at its baseline with nuisance settings tuned away: among the configurations that match the
-    row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the most
-    accurate one. A study that picked the learning rate per depth then still compares depth with depth."""
+    """Point each row at its baseline with nuisance settings tuned away: among the configurations (rows) that match
+    the row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the one
+    `ablations.tuning` ranks first on the dev split, never the one most accurate on the reported validation set.
+    A study that picked the learning rate per depth then still compares depth with depth."""
     ignored = [n for n in NUISANCE if n not in overrides]
 
     def scientific(key: str) -> str:
         return json.dumps({k: v for k, v in json.loads(key).items() if k not in ignored}, sort_keys=True)
 
-    accuracy = dict(zip(table["config_key"], table["accuracy_mean"]))
     candidates: dict[str, list[str]] = {}
-    for key, (fields, _) in groups.items():
-        if all(fields.get(k) == v for k, v in overrides.items()):
+    for key in table["config_key"]:
+        if all(groups[key][0].get(k) == v for k, v in overrides.items()):
             candidates.setdefault(scientific(key), []).append(key)
-    chosen = [max(candidates.get(scientific(target), [target]), key=lambda k: accuracy.get(k, -1.0))
-              for target in table["baseline_key"]]
+    chosen = [choose_configuration({k: groups[k][1] for k in candidates[scientific(target)]})
+              if scientific(target) in candidates else target for target in table["baseline_key"]]
     table["baseline_key"] = chosen
     table["baseline"] = table["baseline_key"] == table["config_key"]
 
@@ -234,7 +244,8 @@ def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
 
 
 def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None) -> dict[str, Path]:
-    """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png; return their paths by short name."""
+    """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png (and lr_curves.png where learning rates were
+    tuned); return their paths by short name."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"runs": output / "runs.csv"}
@@ -248,6 +259,10 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
     paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")
+    rate_curves = pd.DataFrame(rate_curve_rows(_configurations(runs)))
+    (output / "lr_curves.png").unlink(missing_ok=True)  # never a stale figure beside fresh tables
+    if not rate_curves.empty:
+        paths["lr_curves_png"] = plots.lr_curves(rate_curves, about, output / "lr_curves.png")
     return paths
 
 

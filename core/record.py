@@ -97,9 +97,3 @@ def write_record(record: RunRecord | dict, path: str | Path) -> None:
     values = record.to_dict() if isinstance(record, RunRecord) else record
     path.write_text(json.dumps(values, indent=2) + "\n")
 
-
-def choice_accuracy(values: dict[str, Any]) -> float:
-    """The accuracy a choice is made on, for a record or one epoch of its history: dev where the run had a dev
-    split, else (no dev split, or a record from before dev splits existed) validation."""
-    dev = values.get("dev_accuracy")
-    return values["accuracy"] if dev is None else dev
