@@ -133,9 +133,9 @@ def test_report_rows_are_the_chosen_rates_with_dev_beside_validation_and_a_curve
     assert "Learning rate chosen" in (tmp_path / "report" / "tradeoff.md").read_text()
     axes = [ax for ax in drawn["lr_curves.png"].axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["schedule: linear"] and axes[0].get_xscale() == "log"
-    lines = {tuple(line.get_xdata()): tuple(line.get_ydata()) for line in axes[0].get_lines()
-             if len(line.get_xdata()) == len(RATES)}
-    drawn_curves = sorted(tuple(round(y, 6) for y in ys) for xs, ys in lines.items() if list(xs) == list(RATES))
+    curves = [line for line in axes[0].get_lines() if len(line.get_xdata()) == len(RATES)]
+    assert all(list(line.get_xdata()) == list(RATES) for line in curves)
+    drawn_curves = sorted(tuple(round(float(y), 6) for y in line.get_ydata()) for line in curves)
     expected = sorted(tuple(round(100 * DEV[(d, r)][0], 6) for r in RATES) for d in (0, 2))
     assert drawn_curves == expected
     rings = axes[0].collections[-1].get_offsets().tolist()
