@@ -305,7 +305,7 @@ DEV_SEED = 0          # fixed, not the run seed: every run of a study must be ch
 DEV_FRACTION, DEV_MAX_ROWS = 0.1, 1000  # the default dev split: 10 % of the training rows, at most 1,000
 
 
-def dev_rows_count(n: int, dev_size: float | int | None) -> int:
+def dev_rows_count(n: int, dev_size: float | None) -> int:
     """Rows the dev split takes from `n` training rows: a count, a fraction, 0, or (None) the default."""
     if dev_size is None:
         return min(round(DEV_FRACTION * n), DEV_MAX_ROWS)
@@ -316,7 +316,7 @@ def dev_rows_count(n: int, dev_size: float | int | None) -> int:
     return size
 
 
-def carve_dev(labels: np.ndarray, dev_size: float | int | None) -> tuple[np.ndarray, np.ndarray]:
+def carve_dev(labels: np.ndarray, dev_size: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(dev rows, the remaining training rows), both sorted: a stratified sample with a fixed seed.
 
     Each label gets its share of the dev rows (largest remainders round), so the dev split has the training

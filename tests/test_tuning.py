@@ -78,7 +78,7 @@ def test_each_cell_tries_every_rate_once_on_its_first_seed_and_trains_its_seeds_
 
 
 def test_a_rerun_trains_nothing(tuned):
-    url, ledger, study, configs, trained, _ = tuned
+    _, ledger, study, configs, _, _ = tuned
     again: list = []
     outcome = run_tuned(configs, RATES, study, ledger, fake_train(again), retries=0, progress=False)
     assert again == [] and outcome.trained == []
