@@ -173,6 +173,26 @@ def train_group_claimed(study: optuna.Study, ledger: Ledger, claims: list[tuple[
     return done
 
 
+def run_tuned(configs: list[RunConfig], rates: tuple[float, ...], study: optuna.Study, ledger: Ledger,
+              train: TrainFn, **run) -> GridOutcome:
+    """Every cell tuned alike (`ablations.tuning`): its first seed at every rate, then its seeds at the rate chosen
+    on dev. The choice is stored as the study's `lr_tuning` attribute; a rerun recomputes it from the ledger."""
+    from ablations.tuning import TIE_RULE, choose_rates, chosen_configs, tuning_configs
+
+    tuning = tuning_configs(configs, rates)
+    outcome = run_cells(tuning, study, ledger, train, **run)
+    records = {c.run_id: ledger.record(status) for c in tuning
+               if (status := ledger.lookup([c])[c.run_id]).complete}
+    choices = choose_rates(tuning, records)
+    study.set_user_attr("lr_tuning", {"rates": list(rates), "rule": TIE_RULE, "cells": list(choices.values())})
+    for choice in choices.values():
+        print(f"  freeze {choice['freeze_depth']} · {choice['scheduler']} · {choice['epochs']} ep: learning rate "
+              f"{choice['learning_rate']:g} chosen on {choice['selected_on']} ({choice['dev_accuracy']})")
+    seeds = run_cells(chosen_configs(configs, choices), study, ledger, train, **run)  # seed 1: a tuning run, reused
+    return GridOutcome(outcome.trained + seeds.trained, outcome.reused + seeds.reused, outcome.failed | seeds.failed,
+                       outcome.given_up + seeds.given_up, outcome.train_seconds + seeds.train_seconds)
+
+
 def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: RunConfig, train: TrainFn,
                   failed: dict[str, str], siblings: list[RunConfig]) -> dict | None:
     """Train a claimed run under a heartbeat; any error becomes a FAIL trial with its reason, never a crash."""
@@ -209,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-by-depth", default=None, metavar="SPEC", help="a learning rate per freeze depth, "
                         "overriding --learning-rate: 0=3e-4,6=1e-3 or the file python -m ablations.lr_choice wrote "
                         "(default: --learning-rate for every depth)")
+    parser.add_argument("--learning-rates", default=None, metavar="RATES", help="tune every cell alike: train "
+                        "each cell's first seed at each of these comma-separated rates (e.g. 1e-5,3e-5,1e-4,3e-4,"
+                        "1e-3), choose on the dev split by higher dev accuracy, then lower dev loss, then the smaller "
+                        "rate, "
+                        "and train its other seeds at the chosen rate (default: no tuning)")
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")
@@ -282,6 +307,7 @@ def main() -> int:
         raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
     from ablations.ledger import storage_errors
     from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
+    from ablations.tuning import parse_rates
     from core.config import SCHEDULERS
     from core.cli import make_session
     from core.model import num_layers, preflight, resolve_model
@@ -305,12 +331,17 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
+    tuning_rates = None if args.learning_rates is None else parse_rates(args.learning_rates)
+    if tuning_rates and rates:
+        raise UsageError("--learning-rates and --lr-by-depth both set the learning rate: give one of them")
     engine, size = parallel_runs(args, base)  # the depth-0 base: the most memory per run, the smallest group
     with storage_errors(url):
-        return run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine, size)
+        return run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine, size,
+                        tuning_rates)
 
 
-def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine="eager", size=1) -> int:
+def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine="eager", size=1,
+             tuning_rates=None) -> int:
     from ablations.ledger import Ledger, mask_url, open_storage, open_study
 
     ledger = Ledger(open_storage(url, args.heartbeat))
@@ -322,8 +353,12 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
           f"{size} run(s) at once")
     print(duration_estimate(configs, base, args.device, session))
     train, train_group = make_trainers(args, session, engine)
-    outcome = run_cells(configs, study, ledger, train, args.retries, poll_seconds=min(5.0, args.heartbeat),
-                        progress=not args.no_progress, train_group=train_group, max_parallel=size)
+    run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,
+               train_group=train_group, max_parallel=size)
+    if tuning_rates:
+        outcome = run_tuned(configs, tuning_rates, study, ledger, train, **run)
+    else:
+        outcome = run_cells(configs, study, ledger, train, **run)
     print(f"grid {args.study_name!r}: {len(outcome.trained)} trained now ({outcome.train_seconds:.1f} s of training), "
           f"{len(outcome.reused)} reused from other studies, {len(outcome.failed)} failed now, "
           f"{len(outcome.given_up)} given up after {args.retries + 1} failures")

@@ -73,8 +73,10 @@ def open_study(storage: RDBStorage, name: str, directions: tuple[str, ...] = DIR
 
 
 def objective_values(study: optuna.Study, record: dict) -> list[float]:
-    """A run's values in the study's objectives: accuracy and training seconds, or accuracy alone."""
-    values = [record["accuracy"], record["train_seconds"]]
+    """A run's values in the study's objectives: accuracy and training seconds, or accuracy alone. The accuracy is
+    the dev split's where the run had one (Optuna's sampler and pruner choose on it), else validation's."""
+    from ablations.tuning import choice_accuracy
+    values = [choice_accuracy(record), record["train_seconds"]]
     return values[:len(study.directions)]
 
 

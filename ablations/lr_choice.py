@@ -9,17 +9,19 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ablations.runner import default_storage
+from ablations.tuning import choice_accuracy
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
 
 def best_rates(runs: list[dict]) -> dict[int, tuple[float, float, int]]:
-    """depth -> (learning rate with the best mean accuracy over seeds/schedulers, that accuracy, runs averaged)."""
+    """depth -> (learning rate with the best mean dev accuracy over seeds/schedulers, that accuracy, runs averaged);
+    validation accuracy stands in for runs without a dev split."""
     scores: dict[tuple[int, float], list[float]] = defaultdict(list)
     for run in runs:
         if run["state"] == "COMPLETE" and run.get("record"):
             config = run["record"]["config"]
-            scores[(config["freeze_depth"], config["learning_rate"])].append(run["record"]["accuracy"])
+            scores[(config["freeze_depth"], config["learning_rate"])].append(choice_accuracy(run["record"]))
     best: dict[int, tuple[float, float, int]] = {}
     for (depth, rate), accuracies in sorted(scores.items()):
         mean = sum(accuracies) / len(accuracies)
@@ -40,7 +42,7 @@ def main() -> int:
     best = best_rates(load_runs(storage, [args.study_name]))
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")
-    print("# depth learning_rate mean_validation_accuracy runs")
+    print("# depth learning_rate mean_dev_accuracy runs")
     for depth, (rate, accuracy, count) in sorted(best.items()):
         print(f"{depth} {rate:g} {accuracy:.4f} {count}")
     return 0

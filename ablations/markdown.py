@@ -104,4 +104,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
         "(tradeoff.csv: p_value adjusted, p_value_raw not). " + TIME_METHODS)
+    if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
+        from ablations.tuning import caption as rate_caption
+        methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])))
     return "\n".join([caption, "", *lines, "", methods, ""])

@@ -191,6 +191,7 @@ class Search:
         """The on_epoch callback: Optuna's pruner for one objective, Pareto dominance for two."""
         from ablations import pareto
         from ablations.pareto import fixed_fields
+        from ablations.tuning import choice_accuracy
 
         history: list[dict] = []
         elsewhere = pareto.storage_points(self.ledger, self.study.study_name, fixed_fields(self.base.to_dict()),
@@ -200,10 +201,10 @@ class Search:
             history.append(entry)
             last = entry["epoch"] >= config.epochs  # a finished run is worth keeping: never prune the last epoch
             if len(self.study.directions) == 1:
-                trial.report(entry["accuracy"], entry["epoch"])
+                trial.report(choice_accuracy(entry), entry["epoch"])  # dev accuracy: the report's set chooses nothing
                 if self.prune and not last and trial.should_prune():
                     return (f"pruned by {type(self.study.pruner).__name__} after epoch {entry['epoch']}: accuracy "
-                            f"{entry['accuracy']:.4f} is below the median of earlier trials at that epoch")
+                            f"{choice_accuracy(entry):.4f} is below the median of earlier trials at that epoch")
                 return None
             if not self.prune or last:
                 return None

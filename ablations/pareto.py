@@ -1,4 +1,8 @@
-"""Pareto fronts of stored runs: validation accuracy up, training seconds down.
+"""Pareto fronts of stored runs: accuracy up, training seconds down.
+
+Every choice here (the front, the knee, pruning, the best baseline) reads the dev accuracy, which a run's
+record holds where it had a dev split; validation accuracy is reported beside it and chooses nothing (records
+from before dev splits, which have none, fall back to it).
 
 The front and its knee, the dominance test that prunes a two-objective trial (Optuna has no pruner for
 several objectives, optuna#3450), and the search's outputs: pareto.csv, importance.png, search_summary.md.
@@ -17,14 +21,15 @@ from optuna.trial import FrozenTrial, TrialState
 from ablations.runner import SEARCHED
 from ablations.stats import pareto_front
 from ablations.ledger import Ledger
+from ablations.tuning import choice_accuracy
 from core.errors import UsageError
 
 if TYPE_CHECKING:
     from core.config import RunConfig
 
-PARETO_COLUMNS = [*SEARCHED, "accuracy", "train_seconds", "trainable_params", "run_id", "trial"]
+PARETO_COLUMNS = [*SEARCHED, "dev_accuracy", "accuracy", "train_seconds", "trainable_params", "run_id", "trial"]
 MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer runs ranks noise
-OBJECTIVE_NAMES = {"accuracy": "validation accuracy", "train_seconds": "training seconds"}
+OBJECTIVE_NAMES = {"accuracy": "dev accuracy", "train_seconds": "training seconds"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ def prune_reason(points: Iterable[Point], history: list[dict], margin: float) ->
     The trial's best reachable point is optimistic on both axes: the best accuracy so far plus `margin`
     (later epochs may still improve it), reached in the seconds already spent (it can only get slower).
     If a finished run dominates even that point, the finished trial would be dominated too."""
-    best = max(entry["accuracy"] for entry in history)
+    best = max(choice_accuracy(entry) for entry in history)
     spent = sum(entry["train_seconds"] for entry in history)
     hit = dominator(points, best + margin, spent)
     if hit is None:
@@ -84,7 +89,7 @@ def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | N
             record, where = trial.user_attrs.get("record"), ledger.where(trial)
             if record and not where.startswith(f"{skip_study}#") and _same_device(record, device) \
                     and fixed_fields(record["config"]) == fixed:
-                points.append(Point(record["accuracy"], record["train_seconds"], where))
+                points.append(Point(choice_accuracy(record), record["train_seconds"], where))
     return points
 
 
@@ -102,18 +107,19 @@ def run_rows(trials: Iterable[FrozenTrial], where: Callable[[FrozenTrial], str])
             continue  # keep the trial that trained the run, else the first copy
         (copied.add if reused else copied.discard)(run_id)
         rows[run_id] = {**{name: record["config"].get(name) for name in SEARCHED},
-                        "accuracy": record["accuracy"], "train_seconds": record["train_seconds"],
+                        "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
+                        "choice": choice_accuracy(record), "train_seconds": record["train_seconds"],
                         "trainable_params": record.get("trainable_params"), "run_id": run_id,
                         "trial": where(trial), "device": record.get("device")}
-    return pd.DataFrame(list(rows.values()), columns=[*PARETO_COLUMNS, "device"])
+    return pd.DataFrame(list(rows.values()), columns=[*PARETO_COLUMNS, "choice", "device"])
 
 
 def front_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """The non-dominated rows, fastest first."""
+    """The rows non-dominated on (dev accuracy, seconds), fastest first."""
     if rows.empty:
         return rows
-    mask = pareto_front(rows["accuracy"].tolist(), rows["train_seconds"].tolist())
-    return rows[mask].sort_values(["train_seconds", "accuracy"], ascending=[True, False]).reset_index(drop=True)
+    mask = pareto_front(rows["choice"].tolist(), rows["train_seconds"].tolist())
+    return rows[mask].sort_values(["train_seconds", "choice"], ascending=[True, False]).reset_index(drop=True)
 
 
 def knee_index(front: pd.DataFrame) -> int:
@@ -125,7 +131,7 @@ def knee_index(front: pd.DataFrame) -> int:
         span = column.max() - column.min()
         return (column - column.min()) / span if span > 0 else column * 0.0
 
-    gain = scaled(front["accuracy"]) - scaled(front["train_seconds"])
+    gain = scaled(front["choice"]) - scaled(front["train_seconds"])
     return int(gain.idxmax())  # idxmax returns the first maximum; the front is sorted fastest first
 
 
@@ -142,11 +148,12 @@ def importance_plot(rows: pd.DataFrame, path: Path) -> str:
     for row in rows.itertuples(index=False):
         study.add_trial(optuna.trial.create_trial(
             params={name: _plain(getattr(row, name)) for name in varying}, distributions=distributions,
-            values=[row.accuracy, row.train_seconds]))
+            values=[row.choice, row.train_seconds]))
     # fANOVA explains variance, so it needs no direction (Optuna 5's default evaluator ranks for low values).
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     panels: dict[str, dict | str] = {}
-    for index, (column, objective) in enumerate(OBJECTIVE_NAMES.items()):
+    for index, (column, objective) in enumerate({"choice": OBJECTIVE_NAMES["accuracy"],
+                                                 "train_seconds": OBJECTIVE_NAMES["train_seconds"]}.items()):
         panels[objective] = "the same in every run: nothing to explain"
         if rows[column].nunique() > 1:
             try:
@@ -175,7 +182,8 @@ def _distribution(column: pd.Series) -> od.BaseDistribution:
 
 def _row_text(row) -> str:
     return (f"freeze {row.freeze_depth}, {row.scheduler}, {row.epochs} epoch(s), lr {row.learning_rate:.3g}, "
-            f"warmup {row.warmup_ratio:.3g}: accuracy {row.accuracy:.4f} in {row.train_seconds:.1f} s "
+            f"warmup {row.warmup_ratio:.3g}: accuracy {row.accuracy:.4f}{_dev_text(row)} in "
+            f"{row.train_seconds:.1f} s "
             f"({row.trial})")
 
 
@@ -206,17 +214,26 @@ def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.Dat
     lines = [f"# {title}", "", counts, ""]
     if front.empty:
         return "\n".join(lines + ["No complete run yet: no front.", "", *notes, ""])
-    lines += ["## Pareto front (validation accuracy vs training seconds)", "",
-              "| freeze depth | schedule | epochs | learning rate | warmup | accuracy | train s | trainable params "
-              "| trial |", "|--:|---|--:|--:|--:|--:|--:|--:|---|"]
+    lines += ["## Pareto front (dev accuracy vs training seconds; validation accuracy reported)", "",
+              "| freeze depth | schedule | epochs | learning rate | warmup | dev accuracy | accuracy | train s "
+              "| trainable params | trial |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     lines += [f"| {r.freeze_depth} | {r.scheduler} | {r.epochs} | {r.learning_rate:.3g} | {r.warmup_ratio:.3g} | "
-              f"{r.accuracy:.4f} | {r.train_seconds:.1f} | {_count(r.trainable_params)} | {r.trial} |"
+              f"{_accuracy(r.dev_accuracy)} | {r.accuracy:.4f} | {r.train_seconds:.1f} | {_count(r.trainable_params)} "
+              f"| {r.trial} |"
               for r in front.itertuples(index=False)]
     knee = front.iloc[knee_index(front)]
     lines += ["", f"**Knee point**: {_row_text(knee)}. It is the front point farthest above the line from the "
                   "front's fastest to its most accurate end, with accuracy and time min-max scaled over the front.", ""]
     lines.append(knee_comparison(table, knee))
     return "\n".join(lines + ["", *notes, ""])
+
+
+def _accuracy(value) -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:.4f}"
+
+
+def _dev_text(row) -> str:
+    return "" if row.dev_accuracy is None or pd.isna(row.dev_accuracy) else f" (dev {row.dev_accuracy:.4f})"
 
 
 def _count(value) -> str:

@@ -46,7 +46,7 @@ def point_label(fields: dict, extra: list[str]) -> str:
 
 def varying_fields(table: pd.DataFrame) -> list[str]:
     """Configuration fields beyond depth, schedule and epochs that differ between rows (e.g. learning_rate)."""
-    candidates = table.columns[3:table.columns.get_loc("label")]
+    candidates = table.columns[3:table.columns.get_loc("label")].drop("learning_rate_choice", errors="ignore")
     return [name for name in candidates if table[name].astype(str).nunique() > 1]
 
 
@@ -276,4 +276,36 @@ def importance(panels: dict[str, dict | str], parameters: list[str], runs: int, 
                 ax.text(0.5, 0.5, found, transform=ax.transAxes, ha="center", va="center", wrap=True)
             ax.set(title=objective, xlim=(0, 1), xlabel="fANOVA importance", ylabel="")
         figure.suptitle(f"What drives each objective ({runs} complete runs)")
+        return _save(figure, path)
+
+
+def lr_curves(points: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
+    """Dev accuracy against the learning rate (log scale) of every tuned cell, one line per depth, one panel per
+    schedule; the rate each cell chose is ringed. How sensitive each depth is to the rate, at a glance."""
+    points = points.assign(dev_accuracy=points["dev_accuracy"] * PERCENT).rename(
+        columns={"freeze_depth": "freeze depth", "epochs": "epochs trained"})
+    schedulers = sorted(points["scheduler"].unique())
+    depths = sorted(points["freeze depth"].unique())
+    style = "epochs trained" if points["epochs trained"].nunique() > 1 else None
+    with _style(), sns.axes_style("whitegrid"):
+        figure = Figure(figsize=SIZE, layout="constrained")
+        axes = figure.subplots(1, len(schedulers), squeeze=False, sharey=True)[0]
+        for i, (ax, scheduler) in enumerate(zip(axes, schedulers)):
+            mine = points[points["scheduler"] == scheduler].sort_values("learning_rate")
+            sns.lineplot(mine, x="learning_rate", y="dev_accuracy", hue="freeze depth", style=style,
+                         units=style and "freeze depth", estimator=None, palette=_depth_colours(depths),
+                         hue_order=depths, marker="o", markersize=10, linewidth=2.5, ax=ax,
+                         legend=i == len(schedulers) - 1)
+            chosen = mine[mine["chosen"]]
+            ax.scatter(chosen["learning_rate"], chosen["dev_accuracy"], s=420, facecolors="none",
+                       edgecolors="black", linewidths=2.5, zorder=5, label="_chosen")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted(points["learning_rate"].unique()))
+            ax.set_xticklabels([f"{rate:g}" for rate in sorted(points["learning_rate"].unique())])
+            ax.set(title=f"schedule: {scheduler}", xlabel="learning rate (log scale)",
+                   ylabel="dev accuracy (%)" if i == 0 else "")
+        if axes[-1].get_legend() is not None:
+            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        figure.suptitle(f"Dev accuracy vs learning rate (first seed; ringed: the rate each cell chose)\n"
+                        f"{_title(about)}", fontsize=19)
         return _save(figure, path)

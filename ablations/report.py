@@ -39,6 +39,7 @@ import pandas as pd  # noqa: E402
 from ablations import plots  # noqa: E402
 from ablations.markdown import DEFAULT_BASELINE, markdown  # noqa: E402
 from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front  # noqa: E402
+from ablations.tuning import choose_configuration, rate_curve_rows, tuned_cells  # noqa: E402
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
                "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "train_seconds_lo", "train_seconds_hi",
@@ -147,21 +148,27 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         described = ",".join(f"{k}={v}" for k, v in overrides.items())
         raise usage_error(f"--baseline {described} matches no completed configuration")
 
+    # Configurations that differ only in the learning rate are one tuned cell: its row is the rate chosen on dev.
+    how = tuned_cells(groups)
+    rate_choice = {"learning_rate_choice": None} if any(text != "given" for text in how.values()) else {}
     rows = []
     for key, (fields, records) in groups.items():
+        if key not in how:
+            continue
         records = sorted(records, key=lambda r: r["config"]["seed"])
+        devs = [r.get("dev_accuracy") for r in records]
         correct = records[0].get("validation_correct") or ""
         total = len(correct) or records[0].get("validation_samples") or 0
         hits = correct.count("1") if correct else round(records[0]["accuracy"] * total)
         interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
         tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
-        dev = [r["dev_accuracy"] for r in records if r.get("dev_accuracy") is not None]
+        devs = [r.get("dev_accuracy") for r in records]
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
-        rows.append({**{name: fields.get(name) for name in shown}, "label": plots.point_label(fields, in_label),
+        rows.append({**{name: fields.get(name) for name in shown}, **{k: how[key] for k in rate_choice},
+                     "label": plots.point_label(fields, in_label),
                      "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
                      "accuracy_high": interval.high, "interval": interval.method,
-                     # blank unless every seed has one: a mean over some of the seeds would not compare
-                     "dev_accuracy_mean": sum(dev) / len(dev) if dev and len(dev) == len(records) else math.nan,
+                     "dev_accuracy_mean": sum(devs) / len(devs) if None not in devs else math.nan,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
                      **time_summary(records),
                      "trainable_params": records[0].get("trainable_params"),
@@ -201,27 +208,21 @@ def speedup_interval(base, row) -> dict[str, float]:
 
 
 def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
-    """Point each row at its baseline with nuisance settings tuned away: among the configurations that match the
-    row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the most
-    accurate one — on the dev split where every candidate has one, so that the reported accuracy is not also the
-    one it was chosen on. A study that picked the learning rate per depth then still compares depth with depth."""
+    """Point each row at its baseline with nuisance settings tuned away: among the configurations (rows) that match
+    the row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the one
+    `ablations.tuning` ranks first on the dev split, never the one most accurate on the reported validation set.
+    A study that picked the learning rate per depth then still compares depth with depth."""
     ignored = [n for n in NUISANCE if n not in overrides]
 
     def scientific(key: str) -> str:
         return json.dumps({k: v for k, v in json.loads(key).items() if k not in ignored}, sort_keys=True)
 
     candidates: dict[str, list[str]] = {}
-    for key, (fields, _) in groups.items():
-        if all(fields.get(k) == v for k, v in overrides.items()):
+    for key in table["config_key"]:
+        if all(groups[key][0].get(k) == v for k, v in overrides.items()):
             candidates.setdefault(scientific(key), []).append(key)
-    held_out = dict(zip(table["config_key"], table["accuracy_mean"]))
-    dev = dict(zip(table["config_key"], table["dev_accuracy_mean"]))
-
-    def most_accurate(keys: list[str]) -> str:
-        score = dev if all(not math.isnan(dev.get(k, math.nan)) for k in keys) else held_out
-        return max(keys, key=lambda k: score.get(k, -1.0))
-
-    chosen = [most_accurate(candidates.get(scientific(target), [target])) for target in table["baseline_key"]]
+    chosen = [choose_configuration({k: groups[k][1] for k in candidates[scientific(target)]})
+              if scientific(target) in candidates else target for target in table["baseline_key"]]
     table["baseline_key"] = chosen
     table["baseline"] = table["baseline_key"] == table["config_key"]
 
@@ -293,7 +294,8 @@ def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
 
 
 def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None) -> dict[str, Path]:
-    """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png; return their paths by short name."""
+    """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png (and lr_curves.png where learning rates were
+    tuned); return their paths by short name."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"runs": output / "runs.csv"}
@@ -307,6 +309,10 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
     paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")
+    rate_curves = pd.DataFrame(rate_curve_rows(_configurations(runs)))
+    (output / "lr_curves.png").unlink(missing_ok=True)  # never a stale figure beside fresh tables
+    if not rate_curves.empty:
+        paths["lr_curves_png"] = plots.lr_curves(rate_curves, about, output / "lr_curves.png")
     return paths
 
 

@@ -70,9 +70,17 @@ class RunConfig:
     warmup_ratio: float = _help("Fraction of the training steps spent warming up the learning rate.", default=0.1)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights).", default=0.01)
     seed: int = _help("Seed for initialisation, batch order and the training subsample.", default=42)
-    max_train_samples: int | None = _help("Train on a seeded random subsample of this many examples.", default=None)
+    max_train_samples: int | None = _help("Train on a seeded random subsample of this many examples (drawn after "
+                                          "the dev split is carved out).", default=None)
+    # float first: the command line reads "1000" and "0.1" alike, and __post_init__ turns 1000.0 into 1000.
+    dev_size: float | int | None = _help("Training rows held out as the dev split that every choice is made on (best "
+                                         "epoch, learning rate, search objective): a count, a fraction in (0, 1), "
+                                         "or 0 for none (choose on validation, the old behaviour); unset: 10 %% of "
+                                         "the training rows, at most 1,000. Stratified, with a fixed seed: every "
+                                         "run of a study shares one dev set.", default=None)
     max_length: int = _help("Truncate inputs to this many tokens.", default=128)
-    select_by: str = _help("Validation metric that picks the reported epoch: accuracy, loss or f1.",
+    select_by: str = _help("Dev metric (validation without a dev split) that picks the reported epoch: accuracy, "
+                           "loss or f1.",
                            default="accuracy")
     frozen_dropout: bool = _help("Run the frozen layers in train mode (dropout on), exactly as the reference study "
                                  "did; this disables the frozen-prefix cache.", default=False)
@@ -83,6 +91,8 @@ class RunConfig:
             object.__setattr__(self, name, str(getattr(self, name)))
         from transformers import SchedulerType
         schedulers = step_schedulers()
+        if isinstance(self.dev_size, float) and self.dev_size.is_integer():
+            object.__setattr__(self, "dev_size", int(self.dev_size))  # a row count, as given on the command line
         unsupported = "not supported (it needs a metric per step or extra settings)" \
             if self.scheduler in {kind.value for kind in SchedulerType} else "unknown"
         checks = [
@@ -97,6 +107,10 @@ class RunConfig:
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is invalid: use 0 or a positive number"),
             (self.max_train_samples is None or self.max_train_samples >= 1,
              f"--max-train-samples {self.max_train_samples} is invalid: use a whole number of at least 1"),
+            (self.dev_size is None or (isinstance(self.dev_size, int) and self.dev_size >= 0)
+             or (isinstance(self.dev_size, float) and 0 < self.dev_size < 1),
+             f"--dev-size {self.dev_size} is invalid: use a number of rows (0 for no dev split) or a fraction in "
+             "(0, 1)"),
             (self.max_length >= 8, f"--max-length {self.max_length} is invalid: use at least 8 tokens"),
             (self.select_by in SELECT_BY, f"--select-by {self.select_by!r} is unknown: use one of "
                                           f"{', '.join(SELECT_BY)}"),
@@ -113,7 +127,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        values = self.to_dict()
+        if values["dev_size"] == 0:  # no dev split is what runs did before the field existed: keep their run ids
+            del values["dev_size"]
+        return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
     @property
     def run_id(self) -> str:

@@ -389,6 +389,42 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
     return TextData(splits, names, texts, label, source.hexdigest()[:16], tokenizer.pad_token_id or 0)
 
 
+DEV_SEED = 0          # fixed, not the run seed: every run of a study must be chosen on the same dev rows
+DEV_FRACTION, DEV_MAX_ROWS = 0.1, 1000  # the default dev split: 10 % of the training rows, at most 1,000
+
+
+def dev_rows_count(n: int, dev_size: float | None) -> int:
+    """Rows the dev split takes from `n` training rows: a count, a fraction, 0, or (None) the default."""
+    if dev_size is None:
+        return min(round(DEV_FRACTION * n), DEV_MAX_ROWS)
+    size = round(dev_size * n) if isinstance(dev_size, float) else int(dev_size)
+    if size >= n:
+        raise UsageError(f"--dev-size {dev_size} leaves no training rows: the train split has {n:,}; use fewer rows "
+                         "or a smaller fraction")
+    return size
+
+
+def carve_dev(labels: np.ndarray, dev_size: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(dev rows, the remaining training rows), both sorted: a stratified sample with a fixed seed.
+
+    Each label gets its share of the dev rows (largest remainders round), so the dev split has the training
+    data's label balance; the run's own subsample (`max_train_samples`) is then drawn from the remaining rows."""
+    n = len(labels)
+    size = dev_rows_count(n, dev_size)
+    if size == 0:
+        return np.arange(0), np.arange(n)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / n
+    shares = np.floor(exact).astype(np.int64)
+    shares[np.argsort(-(exact - shares), kind="stable")[:size - shares.sum()]] += 1
+    rng = np.random.default_rng(DEV_SEED)
+    dev = np.concatenate([rng.permutation(np.flatnonzero(labels == label))[:share]
+                          for label, share in zip(classes, shares)])
+    keep = np.ones(n, dtype=bool)
+    keep[dev] = False
+    return np.sort(dev), np.flatnonzero(keep)
+
+
 def subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Seeded subsample, the same rows `Dataset.shuffle(seed).select(range(limit))` would pick."""
     if limit is None or limit >= n:

@@ -17,13 +17,15 @@ from typing import Any
 class RunRecord:
     run_id: str
     config: dict[str, Any]                    # RunConfig.to_dict()
-    # The selected epoch (by `selected_by` on the validation split) and its validation metrics.
+    # The selected epoch (by `selected_by` on `selected_on`: the dev split, or validation where there is none)
+    # and its metrics on the held-out validation split, which choose nothing: the numbers to report.
     accuracy: float
     f1: float
     loss: float
     best_epoch: int
     selected_by: str
-    history: list[dict[str, Any]]             # per epoch: epoch, accuracy, loss, f1, train_loss, train_seconds
+    history: list[dict[str, Any]]             # per epoch: epoch, accuracy, loss, f1 (validation), dev_accuracy,
+    #                                           dev_loss, dev_f1 (with a dev split), train_loss, train_seconds
     stopped_early: str | None                 # the reason an on_epoch callback gave (pruning), else None
     test_accuracy: float | None               # on a labeled test split, with the selected epoch's weights
     test_f1: float | None
@@ -65,6 +67,13 @@ class RunRecord:
     # one work shape as one model; shared steps do not apply there, train_loop_seconds is the group's loop / N,
     # wall_seconds and peak_memory_mb are the group's).
     engine: str | None = "eager"
+    # The selected epoch on the dev split (carved from the training data): what every choice is made on. None
+    # without a dev split, and in records written before it existed (they chose on validation).
+    dev_accuracy: float | None = None
+    dev_f1: float | None = None
+    dev_loss: float | None = None
+    dev_samples: int | None = None
+    selected_on: str | None = None           # "dev" or "validation"; None in old records (validation)
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer version wrote that this one does not know
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,8 +90,9 @@ class RunRecord:
     def summary(self) -> str:
         c = self.config
         test = f", test {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
+        dev = f" chosen on dev {self.dev_accuracy:.4f}" if self.dev_accuracy is not None else ""
         return (f"run {self.run_id}: freeze {c['freeze_depth']}, {c['scheduler']}, {c['epochs']} epoch(s), "
-                f"seed {c['seed']} -> validation accuracy {self.accuracy:.4f} (epoch {self.best_epoch}{test}); "
+                f"seed {c['seed']} -> validation accuracy {self.accuracy:.4f} (epoch {self.best_epoch}{dev}{test}); "
                 f"train {self.train_seconds:.1f}s, {self.trainable_params:,} of {self.total_params:,} parameters "
                 f"trainable, {self.train_samples:,} train examples, {self.device}")
 
@@ -96,3 +106,4 @@ def write_record(record: RunRecord | dict, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     values = record.to_dict() if isinstance(record, RunRecord) else record
     path.write_text(json.dumps(values, indent=2) + "\n")
+

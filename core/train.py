@@ -21,8 +21,17 @@ from transformers import get_scheduler, set_seed
 from core import metrics as run_metrics
 from core import shared_steps, timing
 from core.config import RunConfig
-from core.data import Split, TextData, check_dataset, eval_tokens, length_grouped_batches, sorted_batches, subsample, \
-    to_device
+from core.data import (
+    Split,
+    TextData,
+    carve_dev,
+    check_dataset,
+    eval_tokens,
+    length_grouped_batches,
+    sorted_batches,
+    subsample,
+    to_device,
+)
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
@@ -139,9 +148,14 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
 
     tokenizer = session.tokenizer(config.model)
     data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
-    rows = subsample(len(data.splits["train"]), config.max_train_samples, config.seed)
-    splits = {name: split.subset(rows if name == "train" else None, progress)  # tokenizes only rows in use
+    # The dev split comes out of the training rows first (the same rows for every run), then the run's subsample.
+    dev_rows, rest = carve_dev(data.splits["train"].labels, config.dev_size)
+    rows = rest[subsample(len(rest), config.max_train_samples, config.seed)]
+    picked = {"train": rows, "dev": dev_rows}
+    splits = {name: split.subset(picked.get(name), progress)  # tokenizes only rows in use
               for name, split in data.splits.items()}
+    if len(dev_rows):
+        splits["dev"] = data.splits["train"].subset(dev_rows, progress)
 
     set_seed(config.seed)
     model = session.model(config.model, data.label_names).to(device)
@@ -154,9 +168,9 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
                         prefix={}, sources=dict(splits))
     prepared.prefix = {"cached": prepared.cached, "seconds": {}, "reused": {}}
     if prepared.cached:
-        rows_key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         for name, split in splits.items():
-            key = (config.model, data.fingerprint, name, rows_key if name == "train" else "all", precision)
+            rows_key = hashlib.sha256(picked[name].tobytes()).hexdigest()[:16] if name in picked else "all"
+            key = (config.model, data.fingerprint, name, rows_key, precision)
             states, reused = prefix_states(session.prefix_cache, model, backbone, split, key, config.freeze_depth,
                                            data.pad_id, device, prepared.autocast)
             prepared.sources[name] = states
@@ -238,25 +252,30 @@ def end_epoch(p: Prepared, forward, session: Session, done: Training, epoch: int
     done.train_seconds += epoch_seconds
     started = time.perf_counter()
     metrics, predictions = evaluate(p, forward, "validation", session)
+    dev = evaluate(p, forward, "dev", session)[0] if "dev" in p.splits else None
     done.eval_seconds += time.perf_counter() - started
     # An epoch's train_seconds is what it costs alone (timed steps; the prefix build counts in epoch 1),
     # the seconds the search's pruning compares; loop_seconds what its steps took here.
     prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
     alone = done.timing.seconds(steps, prefix_train if epoch == 1 else 0.0)[0] if done.timing else epoch_seconds
-    entry = {"epoch": epoch, **metrics, "train_loss": round(train_loss, 5), "train_seconds": round(alone, 3),
+    entry = {"epoch": epoch, **metrics, **{f"dev_{k}": v for k, v in (dev or {}).items()},
+             "train_loss": round(train_loss, 5), "train_seconds": round(alone, 3),
              "loop_seconds": round(epoch_seconds, 3)}
     done.history.append(entry)
-    select_epoch(p, done, epoch, metrics, predictions)
+    select_epoch(p, done, epoch, metrics, dev, predictions)
     if on_epoch is not None and (stopped := on_epoch(entry)):
         done.stopped = stopped
     return entry
 
 
-def select_epoch(p: Prepared, done: Training, epoch: int, metrics: dict, predictions: np.ndarray) -> None:
-    """Keep this epoch (its weights too) if it beats the best so far by the run's `select_by`."""
-    if done.best is None or _better(metrics, done.best["metrics"], p.config.select_by):
-        done.best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
-                     "weights": [w.detach().clone() for w in p.params]}
+def select_epoch(p: Prepared, done: Training, epoch: int, metrics: dict, dev: dict | None,
+                 predictions: np.ndarray) -> None:
+    """Keep this epoch (its weights too) if it beats the best so far by the run's `select_by` on the dev split;
+    validation is only reported (without a dev split it must do both)."""
+    chosen_on = dev or metrics
+    if done.best is None or _better(chosen_on, done.best["chosen_on"], p.config.select_by):
+        done.best = {"epoch": epoch, "metrics": metrics, "dev": dev, "chosen_on": chosen_on,
+                     "predictions": predictions, "weights": [w.detach().clone() for w in p.params]}
 
 
 def _train_mode(p: Prepared) -> None:
@@ -338,7 +357,10 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
     return RunRecord(
         run_id=config.run_id, config=config.to_dict(),
         accuracy=best["metrics"]["accuracy"], f1=best["metrics"]["f1"], loss=best["metrics"]["loss"],
-        best_epoch=best["epoch"], selected_by=config.select_by, history=training.history,
+        dev_accuracy=best["dev"]["accuracy"] if best["dev"] else None,
+        dev_f1=best["dev"]["f1"] if best["dev"] else None, dev_loss=best["dev"]["loss"] if best["dev"] else None,
+        best_epoch=best["epoch"], selected_by=config.select_by, selected_on="dev" if best["dev"] else "validation",
+        history=training.history,
         stopped_early=training.stopped,
         test_accuracy=test_metrics["accuracy"] if test_metrics else None,
         test_f1=test_metrics["f1"] if test_metrics else None,
@@ -348,7 +370,8 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
         wall_seconds=round(time.perf_counter() - wall_start, 3),
         prefix_cache=p.prefix, shared_steps=training.sharing.record(),
         trainable_params=p.trainable, total_params=p.total,
-        train_samples=len(p.train), validation_samples=len(splits["validation"]),
+        train_samples=len(p.train), dev_samples=len(splits["dev"]) if "dev" in splits else 0,
+        validation_samples=len(splits["validation"]),
         test_samples=len(splits["test"]) if "test" in splits else 0,
         num_labels=p.data.num_labels, label_names=[str(n) for n in p.data.label_names],
         text_columns=list(p.data.text_columns), label_column=p.data.label_column,

@@ -51,7 +51,10 @@ def test_record_holds_what_a_user_reads(learned, tiny_distilbert, learnable_data
     assert learned["stopped_early"] is None
     assert learned["train_seconds"] > 0 and learned["eval_seconds"] > 0
     assert 0 < learned["trainable_params"] < learned["total_params"]
-    assert (learned["train_samples"], learned["validation_samples"], learned["test_samples"]) == (320, 64, 40)
+    # The default dev split: 10 % of the 320 training rows, out of the training data.
+    assert (learned["train_samples"], learned["dev_samples"], learned["validation_samples"],
+            learned["test_samples"]) == (288, 32, 64, 40)
+    assert learned["selected_on"] == "dev" and learned["dev_accuracy"] == best["dev_accuracy"]
     assert learned["tokens_per_second"] > 0 and learned["peak_memory_mb"] > 0
     assert learned["device"].startswith("cpu") and learned["precision"] == "fp32"
     assert {"python", "torch", "transformers", "datasets"} <= set(learned["versions"])
@@ -169,9 +172,12 @@ def scripted_validation(monkeypatch, tiny_distilbert, small_data_with_test):
 @pytest.mark.parametrize("select_by, best_epoch", [("accuracy", 2), ("loss", 3), ("f1", 1)])
 def test_best_epoch_follows_select_by(scripted_validation, tiny_distilbert, small_data_with_test, select_by,
                                      best_epoch):
-    config = quick_config(tiny_distilbert, small_data_with_test, epochs=3, learning_rate=3e-3, select_by=select_by)
+    # Without a dev split the validation metrics choose (tests/test_dev_split.py: with one, dev does).
+    config = quick_config(tiny_distilbert, small_data_with_test, epochs=3, learning_rate=3e-3, select_by=select_by,
+                          dev_size=0)
     record = run(config, progress=False)
     assert record["best_epoch"] == best_epoch and record["selected_by"] == select_by
+    assert record["selected_on"] == "validation" and record["dev_accuracy"] is None
     assert {k: record[k] for k in ("accuracy", "loss", "f1")} == SCRIPTED[best_epoch - 1]
     assert record["validation_predictions"] == [best_epoch] * record["validation_samples"]
     # The test split is scored with the selected epoch's weights, not the last epoch's.
