@@ -55,9 +55,7 @@ def tuned(tmp_path_factory, tiny_bert, toy_data):
     base = quick_config(tiny_bert, toy_data, seed=42)
     configs = Grid((0, 2), ("linear",), (1,), (42, 43, 44)).configs(base)
     trained: list = []
-    with pytest.MonkeyPatch.context() as patch:  # a loaded machine's slow claims would otherwise be withdrawn
-        patch.setattr("ablations.study.SETTLE_SECONDS", 1.0)
-        outcome = run_tuned(configs, RATES, study, ledger, fake_train(trained), retries=0, progress=False)
+    outcome = run_tuned(configs, RATES, study, ledger, fake_train(trained), retries=0, progress=False)
     return url, ledger, study, configs, trained, outcome
 
 
