@@ -96,14 +96,20 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "adds); a configuration with one seed gets a 95 % Wilson binomial interval over its validation examples. "
         "Baseline (**bold**): "
         f"{target}, every other scientific and fixed field equal; learning rate, warmup and weight decay are "
-        "nuisance settings, so among baselines that differ only in them the most accurate one is used (on the dev "
-        "split when every candidate has one). Δ = accuracy − baseline accuracy. The test pairs seed s with baseline "
-        "seed s on the same validation examples. With two or more seed pairs (t, n seeds) it counts both noises: "
+        "nuisance settings, so among baselines that differ only in them the one ranked first on the dev split is "
+        "used (higher dev accuracy, then lower dev loss, then the smaller rate; runs without a dev split are ranked "
+        "on validation, the set they are reported on). Δ = accuracy − baseline accuracy. The test pairs seed s with "
+        "baseline seed s on the same validation examples. With two or more seed pairs (t, n seeds) it counts both "
+        "noises: "
         "the larger p of the paired t over the per-seed differences (n − 1 degrees of freedom) and a t whose squared "
         "standard error adds the per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees "
         "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
         "(tradeoff.csv: p_value adjusted, p_value_raw not). " + TIME_METHODS)
+    if "train_seconds_lo" in table.columns and table["train_seconds_lo"].isna().any():
+        methods += (" Rows without a time interval were not timed alone (runs recorded before timing passes, or "
+                    "with --timing-repeats 0): their train s is the training loop as it ran, possibly beside other "
+                    "work on the machine.")
     if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
         from ablations.tuning import caption as rate_caption
         methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])))
