@@ -166,3 +166,15 @@ def test_point_labels_round_floats():
               "warmup_ratio": 0.16777, "max_train_samples": 2000}
     assert plots.point_label(fields, ["learning_rate", "warmup_ratio", "max_train_samples"]) == \
         "d3 cos 2ep lr 7.4e-05 warmup 0.17 n 2000"
+
+
+def test_the_time_axis_says_whether_its_times_were_taken_alone():
+    import pandas as pd
+
+    from ablations.plots import time_axis_label
+    timed = pd.DataFrame({"train_seconds_lo": [1.0, 2.0]})
+    untimed = pd.DataFrame({"train_seconds_lo": [float("nan"), float("nan")]})
+    mixed = pd.DataFrame({"train_seconds_lo": [1.0, float("nan")]})
+    assert time_axis_label(timed).startswith("training time alone")
+    assert "not timed alone" in time_axis_label(untimed) and "alone (" not in time_axis_label(untimed)
+    assert "without: as it ran" in time_axis_label(mixed)
