@@ -272,3 +272,15 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     text = summary_markdown(f"Search `{study.study_name}`", counts, front, table, notes)
     (output / "search_summary.md").write_text(text)
     return text
+
+
+def rewrite_search_outputs(url: str, study_name: str, output_dir: str | Path) -> str:
+    """pareto.csv, importance.png and search_summary.md of a stored search again, from its runs alone (no
+    trial is run; `results/reproduce.sh report` uses it after a change to how they are computed)."""
+    from ablations.ledger import open_storage
+    from core.config import RunConfig
+
+    ledger = Ledger(open_storage(url))
+    study = optuna.load_study(study_name=study_name, storage=ledger.storage)
+    fixed = study.user_attrs.get("search", {}).get("fixed", {})
+    return write_outputs(study, ledger, RunConfig.from_dict(fixed), url, output_dir, report=False)

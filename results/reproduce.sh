@@ -42,5 +42,7 @@ report)  # The grid's trade-off at the top of results/; the two recipes against 
 run_table(load_runs(sys.argv[1])).to_csv('results/runs.csv', index=False)" "$DB"  # runs.csv: every study's runs
   python -m ablations.report --storage "$DB" --study-name recipes --output-dir results/recipes \
     --baseline freeze_depth=0,scheduler=linear,epochs=3
-  python -m ablations.report --storage "$DB" --study-name grid-full --output-dir results/full-cpu ;;
+  python -m ablations.report --storage "$DB" --study-name grid-full --output-dir results/full-cpu
+  python -c "import sys; from ablations.pareto import rewrite_search_outputs
+rewrite_search_outputs(sys.argv[1], 'search', 'results')" "$DB" > /dev/null ;;  # the search's front and summary
 esac; done
