@@ -126,17 +126,20 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def canonical_json(self) -> str:
+    def _identity(self) -> dict:
         values = self.to_dict()
         if values["dev_size"] == 0:  # no dev split is what runs did before the field existed: keep their run ids
             del values["dev_size"]
-        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+        return values
+
+    def canonical_json(self) -> str:
+        return json.dumps(self._identity(), sort_keys=True, separators=(",", ":"))
 
     @property
     def run_id(self) -> str:
         """The hash of the settings with the model and data as fingerprints of their contents."""
         from core.identity import data_fingerprint, model_fingerprint
-        values = self.to_dict()
+        values = self._identity()
         values["model"] = model_fingerprint(self.model)
         values["dataset"] = data_fingerprint(self.dataset, self.text_column, self.label_column)
         if values["dataset"].startswith("data:"):  # the fingerprint holds the detected columns' values
@@ -157,4 +160,5 @@ class RunConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise UsageError(f"unknown run setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
-        return cls(**values)
+        # A config stored before dev splits existed had none: it means dev_size 0, not today's default.
+        return cls(**{"dev_size": 0, **values})

@@ -59,7 +59,9 @@ def test_no_dev_split_keeps_the_run_ids_of_runs_from_before_dev_splits():
     config = RunConfig(dev_size=0)
     old = {k: v for k, v in config.to_dict().items() if k != "dev_size"}
     old_id = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    assert config.run_id == old_id and RunConfig().run_id != old_id
+    assert config.legacy_run_id == old_id and RunConfig().legacy_run_id != old_id
+    # A stored config from before the field reads back as no dev split, under the same ids.
+    assert RunConfig.from_dict(old).dev_size == 0 and RunConfig.from_dict(old).run_id == config.run_id
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def model_dir(request, tmp_path_factory) -> str:
 
 def configs(model: str, data: str, depth: int, precision: str = "fp32"):
     base = quick_config(model, data, freeze_depth=depth, batch_size=4, max_train_samples=TRAIN_ROWS,
-                        warmup_ratio=0.1, precision=precision)
+                        warmup_ratio=0.1, precision=precision, dev_size=0)  # the engine's prepare carves no dev
     return [base.replace(seed=0, scheduler="linear", learning_rate=1e-3),
             base.replace(seed=1, scheduler="cosine", learning_rate=3e-3, weight_decay=0.1),
             base.replace(seed=2, scheduler="constant_with_warmup", learning_rate=5e-4, select_by="loss")]
@@ -119,7 +119,7 @@ def test_stacked_runs_match_solo_runs_in_fp32(model_dir, data, depth):
         assert moved > 1e-3  # 30 steps really trained
     # The project's own run gives the same predictions and metrics for every run of the group.
     for run in runs:
-        record = solo_train.run(run.config, device="cpu", progress=False)
+        record = solo_train.run(run.config, device="cpu", progress=False).to_dict()
         assert record["validation_predictions"] == run.best["predictions"].tolist()
         for metric in ("accuracy", "f1"):
             assert record[metric] == run.best["metrics"][metric]
@@ -136,7 +136,7 @@ def test_stacked_bf16_accuracy_matches_solo_within_noise(data, tmp_path):
     engine = StackedRuns([p[0] for p in prepared], 30, prepared[0][2], "cpu", autocast=autocast)
     engine.fit(*prepared[0][1])
     for run in engine.runs:
-        record = solo_train.run(run.config, device="cpu", progress=False)
+        record = solo_train.run(run.config, device="cpu", progress=False).to_dict()
         # 48 validation rows: one standard error of an accuracy near 0.8 is ~0.06; bf16 rounding may flip a
         # few near-tie rows, so allow 3 rows (0.0625) per epoch. (Measured: equal at every epoch.)
         for solo_epoch, stacked_epoch in zip(record["history"], run.history, strict=True):
