@@ -253,7 +253,8 @@ def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | N
     step, rows = seconds_per_training_step(base, session, device)
     steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in configs)
     total = steps * step
-    hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 else ""
+    quick = base.max_train_samples is None or any(c.epochs > 1 for c in configs)  # not already a quick look
+    hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 and quick else ""
     return (f"estimate: at most {_duration(total)} of training for {len(configs)} runs if none is stored yet "
             f"({steps:,} steps x {step:.3f} s, the median of 3 timed steps of a full fine-tune here; frozen cells "
             f"are faster, evaluation is extra).{hint}")
