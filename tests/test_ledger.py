@@ -287,3 +287,13 @@ def test_workers_whose_clocks_differ_by_10_s_train_every_cell_once_on_postgresql
         outputs = [finish(worker) for worker in workers]
         counts = trained_per_run(url)
         assert len(counts) == 6 and set(counts.values()) == {1}, outputs
+
+
+def test_the_embedded_sst2_and_an_offline_glue_sst2_are_one_run(monkeypatch):
+    from core import RunConfig
+    from core.identity import data_fingerprint
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data_fingerprint("sst2").startswith("data:")
+    assert data_fingerprint("sst2") == data_fingerprint("glue/sst2") == data_fingerprint("SST-2")
+    model = "distilbert-base-uncased"  # not cached here: its name is its identity, the data decides
+    assert RunConfig(model=model, dataset="sst2").run_id == RunConfig(model=model, dataset="glue/sst2").run_id
