@@ -13,10 +13,10 @@ PROBE = """
 import json, resource, sys, torch
 from core.host_memory import reuse_freed_memory
 tuned = reuse_freed_memory()
-for _ in range(3):  # 64 MB, above glibc's largest mmap threshold; the heap settles after the first few
+for _ in range(8):  # 64 MB, above glibc's largest mmap threshold; the heap settles within ~7 under load
     torch.ones(16 * 2**20).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     torch.ones(16 * 2**20).sum()  # what a training step does with its embedding gradient
 print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
@@ -32,11 +32,12 @@ def probe(**env) -> dict:
 def test_large_tensors_are_reused_instead_of_faulted_in_every_step():
     default, tuned = probe(ABLATIONS_KEEP_GLIBC_MALLOC="1"), probe()
     assert (default["tuned"], tuned["tuned"]) == (False, True)
-    pages = 5 * 64 * 2**20 // 4096
-    assert default["faults"] > pages / 2  # each 64 MB allocation faulted in anew (16,384 pages of 4 KB)
-    # The freed block is reused: at most one of the five allocations is faulted in again (the heap may still be
-    # settling on a busy machine), where the default faults in every one.
-    assert tuned["faults"] <= pages / 5 + 64
+    block = 64 * 2**20 // 4096  # pages of one 64 MB allocation (16,384 of 4 KB)
+    assert default["faults"] > 8 * block  # the default faults in (nearly) every one of the ten allocations anew
+    # The freed block is reused: at most three of the ten allocations are faulted in again (the heap may still be
+    # settling: under load it took up to seven allocations here, CI once saw two late ones), where the default
+    # faults in every one.
+    assert tuned["faults"] <= 3 * block + 64
 
 
 AFTER_A_RUN = """
@@ -45,10 +46,10 @@ import torch
 from conftest import quick_config
 import core.train
 core.train.run(quick_config(sys.argv[1], sys.argv[2], epochs=1), device="cpu", progress=False)
-for _ in range(2):
+for _ in range(5):
     torch.ones(16 * 2**20).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     torch.ones(16 * 2**20).sum()
 print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
@@ -65,6 +66,6 @@ def test_a_cpu_run_leaves_large_blocks_reused(tiny_bert, toy_data):
                                   [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]), **env})
         return json.loads(done.stdout.strip().splitlines()[-1])["faults"]
 
-    pages = 5 * 64 * 2**20 // 4096
-    assert faults() < pages / 20
-    assert faults(ABLATIONS_KEEP_GLIBC_MALLOC="1") > pages / 2
+    block = 64 * 2**20 // 4096
+    assert faults() <= 3 * block + 64  # at most three of ten allocations faulted in anew (see above)
+    assert faults(ABLATIONS_KEEP_GLIBC_MALLOC="1") > 8 * block
