@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ablations.runner import (
-    check_output_dir,
     locations,
     add_study_arguments,
     free_accelerator_memory,
     write_report,
 )
-from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
 from core.config import RunConfig
 from core.errors import UsageError, failure_reason
 
@@ -245,18 +244,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def duration_estimate(configs: list[RunConfig], base: RunConfig, device: str | None, session) -> str:
-    """How long the grid's training takes here if nothing is stored yet, from timed steps of the slowest cell."""
+def planned_runs(configs: list[RunConfig], tuning_rates: tuple[float, ...] | None, ledger: Ledger) -> list[RunConfig]:
+    """Every run the grid will store: its cells, or with tuning every cell's first seed at each rate and then its
+    other seeds (at the chosen rate once every tuning run is stored; before that at the base rate, the same work)."""
+    if not tuning_rates:
+        return configs
+    from ablations.tuning import choose_rates, chosen_configs, tuning_configs
+
+    tuning = tuning_configs(configs, tuning_rates)
+    first = min(c.seed for c in configs)
+    status = ledger.lookup(tuning)
+    if all(s.complete for s in status.values()):
+        seeds = chosen_configs(configs, choose_rates(tuning, {c.run_id: ledger.record(status[c.run_id])
+                                                              for c in tuning}))
+    else:
+        seeds = configs
+    return tuning + [c for c in seeds if c.seed != first]
+
+
+def duration_estimate(pending: list[RunConfig], planned: int, base: RunConfig, device: str | None, session) -> str:
+    """How long training the runs not yet stored takes here, from timed steps of the slowest cell; no steps are
+    timed when nothing is left to train."""
     import math
 
+    if not pending:
+        return f"all {planned} runs are stored: nothing to train"
     from core.model import seconds_per_training_step
     step, rows = seconds_per_training_step(base, session, device)
-    steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in configs)
+    steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in pending)
     total = steps * step
-    quick = base.max_train_samples is None or any(c.epochs > 1 for c in configs)  # not already a quick look
+    quick = base.max_train_samples is None or any(c.epochs > 1 for c in pending)  # not already a quick look
     hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 and quick else ""
-    return (f"estimate: at most {_duration(total)} of training for {len(configs)} runs if none is stored yet "
-            f"({steps:,} steps x {step:.3f} s, the median of 3 timed steps of a full fine-tune here; frozen cells "
+    return (f"estimate: at most {_duration(total)} of training for the {len(pending)} of {planned} runs not stored "
+            f"yet ({steps:,} steps x {step:.3f} s, the median of 3 timed steps of a full fine-tune here; frozen cells "
             f"are faster, evaluation is extra).{hint}")
 
 
@@ -349,9 +369,14 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
-    print(f"grid {args.study_name!r}: {grid.describe()} on {mask_url(url)}; engine {engine}, "
+    planned = planned_runs(configs, tuning_rates, ledger)
+    tuning = f", plus {len(planned) - len(configs)} tuning runs ({len(tuning_rates)} rates per cell, its first " \
+             "seed among them)" if tuning_rates else ""
+    print(f"grid {args.study_name!r}: {grid.describe()}{tuning} on {mask_url(url)}; engine {engine}, "
           f"{size} run(s) at once")
-    print(duration_estimate(configs, base, args.device, session))
+    status = ledger.lookup(planned)
+    print(duration_estimate([c for c in planned if not status[c.run_id].complete], len(planned), base, args.device,
+                            session))
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,
                train_group=train_group, max_parallel=size)

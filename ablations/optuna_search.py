@@ -23,10 +23,9 @@ from ablations.runner import (
     add_study_arguments,
     free_accelerator_memory,
     make_trainer,
-    check_output_dir,
     locations,
 )
-from core.cli import ArgumentParser, add_run_arguments, config_from_args, main_guard
+from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
 from core.config import RunConfig
 from core.errors import UsageError, failure_reason
 

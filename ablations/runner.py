@@ -45,29 +45,6 @@ def locations(storage: str | None, output_dir: str | None, study_name: str | Non
     return storage_url(url, output), output
 
 
-def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
-    """The folder exists or can be made, and a file can be written in it: fails in one line before training."""
-    import os
-    import tempfile
-
-    from core.errors import UsageError
-
-    folder = Path(path).expanduser()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == folder else f"is under the file {str(existing)!r}"
-        raise UsageError(f"{flag} {str(path)!r} {where}: give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}): give a folder you "
-                         "can write to") from None
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {str(path)!r} cannot be written: give a folder you can write to")
-
-
 def split_names(values: list[str] | str | None) -> list[str] | None:
     """Study names as a comma-separated list ('grid,search'); separate words ('grid search') are still accepted."""
     if values is None:

@@ -2,38 +2,16 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 from core.cli import (
     ArgumentParser,
     add_cache_arguments,
     add_run_arguments,
+    check_output_file,
     config_from_args,
     main_guard,
     make_session,
 )
-from core.errors import UsageError
-
-
-def check_output_file(path: str) -> None:
-    """--output can be written, checked before training so that a finished run is never lost to a bad path."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UsageError(f"--output {path!r} is a folder: give a file name such as {str(target / 'run.json')!r}")
-    existing = next(p for p in target.parents if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--output {path!r} is under the file {str(existing)!r}: give a path in a folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".write-check-"):
-            pass
-        if target.exists():
-            with open(target, "a"):
-                pass
-    except OSError as error:
-        raise UsageError(f"--output {path!r} cannot be written ({error.strerror or error}): give a path you can "
-                         "write to") from None
 
 
 def main() -> int:

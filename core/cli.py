@@ -12,6 +12,7 @@ import errno
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Callable
 
 from core.config import RunConfig
@@ -115,3 +116,45 @@ def disk_full(error: BaseException) -> str | None:
             return "the run ledger could not be written"
         error = error.__cause__ or error.__context__
     return None
+
+
+def _write_check(folder: Path, flag: str, path: str | Path, what: str) -> None:
+    """Make `folder` and write a temporary file in it, or fail in one line naming the flag."""
+    import tempfile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}): give {what} you can "
+                         "write to") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: give {what} you can write to")
+
+
+def check_output_file(path: str | Path, flag: str = "--output") -> None:
+    """The file can be written: checked before training, so that a finished run is never lost to a bad path."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder: give a file name such as {str(target / 'run.json')!r}")
+    existing = next(p for p in target.parents if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is under the file {str(existing)!r}: give a path in a folder")
+    _write_check(target.parent, flag, path, "a path")
+    if target.exists():
+        try:
+            with open(target, "a"):
+                pass
+        except OSError as error:
+            raise UsageError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}): give a path you "
+                             "can write to") from None
+
+
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+    """The folder exists or can be made, and a file can be written in it: fails in one line before training."""
+    folder = Path(path).expanduser()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under the file {str(existing)!r}"
+        raise UsageError(f"{flag} {str(path)!r} {where}: give a folder")
+    _write_check(folder, flag, path, "a folder")

@@ -250,9 +250,35 @@ def _load_file(path: Path) -> datasets.Dataset:
             datasets.enable_progress_bars()
 
 
+_RAW: dict[tuple, dict[str, datasets.Dataset]] = {}  # the last datasets read in this process, by name and file stats
+
+
+def _raw_key(dataset: str) -> tuple:
+    path = Path(dataset).expanduser()
+    files = [path] if path.is_file() else [f for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None] \
+        if path.is_dir() else []
+    return (dataset, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
 def load_raw(dataset: str) -> dict[str, datasets.Dataset]:
-    """Return {'train', 'validation'[, 'test']} as plain `datasets.Dataset`s."""
+    """Return {'train', 'validation'[, 'test']} as plain `datasets.Dataset`s.
+
+    Read once per process: the run id's row fingerprint (`core.identity`) and the session's training data ask for
+    the same rows, and a changed local file (size or mtime) is read again."""
     check_dataset(dataset)
+    key = _raw_key(dataset)
+    if key not in _RAW:
+        while len(_RAW) >= 2:  # a study uses one dataset; do not pile up others
+            del _RAW[next(iter(_RAW))]
+        _RAW[key] = _read_raw(dataset)
+    return dict(_RAW[key])  # a copy of the dict: callers drop splits from it
+
+
+def clear_raw_cache() -> None:
+    _RAW.clear()
+
+
+def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     path = Path(dataset).expanduser()
     if path.is_file():
         splits = {"train": _load_file(path)}

@@ -103,6 +103,8 @@ def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) 
 
 
 def clear_caches() -> None:
+    from core.data import clear_raw_cache
     _FILE_HASHES.clear()
     _DATA_HASHES.clear()
+    clear_raw_cache()
 

@@ -90,6 +90,15 @@ def write_toy_dataset(folder: Path, train=96, validation=48, test=0, classes=2, 
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _fresh_data_reads():
+    """core.data keeps the rows it read for the process (see load_raw); each test reads its files afresh."""
+    yield
+    import sys
+    if "core.data" in sys.modules:
+        sys.modules["core.data"].clear_raw_cache()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     return str(save_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert", layers=2))

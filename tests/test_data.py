@@ -299,6 +299,21 @@ def test_glue_sst2_offline_comes_from_the_embedded_copy_saying_so_in_one_line(ca
     assert len(note) == 1 and "embedded copy" in note[0] and "glue/sst2" in note[0]
 
 
+
+def test_the_run_id_and_the_training_data_read_the_rows_once_and_say_so_once(tiny_bert, monkeypatch, capsys):
+    """A run fingerprints its rows for its id and then trains on them: one read, one note (it was two of each)."""
+    import core.data
+    from core.config import RunConfig
+    from core.session import Session
+    reads = []
+    real = core.data.load_embedded_sst2
+    monkeypatch.setattr(core.data, "load_embedded_sst2", lambda: reads.append(1) or real())
+    assert RunConfig(model=tiny_bert, dataset="glue/sst2").run_id
+    session = Session()
+    data = session.text_data("glue/sst2", session.tokenizer(tiny_bert), None, None, 32)
+    assert len(data.splits["train"]) == 67349 and len(reads) == 1
+    assert capsys.readouterr().err.count("embedded copy") == 1
+
 # Unreadable files: one line, the parser's own reason, no log line before it
 
 @pytest.mark.parametrize("name, content, reason", [

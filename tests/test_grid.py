@@ -58,8 +58,9 @@ def test_grid_runs_every_cell_once_and_a_rerun_trains_nothing(tiny_bert, toy_dat
     assert set(trial.params) >= {"freeze_depth", "scheduler", "epochs", "seed", "learning_rate"}
     assert trial.values[0] == trial.user_attrs["record"]["dev_accuracy"]  # choices are made on dev
     assert trial.values[1] == trial.user_attrs["record"]["train_seconds"]
+    assert "for the 6 of 6 runs not stored yet" in first
     second = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url)))
-    assert "0 trained now" in second
+    assert "0 trained now" in second and "all 6 runs are stored: nothing to train" in second
     assert trained_per_run(url) == counts
     assert_dashboard_opens(url, "grid", trials=6)
 

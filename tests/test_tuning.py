@@ -150,6 +150,8 @@ def test_grid_command_tunes_every_cell_then_a_rerun_trains_nothing(tiny_bert, to
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "6 trained now" in first.stdout  # 2 cells x 2 rates, then each cell's second seed
+    # The plan counts the tuning runs and the estimate covers all six (it said "4 runs": the seeds alone).
+    assert "= 4 runs, plus 2 tuning runs" in first.stdout and "for the 6 of 6 runs not stored yet" in first.stdout
     assert (tmp_path / "lr_curves.png").is_file()
     study = optuna.load_study(study_name="grid", storage=url)
     chosen = {c["freeze_depth"]: c["learning_rate"] for c in study.user_attrs["lr_tuning"]["cells"]}
@@ -159,3 +161,4 @@ def test_grid_command_tunes_every_cell_then_a_rerun_trains_nothing(tiny_bert, to
     again = subprocess.run(command + ["--no-report"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and "0 trained now" in again.stdout
+    assert "all 6 runs are stored: nothing to train" in again.stdout  # and no training step timed to say so
