@@ -243,3 +243,7 @@ def test_timing_check_flags_a_config_off_by_more_than_20_percent_unless_contende
     rows, broken = compare(alone, loaded)
     assert broken == 1 and len(rows) == 3          # depth 3: 1.40x and not contended
     assert rows[1].endswith("✗ |") and rows[0].endswith("✓ |") and rows[2].endswith("✓ |")
+    # With nothing but the project's own workers running, a contended mark is itself a failure: they must not
+    # count as foreign load, so a timing they "contend" means the lease did not keep them out.
+    rows, broken = compare(alone, loaded, quiet=True)
+    assert broken == 2 and rows[0].endswith("✓ |") and rows[2].endswith("✗ |")
