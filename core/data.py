@@ -250,7 +250,9 @@ def _load_file(path: Path) -> datasets.Dataset:
             datasets.enable_progress_bars()
 
 
-_RAW: dict[tuple, dict[str, datasets.Dataset]] = {}  # the last datasets read in this process, by name and file stats
+# A memo of a pure read, like core.identity's hashes: keyed by the name and every file's size and mtime, it holds
+# rows, never run state, so no run depends on the runs before it (a changed file is a new key).
+_RAW: dict[tuple, dict[str, datasets.Dataset]] = {}
 
 
 def _raw_key(dataset: str) -> tuple:
