@@ -100,6 +100,9 @@ class PrefixCache:
         self.entries: OrderedDict[tuple, PrefixStates] = OrderedDict()
         self._disk = None
 
+    def has(self, key: tuple, depth: int) -> bool:
+        return (key, depth) in self.entries
+
     def get(self, key: tuple, depth: int, build, device) -> tuple[PrefixStates, bool]:
         """Return (states at `depth`, reused?) building them with build(shallower_states_or_None, start_depth)."""
         if (key, depth) in self.entries:

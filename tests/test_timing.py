@@ -247,3 +247,42 @@ def test_timing_check_flags_a_config_off_by_more_than_20_percent_unless_contende
     # count as foreign load, so a timing they "contend" means the lease did not keep them out.
     rows, broken = compare(alone, loaded, quiet=True)
     assert broken == 2 and rows[0].endswith("✓ |") and rows[2].endswith("✗ |")
+
+
+def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """The prefix build counts in train_seconds, so the train split's prefix is built under the exclusive lease like
+    the timed steps (without it, two workers put depth 6 at 2.2x its time alone, unmarked), and foreign load during
+    the build marks the run contended."""
+    import core.train
+    from core.lease import Contention
+    from core.session import Session
+
+    def session() -> Session:
+        made = Session()
+        made._timer = Timer(lease=Lease(tmp_path), repeats=2, steps=2, warmup=1, threshold=1e9)
+        return made
+
+    first, builds = session(), []
+    real = core.train.prefix_states
+
+    def spy(cache, model, backbone, split, key, *rest):
+        builds.append((key[2], first.timer.lease._exclusive > 0))
+        return real(cache, model, backbone, split, key, *rest)
+
+    monkeypatch.setattr(core.train, "prefix_states", spy)
+    config = quick_config(tiny_bert, toy_data, freeze_depth=1)
+    record = core.train.run(config, device="cpu", progress=False, session=first)
+    assert ("train", True) in builds and not record.contended
+    assert all(not alone for name, alone in builds if name != "train")  # evaluation's builds: no lease needed
+
+    solo = Timer.solo
+
+    def loud(self, fn, device="cpu"):
+        result, seconds, _ = solo(self, fn, device)
+        return result, seconds, Contention(contended=True, foreign_cores=1.0, project_cores=0.0, cores=2,
+                                           gpu_processes=0, evidence="other processes kept 1.00 of 2 cores busy")
+
+    monkeypatch.setattr(Timer, "solo", loud)
+    again = core.train.run(config, device="cpu", progress=False, session=session())  # steps: timed, from the file
+    assert again.contended and "1.00 of 2 cores" in again.timing["prefix_evidence"]
+    assert not again.timing["contended"]  # the steps themselves were timed quietly
