@@ -48,6 +48,8 @@ run_table(load_runs(sys.argv[1])).to_csv('results/runs.csv', index=False)" "$DB"
     --baseline freeze_depth=0,scheduler=linear,epochs=3
   python -m ablations.report --storage "$DB" --study-name grid-full --output-dir results/full-cpu
   python -m ablations.report --storage "$DB" --study-name tuned --output-dir results/tuned
+  python -m ablations.report --storage "$DB" --study-name tuned --output-dir results/tuned/schedules \
+    --baseline scheduler=linear  # the same runs, cosine tested against linear at each depth
   python -c "import sys; from ablations.pareto import rewrite_search_outputs
 rewrite_search_outputs(sys.argv[1], 'search', 'results')" "$DB" > /dev/null ;;  # the search's front and summary
 esac; done
