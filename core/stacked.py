@@ -30,8 +30,8 @@ from torch import nn
 from transformers import get_scheduler
 
 from core import metrics as run_metrics
+from core.batches import eval_tokens, length_grouped_batches, sorted_batches
 from core.config import RunConfig
-from core.data import eval_tokens, length_grouped_batches, sorted_batches
 from core.model import find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 

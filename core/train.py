@@ -20,18 +20,9 @@ from transformers import get_scheduler, set_seed
 
 from core import metrics as run_metrics
 from core import shared_steps, timing
+from core.batches import carve_dev, eval_tokens, length_grouped_batches, sorted_batches, subsample
 from core.config import RunConfig
-from core.data import (
-    Split,
-    TextData,
-    carve_dev,
-    check_dataset,
-    eval_tokens,
-    length_grouped_batches,
-    sorted_batches,
-    subsample,
-    to_device,
-)
+from core.data import Split, TextData, to_device
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
@@ -47,6 +38,7 @@ from core.model import (
 from core.prefix_cache import layer_view, prefix_states
 from core.record import RunRecord, now
 from core.session import Session
+from core.sources import check_dataset
 
 EpochCallback = Callable[[dict], "str | None"]
 

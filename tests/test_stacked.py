@@ -11,7 +11,8 @@ from transformers import get_scheduler, set_seed
 
 from conftest import quick_config, save_tiny, write_toy_dataset
 from core import train as solo_train
-from core.data import length_grouped_batches, load_text_data, subsample
+from core.batches import length_grouped_batches, subsample
+from core.data import load_text_data
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
 from core.prefix_cache import PrefixCache, layer_view, prefix_states
 from core.stacked import StackedRun, StackedRuns, pad_and_stack, stack_models, work_shape
