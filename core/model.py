@@ -168,7 +168,7 @@ def seconds_per_training_step(config, session, device=None, steps: int = 3) -> t
     import numpy as np
 
     from core.batches import subsample
-    from core.train import default_device, precision_for
+    from core.device import default_device, precision_for
     device = torch.device(device) if device else default_device()
     autocast = precision_for(config.precision, device) == "bf16"
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
