@@ -314,7 +314,7 @@ def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
     else:
         raise UsageError(f"--max-parallel-runs {args.max_parallel_runs!r} is invalid: use auto or a whole number "
                          "of at least 1")
-    from core.train import default_device
+    from core.device import default_device
     engine = choose_engine(args.engine, args.device or default_device(), size, base.model, base.max_length)
     if engine == "stacked" and args.compile:
         raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")

@@ -273,8 +273,8 @@ def device_label(device: str | None) -> str:
     """The device name runs record, so that only runs timed on this device are compared when pruning."""
     import torch
 
+    from core.device import default_device
     from core.model import device_name
-    from core.train import default_device
     try:
         return device_name(torch.device(device) if device else default_device())
     except (RuntimeError, AssertionError) as error:  # a bad name, or CUDA asked for where there is none

@@ -1,6 +1,6 @@
 """Milliseconds per run-step of the three engines on one model, measured interleaved (a shared machine drifts).
 
-- eager: the project's solo step (`core.train`: fused AdamW, `clip_gradients`, a schedule), one run;
+- eager: the project's solo step (fused AdamW and `clip_gradients` from `core.device`, a schedule), one run;
 - stacked N: `core.stacked.StackedRuns`, N runs as one model, the time divided by N;
 - captured N: the same stacked step captured as a CUDA graph and replayed (CUDA only; N = 1 is one run).
 The inputs are random token ids (depth 0) or random hidden states of the model's width (depth > 0: what the
@@ -19,10 +19,10 @@ import torch
 
 from core.captured import CapturedStep, LearningRates
 from core.config import RunConfig
+from core.device import clip_gradients, make_optimizer, precision_for
 from core.model import freeze, load_model, num_layers
 from core.prefix_cache import layer_view
 from core.stacked import StackedRun, StackedRuns, pad_and_stack
-from core.train import clip_gradients, make_optimizer, precision_for
 
 
 def _batches(model, depth: int, batch_size: int, length: int, count: int, device) -> list[dict]:

@@ -4,8 +4,8 @@ Only the training steps are shared. Everything else is the solo code of `core.tr
 (data, own seed and head, frozen-prefix cache), the timing pass `time_steps` (so a record's train_seconds is
 what the run costs alone, never the group's wall time), and after each epoch `end_epoch` on the run's own
 prepared model with the run's weights copied in (evaluation, best-epoch selection, `on_epoch` pruning), then
-`evaluate_test` and `make_record`. Shared steps (`core.shared_steps`) do not apply inside a group: a group's
-runs start together, so there is no finished sibling to take steps over from.
+`evaluate_test` and `make_record` (`core.recording`). Shared steps (`core.shared_steps`) do not apply inside a
+group: its runs start together, so there is no finished sibling to take steps over from.
 
 A run whose training loss turns non-finite fails alone: the runs share no trainable weight, and each run's
 clip and AdamW update read only its own slice, so a NaN stays in its run. Its slot (like a pruned run's)
@@ -24,23 +24,13 @@ from transformers import get_scheduler
 from core import shared_steps
 from core.captured import probe_capture, resolve_engine
 from core.config import RunConfig
+from core.device import default_device, make_optimizer, sync_time
 from core.model import model_config
 from core.record import RunRecord
+from core.recording import make_record
 from core.session import Session
 from core.stacked import StackedRun, StackedRuns, work_shape
-from core.train import (
-    EpochCallback,
-    Prepared,
-    Training,
-    _train_mode,
-    default_device,
-    end_epoch,
-    evaluate_test,
-    make_optimizer,
-    make_record,
-    prepare,
-    time_steps,
-)
+from core.train import EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, time_steps
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64          # beyond this the stacked step stopped gaining in the H100 probes (N = 56: 0.99 ms/run-step)
@@ -146,9 +136,9 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     for epoch in range(1, first.config.epochs + 1):
         if not any(isinstance(o, Training) and not o.stopped for o in outcome):
             break
-        started = _sync_time(first.device)
+        started = sync_time(first.device)
         losses = engine.train_epoch(epoch, session.timer.pause_point)
-        share = (_sync_time(first.device) - started) / len(prepared)  # the group's loop, per run
+        share = (sync_time(first.device) - started) / len(prepared)  # the group's loop, per run
         for i, (p, training) in enumerate(zip(prepared, done)):
             if outcome[i] is not training or training.stopped:
                 continue
@@ -172,9 +162,3 @@ def _load(p: Prepared, weights: dict[str, torch.Tensor]) -> None:
     for name, param in p.model.named_parameters():
         if param.requires_grad:
             param.copy_(weights[name])
-
-
-def _sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -59,7 +59,7 @@ def model_fingerprint(name: str) -> str:
 
 
 def _data_files(dataset: str) -> list[Path] | None:
-    from core.data import EMBEDDED_NAMES, EMBEDDED_SST2, HUB_SST2, SPLIT_NAMES, _split_file, hub_offline
+    from core.sources import EMBEDDED_NAMES, EMBEDDED_SST2, HUB_SST2, SPLIT_NAMES, _split_file, hub_offline
     if dataset.lower() in EMBEDDED_NAMES or (dataset in HUB_SST2 and hub_offline()):
         # the packaged SST-2 is what loads: its rows are the identity, so `sst2` and an offline `glue/sst2` are
         # the same run (online, the Hub's copy keeps its name: its rows are not read here)
@@ -89,7 +89,8 @@ def data_fingerprint(dataset: str, text_column: str | None = None, label_column:
 
 
 def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) -> str:
-    from core.data import _unlabeled, detect_columns, load_raw
+    from core.data import _unlabeled, detect_columns
+    from core.sources import load_raw
     raw = load_raw(dataset)
     texts, label = detect_columns(raw["train"], text_column, label_column)
     if "test" in raw and (label not in raw["test"].column_names or _unlabeled(raw["test"], label)):
@@ -103,7 +104,7 @@ def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) 
 
 
 def clear_caches() -> None:
-    from core.data import clear_raw_cache
+    from core.sources import clear_raw_cache
     _FILE_HASHES.clear()
     _DATA_HASHES.clear()
     clear_raw_cache()

@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from core.data import hub_offline
 from core.errors import UsageError, first_line
+from core.sources import hub_offline
 
 # Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
 EMBEDDING_MODULES = ("embeddings", "embeddings_project")
@@ -148,7 +148,7 @@ def preflight(config, session) -> PretrainedConfig:
     """Resolve and check everything a study's runs share, once, before any trial is recorded: the model (config,
     weights, tokenizer, finite weight values, a layer list to freeze) and the dataset (it loads, its columns and
     labels). Loaded through the command's `core.session.Session`, so the first run finds them loaded."""
-    from core.data import check_dataset
+    from core.sources import check_dataset
     check_dataset(config.dataset)
     model_cfg = model_config(config.model)
     check_freeze_depth(config.freeze_depth, model_cfg, config.model)
@@ -167,8 +167,8 @@ def seconds_per_training_step(config, session, device=None, steps: int = 3) -> t
 
     import numpy as np
 
-    from core.data import subsample
-    from core.train import default_device, precision_for
+    from core.batches import subsample
+    from core.device import default_device, precision_for
     device = torch.device(device) if device else default_device()
     autocast = precision_for(config.precision, device) == "bf16"
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.data import Split, eval_tokens, sorted_batches, to_device
+from core.batches import eval_tokens, sorted_batches
+from core.data import Split, to_device
 from core.model import Backbone
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,8 +29,9 @@ from torch import nn
 from transformers import get_scheduler
 
 from core import metrics as run_metrics
+from core.batches import eval_tokens, length_grouped_batches, sorted_batches
 from core.config import RunConfig
-from core.data import eval_tokens, length_grouped_batches, sorted_batches
+from core.device import sync_time
 from core.model import find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 
@@ -302,9 +302,9 @@ class StackedRuns:
         best epoch (by its own `select_by`) kept with its weights. Returns the group's training seconds."""
         train_seconds = 0.0
         for epoch in range(1, self.runs[0].config.epochs + 1):
-            started = _sync_time(self.device)
+            started = sync_time(self.device)
             losses = self.train_epoch(epoch)
-            seconds = _sync_time(self.device) - started
+            seconds = sync_time(self.device) - started
             train_seconds += seconds
             for run, (result, loss) in enumerate(zip(self.evaluate(batch, lengths, labels, num_labels), losses)):
                 metrics, predictions = result
@@ -323,9 +323,3 @@ class StackedRuns:
 
 def _better(new: dict, old: dict, select_by: str) -> bool:
     return new["loss"] < old["loss"] if select_by == "loss" else new[select_by] > old[select_by]
-
-
-def _sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -20,24 +20,15 @@ from transformers import get_scheduler, set_seed
 
 from core import metrics as run_metrics
 from core import shared_steps, timing
+from core.batches import carve_dev, eval_tokens, length_grouped_batches, sorted_batches, subsample
 from core.config import RunConfig
-from core.data import (
-    Split,
-    TextData,
-    carve_dev,
-    check_dataset,
-    eval_tokens,
-    length_grouped_batches,
-    sorted_batches,
-    subsample,
-    to_device,
-)
+from core.data import Split, TextData, to_device
+from core.device import clip_gradients, default_device, make_optimizer, precision_for, sync_time
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
     check_freeze_depth,
     count_parameters,
-    decay_groups,
     device_name,
     freeze,
     frozen_modules,
@@ -45,26 +36,12 @@ from core.model import (
     num_layers,
 )
 from core.prefix_cache import layer_view, prefix_states
-from core.record import RunRecord, now
+from core.record import RunRecord
+from core.recording import make_record
 from core.session import Session
+from core.sources import check_dataset
 
 EpochCallback = Callable[[dict], "str | None"]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def precision_for(precision: str, device: torch.device) -> str:
-    """'auto' means bf16 autocast where the hardware runs it natively (CUDA; CPUs with AVX512-BF16/AMX)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-            else "fp32"
-    return "fp32"
 
 
 def check(config: RunConfig):
@@ -223,7 +200,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
                desc=f"freeze {config.freeze_depth} · {config.scheduler} · seed {config.seed}")
     for epoch in range(1, config.epochs + 1):
         _train_mode(p)
-        started, loss_sum = _sync_time(device), torch.zeros((), device=device)
+        started, loss_sum = sync_time(device), torch.zeros((), device=device)
         skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
         if epoch == 1 and sharing.resumed:
             store.restore(sharing.resumed, p.params, optimizer, scheduler, device, loss_sum)
@@ -232,16 +209,16 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
         batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
         for step in range(skip, len(batches) + 1):
             if epoch == 1 and step in sharing.keep_at:  # the state after `step` steps, for a sibling
-                paused = _sync_time(device)
+                paused = sync_time(device)
                 store.take(sharing.key, sharing.rates[:step], config.run_id, p.params, optimizer, device, loss_sum,
                            earlier + paused - started)
-                started += _sync_time(device) - paused  # the copy is not this run's training time
+                started += sync_time(device) - paused  # the copy is not this run's training time
             if step == len(batches):
                 break
             loss_sum += train_step(p, forward, batches[step], optimizer, scheduler)
             session.timer.pause_point()
             bar.update()
-        epoch_seconds = _sync_time(device) - started + earlier
+        epoch_seconds = sync_time(device) - started + earlier
         done.steps += len(batches)
         entry = end_epoch(p, forward, session, done, epoch, len(batches), loss_sum.item() / steps_per_epoch,
                           epoch_seconds, on_epoch)
@@ -350,80 +327,6 @@ def evaluate(p: Prepared, forward, name: str, session: Session) -> tuple[dict, n
                                                 session.metric("accuracy"), session.metric("f1"))
     return {"accuracy": round(scores["accuracy"], 6), "loss": round(loss_sum / max(1, len(split)), 6),
             "f1": round(scores["f1"], 6)}, predictions
-
-
-def make_record(p: Prepared, training: Training, test_metrics: dict | None, session: Session, compile: bool,
-                wall_start: float, engine: str = "eager") -> RunRecord:
-    config, best, splits = p.config, training.best, p.splits
-    train_tokens = int(p.train.lengths.sum()) * len(training.history)
-    prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
-    prefix_eval = sum(v for k, v in p.prefix["seconds"].items() if k != "train") if p.cached else 0.0
-    predictions = best["predictions"]
-    evaluated = session.metric("accuracy") is not None and session.metric("f1") is not None
-    if training.timing:  # what the run costs alone: its steps at the timed per-step cost, plus its prefix build
-        alone = training.timing.record(training.steps, extra=prefix_train)
-        if p.prefix.get("contended"):  # its prefix build ran beside foreign load: not its cost alone either
-            alone = {**alone, "contended": True,
-                     "timing": {**alone["timing"], "prefix_evidence": p.prefix["contended"]}}
-    else:
-        alone = {"train_seconds": round(training.train_seconds + prefix_train, 3)}
-    return RunRecord(
-        run_id=config.run_id, config=config.to_dict(),
-        accuracy=best["metrics"]["accuracy"], f1=best["metrics"]["f1"], loss=best["metrics"]["loss"],
-        dev_accuracy=best["dev"]["accuracy"] if best["dev"] else None,
-        dev_f1=best["dev"]["f1"] if best["dev"] else None, dev_loss=best["dev"]["loss"] if best["dev"] else None,
-        best_epoch=best["epoch"], selected_by=config.select_by, selected_on="dev" if best["dev"] else "validation",
-        history=training.history,
-        stopped_early=training.stopped,
-        test_accuracy=test_metrics["accuracy"] if test_metrics else None,
-        test_f1=test_metrics["f1"] if test_metrics else None,
-        **alone,
-        train_loop_seconds=round(training.train_seconds, 3),
-        eval_seconds=round(training.eval_seconds + prefix_eval, 3),
-        wall_seconds=round(time.perf_counter() - wall_start, 3),
-        prefix_cache=p.prefix, shared_steps=training.sharing.record(),
-        trainable_params=p.trainable, total_params=p.total,
-        train_samples=len(p.train), dev_samples=len(splits["dev"]) if "dev" in splits else 0,
-        validation_samples=len(splits["validation"]),
-        test_samples=len(splits["test"]) if "test" in splits else 0,
-        num_labels=p.data.num_labels, label_names=[str(n) for n in p.data.label_names],
-        text_columns=list(p.data.text_columns), label_column=p.data.label_column,
-        tokens_per_second=round(train_tokens / training.train_seconds, 1) if training.train_seconds else None,
-        peak_memory_mb=round(run_metrics.peak_memory_mb(p.device), 1),
-        peak_memory_scope="run (CUDA allocator)" if p.device.type == "cuda" else "process (max RSS)",
-        device=device_name(p.device), precision=p.precision, compiled=compile, engine=engine,
-        metrics_backend="evaluate" if evaluated else "numpy (evaluate offline)",
-        versions=run_metrics.versions(), finished_at=now(),
-        validation_predictions=[int(x) for x in predictions],
-        validation_correct="".join("1" if x == y else "0" for x, y in zip(predictions, splits["validation"].labels)),
-    )
-
-
-def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel (CUDA; CPU since torch 2.4): the update of every trainable
-    parameter, embeddings included, is otherwise a chain of small ops that costs as much as the backward pass."""
-    groups = decay_groups(model, config.weight_decay)
-    try:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type in ("cuda", "cpu"))
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, device: torch.device) -> None:
-    """`clip_grad_norm_`, minus its multiply-by-one on the CPU: there reading the norm costs no device sync, so
-    the rescale (a pass over every gradient) runs only when the norm is above `max_norm`. Same result."""
-    if device.type != "cpu" or not hasattr(torch.nn.utils, "get_total_norm"):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    norm = torch.nn.utils.get_total_norm([g.grad for g in params if g.grad is not None])
-    if norm > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-
-
-def _sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _better(new: dict, old: dict, select_by: str) -> bool:

@@ -92,11 +92,11 @@ def write_toy_dataset(folder: Path, train=96, validation=48, test=0, classes=2, 
 
 @pytest.fixture(autouse=True)
 def _fresh_data_reads():
-    """core.data keeps the rows it read for the process (see load_raw); each test reads its files afresh."""
+    """core.sources keeps the rows it read for the process (see load_raw); each test reads its files afresh."""
     yield
     import sys
-    if "core.data" in sys.modules:
-        sys.modules["core.data"].clear_raw_cache()
+    if "core.sources" in sys.modules:
+        sys.modules["core.sources"].clear_raw_cache()
 
 
 @pytest.fixture(scope="session")

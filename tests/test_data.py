@@ -11,7 +11,9 @@ import pytest
 from conftest import quick_config, toy_rows, write_split, write_tokenizer, write_toy_dataset
 
 from core import UsageError
-from core.data import detect_columns, load_raw, load_text_data, subsample
+from core.batches import subsample
+from core.data import detect_columns, load_text_data
+from core.sources import load_raw
 from core.train import run as train_run
 
 
@@ -302,12 +304,12 @@ def test_glue_sst2_offline_comes_from_the_embedded_copy_saying_so_in_one_line(ca
 
 def test_the_run_id_and_the_training_data_read_the_rows_once_and_say_so_once(tiny_bert, monkeypatch, capsys):
     """A run fingerprints its rows for its id and then trains on them: one read, one note (it was two of each)."""
-    import core.data
+    import core.sources
     from core.config import RunConfig
     from core.session import Session
     reads = []
-    real = core.data.load_embedded_sst2
-    monkeypatch.setattr(core.data, "load_embedded_sst2", lambda: reads.append(1) or real())
+    real = core.sources.load_embedded_sst2
+    monkeypatch.setattr(core.sources, "load_embedded_sst2", lambda: reads.append(1) or real())
     assert RunConfig(model=tiny_bert, dataset="glue/sst2").run_id
     session = Session()
     data = session.text_data("glue/sst2", session.tokenizer(tiny_bert), None, None, 32)
@@ -358,7 +360,7 @@ def test_a_label_only_in_validation_is_refused_not_made_a_class(tmp_path, tiny_b
 
 
 def test_a_missing_relative_folder_under_an_existing_one_is_called_missing(tmp_path, monkeypatch):
-    from core.data import check_dataset
+    from core.sources import check_dataset
     from core.model import model_config
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,8 @@ from conftest import quick_config, write_toy_dataset
 import core.train
 from ablations.tuning import choice_accuracy
 from core import RunConfig, RunRecord, Session, UsageError
-from core.data import DEV_MAX_ROWS, TextSplit, carve_dev, dev_rows_count
+from core.batches import DEV_MAX_ROWS, carve_dev, dev_rows_count
+from core.data import TextSplit
 
 
 def labels_of(n: int, share_of_ones: float, seed: int = 5) -> np.ndarray:

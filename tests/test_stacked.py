@@ -11,7 +11,9 @@ from transformers import get_scheduler, set_seed
 
 from conftest import quick_config, save_tiny, write_toy_dataset
 from core import train as solo_train
-from core.data import length_grouped_batches, load_text_data, subsample
+from core.batches import length_grouped_batches, subsample
+from core.data import load_text_data
+from core.device import clip_gradients, make_optimizer
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
 from core.prefix_cache import PrefixCache, layer_view, prefix_states
 from core.stacked import StackedRun, StackedRuns, pad_and_stack, stack_models, work_shape
@@ -68,7 +70,7 @@ def solo_weights(run: StackedRun, autocast=contextlib.nullcontext) -> dict[str, 
     """The project's solo step (fused AdamW, clip 1.0, its schedule) on one run, one epoch."""
     config, model = run.config, run.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = solo_train.make_optimizer(model, config, torch.device("cpu"))
+    optimizer = make_optimizer(model, config, torch.device("cpu"))
     batches = length_grouped_batches(run.lengths, config.batch_size, seed=config.seed * 1000 + 1)
     schedule = get_scheduler(config.scheduler, optimizer,
                              num_warmup_steps=math.ceil(config.warmup_ratio * len(batches)),
@@ -82,7 +84,7 @@ def solo_weights(run: StackedRun, autocast=contextlib.nullcontext) -> dict[str, 
             with autocast():
                 loss = model(**run.batch(indices), labels=run.labels[indices]).loss
             loss.backward()
-            solo_train.clip_gradients(params, 1.0, torch.device("cpu"))
+            clip_gradients(params, 1.0, torch.device("cpu"))
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

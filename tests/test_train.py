@@ -225,7 +225,7 @@ def test_a_compiled_run_computes_what_an_eager_run_does(tiny_bert, toy_data):
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])   # gradient norm below and above the clipping threshold
 def test_clip_gradients_matches_clip_grad_norm_bit_for_bit(scale):
-    from core.train import clip_gradients
+    from core.device import clip_gradients
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(50, 20)) for _ in range(3)]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]

@@ -1,0 +1,54 @@
+"""The choices a run makes by device: which device and precision, AdamW fused where torch has a kernel, gradient
+clipping that skips a needless pass on the CPU, and a clock that waits for the device's queued work."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from core.config import RunConfig
+from core.model import decay_groups
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision_for(precision: str, device: torch.device) -> str:
+    """'auto' means bf16 autocast where the hardware runs it natively (CUDA; CPUs with AVX512-BF16/AMX)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+            else "fp32"
+    return "fp32"
+
+
+def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel (CUDA; CPU since torch 2.4): the update of every trainable
+    parameter, embeddings included, is otherwise a chain of small ops that costs as much as the backward pass."""
+    groups = decay_groups(model, config.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type in ("cuda", "cpu"))
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, device: torch.device) -> None:
+    """`clip_grad_norm_`, minus its multiply-by-one on the CPU: there reading the norm costs no device sync, so
+    the rescale (a pass over every gradient) runs only when the norm is above `max_norm`. Same result."""
+    if device.type != "cpu" or not hasattr(torch.nn.utils, "get_total_norm"):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norm = torch.nn.utils.get_total_norm([g.grad for g in params if g.grad is not None])
+    if norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def sync_time(device: torch.device) -> float:
+    """`time.perf_counter()` once the device has finished what is queued on it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
