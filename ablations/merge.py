@@ -22,6 +22,7 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
     import optuna  # optuna and the ledger load here, not for --help
 
     from ablations.ledger import Ledger, mask_url, open_storage, open_study, storage_errors
+    from ablations.runs_table import read_rows
     sources = [(url, _read(url, study_names)) for url in source_urls]
     with storage_errors(target_url):
         ledger = Ledger(open_storage(target_url))
@@ -34,7 +35,7 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
                         into.set_user_attr(key, value)
                 copied.setdefault(into.study_name, 0)
                 wanted = {trial._trial_id: _ids(trial) for trial in trials}
-                stored = ledger._rows([i for ids in wanted.values() for i in ids])
+                stored = read_rows(ledger.storage.engine, [i for ids in wanted.values() for i in ids])
                 for trial in trials:
                     run_id, legacy = wanted[trial._trial_id]
                     if run_id is None or any(stored.get(i, {}).get("state") == "COMPLETE" for i in (run_id, legacy)):
