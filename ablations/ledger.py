@@ -102,7 +102,7 @@ class Ledger:
         create_runs_table(storage.engine)
         self.flush_spool()
 
-    # -- look-ups -------------------------------------------------------------------------------------------
+    # -- look-ups --------------------------------------------------------------------------------------------
     def _status(self, run_id: str, row: dict | None) -> RunStatus:
         if row is None:
             return RunStatus(run_id)
