@@ -147,7 +147,7 @@ def train_group_claimed(study: optuna.Study, ledger: Ledger, claims: list[tuple[
                         train_group: GroupTrainFn, failed: dict[str, str]) -> list[tuple[RunConfig, dict]]:
     """Train claimed runs as one group under a heartbeat each; every run ends COMPLETE with its own record or
     FAIL with its own reason (an error of the whole group fails each of its runs)."""
-    from ablations.ledger import Heartbeat
+    from ablations.storage import Heartbeat
 
     try:
         with contextlib.ExitStack() as beats:
@@ -195,7 +195,7 @@ def run_tuned(configs: list[RunConfig], rates: tuple[float, ...], study: optuna.
 def train_claimed(study: optuna.Study, ledger: Ledger, trial_id: int, config: RunConfig, train: TrainFn,
                   failed: dict[str, str], siblings: list[RunConfig]) -> dict | None:
     """Train a claimed run under a heartbeat; any error becomes a FAIL trial with its reason, never a crash."""
-    from ablations.ledger import Heartbeat
+    from ablations.storage import Heartbeat
 
     try:
         with Heartbeat(ledger.storage, trial_id):
@@ -325,7 +325,7 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
         raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
-    from ablations.ledger import storage_errors
+    from ablations.storage import storage_errors
     from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
     from ablations.tuning import parse_rates
     from core.config import SCHEDULERS
@@ -362,7 +362,8 @@ def main() -> int:
 
 def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session, engine="eager", size=1,
              tuning_rates=None) -> int:
-    from ablations.ledger import Ledger, mask_url, open_storage, open_study
+    from ablations.ledger import Ledger, open_study
+    from ablations.storage import mask_url, open_storage
 
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)

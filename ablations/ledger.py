@@ -10,10 +10,10 @@ invocations and studies. The claim protocol uses the database alone, never a wor
 2. A worker claims a run by inserting that row for its RUNNING trial, in one transaction. The key is unique,
    so of two concurrent inserts one fails: the loser ends its trial as FAIL `claim_lost` (grid) or waits for
    the winner and reuses its record (search). A look-up reads the rows of the wanted run ids only.
-3. The holder sends Optuna heartbeats while training. A worker that dies (kill -9) stops sending them and
-   `optuna.storages.fail_stale_trials` turns its trial into FAIL ("stale") by the database's clock; a row whose
-   trial is no longer RUNNING, or that a failed attempt released, is taken over by a compare-and-set update on
-   (run id, trial id), which again only one worker can win.
+3. The holder sends Optuna heartbeats while training (`ablations.storage.Heartbeat`). A worker that dies
+   (kill -9) stops sending them and `optuna.storages.fail_stale_trials` turns its trial into FAIL ("stale") by
+   the database's clock; a row whose trial is no longer RUNNING, or that a failed attempt released, is taken
+   over by a compare-and-set update on (run id, trial id), which again only one worker can win.
 4. A finished run is retried with back-off while the storage is unreachable, then kept in a local spool file
    and stored the next time the storage answers (this invocation's next loop, or the next one).
 Storages written before the table existed are indexed once on open (one light query, no records); their runs
@@ -24,8 +24,6 @@ workers (optuna#2039, #5489).
 from __future__ import annotations
 
 import datetime
-import threading
-import warnings
 from dataclasses import dataclass, field
 
 import optuna
@@ -35,22 +33,11 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.runs_table import COUNTED_FAILURES, RUNS, create_runs_table, insert_row, read_rows
-from ablations.storage import Spool, mask_url, open_storage, retrying, storage_errors, storage_url
+from ablations.storage import Spool, mask_url, retrying
 from core.errors import UsageError
 
 DIRECTIONS = ("maximize", "minimize")  # validation accuracy, training seconds
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-__all__ = ["DIRECTIONS", "Heartbeat", "Ledger", "RunStatus", "fail_kind", "load_runs", "mask_url", "open_storage",
-           "open_study", "storage_errors", "storage_url"]
-
-
-def fail_kind(trial: FrozenTrial) -> str | None:
-    """Why a trial failed; a FAIL without our own tag was failed by Optuna's stale-heartbeat check."""
-    if trial.state != TrialState.FAIL:
-        return None
-    return trial.user_attrs.get("fail_kind", "stale")
+__all__ = ["DIRECTIONS", "Ledger", "RunStatus", "StoredRuns", "open_study"]
 
 
 def open_study(storage: RDBStorage, name: str, directions: tuple[str, ...] = DIRECTIONS) -> optuna.Study:
@@ -307,49 +294,3 @@ class Ledger:
                     index.setdefault(run_id, StoredRuns()).complete.append(trial)
         return index
 
-
-class Heartbeat:
-    """Tells the storage, every few seconds, that the worker holding `trial_id` is alive."""
-
-    def __init__(self, storage: RDBStorage, trial_id: int):
-        self.storage, self.trial_id, self.stop_event = storage, trial_id, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        interval = self.storage.get_heartbeat_interval() or 20
-        while not self.stop_event.wait(interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a missed beat is retried next interval; the run itself must go on
-                pass
-
-    def __enter__(self) -> "Heartbeat":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join()
-
-
-def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
-    """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
-    with storage_errors(url):
-        storage = open_storage(url)
-        names = [s.study_name for s in storage.get_all_studies()]
-        for name in study_names or []:
-            if name not in names:
-                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
-                                 f"{', '.join(names) or 'no studies'}")
-        runs = []
-        for name in study_names or names:
-            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                runs.append({"study": name, "number": trial.number, "state": trial.state.name,
-                             "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
-                             "values": list(trial.values) if trial.values else None,
-                             "fail_reason": trial.user_attrs.get("fail_reason") or (
-                                 "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
-                             "fail_kind": fail_kind(trial),
-                             "reused_from": trial.user_attrs.get("reused_from"),
-                             "record": trial.user_attrs.get("record")})
-    return runs
