@@ -13,7 +13,7 @@ import optuna
 import pytest
 from conftest import fresh_postgres_database, quick_config, write_toy_dataset
 
-from ablations.grid import run_cells
+from ablations.cells import run_cells
 from ablations.space import Grid
 from ablations.ledger import Ledger, open_study
 from ablations.storage import fail_kind, open_storage

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from conftest import fresh_postgres_database, quick_config, save_tiny, write_toy_dataset
 
 from ablations import storage as storage_module
-from ablations.grid import run_cells
+from ablations.cells import run_cells
 from ablations.ledger import Ledger, open_study
 from ablations.storage import open_storage
 from ablations.space import Grid

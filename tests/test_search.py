@@ -14,7 +14,7 @@ import pytest
 from conftest import fresh_postgres_database, quick_config
 from optuna.trial import TrialState
 
-from ablations.grid import run_cells
+from ablations.cells import run_cells
 from ablations.optuna_search import Search, main, open_search_study
 from ablations.pareto import SEARCHED, run_rows, write_outputs
 from ablations.space import Grid, SearchSpace

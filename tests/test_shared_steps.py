@@ -82,7 +82,7 @@ def test_common_steps_follow_the_schedules():
 
 
 def test_the_grid_trains_schedule_siblings_back_to_back_and_shares_their_steps(tiny_bert, toy_data, tmp_path):
-    from ablations.grid import run_cells
+    from ablations.cells import run_cells
     from ablations.space import Grid
     from ablations.ledger import Ledger, open_study
     from ablations.storage import load_runs, open_storage

@@ -13,7 +13,7 @@ import pytest
 from conftest import quick_config
 
 from ablations import plots
-from ablations.grid import run_tuned
+from ablations.cells import run_tuned
 from ablations.report import run_table, tradeoff_table, write_report
 from ablations.space import Grid
 from ablations.ledger import Ledger, open_study
