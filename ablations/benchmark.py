@@ -54,7 +54,7 @@ def project_run(args, depths: list[int], schedulers: list[str], workdir: Path) -
                "--max-train-samples", str(args.max_train_samples), "--seed", str(args.seed),
                "--output-dir", str(workdir), "--no-progress", "--no-report"] + args.project_args
     seconds, _ = _timed(command)
-    from ablations.ledger import load_runs
+    from ablations.storage import load_runs
     runs = [r for r in load_runs(f"sqlite:///{workdir}/ablations.db") if r["state"] == "COMPLETE"]
     cells = {(r["params"]["freeze_depth"], r["params"]["scheduler"]): r["record"] for r in runs}
     return seconds, cells

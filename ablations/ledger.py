@@ -4,15 +4,16 @@ Every run is an Optuna trial whose user attributes hold its `run_id` and full re
 (validation accuracy, training seconds). A run id is trained at most once per storage, across workers,
 invocations and studies. The claim protocol uses the database alone, never a worker's clock:
 
-1. Beside Optuna's tables the storage holds `ablation_runs`: one row per run id (primary key) naming the trial
-   that holds or completed it, its study and number, its state and its counted failures.
+1. Beside Optuna's tables the storage holds `ablation_runs` (`ablations.runs_table`): one row per run id
+   (primary key) naming the trial that holds or completed it, its study and number, its state and its counted
+   failures.
 2. A worker claims a run by inserting that row for its RUNNING trial, in one transaction. The key is unique,
    so of two concurrent inserts one fails: the loser ends its trial as FAIL `claim_lost` (grid) or waits for
    the winner and reuses its record (search). A look-up reads the rows of the wanted run ids only.
-3. The holder sends Optuna heartbeats while training. A worker that dies (kill -9) stops sending them and
-   `optuna.storages.fail_stale_trials` turns its trial into FAIL ("stale") by the database's clock; a row whose
-   trial is no longer RUNNING, or that a failed attempt released, is taken over by a compare-and-set update on
-   (run id, trial id), which again only one worker can win.
+3. The holder sends Optuna heartbeats while training (`ablations.storage.Heartbeat`). A worker that dies
+   (kill -9) stops sending them and `optuna.storages.fail_stale_trials` turns its trial into FAIL ("stale") by
+   the database's clock; a row whose trial is no longer RUNNING, or that a failed attempt released, is taken
+   over by a compare-and-set update on (run id, trial id), which again only one worker can win.
 4. A finished run is retried with back-off while the storage is unreachable, then kept in a local spool file
    and stored the next time the storage answers (this invocation's next loop, or the next one).
 Storages written before the table existed are indexed once on open (one light query, no records); their runs
@@ -23,11 +24,6 @@ workers (optuna#2039, #5489).
 from __future__ import annotations
 
 import datetime
-import json
-import random
-import threading
-import time
-import warnings
 from dataclasses import dataclass, field
 
 import optuna
@@ -36,31 +32,12 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations.storage import Spool, mask_url, open_storage, retrying, storage_errors, storage_url
+from ablations.runs_table import COUNTED_FAILURES, RUNS, create_runs_table, insert_row, read_rows
+from ablations.storage import Spool, mask_url, retrying
 from core.errors import UsageError
 
 DIRECTIONS = ("maximize", "minimize")  # validation accuracy, training seconds
-COUNTED_FAILURES = ("error",)           # claim_lost, stale and interrupted attempts are not the run's fault
-TABLES = sa.MetaData()
-RUNS = sa.Table("ablation_runs", TABLES,
-                sa.Column("run_id", sa.String(64), primary_key=True),
-                sa.Column("trial_id", sa.Integer, nullable=False),
-                sa.Column("study", sa.String(512), nullable=False),
-                sa.Column("number", sa.Integer, nullable=False),
-                sa.Column("state", sa.String(16), nullable=False),   # RUNNING, COMPLETE or FREE (failed, retry)
-                sa.Column("failures", sa.Integer, nullable=False, default=0))
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-__all__ = ["DIRECTIONS", "Heartbeat", "Ledger", "RunStatus", "fail_kind", "load_runs", "mask_url", "open_storage",
-           "open_study", "storage_errors", "storage_url"]
-
-
-def fail_kind(trial: FrozenTrial) -> str | None:
-    """Why a trial failed; a FAIL without our own tag was failed by Optuna's stale-heartbeat check."""
-    if trial.state != TrialState.FAIL:
-        return None
-    return trial.user_attrs.get("fail_kind", "stale")
+__all__ = ["DIRECTIONS", "Ledger", "RunStatus", "StoredRuns", "open_study"]
 
 
 def open_study(storage: RDBStorage, name: str, directions: tuple[str, ...] = DIRECTIONS) -> optuna.Study:
@@ -109,82 +86,10 @@ class Ledger:
         self.spool = spool or Spool.for_url(str(storage.engine.url))
         self._where: dict[int, str] = {}
         self._params: dict[int, tuple[dict, dict]] = {}
-        self._create_index()
+        create_runs_table(storage.engine)
         self.flush_spool()
 
-    # -- the index -------------------------------------------------------------------------------------------
-    def _create_index(self) -> None:
-        for attempt in range(5):
-            try:
-                with self.storage.engine.begin() as connection:
-                    if sa.inspect(connection).has_table(RUNS.name) and connection.execute(
-                            sa.select(sa.func.count()).select_from(RUNS)).scalar():
-                        return
-                    RUNS.create(connection, checkfirst=True)
-                break
-            except sa.exc.SQLAlchemyError as error:   # two workers creating it at once: the loser retries
-                if attempt == 4 or not _racing(error):
-                    raise
-                time.sleep(0.2 + random.random())
-        self._index_existing_trials()
-
-    def _index_existing_trials(self) -> None:
-        """One light query over a storage written before the index (or by hand): run id, state, tags."""
-        trials, attrs = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
-        studies = models.StudyModel.__table__
-        query = sa.select(trials.c.trial_id, trials.c.number, trials.c.state, studies.c.study_name, attrs.c.key,
-                          attrs.c.value_json).join(studies, studies.c.study_id == trials.c.study_id).join(
-            attrs, attrs.c.trial_id == trials.c.trial_id).where(attrs.c.key.in_(("run_id", "fail_kind", "reused_from")))
-        found: dict[int, dict] = {}
-        with self.storage.engine.connect() as connection:
-            for trial_id, number, state, study, key, value in connection.execute(query):
-                entry = found.setdefault(trial_id, {"number": number, "state": getattr(state, "name", state),
-                                                    "study": study})
-                entry[key] = json.loads(value)
-        rows: dict[str, dict] = {}
-        rank = {"COMPLETE": 0, "RUNNING": 1, "FREE": 2}
-        for trial_id, entry in sorted(found.items()):
-            if "run_id" not in entry or entry["state"] not in ("COMPLETE", "RUNNING", "FAIL"):
-                continue
-            state = "FREE" if entry["state"] == "FAIL" else entry["state"]
-            row = rows.setdefault(entry["run_id"], {"run_id": entry["run_id"], "trial_id": trial_id,
-                                                    "study": entry["study"], "number": entry["number"],
-                                                    "state": state, "failures": 0})
-            if entry["state"] == "FAIL" and entry.get("fail_kind", "stale") in COUNTED_FAILURES:
-                row["failures"] += 1
-            better = rank[state] < rank[row["state"]] or (
-                state == "COMPLETE" and row["state"] == "COMPLETE" and row.get("reused") and not entry.get(
-                    "reused_from"))
-            if better:
-                row.update(trial_id=trial_id, study=entry["study"], number=entry["number"], state=state,
-                           reused=bool(entry.get("reused_from")))
-        for row in rows.values():
-            row.pop("reused", None)
-        try:  # one transaction: a commit per row is minutes on a large SQLite file
-            with self.storage.engine.begin() as connection:
-                if rows:
-                    connection.execute(RUNS.insert(), list(rows.values()))
-        except sa.exc.IntegrityError:   # another worker indexed some of them meanwhile
-            for row in rows.values():
-                self._insert(row)
-
-    def _insert(self, row: dict) -> bool:
-        try:
-            with self.storage.engine.begin() as connection:
-                connection.execute(RUNS.insert().values(**row))
-            return True
-        except sa.exc.IntegrityError:
-            return False
-
-    def _rows(self, run_ids: list[str]) -> dict[str, dict]:
-        rows = {}
-        with self.storage.engine.connect() as connection:
-            for start in range(0, len(run_ids), 500):
-                chunk = run_ids[start:start + 500]
-                for row in connection.execute(sa.select(RUNS).where(RUNS.c.run_id.in_(chunk))).mappings():
-                    rows[row["run_id"]] = dict(row)
-        return rows
-
+    # -- look-ups --------------------------------------------------------------------------------------------
     def _status(self, run_id: str, row: dict | None) -> RunStatus:
         if row is None:
             return RunStatus(run_id)
@@ -207,17 +112,17 @@ class Ledger:
         """The status of each config's run id. A run stored under its legacy id (storages written before
         fingerprints) counts as done: the new id is recorded as an alias of that trial."""
         self.flush_spool()
-        rows = self._rows([c.run_id for c in configs])
+        rows = read_rows(self.storage.engine, [c.run_id for c in configs])
         missing = [c for c in configs if c.run_id not in rows]
-        legacy = self._rows([c.legacy_run_id for c in missing]) if missing else {}
+        legacy = read_rows(self.storage.engine, [c.legacy_run_id for c in missing]) if missing else {}
         for config in missing:
             old = legacy.get(config.legacy_run_id)
-            if old and old["state"] == "COMPLETE" and self._insert({**old, "run_id": config.run_id}):
+            if old and old["state"] == "COMPLETE" and insert_row(self.storage.engine, {**old, "run_id": config.run_id}):
                 rows[config.run_id] = {**old, "run_id": config.run_id}
         return {c.run_id: self._status(c.run_id, rows.get(c.run_id)) for c in configs}
 
     def lookup_ids(self, run_ids: list[str]) -> dict[str, RunStatus]:
-        rows = self._rows(run_ids)
+        rows = read_rows(self.storage.engine, run_ids)
         return {run_id: self._status(run_id, rows.get(run_id)) for run_id in run_ids}
 
     # -- claims ----------------------------------------------------------------------------------------------
@@ -229,9 +134,9 @@ class Ledger:
         row = {"run_id": run_id, "trial_id": trial_id, "study": study.study_name, "number": number,
                "state": "RUNNING", "failures": 0}
         for _ in range(3):
-            current = self._rows([run_id]).get(run_id)
+            current = read_rows(self.storage.engine, [run_id]).get(run_id)
             if current is None:
-                if self._insert(row):
+                if insert_row(self.storage.engine, row):
                     return None
                 continue
             status = self._status(run_id, current)
@@ -245,7 +150,7 @@ class Ledger:
                     trial_id=trial_id, study=study.study_name, number=number, state="RUNNING")).rowcount
             if taken == 1:
                 return None
-        return self._status(run_id, self._rows([run_id]).get(run_id))
+        return self.lookup_ids([run_id])[run_id]
 
     def new_claim(self, study: optuna.Study, run_id: str, params: dict, distributions: dict) -> int | None:
         """Create a RUNNING trial for `run_id` and claim the run with it; None (a FAIL `claim_lost`) if lost."""
@@ -321,7 +226,7 @@ class Ledger:
             number, study = connection.execute(sa.select(trials.c.number, studies.c.study_name).join(
                 studies, studies.c.study_id == trials.c.study_id).where(trials.c.trial_id == trial_id)).one()
         values = {"trial_id": trial_id, "study": study, "number": number, "state": "COMPLETE"}
-        if not self._insert({"run_id": run_id, "failures": 0, **values}):
+        if not insert_row(self.storage.engine, {"run_id": run_id, "failures": 0, **values}):
             with self.storage.engine.begin() as connection:
                 connection.execute(RUNS.update().where((RUNS.c.run_id == run_id) & (RUNS.c.state != "COMPLETE"))
                                    .values(**values))
@@ -334,7 +239,7 @@ class Ledger:
 
     def _store_spooled(self, entry: dict) -> None:
         study = optuna.load_study(study_name=entry["study"], storage=self.storage)
-        status = self._status(entry["run_id"], self._rows([entry["run_id"]]).get(entry["run_id"]))
+        status = self.lookup_ids([entry["run_id"]])[entry["run_id"]]
         trial_id = self._add_complete(study, entry["run_id"], entry["params"], entry["distributions"],
                                       entry["record"], **({"reused_from": status.where} if status.complete else {}))
         if not status.complete:
@@ -389,54 +294,3 @@ class Ledger:
                     index.setdefault(run_id, StoredRuns()).complete.append(trial)
         return index
 
-
-def _racing(error: Exception) -> bool:
-    return any(text in str(error) for text in ("already exists", "duplicate key", "UNIQUE constraint",
-                                               "database is locked"))
-
-
-class Heartbeat:
-    """Tells the storage, every few seconds, that the worker holding `trial_id` is alive."""
-
-    def __init__(self, storage: RDBStorage, trial_id: int):
-        self.storage, self.trial_id, self.stop_event = storage, trial_id, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        interval = self.storage.get_heartbeat_interval() or 20
-        while not self.stop_event.wait(interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a missed beat is retried next interval; the run itself must go on
-                pass
-
-    def __enter__(self) -> "Heartbeat":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join()
-
-
-def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
-    """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
-    with storage_errors(url):
-        storage = open_storage(url)
-        names = [s.study_name for s in storage.get_all_studies()]
-        for name in study_names or []:
-            if name not in names:
-                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
-                                 f"{', '.join(names) or 'no studies'}")
-        runs = []
-        for name in study_names or names:
-            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                runs.append({"study": name, "number": trial.number, "state": trial.state.name,
-                             "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
-                             "values": list(trial.values) if trial.values else None,
-                             "fail_reason": trial.user_attrs.get("fail_reason") or (
-                                 "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
-                             "fail_kind": fail_kind(trial),
-                             "reused_from": trial.user_attrs.get("reused_from"),
-                             "record": trial.user_attrs.get("record")})
-    return runs

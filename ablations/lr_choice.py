@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL holding the sweep "
                         f"(default: {default_storage()}, the grid's default ledger)")
     args = parser.parse_args()
-    from ablations.ledger import load_runs
+    from ablations.storage import load_runs
     storage = args.storage or default_storage()
     best = best_rates(load_runs(storage, [args.study_name]))
     if not best:

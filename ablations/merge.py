@@ -21,7 +21,9 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
     source that cannot be read leaves nothing behind."""
     import optuna  # optuna and the ledger load here, not for --help
 
-    from ablations.ledger import Ledger, mask_url, open_storage, open_study, storage_errors
+    from ablations.ledger import Ledger, open_study
+    from ablations.storage import mask_url, open_storage, storage_errors
+    from ablations.runs_table import read_rows
     sources = [(url, _read(url, study_names)) for url in source_urls]
     with storage_errors(target_url):
         ledger = Ledger(open_storage(target_url))
@@ -34,7 +36,7 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
                         into.set_user_attr(key, value)
                 copied.setdefault(into.study_name, 0)
                 wanted = {trial._trial_id: _ids(trial) for trial in trials}
-                stored = ledger._rows([i for ids in wanted.values() for i in ids])
+                stored = read_rows(ledger.storage.engine, [i for ids in wanted.values() for i in ids])
                 for trial in trials:
                     run_id, legacy = wanted[trial._trial_id]
                     if run_id is None or any(stored.get(i, {}).get("state") == "COMPLETE" for i in (run_id, legacy)):
@@ -54,7 +56,7 @@ def _read(url: str, study_names: list[str] | None) -> dict[str, tuple]:
     import optuna
     from optuna.trial import TrialState
 
-    from ablations.ledger import mask_url, open_storage, storage_errors
+    from ablations.storage import mask_url, open_storage, storage_errors
     with storage_errors(url):
         source = open_storage(url)
         names = [s.study_name for s in source.get_all_studies()]
@@ -97,7 +99,7 @@ def main() -> int:
     if into.startswith("sqlite:///"):
         Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     copied = merge(into, urls, split_names(args.study_names), args.rename)
-    from ablations.ledger import mask_url
+    from ablations.storage import mask_url
     for name, count in copied.items():
         print(f"merge: {count} run(s) copied into study {name!r} of {mask_url(into)}")
     return 0
@@ -106,7 +108,7 @@ def main() -> int:
 def _url(text: str, must_exist: bool = False) -> str:
     """A storage URL as given, or a SQLite file path turned into one."""
     if "://" in text:
-        from ablations.ledger import storage_url
+        from ablations.storage import storage_url
         return storage_url(text, ".")
     path = Path(text).expanduser().resolve()
     if must_exist and not path.is_file():

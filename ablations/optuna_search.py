@@ -131,7 +131,7 @@ class Search:
     def trial(self, bar: tqdm) -> Outcome:
         from optuna.trial import TrialState
 
-        from ablations.ledger import Heartbeat
+        from ablations.storage import Heartbeat
 
         trial = self.study.ask()
         # Re-seeded per trial from (study name, seed, trial number): a fresh study of one name and seed proposes
@@ -293,7 +293,8 @@ def main() -> int:
             raise UsageError(message)
     import optuna
 
-    from ablations.ledger import Ledger, mask_url, open_storage, storage_errors
+    from ablations.ledger import Ledger
+    from ablations.storage import mask_url, open_storage, storage_errors
     from ablations.pareto import write_outputs
     from core.model import model_config, num_layers, preflight, resolve_model
     base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=resolve_model(args.model, RunConfig.model))

@@ -245,7 +245,7 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     """pareto.csv, importance.png, search_summary.md and the shared trade-off report; returns the summary."""
     from ablations.tradeoff import tradeoff_table
     from ablations.runner import write_report
-    from ablations.ledger import load_runs
+    from ablations.storage import load_runs
 
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -277,7 +277,7 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
 def rewrite_search_outputs(url: str, study_name: str, output_dir: str | Path) -> str:
     """pareto.csv, importance.png and search_summary.md of a stored search again, from its runs alone (no
     trial is run; `results/reproduce.sh report` uses it after a change to how they are computed)."""
-    from ablations.ledger import open_storage
+    from ablations.storage import open_storage
     from core.config import RunConfig
 
     ledger = Ledger(open_storage(url))

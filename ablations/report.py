@@ -36,7 +36,7 @@ def main(args=None) -> int:
     storage = args.storage or default_storage(args.output_dir)  # the grid's and the search's default ledger
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         raise usage_error(f"--storage {storage} is invalid: the SQLite file does not exist")
-    from ablations.ledger import load_runs, storage_url  # load_runs names a missing study in one line
+    from ablations.storage import load_runs, storage_url  # load_runs names a missing study in one line
 
     runs = load_runs(storage_url(storage, output_dir), study_names=names)
     paths = write_report(runs, output_dir, baseline)

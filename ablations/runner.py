@@ -36,7 +36,7 @@ def default_storage(output_dir: str | Path | None = None) -> str:
 def locations(storage: str | None, output_dir: str | None, study_name: str | None) -> tuple[str, str]:
     """(storage URL, output folder) from --storage and --output-dir, each defaulted as above; a default SQLite
     file's folder is made, and a PostgreSQL URL gets the installed driver."""
-    from ablations.ledger import storage_url
+    from ablations.storage import storage_url
 
     url = storage or default_storage(output_dir)
     if url.startswith("sqlite:///") and storage is None:
@@ -95,7 +95,7 @@ def make_trainer(args: argparse.Namespace, pass_as: str, session=None) -> Callab
 def write_report(url: str, study_names: list[str], output_dir: str | Path) -> dict[str, Path]:
     """The trade-off report of these studies into output_dir; prints where it went."""
     from ablations.tradeoff import write_report as report
-    from ablations.ledger import load_runs
+    from ablations.storage import load_runs
 
     paths = report(load_runs(url, study_names), output_dir)
     print(f"report: {', '.join(str(p) for p in paths.values())}")

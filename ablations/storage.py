@@ -1,4 +1,6 @@
 """Opening an Optuna storage, and its faults as one line: unreachable, disk full, corrupt file.
+Also a training trial's heartbeat, and every stored trial read back as a plain dict (`load_runs`, the report's
+input).
 
 A finished run whose record cannot be stored (the database is down) waits in a spool file beside the user's
 cache and is stored the next time a ledger on that storage opens or looks runs up.
@@ -11,13 +13,16 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import optuna
 import sqlalchemy as sa
 from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import UsageError, first_line
 
@@ -25,6 +30,9 @@ from core.errors import UsageError, first_line
 RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 DISK_FULL = ("database or disk is full", "No space left on device", "could not extend file")
 CORRUPT = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def storage_url(url: str | None, output_dir: str | Path) -> str:
@@ -159,3 +167,57 @@ class Spool:
         else:
             self.path.unlink()
         return stored
+
+
+class Heartbeat:
+    """Tells the storage, every few seconds, that the worker holding `trial_id` is alive."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int):
+        self.storage, self.trial_id, self.stop_event = storage, trial_id, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval() or 20
+        while not self.stop_event.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a missed beat is retried next interval; the run itself must go on
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+def fail_kind(trial: FrozenTrial) -> str | None:
+    """Why a trial failed; a FAIL without our own tag was failed by Optuna's stale-heartbeat check."""
+    if trial.state != TrialState.FAIL:
+        return None
+    return trial.user_attrs.get("fail_kind", "stale")
+
+
+def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
+    """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
+    with storage_errors(url):
+        storage = open_storage(url)
+        names = [s.study_name for s in storage.get_all_studies()]
+        for name in study_names or []:
+            if name not in names:
+                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
+                                 f"{', '.join(names) or 'no studies'}")
+        runs = []
+        for name in study_names or names:
+            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+                runs.append({"study": name, "number": trial.number, "state": trial.state.name,
+                             "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
+                             "values": list(trial.values) if trial.values else None,
+                             "fail_reason": trial.user_attrs.get("fail_reason") or (
+                                 "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
+                             "fail_kind": fail_kind(trial),
+                             "reused_from": trial.user_attrs.get("reused_from"),
+                             "record": trial.user_attrs.get("record")})
+    return runs

@@ -14,7 +14,7 @@ TOLERANCE = 0.20
 
 
 def by_config(url: str, study: str) -> dict[tuple, dict]:
-    from ablations.ledger import load_runs
+    from ablations.storage import load_runs
     records = [r["record"] for r in load_runs(url, [study]) if r["state"] == "COMPLETE" and r.get("record")]
     return {(r["config"]["freeze_depth"], r["config"]["scheduler"], r["config"]["seed"]): r for r in records}
 

@@ -1,6 +1,6 @@
 """The trade-off tables and figures from stored runs (`python -m ablations.report` is its command line).
 
-`write_report(runs, output_dir)` turns the run rows of `ablations.ledger.load_runs` into runs.csv, tradeoff.csv,
+`write_report(runs, output_dir)` turns the run rows of `ablations.storage.load_runs` into runs.csv, tradeoff.csv,
 tradeoff.md and the figures. A configuration is a run config minus its seed (plus the device, since times only
 compare on the same hardware); seeds are averaged, and each configuration is tested against its baseline, by default
 the full fine-tune (freeze depth 0) with every other field equal but the nuisance settings, which are tuned away.

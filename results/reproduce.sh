@@ -42,7 +42,7 @@ tuned)  # Issue 13's protocol on real data: every cell (baseline included) tuned
     --epochs 1 --seeds 5 --learning-rates 1e-5,3e-5,1e-4,3e-4,1e-3 --max-train-samples 2000 ;;
 report)  # The grid's trade-off at the top of results/; the two recipes against each other in results/recipes/.
   python -m ablations.report --storage "$DB" --study-name grid --output-dir results
-  python -c "import sys; from ablations.ledger import load_runs; from ablations.tradeoff import run_table
+  python -c "import sys; from ablations.storage import load_runs; from ablations.tradeoff import run_table
 run_table(load_runs(sys.argv[1])).to_csv('results/runs.csv', index=False)" "$DB"  # runs.csv: every study's runs
   python -m ablations.report --storage "$DB" --study-name recipes --output-dir results/recipes \
     --baseline freeze_depth=0,scheduler=linear,epochs=3

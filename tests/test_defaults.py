@@ -66,7 +66,7 @@ def test_the_commands_default_to_runs_of_their_study_and_one_shared_ledger(monke
 def test_a_search_whose_trials_all_failed_takes_the_next_settings(tmp_path):
     from ablations.optuna_search import open_search_study
     from ablations.space import SearchSpace
-    from ablations.ledger import open_storage
+    from ablations.storage import open_storage
     storage = open_storage(f"sqlite:///{tmp_path}/ledger.db")
     space = SearchSpace(freeze_depth=(0, 2))
     wrong = quick_config("model", "glue/cola")

@@ -13,9 +13,10 @@ import optuna
 import pytest
 from conftest import fresh_postgres_database, quick_config, write_toy_dataset
 
-from ablations.grid import run_cells
+from ablations.cells import run_cells
 from ablations.space import Grid
-from ablations.ledger import Ledger, fail_kind, open_storage, open_study
+from ablations.ledger import Ledger, open_study
+from ablations.storage import fail_kind, open_storage
 from core import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -135,8 +135,9 @@ def test_a_run_whose_loss_turns_nan_fails_alone(model, data):
 
 
 def test_a_group_that_fails_as_a_whole_fails_each_of_its_runs_once(model, data, tmp_path):
-    from ablations.grid import run_cells
-    from ablations.ledger import Ledger, open_storage, open_study
+    from ablations.cells import run_cells
+    from ablations.ledger import Ledger, open_study
+    from ablations.storage import open_storage
     from ablations.space import Grid
     storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
     study, ledger = open_study(storage, "grid"), Ledger(storage)

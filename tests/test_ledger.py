@@ -13,8 +13,9 @@ import sqlalchemy as sa
 from conftest import fresh_postgres_database, quick_config, save_tiny, write_toy_dataset
 
 from ablations import storage as storage_module
-from ablations.grid import run_cells
-from ablations.ledger import Ledger, open_storage, open_study
+from ablations.cells import run_cells
+from ablations.ledger import Ledger, open_study
+from ablations.storage import open_storage
 from ablations.space import Grid
 from core import UsageError
 
@@ -199,7 +200,7 @@ def test_a_database_down_at_the_next_look_up_ends_in_one_line_and_the_next_invoc
         monkeypatch.setattr(Ledger, "fail_stale", failing)
         return fake_record(config)
 
-    from ablations.ledger import storage_errors
+    from ablations.storage import storage_errors
     with pytest.raises(UsageError) as error, storage_errors(url):
         run_cells(configs, study, ledger, train_then_outage, progress=False)
     assert str(error.value) == f"cannot use storage {str(tmp_path / 'down.db')!r}: connection refused"

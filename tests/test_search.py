@@ -14,11 +14,12 @@ import pytest
 from conftest import fresh_postgres_database, quick_config
 from optuna.trial import TrialState
 
-from ablations.grid import run_cells
+from ablations.cells import run_cells
 from ablations.optuna_search import Search, main, open_search_study
 from ablations.pareto import SEARCHED, run_rows, write_outputs
 from ablations.space import Grid, SearchSpace
-from ablations.ledger import Ledger, open_storage
+from ablations.ledger import Ledger
+from ablations.storage import open_storage
 from core import UsageError, run
 from core.cli import main_guard
 
@@ -222,7 +223,7 @@ def storage_url(request, tmp_path):
 
 
 def test_two_workers_proposing_one_config_train_it_once(tmp_path, storage_url, monkeypatch):
-    from ablations.ledger import storage_url as resolve
+    from ablations.storage import storage_url as resolve
     url = resolve(storage_url, tmp_path)
     only = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 1e-3),
                        warmup_ratio=(0.0, 0.0))

@@ -7,7 +7,7 @@ import re
 import pandas as pd
 from test_search import fake_train, searcher
 
-from ablations.grid import run_cells
+from ablations.cells import run_cells
 from ablations.pareto import front_table, knee_index, run_rows, write_outputs
 from ablations.space import SearchSpace
 from ablations.ledger import open_study

@@ -82,9 +82,10 @@ def test_common_steps_follow_the_schedules():
 
 
 def test_the_grid_trains_schedule_siblings_back_to_back_and_shares_their_steps(tiny_bert, toy_data, tmp_path):
-    from ablations.grid import run_cells
+    from ablations.cells import run_cells
     from ablations.space import Grid
-    from ablations.ledger import Ledger, load_runs, open_storage, open_study
+    from ablations.ledger import Ledger, open_study
+    from ablations.storage import load_runs, open_storage
     storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
     base = quick_config(tiny_bert, toy_data, warmup_ratio=0.3)
     configs = Grid((0, 1), ("linear", "cosine"), (1,), (0, 1)).configs(base)

@@ -13,10 +13,11 @@ import pytest
 from conftest import quick_config
 
 from ablations import plots
-from ablations.grid import run_tuned
+from ablations.cells import run_tuned
 from ablations.report import run_table, tradeoff_table, write_report
 from ablations.space import Grid
-from ablations.ledger import Ledger, load_runs, open_storage, open_study
+from ablations.ledger import Ledger, open_study
+from ablations.storage import load_runs, open_storage
 from ablations.tuning import TIE_RULE, parse_rates, rank
 from core import UsageError
 
