@@ -145,11 +145,13 @@ class Contention:
     cores: int
     gpu_processes: int       # other processes on the GPU (CUDA only; 0 elsewhere)
     evidence: str            # one sentence for the record and the report
+    paused_cores: float = 0.0  # the project's *other* workers, which the lease pauses: ≈ 0 when it held
 
 
 def judge(busy: int, total: int, project: int, cores: int, gpu_processes: int = 0,
-          threshold: float = FOREIGN_CORES) -> Contention:
-    """Contended or not from tick deltas: machine busy, machine total (all cores), and the project's own."""
+          threshold: float = FOREIGN_CORES, others: int = 0) -> Contention:
+    """Contended or not from tick deltas: machine busy, machine total (all cores), and the project's own
+    (`others`: the part of it used by the project's other workers, which a timing under the lease pauses)."""
     share = cores / total if total > 0 else 0.0
     foreign = max(0.0, (busy - project) * share)
     project_cores = project * share
@@ -160,7 +162,10 @@ def judge(busy: int, total: int, project: int, cores: int, gpu_processes: int = 
         reasons.append(f"{gpu_processes} other process(es) on the GPU")
     evidence = "; ".join(reasons) if reasons else (f"quiet: other processes kept {foreign:.2f} of {cores} cores "
                                                    f"busy (threshold {threshold:g}), the GPU was not shared")
-    return Contention(bool(reasons), round(foreign, 3), round(project_cores, 3), cores, gpu_processes, evidence)
+    paused = others * share
+    evidence += f"; the project's other workers kept {paused:.2f} cores busy"
+    return Contention(bool(reasons), round(foreign, 3), round(project_cores, 3), cores, gpu_processes, evidence,
+                      round(paused, 3))
 
 
 def gpu_process_pids() -> list[int] | None:
@@ -207,7 +212,9 @@ class LoadProbe:
         busy1, total1 = self.read_stat()
         # A worker that registered after start() has no start reading: its ticks since then are unknown, so
         # they count as foreign (it can only make a timing look contended, never quiet).
-        project = sum(max(0, self.read_ticks(pid) - before) for pid, before in ticks0.items())
+        used = {pid: max(0, self.read_ticks(pid) - before) for pid, before in ticks0.items()}
+        project = sum(used.values())
         pids = set(ticks0) | set(self.project_pids())
         gpu = foreign_gpu_processes(self.list_gpu(), pids) if self.cuda else 0
-        return judge(busy1 - busy0, total1 - total0, project, self.cores, gpu, self.threshold)
+        return judge(busy1 - busy0, total1 - total0, project, self.cores, gpu, self.threshold,
+                     others=project - used.get(os.getpid(), 0))

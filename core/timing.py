@@ -70,6 +70,7 @@ class StepTiming:
     contended: bool
     evidence: str
     foreign_cores: float
+    paused_cores: float = math.nan  # the project's other workers while this ran (the lease pauses them: ≈ 0)
     measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def seconds(self, steps: int, extra: float = 0.0) -> tuple[float, float, float]:
@@ -147,7 +148,7 @@ def measure_steps(step_fn: Callable[[Any], None], batches: Sequence, device: tor
     return StepTiming(shape, mean, low, high, per_repeat, len(batches), warmup, round(warmup_seconds, 4),
                       cpu / (len(per_repeat) * len(batches)), "cuda events" if cuda else "perf_counter",
                       device_label or str(device), contention.contended, contention.evidence,
-                      contention.foreign_cores)
+                      contention.foreign_cores, contention.paused_cores)
 
 
 @contextlib.contextmanager

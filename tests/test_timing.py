@@ -166,6 +166,10 @@ def test_a_worker_pauses_while_another_process_holds_the_timing_lease(tmp_path):
 
 def test_judge_separates_foreign_load_from_the_projects_own():
     # 1,000 ticks over 2 cores; 400 busy. The project used 380 of them: quiet. It used 200: 0.4 foreign cores.
+    paused = judge(busy=400, total=1000, project=380, cores=2, others=0)
+    assert paused.paused_cores == 0 and "other workers kept 0.00 cores busy" in paused.evidence
+    running = judge(busy=400, total=1000, project=380, cores=2, others=180)  # the lease did not hold them
+    assert running.paused_cores == pytest.approx(0.36) and "other workers kept 0.36 cores busy" in running.evidence
     quiet = judge(busy=400, total=1000, project=380, cores=2)
     assert not quiet.contended and quiet.foreign_cores == pytest.approx(0.04) and quiet.evidence.startswith("quiet")
     loaded = judge(busy=400, total=1000, project=200, cores=2)
