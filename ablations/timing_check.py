@@ -50,11 +50,14 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (default: print only)")
     parser.add_argument("--quiet", action="store_true", help="B ran nothing but the project's own workers: its "
                         "times must be within 20 %% and none contended (default: B had foreign load too)")
+    parser.add_argument("--what", default=None, help="how B ran, for the table's first line (default: two workers "
+                        "on one storage, beside a CPU hog or, with --quiet, with nothing else running)")
     args = parser.parse_args()
     alone, loaded = by_config(args.alone_url, args.alone_study), by_config(args.loaded_url, args.loaded_study)
     rows, broken = compare(alone, loaded, args.quiet)
     device = next(iter(alone.values()))["device"] if alone else "unknown"
-    what = "two workers on one storage, nothing else running" if args.quiet else "two workers beside a CPU hog"
+    what = args.what or ("two workers on one storage, nothing else running" if args.quiet else
+                         "two workers beside a CPU hog")
     rule = f"within {TOLERANCE:.0%} of A and not marked contended" if args.quiet else \
         f"within {TOLERANCE:.0%} of A, or B marked contended"
     lines = [f"Same grid alone (A) and as {what} (B), device: {device}.", "",

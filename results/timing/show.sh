@@ -3,8 +3,9 @@
 # third process burns a core, (c) as two workers on one storage with nothing else running. Every config's
 # train_seconds in (b) must be within 20 % of (a), or marked contended; in (c) within 20 % and not contended (the
 # project's own workers pause while one of them times a step: they cannot inflate each other's times).
-# Usage (repository root, otherwise idle machine): bash results/timing/show.sh [alone] [hog] [workers]
-# (default: all three; a stage whose grid is stored in $WORK trains nothing again)
+# `again` repeats (a) with fresh timings: how far two identical solo timings of this machine drift apart.
+# Usage (repository root, otherwise idle machine): bash results/timing/show.sh [alone] [hog] [workers] [again]
+# (default: all four; a stage whose grid is stored in $WORK trains nothing again)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1
@@ -23,7 +24,7 @@ two_workers() {  # $1: study name; both workers on one storage and one (fresh) t
     --study-name "$1" --heartbeat 5
   wait $worker
 }
-for stage in ${*:-alone hog workers}; do case $stage in
+for stage in ${*:-alone hog workers again}; do case $stage in
 alone)  # its own timing folder, so nothing is reused from earlier timings
   ABLATIONS_TIMING_DIR=$WORK/t-alone python -m ablations.grid "${G[@]}" --storage "sqlite:///$WORK/alone.db" \
     --study-name alone ;;
@@ -33,11 +34,14 @@ hog)
   two_workers shared
   kill $HOG
   python -m ablations.timing_check "sqlite:///$WORK/alone.db" alone "sqlite:///$WORK/shared.db" shared \
-    --output "$OUT/show.md"
-  cat "$OUT/show.md" ;;
+    --output "$OUT/show.md" ;;
 workers)
   two_workers workers
   python -m ablations.timing_check "sqlite:///$WORK/alone.db" alone "sqlite:///$WORK/workers.db" workers \
-    --output "$OUT/show-workers.md" --quiet
-  cat "$OUT/show-workers.md" ;;
+    --output "$OUT/show-workers.md" --quiet || true ;;
+again)
+  ABLATIONS_TIMING_DIR=$WORK/t-again python -m ablations.grid "${G[@]}" --storage "sqlite:///$WORK/again.db" \
+    --study-name again
+  python -m ablations.timing_check "sqlite:///$WORK/alone.db" alone "sqlite:///$WORK/again.db" again \
+    --output "$OUT/show-again.md" --quiet --what "the same grid alone again, later, with fresh timings" || true ;;
 esac; done
