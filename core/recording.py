@@ -24,10 +24,7 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
     predictions = best["predictions"]
     evaluated = session.metric("accuracy") is not None and session.metric("f1") is not None
     if training.timing:  # what the run costs alone: its steps at the timed per-step cost, plus its prefix build
-        alone = training.timing.record(training.steps, extra=prefix_train)
-        if p.prefix.get("contended"):  # its prefix build ran beside foreign load: not its cost alone either
-            alone = {**alone, "contended": True,
-                     "timing": {**alone["timing"], "prefix_evidence": p.prefix["contended"]}}
+        alone = training.timing.record(training.steps, extra=prefix_train, extra_contention=p.prefix.get("contended"))
     else:
         alone = {"train_seconds": round(training.train_seconds + prefix_train, 3)}
     return RunRecord(

@@ -78,14 +78,18 @@ class StepTiming:
         return (steps * self.per_step + extra, steps * self.per_step_low + extra,
                 steps * self.per_step_high + extra)
 
-    def record(self, steps: int, extra: float = 0.0) -> dict[str, Any]:
-        """The record's timing fields: `train_seconds` (+ `_low`/`_high`), `contended` and the details."""
+    def record(self, steps: int, extra: float = 0.0, extra_contention: str | None = None) -> dict[str, Any]:
+        """The record's timing fields: `train_seconds` (+ `_low`/`_high`), `contended` and the details.
+        `extra_contention`: the evidence where the `extra` work (a prefix build) ran beside foreign load."""
         mean, low, high = self.seconds(steps, extra)
+        details = {**asdict(self), "steps": steps, "extra_seconds": round(extra, 3)}
+        if extra_contention:
+            details["prefix_evidence"] = extra_contention
         return {"train_seconds": round(mean, 3),
                 "train_seconds_lo": None if math.isnan(low) else round(low, 3),
                 "train_seconds_hi": None if math.isnan(high) else round(high, 3),
-                "contended": self.contended,
-                "timing": {**asdict(self), "steps": steps, "extra_seconds": round(extra, 3)}}
+                "contended": self.contended or bool(extra_contention),
+                "timing": details}
 
     @classmethod
     def from_dict(cls, values: dict) -> "StepTiming":
