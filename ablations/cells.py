@@ -198,9 +198,7 @@ def run_tuned(configs: list[RunConfig], rates: tuple[float, ...], study: optuna.
 
     tuning = tuning_configs(configs, rates)
     outcome = run_cells(tuning, study, ledger, train, **run)
-    records = {c.run_id: ledger.record(status) for c in tuning
-               if (status := ledger.lookup([c])[c.run_id]).complete}
-    choices = choose_rates(tuning, records)
+    choices = choose_rates(tuning, tuning_records(tuning, ledger))
     study.set_user_attr("lr_tuning", {"rates": list(rates), "rule": TIE_RULE, "cells": list(choices.values())})
     for choice in choices.values():
         print(f"  freeze {choice['freeze_depth']} · {choice['scheduler']} · {choice['epochs']} ep: learning rate "
@@ -219,10 +217,12 @@ def planned_runs(configs: list[RunConfig], tuning_rates: tuple[float, ...] | Non
 
     tuning = tuning_configs(configs, tuning_rates)
     first = min(c.seed for c in configs)
-    status = ledger.lookup(tuning)
-    if all(s.complete for s in status.values()):
-        seeds = chosen_configs(configs, choose_rates(tuning, {c.run_id: ledger.record(status[c.run_id])
-                                                              for c in tuning}))
-    else:
-        seeds = configs
+    records = tuning_records(tuning, ledger)
+    seeds = chosen_configs(configs, choose_rates(tuning, records)) if len(records) == len(tuning) else configs
     return tuning + [c for c in seeds if c.seed != first]
+
+
+def tuning_records(tuning: list[RunConfig], ledger: Ledger) -> dict[str, dict]:
+    """The stored records of the tuning runs that are complete, by run id: one look-up for all of them."""
+    status = ledger.lookup(tuning)
+    return {run_id: ledger.record(s) for run_id, s in status.items() if s.complete}

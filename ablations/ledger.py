@@ -112,14 +112,15 @@ class Ledger:
         """The status of each config's run id. A run stored under its legacy id (storages written before
         fingerprints) counts as done: the new id is recorded as an alias of that trial."""
         self.flush_spool()
-        rows = read_rows(self.storage.engine, [c.run_id for c in configs])
-        missing = [c for c in configs if c.run_id not in rows]
-        legacy = read_rows(self.storage.engine, [c.legacy_run_id for c in missing]) if missing else {}
-        for config in missing:
-            old = legacy.get(config.legacy_run_id)
-            if old and old["state"] == "COMPLETE" and insert_row(self.storage.engine, {**old, "run_id": config.run_id}):
-                rows[config.run_id] = {**old, "run_id": config.run_id}
-        return {c.run_id: self._status(c.run_id, rows.get(c.run_id)) for c in configs}
+        ids = [c.run_id for c in configs]  # each id hashes the config and stats the model and data files: once
+        rows = read_rows(self.storage.engine, ids)
+        missing = [(run_id, c.legacy_run_id) for run_id, c in zip(ids, configs) if run_id not in rows]
+        legacy = read_rows(self.storage.engine, [old_id for _, old_id in missing]) if missing else {}
+        for run_id, old_id in missing:
+            old = legacy.get(old_id)
+            if old and old["state"] == "COMPLETE" and insert_row(self.storage.engine, {**old, "run_id": run_id}):
+                rows[run_id] = {**old, "run_id": run_id}
+        return {run_id: self._status(run_id, rows.get(run_id)) for run_id in ids}
 
     def lookup_ids(self, run_ids: list[str]) -> dict[str, RunStatus]:
         rows = read_rows(self.storage.engine, run_ids)

@@ -168,14 +168,16 @@ class Search:
 
     def _resolve(self, trial: Trial, config: RunConfig) -> Outcome:
         """Answer the trial from a stored run, wait for a worker training it, or claim and train it."""
+        holder = self.ledger.tag_claim(self.study, trial._trial_id, config)  # tags the trial once, then claims
+        run_id = config.run_id
         while True:
-            holder = self.ledger.tag_claim(self.study, trial._trial_id, config)
             if holder is None:
                 return self._train(trial, config)
             if holder.complete:
                 return Outcome("reused", self.ledger.record(holder), holder.where)
             time.sleep(self.poll_seconds)  # another worker trains this run: reuse it when done, or reclaim if stale
             self.ledger.fail_stale()
+            holder = self.ledger.claim(self.study, run_id, trial._trial_id)
 
     def _train(self, trial: Trial, config: RunConfig) -> Outcome:
         try:

@@ -134,7 +134,6 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         if key not in how:
             continue
         records = sorted(records, key=lambda r: r["config"]["seed"])
-        devs = [r.get("dev_accuracy") for r in records]
         correct = records[0].get("validation_correct") or ""
         total = len(correct) or records[0].get("validation_samples") or 0
         hits = correct.count("1") if correct else round(records[0]["accuracy"] * total)
