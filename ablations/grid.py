@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")
     parser.add_argument("--engine", default="auto", help="auto, eager, stacked or captured: how runs train (auto: "
-                        "stacked for a group of several runs, else eager; see README, Engines) (default: auto)")
+                        "on CUDA the captured step if a probe captures the model, else stacked for a group of "
+                        "several runs, else eager; see README, Engines) (default: auto)")
     parser.add_argument("--max-parallel-runs", default="auto", metavar="N", help="runs of one work shape trained "
                         "at once as one stacked model (auto: 1 on a CPU, on CUDA as many as fit in the free memory; "
                         "1: one at a time) (default: auto)")
@@ -79,11 +80,15 @@ def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> t
     from core import run
     from core.group import run_group
 
+    from core.captured import CapturedStep
+    capture = CapturedStep if engine == "captured" else None
+
     def group(configs: list[RunConfig]) -> list:
-        return [r if isinstance(r, Exception) else r.to_dict() for r in run_group(configs, session, args.device)]
+        return [r if isinstance(r, Exception) else r.to_dict()
+                for r in run_group(configs, session, args.device, capture=capture)]
 
     def one(config: RunConfig, siblings: list[RunConfig]) -> dict:
-        if engine == "stacked":
+        if engine in ("stacked", "captured"):
             result = group([config])[0]
             if isinstance(result, Exception):
                 raise result
@@ -105,9 +110,9 @@ def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
                          "of at least 1")
     from core.device import default_device
     engine = choose_engine(args.engine, args.device or default_device(), size, base.model, base.max_length)
-    if engine == "stacked" and args.compile:
+    if engine != "eager" and args.compile:
         raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")
-    return engine, size if engine == "stacked" else 1
+    return engine, size if engine != "eager" else 1
 
 
 def main() -> int:

@@ -1,11 +1,15 @@
-"""The training step captured once per length bucket as a CUDA graph and replayed (`engine="captured"`).
+"""The training step captured once per length bucket as a CUDA graph and replayed (`--engine captured`).
 
-At batch 16 a small encoder's step is bound by kernel launches, not arithmetic (issue 14: 25 ms eager vs
-2.7 ms replayed on an H100). A graph needs static shapes and no host syncs, so:
-- batches are padded to a few length buckets (`bucket_for`) and copied into static buffers per bucket;
+At batch 16 a small encoder's step is bound by kernel launches, not arithmetic (issue 14's stand-alone probes:
+25 ms eager vs 2.7 ms replayed on an H100). What is captured is the stacked step of `core.stacked.StackedRuns`
+(a group of one run included), wired in through its `capture` argument (`core.group.train_group`). A graph
+needs static shapes and no host syncs, so:
+- every step is padded to batch-size rows per run and the shortest of a few length buckets (`buckets_for`,
+  `bucket_for`) that holds it, and copied into that bucket's static buffers;
 - the learning rate of every step lives in a device table (`LearningRates`); the step reads a device tensor
   and advances its own index, so the schedule needs no host value inside an epoch;
-- AdamW is torch's fused kernel with a tensor learning rate (`core.stacked.StackedRuns`, one run or many);
+- AdamW is torch's fused kernel with a tensor learning rate, on gradient buffers that stay in place;
+- bf16 autocast runs without its weight-cast cache (`capture_autocast`), as PyTorch's CUDA-graph notes require;
 - the first `warmup` steps of a bucket run eagerly (they are real training steps), the next one is captured
   and replayed; every step executes exactly once.
 Capture is tried in a child process first (`probe_capture`): capturing Hugging Face DistilBERT crashed the
@@ -33,7 +37,8 @@ log = logging.getLogger(__name__)
 def resolve_engine(requested: str, device) -> str:
     """`auto` is the eager step on the CPU (capture needs CUDA; stacking MiniLM did not measurably pay on the
     shared 2-core CPU: depth 3, N = 2 / 4 took 1.07x / 1.12x the eager ms per run-step, depth 0 0.80x / 1.01x
-    within noise) and the captured step on CUDA (not yet measured there)."""
+    within noise) and the captured step on CUDA (no GPU has run it yet: issue 14's figures are not measured).
+    `core.group.choose_engine` makes the final choice (probe, group size)."""
     if requested not in ENGINES:
         raise UsageError(f"--engine {requested!r} is unknown: use one of {', '.join(ENGINES)}")
     if requested == "auto":
@@ -87,8 +92,9 @@ class CapturedStep:
     needs_cuda = True
 
     def __init__(self, body: Callable[[dict], torch.Tensor], device, enabled: bool, reason: str = "",
-                 warmup: int = 3):
-        self.body, self.device, self.warmup = body, torch.device(device), warmup
+                 warmup: int = 3, reset: Callable[[], None] | None = None):
+        """`reset` runs after a failed capture, before that step runs eagerly (e.g. drop half-recorded grads)."""
+        self.body, self.device, self.warmup, self.reset = body, torch.device(device), warmup, reset
         self.enabled = enabled and (self.device.type == "cuda" or not self.needs_cuda)
         self.static: dict[object, dict[str, torch.Tensor]] = {}
         self.calls: dict[object, int] = {}
@@ -114,6 +120,8 @@ class CapturedStep:
         except Exception as error:  # noqa: BLE001 - any capture failure means: go on eagerly
             self.enabled = False
             log.warning("training step runs eagerly: capturing it failed (%s)", str(error).splitlines()[0][:200])
+            if self.reset is not None:
+                self.reset()
             return self.body(static)
         return self.replays[bucket]()
 
@@ -162,31 +170,31 @@ def _probe(model_dir: str, length: int) -> None:
     """Child process: three eager steps, one capture, two replays of one stacked run of `model_dir`."""
     from transformers import AutoModelForSequenceClassification
 
+    from core.config import RunConfig
     from core.stacked import StackedRun, StackedRuns
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    from core.config import RunConfig
     config = RunConfig(model=model_dir, dataset="probe", freeze_depth=0, epochs=1, max_length=max(8, length))
     run = StackedRun(config, model, lambda i: {}, np.full(16, length), torch.zeros(16, dtype=torch.long))
-    engine = StackedRuns([run], steps_per_epoch=8, pad_id=0, device="cuda",
-                         autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-    rates = LearningRates(engine.rates, "cuda")
+    engine = StackedRuns([run], steps_per_epoch=8, pad_id=0, device="cuda", autocast=capture_autocast("cuda"),
+                         capture=CapturedStep, buckets=(length,))
     ids = torch.randint(5, model.config.vocab_size, (16, length), device="cuda")
     values = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "labels": torch.zeros(1, 16, dtype=torch.long, device="cuda"),
               "weights": torch.ones(1, 16, device="cuda")}
-
-    def body(static):
-        loss = engine.step({k: static[k] for k in ("input_ids", "attention_mask")}, static["labels"],
-                           static["weights"], rates.views)
-        rates.advance()
-        return loss
-    step = CapturedStep(body, "cuda", enabled=True)
     for _ in range(6):
-        loss = step(length, values)
+        loss = engine.captured(length, values)
     torch.cuda.synchronize()
+    if not engine.captured.replays:
+        raise SystemExit("the step was not captured")
     if not torch.isfinite(loss).all():
         raise SystemExit("the replayed step gave a non-finite loss")
+
+
+def capture_autocast(device_type: str):
+    """bf16 autocast as a captured step needs it: without autocast's weight-cast cache (a cached cast made
+    during capture would be a tensor the graph's pool may reuse; PyTorch's CUDA-graph notes require this)."""
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:

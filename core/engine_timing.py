@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from core.captured import CapturedStep, LearningRates
+from core.captured import CapturedStep, capture_autocast
 from core.config import RunConfig
 from core.device import clip_gradients, make_optimizer, precision_for
 from core.model import freeze, load_model, num_layers
@@ -72,30 +72,29 @@ def _stacked(config: RunConfig, depth: int, runs: int, batches: list[dict], devi
         model = load_model(config.model, ["0", "1"])
         freeze(model, depth)
         members.append(StackedRun(config.replace(seed=seed), model, lambda i: {}, np.zeros(1), torch.zeros(1)))
+    length = batches[0]["attention_mask"].shape[1]  # every batch has this many tokens: one bucket
     engine = StackedRuns(members, steps_per_epoch=1000, pad_id=0, device=device, autocast=autocast,
-                         cached=depth > 0)
+                         cached=depth > 0, capture=CapturedStep if capture else None, buckets=(length,))
     del members
-    rates = LearningRates(engine.rates, device)  # a constant schedule: past its end the last rate stays
     stacked = []
     for i in range(len(batches)):
         parts = [batches[(i + r) % len(batches)] for r in range(runs)]  # each run its own batch
         inputs, labels, weights = pad_and_stack([{k: v for k, v in p.items() if k != "labels"} for p in parts],
                                                 [p["labels"] for p in parts], pad_id=0)
         stacked.append({**inputs, "labels": labels, "weights": weights})
-
-    def body(values):
-        loss = engine.step({k: v for k, v in values.items() if k not in ("labels", "weights")}, values["labels"],
-                           values["weights"], rates.views)
-        rates.advance()
-        return loss
-    step = CapturedStep(body, device, enabled=capture) if capture else body
     state = {"i": 0}
 
-    def run_step():
+    def run_step():  # a constant schedule: every step's rates are the first step's
         values = stacked[state["i"] % len(stacked)]
         state["i"] += 1
         with engine.view():
-            return step(0, values) if capture else step(values)
+            if capture:
+                return engine.captured(length, values)
+            inputs = {k: v for k, v in values.items() if k not in ("labels", "weights")}
+            return engine.step(inputs, values["labels"], values["weights"], engine.rates[0].tolist())
+    if capture:  # warm-up and capture happen here: a timed step of this contender is a replay
+        for _ in range(engine.captured.warmup + 1):
+            run_step()
     return run_step
 
 
@@ -108,6 +107,7 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
     precision = precision_for("auto", device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
+    graph_autocast = capture_autocast(device.type) if precision == "bf16" else contextlib.nullcontext
     rows = []
     for depth in depths:
         config = RunConfig(model=model, dataset="timing", freeze_depth=depth, batch_size=batch_size, epochs=1,
@@ -119,7 +119,8 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
         for n in runs:
             contenders[f"stacked N={n}"] = (n, _stacked(config, depth, n, batches, device, autocast, False))
             if capture:
-                contenders[f"captured N={n}"] = (n, _stacked(config, depth, n, batches, device, autocast, True))
+                contenders[f"captured N={n}"] = (n, _stacked(config, depth, n, batches, device, graph_autocast,
+                                                             True))
         times = {name: [] for name in contenders}
         for _ in range(rounds):
             for name, (n, step) in contenders.items():

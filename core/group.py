@@ -22,7 +22,7 @@ import torch
 from transformers import get_scheduler
 
 from core import shared_steps
-from core.captured import probe_capture, resolve_engine
+from core.captured import CapturedStep, probe_capture, resolve_engine
 from core.config import RunConfig
 from core.device import default_device, make_optimizer, sync_time
 from core.model import model_config
@@ -39,18 +39,21 @@ _said: set[str] = set()
 
 
 def choose_engine(requested: str, device, group_size: int, model: str = "", max_length: int = 128) -> str:
-    """What trains a group of `group_size` runs: "stacked" when it holds more than one run (or on request),
-    else "eager". `captured` (and `auto` on CUDA) probes capture in a child process first; the captured step
-    is not wired into training yet, so those run eagerly too, with one log line saying why."""
+    """What trains a group of `group_size` runs: "eager" (one run, the solo step), "stacked" (runs fused into one
+    model, `core.stacked`) or "captured" (that stacked step captured once per length bucket as a CUDA graph and
+    replayed, `core.captured`; a group of one run included). `auto` is captured on CUDA where a probe in a child
+    process captures this model, else stacked for more than one run, else eager. Asking for `captured` where it
+    cannot run falls back the same way, with one log line saying why."""
     engine = resolve_engine(requested, device)  # checks the name; auto -> captured on CUDA, eager on the CPU
-    if group_size > 1 and requested in ("auto", "stacked"):
-        return "stacked"
-    if requested == "stacked":
-        return "stacked"
     if engine == "captured":
         ok, why = probe_capture(model, max_length, str(torch.device(device)))
-        _say_once(why if not ok else "the captured step is not wired into training yet (issue 14)")
-    return "eager"
+        if ok:
+            return "captured"
+        _say_once(why)
+        return "stacked" if group_size > 1 and requested in ("auto", "captured") else "eager"
+    if engine == "eager" and group_size > 1 and requested == "auto":
+        return "stacked"
+    return engine
 
 
 def _say_once(reason: str) -> None:
@@ -92,16 +95,17 @@ def group_size(config: RunConfig, device, free_bytes: int | None = None) -> int:
 
 
 def run_group(configs: Sequence[RunConfig], session: Session | None = None, device=None,
-              on_epoch: Sequence[EpochCallback | None] | None = None, use_prefix_cache: bool = True
-              ) -> list[RunRecord | Exception]:
-    """Train `configs` (one work shape) as one stacked model; per run its record, or the error that failed it."""
+              on_epoch: Sequence[EpochCallback | None] | None = None, use_prefix_cache: bool = True,
+              capture: type[CapturedStep] | None = None) -> list[RunRecord | Exception]:
+    """Train `configs` (one work shape) as one stacked model, its step captured as a CUDA graph if `capture` is
+    given (`core.captured.CapturedStep`); per run its record, or the error that failed it."""
     wall_start = time.perf_counter()
     session = session or Session()
     if len({work_shape(c) for c in configs}) != 1:
         raise ValueError("a group's runs must share their work shape (core.stacked.work_shape)")
     with session.timer.working():
         prepared = [prepare(c, session, device, False, use_prefix_cache) for c in configs]
-        trainings = train_group(prepared, session, on_epoch or [None] * len(configs))
+        trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture)
         results: list[RunRecord | Exception] = []
         for p, training in zip(prepared, trainings):
             if isinstance(training, Exception):
@@ -109,15 +113,15 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
                 continue
             with p.frozen_view():
                 test_metrics = evaluate_test(p, p.model, training.best, session)
-            results.append(make_record(p, training, test_metrics, session, False, wall_start,
-                                       engine=f"stacked ({len(configs)} runs)"))
+            results.append(make_record(p, training, test_metrics, session, False, wall_start))
     return results
 
 
-def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[EpochCallback | None]
-                ) -> list[Training | Exception]:
+def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[EpochCallback | None],
+                capture: type[CapturedStep] | None = None) -> list[Training | Exception]:
     """The epochs of every run at once; after each, every live run's weights go into its own model for the
-    solo `end_epoch`. Returns each run's Training, or the error that ended it."""
+    solo `end_epoch`. Returns each run's Training (its `engine` says "captured" if the steps ran as replayed
+    graphs, "stacked" if eagerly), or the error that ended it."""
     first = prepared[0]
     steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
     done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
@@ -131,7 +135,9 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                 _train_mode(p)
                 training.timing = time_steps(p, p.model, optimizer, scheduler, session, False)
     runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
-    engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, first.autocast, first.cached)
+    autocast = (lambda: first.autocast(cache=False)) if capture is not None else first.autocast
+    engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,
+                         capture=capture)
     outcome: list[Training | Exception] = list(done)
     for epoch in range(1, first.config.epochs + 1):
         if not any(isinstance(o, Training) and not o.stopped for o in outcome):
@@ -150,6 +156,10 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                               on_epoch[i])
             except FloatingPointError as error:
                 outcome[i] = error
+    captured = engine.captured is not None and engine.captured.enabled and engine.captured.replays
+    name = "captured" if captured else "stacked"
+    for training in done:
+        training.engine = f"{name} ({len(prepared)} runs)"
     return outcome
 
 

@@ -328,11 +328,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def decays(param: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies: not to biases and normalisation weights (fewer than 2 dims)."""
+    return param.ndim >= 2
+
+
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and normalisation weights (every parameter with fewer than 2 dims)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW groups: `weight_decay` on the parameters that `decays`, none on the others."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if decays(p)], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0}]
 
 
 def device_name(device: torch.device) -> str:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def make_record(p: Prepared, training: Training, test_metrics: dict | None, session: Session, compile: bool,
-                wall_start: float, engine: str = "eager") -> RunRecord:
+                wall_start: float) -> RunRecord:
     config, best, splits = p.config, training.best, p.splits
     train_tokens = int(p.train.lengths.sum()) * len(training.history)
     prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
@@ -51,7 +51,7 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
         tokens_per_second=round(train_tokens / training.train_seconds, 1) if training.train_seconds else None,
         peak_memory_mb=round(run_metrics.peak_memory_mb(p.device), 1),
         peak_memory_scope="run (CUDA allocator)" if p.device.type == "cuda" else "process (max RSS)",
-        device=device_name(p.device), precision=p.precision, compiled=compile, engine=engine,
+        device=device_name(p.device), precision=p.precision, compiled=compile, engine=training.engine,
         metrics_backend="evaluate" if evaluated else "numpy (evaluate offline)",
         versions=run_metrics.versions(), finished_at=now(),
         validation_predictions=[int(x) for x in predictions],

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_scheduler
 
-from core import metrics as run_metrics
-from core.batches import eval_tokens, length_grouped_batches, sorted_batches
+from core.batches import length_grouped_batches
+from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import RunConfig
-from core.device import sync_time
-from core.model import find_backbone, frozen_modules, num_layers
+from core.model import decays, find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 
 # What may differ between the runs of one stacked group; every other RunConfig field must be equal.
@@ -92,9 +91,12 @@ class StackedEmbedding(nn.Module):
         if shared:
             ids = ids.expand(runs, *ids.shape[1:])
         rows_per_run = ids.shape[0] // runs
-        offset = torch.arange(runs, device=ids.device).repeat_interleave(rows_per_run) * vocab
-        out = F.embedding(ids + offset.view(-1, *[1] * (ids.ndim - 1)), self.weight.reshape(runs * vocab, hidden))
-        return out.repeat_interleave(self.axis.rows, 0) if shared else out
+        # expand/reshape rather than repeat_interleave: shapes known on the host, nothing to sync in a capture
+        offset = (torch.arange(runs, device=ids.device) * vocab).view(runs, 1).expand(runs, rows_per_run)
+        out = F.embedding(ids + offset.reshape(-1, *[1] * (ids.ndim - 1)), self.weight.reshape(runs * vocab, hidden))
+        if not shared:
+            return out
+        return out.unsqueeze(1).expand(runs, self.axis.rows, *out.shape[1:]).reshape(-1, *out.shape[1:])
 
     def zero_padding_grad(self) -> None:
         """nn.Embedding(padding_idx) never updates the padding row: neither does its stacked twin."""
@@ -178,15 +180,19 @@ class StackedRun:
     batch: Callable[[np.ndarray], dict]   # training rows -> model inputs on the device (tokens or prefix states)
     lengths: np.ndarray                   # training-row lengths (batch order is drawn from them, as solo)
     labels: torch.Tensor                  # training labels, on the host
-    history: list = field(default_factory=list)
-    best: dict | None = None
 
 
 class StackedRuns:
-    """The training and evaluation of N runs of one work shape, as one stacked model."""
+    """The training steps of N runs of one work shape, as one stacked model (evaluation stays each run's own:
+    `run_weights` hands a run's weights back to its solo model, `core.group`).
+
+    `capture` (a `core.captured.CapturedStep` class, or None for plain eager steps) pads every step to a fixed
+    shape (batch-size rows per run, the shortest of `buckets` that holds the step's longest row), reads the
+    learning rates from a device table, and replays the step as one CUDA graph per bucket once captured."""
 
     def __init__(self, runs: list[StackedRun], steps_per_epoch: int, pad_id: int, device, autocast=None,
-                 cached: bool = False, max_grad_norm: float = 1.0):
+                 cached: bool = False, max_grad_norm: float = 1.0, capture: type[CapturedStep] | None = None,
+                 buckets: tuple[int, ...] | None = None):
         shapes = {work_shape(r.config) for r in runs}
         if len(shapes) != 1 or len({len(r.lengths) for r in runs}) != 1:
             raise ValueError("stacked runs must share their work shape (model, depth, batch, length, precision, "
@@ -200,19 +206,51 @@ class StackedRuns:
         self.frozen = [] if cached or config.frozen_dropout else frozen_modules(backbone, config.freeze_depth)
         self.view = (lambda: layer_view(backbone, config.freeze_depth, num_layers(self.model.config), True)) \
             if cached else contextlib.nullcontext
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.decay = [p.ndim >= 3 for p in self.params]  # [N, ...] of a matrix: decayed; biases and norms are not
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        # Gradients live in fixed buffers, zeroed before each backward (which accumulates into them in place), so
+        # every per-run slice the update reads is built once here, not N x parameters times a step.
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self._restore_gradients()
+        exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params]
+        solo = dict(runs[0].model.named_parameters())
+        decayed = [decays(solo[n]) for n, _ in named]  # the solo run's AdamW groups (core.model.decay_groups)
+        self.updates = []  # (run, weight decay, its parameter / gradient / moment slices) per run and group
+        for run, member in enumerate(runs):
+            for decay in (True, False):
+                pick = [i for i, d in enumerate(decayed) if d == decay]
+                if pick:
+                    self.updates.append((run, member.config.weight_decay if decay else 0.0,
+                                         *([t.detach()[run] for t in (ts[i] for i in pick)]
+                                           for ts in (self.params, self.grads, exp_avg, exp_avg_sq))))
         self.step_count = torch.zeros((), device=self.device)
         self.embeddings = [m for m in self.model.modules() if isinstance(m, StackedEmbedding)]
         self.rates = learning_rate_table([r.config for r in runs], steps_per_epoch * config.epochs)
         self.steps_per_epoch, self.global_step = steps_per_epoch, 0
+        self.captured = None
+        if capture is not None:
+            self.buckets = buckets or buckets_for(config.max_length)
+            self.device_rates = LearningRates(self.rates, self.device)
+            self.captured = capture(self._static_step, self.device, enabled=True, reset=self._restore_gradients)
+
+    def _static_step(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step as a captured graph runs it: fixed buffers in, rates from the device table, no host value."""
+        inputs = {k: v for k, v in static.items() if k not in ("labels", "weights")}
+        losses = self.step(inputs, static["labels"], static["weights"], self.device_rates.views)
+        self.device_rates.advance()
+        return losses
+
+    def _restore_gradients(self) -> None:
+        """Point every .grad at its fixed buffer (again, after a failed capture: the aborted recording may have
+        left something else there)."""
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
 
     def step(self, inputs: dict, labels: torch.Tensor, weights: torch.Tensor, rates) -> torch.Tensor:
         """One training step of every run (inputs from `pad_and_stack`); `rates[i]` is run i's learning rate
         (a float, or a 0-d device tensor when the step is captured). Returns the runs' losses [N]."""
         self.axis.rows = labels.shape[1]
+        torch._foreach_zero_(self.grads)
         with self.autocast():
             logits = self.model(**inputs).logits
         losses = F.cross_entropy(logits.float(), labels.reshape(-1), reduction="none").view_as(weights)
@@ -222,8 +260,6 @@ class StackedRuns:
             embedding.zero_padding_grad()
         self._clip()
         self._update(rates)
-        for p in self.params:
-            p.grad = None
         return losses.detach()
 
     def _clip(self) -> None:
@@ -239,17 +275,12 @@ class StackedRuns:
 
     @torch.no_grad()
     def _update(self, rates) -> None:
+        """Each run's AdamW step on its own slices: torch's fused kernel, as a solo run's optimizer calls it."""
         self.step_count += 1
-        for run, config in enumerate(r.config for r in self.runs):
-            for decay in (True, False):
-                pick = [i for i, d in enumerate(self.decay) if d == decay]
-                if not pick:
-                    continue
-                torch._fused_adamw_([self.params[i][run] for i in pick], [self.params[i].grad[run] for i in pick],
-                                    [self.exp_avg[i][run] for i in pick], [self.exp_avg_sq[i][run] for i in pick],
-                                    [], [self.step_count] * len(pick), lr=rates[run], beta1=0.9, beta2=0.999,
-                                    weight_decay=config.weight_decay if decay else 0.0, eps=1e-8, amsgrad=False,
-                                    maximize=False, grad_scale=None, found_inf=None)
+        for run, weight_decay, params, grads, exp_avg, exp_avg_sq in self.updates:
+            torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], [self.step_count] * len(params),
+                                lr=rates[run], beta1=0.9, beta2=0.999, weight_decay=weight_decay, eps=1e-8,
+                                amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
 
     def train_epoch(self, epoch: int, after_step: Callable[[], None] | None = None) -> np.ndarray:
         """One epoch of every run, each over its own length-grouped batches (seeded as a solo run seeds them).
@@ -263,63 +294,22 @@ class StackedRuns:
         with self.view():
             for step in range(len(orders[0])):
                 picks = [order[step] for order in orders]
-                inputs, labels, weights = pad_and_stack([r.batch(i) for r, i in zip(self.runs, picks)],
-                                                        [r.labels[i].to(self.device) for r, i in zip(self.runs, picks)],
-                                                        self.pad_id)
-                loss_sum += self.step(inputs, labels, weights, self.rates[self.global_step].tolist())
+                batches = [r.batch(i) for r, i in zip(self.runs, picks)]
+                targets = [r.labels[i].to(self.device) for r, i in zip(self.runs, picks)]
+                if self.captured is None:
+                    inputs, labels, weights = pad_and_stack(batches, targets, self.pad_id)
+                    loss_sum += self.step(inputs, labels, weights, self.rates[self.global_step].tolist())
+                else:
+                    bucket = bucket_for(max(b["attention_mask"].shape[1] for b in batches), self.buckets)
+                    inputs, labels, weights = pad_and_stack(batches, targets, self.pad_id,
+                                                            rows=self.runs[0].config.batch_size, length=bucket)
+                    loss_sum += self.captured(bucket, {**inputs, "labels": labels, "weights": weights})
                 self.global_step += 1
                 if after_step is not None:
                     after_step()
         return (loss_sum / len(orders[0])).cpu().numpy()
 
-    @torch.inference_mode()
-    def evaluate(self, batch: Callable[[np.ndarray], dict], lengths: np.ndarray, labels: np.ndarray,
-                 num_labels: int) -> list[tuple[dict, np.ndarray]]:
-        """Every run's metrics and predictions on one shared split (each row is repeated once per run)."""
-        self.model.eval()
-        runs = len(self.runs)
-        predictions = np.empty((runs, len(labels)), dtype=np.int64)
-        loss_sum = torch.zeros(runs, dtype=torch.float64)
-        with self.view():
-            for indices in sorted_batches(lengths, max(1, eval_tokens(self.device) // runs)):
-                inputs = {k: v.repeat(runs, *[1] * (v.ndim - 1)) for k, v in batch(indices).items()}
-                self.axis.rows = len(indices)
-                with self.autocast():
-                    logits = self.model(**inputs).logits.float().view(runs, len(indices), -1)
-                target = torch.as_tensor(labels[indices], device=logits.device).repeat(runs)
-                loss_sum += F.cross_entropy(logits.flatten(0, 1), target, reduction="none").view(runs, -1).sum(1).cpu()
-                predictions[:, indices] = logits.argmax(-1).cpu().numpy()
-        results = []
-        for run in range(runs):
-            metrics = run_metrics.classification_metrics(predictions[run], labels, num_labels)
-            results.append(({"accuracy": round(metrics["accuracy"], 6), "f1": round(metrics["f1"], 6),
-                             "loss": round(float(loss_sum[run]) / max(1, len(labels)), 6)}, predictions[run]))
-        return results
-
-    def fit(self, batch: Callable[[np.ndarray], dict], lengths: np.ndarray, labels: np.ndarray,
-            num_labels: int) -> float:
-        """Every epoch of every run, each run evaluated after each epoch on the shared validation split and its
-        best epoch (by its own `select_by`) kept with its weights. Returns the group's training seconds."""
-        train_seconds = 0.0
-        for epoch in range(1, self.runs[0].config.epochs + 1):
-            started = sync_time(self.device)
-            losses = self.train_epoch(epoch)
-            seconds = sync_time(self.device) - started
-            train_seconds += seconds
-            for run, (result, loss) in enumerate(zip(self.evaluate(batch, lengths, labels, num_labels), losses)):
-                metrics, predictions = result
-                state = self.runs[run]
-                state.history.append({"epoch": epoch, **metrics, "train_loss": round(float(loss), 5),
-                                      "train_seconds": round(seconds / len(self.runs), 3)})  # the group's, shared
-                if state.best is None or _better(metrics, state.best["metrics"], state.config.select_by):
-                    state.best = {"epoch": epoch, "metrics": metrics, "predictions": predictions,
-                                  "weights": self.run_weights(run)}
-        return train_seconds
-
     def run_weights(self, run: int) -> dict[str, torch.Tensor]:
         """Run `run`'s trainable weights under the solo model's parameter names."""
         return {name: p[run].detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
 
-
-def _better(new: dict, old: dict, select_by: str) -> bool:
-    return new["loss"] < old["loss"] if select_by == "loss" else new[select_by] > old[select_by]

@@ -95,9 +95,10 @@ class Prepared:
     def train(self) -> Split:
         return self.splits["train"]
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
+        """bf16 autocast where the run uses it; `cache=False` for a captured step (`core.captured`)."""
         if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
     def inputs(self, name: str, indices) -> dict[str, torch.Tensor]:
@@ -176,6 +177,7 @@ class Training:
     sharing: shared_steps.Plan | None = None
     timing: timing.StepTiming | None = None  # what one step of this work shape costs alone
     steps: int = 0                     # steps the run took (shared ones included)
+    engine: str = "eager"              # what trained the steps: eager, "stacked (N runs)", "captured (N runs)"
 
 
 def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback | None, progress: bool,

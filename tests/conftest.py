@@ -137,3 +137,20 @@ def quick_config(model: str, dataset: str, **changes):
                     batch_size=16, warmup_ratio=0.0, weight_decay=0.01, seed=0, max_length=32, precision="fp32")
     settings.update(changes)
     return RunConfig(**settings)
+
+
+
+from core.captured import CapturedStep  # noqa: E402 - after OMP_NUM_THREADS is set (it imports torch)
+
+
+class GraphOnTheCpu(CapturedStep):
+    """A CapturedStep whose "graph" replays by calling the step on its static buffers, as a CUDA graph reads them:
+    the capture path's fixed shapes, buffers and device-side rates run, testably, on a CPU."""
+    needs_cuda = False
+
+    def _warm(self, static):
+        return self.body(static)
+
+    def _capture(self, static):
+        self.captures = getattr(self, "captures", 0) + 1
+        return lambda: self.body(static)

@@ -20,7 +20,7 @@ from core.captured import (
 )
 from core.errors import UsageError
 from core.stacked import learning_rate_table, pad_and_stack
-from conftest import quick_config
+from conftest import GraphOnTheCpu, quick_config
 
 
 def test_a_batch_goes_to_the_shortest_bucket_that_holds_it():
@@ -62,18 +62,6 @@ def test_the_schedule_advances_on_the_device_as_the_scheduler_would(tiny_bert, t
     assert np.allclose(seen[:8], table) and seen[8] == seen[9] == table[-1].tolist()
 
 
-class GraphOnTheCpu(CapturedStep):
-    """Replays by calling the body on the static buffers, as a CUDA graph would read them."""
-    needs_cuda = False
-
-    def _warm(self, static):
-        return self.body(static)
-
-    def _capture(self, static):
-        self.captures = getattr(self, "captures", 0) + 1
-        return lambda: self.body(static)
-
-
 def counting_body():
     seen = []
 
@@ -109,10 +97,12 @@ def test_a_failed_capture_falls_back_to_eager_with_one_log_line(caplog):
             raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     body, seen = counting_body()
-    step = FailingCapture(body, "cpu", enabled=True, warmup=1)
+    resets = []
+    step = FailingCapture(body, "cpu", enabled=True, warmup=1, reset=lambda: resets.append(len(seen)))
     with caplog.at_level(logging.WARNING, logger="core.captured"):
         losses = [float(step(32, {"x": torch.full((1,), float(i))})) for i in range(4)]
     assert losses == [0.0, 1.0, 2.0, 3.0] and len(seen) == 4  # no step lost or repeated
+    assert resets == [1]  # what the aborted capture left is dropped before the step runs eagerly
     assert [r.getMessage() for r in caplog.records] == [
         "training step runs eagerly: capturing it failed (operation not permitted when stream is capturing)"]
 

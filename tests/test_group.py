@@ -92,6 +92,35 @@ def test_grid_of_three_seeds_stacked_equals_one_at_a_time_and_captured_falls_bac
         assert stacked[seed]["shared_steps"] is None
 
 
+def test_the_captured_engine_through_the_grid_records_what_one_at_a_time_does(model, data, tmp_path, monkeypatch):
+    """--engine captured where capture works (here: the probe says yes, and GraphOnTheCpu stands in for the CUDA
+    graph): three seeds in one captured group, each record as the run alone, and saying it was captured."""
+    import core.captured
+    from conftest import GraphOnTheCpu
+    alone = grid_records(model, data, tmp_path / "one", monkeypatch, "--engine", "eager")
+    monkeypatch.setattr(run_group_module, "probe_capture", lambda *args: (True, ""))
+    monkeypatch.setattr(core.captured, "CapturedStep", GraphOnTheCpu)
+    captured = grid_records(model, data, tmp_path / "three", monkeypatch, "--engine", "captured",
+                            "--max-parallel-runs", "3")
+    for seed in alone:
+        assert captured[seed]["engine"] == "captured (3 runs)"
+        assert captured[seed]["validation_predictions"] == alone[seed]["validation_predictions"]
+        assert (captured[seed]["accuracy"], captured[seed]["f1"]) == (alone[seed]["accuracy"], alone[seed]["f1"])
+        assert captured[seed]["loss"] == pytest.approx(alone[seed]["loss"], rel=1e-4)
+
+
+def test_engine_choice_on_cuda_follows_the_capture_probe(monkeypatch, caplog):
+    monkeypatch.setattr(run_group_module, "_said", set())
+    monkeypatch.setattr(run_group_module, "probe_capture", lambda *args: (True, ""))
+    assert [choose_engine(e, "cuda", n) for e, n in (("auto", 1), ("auto", 9), ("captured", 1))] == ["captured"] * 3
+    assert choose_engine("stacked", "cuda", 9) == "stacked" and choose_engine("eager", "cuda", 9) == "eager"
+    monkeypatch.setattr(run_group_module, "probe_capture", lambda *args: (False, "the capture probe crashed"))
+    with caplog.at_level(logging.WARNING, logger="core.group"):
+        assert [choose_engine("auto", "cuda", n) for n in (9, 1)] == ["stacked", "eager"]
+        assert [choose_engine("captured", "cuda", n) for n in (9, 1)] == ["stacked", "eager"]
+    assert [r.getMessage() for r in caplog.records] == ["training step runs eagerly: the capture probe crashed"]
+
+
 def test_engine_choice_on_the_cpu(model):
     config = quick_config(model, "unused")
     assert group_size(config, "cpu") == 1  # stacking did not pay on the CPU: one run at a time by default
