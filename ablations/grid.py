@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ablations.runner import add_study_arguments, locations, write_report
+from ablations.runner import add_study_arguments, choose_engine, locations, write_report
 from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
 from core.config import RunConfig
 from core.errors import UsageError
@@ -42,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")
-    parser.add_argument("--engine", default="auto", help="auto, eager, stacked or captured: how runs train (auto: "
-                        "on CUDA the captured step if a probe captures the model, else stacked for a group of "
-                        "several runs, else eager; see README, Engines) (default: auto)")
     parser.add_argument("--max-parallel-runs", default="auto", metavar="N", help="runs of one work shape trained "
                         "at once as one stacked model (auto: 1 on a CPU, on CUDA as many as fit in the free memory; "
                         "1: one at a time) (default: auto)")
@@ -100,7 +97,7 @@ def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> t
 
 def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
     """(engine, group size) from --engine and --max-parallel-runs; bad values are a UsageError."""
-    from core.group import choose_engine, group_size
+    from core.group import group_size
     if args.max_parallel_runs == "auto":
         size = group_size(base, args.device)
     elif args.max_parallel_runs.isdigit() and int(args.max_parallel_runs) >= 1:
@@ -108,10 +105,7 @@ def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
     else:
         raise UsageError(f"--max-parallel-runs {args.max_parallel_runs!r} is invalid: use auto or a whole number "
                          "of at least 1")
-    from core.device import default_device
-    engine = choose_engine(args.engine, args.device or default_device(), size, base.model, base.max_length)
-    if engine != "eager" and args.compile:
-        raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")
+    engine = choose_engine(args, base, size)
     return engine, size if engine != "eager" else 1
 
 

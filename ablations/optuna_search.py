@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 from ablations.runner import (
     SEARCHED,
     add_study_arguments,
+    choose_engine,
     free_accelerator_memory,
     make_trainer,
     locations,
@@ -314,7 +315,7 @@ def main() -> int:
         ledger = Ledger(open_storage(url, args.heartbeat))
         study = open_search_study(ledger.storage, name, args.objective, space, base)
         study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
-        train = make_trainer(args, pass_as="on_epoch", session=session)
+        train = make_trainer(args, pass_as="on_epoch", session=session, engine=choose_engine(args, base, 1))
         search = Search(study, ledger, base, space, train, args.sampler, args.sampler_seed, args.prune, args.margin,
                         device, poll_seconds=min(5.0, args.heartbeat))
         print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "

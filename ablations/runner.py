@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from core.errors import UsageError
+
 if TYPE_CHECKING:
     from core.config import RunConfig
 
@@ -77,19 +79,45 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str | No
     parser.add_argument("--no-report", action="store_true", help="skip the trade-off report at the end "
                         "(default: written)")
     parser.add_argument("--compile", action="store_true", help="run models through torch.compile (default: off)")
+    parser.add_argument("--engine", default="auto", help="auto, eager, stacked or captured: how runs train (auto: "
+                        "on CUDA the captured step if a probe captures the model, else stacked for a group of "
+                        "several runs, else eager; see README, Engines) (default: auto)")
     add_cache_arguments(parser)
 
 
-def make_trainer(args: argparse.Namespace, pass_as: str, session=None) -> Callable[[RunConfig, Any], dict]:
-    """`core.run` with the command's device, progress and compile flags, returning the record as stored. The
-    trainer's second argument is the command's own (the grid's schedule siblings, the search's per-epoch
-    callback), passed to `run` as `pass_as`."""
+def make_trainer(args: argparse.Namespace, pass_as: str, session=None, engine: str = "eager"
+                 ) -> Callable[[RunConfig, Any], dict]:
+    """One run with the command's device, progress and compile flags, returning the record as stored: `core.run`
+    (the eager engine), or a group of one run (`core.group.run_group`, its step captured where `engine` is
+    "captured"). The trainer's second argument is the command's own (the grid's schedule siblings, the search's
+    per-epoch callback), passed to `run` as `pass_as`; a group takes only a per-epoch callback."""
     from core import run
     from core.cli import make_session
 
     session = session or make_session(args)  # the command's runs share one session: data, checkpoint, caches
-    return lambda config, extra: run(config, device=args.device, progress=not args.no_progress,
-                                     compile=args.compile, session=session, **{pass_as: extra}).to_dict()
+    if engine == "eager":
+        return lambda config, extra: run(config, device=args.device, progress=not args.no_progress,
+                                         compile=args.compile, session=session, **{pass_as: extra}).to_dict()
+    from core.captured import CapturedStep
+    from core.group import run_group
+
+    def one_group(config: RunConfig, extra: Any) -> dict:
+        result = run_group([config], session, args.device, on_epoch=[extra] if pass_as == "on_epoch" else None,
+                           capture=CapturedStep if engine == "captured" else None)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result.to_dict()
+    return one_group
+
+
+def choose_engine(args: argparse.Namespace, config: RunConfig, group_size: int) -> str:
+    """--engine resolved for this machine and model (`core.group.choose_engine`); --compile needs eager."""
+    from core.device import default_device
+    from core.group import choose_engine as choose
+    engine = choose(args.engine, args.device or default_device(), group_size, config.model, config.max_length)
+    if engine != "eager" and args.compile:
+        raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")
+    return engine
 
 
 def write_report(url: str, study_names: list[str], output_dir: str | Path) -> dict[str, Path]:

@@ -159,7 +159,7 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     captured = engine.captured is not None and engine.captured.enabled and engine.captured.replays
     name = "captured" if captured else "stacked"
     for training in done:
-        training.engine = f"{name} ({len(prepared)} runs)"
+        training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''})"
     return outcome
 
 

@@ -249,3 +249,31 @@ def test_two_workers_proposing_one_config_train_it_once(tmp_path, storage_url, m
     reused = [t.user_attrs.get("reused_from") for name in ("left", "right")
               for t in optuna.load_study(study_name=name, storage=url).get_trials()]
     assert sorted(map(bool, reused)) == [False, True]
+
+
+def test_the_search_trains_through_the_captured_engine_as_it_would_eagerly(toy_data, tmp_path, monkeypatch,
+                                                                            capsys):
+    """--engine captured where capture works (the probe says yes; GraphOnTheCpu stands in for the CUDA graph):
+    each trial is a captured group of one run, its per-epoch callback (pruning) still called, its record that
+    of the same config trained eagerly."""
+    import core.captured
+    from conftest import GraphOnTheCpu, save_tiny
+
+    from core import group
+    # Without dropout: a stacked run draws its own dropout masks, equal to a solo run's only in distribution.
+    model = str(save_tiny(tmp_path / "model", "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    monkeypatch.setattr(group, "probe_capture", lambda *args: (True, ""))
+    monkeypatch.setattr(core.captured, "CapturedStep", GraphOnTheCpu)
+    assert run_cli(monkeypatch, "--model", model, "--dataset", toy_data, "--freeze-depths", "0-1",
+                   "--epochs-range", "1-2", "--lr-range", "3e-3,3e-3", "--max-length", "32", "--precision", "fp32",
+                   "--trials", "2", "--engine", "captured", "--output-dir", str(tmp_path), "--no-progress",
+                   "--no-report", "--timing-repeats", "0") == 0
+    capsys.readouterr()
+    trials = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path}/ablations.db").get_trials()
+    records = [t.user_attrs["record"] for t in trials if t.state == TrialState.COMPLETE]
+    assert records and all(r["engine"] == "captured (1 run)" for r in records)
+    for record in records:
+        from core.config import RunConfig
+        alone = run(RunConfig.from_dict(record["config"]), progress=False).to_dict()
+        assert record["validation_predictions"] == alone["validation_predictions"]
+        assert record["history"][-1]["train_loss"] == pytest.approx(alone["history"][-1]["train_loss"], rel=1e-4)
