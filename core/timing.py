@@ -202,16 +202,21 @@ class Timer:
     def _key(self, shape: str) -> str:
         return f"{shape}:r{self.repeats}:k{self.steps}"  # a quick look does not stand in for a full timing
 
+    def known(self, shape: str) -> StepTiming | None:
+        """The shape's timing if this session or another worker of the machine has taken it, else None: a caller
+        that would set up steps to time (batches, a snapshot of the run's state) asks first."""
+        key = self._key(shape)
+        if key not in self.memory and (found := self._read().get(key)) is not None:
+            self.memory[key] = StepTiming.from_dict(found)
+        return self.memory.get(key)
+
     def step_timing(self, shape: str, step_fn: Callable[[Any], None], batches: Sequence,
                     device: torch.device | str = "cpu", device_label: str = "",
                     cost: Sequence[float] | None = None) -> StepTiming:
         """The shape's timing: remembered, or read from the file, or measured now (alone on the machine)."""
+        if (known := self.known(shape)) is not None:
+            return known
         key = self._key(shape)
-        if key in self.memory:
-            return self.memory[key]
-        if (found := self._read().get(key)) is not None:
-            self.memory[key] = timing = StepTiming.from_dict(found)
-            return timing
         with self.lease.exclusive():
             if (found := self._read().get(key)) is not None:  # another worker timed it while we waited
                 self.memory[key] = timing = StepTiming.from_dict(found)
