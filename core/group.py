@@ -121,15 +121,16 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     first = prepared[0]
     steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
     done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
-    for p, training in zip(prepared, done):
-        if session.timing_repeats:  # what a step of this shape costs alone: timed once per shape, as solo
-            optimizer = make_optimizer(p.model, p.config, p.device)
-            scheduler = get_scheduler(p.config.scheduler, optimizer, num_training_steps=steps_per_epoch *
-                                      p.config.epochs, num_warmup_steps=math.ceil(p.config.warmup_ratio *
-                                                                                   steps_per_epoch * p.config.epochs))
-            with p.frozen_view():
-                _train_mode(p)
-                training.timing = time_steps(p, p.model, optimizer, scheduler, session, False)
+    if session.timing_repeats:  # what a step of this shape costs alone: the runs share the shape, so one timing
+        optimizer = make_optimizer(first.model, first.config, first.device)  # pass, as solo, on the first model
+        total_steps = steps_per_epoch * first.config.epochs
+        scheduler = get_scheduler(first.config.scheduler, optimizer, num_training_steps=total_steps,
+                                  num_warmup_steps=math.ceil(first.config.warmup_ratio * total_steps))
+        with first.frozen_view():
+            _train_mode(first)
+            timing = time_steps(first, first.model, optimizer, scheduler, session, False)
+        for training in done:
+            training.timing = timing
     runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, first.autocast, first.cached)
     outcome: list[Training | Exception] = list(done)
