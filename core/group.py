@@ -29,7 +29,7 @@ from core.model import model_config
 from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
-from core.stacked import StackedRun, StackedRuns, work_shape
+from core.stacked import StackedRun, StackedRuns, group_key
 from core.train import EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, time_steps
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
     """Train `configs` (one work shape) as one stacked model; per run its record, or the error that failed it."""
     wall_start = time.perf_counter()
     session = session or Session()
-    if len({work_shape(c) for c in configs}) != 1:
-        raise ValueError("a group's runs must share their work shape (core.stacked.work_shape)")
+    if len({group_key(c) for c in configs}) != 1:
+        raise ValueError("a group's runs must share their work shape (core.stacked.group_key)")
     with session.timer.working():
         prepared = [prepare(c, session, device, False, use_prefix_cache) for c in configs]
         trainings = train_group(prepared, session, on_epoch or [None] * len(configs))

@@ -29,11 +29,11 @@ from typing import Any, Callable, Sequence
 import torch
 from scipy import stats
 
+from core.config import COST_FREE
 from core.lease import Contention, Lease, LoadProbe
 
 REPEATS, STEPS, WARMUP = 5, 10, 3
 CONFIDENCE = 0.95
-COST_FREE = ("seed", "scheduler", "learning_rate", "warmup_ratio", "weight_decay", "epochs", "select_by")
 
 
 def work_shape(config, **runtime) -> str:
