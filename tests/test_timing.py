@@ -317,3 +317,26 @@ def test_a_shape_timed_before_in_the_session_is_not_set_up_again(tiny_bert, toy_
     assert second.timing == first.timing and second.train_seconds == first.train_seconds
     third = core.train.run(config.replace(batch_size=8), device="cpu", progress=False, session=session)
     assert len(snapshots) == 2 and third.timing["shape"] != first.timing["shape"]  # a new shape is timed
+
+
+def test_the_grids_duration_probe_times_its_steps_with_measure_steps(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """One measurement path: the probe's warm-up step and its timed steps go through measure_steps, and its answer
+    is the median of the timed steps (of 3, one slow step does not set the estimate)."""
+    import statistics
+
+    import core.timing
+    from core.session import Session
+
+    passes, measure = [], core.timing.measure_steps
+
+    def spy(*args, **kwargs):
+        passes.append(measure(*args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(core.timing, "measure_steps", spy)
+    session = Session()
+    session._timer = Timer(lease=Lease(tmp_path))
+    step, rows = core.timing.seconds_per_training_step(quick_config(tiny_bert, toy_data), session, "cpu", steps=3)
+    assert len(passes) == 1 and passes[0].warmup_steps == 1 and passes[0].steps_per_repeat == 1
+    assert len(passes[0].repeat_seconds) == 3 and step == statistics.median(passes[0].repeat_seconds) > 0
+    assert rows == len(session.text_data(toy_data, session.tokenizer(tiny_bert), None, None, 32).splits["train"])
