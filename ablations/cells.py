@@ -126,13 +126,13 @@ def claim_partners(study: optuna.Study, ledger: Ledger, config: RunConfig, runna
     """Claim up to `max_parallel - 1` more runnable cells of `config`'s work shape; a cell another worker claims
     first is skipped."""
     from ablations.space import study_params
-    from core.stacked import work_shape
+    from core.stacked import group_key
 
-    shape, partners = work_shape(config), []
+    shape, partners = group_key(config), []
     for other in runnable:
         if len(partners) >= max_parallel - 1:
             break
-        if other.run_id == config.run_id or work_shape(other) != shape:
+        if other.run_id == config.run_id or group_key(other) != shape:
             continue
         trial_id = ledger.new_claim(study, other.run_id, *study_params(other, varying))
         if trial_id is not None:

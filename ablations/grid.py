@@ -56,7 +56,7 @@ def duration_estimate(pending: list[RunConfig], planned: int, base: RunConfig, d
 
     if not pending:
         return f"all {planned} runs are stored: nothing to train"
-    from core.model import seconds_per_training_step
+    from core.timing import seconds_per_training_step
     step, rows = seconds_per_training_step(base, session, device)
     steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in pending)
     total = steps * step

@@ -1,11 +1,12 @@
 """Several runs of one work shape trained at once as one stacked model (`core.stacked`), each with its own record.
 
 Only the training steps are shared. Everything else is the solo code of `core.train`, run per run: `prepare`
-(data, own seed and head, frozen-prefix cache), the timing pass `time_steps` (so a record's train_seconds is
-what the run costs alone, never the group's wall time), and after each epoch `end_epoch` on the run's own
-prepared model with the run's weights copied in (evaluation, best-epoch selection, `on_epoch` pruning), then
-`evaluate_test` and `make_record` (`core.recording`). Shared steps (`core.shared_steps`) do not apply inside a
-group: its runs start together, so there is no finished sibling to take steps over from.
+(data, own seed and head, frozen-prefix cache), the timing pass `time_steps` (once per group, whose runs share
+one work shape: a record's train_seconds is what the run costs alone, never the group's wall time), and after
+each epoch `end_epoch` on the run's own prepared model with the run's weights copied in (evaluation, best-epoch
+selection, `on_epoch` pruning), then `evaluate_test` and `make_record` (`core.recording`). Shared steps
+(`core.shared_steps`) do not apply inside a group: its runs start together, so there is no finished sibling to
+take steps over from.
 
 A run whose training loss turns non-finite fails alone: the runs share no trainable weight, and each run's
 clip and AdamW update read only its own slice, so a NaN stays in its run. Its slot (like a pruned run's)
@@ -29,7 +30,7 @@ from core.model import model_config
 from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
-from core.stacked import StackedRun, StackedRuns, work_shape
+from core.stacked import StackedRun, StackedRuns, group_key
 from core.train import EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, time_steps
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,8 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
     given (`core.captured.CapturedStep`); per run its record, or the error that failed it."""
     wall_start = time.perf_counter()
     session = session or Session()
-    if len({work_shape(c) for c in configs}) != 1:
-        raise ValueError("a group's runs must share their work shape (core.stacked.work_shape)")
+    if len({group_key(c) for c in configs}) != 1:
+        raise ValueError("a group's runs must share their work shape (core.stacked.group_key)")
     with session.timer.working():
         prepared = [prepare(c, session, device, False, use_prefix_cache) for c in configs]
         trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture)
@@ -125,15 +126,16 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     first = prepared[0]
     steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
     done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
-    for p, training in zip(prepared, done):
-        if session.timing_repeats:  # what a step of this shape costs alone: timed once per shape, as solo
-            optimizer = make_optimizer(p.model, p.config, p.device)
-            scheduler = get_scheduler(p.config.scheduler, optimizer, num_training_steps=steps_per_epoch *
-                                      p.config.epochs, num_warmup_steps=math.ceil(p.config.warmup_ratio *
-                                                                                   steps_per_epoch * p.config.epochs))
-            with p.frozen_view():
-                _train_mode(p)
-                training.timing = time_steps(p, p.model, optimizer, scheduler, session, False)
+    if session.timing_repeats:  # what a step of this shape costs alone: the runs share the shape, so one timing
+        optimizer = make_optimizer(first.model, first.config, first.device)  # pass, as solo, on the first model
+        total_steps = steps_per_epoch * first.config.epochs
+        scheduler = get_scheduler(first.config.scheduler, optimizer, num_training_steps=total_steps,
+                                  num_warmup_steps=math.ceil(first.config.warmup_ratio * total_steps))
+        with first.frozen_view():
+            _train_mode(first)
+            timing = time_steps(first, first.model, optimizer, scheduler, session, False)
+        for training in done:
+            training.timing = timing
     runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
     autocast = (lambda: first.autocast(cache=False)) if capture is not None else first.autocast
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,

@@ -58,25 +58,14 @@ def model_fingerprint(name: str) -> str:
     return f"model:{digest.hexdigest()[:32]}"
 
 
-def _data_files(dataset: str) -> list[Path] | None:
-    from core.sources import EMBEDDED_NAMES, EMBEDDED_SST2, HUB_SST2, SPLIT_NAMES, _split_file, hub_offline
-    if dataset.lower() in EMBEDDED_NAMES or (dataset in HUB_SST2 and hub_offline()):
-        # the packaged SST-2 is what loads: its rows are the identity, so `sst2` and an offline `glue/sst2` are
-        # the same run (online, the Hub's copy keeps its name: its rows are not read here)
-        return sorted(EMBEDDED_SST2.glob("*.tsv.xz"))
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        return [path.resolve()]
-    if path.is_dir():
-        return [f.resolve() for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None]
-    return None
-
-
 def data_fingerprint(dataset: str, text_column: str | None = None, label_column: str | None = None) -> str:
     """'data:<hash>' of every split's texts and labels in order, after core.data's column detection, so the same
     rows give the same fingerprint from any folder or spelling; the name itself where the rows cannot be read
-    here (a Hub id offline, a missing or broken file: the run reports that)."""
-    files = _data_files(dataset)
+    here (a Hub id offline, a missing or broken file: the run reports that). The files it keys its memo on are
+    the ones `load_raw` reads: the packaged SST-2 for `sst2` (and `glue/sst2` offline), so the two are one run;
+    online, the Hub's copy keeps its name (its rows are not read here)."""
+    from core.sources import source_files
+    files = source_files(dataset)
     if not files:
         return dataset
     key = (tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files), text_column, label_column)
@@ -89,12 +78,11 @@ def data_fingerprint(dataset: str, text_column: str | None = None, label_column:
 
 
 def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) -> str:
-    from core.data import _unlabeled, detect_columns
+    from core.data import detect_columns, drop_unlabeled_test
     from core.sources import load_raw
     raw = load_raw(dataset)
     texts, label = detect_columns(raw["train"], text_column, label_column)
-    if "test" in raw and (label not in raw["test"].column_names or _unlabeled(raw["test"], label)):
-        del raw["test"]  # core.data drops it too: it never touches a result
+    drop_unlabeled_test(raw, label)
     digest = hashlib.sha256()
     for name in sorted(raw):
         columns = raw[name].select_columns(list(dict.fromkeys([*texts, label]))).to_dict()

@@ -158,44 +158,6 @@ def preflight(config, session) -> PretrainedConfig:
     return model_cfg
 
 
-def seconds_per_training_step(config, session, device=None, steps: int = 3) -> tuple[float, int]:
-    """Median wall time of `steps` training steps of the whole model (depth 0: the slowest kind) on `batch_size`
-    random train rows, after one warm-up step (the measured basis of a grid's duration estimate), and the number
-    of train rows."""
-    import statistics
-    import time
-
-    import numpy as np
-
-    from core.batches import subsample
-    from core.device import default_device, precision_for
-    device = torch.device(device) if device else default_device()
-    autocast = precision_for(config.precision, device) == "bf16"
-    data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
-                             config.label_column, config.max_length)
-    model = session.model(config.model, data.label_names).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    rows = subsample(len(data.splits["train"]), config.batch_size, config.seed)
-    split = data.splits["train"].subset(rows, progress=False)
-    # One batch, stepped again and again: the first step of each new shape sets up kernels (oneDNN on a CPU), a
-    # cost a real run pays once per shape and then amortises over thousands of steps.
-    indices = np.arange(len(split))
-    batch = split.batch(indices, data.pad_id, device)
-    times = []
-    with session.timer.lease.exclusive():  # the machine's other project workers pause: two starting at once
-        for _ in range(steps + 1):          # measured 7.2 s a step each, where one alone measured 0.49 s
-            started = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(**batch, labels=torch.as_tensor(split.labels[indices], device=device)).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]), len(data.splits["train"])
-
-
 def num_layers(config: PretrainedConfig) -> int:
     count = getattr(config, "num_hidden_layers", None)
     if not isinstance(count, int):

@@ -23,10 +23,8 @@ from dataclasses import dataclass
 import torch
 from transformers import get_scheduler
 
-from core.config import RunConfig
+from core.config import SCHEDULE_ONLY, RunConfig
 
-# Settings that change only the learning-rate multipliers or which epoch is reported, not a step's arithmetic.
-SCHEDULE_ONLY = ("scheduler", "epochs", "warmup_ratio", "select_by")
 MIN_SHARED_STEPS = 2  # below this a snapshot costs about what it saves
 
 

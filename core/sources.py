@@ -106,6 +106,23 @@ def _split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
+def split_files(folder: Path) -> dict[str, Path]:
+    """The file of each split a local dataset folder holds: train, validation, test (those found)."""
+    return {split: file for split in SPLIT_NAMES if (file := _split_file(folder, split)) is not None}
+
+
+def source_files(dataset: str) -> list[Path] | None:
+    """The files `load_raw(dataset)` reads its rows from, resolved; None where they come from the Hub."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [path.resolve()]
+    if path.is_dir():
+        return [file.resolve() for file in split_files(path).values()]
+    if dataset.lower() in EMBEDDED_NAMES or (dataset in HUB_SST2 and hub_offline()):
+        return sorted(EMBEDDED_SST2.glob("*.tsv.xz"))
+    return None
+
+
 def _load_file(path: Path) -> datasets.Dataset:
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     # A local file reads in moments; its progress bar would only put a second line before a one-line error
@@ -140,8 +157,7 @@ _RAW: dict[tuple, dict[str, datasets.Dataset]] = {}
 
 def _raw_key(dataset: str) -> tuple:
     path = Path(dataset).expanduser()
-    files = [path] if path.is_file() else [f for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None] \
-        if path.is_dir() else []
+    files = [path] if path.is_file() else list(split_files(path).values()) if path.is_dir() else []
     return (dataset, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
@@ -168,7 +184,7 @@ def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     if path.is_file():
         splits = {"train": _load_file(path)}
     elif path.is_dir():
-        splits = {s: _load_file(f) for s in SPLIT_NAMES if (f := _split_file(path, s)) is not None}
+        splits = {split: _load_file(file) for split, file in split_files(path).items()}
     elif dataset.lower() in EMBEDDED_NAMES:
         splits = load_embedded_sst2()
     elif dataset in HUB_SST2 and hub_offline():

@@ -30,16 +30,12 @@ from transformers import get_scheduler
 
 from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
-from core.config import RunConfig
+from core.config import PER_RUN_FIELDS, RunConfig
 from core.model import decays, find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 
-# What may differ between the runs of one stacked group; every other RunConfig field must be equal.
-PER_RUN_FIELDS = ("seed", "scheduler", "learning_rate", "warmup_ratio", "weight_decay", "select_by")
-
-
-def work_shape(config: RunConfig) -> tuple:
-    """Equal for configs that can train as one stacked group."""
+def group_key(config: RunConfig) -> tuple:
+    """Equal for configs that can train as one stacked group: every field but the PER_RUN_FIELDS."""
     return tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k not in PER_RUN_FIELDS))
 
 
@@ -193,7 +189,7 @@ class StackedRuns:
     def __init__(self, runs: list[StackedRun], steps_per_epoch: int, pad_id: int, device, autocast=None,
                  cached: bool = False, max_grad_norm: float = 1.0, capture: type[CapturedStep] | None = None,
                  buckets: tuple[int, ...] | None = None):
-        shapes = {work_shape(r.config) for r in runs}
+        shapes = {group_key(r.config) for r in runs}
         if len(shapes) != 1 or len({len(r.lengths) for r in runs}) != 1:
             raise ValueError("stacked runs must share their work shape (model, depth, batch, length, precision, "
                              f"epochs, training-set size); only {', '.join(PER_RUN_FIELDS)} may differ")

@@ -12,7 +12,8 @@ and in a JSON file in the lease folder, so the other workers of the machine reus
 is kept in memory only, so the next process times that shape again.
 
 The steps run on the run's real state before training and `preserved()` puts it back (weights, AdamW state,
-schedule, RNG), so timing changes nothing the run computes.
+schedule, RNG), so timing changes nothing the run computes. The grid's duration estimate before it starts
+(`seconds_per_training_step`, a quick look kept nowhere) takes its steps through the same `measure_steps`.
 """
 from __future__ import annotations
 
@@ -22,18 +23,20 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from scipy import stats
 
+from core.config import COST_FREE
 from core.lease import Contention, Lease, LoadProbe
 
 REPEATS, STEPS, WARMUP = 5, 10, 3
 CONFIDENCE = 0.95
-COST_FREE = ("seed", "scheduler", "learning_rate", "warmup_ratio", "weight_decay", "epochs", "select_by")
 
 
 def work_shape(config, **runtime) -> str:
@@ -155,6 +158,39 @@ def measure_steps(step_fn: Callable[[Any], None], batches: Sequence, device: tor
                       contention.foreign_cores, contention.paused_cores)
 
 
+def seconds_per_training_step(config, session, device=None, steps: int = 3) -> tuple[float, int]:
+    """The basis of a grid's duration estimate: the median of `steps` training steps of the whole model (depth 0:
+    the slowest kind) on `batch_size` random train rows, timed by `measure_steps` after one warm-up step, alone on
+    the machine (a quick look: no load probe, kept nowhere); and the number of train rows."""
+    from core.batches import subsample
+    from core.device import default_device, precision_for
+    device = torch.device(device) if device else default_device()
+    autocast = precision_for(config.precision, device) == "bf16"
+    data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
+                             config.label_column, config.max_length)
+    model = session.model(config.model, data.label_names).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    rows = subsample(len(data.splits["train"]), config.batch_size, config.seed)
+    split = data.splits["train"].subset(rows, progress=False)
+    indices = np.arange(len(split))
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch, labels=torch.as_tensor(split.labels[indices], device=device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    # One batch, stepped again and again: the first step of each new shape sets up kernels (oneDNN on a CPU), a
+    # cost a real run pays once per shape and then amortises over thousands of steps.
+    batch = split.batch(indices, data.pad_id, device)
+    # The machine's other project workers pause: two probes starting at once measured 7.2 s a step each, where one
+    # alone measured 0.49 s.
+    with session.timer.lease.exclusive():
+        timing = measure_steps(step, [batch], device, warmup=1, repeats=steps)
+    return statistics.median(timing.repeat_seconds), len(data.splits["train"])
+
+
 @contextlib.contextmanager
 def preserved(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler=None,
               device: torch.device | str = "cpu"):
@@ -202,16 +238,21 @@ class Timer:
     def _key(self, shape: str) -> str:
         return f"{shape}:r{self.repeats}:k{self.steps}"  # a quick look does not stand in for a full timing
 
+    def known(self, shape: str) -> StepTiming | None:
+        """The shape's timing if this session or another worker of the machine has taken it, else None: a caller
+        that would set up steps to time (batches, a snapshot of the run's state) asks first."""
+        key = self._key(shape)
+        if key not in self.memory and (found := self._read().get(key)) is not None:
+            self.memory[key] = StepTiming.from_dict(found)
+        return self.memory.get(key)
+
     def step_timing(self, shape: str, step_fn: Callable[[Any], None], batches: Sequence,
                     device: torch.device | str = "cpu", device_label: str = "",
                     cost: Sequence[float] | None = None) -> StepTiming:
         """The shape's timing: remembered, or read from the file, or measured now (alone on the machine)."""
+        if (known := self.known(shape)) is not None:
+            return known
         key = self._key(shape)
-        if key in self.memory:
-            return self.memory[key]
-        if (found := self._read().get(key)) is not None:
-            self.memory[key] = timing = StepTiming.from_dict(found)
-            return timing
         with self.lease.exclusive():
             if (found := self._read().get(key)) is not None:  # another worker timed it while we waited
                 self.memory[key] = timing = StepTiming.from_dict(found)

@@ -278,10 +278,12 @@ def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, com
     """What one step of this run's work shape costs alone on this machine (`core.timing`): timed once per shape
     on the run's own first-epoch batches before it trains, the run's state put back afterwards."""
     config = p.config
-    batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + 1)
-    cost = [len(b) * int(p.train.lengths[b].max()) for b in batches]
     shape = timing.work_shape(config, device=device_name(p.device), precision=p.precision, cached=p.cached,
                               compile=compile, rows=len(p.train), data=p.data.fingerprint)
+    if (known := session.timer.known(shape)) is not None:
+        return known  # timed before: no batches to build, no model and optimizer state to copy and put back
+    batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + 1)
+    cost = [len(b) * int(p.train.lengths[b].max()) for b in batches]
     with timing.preserved(p.params, optimizer, scheduler, p.device):
         return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
                                          batches, p.device, device_name(p.device), cost)

@@ -86,3 +86,23 @@ def test_config_is_frozen():
 def test_replace_validates_too():
     with pytest.raises(UsageError, match="--epochs 0"):
         RunConfig().replace(epochs=0)
+
+
+def test_the_field_sets_are_run_config_fields_and_each_key_ignores_exactly_its_set():
+    """COST_FREE (a step's cost, core.timing) = PER_RUN_FIELDS (a stacked group) | SCHEDULE_ONLY (shared steps),
+    and each key built from a set changes with every field outside it."""
+    from core.config import COST_FREE, PER_RUN_FIELDS, SCHEDULE_ONLY
+    from core.shared_steps import trajectory_key
+    from core.stacked import group_key
+    from core.timing import work_shape
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(COST_FREE) <= fields and set(COST_FREE) == set(PER_RUN_FIELDS) | set(SCHEDULE_ONLY)
+    assert not set(PER_RUN_FIELDS) <= set(SCHEDULE_ONLY) and not set(SCHEDULE_ONLY) <= set(PER_RUN_FIELDS)
+    base = RunConfig(model="m", dataset="d")
+    other = {"seed": 7, "scheduler": "linear", "learning_rate": 1e-4, "warmup_ratio": 0.2, "weight_decay": 0.0,
+             "epochs": 2, "select_by": "loss", "freeze_depth": 1, "batch_size": 8, "max_length": 64}
+    for key, ignored in ((work_shape, COST_FREE), (group_key, PER_RUN_FIELDS), (trajectory_key, SCHEDULE_ONLY)):
+        for name, value in other.items():
+            changed = base.replace(**{name: value})
+            assert (key(changed) == key(base)) == (name in ignored), (key.__name__, name)

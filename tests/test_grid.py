@@ -85,6 +85,23 @@ def assert_dashboard_opens(url: str, study_name: str, trials: int) -> None:
     assert len(detail["trials"]) == trials
 
 
+def test_the_duration_estimate_is_the_pending_steps_times_the_probed_step(tiny_bert, toy_data, monkeypatch):
+    """The grid's estimate takes its step time from core.timing's probe, once, and only when runs are pending."""
+    import math
+
+    import core.timing
+    from ablations.grid import duration_estimate
+
+    probed = []
+    monkeypatch.setattr(core.timing, "seconds_per_training_step",
+                        lambda config, session, device: probed.append(config) or (0.5, 100))
+    base = quick_config(tiny_bert, toy_data)
+    pending = [base.replace(epochs=2, max_train_samples=40), base]
+    steps = 2 * math.ceil(40 / base.batch_size) + math.ceil(100 / base.batch_size)
+    assert duration_estimate([], 3, base, "cpu", None) == "all 3 runs are stored: nothing to train" and not probed
+    assert f"({steps} steps x 0.500 s" in duration_estimate(pending, 3, base, "cpu", None) and probed == [base]
+
+
 def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(tiny_bert, toy_data, tmp_path):
     url = f"sqlite:///{tmp_path}/grid.db"
     inline = ["--freeze-depths", "0,2", "--schedulers", "linear", "--lr-by-depth", "0=3e-3,2=1e-2,5=0.5"]

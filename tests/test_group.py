@@ -56,6 +56,28 @@ def test_a_group_trains_each_run_as_alone_and_times_it_alone(model, data):
     assert [len(t.history) for t in group] == [2, 1, 2]
 
 
+def test_a_group_is_timed_once_for_all_its_runs(model, data, tmp_path, monkeypatch):
+    """The runs of a group share one work shape: one timing pass (one optimizer and schedule built for it, on the
+    first run's model) and every run carries its StepTiming."""
+    from core.lease import Lease
+    from core.timing import Timer
+    base = quick_config(model, data, batch_size=8)
+    configs = [base.replace(seed=seed, learning_rate=rate) for seed, rate in ((0, 1e-3), (1, 3e-3), (2, 5e-4))]
+    session = Session(timing_repeats=1)
+    session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=2, warmup=1, threshold=1e9)
+    built, make_optimizer = [], run_group_module.make_optimizer
+
+    def counted(model, *rest):
+        built.append(model)
+        return make_optimizer(model, *rest)
+
+    monkeypatch.setattr(run_group_module, "make_optimizer", counted)
+    prepared = [prepare(c, session, "cpu", False, True) for c in configs]
+    group = train_group(prepared, session, [None] * len(configs))
+    assert built == [prepared[0].model]
+    assert group[0].timing is not None and all(t.timing is group[0].timing for t in group)
+
+
 def grid_argv(model, data, out, *extra):
     return ["python -m ablations.grid", "--model", model, "--dataset", data, "--freeze-depths", "0",
             "--schedulers", "linear", "--epochs", "1", "--seeds", "3", "--seed", "0", "--learning-rate", "3e-3",

@@ -298,3 +298,19 @@ def test_the_embedded_sst2_and_an_offline_glue_sst2_are_one_run(monkeypatch):
     assert data_fingerprint("sst2") == data_fingerprint("glue/sst2") == data_fingerprint("SST-2")
     model = "distilbert-base-uncased"  # not cached here: its name is its identity, the data decides
     assert RunConfig(model=model, dataset="sst2").run_id == RunConfig(model=model, dataset="glue/sst2").run_id
+
+
+def test_the_data_fingerprint_keys_on_the_files_the_rows_are_read_from(tmp_path, monkeypatch):
+    """A local folder named like the packaged data (`sst2`) is what loads, so its files key the fingerprint: an
+    edited train file is new rows and a new id within the process. An unlabeled test split is no part of it."""
+    from conftest import toy_rows, write_split
+
+    from core.identity import data_fingerprint
+    monkeypatch.chdir(tmp_path)
+    folder = write_toy_dataset(tmp_path / "sst2", train=40, validation=20)
+    before = data_fingerprint("sst2")
+    assert before.startswith("data:") and before == data_fingerprint(str(folder))
+    write_split(folder / "test.tsv", [(sentence, -1) for sentence, _ in toy_rows(10, 3)])  # GLUE's hidden labels
+    assert data_fingerprint("sst2") == before
+    write_split(folder / "train.tsv", toy_rows(41, 1))
+    assert data_fingerprint("sst2") == data_fingerprint(str(folder)) != before

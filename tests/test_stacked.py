@@ -16,7 +16,7 @@ from core.data import load_text_data
 from core.device import clip_gradients, make_optimizer
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
 from core.prefix_cache import PrefixCache, layer_view, prefix_states
-from core.stacked import StackedRun, StackedRuns, pad_and_stack, stack_models, work_shape
+from core.stacked import StackedRun, StackedRuns, group_key, pad_and_stack, stack_models
 
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
               "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)}
@@ -188,8 +188,8 @@ def test_pad_and_stack_pads_rows_and_tokens_per_run():
 
 def test_runs_of_different_work_shape_are_refused(tiny_bert, toy_data):
     a = quick_config(tiny_bert, toy_data, seed=0)
-    assert work_shape(a) == work_shape(a.replace(seed=3, scheduler="cosine", learning_rate=5e-5))
-    assert work_shape(a) != work_shape(a.replace(batch_size=8))
+    assert group_key(a) == group_key(a.replace(seed=3, scheduler="cosine", learning_rate=5e-5))
+    assert group_key(a) != group_key(a.replace(batch_size=8))
     runs = [prepare(a)[0], prepare(a.replace(freeze_depth=1))[0]]
     with pytest.raises(ValueError, match="work shape"):
         StackedRuns(runs, steps_per_epoch=6, pad_id=0, device="cpu")

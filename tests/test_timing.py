@@ -291,3 +291,52 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     again = core.train.run(config, device="cpu", progress=False, session=session())  # steps: timed, from the file
     assert again.contended and "1.00 of 2 cores" in again.timing["prefix_evidence"]
     assert not again.timing["contended"]  # the steps themselves were timed quietly
+
+
+def test_a_shape_timed_before_in_the_session_is_not_set_up_again(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """The second run of a work shape takes its timing from the session: no snapshot of the model and optimizer
+    is taken and put back for it, and its record carries the first run's timing."""
+    import core.timing
+    import core.train
+    from core.session import Session
+
+    session = Session()
+    session._timer = Timer(lease=Lease(tmp_path), repeats=2, steps=2, warmup=1, threshold=1e9)
+    snapshots, real = [], core.timing.preserved
+
+    def counted(*args, **kwargs):
+        snapshots.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core.timing, "preserved", counted)
+    config = quick_config(tiny_bert, toy_data)
+    first = core.train.run(config, device="cpu", progress=False, session=session)
+    assert len(snapshots) == 1
+    second = core.train.run(config.replace(seed=1, scheduler="cosine"), device="cpu", progress=False, session=session)
+    assert len(snapshots) == 1  # the same work shape: known, so nothing to set up
+    assert second.timing == first.timing and second.train_seconds == first.train_seconds
+    third = core.train.run(config.replace(batch_size=8), device="cpu", progress=False, session=session)
+    assert len(snapshots) == 2 and third.timing["shape"] != first.timing["shape"]  # a new shape is timed
+
+
+def test_the_grids_duration_probe_times_its_steps_with_measure_steps(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """One measurement path: the probe's warm-up step and its timed steps go through measure_steps, and its answer
+    is the median of the timed steps (of 3, one slow step does not set the estimate)."""
+    import statistics
+
+    import core.timing
+    from core.session import Session
+
+    passes, measure = [], core.timing.measure_steps
+
+    def spy(*args, **kwargs):
+        passes.append(measure(*args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(core.timing, "measure_steps", spy)
+    session = Session()
+    session._timer = Timer(lease=Lease(tmp_path))
+    step, rows = core.timing.seconds_per_training_step(quick_config(tiny_bert, toy_data), session, "cpu", steps=3)
+    assert len(passes) == 1 and passes[0].warmup_steps == 1 and passes[0].steps_per_repeat == 1
+    assert len(passes[0].repeat_seconds) == 3 and step == statistics.median(passes[0].repeat_seconds) > 0
+    assert rows == len(session.text_data(toy_data, session.tokenizer(tiny_bert), None, None, 32).splits["train"])
