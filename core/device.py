@@ -1,10 +1,14 @@
-"""The choices a run makes by device: which device and precision, AdamW fused where torch has a kernel, gradient
-clipping that skips a needless pass on the CPU, and a clock that waits for the device's queued work."""
+"""The choices a run makes by device: which device and precision, AdamW fused where torch has a kernel, the
+learning-rate schedule (one definition for solo runs, groups and shared steps), gradient clipping that skips a
+needless pass on the CPU, and a clock that waits for the device's queued work."""
 from __future__ import annotations
 
+import functools
+import math
 import time
 
 import torch
+from transformers import get_scheduler
 
 from core.config import RunConfig
 from core.model import decay_groups
@@ -34,6 +38,27 @@ def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.opti
         return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type in ("cuda", "cpu"))
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, total_steps: int):
+    """The run's schedule: `transformers.get_scheduler` with ceil(warmup_ratio x total_steps) warm-up steps."""
+    return get_scheduler(config.scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+@functools.lru_cache(maxsize=64)  # a grid's runs ask for the same few schedules again and again
+def rate_multipliers(scheduler: str, warmup_ratio: float, total_steps: int, learning_rate: float
+                     ) -> tuple[float, ...] | None:
+    """Every step's learning rate as a multiple of the base rate, read in closed form from the schedule's lambda
+    (what LambdaLR multiplies the base rate by before that step); None for a schedule that is not a LambdaLR.
+    The base rate matters: the polynomial schedule's lambda divides by it."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
+    schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
+                             num_training_steps=total_steps)
+    lambdas = getattr(schedule, "lr_lambdas", None)
+    if not lambdas or len(lambdas) != 1:
+        return None
+    return tuple(float(lambdas[0](step)) for step in range(total_steps))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, device: torch.device) -> None:

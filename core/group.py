@@ -20,12 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import get_scheduler
 
 from core import shared_steps
 from core.captured import CapturedStep, probe_capture, resolve_engine
 from core.config import RunConfig
-from core.device import default_device, make_optimizer, sync_time
+from core.device import default_device, make_optimizer, make_schedule, sync_time
 from core.model import model_config
 from core.record import RunRecord
 from core.recording import make_record
@@ -129,8 +128,7 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     if session.timing_repeats:  # what a step of this shape costs alone: the runs share the shape, so one timing
         optimizer = make_optimizer(first.model, first.config, first.device)  # pass, as solo, on the first model
         total_steps = steps_per_epoch * first.config.epochs
-        scheduler = get_scheduler(first.config.scheduler, optimizer, num_training_steps=total_steps,
-                                  num_warmup_steps=math.ceil(first.config.warmup_ratio * total_steps))
+        scheduler = make_schedule(optimizer, first.config, total_steps)
         with first.frozen_view():
             _train_mode(first)
             timing = time_steps(first, first.model, optimizer, scheduler, session, False)

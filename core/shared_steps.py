@@ -13,17 +13,15 @@ shared steps took when they ran (the record's `shared_steps` says how many, and 
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from transformers import get_scheduler
 
 from core.config import SCHEDULE_ONLY, RunConfig
+from core.device import rate_multipliers
 
 MIN_SHARED_STEPS = 2  # below this a snapshot costs about what it saves
 
@@ -38,19 +36,9 @@ def trajectory_key(config: RunConfig, **runtime) -> str:
 
 def multipliers(config: RunConfig, steps_per_epoch: int) -> tuple[float, ...] | None:
     """The learning-rate multiplier of each step of the first epoch, as the run's scheduler computes it."""
-    return _multipliers(config.scheduler, config.epochs, config.warmup_ratio, steps_per_epoch)
-
-
-@functools.lru_cache(maxsize=64)  # every run of a grid asks for its siblings' schedules again
-def _multipliers(scheduler: str, epochs: int, warmup_ratio: float, steps_per_epoch: int) -> tuple[float, ...] | None:
-    total = steps_per_epoch * epochs
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total),
-                             num_training_steps=total)
-    lambdas = getattr(schedule, "lr_lambdas", None)
-    if not lambdas or len(lambdas) != 1:
-        return None  # not a LambdaLR: no closed form to compare
-    return tuple(float(lambdas[0](step)) for step in range(steps_per_epoch))
+    every = rate_multipliers(config.scheduler, config.warmup_ratio, steps_per_epoch * config.epochs,
+                             config.learning_rate)
+    return None if every is None else every[:steps_per_epoch]  # None: not a LambdaLR, no closed form to compare
 
 
 def common_steps(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> int:

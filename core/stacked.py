@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_scheduler
 
 from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
+from core.device import make_schedule, rate_multipliers
 from core.model import decays, find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 
@@ -128,12 +128,15 @@ def stack_models(models: list[nn.Module]) -> tuple[nn.Module, RunAxis]:
 
 
 def learning_rate_table(configs: list[RunConfig], total_steps: int) -> np.ndarray:
-    """[steps, runs]: the rate each run's own `get_scheduler` sets before each step (what its solo run uses)."""
+    """[steps, runs]: the rate each run's own schedule (`core.device.make_schedule`) sets before each step."""
     table = np.empty((total_steps, len(configs)))
     for run, config in enumerate(configs):
+        multipliers = rate_multipliers(config.scheduler, config.warmup_ratio, total_steps, config.learning_rate)
+        if multipliers is not None:
+            table[:, run] = [config.learning_rate * m for m in multipliers]  # LambdaLR's own product
+            continue
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
-        schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=int(np.ceil(
-            config.warmup_ratio * total_steps)), num_training_steps=total_steps)
+        schedule = make_schedule(optimizer, config, total_steps)
         for step in range(total_steps):
             table[step, run] = optimizer.param_groups[0]["lr"]
             optimizer.step()

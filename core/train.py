@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
 from core import metrics as run_metrics
 from core import shared_steps, timing
 from core.batches import carve_dev, eval_tokens, length_grouped_batches, sorted_batches, subsample
 from core.config import RunConfig
 from core.data import Split, TextData, to_device
-from core.device import clip_gradients, default_device, make_optimizer, precision_for, sync_time
+from core.device import clip_gradients, default_device, make_optimizer, make_schedule, precision_for, sync_time
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
@@ -187,9 +187,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
     steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = make_optimizer(p.model, config, device)
-    scheduler = get_scheduler(config.scheduler, optimizer,
-                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = make_schedule(optimizer, config, total_steps)
     # Steps shared with siblings that differ only in their schedule (core.shared_steps).
     store = session.shared_steps
     sharing = shared_steps.plan(store, config, siblings, steps_per_epoch, device=device.type, precision=p.precision,

@@ -146,3 +146,23 @@ def test_benchmark_step_times_refuses_bad_sizes_in_one_line(tiny_bert, monkeypat
     monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", tiny_bert, "--runs", "0,2"])
     with pytest.raises(UsageError, match="--runs '0,2' is out of range"):
         benchmark.main()
+
+
+def test_the_rate_table_is_what_each_schedule_sets_step_by_step(tiny_bert, toy_data):
+    """learning_rate_table reads the schedules' lambdas in closed form: the very rates a stepped scheduler sets,
+    for every schedule the project accepts."""
+    from transformers import get_scheduler
+
+    from core.config import step_schedulers
+    configs = [quick_config(tiny_bert, toy_data, scheduler=name, warmup_ratio=0.2, learning_rate=3e-4)
+               for name in step_schedulers()]
+    table = learning_rate_table(configs, total_steps=23)
+    for run, config in enumerate(configs):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+        schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=5, num_training_steps=23)
+        stepped = []
+        for _ in range(23):
+            stepped.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert table[:, run].tolist() == stepped, config.scheduler
