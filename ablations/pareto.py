@@ -256,13 +256,17 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     states = {state: sum(t.state == state for t in trials) for state in TrialState}
     notes = [importance_plot(rows, output / "importance.png")]
     url = url or ledger.storage.url
-    try:  # the same runs and the same table as the trade-off report, so both state one speed-up
-        table = tradeoff_table(load_runs(url, [study.study_name]))
-    except UsageError:
-        table = None
-    if report:
-        try:
-            write_report(url, [study.study_name], str(output_dir))
+    runs, table, skipped = None, None, None
+    try:  # loaded and built once, for this summary and the trade-off report: both state one speed-up
+        runs = load_runs(url, [study.study_name])
+        table = tradeoff_table(runs)
+    except UsageError as error:
+        skipped = error
+    if report and runs is None:
+        notes.append(f"Trade-off report skipped: {skipped}")
+    elif report:
+        try:  # with no table (nothing completed) the report writes runs.csv alone and says why
+            write_report(url, [study.study_name], str(output_dir), runs, table)
         except UsageError as error:
             notes.append(f"Trade-off report skipped: {error}")
     counts = (f"{len(trials)} trials in study `{study.study_name}`: {states[TrialState.COMPLETE]} complete, "

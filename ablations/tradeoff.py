@@ -270,14 +270,16 @@ def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
             "device": distinct(r.get("device") for r in records)}
 
 
-def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None) -> dict[str, Path]:
+def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None,
+                 table: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png (and lr_curves.png where learning rates were
-    tuned); return their paths by short name."""
+    tuned); return their paths by short name. `table` is `tradeoff_table(runs, baseline)` where the caller has
+    built it already (the search's summary reads the same table)."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"runs": output / "runs.csv"}
     run_table(runs).to_csv(paths["runs"], index=False)  # the ledger is written even when nothing completed
-    table = tradeoff_table(runs, baseline)
+    table = tradeoff_table(runs, baseline) if table is None else table
     about = context(runs, table)
     paths["tradeoff_csv"] = output / "tradeoff.csv"
     table.to_csv(paths["tradeoff_csv"], index=False)
