@@ -209,15 +209,17 @@ def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
             if name not in names:
                 raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
                                  f"{', '.join(names) or 'no studies'}")
-        runs = []
-        for name in study_names or names:
-            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                runs.append({"study": name, "number": trial.number, "state": trial.state.name,
-                             "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
-                             "values": list(trial.values) if trial.values else None,
-                             "fail_reason": trial.user_attrs.get("fail_reason") or (
-                                 "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
-                             "fail_kind": fail_kind(trial),
-                             "reused_from": trial.user_attrs.get("reused_from"),
-                             "record": trial.user_attrs.get("record")})
-    return runs
+        return [run_of(name, trial) for name in study_names or names
+                for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)]
+
+
+def run_of(study_name: str, trial: FrozenTrial) -> dict:
+    """One stored trial as a plain dict: a row of `load_runs`."""
+    return {"study": study_name, "number": trial.number, "state": trial.state.name,
+            "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
+            "values": list(trial.values) if trial.values else None,
+            "fail_reason": trial.user_attrs.get("fail_reason") or (
+                "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
+            "fail_kind": fail_kind(trial),
+            "reused_from": trial.user_attrs.get("reused_from"),
+            "record": trial.user_attrs.get("record")}

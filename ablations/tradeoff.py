@@ -52,12 +52,15 @@ def run_table(runs: list[dict]) -> pd.DataFrame:
 
 
 def completed_runs(runs: list[dict]) -> list[dict]:
-    """One COMPLETE row per run id: reused copies and the same run seen from several studies count once."""
+    """One COMPLETE row per run: reused copies and the same run seen from several studies count once, the trial that
+    trained it kept before a copy. A run is its record's run id (a copy carries the record it copied, also where the
+    copy was filed under a newer id of a legacy run), else its trial's, else its place. The search's front reads runs
+    by this rule too (`ablations.pareto.run_rows`)."""
     chosen: dict[str, dict] = {}
     for run in runs:
         if run.get("state") != "COMPLETE" or not run.get("record"):
             continue
-        key = run.get("run_id") or run["record"].get("run_id") or f"{run.get('study')}#{run.get('number')}"
+        key = run["record"].get("run_id") or run.get("run_id") or f"{run.get('study')}#{run.get('number')}"
         if key not in chosen or (chosen[key].get("reused_from") and not run.get("reused_from")):
             chosen[key] = run
     return list(chosen.values())

@@ -230,6 +230,17 @@ def test_reused_copies_count_once(runs):
     assert len(kept) == 1 and kept[0]["reused_from"] is None
 
 
+def test_a_copy_filed_under_a_legacy_runs_newer_id_counts_once(runs):
+    """A search answering from a run stored under its legacy id files the copy under the run's id now; the record
+    it copied still names the run that trained."""
+    original = runs[3]
+    copy = json.loads(json.dumps(original)) | {"study": "search", "number": 9, "reused_from": "grid#3",
+                                               "run_id": "0123456789ab"}
+    assert row(tradeoff_table(runs + [copy]), freeze_depth=4)["seeds"] == 3
+    kept = [r for r in completed_runs(runs + [copy]) if r["record"]["run_id"] == original["run_id"]]
+    assert kept == [original]
+
+
 def test_varying_fields_are_shown_and_pareto_flags(runs):
     # Another warmup too (as a search samples it): rates that differ alone are one tuned cell (tests/test_tuning.py).
     rows = runs + [make_run(4, "linear", 2, s, 0.80, 30.0, learning_rate=1e-4, warmup_ratio=0.2) for s in (0, 1)]

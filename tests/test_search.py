@@ -153,7 +153,7 @@ def test_pareto_csv_holds_exactly_the_non_dominated_runs(tmp_path):
     search.run(12, progress=False)
     write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=False)
     front = pd.read_csv(tmp_path / "pareto.csv")
-    runs = run_rows(search.study.get_trials(), lambda t: f"search#{t.number}")
+    runs = run_rows("search", search.study.get_trials())
 
     def dominated(row, table) -> bool:
         return any(o.accuracy >= row.accuracy and o.train_seconds <= row.train_seconds and

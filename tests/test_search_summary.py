@@ -24,7 +24,7 @@ def test_the_summary_and_the_report_state_one_speed_up_for_the_knee(tmp_path):
               progress=False)
     write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=True)
 
-    front = front_table(run_rows(search.study.get_trials(), lambda t: f"search#{t.number}"))
+    front = front_table(run_rows("search", search.study.get_trials()))
     knee = front.iloc[knee_index(front)]
     table = pd.read_csv(tmp_path / "tradeoff.csv")
     row = table[(table["freeze_depth"] == knee.freeze_depth) & (table["learning_rate"] == knee.learning_rate)
