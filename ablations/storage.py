@@ -204,13 +204,18 @@ def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
     """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
     with storage_errors(url):
         storage = open_storage(url)
-        names = [s.study_name for s in storage.get_all_studies()]
-        for name in study_names or []:
-            if name not in names:
-                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
-                                 f"{', '.join(names) or 'no studies'}")
-        return [run_of(name, trial) for name in study_names or names
+        return [run_of(name, trial) for name in named_studies(storage, url, study_names)
                 for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)]
+
+
+def named_studies(storage: RDBStorage, url: str, wanted: list[str] | None) -> list[str]:
+    """The studies to read: those `wanted`, each of which the storage must hold (one line names what it holds), or
+    every study in it."""
+    names = [s.study_name for s in storage.get_all_studies()]
+    for name in wanted or []:
+        if name not in names:
+            raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds {', '.join(names) or 'no studies'}")
+    return wanted or names
 
 
 def run_of(study_name: str, trial: FrozenTrial) -> dict:

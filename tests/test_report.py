@@ -296,6 +296,21 @@ def test_cli_reports_a_missing_storage_in_one_line(monkeypatch, capsys, tmp_path
     assert code == 2 and error.count("\n") == 1 and "does not exist" in error
 
 
+def test_a_study_the_storage_lacks_is_one_line_naming_what_it_holds_in_report_and_merge(runs, monkeypatch, capsys,
+                                                                                         tmp_path):
+    from ablations.merge import merge
+    from core.errors import UsageError
+
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    stored(url, "grid", [r for r in runs if r["state"] == "COMPLETE"])
+    expected = f"study 'serch' is not in {url!r}: it holds grid"
+    assert run_cli(monkeypatch, "--storage", url, "--study-name", "serch", "--output-dir", str(tmp_path)) == 2
+    assert capsys.readouterr().err.strip().endswith(expected)
+    with pytest.raises(UsageError) as error:
+        merge(f"sqlite:///{tmp_path}/merged.db", [url], ["serch"])
+    assert str(error.value) == expected
+
+
 def stored(url: str, name: str, runs: list[dict]) -> None:
     """Put run rows into an Optuna storage the way the study ledger does: values plus user attributes."""
     import optuna
