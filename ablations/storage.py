@@ -30,6 +30,9 @@ from core.errors import UsageError, first_line
 RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 DISK_FULL = ("database or disk is full", "No space left on device", "could not extend file")
 CORRUPT = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
+# What the database says when workers started together on an empty one race to create a table (Optuna's or the
+# ledger's `ablation_runs`) or its first rows: the losers retry.
+RACING = ("duplicate key", "already exists", "UNIQUE constraint", "IntegrityError", "database is locked")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -104,9 +107,7 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
                               grace_period=3 * heartbeat_seconds)
         except Exception as error:
-            # Workers started together on an empty database race to create Optuna's tables: the losers retry.
-            racing = ("duplicate key", "already exists", "UNIQUE constraint", "IntegrityError", "database is locked")
-            if any(text in str(error) for text in racing) and attempt < 4:
+            if racing(error) and attempt < 4:
                 time.sleep(0.5 + random.random())
                 continue
             if isinstance(error, (sa.exc.SQLAlchemyError, OSError)) and any(
@@ -115,6 +116,11 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
             reason = _hide(first_line(error, 200), url)
             raise UsageError(f"cannot open storage {mask_url(url)!r}: {reason}") from None
     raise UsageError(f"cannot open storage {mask_url(url)!r}: its tables could not be created")
+
+
+def racing(error: BaseException) -> bool:
+    """Whether `error` is another worker creating the same table or row at the same moment (see RACING)."""
+    return any(text in str(error) for text in RACING)
 
 
 def retrying(store: Callable[[], None]) -> None:
