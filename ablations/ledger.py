@@ -86,6 +86,8 @@ class Ledger:
         self.spool = spool or Spool.for_url(str(storage.engine.url))
         self._where: dict[int, str] = {}
         self._params: dict[int, tuple[dict, dict]] = {}
+        self._complete: dict[int, FrozenTrial] = {}   # COMPLETE trials read by `scan`, by trial id
+        self._studies_read: set[int] = set()             # studies whose COMPLETE trials `scan` has read in a batch
         create_runs_table(storage.engine)
         self.flush_spool()
 
@@ -286,12 +288,29 @@ class Ledger:
         return self._where.get(trial._trial_id, f"trial id {trial._trial_id}")
 
     def scan(self) -> dict[str, StoredRuns]:
-        """Every COMPLETE trial with its record, by run id: the search's pruning and front read these."""
+        """Every COMPLETE trial with its record, by run id: the search's pruning reads these before each trial.
+        A finished trial never changes, so the ledger keeps those it has read: a scan lists the COMPLETE trials in
+        one light query (no records) and reads only those it has not seen, a study it meets first in one batch."""
+        trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
+        query = sa.select(trials.c.trial_id, trials.c.number, trials.c.study_id, studies.c.study_name).join(
+            studies, studies.c.study_id == trials.c.study_id).where(trials.c.state == TrialState.COMPLETE).order_by(
+            trials.c.study_id, trials.c.trial_id)
+        with self.storage.engine.connect() as connection:
+            complete = connection.execute(query).all()
+        for trial_id, _, study_id, _ in complete:
+            if trial_id in self._complete:
+                continue
+            if study_id in self._studies_read:
+                self._complete[trial_id] = self.storage.get_trial(trial_id)
+            else:
+                self._complete.update((trial._trial_id, trial) for trial in self.storage.get_all_trials(
+                    study_id, deepcopy=False, states=(TrialState.COMPLETE,)))
+                self._studies_read.add(study_id)
         index: dict[str, StoredRuns] = {}
-        for summary in self.storage.get_all_studies():
-            for trial in self.storage.get_all_trials(summary._study_id, deepcopy=False, states=(TrialState.COMPLETE,)):
-                self._where[trial._trial_id] = f"{summary.study_name}#{trial.number}"
-                if (run_id := trial.user_attrs.get("run_id")) is not None:
-                    index.setdefault(run_id, StoredRuns()).complete.append(trial)
+        for trial_id, number, _, study_name in complete:
+            self._where[trial_id] = f"{study_name}#{number}"
+            trial = self._complete[trial_id]
+            if (run_id := trial.user_attrs.get("run_id")) is not None:
+                index.setdefault(run_id, StoredRuns()).complete.append(trial)
         return index
 

@@ -56,15 +56,11 @@ def _read(url: str, study_names: list[str] | None) -> dict[str, tuple]:
     import optuna
     from optuna.trial import TrialState
 
-    from ablations.storage import mask_url, open_storage, storage_errors
+    from ablations.storage import named_studies, open_storage, storage_errors
     with storage_errors(url):
         source = open_storage(url)
-        names = [s.study_name for s in source.get_all_studies()]
         studies = {}
-        for name in study_names or names:
-            if name not in names:
-                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
-                                 f"{', '.join(names) or 'no studies'}")
+        for name in named_studies(source, url, study_names):
             study = optuna.load_study(study_name=name, storage=source)
             studies[name] = (tuple(d.name.lower() for d in study.directions), study.user_attrs,
                              study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import optuna
 import optuna.distributions as od
@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablations.runner import SEARCHED
 from ablations.stats import pareto_front
 from ablations.ledger import Ledger
+from ablations.storage import run_of
 from ablations.tuning import choice_accuracy
 from core.errors import UsageError
 
@@ -93,25 +94,20 @@ def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | N
     return points
 
 
-def run_rows(trials: Iterable[FrozenTrial], where: Callable[[FrozenTrial], str]) -> pd.DataFrame:
-    """One row per distinct run among the COMPLETE trials that carry a record (a reused copy counts once)."""
-    rows: dict[str, dict] = {}
-    copied: set[str] = set()
-    for trial in trials:
-        record = trial.user_attrs.get("record")
-        if trial.state != TrialState.COMPLETE or not record:
-            continue
-        run_id = record.get("run_id") or where(trial)
-        reused = bool(trial.user_attrs.get("reused_from"))
-        if run_id in rows and (reused or run_id not in copied):
-            continue  # keep the trial that trained the run, else the first copy
-        (copied.add if reused else copied.discard)(run_id)
-        rows[run_id] = {**{name: record["config"].get(name) for name in SEARCHED},
-                        "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
-                        "choice": choice_accuracy(record), "train_seconds": record["train_seconds"],
-                        "trainable_params": record.get("trainable_params"), "run_id": run_id,
-                        "trial": where(trial), "device": record.get("device")}
-    return pd.DataFrame(list(rows.values()), columns=[*PARETO_COLUMNS, "choice", "device"])
+def run_rows(study_name: str, trials: Iterable[FrozenTrial]) -> pd.DataFrame:
+    """One row per distinct run among the study's COMPLETE trials that carry a record, by the trade-off report's
+    rule (`ablations.tradeoff.completed_runs`: a reused copy counts once)."""
+    from ablations.tradeoff import completed_runs
+
+    rows = []
+    for run in completed_runs([run_of(study_name, trial) for trial in trials]):
+        record, where = run["record"], f"{run['study']}#{run['number']}"
+        rows.append({**{name: record["config"].get(name) for name in SEARCHED},
+                     "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
+                     "choice": choice_accuracy(record), "train_seconds": record["train_seconds"],
+                     "trainable_params": record.get("trainable_params"), "run_id": record.get("run_id") or where,
+                     "trial": where, "device": record.get("device")})
+    return pd.DataFrame(rows, columns=[*PARETO_COLUMNS, "choice", "device"])
 
 
 def front_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -250,19 +246,23 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    rows = run_rows(trials, lambda t: f"{study.study_name}#{t.number}")
+    rows = run_rows(study.study_name, trials)
     front = front_table(rows)
     front[PARETO_COLUMNS].to_csv(output / "pareto.csv", index=False)
     states = {state: sum(t.state == state for t in trials) for state in TrialState}
     notes = [importance_plot(rows, output / "importance.png")]
     url = url or ledger.storage.url
-    try:  # the same runs and the same table as the trade-off report, so both state one speed-up
-        table = tradeoff_table(load_runs(url, [study.study_name]))
-    except UsageError:
-        table = None
-    if report:
-        try:
-            write_report(url, [study.study_name], str(output_dir))
+    runs, table, skipped = None, None, None
+    try:  # loaded and built once, for this summary and the trade-off report: both state one speed-up
+        runs = load_runs(url, [study.study_name])
+        table = tradeoff_table(runs)
+    except UsageError as error:
+        skipped = error
+    if report and runs is None:
+        notes.append(f"Trade-off report skipped: {skipped}")
+    elif report:
+        try:  # with no table (nothing completed) the report writes runs.csv alone and says why
+            write_report(url, [study.study_name], str(output_dir), runs, table)
         except UsageError as error:
             notes.append(f"Trade-off report skipped: {error}")
     counts = (f"{len(trials)} trials in study `{study.study_name}`: {states[TrialState.COMPLETE]} complete, "

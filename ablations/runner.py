@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from core.errors import UsageError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from core.config import RunConfig
 
 STORAGE_FILE = "ablations.db"
@@ -120,12 +122,14 @@ def choose_engine(args: argparse.Namespace, config: RunConfig, group_size: int) 
     return engine
 
 
-def write_report(url: str, study_names: list[str], output_dir: str | Path) -> dict[str, Path]:
-    """The trade-off report of these studies into output_dir; prints where it went."""
+def write_report(url: str, study_names: list[str], output_dir: str | Path, runs: list[dict] | None = None,
+                 table: pd.DataFrame | None = None) -> dict[str, Path]:
+    """The trade-off report of these studies into output_dir; prints where it went. `runs` (`load_runs`) and
+    `table` (`tradeoff_table`) are read from the storage and built from them unless the caller has them already."""
     from ablations.tradeoff import write_report as report
     from ablations.storage import load_runs
 
-    paths = report(load_runs(url, study_names), output_dir)
+    paths = report(load_runs(url, study_names) if runs is None else runs, output_dir, table=table)
     print(f"report: {', '.join(str(p) for p in paths.values())}")
     return paths
 

@@ -15,6 +15,8 @@ import time
 import sqlalchemy as sa
 from optuna.storages._rdb import models
 
+from ablations.storage import racing
+
 COUNTED_FAILURES = ("error",)           # claim_lost, stale and interrupted attempts are not the run's fault
 TABLES = sa.MetaData()
 RUNS = sa.Table("ablation_runs", TABLES,
@@ -37,15 +39,10 @@ def create_runs_table(engine: sa.engine.Engine) -> None:
                 RUNS.create(connection, checkfirst=True)
             break
         except sa.exc.SQLAlchemyError as error:   # two workers creating it at once: the loser retries
-            if attempt == 4 or not _racing(error):
+            if attempt == 4 or not racing(error):
                 raise
             time.sleep(0.2 + random.random())
     _index_existing_trials(engine)
-
-
-def _racing(error: Exception) -> bool:
-    return any(text in str(error) for text in ("already exists", "duplicate key", "UNIQUE constraint",
-                                               "database is locked"))
 
 
 def _index_existing_trials(engine: sa.engine.Engine) -> None:

@@ -30,6 +30,9 @@ from core.errors import UsageError, first_line
 RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 DISK_FULL = ("database or disk is full", "No space left on device", "could not extend file")
 CORRUPT = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
+# What the database says when workers started together on an empty one race to create a table (Optuna's or the
+# ledger's `ablation_runs`) or its first rows: the losers retry.
+RACING = ("duplicate key", "already exists", "UNIQUE constraint", "IntegrityError", "database is locked")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -104,9 +107,7 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
                               grace_period=3 * heartbeat_seconds)
         except Exception as error:
-            # Workers started together on an empty database race to create Optuna's tables: the losers retry.
-            racing = ("duplicate key", "already exists", "UNIQUE constraint", "IntegrityError", "database is locked")
-            if any(text in str(error) for text in racing) and attempt < 4:
+            if racing(error) and attempt < 4:
                 time.sleep(0.5 + random.random())
                 continue
             if isinstance(error, (sa.exc.SQLAlchemyError, OSError)) and any(
@@ -115,6 +116,11 @@ def open_storage(url: str, heartbeat_seconds: int = 20) -> RDBStorage:
             reason = _hide(first_line(error, 200), url)
             raise UsageError(f"cannot open storage {mask_url(url)!r}: {reason}") from None
     raise UsageError(f"cannot open storage {mask_url(url)!r}: its tables could not be created")
+
+
+def racing(error: BaseException) -> bool:
+    """Whether `error` is another worker creating the same table or row at the same moment (see RACING)."""
+    return any(text in str(error) for text in RACING)
 
 
 def retrying(store: Callable[[], None]) -> None:
@@ -204,20 +210,27 @@ def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
     """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
     with storage_errors(url):
         storage = open_storage(url)
-        names = [s.study_name for s in storage.get_all_studies()]
-        for name in study_names or []:
-            if name not in names:
-                raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds "
-                                 f"{', '.join(names) or 'no studies'}")
-        runs = []
-        for name in study_names or names:
-            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                runs.append({"study": name, "number": trial.number, "state": trial.state.name,
-                             "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
-                             "values": list(trial.values) if trial.values else None,
-                             "fail_reason": trial.user_attrs.get("fail_reason") or (
-                                 "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
-                             "fail_kind": fail_kind(trial),
-                             "reused_from": trial.user_attrs.get("reused_from"),
-                             "record": trial.user_attrs.get("record")})
-    return runs
+        return [run_of(name, trial) for name in named_studies(storage, url, study_names)
+                for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)]
+
+
+def named_studies(storage: RDBStorage, url: str, wanted: list[str] | None) -> list[str]:
+    """The studies to read: those `wanted`, each of which the storage must hold (one line names what it holds), or
+    every study in it."""
+    names = [s.study_name for s in storage.get_all_studies()]
+    for name in wanted or []:
+        if name not in names:
+            raise UsageError(f"study {name!r} is not in {mask_url(url)!r}: it holds {', '.join(names) or 'no studies'}")
+    return wanted or names
+
+
+def run_of(study_name: str, trial: FrozenTrial) -> dict:
+    """One stored trial as a plain dict: a row of `load_runs`."""
+    return {"study": study_name, "number": trial.number, "state": trial.state.name,
+            "run_id": trial.user_attrs.get("run_id"), "params": dict(trial.params),
+            "values": list(trial.values) if trial.values else None,
+            "fail_reason": trial.user_attrs.get("fail_reason") or (
+                "its worker stopped sending heartbeats" if fail_kind(trial) == "stale" else None),
+            "fail_kind": fail_kind(trial),
+            "reused_from": trial.user_attrs.get("reused_from"),
+            "record": trial.user_attrs.get("record")}

@@ -52,12 +52,15 @@ def run_table(runs: list[dict]) -> pd.DataFrame:
 
 
 def completed_runs(runs: list[dict]) -> list[dict]:
-    """One COMPLETE row per run id: reused copies and the same run seen from several studies count once."""
+    """One COMPLETE row per run: reused copies and the same run seen from several studies count once, the trial that
+    trained it kept before a copy. A run is its record's run id (a copy carries the record it copied, also where the
+    copy was filed under a newer id of a legacy run), else its trial's, else its place. The search's front reads runs
+    by this rule too (`ablations.pareto.run_rows`)."""
     chosen: dict[str, dict] = {}
     for run in runs:
         if run.get("state") != "COMPLETE" or not run.get("record"):
             continue
-        key = run.get("run_id") or run["record"].get("run_id") or f"{run.get('study')}#{run.get('number')}"
+        key = run["record"].get("run_id") or run.get("run_id") or f"{run.get('study')}#{run.get('number')}"
         if key not in chosen or (chosen[key].get("reused_from") and not run.get("reused_from")):
             chosen[key] = run
     return list(chosen.values())
@@ -270,14 +273,16 @@ def context(runs: list[dict], table: pd.DataFrame) -> dict[str, str]:
             "device": distinct(r.get("device") for r in records)}
 
 
-def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None) -> dict[str, Path]:
+def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None = None,
+                 table: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write runs.csv, tradeoff.csv/.md and tradeoff/heatmap/curves.png (and lr_curves.png where learning rates were
-    tuned); return their paths by short name."""
+    tuned); return their paths by short name. `table` is `tradeoff_table(runs, baseline)` where the caller has
+    built it already (the search's summary reads the same table)."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"runs": output / "runs.csv"}
     run_table(runs).to_csv(paths["runs"], index=False)  # the ledger is written even when nothing completed
-    table = tradeoff_table(runs, baseline)
+    table = tradeoff_table(runs, baseline) if table is None else table
     about = context(runs, table)
     paths["tradeoff_csv"] = output / "tradeoff.csv"
     table.to_csv(paths["tradeoff_csv"], index=False)

@@ -82,7 +82,7 @@ def test_a_search_whose_trials_all_failed_takes_the_next_settings(tmp_path):
 def test_the_search_prints_each_failed_runs_reason(monkeypatch, capsys, tmp_path, tiny_bert, toy_data):
     import ablations.optuna_search as search
 
-    def failing_trainer(args, pass_as, session=None):
+    def failing_trainer(args, pass_as, session=None, engine="eager"):
         def train(config, on_epoch):
             raise FloatingPointError("training loss became nan in epoch 1")
         return train

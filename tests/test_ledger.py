@@ -314,3 +314,26 @@ def test_the_data_fingerprint_keys_on_the_files_the_rows_are_read_from(tmp_path,
     assert data_fingerprint("sst2") == before
     write_split(folder / "train.tsv", toy_rows(41, 1))
     assert data_fingerprint("sst2") == data_fingerprint(str(folder)) != before
+
+
+@pytest.mark.parametrize("text", storage_module.RACING)
+def test_both_table_creators_retry_every_sign_of_a_race(tmp_path, monkeypatch, text):
+    """Optuna's tables (open_storage) and the ledger's (create_runs_table) read a race from one list."""
+    from ablations import runs_table
+
+    monkeypatch.setattr(storage_module.time, "sleep", lambda seconds: None)
+    raised = []
+
+    def once(real):
+        def flaky(*args, **kwargs):
+            if not raised or raised[-1] is not real:
+                raised.append(real)
+                raise sa.exc.OperationalError("CREATE TABLE", {}, Exception(f"({text}) another worker was first"))
+            return real(*args, **kwargs)
+        return flaky
+
+    monkeypatch.setattr(storage_module, "RDBStorage", once(storage_module.RDBStorage))
+    storage = open_storage(f"sqlite:///{tmp_path}/race.db")
+    monkeypatch.setattr(runs_table.RUNS, "create", once(runs_table.RUNS.create))
+    runs_table.create_runs_table(storage.engine)
+    assert len(raised) == 2 and sa.inspect(storage.engine).has_table("ablation_runs")

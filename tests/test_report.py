@@ -230,6 +230,17 @@ def test_reused_copies_count_once(runs):
     assert len(kept) == 1 and kept[0]["reused_from"] is None
 
 
+def test_a_copy_filed_under_a_legacy_runs_newer_id_counts_once(runs):
+    """A search answering from a run stored under its legacy id files the copy under the run's id now; the record
+    it copied still names the run that trained."""
+    original = runs[3]
+    copy = json.loads(json.dumps(original)) | {"study": "search", "number": 9, "reused_from": "grid#3",
+                                               "run_id": "0123456789ab"}
+    assert row(tradeoff_table(runs + [copy]), freeze_depth=4)["seeds"] == 3
+    kept = [r for r in completed_runs(runs + [copy]) if r["record"]["run_id"] == original["run_id"]]
+    assert kept == [original]
+
+
 def test_varying_fields_are_shown_and_pareto_flags(runs):
     # Another warmup too (as a search samples it): rates that differ alone are one tuned cell (tests/test_tuning.py).
     rows = runs + [make_run(4, "linear", 2, s, 0.80, 30.0, learning_rate=1e-4, warmup_ratio=0.2) for s in (0, 1)]
@@ -283,6 +294,21 @@ def test_cli_reports_a_missing_storage_in_one_line(monkeypatch, capsys, tmp_path
     code = run_cli(monkeypatch, "--storage", f"sqlite:///{tmp_path}/none.db", "--output-dir", str(tmp_path))
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and "does not exist" in error
+
+
+def test_a_study_the_storage_lacks_is_one_line_naming_what_it_holds_in_report_and_merge(runs, monkeypatch, capsys,
+                                                                                         tmp_path):
+    from ablations.merge import merge
+    from core.errors import UsageError
+
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    stored(url, "grid", [r for r in runs if r["state"] == "COMPLETE"])
+    expected = f"study 'serch' is not in {url!r}: it holds grid"
+    assert run_cli(monkeypatch, "--storage", url, "--study-name", "serch", "--output-dir", str(tmp_path)) == 2
+    assert capsys.readouterr().err.strip().endswith(expected)
+    with pytest.raises(UsageError) as error:
+        merge(f"sqlite:///{tmp_path}/merged.db", [url], ["serch"])
+    assert str(error.value) == expected
 
 
 def stored(url: str, name: str, runs: list[dict]) -> None:

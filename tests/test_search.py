@@ -137,6 +137,35 @@ def test_a_trial_dominated_by_the_front_is_pruned_with_its_reason(tiny_bert, toy
     assert trial.user_attrs["run_id"] not in search.ledger.scan()  # a pruned run is not done: it may train again
 
 
+def test_the_stored_runs_a_trial_is_pruned_against_are_read_once_each(tmp_path, monkeypatch):
+    """Each trial asks for the storage's other runs; only those completed since the last time are read again."""
+    from ablations.pareto import fixed_fields, storage_points
+
+    grid_space = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 1))
+    grid = searcher(tmp_path, "grid", space=grid_space, sampler="random", prune=False)
+    grid.run(4, progress=False)
+    search = searcher(tmp_path, space=grid_space)
+    fixed = fixed_fields(search.base.to_dict())
+    read = []
+    storage = search.ledger.storage
+    for name in ("get_trial", "get_all_trials"):
+        def counted(*args, real=getattr(storage, name), **kwargs):
+            trials = real(*args, **kwargs)
+            read.extend(trials if isinstance(trials, list) else [trials])
+            return trials
+        monkeypatch.setattr(storage, name, counted)
+
+    def points() -> list:
+        return storage_points(search.ledger, "search", fixed, "fake")
+
+    first = points()
+    assert len(read) == 4 and {p.where for p in first} == {f"grid#{n}" for n in range(4)}
+    assert points() == first and len(read) == 4   # nothing new: nothing read
+    grid.run(1, progress=False)
+    assert points() == storage_points(Ledger(open_storage(f"sqlite:///{tmp_path}/search.db")), "search", fixed,
+                                      "fake") and len(read) == 5   # the one new run, read alone
+
+
 def test_without_pruning_or_at_the_last_epoch_nothing_is_pruned(tmp_path):
     search = searcher(tmp_path, space=SearchSpace(freeze_depth=(0, 2), epochs=(1, 1)), prune=True)
     search.study.add_trial(optuna.trial.create_trial(values=[1.0, 1e-6]))
@@ -153,7 +182,7 @@ def test_pareto_csv_holds_exactly_the_non_dominated_runs(tmp_path):
     search.run(12, progress=False)
     write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=False)
     front = pd.read_csv(tmp_path / "pareto.csv")
-    runs = run_rows(search.study.get_trials(), lambda t: f"search#{t.number}")
+    runs = run_rows("search", search.study.get_trials())
 
     def dominated(row, table) -> bool:
         return any(o.accuracy >= row.accuracy and o.train_seconds <= row.train_seconds and
