@@ -40,7 +40,7 @@ else  # one H100: 50 + 100 + 180 + 60 s = 6.5 min
   RECIPE_SAMPLES=4000
 fi
 
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", b - a}'; }
+elapsed() { local ms=$(( ($2 - $1) / 1000000 )); printf '%d.%02d' $((ms / 1000)) $((ms % 1000 / 10)); }  # seconds between two date +%s%N readings
 
 stage_setup() {
   local missing
@@ -187,10 +187,10 @@ PY
 run_stage() {  # run_stage NAME LIMIT LOG
   local name=$1 limit=$2 log=$3 started rc
   echo "=== $name: limit ${limit} s, $(date -u +%FT%TZ)" | tee -a "$log"
-  started=$(date +%s.%N)
+  started=$(date +%s%N)
   timeout -k 10 "$limit" bash "$SCRIPT" __stage "$name" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
-  local seconds; seconds=$(elapsed "$started" "$(date +%s.%N)")
+  local seconds; seconds=$(elapsed "$started" "$(date +%s%N)")
   [ "$name" = grid ] && finish_grid 2>&1 | tee -a "$log"
   echo "=== $name: exit $rc after $seconds s$([ "$rc" = 124 ] && echo ' (stopped at its limit)')" | tee -a "$log"
   record "$name" "$limit" "$rc" "$seconds"
