@@ -9,8 +9,9 @@
 # what it finished. At most 8 files come back from $OUT: env.txt, steps.log, step_times.json, grid.log,
 # grid.tar.gz, recipe.log, recipe.json, session.json (every stage's wall time, exit code and limit).
 # Variables: STAGES (default setup,steps,grid,recipe); SMALL=1 (a tiny version of every stage, for a CPU
-# rehearsal); SETUP_LIMIT, STEPS_LIMIT, GRID_LIMIT, RECIPE_LIMIT (seconds); WORK (scratch, default
-# /tmp/gpu-session); PYTHON (default python3); GRID_FRESH=0 keeps an earlier grid's ledger (resume, not a timing).
+# rehearsal); SETUP_LIMIT, STEPS_LIMIT, GRID_LIMIT, RECIPE_LIMIT (seconds); STEP_PLAN (depth:runs per process);
+# RECIPE_SAMPLES; WORK (scratch, default /tmp/gpu-session); PYTHON (default python3); GRID_FRESH=0 keeps an
+# earlier grid's ledger (resume, not a timing).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?OUT is not set: name the folder the results go to}"
@@ -29,15 +30,17 @@ export PYTHONPATH=$WORK/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
 if [ "$SMALL" = 1 ]; then  # the CPU rehearsal: same commands, tiny sizes, a CPU's time limits
   SETUP_LIMIT=${SETUP_LIMIT:-240}; STEPS_LIMIT=${STEPS_LIMIT:-300}; GRID_LIMIT=${GRID_LIMIT:-300}
   RECIPE_LIMIT=${RECIPE_LIMIT:-420}
-  STEP_RUNS=1,2; STEP_DEPTHS=3; STEP_FLAGS=(--length 16 --steps 2 --rounds 1)
+  STEP_PLAN=${STEP_PLAN:-3:1 3:2}; STEP_FLAGS=(--length 16 --steps 2 --rounds 1)
   GRID_FLAGS=(--freeze-depths 3 --seeds 1 --max-train-samples 64 --dev-size 32 --max-parallel-runs 2)
-  RECIPE_SAMPLES=64
-else  # one H100: 50 + 100 + 180 + 60 s = 6.5 min
-  SETUP_LIMIT=${SETUP_LIMIT:-50}; STEPS_LIMIT=${STEPS_LIMIT:-100}; GRID_LIMIT=${GRID_LIMIT:-180}
+  RECIPE_SAMPLES=${RECIPE_SAMPLES:-64}
+else  # one H100: 40 + 110 + 180 + 60 s = 6.5 min
+  SETUP_LIMIT=${SETUP_LIMIT:-40}; STEPS_LIMIT=${STEPS_LIMIT:-110}; GRID_LIMIT=${GRID_LIMIT:-180}
   RECIPE_LIMIT=${RECIPE_LIMIT:-60}
-  STEP_RUNS=1,14,56; STEP_DEPTHS="0 3"; STEP_FLAGS=(--length 32)
+  # depth:runs per process. Every contender of a process lives at once: at depth 0, N = 56 stacked and captured
+  # alone are 112 model copies with gradients and AdamW state (~41 GB) plus the graph's pool, so it gets its own.
+  STEP_PLAN=${STEP_PLAN:-0:1,14 0:56 3:1,14,56}; STEP_FLAGS=(--length 32)
   GRID_FLAGS=(--freeze-depths 0-6 --seeds 5)
-  RECIPE_SAMPLES=4000
+  RECIPE_SAMPLES=${RECIPE_SAMPLES:-4000}
 fi
 
 elapsed() { local ms=$(( ($2 - $1) / 1000000 )); printf '%d.%02d' $((ms / 1000)) $((ms % 1000 / 10)); }  # seconds between two date +%s%N readings
@@ -108,21 +111,22 @@ PY
   echo "== pip list"; $PY -m pip list 2>/dev/null
 }
 
-merge_step_times() {  # every depth done so far into $OUT/step_times.json
+merge_step_times() {  # every part done so far into $OUT/step_times.json; a row's "part" names its process
   $PY - "$WORK/steps" "$OUT/step_times.json" <<'PY'
 import json, pathlib, sys
-parts = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("depth*.json"))]
-pathlib.Path(sys.argv[2]).write_text(json.dumps({"step_times": [r for p in parts for r in p["step_times"]],
-                                                  "args": [p["args"] for p in parts]}, indent=2))
+parts = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("part*.json"))]
+rows = [{**row, "part": i} for i, part in enumerate(parts) for row in part["step_times"]]
+pathlib.Path(sys.argv[2]).write_text(json.dumps({"step_times": rows, "args": [p["args"] for p in parts]}, indent=2))
 PY
 }
 
 stage_steps() {
   rm -rf "$WORK/steps"; mkdir -p "$WORK/steps"
-  local depth rc=0
-  for depth in ${STEP_DEPTHS//,/ }; do  # one process per depth, merged after each: a stop keeps what is done
-    $PY -m ablations.benchmark --step-times --model "$MODEL" --runs "$STEP_RUNS" --freeze-depths "$depth" \
-      "${STEP_FLAGS[@]}" --output "$WORK/steps/depth$depth.json" || { rc=1; continue; }
+  local part=0 item rc=0
+  for item in $STEP_PLAN; do  # one process per item, merged after each: a stop or a failure keeps what is done
+    part=$((part + 1))
+    $PY -m ablations.benchmark --step-times --model "$MODEL" --freeze-depths "${item%%:*}" --runs "${item#*:}" \
+      "${STEP_FLAGS[@]}" --output "$WORK/steps/part$part.json" || { rc=1; continue; }
     merge_step_times || rc=1
   done
   return $rc
