@@ -206,17 +206,20 @@ if [ "${1:-}" = __stage ]; then
   exit $?
 fi
 
+for stage in ${STAGES//,/ }; do  # a misspelt stage fails now, not after minutes of the ones before it
+  case $stage in setup|steps|grid|recipe) ;; *) echo "error: unknown stage $stage (setup, steps, grid, recipe)" >&2
+    exit 2 ;; esac
+done
 mkdir -p "$OUT" "$WORK"
 rm -f "$WORK/stages.jsonl"
 failed=0
 for stage in ${STAGES//,/ }; do
   case $stage in
-    setup) run_stage setup "$SETUP_LIMIT" "$OUT/env.txt" || { echo "setup failed: the other stages cannot run"; 
+    setup) run_stage setup "$SETUP_LIMIT" "$OUT/env.txt" || { echo "setup failed: the other stages cannot run"
            exit 1; } ;;
     steps) run_stage steps "$STEPS_LIMIT" "$OUT/steps.log" || failed=1 ;;
     grid) run_stage grid "$GRID_LIMIT" "$OUT/grid.log" || failed=1 ;;
     recipe) run_stage recipe "$RECIPE_LIMIT" "$OUT/recipe.log" || failed=1 ;;
-    *) echo "error: unknown stage $stage (setup, steps, grid, recipe)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/session.json"
