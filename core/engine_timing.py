@@ -20,7 +20,7 @@ import torch
 from core.captured import CapturedStep, capture_autocast
 from core.config import RunConfig
 from core.device import clip_gradients, make_optimizer, precision_for
-from core.model import freeze, load_model, num_layers
+from core.model import freeze, fresh_model, load_pretrained, num_layers
 from core.prefix_cache import layer_view
 from core.stacked import StackedRun, StackedRuns, pad_and_stack
 
@@ -45,8 +45,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _eager(config: RunConfig, depth: int, batches: list[dict], device, autocast):
-    model = load_model(config.model, ["0", "1"]).to(device)
+def _eager(pristine, depth: int, config: RunConfig, batches: list[dict], device, autocast):
+    model = fresh_model(*pristine).to(device)
     backbone = freeze(model, depth)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config, device)
@@ -65,11 +65,12 @@ def _eager(config: RunConfig, depth: int, batches: list[dict], device, autocast)
     return step
 
 
-def _stacked(config: RunConfig, depth: int, runs: int, batches: list[dict], device, autocast, capture: bool):
+def _stacked(pristine, depth: int, config: RunConfig, runs: int, batches: list[dict], device, autocast,
+             capture: bool):
     members = []
     for seed in range(runs):
         torch.manual_seed(seed)
-        model = load_model(config.model, ["0", "1"])
+        model = fresh_model(*pristine)  # the checkpoint read once, copied per run: 56 reads would take a minute
         freeze(model, depth)
         members.append(StackedRun(config.replace(seed=seed), model, lambda i: {}, np.zeros(1), torch.zeros(1)))
     length = batches[0]["attention_mask"].shape[1]  # every batch has this many tokens: one bucket
@@ -112,15 +113,15 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
     for depth in depths:
         config = RunConfig(model=model, dataset="timing", freeze_depth=depth, batch_size=batch_size, epochs=1,
                            scheduler="constant", max_length=max(8, length), learning_rate=1e-5, precision=precision)
-        base = load_model(model, ["0", "1"])
-        batches = _batches(base, depth, batch_size, length, 8, device)
-        del base
-        contenders = {"eager": (1, _eager(config, depth, batches, device, autocast))}
+        pristine = load_pretrained(model, ["0", "1"])
+        batches = _batches(pristine[0], depth, batch_size, length, 8, device)
+        contenders = {"eager": (1, _eager(pristine, depth, config, batches, device, autocast))}
         for n in runs:
-            contenders[f"stacked N={n}"] = (n, _stacked(config, depth, n, batches, device, autocast, False))
+            contenders[f"stacked N={n}"] = (n, _stacked(pristine, depth, config, n, batches, device, autocast, False))
             if capture:
-                contenders[f"captured N={n}"] = (n, _stacked(config, depth, n, batches, device, graph_autocast,
-                                                             True))
+                contenders[f"captured N={n}"] = (n, _stacked(pristine, depth, config, n, batches, device,
+                                                             graph_autocast, True))
+        del pristine
         times = {name: [] for name in contenders}
         for _ in range(rounds):
             for name, (n, step) in contenders.items():
