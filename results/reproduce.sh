@@ -36,10 +36,10 @@ recipe)  # The reference study's two recipes on the full training set (67,349 se
 search)  # The two-objective search on the grid's data.
   python -m ablations.optuna_search "${common[@]}" --study-name search --trials 20 --max-train-samples "$SUBSAMPLE" \
     --timeout "${SEARCH_TIMEOUT:-2400}" ;;
-tuned)  # Issue 13's protocol on real data: every cell (baseline included) tuned over the same five rates on the
+tuned)  # Issue 13's protocol on real data: every cell (baseline included) tuned over the same seven rates on the
   # dev split (1,000 training sentences held out), then 5 seeds at its rate; timed alone per work shape.
   python -m ablations.grid "${common[@]}" --study-name tuned --freeze-depths 0,2,4,6 --schedulers linear,cosine \
-    --epochs 1 --seeds 5 --learning-rates 1e-5,3e-5,1e-4,3e-4,1e-3 --max-train-samples 2000 ;;
+    --epochs 1 --seeds 5 --learning-rates 1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --max-train-samples 2000 ;;
 report)  # The grid's trade-off at the top of results/; the two recipes against each other in results/recipes/.
   python -m ablations.report --storage "$DB" --study-name grid --output-dir results
   python -c "import sys; from ablations.storage import load_runs; from ablations.tradeoff import run_table
@@ -50,6 +50,8 @@ run_table(load_runs(sys.argv[1])).to_csv('results/runs.csv', index=False)" "$DB"
   python -m ablations.report --storage "$DB" --study-name tuned --output-dir results/tuned
   python -m ablations.report --storage "$DB" --study-name tuned --output-dir results/tuned/schedules \
     --baseline scheduler=linear  # the same runs, cosine tested against linear at each depth
+  python -m ablations.timing_passes --storage "$DB" --study-name tuned \
+    --output results/tuned/timing_passes.md > /dev/null  # each shape's timing passes: the drift between them
   python -c "import sys; from ablations.pareto import rewrite_search_outputs
 rewrite_search_outputs(sys.argv[1], 'search', 'results')" "$DB" > /dev/null ;;  # the search's front and summary
 esac; done

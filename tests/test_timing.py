@@ -340,3 +340,24 @@ def test_the_grids_duration_probe_times_its_steps_with_measure_steps(tiny_bert, 
     assert len(passes) == 1 and passes[0].warmup_steps == 1 and passes[0].steps_per_repeat == 1
     assert len(passes[0].repeat_seconds) == 3 and step == statistics.median(passes[0].repeat_seconds) > 0
     assert rows == len(session.text_data(toy_data, session.tokenizer(tiny_bert), None, None, 32).splits["train"])
+
+
+def test_timing_passes_divide_by_the_baselines_pass_nearest_in_time():
+    """A study extended hours later holds two passes per shape; a speed-up divides by the baseline's pass taken
+    nearest in time, never by one from hours before."""
+    from ablations.timing_passes import markdown, rows
+
+    def record(depth, at, seconds, shape):
+        return {"config": {"model": "m", "dataset": "d", "freeze_depth": depth, "batch_size": 16, "max_length": 128,
+                           "max_train_samples": 2000, "precision": "fp32"}, "device": "cpu", "train_samples": 2000,
+                "train_seconds": seconds, "timing": {"measured_at": at, "shape": shape}}
+    records = [record(0, "2026-01-01T10:00:00Z", 40.0, "a"), record(0, "2026-01-01T10:00:00Z", 40.0, "a"),
+               record(4, "2026-01-01T10:05:00Z", 16.0, "b"), record(4, "2026-01-01T10:05:00Z", 14.0, "b"),
+               record(0, "2026-01-01T14:00:00Z", 33.0, "c"), record(4, "2026-01-01T14:02:00Z", 22.0, "d"),
+               record(6, "2026-01-01T14:03:00Z", 8.0, "e"),  # depth 6 only in the second pass
+               {**record(2, "", 9.0, "f"), "timing": None}]  # untimed: no pass
+    table = rows(records)
+    assert [(r["freeze_depth"], r["pass"], r["runs"], r["train_seconds"]) for r in table] == [
+        (0, 1, 2, 40.0), (0, 2, 1, 33.0), (4, 1, 2, 15.0), (4, 2, 1, 22.0), (6, 1, 1, 8.0)]
+    assert [r["speedup"] for r in table] == [1.0, 1.0, 40.0 / 15.0, 1.5, 33.0 / 8.0]  # depth 6: the 14:00 pass
+    assert "| 4 | 2 | 2026-01-01 14:02:00 | 1 | 22.0 | 1.50× (2026-01-01 14:00:00) |" in markdown(table)
