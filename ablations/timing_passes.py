@@ -6,6 +6,11 @@ extended later (more rates, more seeds) can hold two passes of one shape taken h
 then divide a time from one pass by a time from the other. This table shows every pass of every shape: when it
 was taken, how many runs use it, their mean `train_seconds`, and the speed-up against the baseline depth timed in
 the same pass (the baseline's pass taken nearest in time), so the drift can be read off.
+
+`--interleave` measures instead of reading: one run of every shape of the study is prepared again and all shapes
+are timed in one sitting, round-robin (`core.timing.interleaved_steps`: each round times every shape's 10 sampled
+batches once, alone on the machine), so minute-scale drift reaches every shape alike; each speed-up then comes
+with an interval over the paired per-round ratios. It trains nothing that is stored.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from core.cli import ArgumentParser, check_output_file, main_guard
+from core.errors import UsageError
 
 # What makes two runs the same physical work shape in a report (with the device and the training-set size).
 SHAPE_FIELDS = ("model", "dataset", "freeze_depth", "batch_size", "max_length", "max_train_samples", "precision")
@@ -27,7 +33,7 @@ def passes(records: list[dict]) -> dict[tuple, list[dict]]:
         timing = record.get("timing") or {}
         if not timing.get("measured_at"):
             continue  # untimed (--timing-repeats 0): its train_seconds are the loop as it ran, not a pass
-        key = (tuple(record["config"].get(f) for f in SHAPE_FIELDS), record.get("device"), record.get("train_samples"))
+        key = shape_of(record)
         shapes.setdefault(key, {}).setdefault((timing["measured_at"], timing.get("shape")), []).append(
             record["train_seconds"])
     return {key: [{"measured_at": at, "shape": shape, "runs": len(seconds), "train_seconds": statistics.fmean(seconds)}
@@ -57,6 +63,76 @@ def _when(timing: dict) -> float:
     return datetime.fromisoformat(timing["measured_at"].replace("Z", "+00:00")).timestamp()
 
 
+def shape_of(record: dict) -> tuple:
+    return tuple(record["config"].get(f) for f in SHAPE_FIELDS), record.get("device"), record.get("train_samples")
+
+
+def interleaved(records: list[dict], session, device=None, rounds: int = 5, baseline_depth: int = 0) -> list[dict]:
+    """Every shape of `records` timed again in one sitting, round-robin; per shape its per-step seconds and
+    its training seconds (steps x per step + the prefix build, built now) per round, and the speed-up against
+    the baseline depth with a Student-t interval over the paired rounds."""
+    import math
+
+    import numpy as np
+
+    from core.batches import length_grouped_batches
+    from core.config import RunConfig
+    from core.device import make_optimizer, make_schedule
+    from core.timing import per_step_interval, sample_batches
+    from core.train import _train_mode, prepare, train_step
+
+    configs: dict[tuple, RunConfig] = {}
+    for record in records:
+        configs.setdefault(shape_of(record), RunConfig.from_dict(record["config"]))
+    depth = SHAPE_FIELDS.index("freeze_depth")
+    order = sorted(configs, key=lambda k: (k[0][depth], str(k)))
+    steps_fns, batches, totals = {}, {}, {}
+    for key in order:
+        config = configs[key]
+        p = prepare(config, session, device, False, True)  # the prefix build is timed alone here, as in a run
+        steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
+        optimizer = make_optimizer(p.model, config, p.device)
+        scheduler = make_schedule(optimizer, config, steps_per_epoch * config.epochs)
+        epoch = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + 1)
+        cost = [len(b) * int(p.train.lengths[b].max()) for b in epoch]
+        _train_mode(p)
+
+        def step(indices, p=p, optimizer=optimizer, scheduler=scheduler):
+            with p.frozen_view():
+                train_step(p, p.model, indices, optimizer, scheduler)
+        name = str(key)
+        steps_fns[name], batches[name] = step, sample_batches(epoch, session.timer.steps, cost)
+        prefix = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
+        totals[name] = (key[0][depth], steps_per_epoch * config.epochs, prefix, p.device)
+    per_round, contention = session.timer.interleaved(steps_fns, batches, next(iter(totals.values()))[3], rounds)
+    train = {name: np.array(per_round[name]) * totals[name][1] + totals[name][2] for name in per_round}
+    baseline = next((name for name in per_round if totals[name][0] == baseline_depth), None)
+    rows = []
+    for name in per_round:
+        mean, low, high = per_step_interval(per_round[name])
+        ratio = per_step_interval(list(train[baseline] / train[name])) if baseline else (None, None, None)
+        rows.append({"freeze_depth": totals[name][0], "per_step": mean, "per_step_low": low, "per_step_high": high,
+                     "steps": totals[name][1], "prefix_seconds": totals[name][2],
+                     "train_seconds": float(train[name].mean()), "speedup": ratio[0], "speedup_low": ratio[1],
+                     "speedup_high": ratio[2], "rounds": len(per_round[name]), "contended": contention.contended,
+                     "evidence": contention.evidence})
+    return rows
+
+
+def interleaved_markdown(rows: list[dict], baseline_depth: int = 0) -> str:
+    lines = [f"Timed in one sitting, round-robin over {rows[0]['rounds'] if rows else 0} rounds "
+             f"({'contended: ' if rows and rows[0]['contended'] else ''}{rows[0]['evidence'] if rows else ''}).",
+             "", f"| freeze depth | ms per step [95 % CI over rounds] | steps | prefix build s | train s | "
+             f"speed-up vs depth {baseline_depth} [95 % CI over paired rounds] |", "|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        speedup = "—" if row["speedup"] is None else \
+            f"{row['speedup']:.2f}× [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"
+        lines.append(f"| {row['freeze_depth']} | {1000 * row['per_step']:.1f} [{1000 * row['per_step_low']:.1f}, "
+                     f"{1000 * row['per_step_high']:.1f}] | {row['steps']} | {row['prefix_seconds']:.1f} | "
+                     f"{row['train_seconds']:.1f} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: list[dict], baseline_depth: int = 0) -> str:
     lines = ["| freeze depth | pass | timed at (UTC) | runs | train s (mean) | speed-up vs depth "
              f"{baseline_depth}, its pass nearest in time (timed at) |", "|--:|--:|---|--:|--:|--:|"]
@@ -77,14 +153,25 @@ def main() -> int:
     parser.add_argument("--study-name", required=True, metavar="NAME", help="the study to read")
     parser.add_argument("--baseline-depth", type=int, default=0, metavar="K",
                         help="the freeze depth speed-ups are against (default: 0)")
+    parser.add_argument("--interleave", action="store_true", help="time every shape again now, in one sitting, "
+                        "round-robin, instead of listing the stored passes (default: list)")
+    parser.add_argument("--rounds", type=int, default=5, metavar="N", help="rounds of --interleave (default: 5)")
+    parser.add_argument("--device", default=None, help="device of --interleave (default: cuda when available)")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (default: print only)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        raise UsageError(f"--rounds {args.rounds} is invalid: an interval needs at least 2")
     if args.output:
         check_output_file(args.output)
     from ablations.storage import load_runs
     records = [r["record"] for r in load_runs(args.storage, [args.study_name])
                if r["state"] == "COMPLETE" and r.get("record")]
-    text = markdown(rows(records, args.baseline_depth), args.baseline_depth)
+    if args.interleave:
+        from core.session import Session
+        text = interleaved_markdown(interleaved(records, Session(), args.device, args.rounds, args.baseline_depth),
+                                    args.baseline_depth)
+    else:
+        text = markdown(rows(records, args.baseline_depth), args.baseline_depth)
     print(text, end="")
     if args.output:
         args.output.write_text(text)

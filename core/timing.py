@@ -217,6 +217,33 @@ def preserved(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optim
             torch.cuda.set_rng_state(cuda_rng, device)
 
 
+def interleaved_steps(step_fns: dict[str, Callable[[Any], None]], batches: dict[str, Sequence],
+                      device: torch.device | str = "cpu", warmup: int = WARMUP, rounds: int = REPEATS,
+                      probe: LoadProbe | None = None) -> tuple[dict[str, list[float]], Contention]:
+    """Several work shapes timed in one sitting, round-robin: each round times every shape's `batches` once
+    (one full optimizer step each), so drift of the machine over minutes reaches every shape alike and the
+    per-round ratios between shapes are paired. Returns each shape's per-step seconds per round."""
+    device = torch.device(device)
+    for name, step_fn in step_fns.items():
+        for i in range(warmup):
+            step_fn(batches[name][i % len(batches[name])])
+    if probe is not None:
+        probe.start()
+    per_round: dict[str, list[float]] = {name: [] for name in step_fns}
+    for _ in range(max(1, rounds)):
+        for name, step_fn in step_fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            begin = time.perf_counter()
+            for batch in batches[name]:
+                step_fn(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            per_round[name].append((time.perf_counter() - begin) / len(batches[name]))
+    contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
+    return per_round, contention
+
+
 class Timer:
     """Step timings per work shape for one session: in memory, in the machine's timing file, else measured
     under the exclusive lease. `repeats=1` is the quick look (no interval)."""
@@ -278,6 +305,16 @@ class Timer:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
             return result, seconds, probe.stop()
+
+    def interleaved(self, step_fns: dict[str, Callable[[Any], None]], batches: dict[str, Sequence],
+                    device: torch.device | str = "cpu", rounds: int | None = None
+                    ) -> tuple[dict[str, list[float]], Contention]:
+        """`interleaved_steps` alone on the machine (the lease pauses the project's other workers), with the
+        foreign-load probe; nothing is saved: a check of the saved timings, not one of them."""
+        device = torch.device(device)
+        with self.lease.exclusive():
+            return interleaved_steps(step_fns, batches, device, self.warmup, rounds or self.repeats,
+                                     self._probe(device))
 
     def _probe(self, device: torch.device) -> LoadProbe:
         extra = {} if self.threshold is None else {"threshold": self.threshold}

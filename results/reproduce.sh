@@ -40,6 +40,9 @@ tuned)  # Issue 13's protocol on real data: every cell (baseline included) tuned
   # dev split (1,000 training sentences held out), then 5 seeds at its rate; timed alone per work shape.
   python -m ablations.grid "${common[@]}" --study-name tuned --freeze-depths 0,2,4,6 --schedulers linear,cosine \
     --epochs 1 --seeds 5 --learning-rates 1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --max-train-samples 2000 ;;
+tuned-timing)  # The tuned study's shapes timed again in one sitting, round-robin (a measurement: ~1 min, quiet).
+  python -m ablations.timing_passes --storage "$DB" --study-name tuned --interleave \
+    --output results/tuned/timing_interleaved.md ;;
 report)  # The grid's trade-off at the top of results/; the two recipes against each other in results/recipes/.
   python -m ablations.report --storage "$DB" --study-name grid --output-dir results
   python -c "import sys; from ablations.storage import load_runs; from ablations.tradeoff import run_table

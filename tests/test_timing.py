@@ -361,3 +361,31 @@ def test_timing_passes_divide_by_the_baselines_pass_nearest_in_time():
         (0, 1, 2, 40.0), (0, 2, 1, 33.0), (4, 1, 2, 15.0), (4, 2, 1, 22.0), (6, 1, 1, 8.0)]
     assert [r["speedup"] for r in table] == [1.0, 1.0, 40.0 / 15.0, 1.5, 33.0 / 8.0]  # depth 6: the 14:00 pass
     assert "| 4 | 2 | 2026-01-01 14:02:00 | 1 | 22.0 | 1.50× (2026-01-01 14:00:00) |" in markdown(table)
+
+
+def test_interleaved_steps_time_every_shape_once_per_round_in_turn():
+    from core.timing import interleaved_steps
+    calls = []
+    fns = {name: (lambda batch, name=name: calls.append((name, batch))) for name in ("a", "b")}
+    per_round, contention = interleaved_steps(fns, {"a": [1, 2], "b": [3]}, warmup=1, rounds=3)
+    assert calls == [("a", 1), ("b", 3)] + [("a", 1), ("a", 2), ("b", 3)] * 3  # warm-up, then a round is a, b
+    assert {k: len(v) for k, v in per_round.items()} == {"a": 3, "b": 3} and not contention.contended
+
+
+def test_an_interleaved_check_times_each_shape_of_a_study_again(tiny_bert, toy_data):
+    """One run per shape prepared again and timed round-robin; the baseline's speed-up is exactly 1 (its own
+    rounds), a frozen depth's comes with an interval over paired rounds, and train s = steps x per step + prefix."""
+    from ablations.timing_passes import interleaved, interleaved_markdown
+    from core import run
+    from core.session import Session
+    session = Session(timing_repeats=1)
+    records = [run(quick_config(tiny_bert, toy_data, freeze_depth=d, epochs=1), progress=False,
+                   session=session).to_dict() for d in (0, 1, 0)]
+    rows = interleaved(records, Session(timing_repeats=1), "cpu", rounds=3)
+    assert [r["freeze_depth"] for r in rows] == [0, 1] and all(r["rounds"] == 3 for r in rows)
+    assert rows[0]["speedup"] == rows[0]["speedup_low"] == rows[0]["speedup_high"] == 1.0
+    assert rows[1]["speedup_low"] <= rows[1]["speedup"] <= rows[1]["speedup_high"]
+    assert rows[1]["prefix_seconds"] > 0 and rows[0]["prefix_seconds"] == 0.0
+    for row in rows:
+        assert row["train_seconds"] == pytest.approx(row["steps"] * row["per_step"] + row["prefix_seconds"])
+    assert "| 1 |" in interleaved_markdown(rows)
