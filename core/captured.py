@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_engine(requested: str, device) -> str:
-    """`auto` is the eager step on the CPU (capture needs CUDA; stacking MiniLM did not measurably pay on the
-    shared 2-core CPU: depth 3, N = 2 / 4 took 1.07x / 1.12x the eager ms per run-step, depth 0 0.80x / 1.01x
-    within noise) and the captured step on CUDA (no GPU has run it yet: issue 14's figures are not measured).
-    `core.group.choose_engine` makes the final choice (probe, group size)."""
+    """`auto` is the eager step on the CPU (capture needs CUDA; stacking MiniLM does not measurably pay on the
+    shared 2-core CPU: N = 2 / 4 took 1.03x / 1.11x the eager ms per run-step at depth 0, 1.05x / 0.91x at
+    depth 3, within noise: results/step_times_cpu.json) and the captured step on CUDA (no GPU has run it yet:
+    issue 14's figures are not measured). `core.group.choose_engine` makes the final choice (probe, group size)."""
     if requested not in ENGINES:
         raise UsageError(f"--engine {requested!r} is unknown: use one of {', '.join(ENGINES)}")
     if requested == "auto":

@@ -84,7 +84,7 @@ def bytes_per_run(config: RunConfig) -> int:
 
 
 def group_size(config: RunConfig, device, free_bytes: int | None = None) -> int:
-    """The automatic --max-parallel-runs: 1 on a CPU (stacking did not pay there, `core.captured`); on CUDA as
+    """The automatic --max-parallel-runs: 1 on a CPU (stacking does not pay there, `core.captured`); on CUDA as
     many runs as fit in MEMORY_HEADROOM of the free device memory at `bytes_per_run` each, 1..MAX_GROUP."""
     device = torch.device(device) if device else default_device()
     if device.type != "cuda" and free_bytes is None:

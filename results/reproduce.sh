@@ -43,6 +43,9 @@ tuned)  # Issue 13's protocol on real data: every cell (baseline included) tuned
 tuned-timing)  # The tuned study's shapes timed again in one sitting, round-robin (a measurement: ~1 min, quiet).
   python -m ablations.timing_passes --storage "$DB" --study-name tuned --interleave \
     --output results/tuned/timing_interleaved.md ;;
+steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (interleaved rounds; ~6 min, quiet).
+  python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 \
+    --output results/step_times_cpu.json ;;
 report)  # The grid's trade-off at the top of results/; the two recipes against each other in results/recipes/.
   python -m ablations.report --storage "$DB" --study-name grid --output-dir results
   python -c "import sys; from ablations.storage import load_runs; from ablations.tradeoff import run_table
