@@ -166,6 +166,8 @@ def main() -> int:
     from ablations.storage import load_runs
     records = [r["record"] for r in load_runs(args.storage, [args.study_name])
                if r["state"] == "COMPLETE" and r.get("record")]
+    if not records:
+        raise UsageError(f"study {args.study_name!r} has no completed runs to read timings from")
     if args.interleave:
         from core.session import Session
         text = interleaved_markdown(interleaved(records, Session(), args.device, args.rounds, args.baseline_depth),
