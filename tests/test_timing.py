@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from scipy import stats
@@ -389,3 +390,15 @@ def test_an_interleaved_check_times_each_shape_of_a_study_again(tiny_bert, toy_d
     for row in rows:
         assert row["train_seconds"] == pytest.approx(row["steps"] * row["per_step"] + row["prefix_seconds"])
     assert "| 1 |" in interleaved_markdown(rows)
+
+
+def test_timing_passes_of_a_study_without_runs_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from ablations import timing_passes
+    from core import UsageError
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/x.db")
+    monkeypatch.setattr(sys, "argv", ["timing_passes", "--storage", f"sqlite:///{tmp_path}/x.db",
+                                      "--study-name", "empty", "--interleave"])
+    with pytest.raises(UsageError, match="study 'empty' has no completed runs"):
+        timing_passes.main()
