@@ -75,11 +75,10 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
 
     import numpy as np
 
-    from core.batches import length_grouped_batches
     from core.config import RunConfig
     from core.device import make_optimizer, make_schedule
     from core.timing import per_step_interval, sample_batches
-    from core.train import _train_mode, prepare, train_step
+    from core.train import _train_mode, prepare, timing_batches, train_step
 
     configs: dict[tuple, RunConfig] = {}
     for record in records:
@@ -93,8 +92,7 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
         steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
         optimizer = make_optimizer(p.model, config, p.device)
         scheduler = make_schedule(optimizer, config, steps_per_epoch * config.epochs)
-        epoch = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + 1)
-        cost = [len(b) * int(p.train.lengths[b].max()) for b in epoch]
+        epoch, cost = timing_batches(p)
         _train_mode(p)
 
         def step(indices, p=p, optimizer=optimizer, scheduler=scheduler):

@@ -113,6 +113,22 @@ def per_step_interval(repeat_seconds: Sequence[float], confidence: float = CONFI
     return mean, max(0.0, float(low)), float(high)
 
 
+def _timed_pass(step_fn: Callable[[Any], None], batches: Sequence, device: torch.device) -> float:
+    """`step_fn` over every batch once; seconds per step (CUDA events on a GPU, perf_counter on a CPU)."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for batch in batches:
+            step_fn(batch)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000 / len(batches)
+    begin = time.perf_counter()
+    for batch in batches:
+        step_fn(batch)
+    return (time.perf_counter() - begin) / len(batches)
+
+
 def measure_steps(step_fn: Callable[[Any], None], batches: Sequence, device: torch.device | str = "cpu",
                   warmup: int = WARMUP, repeats: int = REPEATS, probe: LoadProbe | None = None,
                   shape: str = "", device_label: str = "") -> StepTiming:
@@ -135,21 +151,8 @@ def measure_steps(step_fn: Callable[[Any], None], batches: Sequence, device: tor
     per_repeat, cpu = [], 0.0
     for _ in range(max(1, repeats)):
         cpu_start = time.process_time()
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for batch in batches:
-                step_fn(batch)
-            end.record()
-            end.synchronize()
-            seconds = begin.elapsed_time(end) / 1000
-        else:
-            begin = time.perf_counter()
-            for batch in batches:
-                step_fn(batch)
-            seconds = time.perf_counter() - begin
+        per_repeat.append(_timed_pass(step_fn, batches, device))
         cpu += time.process_time() - cpu_start
-        per_repeat.append(seconds / len(batches))
     contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
     mean, low, high = per_step_interval(per_repeat)
     return StepTiming(shape, mean, low, high, per_repeat, len(batches), warmup, round(warmup_seconds, 4),
@@ -232,14 +235,7 @@ def interleaved_steps(step_fns: dict[str, Callable[[Any], None]], batches: dict[
     per_round: dict[str, list[float]] = {name: [] for name in step_fns}
     for _ in range(max(1, rounds)):
         for name, step_fn in step_fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            begin = time.perf_counter()
-            for batch in batches[name]:
-                step_fn(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            per_round[name].append((time.perf_counter() - begin) / len(batches[name]))
+            per_round[name].append(_timed_pass(step_fn, batches[name], device))
     contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
     return per_round, contention
 

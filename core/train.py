@@ -280,11 +280,17 @@ def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, com
                               compile=compile, rows=len(p.train), data=p.data.fingerprint)
     if (known := session.timer.known(shape)) is not None:
         return known  # timed before: no batches to build, no model and optimizer state to copy and put back
-    batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + 1)
-    cost = [len(b) * int(p.train.lengths[b].max()) for b in batches]
+    batches, cost = timing_batches(p)
     with timing.preserved(p.params, optimizer, scheduler, p.device):
         return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
                                          batches, p.device, device_name(p.device), cost)
+
+
+def timing_batches(p: Prepared) -> tuple[list[np.ndarray], list[int]]:
+    """The batches a timing pass samples from — the run's own first-epoch batches — and each one's cost (rows x
+    padded length), by which `core.timing.sample_batches` picks a sample whose mean step is the epoch's."""
+    batches = length_grouped_batches(p.train.lengths, p.config.batch_size, seed=p.config.seed * 1000 + 1)
+    return batches, [len(b) * int(p.train.lengths[b].max()) for b in batches]
 
 
 def train_step(p: Prepared, forward, indices: np.ndarray, optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
