@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from core import shared_steps
-from core.captured import CapturedStep, probe_capture, resolve_engine
+from core.captured import CapturedStep, capture_autocast, probe_capture, resolve_engine
 from core.config import RunConfig
 from core.device import default_device, make_optimizer, make_schedule, sync_time
 from core.model import model_config
@@ -135,7 +135,8 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         for training in done:
             training.timing = timing
     runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
-    autocast = (lambda: first.autocast(cache=False)) if capture is not None else first.autocast
+    autocast = capture_autocast(first.device.type) if capture is not None and first.precision == "bf16" \
+        else first.autocast  # a captured step's bf16 autocast keeps no weight-cast cache
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,
                          capture=capture)
     outcome: list[Training | Exception] = list(done)

@@ -95,10 +95,9 @@ class Prepared:
     def train(self) -> Split:
         return self.splits["train"]
 
-    def autocast(self, cache: bool = True):
-        """bf16 autocast where the run uses it; `cache=False` for a captured step (`core.captured`)."""
+    def autocast(self):
         if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def inputs(self, name: str, indices) -> dict[str, torch.Tensor]:
