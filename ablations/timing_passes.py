@@ -21,8 +21,21 @@ from pathlib import Path
 from core.cli import ArgumentParser, check_output_file, main_guard
 from core.errors import UsageError
 
-# What makes two runs the same physical work shape in a report (with the device and the training-set size).
-SHAPE_FIELDS = ("model", "dataset", "freeze_depth", "batch_size", "max_length", "max_train_samples", "precision")
+
+
+def shape_of(record: dict) -> tuple:
+    """Equal for runs whose training costs the same: the fields a work shape is made of (every config field but
+    `core.config.COST_FREE`, as `core.timing.work_shape`), the epochs (they multiply the steps of the compared
+    totals), the device and the training-set size. Sorted by freeze depth first."""
+    from core.config import COST_FREE
+    config = record["config"]
+    fields = tuple(sorted((k, str(v)) for k, v in config.items() if k not in COST_FREE and k != "freeze_depth"))
+    return config["freeze_depth"], fields, config.get("epochs"), record.get("device"), record.get("train_samples")
+
+
+def baseline_of(key: tuple, depth: int) -> tuple:
+    """The same shape at the baseline freeze depth."""
+    return (depth, *key[1:])
 
 
 def passes(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -45,15 +58,12 @@ def rows(records: list[dict], baseline_depth: int = 0) -> list[dict]:
     """One row per (shape, pass): the pass's mean train_seconds and its speed-up against the baseline depth's
     pass taken nearest in time, of otherwise the same shape (None where the baseline has no pass)."""
     found = passes(records)
-    depth = SHAPE_FIELDS.index("freeze_depth")
     out = []
-    for key in sorted(found, key=lambda k: tuple(str(v) for v in k[0]) + (str(k[1]), str(k[2]))):
-        fields = list(key[0])
-        fields[depth] = baseline_depth
-        baseline = found.get((tuple(fields), key[1], key[2]), [])
+    for key in sorted(found, key=lambda k: (k[0], str(k[1:]))):
+        baseline = found.get(baseline_of(key, baseline_depth), [])
         for index, timing in enumerate(found[key]):
             base = min(baseline, key=lambda b: abs(_when(b) - _when(timing)), default=None)
-            out.append({"freeze_depth": key[0][depth], "pass": index + 1, **timing,
+            out.append({"freeze_depth": key[0], "pass": index + 1, **timing,
                         "baseline_at": base["measured_at"] if base else None,
                         "speedup": base["train_seconds"] / timing["train_seconds"] if base else None})
     return out
@@ -63,14 +73,11 @@ def _when(timing: dict) -> float:
     return datetime.fromisoformat(timing["measured_at"].replace("Z", "+00:00")).timestamp()
 
 
-def shape_of(record: dict) -> tuple:
-    return tuple(record["config"].get(f) for f in SHAPE_FIELDS), record.get("device"), record.get("train_samples")
-
-
 def interleaved(records: list[dict], session, device=None, rounds: int = 5, baseline_depth: int = 0) -> list[dict]:
     """Every shape of `records` timed again in one sitting, round-robin; per shape its per-step seconds and
     its training seconds (steps x per step + the prefix build, built now) per round, and the speed-up against
     the baseline depth with a Student-t interval over the paired rounds."""
+    import contextlib
     import math
 
     import numpy as np
@@ -83,36 +90,33 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
     configs: dict[tuple, RunConfig] = {}
     for record in records:
         configs.setdefault(shape_of(record), RunConfig.from_dict(record["config"]))
-    depth = SHAPE_FIELDS.index("freeze_depth")
-    order = sorted(configs, key=lambda k: (k[0][depth], str(k)))
     steps_fns, batches, totals = {}, {}, {}
-    for key in order:
-        config = configs[key]
-        p = prepare(config, session, device, False, True)  # the prefix build is timed alone here, as in a run
-        steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
-        optimizer = make_optimizer(p.model, config, p.device)
-        scheduler = make_schedule(optimizer, config, steps_per_epoch * config.epochs)
-        epoch, cost = timing_batches(p)
-        _train_mode(p)
-
-        def step(indices, p=p, optimizer=optimizer, scheduler=scheduler):
-            with p.frozen_view():
-                train_step(p, p.model, indices, optimizer, scheduler)
-        name = str(key)
-        steps_fns[name], batches[name] = step, sample_batches(epoch, session.timer.steps, cost)
-        prefix = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
-        totals[name] = (key[0][depth], steps_per_epoch * config.epochs, prefix, p.device)
-    per_round, contention = session.timer.interleaved(steps_fns, batches, next(iter(totals.values()))[3], rounds)
-    train = {name: np.array(per_round[name]) * totals[name][1] + totals[name][2] for name in per_round}
-    baseline = next((name for name in per_round if totals[name][0] == baseline_depth), None)
+    with contextlib.ExitStack() as views:
+        for key in sorted(configs, key=lambda k: (k[0], str(k[1:]))):
+            config = configs[key]
+            p = prepare(config, session, device, False, True)  # the prefix build is timed alone here, as in a run
+            views.enter_context(p.frozen_view())  # entered once, as a run's steps see it (each shape its own model)
+            steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
+            optimizer = make_optimizer(p.model, config, p.device)
+            scheduler = make_schedule(optimizer, config, steps_per_epoch * config.epochs)
+            epoch, cost = timing_batches(p)
+            _train_mode(p)
+            steps_fns[key] = lambda indices, p=p, o=optimizer, s=scheduler: train_step(p, p.model, indices, o, s)
+            batches[key] = sample_batches(epoch, session.timer.steps, cost)
+            prefix = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
+            totals[key] = (steps_per_epoch * config.epochs, prefix, p.device)
+        per_round, contention = session.timer.interleaved(steps_fns, batches, next(iter(totals.values()))[2],
+                                                          rounds)
+    train = {key: np.array(per_round[key]) * totals[key][0] + totals[key][1] for key in per_round}
     rows = []
-    for name in per_round:
-        mean, low, high = per_step_interval(per_round[name])
-        ratio = per_step_interval(list(train[baseline] / train[name])) if baseline else (None, None, None)
-        rows.append({"freeze_depth": totals[name][0], "per_step": mean, "per_step_low": low, "per_step_high": high,
-                     "steps": totals[name][1], "prefix_seconds": totals[name][2],
-                     "train_seconds": float(train[name].mean()), "speedup": ratio[0], "speedup_low": ratio[1],
-                     "speedup_high": ratio[2], "rounds": len(per_round[name]), "contended": contention.contended,
+    for key in per_round:
+        mean, low, high = per_step_interval(per_round[key])
+        baseline = baseline_of(key, baseline_depth)
+        ratio = per_step_interval(list(train[baseline] / train[key])) if baseline in train else (None, None, None)
+        rows.append({"freeze_depth": key[0], "per_step": mean, "per_step_low": low, "per_step_high": high,
+                     "steps": totals[key][0], "prefix_seconds": totals[key][1],
+                     "train_seconds": float(train[key].mean()), "speedup": ratio[0], "speedup_low": ratio[1],
+                     "speedup_high": ratio[2], "rounds": len(per_round[key]), "contended": contention.contended,
                      "evidence": contention.evidence})
     return rows
 
@@ -162,8 +166,8 @@ def main() -> int:
     if args.output:
         check_output_file(args.output)
     from ablations.storage import load_runs
-    records = [r["record"] for r in load_runs(args.storage, [args.study_name])
-               if r["state"] == "COMPLETE" and r.get("record")]
+    from ablations.tradeoff import completed_runs
+    records = [r["record"] for r in completed_runs(load_runs(args.storage, [args.study_name]))]
     if not records:
         raise UsageError(f"study {args.study_name!r} has no completed runs to read timings from")
     if args.interleave:

@@ -402,3 +402,19 @@ def test_timing_passes_of_a_study_without_runs_is_one_line(tmp_path, monkeypatch
                                       "--study-name", "empty", "--interleave"])
     with pytest.raises(UsageError, match="study 'empty' has no completed runs"):
         timing_passes.main()
+
+
+def test_timing_passes_keep_shapes_that_cost_differently_apart_and_sort_depths_as_numbers():
+    """Epochs, frozen dropout (no prefix cache) or another batch size make another shape with its own baseline;
+    depth 10 comes after depth 2."""
+    from ablations.timing_passes import rows
+
+    def record(depth, seconds, **config):
+        return {"config": {"model": "m", "freeze_depth": depth, "epochs": 1, "batch_size": 16, "seed": 1,
+                           "frozen_dropout": False, **config}, "device": "cpu", "train_samples": 100,
+                "train_seconds": seconds, "timing": {"measured_at": "2026-01-01T10:00:00Z", "shape": str(config)}}
+    table = rows([record(0, 30.0), record(0, 90.0, epochs=3), record(2, 10.0), record(2, 45.0, epochs=3),
+                  record(10, 3.0), record(2, 20.0, frozen_dropout=True), record(0, 60.0, frozen_dropout=True)])
+    assert [(r["freeze_depth"], r["train_seconds"], r["speedup"]) for r in table] == [
+        (0, 30.0, 1.0), (0, 90.0, 1.0), (0, 60.0, 1.0), (2, 10.0, 3.0), (2, 45.0, 2.0), (2, 20.0, 3.0),
+        (10, 3.0, 10.0)]
