@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ablations.runner import add_study_arguments, choose_engine, locations, write_report
+from ablations.runner import add_study_arguments, choose_engine, locations, make_trainer, write_report
 from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
 from core.config import RunConfig
 from core.errors import UsageError
@@ -73,26 +73,17 @@ def _duration(seconds: float) -> str:
 
 
 def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> tuple[TrainFn, GroupTrainFn]:
-    """The grid's trainers of one run and of a group of runs, over the command's one session."""
-    from core import run
+    """The grid's trainers of one run (`ablations.runner.make_trainer`, given the cell's schedule siblings) and of
+    a group of runs, over the command's one session."""
+    from core.captured import CapturedStep
     from core.group import run_group
 
-    from core.captured import CapturedStep
     capture = CapturedStep if engine == "captured" else None
 
     def group(configs: list[RunConfig]) -> list:
         return [r if isinstance(r, Exception) else r.to_dict()
                 for r in run_group(configs, session, args.device, capture=capture)]
-
-    def one(config: RunConfig, siblings: list[RunConfig]) -> dict:
-        if engine in ("stacked", "captured"):
-            result = group([config])[0]
-            if isinstance(result, Exception):
-                raise result
-            return result
-        return run(config, device=args.device, progress=not args.no_progress, compile=args.compile,
-                   siblings=siblings, session=session).to_dict()
-    return one, group
+    return make_trainer(args, "siblings", session, engine), group
 
 
 def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:

@@ -103,7 +103,7 @@ def make_trainer(args: argparse.Namespace, pass_as: str, session=None, engine: s
     from core.captured import CapturedStep
     from core.group import run_group
 
-    def one_group(config: RunConfig, extra: Any) -> dict:
+    def one_group(config: RunConfig, extra: Any) -> dict:  # a group of one: siblings do not apply in a group
         result = run_group([config], session, args.device, on_epoch=[extra] if pass_as == "on_epoch" else None,
                            capture=CapturedStep if engine == "captured" else None)[0]
         if isinstance(result, Exception):
@@ -116,6 +116,8 @@ def choose_engine(args: argparse.Namespace, config: RunConfig, group_size: int) 
     """--engine resolved for this machine and model (`core.group.choose_engine`); --compile needs eager."""
     from core.device import default_device
     from core.group import choose_engine as choose
+    if args.compile and args.engine == "auto":
+        return "eager"  # --compile is the eager step's option: asking for it picks that engine
     engine = choose(args.engine, args.device or default_device(), group_size, config.model, config.max_length)
     if engine != "eager" and args.compile:
         raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")

@@ -143,6 +143,22 @@ def test_engine_choice_on_cuda_follows_the_capture_probe(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == ["training step runs eagerly: the capture probe crashed"]
 
 
+def test_compile_on_cuda_picks_the_eager_engine_and_refuses_an_explicit_other(model, monkeypatch):
+    """--compile is the eager step's option: with the default engine it trains eagerly (no probe started);
+    with --engine captured it is a one-line error."""
+    from argparse import Namespace
+
+    from ablations.runner import choose_engine
+    from core.errors import UsageError
+    probes = []
+    monkeypatch.setattr(run_group_module, "probe_capture", lambda *args: probes.append(args) or (True, ""))
+    config = quick_config(model, "unused")
+    assert choose_engine(Namespace(engine="auto", device="cuda", compile=True), config, 4) == "eager"
+    assert probes == []
+    with pytest.raises(UsageError, match="--compile applies to the eager engine"):
+        choose_engine(Namespace(engine="captured", device="cuda", compile=True), config, 4)
+
+
 def test_engine_choice_on_the_cpu(model):
     config = quick_config(model, "unused")
     assert group_size(config, "cpu") == 1  # stacking did not pay on the CPU: one run at a time by default
