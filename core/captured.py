@@ -99,6 +99,8 @@ class CapturedStep:
         self.static: dict[object, dict[str, torch.Tensor]] = {}
         self.calls: dict[object, int] = {}
         self.replays: dict[object, Callable[[], torch.Tensor]] = {}
+        self.replayed = 0  # steps that ran as a replayed graph (the record says "captured" only if any did)
+        self.stream = None
         if not self.enabled:
             why = reason or ("capture needs CUDA" if self.device.type != "cuda" else "capture switched off")
             log.warning("training step runs eagerly: %s", why)
@@ -111,6 +113,7 @@ class CapturedStep:
         static = self.static[bucket]
         fill_static(static, values)
         if bucket in self.replays:
+            self.replayed += 1
             return self.replays[bucket]()
         self.calls[bucket] = self.calls.get(bucket, 0) + 1
         if self.calls[bucket] <= self.warmup:
@@ -123,11 +126,14 @@ class CapturedStep:
             if self.reset is not None:
                 self.reset()
             return self.body(static)
+        self.replayed += 1
         return self.replays[bucket]()
 
     def _warm(self, static: dict) -> torch.Tensor:
         """A real step, on a side stream as capture requires (the allocator sees the shapes first)."""
-        stream = torch.cuda.Stream(self.device)
+        if self.stream is None:  # one side stream for every warm-up: the allocator caches memory per stream
+            self.stream = torch.cuda.Stream(self.device)
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             loss = self.body(static)

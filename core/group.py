@@ -157,8 +157,7 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                               on_epoch[i])
             except FloatingPointError as error:
                 outcome[i] = error
-    captured = engine.captured is not None and engine.captured.enabled and engine.captured.replays
-    name = "captured" if captured else "stacked"
+    name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
     for training in done:
         training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''})"
     return outcome

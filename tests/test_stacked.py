@@ -139,6 +139,8 @@ def test_a_captured_group_computes_what_the_eager_group_does(model_dir, data, de
     eager_losses, graphed_losses = eager.train_epoch(1), graphed.train_epoch(1)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
     assert len(graphed.captured.replays) >= 2 and graphed.captured.captures == len(graphed.captured.replays)
+    step = graphed.captured  # every step ran once: eagerly (warm-up), or replayed (the capture step included)
+    assert sum(step.calls.values()) - len(step.replays) + step.replayed == 30
     assert graphed.device_rates.index.item() == 29  # one advance per step, on the device (clamped at the end)
     for i in range(len(group)):
         whole, worst = stacked_error(graphed.run_weights(i), eager.run_weights(i))
