@@ -42,7 +42,11 @@ def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.opti
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, total_steps: int):
     """The run's schedule: `transformers.get_scheduler` with ceil(warmup_ratio x total_steps) warm-up steps."""
-    return get_scheduler(config.scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+    return _schedule(optimizer, config.scheduler, config.warmup_ratio, total_steps)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, scheduler: str, warmup_ratio: float, total_steps: int):
+    return get_scheduler(scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
                          num_training_steps=total_steps)
 
 
@@ -53,8 +57,7 @@ def rate_multipliers(scheduler: str, warmup_ratio: float, total_steps: int, lear
     (what LambdaLR multiplies the base rate by before that step); None for a schedule that is not a LambdaLR.
     The base rate matters: the polynomial schedule's lambda divides by it."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
-    schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
-                             num_training_steps=total_steps)
+    schedule = _schedule(optimizer, scheduler, warmup_ratio, total_steps)
     lambdas = getattr(schedule, "lr_lambdas", None)
     if not lambdas or len(lambdas) != 1:
         return None
