@@ -274,15 +274,19 @@ def _train_mode(p: Prepared) -> None:
 def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, compile: bool) -> timing.StepTiming:
     """What one step of this run's work shape costs alone on this machine (`core.timing`): timed once per shape
     on the run's own first-epoch batches before it trains, the run's state put back afterwards."""
-    config = p.config
-    shape = timing.work_shape(config, device=device_name(p.device), precision=p.precision, cached=p.cached,
-                              compile=compile, rows=len(p.train), data=p.data.fingerprint)
+    shape = timing_shape(p, compile)
     if (known := session.timer.known(shape)) is not None:
         return known  # timed before: no batches to build, no model and optimizer state to copy and put back
     batches, cost = timing_batches(p)
     with timing.preserved(p.params, optimizer, scheduler, p.device):
         return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
                                          batches, p.device, device_name(p.device), cost)
+
+
+def timing_shape(p: Prepared, compile: bool) -> str:
+    """The key of this run's work shape in the timing file (`core.timing.work_shape` with the runtime settings)."""
+    return timing.work_shape(p.config, device=device_name(p.device), precision=p.precision, cached=p.cached,
+                             compile=compile, rows=len(p.train), data=p.data.fingerprint)
 
 
 def timing_batches(p: Prepared) -> tuple[list[np.ndarray], list[int]]:
