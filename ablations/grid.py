@@ -158,6 +158,10 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     status = ledger.lookup(planned)
     print(duration_estimate([c for c in planned if not status[c.run_id].complete], len(planned), base, args.device,
                             session))
+    if session.timing_repeats:  # every shape about to train timed in one sitting (core.sitting), then trained
+        from core.sitting import time_shapes
+        time_shapes([c for c in planned if not status[c.run_id].complete], session, args.device,
+                    compile=args.compile)
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,
                train_group=train_group, max_parallel=size)

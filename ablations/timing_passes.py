@@ -14,6 +14,7 @@ with an interval over the paired per-round ratios. It trains nothing that is sto
 """
 from __future__ import annotations
 
+import json
 import statistics
 from datetime import datetime
 from pathlib import Path
@@ -78,47 +79,89 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
     its training seconds (steps x per step + the prefix build, built now) per round, and the speed-up against
     the baseline depth with a Student-t interval over the paired rounds."""
     import contextlib
-    import math
 
     import numpy as np
 
     from core.config import RunConfig
-    from core.device import make_optimizer, make_schedule
-    from core.timing import per_step_interval, sample_batches
-    from core.train import _train_mode, prepare, timing_batches, train_step
+    from core.sitting import prepared_shapes
+    from core.timing import per_step_interval
 
     configs: dict[tuple, RunConfig] = {}
     for record in records:
         configs.setdefault(shape_of(record), RunConfig.from_dict(record["config"]))
-    steps_fns, batches, totals = {}, {}, {}
+    configs = {key: configs[key] for key in sorted(configs, key=lambda k: (k[0], str(k[1:])))}
     with contextlib.ExitStack() as views:
-        for key in sorted(configs, key=lambda k: (k[0], str(k[1:]))):
-            config = configs[key]
-            p = prepare(config, session, device, False, True)  # the prefix build is timed alone here, as in a run
-            views.enter_context(p.frozen_view())  # entered once, as a run's steps see it (each shape its own model)
-            steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
-            optimizer = make_optimizer(p.model, config, p.device)
-            scheduler = make_schedule(optimizer, config, steps_per_epoch * config.epochs)
-            epoch, cost = timing_batches(p)
-            _train_mode(p)
-            steps_fns[key] = lambda indices, p=p, o=optimizer, s=scheduler: train_step(p, p.model, indices, o, s)
-            batches[key] = sample_batches(epoch, session.timer.steps, cost)
-            prefix = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
-            totals[key] = (steps_per_epoch * config.epochs, prefix, p.device)
-        per_round, contention = session.timer.interleaved(steps_fns, batches, next(iter(totals.values()))[2],
-                                                          rounds)
+        shapes = prepared_shapes(configs, session, device, views)
+        first = next(iter(shapes.values()))
+        timings = session.timer.interleaved({k: s.step for k, s in shapes.items()},
+                                            {k: s.batches for k, s in shapes.items()}, first.device, rounds,
+                                            first.device_label)
+    per_round = {key: t.repeat_seconds for key, t in timings.items()}
+    contention = next(iter(timings.values()))
+    totals = {key: (s.steps, s.prefix_seconds) for key, s in shapes.items()}
     train = {key: np.array(per_round[key]) * totals[key][0] + totals[key][1] for key in per_round}
     rows = []
     for key in per_round:
         mean, low, high = per_step_interval(per_round[key])
         baseline = baseline_of(key, baseline_depth)
         ratio = per_step_interval(list(train[baseline] / train[key])) if baseline in train else (None, None, None)
-        rows.append({"freeze_depth": key[0], "per_step": mean, "per_step_low": low, "per_step_high": high,
+        rows.append({"shape": json.dumps(key), "measured_at": timings[key].measured_at,
+                     "device": timings[key].device, "repeat_seconds": list(per_round[key]),
+                     "freeze_depth": key[0], "per_step": mean, "per_step_low": low, "per_step_high": high,
                      "steps": totals[key][0], "prefix_seconds": totals[key][1],
                      "train_seconds": float(train[key].mean()), "speedup": ratio[0], "speedup_low": ratio[1],
                      "speedup_high": ratio[2], "rounds": len(per_round[key]), "contended": contention.contended,
                      "evidence": contention.evidence})
     return rows
+
+
+SITTING = "timing_sitting"  # the study's user attribute that holds a stored sitting
+
+
+def store_sitting(url: str, study_name: str, rows: list[dict]) -> dict:
+    """Keep an `interleaved` sitting with the study: from then on its runs are reported with the times of that
+    sitting (`retimed`, applied by `ablations.storage.load_runs`), every shape's from the same minutes. Only a
+    sitting on the study's own hardware stands in for its timings."""
+    import optuna
+
+    from ablations.storage import open_storage
+    if rows and rows[0]["contended"]:
+        raise UsageError(f"the sitting was contended ({rows[0]['evidence']}): not stored; run it again on a quiet "
+                         "machine")
+    sitting = {"measured_at": min(r["measured_at"] for r in rows), "rounds": rows[0]["rounds"],
+               "evidence": rows[0]["evidence"],
+               "shapes": {r["shape"]: {k: r[k] for k in ("per_step", "per_step_low", "per_step_high",
+                                                         "prefix_seconds", "repeat_seconds")} for r in rows}}
+    optuna.load_study(study_name=study_name, storage=open_storage(url)).set_user_attr(SITTING, sitting)
+    return sitting
+
+
+def retimed(record: dict, sitting: dict) -> dict | None:
+    """The record with its time from the study's stored sitting (None where the sitting has no timing of its work
+    shape, or the record has no timing pass to replace): train s = its steps x the sitting's per-step time (with
+    the sitting's interval) + the sitting's frozen-prefix build; each epoch's alike. The pass it replaces is kept
+    under `timing.pass`."""
+    timing = record.get("timing") or {}
+    shape = sitting["shapes"].get(json.dumps(shape_of(record)))
+    if shape is None or timing.get("steps") is None:
+        return None
+    steps, prefix = timing["steps"], shape["prefix_seconds"]
+
+    def seconds(per_step: float | None, n: int = steps, extra: float = prefix) -> float | None:
+        return None if per_step is None or per_step != per_step else round(n * per_step + extra, 3)
+    history = [dict(entry) for entry in record.get("history") or []]
+    for entry in history:  # epochs of one run take equal steps; the prefix build counts in the first
+        entry["train_seconds"] = seconds(shape["per_step"], steps // max(1, len(history)),
+                                         prefix if entry.get("epoch") == 1 else 0.0)
+    return {**record, "history": history, "train_seconds": seconds(shape["per_step"]),
+            "train_seconds_lo": seconds(shape["per_step_low"]), "train_seconds_hi": seconds(shape["per_step_high"]),
+            "contended": False,
+            "timing": {**timing, "per_step": shape["per_step"], "per_step_low": shape["per_step_low"],
+                       "per_step_high": shape["per_step_high"], "repeat_seconds": shape["repeat_seconds"],
+                       "extra_seconds": prefix, "measured_at": sitting["measured_at"],
+                       "sitting": len(sitting["shapes"]), "contended": False, "evidence": sitting["evidence"],
+                       "pass": {"measured_at": timing.get("measured_at"), "train_seconds": record["train_seconds"],
+                                "sitting": timing.get("sitting", 1)}}}
 
 
 def interleaved_markdown(rows: list[dict], baseline_depth: int = 0) -> str:
@@ -159,21 +202,33 @@ def main() -> int:
                         "round-robin, instead of listing the stored passes (default: list)")
     parser.add_argument("--rounds", type=int, default=5, metavar="N", help="rounds of --interleave (default: 5)")
     parser.add_argument("--device", default=None, help="device of --interleave (default: cuda when available)")
+    parser.add_argument("--store", action="store_true", help="with --interleave: keep the sitting with the study; "
+                        "its reports then take every run's time from it (default: print only)")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (default: print only)")
     args = parser.parse_args()
     if args.rounds < 2:
         raise UsageError(f"--rounds {args.rounds} is invalid: an interval needs at least 2")
+    if args.store and not args.interleave:
+        raise UsageError("--store keeps a sitting: add --interleave")
     if args.output:
         check_output_file(args.output)
     from ablations.storage import load_runs
     from ablations.tradeoff import completed_runs
-    records = [r["record"] for r in completed_runs(load_runs(args.storage, [args.study_name]))]
+    records = [r["record"] for r in completed_runs(load_runs(args.storage, [args.study_name], retime=False))]
     if not records:
         raise UsageError(f"study {args.study_name!r} has no completed runs to read timings from")
     if args.interleave:
         from core.session import Session
-        text = interleaved_markdown(interleaved(records, Session(), args.device, args.rounds, args.baseline_depth),
-                                    args.baseline_depth)
+        found = interleaved(records, Session(), args.device, args.rounds, args.baseline_depth)
+        elsewhere = sorted({r.get("device") for r in records} - {row["device"] for row in found})
+        if args.store and elsewhere:
+            raise UsageError(f"the study ran on {', '.join(map(str, elsewhere))}, this sitting on "
+                             f"{found[0]['device']}: a sitting stands in only for times taken on its own hardware")
+        text = interleaved_markdown(found, args.baseline_depth)
+        if args.store:
+            store_sitting(args.storage, args.study_name, found)
+            text += (f"\nStored with study {args.study_name!r}: its reports now take every run's time from this "
+                     "sitting.\n")
     else:
         text = markdown(rows(records, args.baseline_depth), args.baseline_depth)
     print(text, end="")

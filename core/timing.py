@@ -74,6 +74,7 @@ class StepTiming:
     evidence: str
     foreign_cores: float
     paused_cores: float = math.nan  # the project's other workers while this ran (the lease pauses them: ≈ 0)
+    sitting: int = 1                # work shapes timed together, round-robin, in this pass (1: this one alone)
     measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def seconds(self, steps: int, extra: float = 0.0) -> tuple[float, float, float]:
@@ -220,24 +221,42 @@ def preserved(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optim
             torch.cuda.set_rng_state(cuda_rng, device)
 
 
-def interleaved_steps(step_fns: dict[str, Callable[[Any], None]], batches: dict[str, Sequence],
+def interleaved_steps(step_fns: dict[Any, Callable[[Any], None]], batches: dict[Any, Sequence],
                       device: torch.device | str = "cpu", warmup: int = WARMUP, rounds: int = REPEATS,
-                      probe: LoadProbe | None = None) -> tuple[dict[str, list[float]], Contention]:
-    """Several work shapes timed in one sitting, round-robin: each round times every shape's `batches` once
-    (one full optimizer step each), so drift of the machine over minutes reaches every shape alike and the
-    per-round ratios between shapes are paired. Returns each shape's per-step seconds per round."""
+                      probe: LoadProbe | None = None, device_label: str = "") -> dict[Any, StepTiming]:
+    """Several work shapes timed in one sitting, round-robin: each shape's `warmup` steps first, then each round
+    times every shape's `batches` once (one full optimizer step each), so drift of the machine over minutes
+    reaches every shape alike and the per-round ratios between shapes are paired. Returns each shape's timing:
+    `repeat_seconds` are its per-step seconds per round, `sitting` the number of shapes timed together."""
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    warmup_seconds = {}
     for name, step_fn in step_fns.items():
+        started = time.perf_counter()
         for i in range(warmup):
             step_fn(batches[name][i % len(batches[name])])
+        if cuda:
+            torch.cuda.synchronize(device)
+        warmup_seconds[name] = time.perf_counter() - started
     if probe is not None:
         probe.start()
-    per_round: dict[str, list[float]] = {name: [] for name in step_fns}
+    per_round: dict[Any, list[float]] = {name: [] for name in step_fns}
+    cpu = dict.fromkeys(step_fns, 0.0)
     for _ in range(max(1, rounds)):
         for name, step_fn in step_fns.items():
+            cpu_start = time.process_time()
             per_round[name].append(_timed_pass(step_fn, batches[name], device))
+            cpu[name] += time.process_time() - cpu_start
     contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
-    return per_round, contention
+    timings = {}
+    for name, seconds in per_round.items():
+        mean, low, high = per_step_interval(seconds)
+        timings[name] = StepTiming(str(name), mean, low, high, seconds, len(batches[name]), warmup,
+                                   round(warmup_seconds[name], 4), cpu[name] / (len(seconds) * len(batches[name])),
+                                   "cuda events" if cuda else "perf_counter", device_label or str(device),
+                                   contention.contended, contention.evidence, contention.foreign_cores,
+                                   contention.paused_cores, sitting=len(step_fns))
+    return timings
 
 
 class Timer:
@@ -302,15 +321,31 @@ class Timer:
             seconds = time.perf_counter() - started
             return result, seconds, probe.stop()
 
-    def interleaved(self, step_fns: dict[str, Callable[[Any], None]], batches: dict[str, Sequence],
-                    device: torch.device | str = "cpu", rounds: int | None = None
-                    ) -> tuple[dict[str, list[float]], Contention]:
+    def interleaved(self, step_fns: dict[Any, Callable[[Any], None]], batches: dict[Any, Sequence],
+                    device: torch.device | str = "cpu", rounds: int | None = None, device_label: str = "",
+                    save: bool = False) -> dict[Any, StepTiming]:
         """`interleaved_steps` alone on the machine (the lease pauses the project's other workers), with the
-        foreign-load probe; nothing is saved: a check of the saved timings, not one of them."""
+        foreign-load probe. `save`: the names are work shapes (`work_shape`) and their timings are this
+        session's and the machine's, like `step_timing`'s (shapes another worker timed meanwhile are read, not
+        timed again); else nothing is kept: a check of the saved timings, not one of them."""
         device = torch.device(device)
         with self.lease.exclusive():
-            return interleaved_steps(step_fns, batches, device, self.warmup, rounds or self.repeats,
-                                     self._probe(device))
+            found = {}
+            if save:
+                saved = self._read()
+                found = {name: StepTiming.from_dict(saved[self._key(name)]) for name in step_fns
+                         if self._key(name) in saved}
+                step_fns = {name: fn for name, fn in step_fns.items() if name not in found}
+            timings = interleaved_steps(step_fns, batches, device, self.warmup, rounds or self.repeats,
+                                        self._probe(device), device_label) if step_fns else {}
+            if save:
+                for name, timing in timings.items():
+                    self.memory[self._key(name)] = timing
+                    if not timing.contended:
+                        self._write(self._key(name), timing)
+                for name, timing in found.items():
+                    self.memory[self._key(name)] = timing
+            return timings | found
 
     def _probe(self, device: torch.device) -> LoadProbe:
         extra = {} if self.threshold is None else {"threshold": self.threshold}

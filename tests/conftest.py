@@ -91,6 +91,13 @@ def write_toy_dataset(folder: Path, train=96, validation=48, test=0, classes=2, 
 
 
 @pytest.fixture(autouse=True)
+def _own_timing_folder(tmp_path_factory, monkeypatch):
+    """Each test its own lease and timing file (core.lease.lease_dir; subprocesses inherit it): a timing saved by
+    an earlier test, or an earlier run of the suite on this machine, must not stand in for one a test takes."""
+    monkeypatch.setenv("ABLATIONS_TIMING_DIR", str(tmp_path_factory.mktemp("timing")))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_data_reads():
     """core.sources keeps the rows it read for the process (see load_raw); each test reads its files afresh."""
     yield

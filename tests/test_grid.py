@@ -60,6 +60,10 @@ def test_grid_runs_every_cell_once_and_a_rerun_trains_nothing(tiny_bert, toy_dat
     assert trial.values[0] == trial.user_attrs["record"]["dev_accuracy"]  # choices are made on dev
     assert trial.values[1] == trial.user_attrs["record"]["train_seconds"]
     assert "for the 6 of 6 runs not stored yet" in first
+    # The 3 work shapes (depths) were timed together in one sitting before the first run (core.sitting).
+    timings = [t.user_attrs["record"]["timing"] for t in study.trials]
+    assert {t["sitting"] for t in timings} == {3} and len({t["measured_at"] for t in timings}) == 1
+    assert len({t["shape"] for t in timings}) == 3 and "timing 3 work shape(s) together" in first
     second = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url)))
     assert "0 trained now" in second and "all 6 runs are stored: nothing to train" in second
     assert trained_per_run(url) == counts

@@ -1,6 +1,7 @@
 """Training time measured alone: per-step intervals, the machine lease, the foreign-load probe, the timing cache."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -368,9 +369,12 @@ def test_interleaved_steps_time_every_shape_once_per_round_in_turn():
     from core.timing import interleaved_steps
     calls = []
     fns = {name: (lambda batch, name=name: calls.append((name, batch))) for name in ("a", "b")}
-    per_round, contention = interleaved_steps(fns, {"a": [1, 2], "b": [3]}, warmup=1, rounds=3)
+    timings = interleaved_steps(fns, {"a": [1, 2], "b": [3]}, warmup=1, rounds=3)
     assert calls == [("a", 1), ("b", 3)] + [("a", 1), ("a", 2), ("b", 3)] * 3  # warm-up, then a round is a, b
-    assert {k: len(v) for k, v in per_round.items()} == {"a": 3, "b": 3} and not contention.contended
+    assert {k: len(t.repeat_seconds) for k, t in timings.items()} == {"a": 3, "b": 3}
+    assert {k: (t.steps_per_repeat, t.sitting, t.warmup_steps) for k, t in timings.items()} == {
+        "a": (2, 2, 1), "b": (1, 2, 1)}
+    assert not any(t.contended for t in timings.values())
 
 
 def test_an_interleaved_check_times_each_shape_of_a_study_again(tiny_bert, toy_data):
@@ -418,3 +422,97 @@ def test_timing_passes_keep_shapes_that_cost_differently_apart_and_sort_depths_a
     assert [(r["freeze_depth"], r["train_seconds"], r["speedup"]) for r in table] == [
         (0, 30.0, 1.0), (0, 90.0, 1.0), (0, 60.0, 1.0), (2, 10.0, 3.0), (2, 45.0, 2.0), (2, 20.0, 3.0),
         (10, 3.0, 10.0)]
+
+
+def test_a_sitting_times_every_new_shape_together_once_and_its_runs_read_that_timing(tiny_bert, toy_data,
+                                                                                        monkeypatch):
+    """core.sitting.time_shapes: one timing per work shape (seeds and schedules share theirs), all taken in one
+    round-robin sitting and saved; the runs then take no timing of their own, and a second sitting finds nothing
+    left to time."""
+    from core import run, timing
+    from core.session import Session
+    from core.sitting import time_shapes
+    from core.timing import Timer
+
+    def quiet_session():  # foreign load on a shared test machine must not keep the timings from being saved
+        session = Session(timing_repeats=2)
+        session._timer = Timer(repeats=2, steps=3, warmup=1, threshold=1e9)
+        return session
+    session = quiet_session()
+    configs = [quick_config(tiny_bert, toy_data, freeze_depth=d, seed=s, scheduler=k)
+               for d in (0, 1) for s in (0, 1) for k in ("linear", "cosine")]
+    taken = time_shapes(configs, session, "cpu", progress=None)
+    assert len(taken) == 2 and {t.sitting for t in taken.values()} == {2}
+    assert {len(t.repeat_seconds) for t in taken.values()} == {2}
+    monkeypatch.setattr(timing, "measure_steps", lambda *a, **k: pytest.fail("a run timed its shape again"))
+    records = [run(c, progress=False, session=session) for c in configs[::3]]
+    assert {r.timing["sitting"] for r in records} == {2}
+    assert {r.timing["measured_at"] for r in records} == {t.measured_at for t in taken.values()}
+    assert {r.timing["shape"] for r in records} == set(taken)
+    assert time_shapes(configs, session, "cpu", progress=None) == {}
+    assert time_shapes(configs, quiet_session(), "cpu", progress=None) == {}  # read from the machine's file
+
+
+def test_a_sitting_before_a_run_changes_nothing_the_run_computes(tiny_bert, toy_data):
+    """The sitting's steps run on models of their own and the random state is put back: the run after it equals
+    the same run without it (weights, predictions, every epoch's metrics), and its frozen prefix is reused."""
+    from core import run
+    from core.session import Session
+    from core.sitting import time_shapes
+    config = quick_config(tiny_bert, toy_data, freeze_depth=1, epochs=2)
+    plain = run(config, progress=False, session=Session(timing_repeats=1)).to_dict()
+    session = Session(timing_repeats=1)
+    torch.manual_seed(0)
+    time_shapes([config], session, "cpu", progress=None)
+    assert session.prefix_cache.entries  # built by the sitting, alone, as the run would have
+    after = run(config, progress=False, session=session).to_dict()
+    assert after["validation_predictions"] == plain["validation_predictions"]
+    strip = ("train_seconds", "loop_seconds")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in after["history"]] == \
+        [{k: v for k, v in e.items() if k not in strip} for e in plain["history"]]
+    assert after["accuracy"] == plain["accuracy"] and after["timing"]["sitting"] == 1
+
+
+def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_read_their_time_from_it(
+        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """`--interleave --store` on a study of real runs: the sitting is kept with the study and load_runs gives each
+    run steps x the sitting's per-step time (+ its prefix build); --store alone is one line."""
+    import functools
+    import sys
+
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    import core.timing
+    from ablations import timing_passes
+    from ablations.storage import load_runs
+    from core import UsageError, run
+    from core.lease import LoadProbe
+    from core.session import Session
+    session = Session(timing_repeats=1)
+    records = [run(quick_config(tiny_bert, toy_data, freeze_depth=d, epochs=1), progress=False,
+                   session=session).to_dict() for d in (0, 1)]
+    url = f"sqlite:///{tmp_path}/x.db"
+    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
+    for record in records:
+        study.add_trial(create_trial(params={"freeze_depth": record["config"]["freeze_depth"]},
+                                     distributions={"freeze_depth": IntDistribution(0, 2)},
+                                     values=[record["accuracy"], record["train_seconds"]],
+                                     user_attrs={"run_id": record["run_id"], "record": record}))
+    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
+    command = ["timing_passes", "--storage", url, "--study-name", "s", "--rounds", "2"]
+    monkeypatch.setattr(sys, "argv", command + ["--store"])
+    with pytest.raises(UsageError, match="--store keeps a sitting: add --interleave"):
+        timing_passes.main()
+    monkeypatch.setattr(sys, "argv", command + ["--interleave", "--store"])
+    assert timing_passes.main() == 0
+    assert "Stored with study 's'" in capsys.readouterr().out
+    sitting = optuna.load_study(study_name="s", storage=url).user_attrs["timing_sitting"]
+    assert len(sitting["shapes"]) == 2
+    for record in (r["record"] for r in load_runs(url)):
+        shape = sitting["shapes"][json.dumps(timing_passes.shape_of(record))]
+        assert record["timing"]["sitting"] == 2 and record["timing"]["measured_at"] == sitting["measured_at"]
+        assert record["train_seconds"] == pytest.approx(
+            record["timing"]["steps"] * shape["per_step"] + shape["prefix_seconds"], abs=1e-3)
+        assert record["timing"]["pass"]["train_seconds"] == next(
+            r["train_seconds"] for r in records if r["run_id"] == record["run_id"])

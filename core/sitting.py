@@ -1,0 +1,94 @@
+"""One timing sitting: every work shape of a study timed together, round-robin, before (or after) it trains.
+
+A timing pass per shape, taken when the shape's first run starts, spreads a study's time axis over hours; a
+shared machine's cores drift by ±15 % over such spans (results/README §9), so a speed-up could divide a time
+taken at 02:00 by one taken at 05:00. Timed in one sitting, round-robin (`core.timing.interleaved_steps`), the
+drift reaches every shape alike. `time_shapes` is what the grid calls before its first run: the shapes it is
+about to train that this machine has no timing of are prepared (data, model, frozen prefix built alone, as a
+run does), timed together and saved as their timings, so every run of the grid reads its time from one sitting.
+`prepared_shapes` is the part `python -m ablations.timing_passes --interleave` shares.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from core import timing
+from core.config import RunConfig
+from core.device import make_optimizer, make_schedule
+from core.session import Session
+
+
+@dataclass
+class Shape:
+    """One work shape made ready to time: a run of it prepared, its step, the batches its timing samples."""
+    config: RunConfig
+    key: str                       # `core.train.timing_shape`: the timing file's key
+    step: Callable[[Any], Any]
+    batches: list
+    steps: int                     # training steps of a run of this shape (all epochs)
+    prefix_seconds: float          # the train split's frozen-prefix build (0 when not cached)
+    device: torch.device
+    device_label: str
+
+
+def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, views: contextlib.ExitStack,
+                    compile: bool = False) -> dict[Any, Shape]:
+    """A prepared run of each config of `chosen` (one per work shape, under any name), its frozen view entered
+    on `views` (each shape has its own model), with its own optimizer and schedule: nothing a stored run uses."""
+    from core.model import device_name
+    from core.train import _train_mode, prepare, timing_batches, timing_shape, train_step
+
+    shapes = {}
+    for name, config in chosen.items():
+        p = prepare(config, session, device, False, True)  # a frozen prefix is built alone, as in a run
+        views.enter_context(p.frozen_view())
+        forward = torch.compile(p.model, dynamic=True) if compile else p.model
+        steps_per_epoch = math.ceil(len(p.train) / config.batch_size)
+        optimizer = make_optimizer(p.model, config, p.device)
+        scheduler = make_schedule(optimizer, config, steps_per_epoch * config.epochs)
+        epoch, cost = timing_batches(p)
+        _train_mode(p)
+        shapes[name] = Shape(config, timing_shape(p, compile),
+                             lambda indices, p=p, f=forward, o=optimizer, s=scheduler: train_step(p, f, indices, o, s),
+                             timing.sample_batches(epoch, session.timer.steps, cost), steps_per_epoch * config.epochs,
+                             p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0, p.device,
+                             device_name(p.device))
+    return shapes
+
+
+def time_shapes(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
+                progress: Callable[[str], None] | None = print) -> dict[str, timing.StepTiming]:
+    """Time every work shape of `configs` that this machine has no timing of, together in one sitting, and save
+    the timings (`core.timing.Timer.interleaved`); a run of such a shape then reads its timing instead of taking
+    one. Returns the timings taken (or read after another worker took them). Nothing a run computes changes:
+    the steps run on models of their own, and the random state is put back."""
+    configs = list(configs)
+    if not configs or not session.timing_repeats:
+        return {}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        with contextlib.ExitStack() as views:
+            chosen: dict[str, RunConfig] = {}
+            for config in configs:  # configs of equal cost-carrying fields share their work shape
+                chosen.setdefault(timing.work_shape(config), config)
+            shapes = prepared_shapes(chosen, session, device, views, compile)
+            todo = {s.key: s for s in shapes.values() if session.timer.known(s.key) is None}
+            if not todo:
+                return {}
+            first = next(iter(todo.values()))
+            if progress:
+                progress(f"timing {len(todo)} work shape(s) together, round-robin, alone on the machine "
+                         f"({session.timer.repeats} rounds of {session.timer.steps} steps each)")
+            return session.timer.interleaved({k: s.step for k, s in todo.items()},
+                                             {k: s.batches for k, s in todo.items()}, first.device,
+                                             device_label=first.device_label, save=True)
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
