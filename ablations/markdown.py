@@ -65,6 +65,27 @@ def _speedup_cell(row) -> str:
     return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
 
 
+def passes_sentence(table: pd.DataFrame) -> str:
+    """Whether the rows' times come from one sitting (every shape timed together: their ratios are fair) or from
+    timing passes taken at different times (a shared machine drifts between them): said beside the table."""
+    if "timed_at" not in table.columns:
+        return ""
+    passes = sorted({at for cell in table["timed_at"].dropna() for at in str(cell).split("; ")})
+    if not passes:
+        return ""
+    sitting = table["sitting"].dropna()
+    if len(passes) == 1 and len(sitting) and sitting.min() > 1:
+        return (f" Every timed row comes from one sitting: its {int(sitting.max())} work shapes timed together, "
+                f"round-robin, at {passes[0].replace('T', ' ').rstrip('Z')} UTC, so machine drift between "
+                "passes does not enter the speed-ups.")
+    if len(passes) == 1:
+        return ""
+    return (f" The times come from {len(passes)} timing passes taken from {passes[0].replace('T', ' ').rstrip('Z')} "
+            f"to {passes[-1].replace('T', ' ').rstrip('Z')} UTC; a shared machine drifts between passes and a "
+            "speed-up across two passes carries that drift (`python -m ablations.timing_passes` lists them; "
+            "`--interleave --store` times every shape again in one sitting and the report then uses it).")
+
+
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None) -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used."""
     shown = list(table.columns[:table.columns.get_loc("label")])
@@ -110,6 +131,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         methods += (" Rows without a time interval were not timed alone (runs recorded before timing passes, or "
                     "with --timing-repeats 0): their train s is the training loop as it ran, possibly beside other "
                     "work on the machine.")
+    methods += passes_sentence(table)
     if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
         from ablations.tuning import caption as rate_caption
         methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])))

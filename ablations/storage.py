@@ -206,12 +206,23 @@ def fail_kind(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get("fail_kind", "stale")
 
 
-def load_runs(url: str, study_names: list[str] | None = None) -> list[dict]:
-    """Every stored trial as a plain dict (the report's input), for the named studies or all of them."""
+def load_runs(url: str, study_names: list[str] | None = None, retime: bool = True) -> list[dict]:
+    """Every stored trial as a plain dict (the report's input), for the named studies or all of them. A study
+    that holds a timing sitting (`ablations.timing_passes.store_sitting`) has its runs' times taken from it
+    (`retime=False`: as stored)."""
     with storage_errors(url):
         storage = open_storage(url)
-        return [run_of(name, trial) for name in named_studies(storage, url, study_names)
-                for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)]
+        runs = []
+        for name in named_studies(storage, url, study_names):
+            study = optuna.load_study(study_name=name, storage=storage)
+            found = [run_of(name, trial) for trial in study.get_trials(deepcopy=False)]
+            if retime and (sitting := study.user_attrs.get("timing_sitting")) is not None:
+                from ablations.timing_passes import retimed  # python -m ablations.timing_passes --interleave --store
+                for run in found:
+                    if run["record"] and (record := retimed(run["record"], sitting)) is not None:
+                        run["record"] = record
+            runs += found
+        return runs
 
 
 def named_studies(storage: RDBStorage, url: str, wanted: list[str] | None) -> list[str]:

@@ -174,9 +174,13 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
 
     flags = [r["contended"] for r in records if r.get("contended") is not None]
     evidence = {(r.get("timing") or {}).get("evidence") for r in records if r.get("contended")}
+    timed = [t for r in records if (t := r.get("timing") or {}).get("measured_at")]  # each from one timing pass
+    passes = sorted({t["measured_at"] for t in timed})
+    sittings = [t.get("sitting", 1) for t in timed]
     return {"train_seconds": mean("train_seconds"), "train_seconds_lo": mean("train_seconds_lo"),
             "train_seconds_hi": mean("train_seconds_hi"), "contended": any(flags) if flags else None,
-            "contention": "; ".join(sorted(e for e in evidence if e)) or None}
+            "contention": "; ".join(sorted(e for e in evidence if e)) or None,
+            "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None}
 
 
 def speedup_interval(base, row) -> dict[str, float]:

@@ -445,3 +445,47 @@ def test_tradeoff_plot_draws_the_time_interval_as_x_error_bars(monkeypatch, tmp_
     rows = [timed(make_run(0, "linear", 2, 0, 0.9, 40.0), 37.0, 44.0), make_run(4, "linear", 2, 0, 0.85, 20.0)]
     write_report(rows, tmp_path)
     assert sorted(drawn, key=lambda d: d[0]) == [(20.0, None), (40.0, [[3.0], [4.0]])]
+
+
+def test_a_stored_sitting_times_every_run_of_its_study_and_the_caption_says_which_passes(tmp_path):
+    """Runs timed in two passes hours apart: the caption says the speed-ups carry the drift between passes. After
+    a sitting is stored with the study (timing_passes --interleave --store), every run's time comes from it (steps
+    x the sitting's per-step time + its prefix build; each epoch's alike), the pass it replaced is kept, the
+    caption says one sitting, and load_runs(retime=False) still gives the runs as stored."""
+    from ablations.storage import load_runs
+    from ablations.timing_passes import shape_of, store_sitting
+    from ablations.tradeoff import tradeoff_table, write_report
+
+    def timed(run, at):
+        run["record"]["timing"] = {"measured_at": at, "shape": str(run["params"]["freeze_depth"]), "steps": 100,
+                                   "sitting": 1}
+        return run
+    runs = [timed(make_run(d, "linear", 2, s, 0.9, t, number=i), at) for i, (d, s, t, at) in enumerate(
+        [(0, 0, 40.0, "2026-01-01T10:00:00Z"), (0, 1, 40.0, "2026-01-01T10:00:00Z"),
+         (4, 0, 15.0, "2026-01-01T13:30:00Z"), (4, 1, 15.0, "2026-01-01T13:30:00Z")])]
+    url = f"sqlite:///{tmp_path}/x.db"
+    stored(url, "grid", runs)
+    write_report(load_runs(url), tmp_path / "before")
+    assert "come from 2 timing passes taken from 2026-01-01 10:00:00 to 2026-01-01 13:30:00 UTC" in \
+        (tmp_path / "before" / "tradeoff.md").read_text()
+    row = {"contended": False, "evidence": "quiet", "rounds": 5, "repeat_seconds": [0.1] * 5}
+    store_sitting(url, "grid", [
+        {**row, "shape": json.dumps(shape_of(runs[0]["record"])), "measured_at": "2026-01-02T09:00:00Z",
+         "per_step": 0.1, "per_step_low": 0.09, "per_step_high": 0.11, "prefix_seconds": 0.0},
+        {**row, "shape": json.dumps(shape_of(runs[2]["record"])), "measured_at": "2026-01-02T09:00:01Z",
+         "per_step": 0.05, "per_step_low": 0.04, "per_step_high": 0.06, "prefix_seconds": 2.0}])
+    records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url)}
+    assert (records[0]["train_seconds"], records[0]["train_seconds_lo"], records[0]["train_seconds_hi"]) == \
+        pytest.approx((10.0, 9.0, 11.0))
+    assert records[4]["train_seconds"] == pytest.approx(100 * 0.05 + 2.0)
+    assert [e["train_seconds"] for e in records[4]["history"]] == pytest.approx([50 * 0.05 + 2.0, 50 * 0.05])
+    assert records[4]["timing"]["pass"] == {"measured_at": "2026-01-01T13:30:00Z", "train_seconds": 15.0,
+                                            "sitting": 1}
+    assert records[4]["timing"]["measured_at"] == "2026-01-02T09:00:00Z" and records[4]["timing"]["sitting"] == 2
+    assert {r["record"]["train_seconds"] for r in load_runs(url, retime=False)} == {40.0, 15.0}
+    table = tradeoff_table(load_runs(url))
+    assert table.loc[table.freeze_depth == 4, "speedup"].item() == pytest.approx(10.0 / 7.0)
+    write_report(load_runs(url), tmp_path / "after")
+    text = (tmp_path / "after" / "tradeoff.md").read_text()
+    assert "Every timed row comes from one sitting: its 2 work shapes timed together" in text
+    assert "timing passes" not in text
