@@ -217,23 +217,23 @@ def main() -> int:
     records = [r["record"] for r in completed_runs(load_runs(args.storage, [args.study_name], retime=False))]
     if not records:
         raise UsageError(f"study {args.study_name!r} has no completed runs to read timings from")
+    found = None
     if args.interleave:
         from core.session import Session
         found = interleaved(records, Session(), args.device, args.rounds, args.baseline_depth)
-        elsewhere = sorted({r.get("device") for r in records} - {row["device"] for row in found})
-        if args.store and elsewhere:
-            raise UsageError(f"the study ran on {', '.join(map(str, elsewhere))}, this sitting on "
-                             f"{found[0]['device']}: a sitting stands in only for times taken on its own hardware")
         text = interleaved_markdown(found, args.baseline_depth)
-        if args.store:
-            store_sitting(args.storage, args.study_name, found)
-            text += (f"\nStored with study {args.study_name!r}: its reports now take every run's time from this "
-                     "sitting.\n")
     else:
         text = markdown(rows(records, args.baseline_depth), args.baseline_depth)
     print(text, end="")
     if args.output:
-        args.output.write_text(text)
+        args.output.write_text(text)  # the measurement is kept even where it cannot be stored
+    if args.store:
+        elsewhere = sorted({str(r.get("device")) for r in records} - {row["device"] for row in found})
+        if elsewhere:
+            raise UsageError(f"the study ran on {', '.join(elsewhere)}, this sitting on {found[0]['device']}: a "
+                             "sitting stands in only for times taken on its own hardware; not stored")
+        store_sitting(args.storage, args.study_name, found)
+        print(f"stored with study {args.study_name!r}: its reports now take every run's time from this sitting")
     return 0
 
 

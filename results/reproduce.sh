@@ -40,8 +40,9 @@ tuned)  # Issue 13's protocol on real data: every cell (baseline included) tuned
   # dev split (1,000 training sentences held out), then 5 seeds at its rate; timed alone per work shape.
   python -m ablations.grid "${common[@]}" --study-name tuned --freeze-depths 0,2,4,6 --schedulers linear,cosine \
     --epochs 1 --seeds 5 --learning-rates 1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --max-train-samples 2000 ;;
-tuned-timing)  # The tuned study's shapes timed again in one sitting, round-robin (a measurement: ~1 min, quiet).
-  python -m ablations.timing_passes --storage "$DB" --study-name tuned --interleave \
+tuned-timing)  # The tuned study's shapes timed again in one sitting, round-robin (~2 min, needs a quiet machine),
+  # kept with the study (--store): its report then takes every run's time from this one sitting.
+  python -m ablations.timing_passes --storage "$DB" --study-name tuned --interleave --store \
     --output results/tuned/timing_interleaved.md ;;
 steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (interleaved rounds; ~6 min, quiet).
   python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 \

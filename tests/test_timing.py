@@ -504,12 +504,20 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     monkeypatch.setattr(sys, "argv", command + ["--store"])
     with pytest.raises(UsageError, match="--store keeps a sitting: add --interleave"):
         timing_passes.main()
+    gpu = optuna.create_study(study_name="gpu", storage=url, directions=["maximize", "minimize"])
+    gpu.add_trial(create_trial(params={"freeze_depth": 0}, distributions={"freeze_depth": IntDistribution(0, 2)},
+                               values=[0.5, 1.0], user_attrs={"run_id": "x", "record": {
+                                   **records[0], "device": "cuda (NVIDIA H100 80GB HBM3)"}}))
+    monkeypatch.setattr(sys, "argv", command[:3] + ["--study-name", "gpu", "--interleave", "--store", "--rounds", "2"])
+    with pytest.raises(UsageError, match="the study ran on cuda .* stands in only for times taken on its own"):
+        timing_passes.main()
+    assert "timing_sitting" not in optuna.load_study(study_name="gpu", storage=url).user_attrs
     monkeypatch.setattr(sys, "argv", command + ["--interleave", "--store"])
     assert timing_passes.main() == 0
-    assert "Stored with study 's'" in capsys.readouterr().out
+    assert "stored with study 's'" in capsys.readouterr().out
     sitting = optuna.load_study(study_name="s", storage=url).user_attrs["timing_sitting"]
     assert len(sitting["shapes"]) == 2
-    for record in (r["record"] for r in load_runs(url)):
+    for record in (r["record"] for r in load_runs(url, ["s"])):
         shape = sitting["shapes"][json.dumps(timing_passes.shape_of(record))]
         assert record["timing"]["sitting"] == 2 and record["timing"]["measured_at"] == sitting["measured_at"]
         assert record["train_seconds"] == pytest.approx(
