@@ -316,6 +316,24 @@ def test_the_run_id_and_the_training_data_read_the_rows_once_and_say_so_once(tin
     assert len(data.splits["train"]) == 67349 and len(reads) == 1
     assert capsys.readouterr().err.count("embedded copy") == 1
 
+
+def test_one_function_says_which_files_hold_a_local_datasets_rows(tmp_path, monkeypatch):
+    """`core.sources.local_files` is the only place a local dataset's files are worked out: the rows read, the key
+    they are kept under and the run id's row fingerprint all follow it, so they cannot disagree."""
+    from core import identity, sources
+    given = write_toy_dataset(tmp_path / "given", train=20, validation=10, test=6)
+    assert sources.local_files(str(given)) == {s: given / f"{s}.tsv" for s in ("train", "validation", "test")}
+    assert sources.local_files(str(given / "train.tsv")) == {"train": given / "train.tsv"}
+    assert sources.local_files("glue/sst2") is None and sources.local_files(str(tmp_path / "absent")) is None
+    other = write_toy_dataset(tmp_path / "other", train=30, validation=12, ext="csv")
+    found = sources.local_files
+    monkeypatch.setattr(sources, "local_files", lambda name: found(str(other) if name == str(given) else name))
+    identity.clear_caches()
+    assert sources.source_files(str(given)) == [(other / f"{s}.csv").resolve() for s in ("train", "validation")]
+    assert {name: len(rows) for name, rows in load_raw(str(given)).items()} == {"train": 30, "validation": 12}
+    assert identity.data_fingerprint(str(given)) == identity.data_fingerprint(str(other))
+    identity.clear_caches()
+
 # Unreadable files: one line, the parser's own reason, no log line before it
 
 @pytest.mark.parametrize("name, content, reason", [
