@@ -160,6 +160,42 @@ def test_a_single_file_is_split_into_train_and_validation(tmp_path, tokenizer):
     assert again["validation"]["sentence"] == load_raw(str(tmp_path / "all.jsonl"))["validation"]["sentence"]
 
 
+def test_the_data_fingerprint_is_the_rows_loaded_not_how_datasets_read_them(tmp_path, tokenizer, monkeypatch):
+    """TextData.fingerprint (in the timing, prefix-cache and shared-steps keys) hashes the texts and labels that
+    were loaded: the same rows written again give the same key, one changed label or sentence another, and
+    `datasets`' own fingerprint of a split (it changes with a file's mtime, and may with the library) plays no part."""
+    import os
+
+    from core import data as core_data
+    from core import sources
+    folder = write_toy_dataset(tmp_path, train=40, validation=12)
+    train = folder / "train.tsv"
+
+    def fingerprint() -> str:
+        sources.clear_raw_cache()  # read the files again, as a new process would
+        return load_text_data(str(folder), tokenizer, max_length=32).fingerprint
+
+    first = fingerprint()
+    write_toy_dataset(tmp_path, train=40, validation=12)  # the same rows, rewritten, a minute newer
+    os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 60 * 10**9))
+    assert fingerprint() == first
+    real = core_data.load_raw
+
+    def relabeled(dataset: str) -> dict:
+        raw = real(dataset)
+        for split in raw.values():
+            monkeypatch.setattr(split, "_fingerprint", "a fingerprint datasets might compute one day")
+        return raw
+
+    monkeypatch.setattr(core_data, "load_raw", relabeled)
+    assert fingerprint() == first
+    header, *rows = train.read_text().splitlines()
+    sentence, label = rows[3].split("\t")
+    for changed in (f"{sentence}\t{1 - int(label)}", f"{sentence} again\t{label}"):
+        train.write_text("\n".join([header, *rows[:3], changed, *rows[4:]]) + "\n")
+        assert fingerprint() != first, changed
+
+
 def test_subsample_is_seeded_and_matches_datasets_shuffle():
     table = datasets.Dataset.from_dict({"row": list(range(100))})
     assert subsample(100, 10, 7).tolist() == list(table.shuffle(seed=7).select(range(10))["row"])
