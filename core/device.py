@@ -10,7 +10,7 @@ import time
 import torch
 from transformers import get_scheduler
 
-from core.config import RunConfig
+from core.config import RunConfig, has_closed_form
 from core.model import decay_groups
 
 
@@ -52,16 +52,17 @@ def _schedule(optimizer: torch.optim.Optimizer, scheduler: str, warmup_ratio: fl
 
 @functools.lru_cache(maxsize=64)  # a grid's runs ask for the same few schedules again and again
 def rate_multipliers(scheduler: str, warmup_ratio: float, total_steps: int, learning_rate: float
-                     ) -> tuple[float, ...] | None:
+                     ) -> tuple[float, ...]:
     """Every step's learning rate as a multiple of the base rate, read in closed form from the schedule's lambda
-    (what LambdaLR multiplies the base rate by before that step); None for a schedule that is not a LambdaLR.
-    The base rate matters: the polynomial schedule's lambda divides by it."""
+    (what LambdaLR multiplies the base rate by before that step). The base rate matters: the polynomial
+    schedule's lambda divides by it. Every schedule a RunConfig accepts is a LambdaLR (`core.config.step_schedulers`
+    refuses others), so anything else is an error here, not a second, stepped way to the same table."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
     schedule = _schedule(optimizer, scheduler, warmup_ratio, total_steps)
-    lambdas = getattr(schedule, "lr_lambdas", None)
-    if not lambdas or len(lambdas) != 1:
-        return None
-    return tuple(float(lambdas[0](step)) for step in range(total_steps))
+    if not has_closed_form(schedule):
+        raise ValueError(f"schedule {scheduler!r} is a {type(schedule).__name__}, not a LambdaLR with one lambda: "
+                         "its learning rates have no closed form (core.config.step_schedulers refuses it)")
+    return tuple(float(schedule.lr_lambdas[0](step)) for step in range(total_steps))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, device: torch.device) -> None:

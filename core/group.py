@@ -30,7 +30,8 @@ from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
 from core.stacked import StackedRun, StackedRuns, group_key
-from core.train import EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, time_steps
+from core.train import (EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, time_steps,
+                        timing_shape)
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64          # beyond this the stacked step stopped gaining in the H100 probes (N = 56: 0.99 ms/run-step)
@@ -125,13 +126,16 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     first = prepared[0]
     steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
     done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
-    if session.timing_repeats:  # what a step of this shape costs alone: the runs share the shape, so one timing
-        optimizer = make_optimizer(first.model, first.config, first.device)  # pass, as solo, on the first model
-        total_steps = steps_per_epoch * first.config.epochs
-        scheduler = make_schedule(optimizer, first.config, total_steps)
-        with first.frozen_view():
-            _train_mode(first)
-            timing = time_steps(first, first.model, optimizer, scheduler, session, False)
+    if session.timing_repeats:
+        # What a step of this shape costs alone: the runs share the shape, so one timing pass, as solo, on the first
+        # model; none at all (no optimizer or schedule built for it) when the shape was timed before.
+        timing = session.timer.known(timing_shape(first, False))
+        if timing is None:
+            optimizer = make_optimizer(first.model, first.config, first.device)
+            scheduler = make_schedule(optimizer, first.config, steps_per_epoch * first.config.epochs)
+            with first.frozen_view():
+                _train_mode(first)
+                timing = time_steps(first, first.model, optimizer, scheduler, session, False)
         for training in done:
             training.timing = timing
     runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]

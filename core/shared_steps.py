@@ -34,17 +34,14 @@ def trajectory_key(config: RunConfig, **runtime) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def multipliers(config: RunConfig, steps_per_epoch: int) -> tuple[float, ...] | None:
+def multipliers(config: RunConfig, steps_per_epoch: int) -> tuple[float, ...]:
     """The learning-rate multiplier of each step of the first epoch, as the run's scheduler computes it."""
-    every = rate_multipliers(config.scheduler, config.warmup_ratio, steps_per_epoch * config.epochs,
-                             config.learning_rate)
-    return None if every is None else every[:steps_per_epoch]  # None: not a LambdaLR, no closed form to compare
+    return rate_multipliers(config.scheduler, config.warmup_ratio, steps_per_epoch * config.epochs,
+                            config.learning_rate)[:steps_per_epoch]
 
 
-def common_steps(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> int:
+def common_steps(a: tuple[float, ...], b: tuple[float, ...]) -> int:
     """How many leading steps two multiplier sequences agree on."""
-    if a is None or b is None:
-        return 0
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -105,10 +102,8 @@ class SharedSteps:
         self.capacity = capacity
         self.entries: OrderedDict[tuple[str, int], Snapshot] = OrderedDict()
 
-    def find(self, key: str, wanted: tuple[float, ...] | None) -> Snapshot | None:
+    def find(self, key: str, wanted: tuple[float, ...]) -> Snapshot | None:
         """The snapshot furthest along whose steps used the learning rates `wanted` begins with."""
-        if wanted is None:
-            return None
         matching = [s for s in self.entries.values()
                     if s.key == key and s.steps <= len(wanted) and wanted[:s.steps] == s.multipliers]
         best = max(matching, key=lambda s: s.steps, default=None)

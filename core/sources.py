@@ -111,13 +111,23 @@ def split_files(folder: Path) -> dict[str, Path]:
     return {split: file for split in SPLIT_NAMES if (file := _split_file(folder, split)) is not None}
 
 
-def source_files(dataset: str) -> list[Path] | None:
-    """The files `load_raw(dataset)` reads its rows from, resolved; None where they come from the Hub."""
+def local_files(dataset: str) -> dict[str, Path] | None:
+    """The file of each split of a local dataset, as `dataset` spells it: one file is the train split (10 % of
+    it is held out), a folder holds its split files; None where `dataset` is not a local path. The only place
+    that works this out: `load_raw` reads these files and keys its memo on them, and `source_files` (the run id's
+    row fingerprint, `core.identity`) names them."""
     path = Path(dataset).expanduser()
     if path.is_file():
-        return [path.resolve()]
+        return {"train": path}
     if path.is_dir():
-        return [file.resolve() for file in split_files(path).values()]
+        return split_files(path)
+    return None
+
+
+def source_files(dataset: str) -> list[Path] | None:
+    """The files `load_raw(dataset)` reads its rows from, resolved; None where they come from the Hub."""
+    if (files := local_files(dataset)) is not None:
+        return [file.resolve() for file in files.values()]
     if dataset.lower() in EMBEDDED_NAMES or (dataset in HUB_SST2 and hub_offline()):
         return sorted(EMBEDDED_SST2.glob("*.tsv.xz"))
     return None
@@ -156,8 +166,7 @@ _RAW: dict[tuple, dict[str, datasets.Dataset]] = {}
 
 
 def _raw_key(dataset: str) -> tuple:
-    path = Path(dataset).expanduser()
-    files = [path] if path.is_file() else list(split_files(path).values()) if path.is_dir() else []
+    files = (local_files(dataset) or {}).values()
     return (dataset, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
@@ -180,11 +189,8 @@ def clear_raw_cache() -> None:
 
 
 def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        splits = {"train": _load_file(path)}
-    elif path.is_dir():
-        splits = {split: _load_file(file) for split, file in split_files(path).items()}
+    if (files := local_files(dataset)) is not None:
+        splits = {split: _load_file(file) for split, file in files.items()}
     elif dataset.lower() in EMBEDDED_NAMES:
         splits = load_embedded_sst2()
     elif dataset in HUB_SST2 and hub_offline():

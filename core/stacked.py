@@ -30,7 +30,7 @@ from torch import nn
 from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
-from core.device import make_schedule, rate_multipliers
+from core.device import rate_multipliers
 from core.model import decays, find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 
@@ -132,15 +132,7 @@ def learning_rate_table(configs: list[RunConfig], total_steps: int) -> np.ndarra
     table = np.empty((total_steps, len(configs)))
     for run, config in enumerate(configs):
         multipliers = rate_multipliers(config.scheduler, config.warmup_ratio, total_steps, config.learning_rate)
-        if multipliers is not None:
-            table[:, run] = [config.learning_rate * m for m in multipliers]  # LambdaLR's own product
-            continue
-        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
-        schedule = make_schedule(optimizer, config, total_steps)
-        for step in range(total_steps):
-            table[step, run] = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            schedule.step()
+        table[:, run] = [config.learning_rate * m for m in multipliers]  # LambdaLR's own product
     return table
 
 

@@ -52,6 +52,35 @@ def test_every_accepted_scheduler_runs_on_steps_alone(scheduler):
     assert RunConfig(scheduler=scheduler).scheduler == scheduler
 
 
+def test_a_schedule_without_closed_form_rates_is_refused_up_front_not_stepped(monkeypatch):
+    """Groups and shared steps read every step's rate from the schedule's lambda (core.device.rate_multipliers):
+    a schedule that is not a LambdaLR is refused with the config, and the rate table names it, never steps it."""
+    import transformers
+
+    from core import config as config_module
+    from core import device
+    real = transformers.get_scheduler
+
+    def step_lr_for_constant(name, optimizer, **steps):
+        if name == "constant":
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        return real(name, optimizer, **steps)
+
+    monkeypatch.setattr(transformers, "get_scheduler", step_lr_for_constant)
+    monkeypatch.setattr(device, "get_scheduler", step_lr_for_constant)
+    config_module.step_schedulers.cache_clear()
+    device.rate_multipliers.cache_clear()
+    try:
+        assert "constant" not in config_module.step_schedulers() and "linear" in config_module.step_schedulers()
+        with pytest.raises(UsageError, match="'constant' is not supported"):
+            RunConfig(scheduler="constant")
+        with pytest.raises(ValueError, match="'constant' is a StepLR, not a LambdaLR"):
+            device.rate_multipliers("constant", 0.1, 10, 1e-3)
+    finally:  # the next test computes both with the real get_scheduler
+        config_module.step_schedulers.cache_clear()
+        device.rate_multipliers.cache_clear()
+
+
 def test_defaults_are_the_reference_recipe():
     config = RunConfig()
     assert (config.model, config.freeze_depth, config.scheduler, config.epochs, config.learning_rate,

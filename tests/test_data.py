@@ -160,6 +160,42 @@ def test_a_single_file_is_split_into_train_and_validation(tmp_path, tokenizer):
     assert again["validation"]["sentence"] == load_raw(str(tmp_path / "all.jsonl"))["validation"]["sentence"]
 
 
+def test_the_data_fingerprint_is_the_rows_loaded_not_how_datasets_read_them(tmp_path, tokenizer, monkeypatch):
+    """TextData.fingerprint (in the timing, prefix-cache and shared-steps keys) hashes the texts and labels that
+    were loaded: the same rows written again give the same key, one changed label or sentence another, and
+    `datasets`' own fingerprint of a split (it changes with a file's mtime, and may with the library) plays no part."""
+    import os
+
+    from core import data as core_data
+    from core import sources
+    folder = write_toy_dataset(tmp_path, train=40, validation=12)
+    train = folder / "train.tsv"
+
+    def fingerprint() -> str:
+        sources.clear_raw_cache()  # read the files again, as a new process would
+        return load_text_data(str(folder), tokenizer, max_length=32).fingerprint
+
+    first = fingerprint()
+    write_toy_dataset(tmp_path, train=40, validation=12)  # the same rows, rewritten, a minute newer
+    os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 60 * 10**9))
+    assert fingerprint() == first
+    real = core_data.load_raw
+
+    def relabeled(dataset: str) -> dict:
+        raw = real(dataset)
+        for split in raw.values():
+            monkeypatch.setattr(split, "_fingerprint", "a fingerprint datasets might compute one day")
+        return raw
+
+    monkeypatch.setattr(core_data, "load_raw", relabeled)
+    assert fingerprint() == first
+    header, *rows = train.read_text().splitlines()
+    sentence, label = rows[3].split("\t")
+    for changed in (f"{sentence}\t{1 - int(label)}", f"{sentence} again\t{label}"):
+        train.write_text("\n".join([header, *rows[:3], changed, *rows[4:]]) + "\n")
+        assert fingerprint() != first, changed
+
+
 def test_subsample_is_seeded_and_matches_datasets_shuffle():
     table = datasets.Dataset.from_dict({"row": list(range(100))})
     assert subsample(100, 10, 7).tolist() == list(table.shuffle(seed=7).select(range(10))["row"])
@@ -315,6 +351,24 @@ def test_the_run_id_and_the_training_data_read_the_rows_once_and_say_so_once(tin
     data = session.text_data("glue/sst2", session.tokenizer(tiny_bert), None, None, 32)
     assert len(data.splits["train"]) == 67349 and len(reads) == 1
     assert capsys.readouterr().err.count("embedded copy") == 1
+
+
+def test_one_function_says_which_files_hold_a_local_datasets_rows(tmp_path, monkeypatch):
+    """`core.sources.local_files` is the only place a local dataset's files are worked out: the rows read, the key
+    they are kept under and the run id's row fingerprint all follow it, so they cannot disagree."""
+    from core import identity, sources
+    given = write_toy_dataset(tmp_path / "given", train=20, validation=10, test=6)
+    assert sources.local_files(str(given)) == {s: given / f"{s}.tsv" for s in ("train", "validation", "test")}
+    assert sources.local_files(str(given / "train.tsv")) == {"train": given / "train.tsv"}
+    assert sources.local_files("glue/sst2") is None and sources.local_files(str(tmp_path / "absent")) is None
+    other = write_toy_dataset(tmp_path / "other", train=30, validation=12, ext="csv")
+    found = sources.local_files
+    monkeypatch.setattr(sources, "local_files", lambda name: found(str(other) if name == str(given) else name))
+    identity.clear_caches()
+    assert sources.source_files(str(given)) == [(other / f"{s}.csv").resolve() for s in ("train", "validation")]
+    assert {name: len(rows) for name, rows in load_raw(str(given)).items()} == {"train": 30, "validation": 12}
+    assert identity.data_fingerprint(str(given)) == identity.data_fingerprint(str(other))
+    identity.clear_caches()
 
 # Unreadable files: one line, the parser's own reason, no log line before it
 

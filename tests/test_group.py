@@ -78,6 +78,30 @@ def test_a_group_is_timed_once_for_all_its_runs(model, data, tmp_path, monkeypat
     assert group[0].timing is not None and all(t.timing is group[0].timing for t in group)
 
 
+def test_a_group_whose_shape_was_timed_before_builds_nothing_to_time_it(model, data, tmp_path, monkeypatch):
+    """The timer is asked first: a second group of the same work shape takes the stored timing, and no optimizer
+    or schedule is built for a timing pass that does not run."""
+    from core.lease import Lease
+    from core.timing import Timer
+    base = quick_config(model, data, batch_size=8, epochs=1)
+    session = Session(timing_repeats=1)
+    session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=2, warmup=1, threshold=1e9)
+    built, make_optimizer = [], run_group_module.make_optimizer
+
+    def counted(model, *rest):
+        built.append(model)
+        return make_optimizer(model, *rest)
+
+    monkeypatch.setattr(run_group_module, "make_optimizer", counted)
+    first = train_group([prepare(base.replace(seed=s), session, "cpu", False, True) for s in (0, 1)], session,
+                        [None, None])
+    assert len(built) == 1
+    again = train_group([prepare(base.replace(seed=s, learning_rate=3e-3), session, "cpu", False, True)
+                         for s in (2, 3)], session, [None, None])
+    assert len(built) == 1, "an optimizer was built to time a shape the timer already knew"
+    assert all(t.timing is first[0].timing for t in again)
+
+
 def grid_argv(model, data, out, *extra):
     return ["python -m ablations.grid", "--model", model, "--dataset", data, "--freeze-depths", "0",
             "--schedulers", "linear", "--epochs", "1", "--seeds", "3", "--seed", "0", "--learning-rate", "3e-3",
