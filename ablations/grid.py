@@ -89,8 +89,8 @@ def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> t
 def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
     """(engine, group size) from --engine and --max-parallel-runs; bad values are a UsageError."""
     from core.group import group_size
-    if args.max_parallel_runs == "auto":
-        size = group_size(base, args.device)
+    if args.max_parallel_runs == "auto":  # sized for captured graphs wherever capture may be chosen
+        size = group_size(base, args.device, captured=args.engine in ("auto", "captured"))
     elif args.max_parallel_runs.isdigit() and int(args.max_parallel_runs) >= 1:
         size = int(args.max_parallel_runs)
     else:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from core import shared_steps
-from core.captured import CapturedStep, capture_autocast, probe_capture, resolve_engine
+from core.captured import CapturedStep, buckets_for, capture_autocast, probe_capture, resolve_engine
 from core.config import RunConfig
 from core.device import default_device, make_optimizer, make_schedule, sync_time
 from core.model import model_config
@@ -63,12 +63,14 @@ def _say_once(reason: str) -> None:
         log.warning("training step runs eagerly: %s", reason)
 
 
-def bytes_per_run(config: RunConfig) -> int:
+def bytes_per_run(config: RunConfig, captured: bool = False) -> int:
     """Device memory one more run adds to a stacked group: its trainable weights, their gradients and two AdamW
     moments (4 tensors, 4 bytes each: master weights stay fp32 under autocast) plus the activations one batch
     keeps for the backward pass in each trained layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al.
     2022, "Reducing activation recomputation", eq. 1), doubled in fp32. Frozen layers and the prefix cache are
-    shared by the group and not counted."""
+    shared by the group and not counted. `captured`: the step is captured once per length bucket
+    (`core.captured.buckets_for`), and each graph keeps its own memory pool for good, so the activations of one
+    batch of every bucket length are held at once (≈ 2x those of the longest bucket alone)."""
     cfg = model_config(config.model)
     hidden = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim
     heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
@@ -79,20 +81,22 @@ def bytes_per_run(config: RunConfig) -> int:
     embeddings = (cfg.vocab_size + cfg.max_position_embeddings + 2) * hidden if config.freeze_depth == 0 else 0
     head = hidden * hidden + hidden * 8  # pooler/pre-classifier and a classifier of a few labels
     params = trained * per_layer + embeddings + head
-    s, b = config.max_length, config.batch_size
-    activations = trained * s * b * hidden * (34 + 5 * heads * s / hidden) * (1 if config.precision == "bf16" else 2)
+    b, width = config.batch_size, 1 if config.precision == "bf16" else 2
+    lengths = buckets_for(config.max_length) if captured else (config.max_length,)
+    activations = sum(trained * s * b * hidden * (34 + 5 * heads * s / hidden) * width for s in lengths)
     return int(16 * params + activations)
 
 
-def group_size(config: RunConfig, device, free_bytes: int | None = None) -> int:
+def group_size(config: RunConfig, device, free_bytes: int | None = None, captured: bool = False) -> int:
     """The automatic --max-parallel-runs: 1 on a CPU (stacking does not pay there, `core.captured`); on CUDA as
-    many runs as fit in MEMORY_HEADROOM of the free device memory at `bytes_per_run` each, 1..MAX_GROUP."""
+    many runs as fit in MEMORY_HEADROOM of the free device memory at `bytes_per_run` each (`captured`: with a
+    graph pool per length bucket), 1..MAX_GROUP."""
     device = torch.device(device) if device else default_device()
     if device.type != "cuda" and free_bytes is None:
         return 1
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(MAX_GROUP, int(MEMORY_HEADROOM * free_bytes // bytes_per_run(config))))
+    return max(1, min(MAX_GROUP, int(MEMORY_HEADROOM * free_bytes // bytes_per_run(config, captured))))
 
 
 def run_group(configs: Sequence[RunConfig], session: Session | None = None, device=None,

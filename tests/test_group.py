@@ -213,6 +213,27 @@ def test_automatic_group_size_is_bounded_by_free_memory(model):
     assert group_size(config, "cpu", free_bytes=10**15) == run_group_module.MAX_GROUP
 
 
+def test_a_captured_group_budgets_one_graph_pool_per_length_bucket(model):
+    """Each bucket's graph keeps its pool: the captured rule holds one batch's activations at every bucket length
+    up to max_length (the eager rule: at max_length only), so fewer runs fit the same memory."""
+    from core.captured import buckets_for
+    config = quick_config(model, "unused", max_length=128)
+    frozen = config.replace(freeze_depth=2)  # every layer of the 2-layer model frozen: no activations to keep
+    assert bytes_per_run(frozen, captured=True) == bytes_per_run(frozen)
+
+    def rule(max_length, captured=False):
+        return bytes_per_run(config.replace(max_length=max_length), captured)
+    # Weights P do not depend on the length: eager(s) = P + act(s), captured(64) = P + act(32) + act(64).
+    weights = rule(32) + rule(64) - rule(64, captured=True)
+    assert buckets_for(128) == (32, 64, 128)
+    assert rule(128, True) == pytest.approx(weights + (rule(32) - weights) + (rule(64) - weights) +
+                                            (rule(128) - weights), abs=4)
+    eager = rule(128)
+    assert eager < rule(128, True) < 2 * eager
+    free = int(10.5 * eager / run_group_module.MEMORY_HEADROOM)
+    assert group_size(config, "cpu", free_bytes=free, captured=True) < group_size(config, "cpu", free_bytes=free)
+
+
 def test_a_run_whose_loss_turns_nan_fails_alone(model, data):
     base = quick_config(model, data, batch_size=8)
     configs = [base.replace(seed=0), base.replace(seed=1, learning_rate=1e30)]  # the second one diverges
