@@ -248,14 +248,14 @@ def interleaved_steps(step_fns: dict[Any, Callable[[Any], None]], batches: dict[
             per_round[name].append(_timed_pass(step_fn, batches[name], device))
             cpu[name] += time.process_time() - cpu_start
     contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
-    timings = {}
+    timings, stamp = {}, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # one sitting, one time
     for name, seconds in per_round.items():
         mean, low, high = per_step_interval(seconds)
         timings[name] = StepTiming(str(name), mean, low, high, seconds, len(batches[name]), warmup,
                                    round(warmup_seconds[name], 4), cpu[name] / (len(seconds) * len(batches[name])),
                                    "cuda events" if cuda else "perf_counter", device_label or str(device),
                                    contention.contended, contention.evidence, contention.foreign_cores,
-                                   contention.paused_cores, sitting=len(step_fns))
+                                   contention.paused_cores, sitting=len(step_fns), measured_at=stamp)
     return timings
 
 

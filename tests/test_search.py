@@ -87,6 +87,9 @@ def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     trials = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path}/ablations.db").get_trials()
     assert len(trials) == 4 and all(set(t.params) == set(SEARCHED) for t in trials)
+    # The first invocation timed all 3 depths of the space in one sitting; the second found them timed.
+    timings = [t.user_attrs["record"]["timing"] for t in trials if "record" in t.user_attrs]
+    assert timings and {t["sitting"] for t in timings} == {3} and len({t["measured_at"] for t in timings}) == 1
     assert "4 trials in study `search`" in (tmp_path / "search_summary.md").read_text()
     assert (tmp_path / "pareto.csv").exists()
 
