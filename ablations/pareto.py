@@ -94,13 +94,15 @@ def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | N
     return points
 
 
-def run_rows(study_name: str, trials: Iterable[FrozenTrial]) -> pd.DataFrame:
+def run_rows(study_name: str, trials: Iterable[FrozenTrial], study_attrs: dict | None = None) -> pd.DataFrame:
     """One row per distinct run among the study's COMPLETE trials that carry a record, by the trade-off report's
-    rule (`ablations.tradeoff.completed_runs`: a reused copy counts once)."""
+    rule (`ablations.tradeoff.completed_runs`: a reused copy counts once), timed as the report times them (the
+    study's stored timing sitting, where `study_attrs` hold one)."""
+    from ablations.storage import with_sitting
     from ablations.tradeoff import completed_runs
 
     rows = []
-    for run in completed_runs([run_of(study_name, trial) for trial in trials]):
+    for run in completed_runs(with_sitting([run_of(study_name, trial) for trial in trials], study_attrs or {})):
         record, where = run["record"], f"{run['study']}#{run['number']}"
         rows.append({**{name: record["config"].get(name) for name in SEARCHED},
                      "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
@@ -246,7 +248,7 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    rows = run_rows(study.study_name, trials)
+    rows = run_rows(study.study_name, trials, study.user_attrs)
     front = front_table(rows)
     front[PARETO_COLUMNS].to_csv(output / "pareto.csv", index=False)
     states = {state: sum(t.state == state for t in trials) for state in TrialState}

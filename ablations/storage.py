@@ -216,13 +216,20 @@ def load_runs(url: str, study_names: list[str] | None = None, retime: bool = Tru
         for name in named_studies(storage, url, study_names):
             study = optuna.load_study(study_name=name, storage=storage)
             found = [run_of(name, trial) for trial in study.get_trials(deepcopy=False)]
-            if retime and (sitting := study.user_attrs.get("timing_sitting")) is not None:
-                from ablations.timing_passes import retimed  # python -m ablations.timing_passes --interleave --store
-                for run in found:
-                    if run["record"] and (record := retimed(run["record"], sitting)) is not None:
-                        run["record"] = record
-            runs += found
+            runs += with_sitting(found, study.user_attrs) if retime else found
         return runs
+
+
+def with_sitting(runs: list[dict], study_attrs: dict) -> list[dict]:
+    """`runs` of one study (`run_of`) with their times from the study's stored timing sitting, where it holds one
+    (`python -m ablations.timing_passes --interleave --store`); the runs are changed in place and returned."""
+    if (sitting := study_attrs.get("timing_sitting")) is None:
+        return runs
+    from ablations.timing_passes import retimed
+    for run in runs:
+        if run["record"] and (record := retimed(run["record"], sitting)) is not None:
+            run["record"] = record
+    return runs
 
 
 def named_studies(storage: RDBStorage, url: str, wanted: list[str] | None) -> list[str]:

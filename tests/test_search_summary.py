@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import optuna
 import pandas as pd
 from test_search import fake_train, searcher
 
@@ -62,3 +63,33 @@ def test_the_search_end_loads_its_runs_once_and_builds_one_trade_off_table(tmp_p
     assert calls == {"load_runs": 1, "tradeoff_table": 1}
     assert {"runs.csv", "tradeoff.csv", "tradeoff.md", "search_summary.md", "pareto.csv"} <= \
         {path.name for path in tmp_path.iterdir()}
+
+
+def test_pareto_csv_and_the_report_time_a_search_with_its_stored_sitting_alike(tmp_path):
+    """A search whose shapes were timed again in a stored sitting (timing_passes --interleave --store): pareto.csv,
+    the summary's front and the trade-off table all take each run's time from the sitting, not from the trial."""
+    import json
+
+    from ablations.timing_passes import shape_of, store_sitting
+
+    def timed_train(config, on_epoch=None):
+        return fake_train(config, on_epoch) | {"timing": {"steps": 10, "measured_at": "2026-01-01T10:00:00Z"}}
+    space = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 5e-3))
+    search = searcher(tmp_path, space=space, train=timed_train, sampler="random", prune=False)
+    search.run(6, progress=False)
+    records = {t.user_attrs["record"]["config"]["freeze_depth"]: t.user_attrs["record"]
+               for t in search.study.get_trials() if "record" in t.user_attrs}
+    assert len(records) >= 2  # depths the sampler chose
+    per_step = {d: p for d, p in {0: 0.5, 1: 0.2, 2: 0.1}.items() if d in records}  # 10 steps: 5, 2, 1 s (not 3, 2, 1)
+    store_sitting(search.ledger.storage.url, "search", [
+        {"shape": json.dumps(shape_of(records[d])), "measured_at": "2026-01-02T09:00:00Z", "per_step": p,
+         "per_step_low": p, "per_step_high": p, "prefix_seconds": 0.0, "repeat_seconds": [p] * 5,
+         "contended": False, "evidence": "quiet", "rounds": 5} for d, p in per_step.items()])
+    study = optuna.load_study(study_name="search", storage=search.ledger.storage)  # with the stored sitting
+    write_outputs(study, search.ledger, search.base, search.ledger.storage.url, tmp_path, report=True)
+    pareto = pd.read_csv(tmp_path / "pareto.csv")
+    assert set(pareto["train_seconds"]) <= {10 * p for p in per_step.values()}
+    assert 10 * min(per_step.values()) in set(pareto["train_seconds"])  # the fastest depth is on the front
+    table = pd.read_csv(tmp_path / "tradeoff.csv")
+    for depth, p in per_step.items():
+        assert set(table.loc[table.freeze_depth == depth, "train_seconds"]) == {10 * p}
