@@ -65,17 +65,22 @@ def _speedup_cell(row) -> str:
     return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
 
 
+def timing_passes(table: pd.DataFrame) -> tuple[list[str], int]:
+    """The timing passes the table's times come from (their UTC stamps, sorted) and the most work shapes any of
+    them timed together (1: each shape alone; more: a sitting, `core.sitting`)."""
+    cells = table["timed_at"].dropna() if "timed_at" in table.columns else []
+    sitting = table["sitting"].dropna() if "sitting" in table.columns else pd.Series(dtype=float)
+    return sorted({at for cell in cells for at in str(cell).split("; ")}), int(sitting.max()) if len(sitting) else 1
+
+
 def passes_sentence(table: pd.DataFrame) -> str:
     """Whether the rows' times come from one sitting (every shape timed together: their ratios are fair) or from
     timing passes taken at different times (a shared machine drifts between them): said beside the table."""
-    if "timed_at" not in table.columns:
-        return ""
-    passes = sorted({at for cell in table["timed_at"].dropna() for at in str(cell).split("; ")})
+    passes, shapes = timing_passes(table)
     if not passes:
         return ""
-    sitting = table["sitting"].dropna()
-    if len(passes) == 1 and len(sitting) and sitting.min() > 1:
-        return (f" Every timed row comes from one sitting: its {int(sitting.max())} work shapes timed together, "
+    if len(passes) == 1 and shapes > 1:
+        return (f" Every timed row comes from one sitting: its {shapes} work shapes timed together, "
                 f"round-robin, at {passes[0].replace('T', ' ').rstrip('Z')} UTC, so machine drift between "
                 "passes does not enter the speed-ups.")
     if len(passes) == 1:

@@ -136,6 +136,13 @@ def time_axis_label(table: pd.DataFrame) -> str:
     """What the x axis measures: the solo cost where every row was timed alone, else says which were not."""
     timed = table["train_seconds_lo"].notna() if "train_seconds_lo" in table.columns else pd.Series(False)
     if timed.all():
+        from ablations.markdown import timing_passes
+        passes, shapes = timing_passes(table)
+        if len(passes) == 1 and shapes > 1:
+            return (f"training time alone, all {int(shapes)} shapes timed in one sitting "
+                    "(s; x bars: 95 % interval over its rounds)")
+        if len(passes) > 1:
+            return f"training time alone, from {len(passes)} timing passes (s; x bars: 95 % interval over repeats)"
         return "training time alone (s; x bars: 95 % interval over timing repeats)"
     if not timed.any():
         return "training time as it ran (s; not timed alone, other work may have shared the machine)"
