@@ -156,12 +156,11 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     print(f"grid {args.study_name!r}: {grid.describe()}{tuning} on {mask_url(url)}; engine {engine}, "
           f"{size} run(s) at once")
     status = ledger.lookup(planned)
-    print(duration_estimate([c for c in planned if not status[c.run_id].complete], len(planned), base, args.device,
-                            session))
-    if session.timing_repeats:  # every shape about to train timed in one sitting (core.sitting), then trained
-        from core.sitting import time_shapes
-        time_shapes([c for c in planned if not status[c.run_id].complete], session, args.device,
-                    compile=args.compile)
+    pending = [c for c in planned if not status[c.run_id].complete]
+    print(duration_estimate(pending, len(planned), base, args.device, session))
+    if session.timing_repeats and pending:  # every shape of the study on one time axis (core.sitting), then trained
+        from ablations.timing_passes import time_study
+        time_study(url, args.study_name, pending, session, args.device, compile=args.compile)
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,
                train_group=train_group, max_parallel=size)

@@ -28,10 +28,14 @@ def shape_of(record: dict) -> tuple:
     """Equal for runs whose training costs the same: the fields a work shape is made of (every config field but
     `core.config.COST_FREE`, as `core.timing.work_shape`), the epochs (they multiply the steps of the compared
     totals), the device and the training-set size. Sorted by freeze depth first."""
+    return shape_key(record["config"], record.get("device"), record.get("train_samples"))
+
+
+def shape_key(config: dict, device: str | None, train_samples: int | None) -> tuple:
+    """`shape_of` for a run not recorded yet: its config, device label and training rows."""
     from core.config import COST_FREE
-    config = record["config"]
     fields = tuple(sorted((k, str(v)) for k, v in config.items() if k not in COST_FREE and k != "freeze_depth"))
-    return config["freeze_depth"], fields, config.get("epochs"), record.get("device"), record.get("train_samples")
+    return config["freeze_depth"], fields, config.get("epochs"), device, train_samples
 
 
 def baseline_of(key: tuple, depth: int) -> tuple:
@@ -134,6 +138,46 @@ def store_sitting(url: str, study_name: str, rows: list[dict]) -> dict:
                                                          "prefix_seconds", "repeat_seconds")} for r in rows}}
     optuna.load_study(study_name=study_name, storage=open_storage(url)).set_user_attr(SITTING, sitting)
     return sitting
+
+
+def time_study(url: str, study_name: str, pending: list, session, device=None, compile: bool = False,
+               progress=print) -> list:
+    """The grid's sitting before its first run (`core.sitting`): the shapes of the runs it is about to train
+    that this machine has no timing of and, when there are any, every shape the study already holds runs of on
+    this hardware, all timed together. Where the study held such runs (it is being extended), the sitting is
+    stored with it (`store_sitting`), so its report reads every run's time, old and new, from this one sitting;
+    a contended sitting is not stored (one line says so) and the grid goes on."""
+    import torch
+
+    from ablations.storage import load_runs
+    from ablations.tradeoff import completed_runs
+    from core.config import RunConfig
+    from core.device import default_device
+    from core.model import device_name
+    from core.sitting import sitting
+
+    here = device_name(torch.device(device) if device else default_device())
+    stored = [r["record"] for r in completed_runs(load_runs(url, [study_name], retime=False))
+              if r["record"].get("device") == here and (r["record"].get("timing") or {}).get("measured_at")]
+    timed = sitting([*pending, *(RunConfig.from_dict(r["config"]) for r in stored)], session, device, compile,
+                    together=True, progress=progress)
+    if not timed or not stored:
+        return timed
+    rows = [{"shape": json.dumps(shape_key(t.config.to_dict(), t.device_label, t.rows)),
+             "measured_at": t.timing.measured_at, "per_step": t.timing.per_step,
+             "per_step_low": t.timing.per_step_low, "per_step_high": t.timing.per_step_high,
+             "prefix_seconds": t.prefix_seconds, "repeat_seconds": t.timing.repeat_seconds,
+             "contended": t.timing.contended, "evidence": t.timing.evidence, "rounds": len(t.timing.repeat_seconds)}
+            for t in timed]
+    try:
+        store_sitting(url, study_name, rows)
+    except UsageError as error:
+        progress(f"study {study_name!r} holds runs of earlier timing passes; {error}")
+        return timed
+    if progress:
+        progress(f"study {study_name!r}: this sitting of its {len(rows)} shapes is stored with it; its report takes "
+                 "every run's time from it, the runs stored before included")
+    return timed
 
 
 def retimed(record: dict, sitting: dict) -> dict | None:

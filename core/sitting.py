@@ -31,6 +31,7 @@ class Shape:
     step: Callable[[Any], Any]
     batches: list
     steps: int                     # training steps of a run of this shape (all epochs)
+    rows: int                      # training rows of a run of this shape
     prefix_seconds: float          # the train split's frozen-prefix build (0 when not cached)
     device: torch.device
     device_label: str
@@ -56,20 +57,34 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
         shapes[name] = Shape(config, timing_shape(p, compile),
                              lambda indices, p=p, f=forward, o=optimizer, s=scheduler: train_step(p, f, indices, o, s),
                              timing.sample_batches(epoch, session.timer.steps, cost), steps_per_epoch * config.epochs,
+                             len(p.train),
                              p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0, p.device,
                              device_name(p.device))
     return shapes
 
 
-def time_shapes(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
-                progress: Callable[[str], None] | None = print) -> dict[str, timing.StepTiming]:
-    """Time every work shape of `configs` that this machine has no timing of, together in one sitting, and save
-    the timings (`core.timing.Timer.interleaved`); a run of such a shape then reads its timing instead of taking
-    one. Returns the timings taken (or read after another worker took them). Nothing a run computes changes:
-    the steps run on models of their own, and the random state is put back."""
+@dataclass
+class Timed:
+    """One shape's timing from a sitting, with what a report needs to apply it to the runs of that shape."""
+    key: str                       # the timing file's key
+    config: RunConfig              # the run prepared for it
+    rows: int                      # its training rows
+    device_label: str
+    prefix_seconds: float          # the frozen-prefix build made for the sitting (0 when not cached)
+    timing: timing.StepTiming
+
+
+def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
+            together: bool = False, progress: Callable[[str], None] | None = print) -> list[Timed]:
+    """Time the work shapes of `configs` that this machine has no timing of, together in one sitting, and save the
+    timings (`core.timing.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
+    `together`: if any shape needs a timing, time every shape of `configs` in that sitting, those timed before
+    included (their saved timings are replaced), so all of them share one time axis. Returns what was timed
+    (or read after another worker timed it meanwhile); nothing when no shape needed timing. Nothing a run
+    computes changes: the steps run on models of their own, and the random state is put back."""
     configs = list(configs)
     if not configs or not session.timing_repeats:
-        return {}
+        return []
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -77,18 +92,26 @@ def time_shapes(configs: Iterable[RunConfig], session: Session, device=None, com
             chosen: dict[str, RunConfig] = {}
             for config in configs:  # configs of equal cost-carrying fields share their work shape
                 chosen.setdefault(timing.work_shape(config), config)
-            shapes = prepared_shapes(chosen, session, device, views, compile)
-            todo = {s.key: s for s in shapes.values() if session.timer.known(s.key) is None}
+            shapes = {s.key: s for s in prepared_shapes(chosen, session, device, views, compile).values()}
+            todo = {k: s for k, s in shapes.items() if session.timer.known(k) is None}
             if not todo:
-                return {}
+                return []
+            todo = shapes if together else todo
             first = next(iter(todo.values()))
             if progress:
                 progress(f"timing {len(todo)} work shape(s) together, round-robin, alone on the machine "
                          f"({session.timer.repeats} rounds of {session.timer.steps} steps each)")
-            return session.timer.interleaved({k: s.step for k, s in todo.items()},
-                                             {k: s.batches for k, s in todo.items()}, first.device,
-                                             device_label=first.device_label, save=True)
+            taken = session.timer.interleaved({k: s.step for k, s in todo.items()},
+                                              {k: s.batches for k, s in todo.items()}, first.device,
+                                              device_label=first.device_label, save=True, replace=together)
+            return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k]) for k, s in todo.items()]
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def time_shapes(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
+                progress: Callable[[str], None] | None = print) -> dict[str, timing.StepTiming]:
+    """`sitting` of the shapes not timed yet, by timing key: the search's call before its first trial."""
+    return {t.key: t.timing for t in sitting(configs, session, device, compile, progress=progress)}

@@ -323,15 +323,16 @@ class Timer:
 
     def interleaved(self, step_fns: dict[Any, Callable[[Any], None]], batches: dict[Any, Sequence],
                     device: torch.device | str = "cpu", rounds: int | None = None, device_label: str = "",
-                    save: bool = False) -> dict[Any, StepTiming]:
+                    save: bool = False, replace: bool = False) -> dict[Any, StepTiming]:
         """`interleaved_steps` alone on the machine (the lease pauses the project's other workers), with the
         foreign-load probe. `save`: the names are work shapes (`work_shape`) and their timings are this
         session's and the machine's, like `step_timing`'s (shapes another worker timed meanwhile are read, not
-        timed again); else nothing is kept: a check of the saved timings, not one of them."""
+        timed again, unless `replace`: then every shape is timed and its saved timing replaced); else nothing is
+        kept: a check of the saved timings, not one of them."""
         device = torch.device(device)
         with self.lease.exclusive():
             found = {}
-            if save:
+            if save and not replace:
                 saved = self._read()
                 found = {name: StepTiming.from_dict(saved[self._key(name)]) for name in step_fns
                          if self._key(name) in saved}

@@ -524,3 +524,42 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
             record["timing"]["steps"] * shape["per_step"] + shape["prefix_seconds"], abs=1e-3)
         assert record["timing"]["pass"]["train_seconds"] == next(
             r["train_seconds"] for r in records if r["run_id"] == record["run_id"])
+
+
+def test_a_grid_extending_a_study_times_old_and_new_shapes_in_one_sitting_stored_with_it(
+        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """A study extended with a new depth: the new shape needs a timing, so every shape of the study (the stored
+    depth 0 too) is timed in one sitting, which is stored with the study; its report then times the old run
+    from it as well (the pass it replaced kept). Resuming with nothing new to time takes no sitting."""
+    import functools
+    import sys
+
+    import core.timing
+    from ablations import grid
+    from ablations.storage import load_runs
+    from core.cli import main_guard
+    from core.lease import LoadProbe
+    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
+    url = f"sqlite:///{tmp_path}/x.db"
+    common = ["--model", tiny_bert, "--dataset", toy_data, "--schedulers", "linear", "--epochs", "1",
+              "--precision", "fp32", "--max-length", "32", "--storage", url, "--output-dir", str(tmp_path),
+              "--no-progress", "--no-report", "--timing-repeats", "2"]
+
+    def run_grid(depths):
+        monkeypatch.setattr(sys, "argv", ["grid", *common, "--freeze-depths", depths])
+        with pytest.raises(SystemExit) as exit_:
+            main_guard(grid.main)
+        assert exit_.value.code == 0
+        return capsys.readouterr().out
+    first = run_grid("0")
+    assert "timing 1 work shape(s) together" in first and "stored with it" not in first
+    (old,) = [r["record"] for r in load_runs(url)]
+    second = run_grid("0,1")
+    assert "timing 2 work shape(s) together" in second and "this sitting of its 2 shapes is stored" in second
+    sitting = optuna.load_study(study_name="grid", storage=url).user_attrs["timing_sitting"]
+    records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url)}
+    assert {r["timing"]["measured_at"] for r in records.values()} == {sitting["measured_at"]}
+    assert records[0]["timing"]["pass"] == {"measured_at": old["timing"]["measured_at"],
+                                            "train_seconds": old["train_seconds"], "sitting": 1}
+    assert records[1]["timing"]["sitting"] == 2  # the new run read the sitting's timing as it trained
+    assert "work shape(s) together" not in run_grid("0,1")  # all stored: nothing to time, no new sitting
