@@ -31,6 +31,12 @@ def shape_of(record: dict) -> tuple:
     return shape_key(record["config"], record.get("device"), record.get("train_samples"))
 
 
+def sitting_key(config: dict, device: str | None, train_samples: int | None) -> str:
+    """The key of a run's work shape in a stored sitting: `shape_key` without the epochs (a sitting times one
+    step; a run's steps, of any epoch count, multiply it)."""
+    return json.dumps(shape_key({**config, "epochs": None}, device, train_samples))
+
+
 def shape_key(config: dict, device: str | None, train_samples: int | None) -> tuple:
     """`shape_of` for a run not recorded yet: its config, device label and training rows."""
     from core.config import COST_FREE
@@ -109,7 +115,8 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
         mean, low, high = per_step_interval(per_round[key])
         baseline = baseline_of(key, baseline_depth)
         ratio = per_step_interval(list(train[baseline] / train[key])) if baseline in train else (None, None, None)
-        rows.append({"shape": json.dumps(key), "measured_at": timings[key].measured_at,
+        rows.append({"shape": sitting_key(configs[key].to_dict(), timings[key].device, key[4]),
+                     "measured_at": timings[key].measured_at,
                      "device": timings[key].device, "repeat_seconds": list(per_round[key]),
                      "freeze_depth": key[0], "per_step": mean, "per_step_low": low, "per_step_high": high,
                      "steps": totals[key][0], "prefix_seconds": totals[key][1],
@@ -163,7 +170,7 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
                     together=True, progress=progress)
     if not timed or not stored:
         return timed
-    rows = [{"shape": json.dumps(shape_key(t.config.to_dict(), t.device_label, t.rows)),
+    rows = [{"shape": sitting_key(t.config.to_dict(), t.device_label, t.rows),
              "measured_at": t.timing.measured_at, "per_step": t.timing.per_step,
              "per_step_low": t.timing.per_step_low, "per_step_high": t.timing.per_step_high,
              "prefix_seconds": t.prefix_seconds, "repeat_seconds": t.timing.repeat_seconds,
@@ -186,7 +193,7 @@ def retimed(record: dict, sitting: dict) -> dict | None:
     the sitting's interval) + the sitting's frozen-prefix build; each epoch's alike. The pass it replaces is kept
     under `timing.pass`."""
     timing = record.get("timing") or {}
-    shape = sitting["shapes"].get(json.dumps(shape_of(record)))
+    shape = sitting["shapes"].get(sitting_key(record["config"], record.get("device"), record.get("train_samples")))
     if shape is None or timing.get("steps") is None:
         return None
     steps, prefix = timing["steps"], shape["prefix_seconds"]

@@ -453,7 +453,10 @@ def test_a_stored_sitting_times_every_run_of_its_study_and_the_caption_says_whic
     x the sitting's per-step time + its prefix build; each epoch's alike), the pass it replaced is kept, the
     caption says one sitting, and load_runs(retime=False) still gives the runs as stored."""
     from ablations.storage import load_runs
-    from ablations.timing_passes import shape_of, store_sitting
+    from ablations.timing_passes import retimed, sitting_key, store_sitting
+
+    def shape_of(record):
+        return sitting_key(record["config"], record.get("device"), record.get("train_samples"))
     from ablations.tradeoff import tradeoff_table, write_report
 
     def timed(run, at):
@@ -469,11 +472,13 @@ def test_a_stored_sitting_times_every_run_of_its_study_and_the_caption_says_whic
     assert "come from 2 timing passes taken from 2026-01-01 10:00:00 to 2026-01-01 13:30:00 UTC" in \
         (tmp_path / "before" / "tradeoff.md").read_text()
     row = {"contended": False, "evidence": "quiet", "rounds": 5, "repeat_seconds": [0.1] * 5}
-    store_sitting(url, "grid", [
-        {**row, "shape": json.dumps(shape_of(runs[0]["record"])), "measured_at": "2026-01-02T09:00:00Z",
+    sitting = store_sitting(url, "grid", [
+        {**row, "shape": shape_of(runs[0]["record"]), "measured_at": "2026-01-02T09:00:00Z",
          "per_step": 0.1, "per_step_low": 0.09, "per_step_high": 0.11, "prefix_seconds": 0.0},
-        {**row, "shape": json.dumps(shape_of(runs[2]["record"])), "measured_at": "2026-01-02T09:00:01Z",
+        {**row, "shape": shape_of(runs[2]["record"]), "measured_at": "2026-01-02T09:00:01Z",
          "per_step": 0.05, "per_step_low": 0.04, "per_step_high": 0.06, "prefix_seconds": 2.0}])
+    other_epochs = {**runs[0]["record"], "config": {**runs[0]["record"]["config"], "epochs": 3}}
+    assert retimed(other_epochs, sitting)["train_seconds"] == pytest.approx(10.0)  # a step's cost: any epochs
     records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url)}
     assert (records[0]["train_seconds"], records[0]["train_seconds_lo"], records[0]["train_seconds_hi"]) == \
         pytest.approx((10.0, 9.0, 11.0))

@@ -68,9 +68,8 @@ def test_the_search_end_loads_its_runs_once_and_builds_one_trade_off_table(tmp_p
 def test_pareto_csv_and_the_report_time_a_search_with_its_stored_sitting_alike(tmp_path):
     """A search whose shapes were timed again in a stored sitting (timing_passes --interleave --store): pareto.csv,
     the summary's front and the trade-off table all take each run's time from the sitting, not from the trial."""
-    import json
 
-    from ablations.timing_passes import shape_of, store_sitting
+    from ablations.timing_passes import sitting_key, store_sitting
 
     def timed_train(config, on_epoch=None):
         return fake_train(config, on_epoch) | {"timing": {"steps": 10, "measured_at": "2026-01-01T10:00:00Z"}}
@@ -82,7 +81,8 @@ def test_pareto_csv_and_the_report_time_a_search_with_its_stored_sitting_alike(t
     assert len(records) >= 2  # depths the sampler chose
     per_step = {d: p for d, p in {0: 0.5, 1: 0.2, 2: 0.1}.items() if d in records}  # 10 steps: 5, 2, 1 s (not 3, 2, 1)
     store_sitting(search.ledger.storage.url, "search", [
-        {"shape": json.dumps(shape_of(records[d])), "measured_at": "2026-01-02T09:00:00Z", "per_step": p,
+        {"shape": sitting_key(records[d]["config"], records[d].get("device"), records[d].get("train_samples")),
+         "measured_at": "2026-01-02T09:00:00Z", "per_step": p,
          "per_step_low": p, "per_step_high": p, "prefix_seconds": 0.0, "repeat_seconds": [p] * 5,
          "contended": False, "evidence": "quiet", "rounds": 5} for d, p in per_step.items()])
     study = optuna.load_study(study_name="search", storage=search.ledger.storage)  # with the stored sitting

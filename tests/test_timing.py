@@ -1,7 +1,6 @@
 """Training time measured alone: per-step intervals, the machine lease, the foreign-load probe, the timing cache."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -518,7 +517,8 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     sitting = optuna.load_study(study_name="s", storage=url).user_attrs["timing_sitting"]
     assert len(sitting["shapes"]) == 2
     for record in (r["record"] for r in load_runs(url, ["s"])):
-        shape = sitting["shapes"][json.dumps(timing_passes.shape_of(record))]
+        shape = sitting["shapes"][timing_passes.sitting_key(record["config"], record["device"],
+                                                            record["train_samples"])]
         assert record["timing"]["sitting"] == 2 and record["timing"]["measured_at"] == sitting["measured_at"]
         assert record["train_seconds"] == pytest.approx(
             record["timing"]["steps"] * shape["per_step"] + shape["prefix_seconds"], abs=1e-3)
