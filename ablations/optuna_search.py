@@ -321,11 +321,11 @@ def main() -> int:
         print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "
               f"training seed {base.seed}, objective {args.objective}, pruning {'on' if args.prune else 'off'}, "
               f"space {space.describe()} on {mask_url(url)}")
-        if session.timing_repeats:  # every depth the search may choose timed in one sitting (core.sitting)
-            from core.sitting import time_shapes
+        if session.timing_repeats:  # every depth the search may choose timed in one sitting (core.sitting), with
+            from ablations.timing_passes import time_study  # the shapes of the study's stored runs where it grows
             low, high = space.freeze_depth
-            time_shapes([base.replace(freeze_depth=d) for d in range(low, high + 1)], session, args.device,
-                        compile=args.compile)
+            time_study(url, name, [base.replace(freeze_depth=d) for d in range(low, high + 1)], session, args.device,
+                       compile=args.compile)
         search.run(args.trials, args.timeout, progress=not args.no_progress)
         c = search.counts
         print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "

@@ -3,10 +3,11 @@
 A timing pass per shape, taken when the shape's first run starts, spreads a study's time axis over hours; a
 shared machine's cores drift by ±15 % over such spans (results/README §9), so a speed-up could divide a time
 taken at 02:00 by one taken at 05:00. Timed in one sitting, round-robin (`core.timing.interleaved_steps`), the
-drift reaches every shape alike. `time_shapes` is what the grid calls before its first run: the shapes it is
-about to train that this machine has no timing of are prepared (data, model, frozen prefix built alone, as a
-run does), timed together and saved as their timings, so every run of the grid reads its time from one sitting.
-`prepared_shapes` is the part `python -m ablations.timing_passes --interleave` shares.
+drift reaches every shape alike. `sitting` is what the grid and the search call before their first run (through
+`ablations.timing_passes.time_study`, which adds the shapes a growing study already holds): the shapes about to
+train that this machine has no timing of are prepared (data, model, frozen prefix built alone, as a run does),
+timed together and saved as their timings, so every run reads its time from one sitting. `prepared_shapes` is
+the part `python -m ablations.timing_passes --interleave` shares.
 """
 from __future__ import annotations
 
@@ -109,9 +110,3 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def time_shapes(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
-                progress: Callable[[str], None] | None = print) -> dict[str, timing.StepTiming]:
-    """`sitting` of the shapes not timed yet, by timing key: the search's call before its first trial."""
-    return {t.key: t.timing for t in sitting(configs, session, device, compile, progress=progress)}

@@ -425,13 +425,16 @@ def test_timing_passes_keep_shapes_that_cost_differently_apart_and_sort_depths_a
 
 def test_a_sitting_times_every_new_shape_together_once_and_its_runs_read_that_timing(tiny_bert, toy_data,
                                                                                         monkeypatch):
-    """core.sitting.time_shapes: one timing per work shape (seeds and schedules share theirs), all taken in one
+    """core.sitting.sitting: one timing per work shape (seeds and schedules share theirs), all taken in one
     round-robin sitting and saved; the runs then take no timing of their own, and a second sitting finds nothing
     left to time."""
     from core import run, timing
     from core.session import Session
-    from core.sitting import time_shapes
+    from core.sitting import sitting
     from core.timing import Timer
+
+    def time_shapes(configs, session, device, progress=None):
+        return {t.key: t.timing for t in sitting(configs, session, device, progress=progress)}
 
     def quiet_session():  # foreign load on a shared test machine must not keep the timings from being saved
         session = Session(timing_repeats=2)
@@ -457,12 +460,12 @@ def test_a_sitting_before_a_run_changes_nothing_the_run_computes(tiny_bert, toy_
     the same run without it (weights, predictions, every epoch's metrics), and its frozen prefix is reused."""
     from core import run
     from core.session import Session
-    from core.sitting import time_shapes
+    from core.sitting import sitting
     config = quick_config(tiny_bert, toy_data, freeze_depth=1, epochs=2)
     plain = run(config, progress=False, session=Session(timing_repeats=1)).to_dict()
     session = Session(timing_repeats=1)
     torch.manual_seed(0)
-    time_shapes([config], session, "cpu", progress=None)
+    sitting([config], session, "cpu", progress=None)
     assert session.prefix_cache.entries  # built by the sitting, alone, as the run would have
     after = run(config, progress=False, session=session).to_dict()
     assert after["validation_predictions"] == plain["validation_predictions"]
