@@ -187,6 +187,19 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
     return timed
 
 
+def stored_note(url: str, study_name: str) -> str:
+    """A line under the passes when the study holds a stored sitting: the time axis its reports use instead."""
+    import optuna
+
+    from ablations.storage import open_storage
+    sitting = optuna.load_study(study_name=study_name, storage=open_storage(url)).user_attrs.get(SITTING)
+    if sitting is None:
+        return ""
+    return (f"\nThe study holds a stored sitting of {len(sitting['shapes'])} work shapes, timed together at "
+            f"{_clock(sitting['measured_at'])} UTC: its reports take every run's time from it, not from these "
+            "passes.\n")
+
+
 def retimed(record: dict, sitting: dict) -> dict | None:
     """The record with its time from the study's stored sitting (None where the sitting has no timing of its work
     shape, or the record has no timing pass to replace): train s = its steps x the sitting's per-step time (with
@@ -274,7 +287,8 @@ def main() -> int:
         found = interleaved(records, Session(), args.device, args.rounds, args.baseline_depth)
         text = interleaved_markdown(found, args.baseline_depth)
     else:
-        text = markdown(rows(records, args.baseline_depth), args.baseline_depth)
+        text = markdown(rows(records, args.baseline_depth), args.baseline_depth) + stored_note(args.storage,
+                                                                                             args.study_name)
     print(text, end="")
     if args.output:
         args.output.write_text(text)  # the measurement is kept even where it cannot be stored

@@ -514,9 +514,13 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     with pytest.raises(UsageError, match="the study ran on cuda .* stands in only for times taken on its own"):
         timing_passes.main()
     assert "timing_sitting" not in optuna.load_study(study_name="gpu", storage=url).user_attrs
+    monkeypatch.setattr(sys, "argv", command)
+    assert timing_passes.main() == 0 and "stored sitting" not in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", command + ["--interleave", "--store"])
     assert timing_passes.main() == 0
     assert "stored with study 's'" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", command)  # the listing of passes names the stored sitting that replaces them
+    assert timing_passes.main() == 0 and "holds a stored sitting of 2 work shapes" in capsys.readouterr().out
     sitting = optuna.load_study(study_name="s", storage=url).user_attrs["timing_sitting"]
     assert len(sitting["shapes"]) == 2
     for record in (r["record"] for r in load_runs(url, ["s"])):
