@@ -56,13 +56,10 @@ def test_a_group_trains_each_run_as_alone_and_times_it_alone(model, data):
     assert [len(t.history) for t in group] == [2, 1, 2]
 
 
-def test_a_group_is_timed_once_for_all_its_runs(model, data, tmp_path, monkeypatch):
-    """The runs of a group share one work shape: one timing pass (one optimizer and schedule built for it, on the
-    first run's model) and every run carries its StepTiming."""
+def counting_optimizers(tmp_path, monkeypatch) -> tuple[Session, list]:
+    """A session with a quick timer of its own, and the list of models core.group builds an optimizer for."""
     from core.lease import Lease
     from core.timing import Timer
-    base = quick_config(model, data, batch_size=8)
-    configs = [base.replace(seed=seed, learning_rate=rate) for seed, rate in ((0, 1e-3), (1, 3e-3), (2, 5e-4))]
     session = Session(timing_repeats=1)
     session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=2, warmup=1, threshold=1e9)
     built, make_optimizer = [], run_group_module.make_optimizer
@@ -72,6 +69,15 @@ def test_a_group_is_timed_once_for_all_its_runs(model, data, tmp_path, monkeypat
         return make_optimizer(model, *rest)
 
     monkeypatch.setattr(run_group_module, "make_optimizer", counted)
+    return session, built
+
+
+def test_a_group_is_timed_once_for_all_its_runs(model, data, tmp_path, monkeypatch):
+    """The runs of a group share one work shape: one timing pass (one optimizer and schedule built for it, on the
+    first run's model) and every run carries its StepTiming."""
+    base = quick_config(model, data, batch_size=8)
+    configs = [base.replace(seed=seed, learning_rate=rate) for seed, rate in ((0, 1e-3), (1, 3e-3), (2, 5e-4))]
+    session, built = counting_optimizers(tmp_path, monkeypatch)
     prepared = [prepare(c, session, "cpu", False, True) for c in configs]
     group = train_group(prepared, session, [None] * len(configs))
     assert built == [prepared[0].model]
@@ -81,18 +87,8 @@ def test_a_group_is_timed_once_for_all_its_runs(model, data, tmp_path, monkeypat
 def test_a_group_whose_shape_was_timed_before_builds_nothing_to_time_it(model, data, tmp_path, monkeypatch):
     """The timer is asked first: a second group of the same work shape takes the stored timing, and no optimizer
     or schedule is built for a timing pass that does not run."""
-    from core.lease import Lease
-    from core.timing import Timer
     base = quick_config(model, data, batch_size=8, epochs=1)
-    session = Session(timing_repeats=1)
-    session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=2, warmup=1, threshold=1e9)
-    built, make_optimizer = [], run_group_module.make_optimizer
-
-    def counted(model, *rest):
-        built.append(model)
-        return make_optimizer(model, *rest)
-
-    monkeypatch.setattr(run_group_module, "make_optimizer", counted)
+    session, built = counting_optimizers(tmp_path, monkeypatch)
     first = train_group([prepare(base.replace(seed=s), session, "cpu", False, True) for s in (0, 1)], session,
                         [None, None])
     assert len(built) == 1
