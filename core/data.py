@@ -123,7 +123,7 @@ class TextData:
     label_names: list[str]
     text_columns: tuple[str, ...]
     label_column: str
-    fingerprint: str                  # source + columns + each split's rows (content_hash) + tokenizer + max_length
+    fingerprint: str                  # columns, label names, each split's rows (content_hash), tokenizer, max_length
     pad_id: int
 
     @property
@@ -221,7 +221,9 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
             raise UsageError(f"the {name} split has label {bad!r}, which the train split never uses")
         texts_of = [[str(t) if t is not None else "" for t in columns[c]] for c in texts]
         splits[name] = TextSplit(name, texts_of, labels, tokenize)
-    source = hashlib.sha256(repr((dataset, texts, label, tokenizer.name_or_path, max_length,
+    # The rows themselves, not where they came from: two spellings of one dataset (a folder and its copy, `sst2`
+    # and `../shared/data/sst2`) share their timings and caches.
+    source = hashlib.sha256(repr((texts, label, [str(n) for n in names], tokenizer.name_or_path, max_length,
                                   [(n, content_hash(s.texts, s.labels)) for n, s in splits.items()])).encode())
     return TextData(splits, names, texts, label, source.hexdigest()[:16], tokenizer.pad_token_id or 0)
 

@@ -176,6 +176,9 @@ def test_the_data_fingerprint_is_the_rows_loaded_not_how_datasets_read_them(tmp_
         return load_text_data(str(folder), tokenizer, max_length=32).fingerprint
 
     first = fingerprint()
+    copy = write_toy_dataset(tmp_path / "copy", train=40, validation=12)  # the same rows under another name
+    sources.clear_raw_cache()
+    assert load_text_data(str(copy), tokenizer, max_length=32).fingerprint == first
     write_toy_dataset(tmp_path, train=40, validation=12)  # the same rows, rewritten, a minute newer
     os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 60 * 10**9))
     assert fingerprint() == first
