@@ -90,14 +90,16 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         with contextlib.ExitStack() as views:
-            chosen: dict[str, RunConfig] = {}
+            from core.train import planned_shape
+            first_of: dict[str, RunConfig] = {}
             for config in configs:  # configs of equal cost-carrying fields share their work shape
-                chosen.setdefault(timing.work_shape(config), config)
-            shapes = {s.key: s for s in prepared_shapes(chosen, session, device, views, compile).values()}
-            todo = {k: s for k, s in shapes.items() if session.timer.known(k) is None}
-            if not todo:
-                return []
-            todo = shapes if together else todo
+                first_of.setdefault(timing.work_shape(config), config)
+            chosen = {planned_shape(c, session, device, compile): c for c in first_of.values()}  # timing keys
+            needed = [key for key in chosen if session.timer.known(key) is None]
+            if not needed:
+                return []  # asked before anything is prepared: a resumed study prepares nothing to time
+            todo = prepared_shapes(chosen if together else {k: chosen[k] for k in needed}, session, device, views,
+                                   compile)
             first = next(iter(todo.values()))
             if progress:
                 progress(f"timing {len(todo)} work shape(s) together, round-robin, alone on the machine "

@@ -125,9 +125,7 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
 
     tokenizer = session.tokenizer(config.model)
     data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
-    # The dev split comes out of the training rows first (the same rows for every run), then the run's subsample.
-    dev_rows, rest = carve_dev(data.splits["train"].labels, config.dev_size)
-    rows = rest[subsample(len(rest), config.max_train_samples, config.seed)]
+    rows, dev_rows = split_rows(config, data)
     picked = {"train": rows, "dev": dev_rows}
     splits = {name: split.subset(picked.get(name), progress)  # tokenizes only rows in use
               for name, split in data.splits.items()}
@@ -141,7 +139,7 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
     prepared = Prepared(config, device, precision, data, splits,
                         {name: torch.as_tensor(split.labels) for name, split in splits.items()}, model, backbone,
                         [p for p in model.parameters() if p.requires_grad], trainable, total,
-                        cached=config.freeze_depth > 0 and use_prefix_cache and not config.frozen_dropout,
+                        cached=caches_prefix(config, use_prefix_cache),
                         prefix={}, sources=dict(splits))
     prepared.prefix = {"cached": prepared.cached, "seconds": {}, "reused": {}}
     if prepared.cached:
@@ -163,6 +161,18 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
             prepared.sources[name] = states
             prepared.prefix["seconds"][name], prepared.prefix["reused"][name] = round(states.build_seconds, 3), reused
     return prepared
+
+
+def split_rows(config: RunConfig, data: TextData) -> tuple[np.ndarray, np.ndarray]:
+    """(the run's training rows, the dev rows): the dev split comes out of the training rows first (the same rows
+    for every run), then the run's seeded subsample."""
+    dev_rows, rest = carve_dev(data.splits["train"].labels, config.dev_size)
+    return rest[subsample(len(rest), config.max_train_samples, config.seed)], dev_rows
+
+
+def caches_prefix(config: RunConfig, use_prefix_cache: bool = True) -> bool:
+    """Whether the run trains on cached frozen-prefix states (frozen dropout needs the frozen layers live)."""
+    return config.freeze_depth > 0 and use_prefix_cache and not config.frozen_dropout
 
 
 @dataclass
@@ -287,6 +297,17 @@ def timing_shape(p: Prepared, compile: bool) -> str:
     """The key of this run's work shape in the timing file (`core.timing.work_shape` with the runtime settings)."""
     return timing.work_shape(p.config, device=device_name(p.device), precision=p.precision, cached=p.cached,
                              compile=compile, rows=len(p.train), data=p.data.fingerprint)
+
+
+def planned_shape(config: RunConfig, session: Session, device=None, compile: bool = False) -> str:
+    """`timing_shape` of a run not prepared yet, from its data alone (loaded once per session; no model, no
+    prefix build): what asks whether a timing is needed before anything is prepared for one."""
+    device = torch.device(device) if device else default_device()
+    data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
+                             config.label_column, config.max_length)
+    return timing.work_shape(config, device=device_name(device), precision=precision_for(config.precision, device),
+                             cached=caches_prefix(config), compile=compile, rows=len(split_rows(config, data)[0]),
+                             data=data.fingerprint)
 
 
 def timing_batches(p: Prepared) -> tuple[list[np.ndarray], list[int]]:

@@ -451,19 +451,24 @@ def test_a_sitting_times_every_new_shape_together_once_and_its_runs_read_that_ti
     assert {r.timing["sitting"] for r in records} == {2}
     assert {r.timing["measured_at"] for r in records} == {t.measured_at for t in taken.values()}
     assert {r.timing["shape"] for r in records} == set(taken)
+    import core.train
+    monkeypatch.setattr(core.train, "prepare", lambda *a, **k: pytest.fail("a sitting with nothing to time prepared"))
     assert time_shapes(configs, session, "cpu", progress=None) == {}
     assert time_shapes(configs, quiet_session(), "cpu", progress=None) == {}  # read from the machine's file
 
 
-def test_a_sitting_before_a_run_changes_nothing_the_run_computes(tiny_bert, toy_data):
+def test_a_sitting_before_a_run_changes_nothing_the_run_computes(tiny_bert, toy_data, tmp_path):
     """The sitting's steps run on models of their own and the random state is put back: the run after it equals
     the same run without it (weights, predictions, every epoch's metrics), and its frozen prefix is reused."""
     from core import run
     from core.session import Session
+    from core.lease import Lease
     from core.sitting import sitting
+    from core.timing import Timer
     config = quick_config(tiny_bert, toy_data, freeze_depth=1, epochs=2)
     plain = run(config, progress=False, session=Session(timing_repeats=1)).to_dict()
     session = Session(timing_repeats=1)
+    session._timer = Timer(lease=Lease(tmp_path), repeats=1)  # a machine without the plain run's timing
     torch.manual_seed(0)
     sitting([config], session, "cpu", progress=None)
     assert session.prefix_cache.entries  # built by the sitting, alone, as the run would have
@@ -570,3 +575,13 @@ def test_a_grid_extending_a_study_times_old_and_new_shapes_in_one_sitting_stored
                                             "train_seconds": old["train_seconds"], "sitting": 1}
     assert records[1]["timing"]["sitting"] == 2  # the new run read the sitting's timing as it trained
     assert "work shape(s) together" not in run_grid("0,1")  # all stored: nothing to time, no new sitting
+
+
+@pytest.mark.parametrize("changes", [dict(freeze_depth=0), dict(freeze_depth=1), dict(freeze_depth=1, dev_size=0.25),
+                                     dict(freeze_depth=1, frozen_dropout=True), dict(max_train_samples=20, seed=3)])
+def test_a_runs_timing_key_is_known_before_it_is_prepared(tiny_bert, toy_data, changes):
+    """core.train.planned_shape (no model, no prefix build) gives the key timing_shape gives the prepared run."""
+    from core.session import Session
+    from core.train import planned_shape, prepare, timing_shape
+    config, session = quick_config(tiny_bert, toy_data, **changes), Session()
+    assert planned_shape(config, session, "cpu") == timing_shape(prepare(config, session, "cpu", False, True), False)
