@@ -10,7 +10,9 @@ the same pass (the baseline's pass taken nearest in time), so the drift can be r
 `--interleave` measures instead of reading: one run of every shape of the study is prepared again and all shapes
 are timed in one sitting, round-robin (`core.timing.interleaved_steps`: each round times every shape's 10 sampled
 batches once, alone on the machine), so minute-scale drift reaches every shape alike; each speed-up then comes
-with an interval over the paired per-round ratios. It trains nothing that is stored.
+with an interval over the paired per-round ratios. It trains nothing that is stored; with `--store` the sitting
+is kept with the study and its reports take every run's time from it (`retimed`). `time_study` is the grid's and
+the search's own sitting before their first run.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from pathlib import Path
 
 from core.cli import ArgumentParser, check_output_file, main_guard
 from core.errors import UsageError
-
 
 
 def shape_of(record: dict) -> tuple:
@@ -107,23 +108,27 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
                                             {k: s.batches for k, s in shapes.items()}, first.device, rounds,
                                             first.device_label)
     per_round = {key: t.repeat_seconds for key, t in timings.items()}
-    contention = next(iter(timings.values()))
     totals = {key: (s.steps, s.prefix_seconds) for key, s in shapes.items()}
     train = {key: np.array(per_round[key]) * totals[key][0] + totals[key][1] for key in per_round}
     rows = []
     for key in per_round:
-        mean, low, high = per_step_interval(per_round[key])
         baseline = baseline_of(key, baseline_depth)
         ratio = per_step_interval(list(train[baseline] / train[key])) if baseline in train else (None, None, None)
-        rows.append({"shape": sitting_key(configs[key].to_dict(), timings[key].device, key[4]),
-                     "measured_at": timings[key].measured_at,
-                     "device": timings[key].device, "repeat_seconds": list(per_round[key]),
-                     "freeze_depth": key[0], "per_step": mean, "per_step_low": low, "per_step_high": high,
-                     "steps": totals[key][0], "prefix_seconds": totals[key][1],
+        rows.append({**sitting_row(sitting_key(configs[key].to_dict(), timings[key].device, key[4]), timings[key],
+                                   totals[key][1]),
+                     "device": timings[key].device, "freeze_depth": key[0], "steps": totals[key][0],
                      "train_seconds": float(train[key].mean()), "speedup": ratio[0], "speedup_low": ratio[1],
-                     "speedup_high": ratio[2], "rounds": len(per_round[key]), "contended": contention.contended,
-                     "evidence": contention.evidence})
+                     "speedup_high": ratio[2]})
     return rows
+
+
+def sitting_row(shape: str, timing, prefix_seconds: float) -> dict:
+    """One shape of a sitting as `store_sitting` keeps it: its key, its `core.timing.StepTiming` (per-step time,
+    interval, rounds, contention) and the frozen-prefix build made for it."""
+    return {"shape": shape, "measured_at": timing.measured_at, "per_step": timing.per_step,
+            "per_step_low": timing.per_step_low, "per_step_high": timing.per_step_high,
+            "prefix_seconds": prefix_seconds, "repeat_seconds": list(timing.repeat_seconds),
+            "rounds": len(timing.repeat_seconds), "contended": timing.contended, "evidence": timing.evidence}
 
 
 SITTING = "timing_sitting"  # the study's user attribute that holds a stored sitting
@@ -170,11 +175,7 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
                     together=True, progress=progress)
     if not timed or not stored:
         return timed
-    rows = [{"shape": sitting_key(t.config.to_dict(), t.device_label, t.rows),
-             "measured_at": t.timing.measured_at, "per_step": t.timing.per_step,
-             "per_step_low": t.timing.per_step_low, "per_step_high": t.timing.per_step_high,
-             "prefix_seconds": t.prefix_seconds, "repeat_seconds": t.timing.repeat_seconds,
-             "contended": t.timing.contended, "evidence": t.timing.evidence, "rounds": len(t.timing.repeat_seconds)}
+    rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows), t.timing, t.prefix_seconds)
             for t in timed]
     try:
         store_sitting(url, study_name, rows)

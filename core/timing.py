@@ -134,32 +134,8 @@ def measure_steps(step_fn: Callable[[Any], None], batches: Sequence, device: tor
                   warmup: int = WARMUP, repeats: int = REPEATS, probe: LoadProbe | None = None,
                   shape: str = "", device_label: str = "") -> StepTiming:
     """`warmup` untimed-for-the-mean steps (round-robin over `batches`), then `repeats` passes of
-    `step_fn(batch)` (one full optimizer step) over `batches`, each pass timed as a whole."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    started = time.perf_counter()
-    for i in range(warmup):
-        step_fn(batches[i % len(batches)])
-    sync()
-    warmup_seconds = time.perf_counter() - started
-    if probe is not None:
-        probe.start()
-    per_repeat, cpu = [], 0.0
-    for _ in range(max(1, repeats)):
-        cpu_start = time.process_time()
-        per_repeat.append(_timed_pass(step_fn, batches, device))
-        cpu += time.process_time() - cpu_start
-    contention = probe.stop() if probe is not None else Contention(False, math.nan, math.nan, 0, 0, "not probed")
-    mean, low, high = per_step_interval(per_repeat)
-    return StepTiming(shape, mean, low, high, per_repeat, len(batches), warmup, round(warmup_seconds, 4),
-                      cpu / (len(per_repeat) * len(batches)), "cuda events" if cuda else "perf_counter",
-                      device_label or str(device), contention.contended, contention.evidence,
-                      contention.foreign_cores, contention.paused_cores)
+    `step_fn(batch)` (one full optimizer step) over `batches`, each pass timed as a whole: a sitting of one."""
+    return interleaved_steps({shape: step_fn}, {shape: batches}, device, warmup, repeats, probe, device_label)[shape]
 
 
 def seconds_per_training_step(config, session, device=None, steps: int = 3) -> tuple[float, int]:
