@@ -223,9 +223,9 @@ def load_runs(url: str, study_names: list[str] | None = None, retime: bool = Tru
 def with_sitting(runs: list[dict], study_attrs: dict) -> list[dict]:
     """`runs` of one study (`run_of`) with their times from the study's stored timing sitting, where it holds one
     (`python -m ablations.timing_passes --interleave --store`); the runs are changed in place and returned."""
-    if (sitting := study_attrs.get("timing_sitting")) is None:
+    from ablations.timing_passes import SITTING, retimed
+    if (sitting := study_attrs.get(SITTING)) is None:
         return runs
-    from ablations.timing_passes import retimed
     for run in runs:
         if run["record"] and (record := retimed(run["record"], sitting)) is not None:
             run["record"] = record
