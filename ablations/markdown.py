@@ -77,16 +77,14 @@ def passes_sentence(table: pd.DataFrame) -> str:
     """Whether the rows' times come from one sitting (every shape timed together: their ratios are fair) or from
     timing passes taken at different times (a shared machine drifts between them): said beside the table."""
     passes, shapes = timing_passes(table)
-    if not passes:
-        return ""
+    when = [at.replace("T", " ").rstrip("Z") for at in passes]
     if len(passes) == 1 and shapes > 1:
         return (f" Every timed row comes from one sitting: its {shapes} work shapes timed together, "
-                f"round-robin, at {passes[0].replace('T', ' ').rstrip('Z')} UTC, so machine drift between "
-                "passes does not enter the speed-ups.")
-    if len(passes) == 1:
+                f"round-robin, at {when[0]} UTC, so machine drift between passes does not enter the speed-ups.")
+    if len(passes) < 2:
         return ""
-    return (f" The times come from {len(passes)} timing passes taken from {passes[0].replace('T', ' ').rstrip('Z')} "
-            f"to {passes[-1].replace('T', ' ').rstrip('Z')} UTC; a shared machine drifts between passes and a "
+    return (f" The times come from {len(passes)} timing passes taken from {when[0]} "
+            f"to {when[-1]} UTC; a shared machine drifts between passes and a "
             "speed-up across two passes carries that drift (`python -m ablations.timing_passes` lists them; "
             "`--interleave --store` times every shape again in one sitting and the report then uses it).")
 
