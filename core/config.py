@@ -62,13 +62,14 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # - SCHEDULE_ONLY: the steps' arithmetic given the same learning rates (`core.shared_steps` hands the leading steps
 #   two schedules take alike to the sibling): the schedule's shape and length, and which epoch is reported.
 # - PER_RUN_FIELDS: one stacked group (`core.stacked.group_key`): what a run's own slice of the stacked model and
-#   its own optimizer hold (seed: its head, dropout and batch order), not epochs (the group steps its epochs together).
+#   its own optimizer hold (seed: its head, dropout and batch order; its schedule, whose length its epochs set: a run
+#   of fewer epochs than the group's longest ends there and is no longer updated).
 # - COST_FREE: what one training step costs (`core.timing.work_shape`): the per-run fields and epochs, which only
 #   multiply the steps.
-# So COST_FREE = PER_RUN_FIELDS | SCHEDULE_ONLY. Neither of those two holds the other: a sibling must share the seed,
-# the learning rate and the weight decay (they change the arithmetic), and a group's runs must share their epochs.
+# So COST_FREE = PER_RUN_FIELDS | SCHEDULE_ONLY. SCHEDULE_ONLY does not hold PER_RUN_FIELDS: a sibling must share the
+# seed, the learning rate and the weight decay (they change the arithmetic).
 SCHEDULE_ONLY = ("scheduler", "epochs", "warmup_ratio", "select_by")
-PER_RUN_FIELDS = ("seed", "scheduler", "learning_rate", "warmup_ratio", "weight_decay", "select_by")
+PER_RUN_FIELDS = ("seed", "scheduler", "epochs", "learning_rate", "warmup_ratio", "weight_decay", "select_by")
 COST_FREE = tuple(dict.fromkeys(PER_RUN_FIELDS + SCHEDULE_ONLY))
 
 

@@ -8,6 +8,9 @@ selection, `on_epoch` pruning), then `evaluate_test` and `make_record` (`core.re
 (`core.shared_steps`) do not apply inside a group: its runs start together, so there is no finished sibling to
 take steps over from.
 
+The runs may differ in their epochs: the group steps as many epochs as its longest run, and a shorter run's last
+epoch is its last evaluated one (its schedule ended there, `core.stacked.learning_rate_table`).
+
 A run whose training loss turns non-finite fails alone: the runs share no trainable weight, and each run's
 clip and AdamW update read only its own slice, so a NaN stays in its run. Its slot (like a pruned run's)
 keeps computing until the group ends but is no longer evaluated. An error outside the steps fails the group.
@@ -148,14 +151,18 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,
                          capture=capture)
     outcome: list[Training | Exception] = list(done)
-    for epoch in range(1, first.config.epochs + 1):
-        if not any(isinstance(o, Training) and not o.stopped for o in outcome):
+
+    def live(i: int, epoch: int) -> bool:  # not failed, not stopped early, and this epoch is one of the run's
+        return outcome[i] is done[i] and not done[i].stopped and epoch <= prepared[i].config.epochs
+
+    for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
+        if not any(live(i, epoch) for i in range(len(prepared))):
             break
         started = sync_time(first.device)
         losses = engine.train_epoch(epoch, session.timer.pause_point)
         share = (sync_time(first.device) - started) / len(prepared)  # the group's loop, per run
         for i, (p, training) in enumerate(zip(prepared, done)):
-            if outcome[i] is not training or training.stopped:
+            if not live(i, epoch):
                 continue
             training.steps += steps_per_epoch
             _load(p, engine.run_weights(i))

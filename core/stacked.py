@@ -1,19 +1,21 @@
 """Many runs of one work shape trained at once, as one stacked model (horizontal fusion, HFTA-style).
 
-Runs that share model, freeze depth, batch size, max length, precision, epochs and training-set size but
-differ in seed, schedule, learning rate or weight decay become ONE model: every trainable Linear, LayerNorm
-and Embedding gets a leading run axis (bmm instead of mm) and the batch holds run 0's rows, then run 1's, ...
-Everything between those modules (attention, masks, activations) works per row and is the Hugging Face code
-unchanged, so BERT/MiniLM, DistilBERT, RoBERTa and ELECTRA stack without a table of architectures.
+Runs that share model, freeze depth, batch size, max length, precision and training-set size but differ in
+seed, schedule (its length in epochs included), learning rate or weight decay become ONE model: every trainable
+Linear, LayerNorm and Embedding gets a leading run axis (bmm instead of mm) and the batch holds run 0's rows, then
+run 1's, ... Everything between those modules (attention, masks, activations) works per row and is the Hugging
+Face code unchanged, so BERT/MiniLM, DistilBERT, RoBERTa and ELECTRA stack without a table of architectures.
 (`torch.func.vmap` over `functional_call` was tried first: transformers 5.24's mask code hits vmap's
 data-dependent control-flow error on all four families.)
 
 Each run keeps its own arithmetic: its own batches and their order, its own head (drawn from its seed), its
-own learning-rate schedule, its own gradient norm clipped to 1.0, its own AdamW state and update (torch's
-fused AdamW kernel called on the run's slice: the same kernel and arithmetic as a solo run), its own
-evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
+own learning-rate schedule over its own epochs, its own gradient norm clipped to 1.0, its own AdamW state and
+update (torch's fused AdamW kernel called on the run's slice: the same kernel and arithmetic as a solo run), its
+own evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
 a solo run would draw, so with dropout on a stacked run equals a solo run in distribution, not bit for bit.
 Frozen modules are not stacked: the runs share them (they hold the same pretrained weights).
+A run of fewer epochs than the group's longest ends after its last epoch: from there its learning rate is 0, so its
+weights stay as they were (its slot still computes until the group ends; the caller evaluates it no more).
 """
 from __future__ import annotations
 
@@ -127,12 +129,14 @@ def stack_models(models: list[nn.Module]) -> tuple[nn.Module, RunAxis]:
     return stacked, axis
 
 
-def learning_rate_table(configs: list[RunConfig], total_steps: int) -> np.ndarray:
-    """[steps, runs]: the rate each run's own schedule (`core.device.make_schedule`) sets before each step."""
-    table = np.empty((total_steps, len(configs)))
+def learning_rate_table(configs: list[RunConfig], steps_per_epoch: int) -> np.ndarray:
+    """[steps, runs]: the rate each run's own schedule (`core.device.make_schedule`, over its own epochs) sets
+    before each step, for as many steps as the longest run takes; 0 after a shorter run's last step."""
+    table = np.zeros((steps_per_epoch * max(c.epochs for c in configs), len(configs)))
     for run, config in enumerate(configs):
-        multipliers = rate_multipliers(config.scheduler, config.warmup_ratio, total_steps, config.learning_rate)
-        table[:, run] = [config.learning_rate * m for m in multipliers]  # LambdaLR's own product
+        total = steps_per_epoch * config.epochs
+        multipliers = rate_multipliers(config.scheduler, config.warmup_ratio, total, config.learning_rate)
+        table[:total, run] = [config.learning_rate * m for m in multipliers]  # LambdaLR's own product
     return table
 
 
@@ -187,7 +191,7 @@ class StackedRuns:
         shapes = {group_key(r.config) for r in runs}
         if len(shapes) != 1 or len({len(r.lengths) for r in runs}) != 1:
             raise ValueError("stacked runs must share their work shape (model, depth, batch, length, precision, "
-                             f"epochs, training-set size); only {', '.join(PER_RUN_FIELDS)} may differ")
+                             f"training-set size); only {', '.join(PER_RUN_FIELDS)} may differ")
         self.runs, self.device, self.pad_id, self.max_grad_norm = runs, torch.device(device), pad_id, max_grad_norm
         self.autocast = autocast or contextlib.nullcontext
         config = runs[0].config
@@ -216,7 +220,7 @@ class StackedRuns:
                                            for ts in (self.params, self.grads, exp_avg, exp_avg_sq))))
         self.step_count = torch.zeros((), device=self.device)
         self.embeddings = [m for m in self.model.modules() if isinstance(m, StackedEmbedding)]
-        self.rates = learning_rate_table([r.config for r in runs], steps_per_epoch * config.epochs)
+        self.rates = learning_rate_table([r.config for r in runs], steps_per_epoch)
         self.steps_per_epoch, self.global_step = steps_per_epoch, 0
         self.captured = None
         if capture is not None:

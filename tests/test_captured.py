@@ -52,7 +52,7 @@ def test_batches_are_padded_into_the_same_static_buffers():
 def test_the_schedule_advances_on_the_device_as_the_scheduler_would(tiny_bert, toy_data):
     runs = [quick_config(tiny_bert, toy_data, scheduler="linear", warmup_ratio=0.25, learning_rate=1e-3),
             quick_config(tiny_bert, toy_data, scheduler="cosine", warmup_ratio=0.0, learning_rate=5e-4)]
-    table = learning_rate_table(runs, total_steps=8)
+    table = learning_rate_table(runs, steps_per_epoch=8)
     assert table[0].tolist() == [0.0, 5e-4] and table[2, 0] == pytest.approx(1e-3)
     rates = LearningRates(table, "cpu")
     seen = []
@@ -156,7 +156,7 @@ def test_the_rate_table_is_what_each_schedule_sets_step_by_step(tiny_bert, toy_d
     from core.config import step_schedulers
     configs = [quick_config(tiny_bert, toy_data, scheduler=name, warmup_ratio=0.2, learning_rate=3e-4)
                for name in step_schedulers()]
-    table = learning_rate_table(configs, total_steps=23)
+    table = learning_rate_table(configs, steps_per_epoch=23)
     for run, config in enumerate(configs):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
         schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=5, num_training_steps=23)

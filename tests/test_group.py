@@ -56,6 +56,32 @@ def test_a_group_trains_each_run_as_alone_and_times_it_alone(model, data):
     assert [len(t.history) for t in group] == [2, 1, 2]
 
 
+def test_runs_of_different_epochs_train_in_one_group_each_as_alone(model, data):
+    """Epochs are a run's own (its schedule's length): a 1-, a 3- and a 2-epoch run stacked together each end where
+    they would alone, with the weights, kept epoch, predictions and per-epoch history of the run alone."""
+    base = quick_config(model, data, freeze_depth=1, batch_size=8, warmup_ratio=0.1)
+    configs = [base.replace(seed=0, epochs=1), base.replace(seed=1, epochs=3, scheduler="cosine", learning_rate=3e-3),
+               base.replace(seed=2, epochs=2, learning_rate=5e-4)]
+    session = Session(timing_repeats=1)
+    group = train_group([prepare(c, session, "cpu", False, True) for c in configs], session, [None] * 3)
+    assert [len(t.history) for t in group] == [1, 3, 2]
+    assert [t.steps for t in group] == [c.epochs * group[0].steps for c in configs]
+    for config, together in zip(configs, group):
+        p = prepare(config, session, "cpu", False, True)
+        with p.frozen_view():
+            alone = train_epochs(p, p.model, session, None, False, False, ())
+        names = [n for n, q in p.model.named_parameters() if q.requires_grad]
+        keep = [i for i, n in enumerate(names) if not n.endswith(ZERO_GRADIENT)]
+        error = relative_error(torch.cat([together.best["weights"][i].flatten() for i in keep]),
+                               torch.cat([alone.best["weights"][i].flatten() for i in keep]))
+        assert error < 1e-5, f"{config.epochs} epochs: weights differ by {error:.1e} relative"
+        assert together.best["epoch"] == alone.best["epoch"]
+        assert (together.best["predictions"] == alone.best["predictions"]).all()
+        assert [e["train_loss"] for e in together.history] == pytest.approx([e["train_loss"] for e in alone.history],
+                                                                            rel=1e-4)
+        assert [e["train_seconds"] for e in together.history] == [e["train_seconds"] for e in alone.history]
+
+
 def counting_optimizers(tmp_path, monkeypatch) -> tuple[Session, list]:
     """A session with a quick timer of its own, and the list of models core.group builds an optimizer for."""
     from core.lease import Lease
@@ -132,6 +158,30 @@ def test_grid_of_three_seeds_stacked_equals_one_at_a_time_and_captured_falls_bac
         assert stacked[seed]["history"][0]["train_loss"] == pytest.approx(alone[seed]["history"][0]["train_loss"],
                                                                            rel=1e-4)
         assert stacked[seed]["shared_steps"] is None
+
+
+def test_the_grid_stacks_cells_of_different_epochs_and_records_each_as_alone(model, data, tmp_path, monkeypatch):
+    """--epochs 1,2: the two cells of a depth share their work shape and train as one group of 2 (the default grid's
+    3- and 4-epoch cells likewise), each recorded as one at a time records it."""
+    from ablations.grid import main
+    records = {}
+    for name, parallel in (("one", "1"), ("two", "2")):
+        out = tmp_path / name
+        out.mkdir()
+        monkeypatch.setattr(sys, "argv", grid_argv(model, data, out, "--epochs", "1,2", "--seeds", "1",
+                                                   "--max-parallel-runs", parallel))
+        assert main() == 0
+        trials = optuna.load_study(study_name="grid", storage=f"sqlite:///{out}/grid.db").get_trials()
+        records[name] = {t.user_attrs["record"]["config"]["epochs"]: t.user_attrs["record"] for t in trials}
+    assert sorted(records["one"]) == sorted(records["two"]) == [1, 2]
+    for epochs, alone in records["one"].items():
+        together = records["two"][epochs]
+        assert alone["engine"] == "eager" and together["engine"] == "stacked (2 runs)"
+        assert len(together["history"]) == epochs
+        assert together["validation_predictions"] == alone["validation_predictions"]
+        assert together["best_epoch"] == alone["best_epoch"]
+        assert [e["train_loss"] for e in together["history"]] == \
+            pytest.approx([e["train_loss"] for e in alone["history"]], rel=1e-4)
 
 
 def test_the_captured_engine_through_the_grid_records_what_one_at_a_time_does(model, data, tmp_path, monkeypatch):
