@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ablations.runner import add_study_arguments, choose_engine, locations, make_trainer, write_report
+from ablations.runner import (add_parallel_argument, add_study_arguments, locations, make_group_trainer, make_trainer,
+                              parallel_runs, write_report)
 from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
 from core.config import RunConfig
 from core.errors import UsageError
@@ -42,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")
-    parser.add_argument("--max-parallel-runs", default="auto", metavar="N", help="runs of one work shape trained "
-                        "at once as one stacked model (auto: 1 on a CPU, on CUDA as many as fit in the free memory; "
-                        "1: one at a time) (default: auto)")
+    add_parallel_argument(parser, "runs of one work shape trained at once as one stacked model")
     parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     return parser
 
@@ -74,30 +73,8 @@ def _duration(seconds: float) -> str:
 
 def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> tuple[TrainFn, GroupTrainFn]:
     """The grid's trainers of one run (`ablations.runner.make_trainer`, given the cell's schedule siblings) and of
-    a group of runs, over the command's one session."""
-    from core.captured import CapturedStep
-    from core.group import run_group
-
-    capture = CapturedStep if engine == "captured" else None
-
-    def group(configs: list[RunConfig]) -> list:
-        return [r if isinstance(r, Exception) else r.to_dict()
-                for r in run_group(configs, session, args.device, capture=capture)]
-    return make_trainer(args, "siblings", session, engine), group
-
-
-def parallel_runs(args: argparse.Namespace, base: RunConfig) -> tuple[str, int]:
-    """(engine, group size) from --engine and --max-parallel-runs; bad values are a UsageError."""
-    from core.group import group_size
-    if args.max_parallel_runs == "auto":  # sized for captured graphs wherever capture may be chosen
-        size = group_size(base, args.device, captured=args.engine in ("auto", "captured"))
-    elif args.max_parallel_runs.isdigit() and int(args.max_parallel_runs) >= 1:
-        size = int(args.max_parallel_runs)
-    else:
-        raise UsageError(f"--max-parallel-runs {args.max_parallel_runs!r} is invalid: use auto or a whole number "
-                         "of at least 1")
-    engine = choose_engine(args, base, size)
-    return engine, size if engine != "eager" else 1
+    a group of runs (`ablations.runner.make_group_trainer`), over the command's one session."""
+    return make_trainer(args, "siblings", session, engine), make_group_trainer(args, session, engine)
 
 
 def main() -> int:

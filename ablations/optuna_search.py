@@ -11,6 +11,7 @@ the workers share the study.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Callable
 
 from ablations.runner import (
     SEARCHED,
+    add_parallel_argument,
     add_study_arguments,
-    choose_engine,
     free_accelerator_memory,
-    make_trainer,
     locations,
+    make_group_trainer,
+    make_trainer,
+    parallel_runs,
 )
 from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
 from core.config import RunConfig
@@ -39,7 +42,9 @@ if TYPE_CHECKING:  # optuna, torch and the ledger load when the search runs, not
     from ablations.ledger import Ledger
 
 TrainFn = Callable[[RunConfig, Callable[[dict], "str | None"] | None], dict]
+GroupTrainFn = Callable[[list[RunConfig], list], list]  # configs of one work shape, their stoppers -> records/errors
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
+BATCH = 8  # the automatic --max-parallel-runs at most: trials asked together are proposed without each other's result
 OBJECTIVES = {"pareto": ("maximize", "minimize"), "accuracy": ("maximize",)}
 # The ledger drives trials by ask/tell under its own heartbeats; Optuna's hint about optimize() does not apply.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -98,6 +103,23 @@ class Outcome:
     reason: str | None = None
 
 
+def outcome_of(result: dict | Exception) -> Outcome:
+    """A trained run's record (or the error that ended it) as a trial's outcome."""
+    if isinstance(result, Exception):
+        return Outcome("failed", reason=failure_reason(result))
+    if result.get("stopped_early"):
+        return Outcome("pruned", result, result["stopped_early"])
+    return Outcome("trained", result)
+
+
+def describe(configs: list[RunConfig]) -> str:
+    """What is training now, for the progress bar and failure lines: one config, or a stacked group's shape."""
+    c = configs[0]
+    if len(configs) == 1:
+        return f"freeze {c.freeze_depth}, {c.scheduler}, {c.epochs} ep, lr {c.learning_rate:.2g}"
+    return f"freeze {c.freeze_depth}, {len(configs)} trials stacked"
+
+
 @dataclass
 class Search:
     study: optuna.Study
@@ -111,6 +133,8 @@ class Search:
     margin: float = 0.01
     device: str | None = None      # runs timed on another device are not compared when pruning
     poll_seconds: float = 5.0
+    train_group: GroupTrainFn | None = None  # runs of one work shape as one stacked group (core.group)
+    max_parallel: int = 1  # trials asked at once; those sharing a work shape train together (with train_group)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("trained", "reused", "pruned", "failed", "lost"), 0))
     failures: list[str] = field(default_factory=list)  # this invocation's failed runs: config and reason
@@ -119,38 +143,80 @@ class Search:
     def run(self, trials: int, timeout: float | None = None, progress: bool = True) -> None:
         from tqdm.auto import tqdm
 
-        started = time.time()
+        started, left = time.time(), trials
         bar = tqdm(total=trials, disable=not progress, unit="trial", desc=f"search {self.study.study_name}")
-        for _ in range(trials):
+        while left > 0:
             if timeout is not None and time.time() - started > timeout:
                 break
-            outcome = self.trial(bar)
-            self.counts[outcome.kind] += 1
-            bar.update()
+            size = min(left, self.max_parallel if self.train_group else 1)
+            for outcome in self.batch(size, bar):
+                self.counts[outcome.kind] += 1
+                bar.update()
+            left -= size
         bar.close()
 
-    def trial(self, bar: tqdm) -> Outcome:
-        from optuna.trial import TrialState
-
+    def batch(self, size: int, bar: tqdm) -> list[Outcome]:
+        """Ask `size` trials, then answer each from a stored run, train the ones this worker claimed — those of one
+        work shape as one stacked group where `train_group` is given (`core.group`), each trial still its own
+        record — or wait for a run another worker trains. Each trial is finished as soon as its outcome is known."""
         from ablations.storage import Heartbeat
 
+        asked = [self._ask() for _ in range(size)]
+        outcomes: dict[int, Outcome] = {}
+
+        def finish(trial: Trial, config: RunConfig, outcome: Outcome) -> None:
+            outcomes[trial.number] = self._finish(trial, config, outcome)
+
+        try:
+            with contextlib.ExitStack() as beats:
+                for trial, _ in asked:
+                    beats.enter_context(Heartbeat(self.ledger.storage, trial._trial_id))
+                claimed, waiting = [], []
+                for trial, config in asked:
+                    holder = self.ledger.tag_claim(self.study, trial._trial_id, config)  # tags once, then claims
+                    if holder is None:
+                        claimed.append((trial, config))
+                    elif holder.complete:
+                        finish(trial, config, Outcome("reused", self.ledger.record(holder), holder.where))
+                    else:
+                        waiting.append((trial, config, holder))
+                for group in self._groups(claimed):
+                    bar.set_postfix_str(describe([c for _, c in group]))
+                    for (trial, config), outcome in zip(group, self._train_together(group)):
+                        finish(trial, config, outcome)
+                for trial, config, holder in waiting:
+                    finish(trial, config, self._wait(trial, config, holder))
+        except KeyboardInterrupt:
+            for trial, _ in asked:
+                if trial.number not in outcomes:
+                    self.ledger.finish_failed(self.study, trial._trial_id, "interrupted", "interrupted by the user")
+            raise
+        return [outcomes[trial.number] for trial, _ in asked]
+
+    def _ask(self) -> tuple[Trial, RunConfig]:
         trial = self.study.ask()
         # Re-seeded per trial from (study name, seed, trial number): a fresh study of one name and seed proposes
         # the same configs, workers sharing a study (numbers are unique) never propose in lockstep, and two
         # studies on one storage do not replay each other's proposals (which the ledger would answer, not train).
+        # Trials asked together in one batch see each other as running (TPE's constant liar keeps them apart).
         key = f"{self.study.study_name}/{self.seed}/{trial.number}".encode()
         self.study.sampler = make_sampler(self.sampler, None if self.seed is None else zlib.crc32(key))
+        self.ledger.storage.record_heartbeat(trial._trial_id)  # a worker killed from here on leaves a stale trial
+        return trial, self.base.replace(**suggest(trial, self.space))
+
+    def _groups(self, claimed: list[tuple[Trial, RunConfig]]) -> list[list[tuple[Trial, RunConfig]]]:
+        """The claimed trials by work shape (`core.stacked.group_key`), in the order they were asked."""
+        from core.stacked import group_key
+
+        groups: dict[tuple, list] = {}
+        for trial, config in claimed:
+            groups.setdefault(group_key(config), []).append((trial, config))
+        return list(groups.values())
+
+    def _finish(self, trial: Trial, config: RunConfig, outcome: Outcome) -> Outcome:
+        from optuna.trial import TrialState
+
         trial_id = trial._trial_id
-        self.ledger.storage.record_heartbeat(trial_id)  # a worker killed from here on leaves a stale trial
-        try:
-            with Heartbeat(self.ledger.storage, trial_id):
-                config = self.base.replace(**suggest(trial, self.space))
-                bar.set_postfix_str(f"freeze {config.freeze_depth} · {config.scheduler} · {config.epochs} ep · "
-                                    f"lr {config.learning_rate:.2g}")
-                outcome = self._resolve(trial, config)
-        except KeyboardInterrupt:
-            self.ledger.finish_failed(self.study, trial_id, "interrupted", "interrupted by the user")
-            raise
         if outcome.kind == "trained":
             self.ledger.finish_complete(self.study, trial_id, outcome.record)
             self.train_seconds += outcome.record["train_seconds"]
@@ -162,32 +228,32 @@ class Search:
             self.train_seconds += outcome.record["train_seconds"]
         elif outcome.kind == "failed":
             self.ledger.finish_failed(self.study, trial_id, "error", outcome.reason)
-            self.failures.append(f"trial {trial.number} (freeze {config.freeze_depth}, {config.scheduler}, "
-                                 f"{config.epochs} ep, lr {config.learning_rate:.2g}): {outcome.reason}")
+            self.failures.append(f"trial {trial.number} ({describe([config])}): {outcome.reason}")
             free_accelerator_memory()
         return outcome
 
-    def _resolve(self, trial: Trial, config: RunConfig) -> Outcome:
-        """Answer the trial from a stored run, wait for a worker training it, or claim and train it."""
-        holder = self.ledger.tag_claim(self.study, trial._trial_id, config)  # tags the trial once, then claims
-        run_id = config.run_id
+    def _wait(self, trial: Trial, config: RunConfig, holder) -> Outcome:
+        """Another worker trains this run: reuse it when done, or reclaim and train it if that worker went stale."""
         while True:
             if holder is None:
-                return self._train(trial, config)
+                return self._train_together([(trial, config)])[0]
             if holder.complete:
                 return Outcome("reused", self.ledger.record(holder), holder.where)
-            time.sleep(self.poll_seconds)  # another worker trains this run: reuse it when done, or reclaim if stale
+            time.sleep(self.poll_seconds)
             self.ledger.fail_stale()
-            holder = self.ledger.claim(self.study, run_id, trial._trial_id)
+            holder = self.ledger.claim(self.study, config.run_id, trial._trial_id)
 
-    def _train(self, trial: Trial, config: RunConfig) -> Outcome:
+    def _train_together(self, group: list[tuple[Trial, RunConfig]]) -> list[Outcome]:
+        """Train the group's runs, alone (`train`) or as one stacked group (`train_group`); each run's outcome."""
         try:
-            record = self.train(config, self._stopper(trial, config))
+            if len(group) == 1:
+                trial, config = group[0]
+                results = [self.train(config, self._stopper(trial, config))]
+            else:
+                results = self.train_group([c for _, c in group], [self._stopper(t, c) for t, c in group])
         except Exception as error:  # NaN loss at a high learning rate, out of memory: record it, search on
-            return Outcome("failed", reason=failure_reason(error))
-        if record.get("stopped_early"):
-            return Outcome("pruned", record, record["stopped_early"])
-        return Outcome("trained", record)
+            results = [error] * len(group)
+        return [outcome_of(result) for result in results]
 
     def _stopper(self, trial: Trial, config: RunConfig) -> Callable[[dict], str | None]:
         """The on_epoch callback: Optuna's pruner for one objective, Pareto dominance for two."""
@@ -268,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="uniform warmup ratio range, e.g. 0,0.2 (default: 0,0.2)")
     parser.add_argument("--print-space", action="store_true", help="print the search space as JSON and exit")
     add_study_arguments(parser, default_study=None)  # search, or search-accuracy for --objective accuracy
+    add_parallel_argument(parser, f"trials asked at once (auto: at most {BATCH}, so that the sampler learns "
+                          "between batches); those of one work shape train together as one stacked model")
     parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     return parser
 
@@ -315,12 +383,15 @@ def main() -> int:
         ledger = Ledger(open_storage(url, args.heartbeat))
         study = open_search_study(ledger.storage, name, args.objective, space, base)
         study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
-        train = make_trainer(args, pass_as="on_epoch", session=session, engine=choose_engine(args, base, 1))
+        engine, size = parallel_runs(args, base, most=BATCH)  # the depth-0 base: the most memory per run
+        train = make_trainer(args, pass_as="on_epoch", session=session, engine=engine)
         search = Search(study, ledger, base, space, train, args.sampler, args.sampler_seed, args.prune, args.margin,
-                        device, poll_seconds=min(5.0, args.heartbeat))
+                        device, poll_seconds=min(5.0, args.heartbeat),
+                        train_group=make_group_trainer(args, session, engine) if size > 1 else None, max_parallel=size)
         print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "
               f"training seed {base.seed}, objective {args.objective}, pruning {'on' if args.prune else 'off'}, "
-              f"space {space.describe()} on {mask_url(url)}")
+              f"space {space.describe()} on {mask_url(url)}; engine {engine}, "
+              f"{f'{size} trials asked at once' if size > 1 else 'one trial at a time'}")
         if session.timing_repeats:  # every depth the search may choose timed in one sitting (core.sitting), with
             from ablations.timing_passes import time_study  # the shapes of the study's stored runs where it grows
             low, high = space.freeze_depth

@@ -112,6 +112,44 @@ def make_trainer(args: argparse.Namespace, pass_as: str, session=None, engine: s
     return one_group
 
 
+def make_group_trainer(args: argparse.Namespace, session, engine: str
+                       ) -> Callable[[list[RunConfig], list | None], list]:
+    """Runs of one work shape trained as one stacked group (`core.group.run_group`, captured where `engine` is
+    "captured") over the command's session: (configs, per-run epoch callbacks or None) -> per run its record as
+    stored, or the error that failed it."""
+    from core.captured import CapturedStep
+    from core.group import run_group
+
+    capture = CapturedStep if engine == "captured" else None
+
+    def group(configs: list[RunConfig], on_epoch: list | None = None) -> list:
+        return [r if isinstance(r, Exception) else r.to_dict()
+                for r in run_group(configs, session, args.device, on_epoch=on_epoch, capture=capture)]
+    return group
+
+
+def add_parallel_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """--max-parallel-runs; `what` says what the command trains at once."""
+    parser.add_argument("--max-parallel-runs", default="auto", metavar="N", help=f"{what} (auto: 1 on a CPU, on "
+                        "CUDA as many as fit in the free memory; 1: one at a time) (default: auto)")
+
+
+def parallel_runs(args: argparse.Namespace, base: RunConfig, most: int | None = None) -> tuple[str, int]:
+    """(engine, group size) from --engine and --max-parallel-runs; `most` caps the automatic size (the search's
+    batch of trials). Bad values are a UsageError."""
+    from core.group import group_size
+    if args.max_parallel_runs == "auto":  # sized for captured graphs wherever capture may be chosen
+        size = group_size(base, args.device, captured=args.engine in ("auto", "captured"))
+        size = min(size, most) if most else size
+    elif args.max_parallel_runs.isdigit() and int(args.max_parallel_runs) >= 1:
+        size = int(args.max_parallel_runs)
+    else:
+        raise UsageError(f"--max-parallel-runs {args.max_parallel_runs!r} is invalid: use auto or a whole number "
+                         "of at least 1")
+    engine = choose_engine(args, base, size)
+    return engine, size if engine != "eager" else 1
+
+
 def choose_engine(args: argparse.Namespace, config: RunConfig, group_size: int) -> str:
     """--engine resolved for this machine and model (`core.group.choose_engine`); --compile needs eager."""
     from core.device import default_device

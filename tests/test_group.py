@@ -240,7 +240,7 @@ def test_engine_choice_on_the_cpu(model):
         choose_engine("fast", "cpu", 1)
     from argparse import Namespace
 
-    from ablations.grid import parallel_runs
+    from ablations.runner import parallel_runs
     flags = {"engine": "auto", "device": "cpu", "compile": False}
     assert parallel_runs(Namespace(max_parallel_runs="auto", **flags), config) == ("eager", 1)
     assert parallel_runs(Namespace(max_parallel_runs="4", **flags), config) == ("stacked", 4)

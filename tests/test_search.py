@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import fresh_postgres_database, quick_config
+from conftest import fresh_postgres_database, quick_config, save_tiny
 from optuna.trial import TrialState
 
 from ablations.cells import run_cells
@@ -103,6 +103,60 @@ def test_the_same_seed_proposes_the_same_configs_on_a_fresh_study(tmp_path):
         proposed[folder] = [t.params for t in search.study.get_trials()]
     assert proposed["a"] == proposed["b"]  # the same command on a fresh storage
     assert proposed["c"] != proposed["a"] and proposed["d"] != proposed["a"]  # another seed, another study
+
+
+def test_trials_asked_together_train_as_groups_of_one_work_shape_each_with_its_own_record(tmp_path):
+    """--max-parallel-runs 4: four trials asked at once; those of one freeze depth go to train_group together (a
+    lone one to train), each trial still completes with its own record, and a run that fails fails its trial alone."""
+    groups, alone, failing = [], [], set()
+
+    def train_group(configs, stoppers):
+        groups.append([c.learning_rate for c in configs])
+        assert len(stoppers) == len(configs) and len({c.freeze_depth for c in configs}) == 1
+        failing.add(configs[-1].run_id)
+        return [fake_train(c, stop) for c, stop in zip(configs[:-1], stoppers)] + [RuntimeError("loss became nan")]
+
+    search = searcher(tmp_path, space=SearchSpace(freeze_depth=(0, 1), epochs=(1, 2), learning_rate=(1e-3, 5e-3)),
+                      train=lambda c, on_epoch: alone.append(c.learning_rate) or fake_train(c, on_epoch),
+                      prune=False, train_group=train_group, max_parallel=4)
+    search.run(10, progress=False)  # batches of 4, 4 and 2 trials
+    trials = search.study.get_trials()
+    assert len(trials) == 10 and sum(search.counts.values()) == 10
+    expected = [same for batch in (trials[0:4], trials[4:8], trials[8:10]) for depth in (0, 1)
+                if (same := [t.params["learning_rate"] for t in batch if t.params["freeze_depth"] == depth])]
+    assert sorted(groups + [[rate] for rate in alone]) == sorted(expected)  # per batch, one call per depth
+    assert any(len(g) > 1 for g in groups), "no two trials of a batch shared a depth: the test proves nothing"
+    for trial in trials:
+        if trial.user_attrs["run_id"] in failing:
+            assert trial.state == TrialState.FAIL and "loss became nan" in trial.user_attrs["fail_reason"]
+        else:
+            assert trial.state == TrialState.COMPLETE
+            assert trial.user_attrs["record"]["config"]["learning_rate"] == trial.params["learning_rate"]
+    assert search.counts["failed"] == len(groups) == len(failing)
+
+
+def test_a_batched_search_proposes_and_records_what_one_trial_at_a_time_does(tmp_path, monkeypatch, toy_data):
+    """Through the command on a tiny dropout-free model: --max-parallel-runs 3 asks 3 trials at once and trains
+    them as one stacked group (one freeze depth in the space); the sampler proposes the same configs as one at a
+    time (its first trials are seeded draws) and every record equals the one-at-a-time record."""
+    model = str(save_tiny(tmp_path / "model", "bert", layers=2, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0))
+    records = {}
+    for parallel in ("1", "3"):
+        out = tmp_path / parallel
+        assert run_cli(monkeypatch, "--model", model, "--dataset", toy_data, "--freeze-depths", "1-1",
+                       "--epochs-range", "1-2", "--lr-range", "1e-3,5e-3", "--max-length", "32", "--precision",
+                       "fp32", "--trials", "3", "--no-prune", "--timing-repeats", "0", "--max-parallel-runs",
+                       parallel, "--output-dir", str(out), "--no-progress", "--no-report") == 0
+        trials = optuna.load_study(study_name="search", storage=f"sqlite:///{out}/ablations.db").get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+        records[parallel] = [t.user_attrs["record"] for t in trials]
+    for alone, together in zip(records["1"], records["3"]):
+        assert together["config"] == alone["config"]
+        assert alone["engine"] == "eager" and together["engine"] == "stacked (3 runs)"
+        assert together["validation_predictions"] == alone["validation_predictions"]
+        assert (together["accuracy"], together["best_epoch"]) == (alone["accuracy"], alone["best_epoch"])
+        assert together["loss"] == pytest.approx(alone["loss"], rel=1e-4)
 
 
 def test_a_config_the_grid_ran_is_answered_from_its_record_without_training(tiny_bert, toy_data, tmp_path):
