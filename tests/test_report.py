@@ -354,7 +354,7 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(mo
     from matplotlib.text import Text
 
     from ablations import plots
-    # The 14-cell grid of results/ (8,000 sentences): depths 1-5 crowd within 26 s and 3 points.
+    # The 14-cell grid of results/grid-8000/ (8,000 sentences): depths 1-5 crowd within 26 s and 3 points.
     cells = [(132.6, .805, .783, .827), (89.5, .824, .771, .878), (38.3, .812, .804, .821), (38.5, .819, .764, .874),
              (31.9, .838, .802, .874), (31.8, .835, .779, .890), (25.2, .838, .824, .851), (25.5, .841, .832, .851),
              (18.5, .841, .815, .867), (18.7, .841, .816, .867), (12.6, .826, .805, .846), (12.3, .827, .805, .849),
