@@ -148,11 +148,15 @@ class Search:
         while left > 0:
             if timeout is not None and time.time() - started > timeout:
                 break
+            # Trials of a killed worker are failed here (Optuna does so only inside Study.optimize): left RUNNING,
+            # they would stay in the report's counts and in TPE's constant liar for good.
+            self.ledger.fail_stale()
             size = min(left, self.max_parallel if self.train_group else 1)
             for outcome in self.batch(size, bar):
                 self.counts[outcome.kind] += 1
                 bar.update()
             left -= size
+        self.ledger.fail_stale()  # a worker killed only moments before this one started is stale by now
         bar.close()
 
     def batch(self, size: int, bar: tqdm) -> list[Outcome]:

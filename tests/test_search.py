@@ -159,6 +159,43 @@ def test_a_batched_search_proposes_and_records_what_one_trial_at_a_time_does(tmp
         assert together["loss"] == pytest.approx(alone["loss"], rel=1e-4)
 
 
+def test_kill_9_mid_batch_leaves_every_asked_trial_stale_and_the_next_search_fails_them(tiny_bert, tmp_path):
+    """A worker killed while a batch of 3 trials trains as one group: the next invocation of the same command
+    fails all 3 as stale (none is left RUNNING to skew the sampler and the report) and trains a batch of its own."""
+    import collections
+    import signal
+    import time
+
+    from ablations.storage import fail_kind
+    from conftest import write_toy_dataset
+    data = str(write_toy_dataset(tmp_path / "data", train=3000, validation=64))  # a group slow enough to interrupt
+    url = f"sqlite:///{tmp_path}/search.db"
+    command = [sys.executable, "-m", "ablations.optuna_search", "--model", tiny_bert, "--dataset", data,
+               "--freeze-depths", "1-1", "--epochs-range", "2-2", "--max-length", "32", "--precision", "fp32",
+               "--max-parallel-runs", "3", "--no-prune", "--timing-repeats", "0", "--heartbeat", "1",
+               "--storage", url, "--output-dir", str(tmp_path), "--no-progress", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([*command, "--trials", "6"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline, states = time.time() + 240, collections.Counter()
+    while time.time() < deadline and states["RUNNING"] < 3:
+        time.sleep(0.5)
+        try:
+            states = collections.Counter(t.state.name for t in optuna.load_study(study_name="search",
+                                                                              storage=url).get_trials())
+        except KeyError:
+            continue
+    assert states == {"RUNNING": 3}, states
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = subprocess.run([*command, "--trials", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna.load_study(study_name="search", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE] * 3
+    assert [fail_kind(t) for t in trials[:3]] == ["stale"] * 3
+    assert {t.user_attrs["record"]["engine"] for t in trials[3:]} == {"stacked (3 runs)"}
+
+
 def test_a_config_the_grid_ran_is_answered_from_its_record_without_training(tiny_bert, toy_data, tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path}/search.db", heartbeat_seconds=1)
     base = quick_config(tiny_bert, toy_data)
