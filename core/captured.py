@@ -75,6 +75,11 @@ class LearningRates:
         self.index.add_(1).clamp_(max=self.table.shape[0] - 1)
         self.current.copy_(self.table.index_select(0, self.index)[0])
 
+    def start_at(self, step: int) -> None:
+        """Go to step `step` of the table (a group narrowed mid-training goes on from where it stood)."""
+        self.index.fill_(min(step, self.table.shape[0] - 1))
+        self.current.copy_(self.table[int(self.index)])
+
 
 def fill_static(static: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
     """Copy one step's tensors (already padded to the bucket) into the bucket's static buffers."""

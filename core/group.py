@@ -9,11 +9,13 @@ selection, `on_epoch` pruning), then `evaluate_test` and `make_record` (`core.re
 take steps over from.
 
 The runs may differ in their epochs: the group steps as many epochs as its longest run, and a shorter run's last
-epoch is its last evaluated one (its schedule ended there, `core.stacked.learning_rate_table`).
+epoch is its last (its schedule ended there, `core.stacked.learning_rate_table`).
 
 A run whose training loss turns non-finite fails alone: the runs share no trainable weight, and each run's
-clip and AdamW update read only its own slice, so a NaN stays in its run. Its slot (like a pruned run's)
-keeps computing until the group ends but is no longer evaluated. An error outside the steps fails the group.
+clip and AdamW update read only its own slice, so a NaN stays in its run. An error outside the steps fails the
+group. Before an epoch in which fewer runs go on (some ended, were pruned or failed), the group is narrowed to
+those runs (`StackedRuns.narrowed`: their weights, AdamW state and place in their schedules carried over), so a
+run that ended costs no more steps.
 """
 from __future__ import annotations
 
@@ -155,24 +157,29 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     def live(i: int, epoch: int) -> bool:  # not failed, not stopped early, and this epoch is one of the run's
         return outcome[i] is done[i] and not done[i].stopped and epoch <= prepared[i].config.epochs
 
+    members, replayed = list(range(len(prepared))), False  # the prepared run in each slot of the engine
     for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
-        if not any(live(i, epoch) for i in range(len(prepared))):
+        keep = [slot for slot, i in enumerate(members) if live(i, epoch)]
+        if not keep:
             break
+        if len(keep) < len(members):  # runs ended (last epoch, pruned, failed): the rest go on as a smaller group
+            replayed |= engine.captured is not None and engine.captured.replayed > 0
+            engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
         started = sync_time(first.device)
         losses = engine.train_epoch(epoch, session.timer.pause_point)
-        share = (sync_time(first.device) - started) / len(prepared)  # the group's loop, per run
-        for i, (p, training) in enumerate(zip(prepared, done)):
-            if not live(i, epoch):
-                continue
+        share = (sync_time(first.device) - started) / len(members)  # the group's loop, per run
+        for slot, i in enumerate(members):
+            p, training = prepared[i], done[i]
             training.steps += steps_per_epoch
-            _load(p, engine.run_weights(i))
+            _load(p, engine.run_weights(slot))
             try:
                 with p.frozen_view():
-                    end_epoch(p, p.model, session, training, epoch, steps_per_epoch, float(losses[i]), share,
+                    end_epoch(p, p.model, session, training, epoch, steps_per_epoch, float(losses[slot]), share,
                               on_epoch[i])
             except FloatingPointError as error:
                 outcome[i] = error
-    name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
+    replayed |= engine.captured is not None and engine.captured.replayed > 0
+    name = "captured" if replayed else "stacked"
     for training in done:
         training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''})"
     return outcome

@@ -14,8 +14,8 @@ update (torch's fused AdamW kernel called on the run's slice: the same kernel an
 own evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
 a solo run would draw, so with dropout on a stacked run equals a solo run in distribution, not bit for bit.
 Frozen modules are not stacked: the runs share them (they hold the same pretrained weights).
-A run of fewer epochs than the group's longest ends after its last epoch: from there its learning rate is 0, so its
-weights stay as they were (its slot still computes until the group ends; the caller evaluates it no more).
+A run of fewer epochs than the group's longest ends after its last epoch (its rates are 0 from there), and
+`narrowed` gives the runs that go on a smaller group of their own, so a run that ended costs no more steps.
 """
 from __future__ import annotations
 
@@ -194,6 +194,8 @@ class StackedRuns:
                              f"training-set size); only {', '.join(PER_RUN_FIELDS)} may differ")
         self.runs, self.device, self.pad_id, self.max_grad_norm = runs, torch.device(device), pad_id, max_grad_norm
         self.autocast = autocast or contextlib.nullcontext
+        self.settings = dict(autocast=autocast, cached=cached, max_grad_norm=max_grad_norm, capture=capture,
+                             buckets=buckets)  # what `narrowed` builds its smaller group with
         config = runs[0].config
         self.model, self.axis = stack_models([r.model for r in runs])
         self.model.to(self.device)
@@ -207,7 +209,8 @@ class StackedRuns:
         # every per-run slice the update reads is built once here, not N x parameters times a step.
         self.grads = [torch.zeros_like(p) for p in self.params]
         self._restore_gradients()
-        exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params]
+        self.moments = exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in self.params], \
+            [torch.zeros_like(p) for p in self.params]
         solo = dict(runs[0].model.named_parameters())
         decayed = [decays(solo[n]) for n, _ in named]  # the solo run's AdamW groups (core.model.decay_groups)
         self.updates = []  # (run, weight decay, its parameter / gradient / moment slices) per run and group
@@ -303,6 +306,30 @@ class StackedRuns:
                 if after_step is not None:
                     after_step()
         return (loss_sum / len(orders[0])).cpu().numpy()
+
+    @torch.no_grad()
+    def narrowed(self, keep: list[int]) -> StackedRuns:
+        """The runs in slots `keep` as a smaller group that goes on where this one stands — their weights, AdamW
+        moments, step count and place in their schedules — so that runs which ended (their last epoch, pruned,
+        failed) stop costing steps. Called between epochs. This group's tensors are given back before the smaller
+        one is built (what carries over waits on the host meanwhile), so the peak stays this group's; a captured
+        step is captured again for the new shapes."""
+        index = torch.tensor(keep, device=self.device)
+        carried = [[t.index_select(0, index).cpu() for t in ts] for ts in (self.params, *self.moments)]
+        step_count, global_step = float(self.step_count), self.global_step
+        steps_per_epoch, pad_id, device, settings = self.steps_per_epoch, self.pad_id, self.device, self.settings
+        runs = [self.runs[i] for i in keep]
+        vars(self).clear()  # every reference to this group's model, state and graphs (an empty shell is left)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        group = StackedRuns(runs, steps_per_epoch, pad_id, device, **settings)
+        for mine, theirs in zip((group.params, *group.moments), carried):
+            torch._foreach_copy_(mine, [t.to(device) for t in theirs])
+        group.step_count.fill_(step_count)
+        group.global_step = global_step
+        if group.captured is not None:
+            group.device_rates.start_at(global_step)
+        return group
 
     def run_weights(self, run: int) -> dict[str, torch.Tensor]:
         """Run `run`'s trainable weights under the solo model's parameter names."""

@@ -64,15 +64,20 @@ def test_a_group_trains_each_run_as_alone_and_times_it_alone(model, data):
     assert [len(t.history) for t in group] == [2, 1, 2]
 
 
-def test_runs_of_different_epochs_train_in_one_group_each_as_alone(model, data):
+def test_runs_of_different_epochs_train_in_one_group_each_as_alone(model, data, monkeypatch):
     """Epochs are a run's own (its schedule's length): a 1-, a 3- and a 2-epoch run stacked together each end where
-    they would alone, with the weights, kept epoch, predictions and per-epoch history of the run alone."""
+    they would alone, with the weights, kept epoch, predictions and per-epoch history of the run alone; a run
+    that ended costs no more steps (the group is narrowed: 3, then 2, then 1 run stepped)."""
+    from core.stacked import StackedRuns
+    stepped, train_epoch = [], StackedRuns.train_epoch
+    monkeypatch.setattr(StackedRuns, "train_epoch", lambda self, *a: stepped.append(len(self.runs)) or
+                        train_epoch(self, *a))
     base = quick_config(model, data, freeze_depth=1, batch_size=8, warmup_ratio=0.1)
     configs = [base.replace(seed=0, epochs=1), base.replace(seed=1, epochs=3, scheduler="cosine", learning_rate=3e-3),
                base.replace(seed=2, epochs=2, learning_rate=5e-4)]
     session = Session(timing_repeats=1)
     group = train_group([prepare(c, session, "cpu", False, True) for c in configs], session, [None] * 3)
-    assert [len(t.history) for t in group] == [1, 3, 2]
+    assert [len(t.history) for t in group] == [1, 3, 2] and stepped == [3, 2, 1]
     assert [t.steps for t in group] == [c.epochs * group[0].steps for c in configs]
     assert_each_as_alone(configs, [None] * 3, group, session)
 

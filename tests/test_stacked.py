@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from core.device import clip_gradients, make_optimizer
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
 from core.prefix_cache import PrefixCache, layer_view, prefix_states
 from core.stacked import StackedRun, StackedRuns, group_key, pad_and_stack, stack_models
+import core.stacked
 
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
               "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)}
@@ -146,6 +149,38 @@ def test_a_captured_group_computes_what_the_eager_group_does(model_dir, data, de
         whole, worst = stacked_error(graphed.run_weights(i), eager.run_weights(i))
         assert whole < 1e-5, f"run {i}: the weights differ by {whole:.2e} relative"
         assert worst < 1e-4, f"run {i}: a weight tensor differs by {worst:.2e} relative"
+
+
+@pytest.mark.parametrize("capture", [None, GraphOnTheCpu], ids=["eager", "captured"])
+def test_a_narrowed_group_goes_on_where_the_whole_group_stood(model_dir, data, capture, monkeypatch):
+    """After epoch 1, runs 0 and 2 go on without run 1 (it ended): the narrowed group carries their weights, AdamW
+    moments, step count and place in their schedules, so after epoch 2 they hold what the whole group gives them
+    (within 1e-5 relative), and it steps 2 runs, not 3 (a captured one captures again for its new shapes)."""
+    group, cache = [c.replace(epochs=2) for c in configs(model_dir, data, 1)], PrefixCache()
+    prepared = [prepare(c, cache=cache) for c in group]
+    pad_id, extra = prepared[0][2], {} if capture is None else {"capture": capture, "buckets": (6, 8, 10)}
+    whole = StackedRuns([p[0] for p in prepared], 30, pad_id, "cpu", cached=True, **extra)
+    narrow = StackedRuns([prepare(c, cache=cache)[0] for c in group], 30, pad_id, "cpu", cached=True, **extra)
+    whole.train_epoch(1), narrow.train_epoch(1)
+    before, freed = [weakref.ref(narrow.model), *map(weakref.ref, narrow.params)], []
+
+    def stack(models):  # by the time the smaller group is stacked, the wider one's weights must be given back
+        gc.collect()
+        freed.append(all(ref() is None for ref in before))
+        return stack_models(models)
+    monkeypatch.setattr(core.stacked, "stack_models", stack)
+    narrow = narrow.narrowed([0, 2])  # `narrow` holds the wider group while the smaller one is built, as callers do
+    assert freed == [True], "the wider group's weights are still held while the smaller one is built"
+
+    assert len(narrow.runs) == 2 and narrow.params[0].shape[0] == 2 and narrow.global_step == 30
+    assert float(narrow.step_count) == 30 and narrow.rates[30].tolist() == whole.rates[30, [0, 2]].tolist()
+    whole_losses, narrow_losses = whole.train_epoch(2), narrow.train_epoch(2)
+    assert narrow_losses == pytest.approx(whole_losses[[0, 2]], rel=1e-5)
+    if capture is not None:
+        assert narrow.captured.replayed > 0 and narrow.device_rates.index.item() == 59
+    for slot, run in enumerate([0, 2]):
+        error, worst = stacked_error(narrow.run_weights(slot), whole.run_weights(run))
+        assert error < 1e-5, f"run {run}: the weights differ by {error:.2e} relative"
 
 
 def test_stacked_bf16_accuracy_matches_solo_within_noise(data, tmp_path):
