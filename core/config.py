@@ -66,8 +66,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #   of fewer epochs than the group's longest ends there and is no longer updated).
 # - COST_FREE: what one training step costs (`core.timing.work_shape`): the per-run fields and epochs, which only
 #   multiply the steps.
-# So COST_FREE = PER_RUN_FIELDS | SCHEDULE_ONLY. SCHEDULE_ONLY does not hold PER_RUN_FIELDS: a sibling must share the
-# seed, the learning rate and the weight decay (they change the arithmetic).
+# So COST_FREE = PER_RUN_FIELDS | SCHEDULE_ONLY, and SCHEDULE_ONLY is inside PER_RUN_FIELDS, not the reverse: a
+# sibling must share the seed, the learning rate and the weight decay (they change the arithmetic).
 SCHEDULE_ONLY = ("scheduler", "epochs", "warmup_ratio", "select_by")
 PER_RUN_FIELDS = ("seed", "scheduler", "epochs", "learning_rate", "warmup_ratio", "weight_decay", "select_by")
 COST_FREE = tuple(dict.fromkeys(PER_RUN_FIELDS + SCHEDULE_ONLY))

@@ -127,7 +127,9 @@ def test_the_field_sets_are_run_config_fields_and_each_key_ignores_exactly_its_s
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     assert set(COST_FREE) <= fields and set(COST_FREE) == set(PER_RUN_FIELDS) | set(SCHEDULE_ONLY)
-    assert not set(PER_RUN_FIELDS) <= set(SCHEDULE_ONLY) and not set(SCHEDULE_ONLY) <= set(PER_RUN_FIELDS)
+    # A group's runs may differ in whatever schedule siblings may (epochs included), not the reverse: a sibling
+    # shares its seed, rate and weight decay, which change the arithmetic.
+    assert set(SCHEDULE_ONLY) < set(PER_RUN_FIELDS)
     base = RunConfig(model="m", dataset="d")
     other = {"seed": 7, "scheduler": "linear", "learning_rate": 1e-4, "warmup_ratio": 0.2, "weight_decay": 0.0,
              "epochs": 2, "select_by": "loss", "freeze_depth": 1, "batch_size": 8, "max_length": 64}
