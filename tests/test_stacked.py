@@ -12,6 +12,7 @@ import torch
 from transformers import get_scheduler, set_seed
 
 from conftest import GraphOnTheCpu, quick_config, save_tiny, write_toy_dataset
+import core.stacked
 from core import train as solo_train
 from core.batches import length_grouped_batches, subsample
 from core.data import load_text_data
@@ -19,7 +20,6 @@ from core.device import clip_gradients, make_optimizer
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
 from core.prefix_cache import PrefixCache, layer_view, prefix_states
 from core.stacked import StackedRun, StackedRuns, group_key, pad_and_stack, stack_models
-import core.stacked
 
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
               "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)}
@@ -151,16 +151,17 @@ def test_a_captured_group_computes_what_the_eager_group_does(model_dir, data, de
         assert worst < 1e-4, f"run {i}: a weight tensor differs by {worst:.2e} relative"
 
 
-@pytest.mark.parametrize("capture", [None, GraphOnTheCpu], ids=["eager", "captured"])
-def test_a_narrowed_group_goes_on_where_the_whole_group_stood(model_dir, data, capture, monkeypatch):
+@pytest.mark.parametrize("depth, capture", [(0, None), (1, None), (1, GraphOnTheCpu)],
+                         ids=["depth0-eager", "depth1-eager", "depth1-captured"])
+def test_a_narrowed_group_goes_on_where_the_whole_group_stood(model_dir, data, depth, capture, monkeypatch):
     """After epoch 1, runs 0 and 2 go on without run 1 (it ended): the narrowed group carries their weights, AdamW
     moments, step count and place in their schedules, so after epoch 2 they hold what the whole group gives them
     (within 1e-5 relative), and it steps 2 runs, not 3 (a captured one captures again for its new shapes)."""
-    group, cache = [c.replace(epochs=2) for c in configs(model_dir, data, 1)], PrefixCache()
+    group, cache = [c.replace(epochs=2) for c in configs(model_dir, data, depth)], PrefixCache()
     prepared = [prepare(c, cache=cache) for c in group]
     pad_id, extra = prepared[0][2], {} if capture is None else {"capture": capture, "buckets": (6, 8, 10)}
-    whole = StackedRuns([p[0] for p in prepared], 30, pad_id, "cpu", cached=True, **extra)
-    narrow = StackedRuns([prepare(c, cache=cache)[0] for c in group], 30, pad_id, "cpu", cached=True, **extra)
+    whole = StackedRuns([p[0] for p in prepared], 30, pad_id, "cpu", cached=depth > 0, **extra)
+    narrow = StackedRuns([prepare(c, cache=cache)[0] for c in group], 30, pad_id, "cpu", cached=depth > 0, **extra)
     whole.train_epoch(1), narrow.train_epoch(1)
     before, freed = [weakref.ref(narrow.model), *map(weakref.ref, narrow.params)], []
 
