@@ -383,11 +383,11 @@ def main() -> int:
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
     space = resolve_space(args, num_layers(preflight(base, session)))  # checked once, before any trial
     device = device_label(args.device)
+    engine, size = parallel_runs(args, base, most=BATCH)  # the depth-0 base: the most memory per run
     with storage_errors(url):
         ledger = Ledger(open_storage(url, args.heartbeat))
         study = open_search_study(ledger.storage, name, args.objective, space, base)
         study.pruner = optuna.pruners.MedianPruner()  # consulted in the accuracy study only
-        engine, size = parallel_runs(args, base, most=BATCH)  # the depth-0 base: the most memory per run
         train = make_trainer(args, pass_as="on_epoch", session=session, engine=engine)
         search = Search(study, ledger, base, space, train, args.sampler, args.sampler_seed, args.prune, args.margin,
                         device, poll_seconds=min(5.0, args.heartbeat),

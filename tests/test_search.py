@@ -70,11 +70,15 @@ def test_print_space_prints_the_space_resolved_against_the_model(monkeypatch, ca
     (["--freeze-depths", "0-5"], "search space freeze_depth [0, 5] is invalid: use a range within 0 to 2"),
     (["--lr-range", "fast"], "--lr-range 'fast' is invalid"),
     (["--objective", "loss"], "argument --objective: invalid choice: 'loss'"),
+    (["--max-parallel-runs", "0"], "--max-parallel-runs '0' is invalid: use auto or a whole number of at least 1"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, tiny_bert, toy_data, arguments, message):
-    assert run_cli(monkeypatch, "--model", tiny_bert, "--dataset", toy_data, *arguments) == 2
+def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, tmp_path, tiny_bert, toy_data, arguments,
+                                                 message):
+    assert run_cli(monkeypatch, "--model", tiny_bert, "--dataset", toy_data, "--output-dir", str(tmp_path),
+                   *arguments) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "ablations.db").exists()  # refused before the ledger is opened: no study is made
 
 
 def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
