@@ -154,11 +154,11 @@ def store_sitting(url: str, study_name: str, rows: list[dict]) -> dict:
 
 def time_study(url: str, study_name: str, pending: list, session, device=None, compile: bool = False,
                progress=print) -> list:
-    """The grid's sitting before its first run (`core.sitting`): the shapes of the runs it is about to train
-    that this machine has no timing of and, when there are any, every shape the study already holds runs of on
-    this hardware, all timed together. Where the study held such runs (it is being extended), the sitting is
-    stored with it (`store_sitting`), so its report reads every run's time, old and new, from this one sitting;
-    a contended sitting is not stored (one line says so) and the grid goes on."""
+    """The grid's or the search's sitting before its first run (`core.sitting`): the shapes of the runs it is
+    about to train that this machine has no timing of and, when there are any, every shape the study already holds
+    runs of on this hardware, all timed together. Where the study held such runs (it is being extended), the
+    sitting is stored with it (`store_sitting`), so its report reads every run's time, old and new, from this one
+    sitting; a contended sitting is not stored (one line says so) and the command goes on."""
     import torch
 
     from ablations.storage import load_runs

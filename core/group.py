@@ -157,13 +157,12 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     def live(i: int, epoch: int) -> bool:  # not failed, not stopped early, and this epoch is one of the run's
         return outcome[i] is done[i] and not done[i].stopped and epoch <= prepared[i].config.epochs
 
-    members, replayed = list(range(len(prepared))), False  # the prepared run in each slot of the engine
+    members = list(range(len(prepared)))  # the prepared run in each slot of the engine
     for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
         keep = [slot for slot, i in enumerate(members) if live(i, epoch)]
         if not keep:
             break
         if len(keep) < len(members):  # runs ended (last epoch, pruned, failed): the rest go on as a smaller group
-            replayed |= engine.captured is not None and engine.captured.replayed > 0
             engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
         started = sync_time(first.device)
         losses = engine.train_epoch(epoch, session.timer.pause_point)
@@ -178,8 +177,7 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                               on_epoch[i])
             except FloatingPointError as error:
                 outcome[i] = error
-    replayed |= engine.captured is not None and engine.captured.replayed > 0
-    name = "captured" if replayed else "stacked"
+    name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
     for training in done:
         training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''})"
     return outcome

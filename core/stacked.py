@@ -209,8 +209,8 @@ class StackedRuns:
         # every per-run slice the update reads is built once here, not N x parameters times a step.
         self.grads = [torch.zeros_like(p) for p in self.params]
         self._restore_gradients()
-        self.moments = exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in self.params], \
-            [torch.zeros_like(p) for p in self.params]
+        self.moments = ([torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params])
+        exp_avg, exp_avg_sq = self.moments
         solo = dict(runs[0].model.named_parameters())
         decayed = [decays(solo[n]) for n, _ in named]  # the solo run's AdamW groups (core.model.decay_groups)
         self.updates = []  # (run, weight decay, its parameter / gradient / moment slices) per run and group
@@ -313,10 +313,11 @@ class StackedRuns:
         moments, step count and place in their schedules — so that runs which ended (their last epoch, pruned,
         failed) stop costing steps. Called between epochs. This group's tensors are given back before the smaller
         one is built (what carries over waits on the host meanwhile), so the peak stays this group's; a captured
-        step is captured again for the new shapes."""
+        step is captured again for the new shapes (the count of replayed steps carries over)."""
         index = torch.tensor(keep, device=self.device)
         carried = [[t.index_select(0, index).cpu() for t in ts] for ts in (self.params, *self.moments)]
         step_count, global_step = float(self.step_count), self.global_step
+        replayed = self.captured.replayed if self.captured is not None else 0
         steps_per_epoch, pad_id, device, settings = self.steps_per_epoch, self.pad_id, self.device, self.settings
         runs = [self.runs[i] for i in keep]
         vars(self).clear()  # every reference to this group's model, state and graphs (an empty shell is left)
@@ -329,6 +330,7 @@ class StackedRuns:
         group.global_step = global_step
         if group.captured is not None:
             group.device_rates.start_at(global_step)
+            group.captured.replayed = replayed  # the steps replayed so far count for the group's runs
         return group
 
     def run_weights(self, run: int) -> dict[str, torch.Tensor]:
