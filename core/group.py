@@ -19,24 +19,26 @@ run that ended costs no more steps.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from core import shared_steps
 from core.captured import CapturedStep, buckets_for, capture_autocast, probe_capture, resolve_engine
 from core.config import RunConfig
 from core.device import default_device, make_optimizer, make_schedule, sync_time
-from core.model import model_config
+from core.model import count_parameters, freeze, model_config, num_layers
 from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
 from core.stacked import StackedRun, StackedRuns, group_key
-from core.train import (EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, time_steps,
-                        timing_shape)
+from core.train import (EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, run,
+                        time_steps, timing_shape)
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64          # beyond this the stacked step stopped gaining in the H100 probes (N = 56: 0.99 ms/run-step)
@@ -55,41 +57,46 @@ def choose_engine(requested: str, device, group_size: int, model: str = "", max_
         ok, why = probe_capture(model, max_length, str(torch.device(device)))
         if ok:
             return "captured"
-        _say_once(why)
+        _say_once(f"training step runs eagerly: {why}")
         return "stacked" if group_size > 1 and requested in ("auto", "captured") else "eager"
     if engine == "eager" and group_size > 1 and requested == "auto":
         return "stacked"
     return engine
 
 
-def _say_once(reason: str) -> None:
-    if reason not in _said:
-        _said.add(reason)
-        log.warning("training step runs eagerly: %s", reason)
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning("%s", message)
 
 
 def bytes_per_run(config: RunConfig, captured: bool = False) -> int:
-    """Device memory one more run adds to a stacked group: its trainable weights, their gradients and two AdamW
-    moments (4 tensors, 4 bytes each: master weights stay fp32 under autocast) plus the activations one batch
-    keeps for the backward pass in each trained layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al.
-    2022, "Reducing activation recomputation", eq. 1), doubled in fp32. Frozen layers and the prefix cache are
-    shared by the group and not counted. `captured`: the step is captured once per length bucket
-    (`core.captured.buckets_for`), and each graph keeps its own memory pool for good, so the activations of one
-    batch of every bucket length are held at once (≈ 2x those of the longest bucket alone)."""
+    """Device memory one more run adds to a stacked group: its trainable weights (counted exactly, on a model built
+    on the meta device and frozen to the run's depth), their gradients and two AdamW moments (4 tensors, 4 bytes
+    each: master weights stay fp32 under autocast) plus the activations one batch keeps for the backward pass in
+    each trained layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing activation
+    recomputation", eq. 1), doubled in fp32. Frozen layers and the prefix cache are shared by the group and not
+    counted. `captured`: the step is captured once per length bucket (`core.captured.buckets_for`), and each
+    graph keeps its own memory pool for good, so the activations of one batch of every bucket length are held at
+    once (≈ 2x those of the longest bucket alone)."""
     cfg = model_config(config.model)
-    hidden = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layers
-    inner = getattr(cfg, "intermediate_size", None) or cfg.hidden_dim
+    hidden = cfg.hidden_size  # transformers maps each family's own name (dim, d_model, n_embd) to this one
+    heads = getattr(cfg, "num_attention_heads", None) or max(1, hidden // 64)
+    layers = num_layers(cfg)
     trained = layers - min(config.freeze_depth, layers)
-    per_layer = 4 * hidden * hidden + 2 * hidden * inner + 9 * hidden + inner  # attention, FFN, biases, 2 norms
-    embeddings = (cfg.vocab_size + cfg.max_position_embeddings + 2) * hidden if config.freeze_depth == 0 else 0
-    head = hidden * hidden + hidden * 8  # pooler/pre-classifier and a classifier of a few labels
-    params = trained * per_layer + embeddings + head
+    params = _trainable_parameters(config.model, config.freeze_depth)
     b, width = config.batch_size, 1 if config.precision == "bf16" else 2
     lengths = buckets_for(config.max_length) if captured else (config.max_length,)
     activations = sum(trained * s * b * hidden * (34 + 5 * heads * s / hidden) * width for s in lengths)
     return int(16 * params + activations)
+
+
+@functools.lru_cache(maxsize=64)
+def _trainable_parameters(model_name: str, depth: int) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = AutoModelForSequenceClassification.from_config(model_config(model_name))
+    freeze(model, depth)
+    return count_parameters(model)[0]
 
 
 def group_size(config: RunConfig, device, free_bytes: int | None = None, captured: bool = False) -> int:
@@ -113,6 +120,15 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
     session = session or Session()
     if len({group_key(c) for c in configs}) != 1:
         raise ValueError("a group's runs must share their work shape (core.stacked.group_key)")
+    first = configs[0]
+    data = session.text_data(first.dataset, session.tokenizer(first.model), first.text_column, first.label_column,
+                             first.max_length)
+    problem = session.stack_problem(first.model, data, first.freeze_depth)
+    if problem is not None:  # e.g. a model with trainable convolutions: its runs train as they would alone
+        _say_once(f"runs of {first.model} at freeze depth {first.freeze_depth} train one at a time: they cannot "
+                  f"be stacked ({problem})")
+        return [_alone(c, session, device, callback, use_prefix_cache)
+                for c, callback in zip(configs, on_epoch or [None] * len(configs))]
     with session.timer.working():
         prepared = [prepare(c, session, device, False, use_prefix_cache) for c in configs]
         trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture)
@@ -181,6 +197,17 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
     for training in done:
         training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''})"
     return outcome
+
+
+def _alone(config: RunConfig, session: Session, device, on_epoch: EpochCallback | None,
+           use_prefix_cache: bool) -> RunRecord | Exception:
+    """One run of a group that cannot be stacked, trained by the solo engine; the error that failed it is its
+    result, as a stacked run's would be, so the group's other runs still train."""
+    try:
+        return run(config, device, progress=False, on_epoch=on_epoch, use_prefix_cache=use_prefix_cache,
+                   session=session)
+    except Exception as error:
+        return error
 
 
 def _batches(p: Prepared) -> Callable:

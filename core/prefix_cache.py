@@ -18,7 +18,8 @@ from torch import nn
 
 from core.batches import eval_tokens, sorted_batches
 from core.data import Split, to_device
-from core.model import Backbone
+from core.errors import first_line
+from core.model import Backbone, num_layers
 
 
 class _Passthrough(nn.Module):
@@ -46,6 +47,42 @@ def layer_view(backbone: Backbone, start: int, stop: int, skip_embeddings: bool)
         setattr(backbone.layers_parent, backbone.layers_name, layers)
         for name, module in saved.items():
             setattr(backbone.base, name, module)
+
+
+@torch.no_grad()
+def split_forward_mismatch(model: nn.Module, backbone: Backbone, depth: int, inputs: dict) -> str | None:
+    """Why the model cut at `depth` (embeddings + layers 0..depth-1 run on their own, the later layers run on
+    their output, as a run with a cached prefix does) would not compute what the whole model computes, or None
+    when it does. Checked in eval mode and full precision on a few real rows: a model whose layers are not one
+    plain sequence (blocks that pool, embeddings that return more than hidden states, an encoder that needs one
+    layer at least) fails here instead of training on something else or failing mid-run."""
+    was_training = model.training
+    model.eval()
+    mask = inputs["attention_mask"]
+    try:
+        whole = model(**inputs).logits, backbone.base(**inputs).last_hidden_state
+        with layer_view(backbone, 0, depth, skip_embeddings=False):
+            states = backbone.base(**inputs).last_hidden_state
+        if states.shape[:2] != mask.shape:
+            return f"its layers give {states.shape[1]} states for {mask.shape[1]} tokens"
+        with layer_view(backbone, depth, num_layers(model.config), skip_embeddings=True):
+            cut = (model(inputs_embeds=states, attention_mask=mask).logits,
+                   backbone.base(inputs_embeds=states, attention_mask=mask).last_hidden_state)
+    except Exception as error:  # any failure of the cut forward means: do not cut this model
+        return f"{type(error).__name__}: {first_line(error)}"
+    finally:
+        model.train(was_training)
+    # Logits and the last hidden states (a random head's logits are small: a layer run twice or skipped shows
+    # in the states first), padding positions aside.
+    for what, a, b in (("logits", cut[0], whole[0]), ("last hidden states", cut[1], whole[1])):
+        if a.shape != b.shape:
+            return f"its {what} come out as {tuple(a.shape)}, not {tuple(b.shape)}"
+        if what != "logits" and a.shape[:2] == mask.shape:
+            a, b = a[mask.bool()], b[mask.bool()]
+        gap = float((a - b).abs().max())
+        if gap > 1e-4 * (1.0 + float(b.abs().max())):
+            return f"its {what} differ from the whole model's by up to {gap:.2g}"
+    return None
 
 
 @dataclass

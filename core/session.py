@@ -8,14 +8,17 @@ of one run on the runs before it explicit: a fresh `Session()` is a fresh proces
 from __future__ import annotations
 
 import os
+import sys
 
+import numpy as np
 import torch
 
 from core.data import TextData, load_text_data
 from core.metrics import load_metric
-from core.model import fresh_model, load_pretrained, load_tokenizer
-from core.prefix_cache import PrefixCache
+from core.model import find_backbone, fresh_model, load_pretrained, load_tokenizer
+from core.prefix_cache import PrefixCache, split_forward_mismatch
 from core.shared_steps import SharedSteps
+from core.stacked import stack_problem
 from core.timing import REPEATS, Timer
 
 
@@ -29,6 +32,8 @@ class Session:
         self._data: dict[tuple, TextData] = {}
         self._pretrained: dict[tuple, tuple] = {}
         self._metrics: dict[str, object] = {}
+        self._cuttable: dict[tuple, bool] = {}
+        self._stackable: dict[tuple, str | None] = {}
 
     @property
     def timer(self) -> Timer:
@@ -55,16 +60,58 @@ class Session:
 
     def model(self, name: str, label_names: list) -> torch.nn.Module:
         """A fresh classifier; the checkpoint is read once, later runs copy it (one model at a time)."""
+        return fresh_model(*self._pristine(name, label_names))
+
+    def _pristine(self, name: str, label_names: list) -> tuple:
         key = (os.path.expanduser(name), tuple(str(n) for n in label_names))
         rng = torch.random.get_rng_state()  # loading draws from the RNG; the head must not depend on whether it did
         if key not in self._pretrained:
             self._pretrained.clear()
             self._pretrained[key] = load_pretrained(key[0], list(key[1]))
         torch.random.set_rng_state(rng)
-        return fresh_model(*self._pretrained[key])
+        return self._pretrained[key]
+
+    def prefix_cache_works(self, name: str, data: TextData, depth: int) -> bool:
+        """Whether the model cut at `depth` computes what the whole model does (`split_forward_mismatch`, on the
+        first training rows, once per model, data and depth). When it does not, the note says so once and the
+        runs train with the frozen layers run every step instead: slower, never wrong."""
+        key = (os.path.expanduser(name), data.fingerprint, depth)
+        if key not in self._cuttable:
+            pristine, _ = self._pristine(name, data.label_names)
+            backbone, reason = find_backbone(pristine), None
+            for rows in probe_rows(data.splits["train"]):
+                reason = reason or split_forward_mismatch(pristine, backbone, depth, rows.batch(
+                    np.arange(len(rows)), data.pad_id, "cpu"))
+            if reason is not None:
+                print(f"note: the frozen-prefix cache cannot cut this {pristine.config.model_type!r} model after "
+                      f"{depth} layers ({reason}): its runs at depth {depth} run the frozen layers every step "
+                      "instead (slower, same arithmetic)", file=sys.stderr)
+            self._cuttable[key] = reason is None
+        return self._cuttable[key]
 
     def metric(self, name: str):
         """`evaluate`'s metric, or None offline; tried once per session."""
         if name not in self._metrics:
             self._metrics[name] = load_metric(name)
         return self._metrics[name]
+
+    def stack_problem(self, name: str, data: TextData, depth: int) -> str | None:
+        """Why runs of this model at `depth` cannot train as one stacked group (`core.stacked.stack_problem`, its
+        forward checked on a few training rows), or None; once per model, data and depth."""
+        key = (os.path.expanduser(name), data.fingerprint, depth)
+        if key not in self._stackable:
+            rows = probe_rows(data.splits["train"])[0]
+            self._stackable[key] = stack_problem(self._pristine(name, data.label_names)[0], depth,
+                                                 rows.batch(np.arange(len(rows)), data.pad_id, "cpu"))
+        return self._stackable[key]
+
+
+def probe_rows(train) -> list:
+    """A few training rows to check a cut model on, as two batches of padded lengths of both parities (where
+    the first 64 rows have both): a model can treat an odd length apart (one that pools pairs of tokens)."""
+    head = train.subset(np.arange(min(64, len(train))), progress=False)
+    first = head.subset(np.arange(min(4, len(head))))
+    padded = int(first.lengths.max())
+    other = [i for i in range(len(head)) if head.lengths[i] % 2 != padded % 2][:1] or [len(head) - 1]
+    return [first, head.subset(np.asarray(other))]
+

@@ -33,6 +33,7 @@ from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
 from core.device import rate_multipliers
+from core.errors import first_line
 from core.model import decays, find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 
@@ -68,10 +69,13 @@ class StackedLayerNorm(nn.Module):
         super().__init__()
         self.axis, self.eps, self.shape = axis, norms[0].eps, norms[0].normalized_shape
         self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in norms]))
-        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in norms]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in norms])) if norms[0].bias is not None \
+            else None  # LayerNorm(bias=False), as ModernBERT's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = F.layer_norm(x.reshape(self.axis.runs, -1, x.shape[-1]), self.shape, eps=self.eps)
+        if self.bias is None:
+            return (flat * self.weight[:, None]).reshape(x.shape)
         return torch.addcmul(self.bias[:, None], flat, self.weight[:, None]).reshape(x.shape)
 
 
@@ -103,6 +107,49 @@ class StackedEmbedding(nn.Module):
 
 
 STACKED = {nn.Linear: StackedLinear, nn.LayerNorm: StackedLayerNorm, nn.Embedding: StackedEmbedding}
+
+
+def stack_problem(model: nn.Module, depth: int, inputs: dict | None = None) -> str | None:
+    """Why runs of `model` frozen to `depth` cannot be stacked, or None when they can: checked on one model,
+    before any run of a group is prepared. A module they train must have a stacked twin (`STACKED`), and, given
+    `inputs` (a batch of token ids), two different runs stacked must each compute what they compute alone: a
+    module used in another way than per row (MPNet's relative-position buckets are looked up in an Embedding by
+    position, not by token) fails there."""
+    frozen = {id(m) for top in frozen_modules(find_backbone(model), depth) for m in top.modules()}
+    for name, module in model.named_modules():
+        if id(module) in frozen or not list(module.parameters(recurse=False)):
+            continue
+        if type(module) not in STACKED:
+            return f"it trains {type(module).__name__} {name!r}, and stacking supports Linear, LayerNorm and " \
+                   "Embedding modules"
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+            return f"its embedding {name!r} has max_norm or sparse gradients"
+    return None if inputs is None else _stacked_forward_mismatch(model, depth, inputs)
+
+
+@torch.no_grad()
+def _stacked_forward_mismatch(model: nn.Module, depth: int, inputs: dict) -> str | None:
+    """Two runs (the model, and a copy with every trained weight moved by noise) stacked, in eval mode and full
+    precision: why their logits are not each run's own, or None."""
+    from core.model import freeze
+    runs = [copy.deepcopy(model).float().eval() for _ in range(2)]
+    noise = torch.Generator().manual_seed(0)
+    for run in runs:
+        freeze(run, depth)
+    for param in runs[1].parameters():
+        if param.requires_grad:
+            param.add_(0.02 * torch.randn(param.shape, generator=noise))
+    try:
+        alone = [run(**inputs).logits for run in runs]
+        stacked, axis = stack_models(runs)
+        axis.rows = inputs["input_ids"].shape[0]
+        together = stacked.eval()(**{k: torch.cat([v, v]) for k, v in inputs.items()}).logits
+    except Exception as error:  # any failure of the stacked forward means: do not stack this model
+        return f"two runs stacked fail ({type(error).__name__}: {first_line(error)})"
+    gap = float((together - torch.cat(alone)).abs().max())
+    if gap > 1e-4 * (1.0 + float(torch.cat(alone).abs().max())):
+        return f"two runs stacked compute other logits than each alone (up to {gap:.2g} apart)"
+    return None
 
 
 def stack_models(models: list[nn.Module]) -> tuple[nn.Module, RunAxis]:

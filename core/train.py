@@ -139,7 +139,7 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
     prepared = Prepared(config, device, precision, data, splits,
                         {name: torch.as_tensor(split.labels) for name, split in splits.items()}, model, backbone,
                         [p for p in model.parameters() if p.requires_grad], trainable, total,
-                        cached=caches_prefix(config, use_prefix_cache),
+                        cached=caches_prefix(config, session, data, use_prefix_cache),
                         prefix={}, sources=dict(splits))
     prepared.prefix = {"cached": prepared.cached, "seconds": {}, "reused": {}}
     if prepared.cached:
@@ -170,9 +170,11 @@ def split_rows(config: RunConfig, data: TextData) -> tuple[np.ndarray, np.ndarra
     return rest[subsample(len(rest), config.max_train_samples, config.seed)], dev_rows
 
 
-def caches_prefix(config: RunConfig, use_prefix_cache: bool = True) -> bool:
-    """Whether the run trains on cached frozen-prefix states (frozen dropout needs the frozen layers live)."""
-    return config.freeze_depth > 0 and use_prefix_cache and not config.frozen_dropout
+def caches_prefix(config: RunConfig, session: Session, data: TextData, use_prefix_cache: bool = True) -> bool:
+    """Whether the run trains on cached frozen-prefix states: it freezes a prefix, frozen dropout does not need the
+    frozen layers live, and the model can be cut after its prefix (`Session.prefix_cache_works`)."""
+    return (config.freeze_depth > 0 and use_prefix_cache and not config.frozen_dropout
+            and session.prefix_cache_works(config.model, data, config.freeze_depth))
 
 
 @dataclass
@@ -306,8 +308,8 @@ def planned_shape(config: RunConfig, session: Session, device=None, compile: boo
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
                              config.label_column, config.max_length)
     return timing.work_shape(config, device=device_name(device), precision=precision_for(config.precision, device),
-                             cached=caches_prefix(config), compile=compile, rows=len(split_rows(config, data)[0]),
-                             data=data.fingerprint)
+                             cached=caches_prefix(config, session, data), compile=compile,
+                             rows=len(split_rows(config, data)[0]), data=data.fingerprint)
 
 
 def timing_batches(p: Prepared) -> tuple[list[np.ndarray], list[int]]:

@@ -41,7 +41,9 @@ def save_tiny(folder: Path, kind: str = "bert", layers: int = 2, **overrides) ->
         BertConfig,
         DistilBertConfig,
         ElectraConfig,
+        FunnelConfig,
         RobertaConfig,
+        SqueezeBertConfig,
     )
     torch.manual_seed(0)
     common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, num_labels=2)
@@ -53,6 +55,12 @@ def save_tiny(folder: Path, kind: str = "bert", layers: int = 2, **overrides) ->
     elif kind == "electra":
         config = ElectraConfig(num_hidden_layers=layers, embedding_size=16, hidden_size=32, intermediate_size=64,
                                num_attention_heads=2, **common, **overrides)
+    elif kind == "funnel":  # each block pools pairs of tokens: its states after a block are not one per token
+        config = FunnelConfig(vocab_size=len(VOCAB), block_sizes=[1] * layers, d_model=32, n_head=2, d_head=16,
+                              d_inner=64, num_labels=2, **overrides)
+    elif kind == "squeezebert":  # attention and feed-forward are grouped 1-d convolutions
+        config = SqueezeBertConfig(num_hidden_layers=layers, hidden_size=32, embedding_size=32, intermediate_size=64,
+                                   num_attention_heads=2, **common, **overrides)
     else:
         config = BertConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                             **common, **overrides)

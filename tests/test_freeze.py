@@ -234,3 +234,75 @@ def test_the_checkpoint_is_read_once_and_every_load_equals_a_fresh_from_pretrain
     with torch.no_grad():
         next(first.parameters()).add_(1.0)                          # training one copy leaves the next untouched
     assert not torch.equal(next(first.parameters()), next(session.model(tiny_family, labels).parameters()))
+
+
+# A model that cannot be cut after its frozen prefix (layers that pool tokens, embeddings that return more than
+# hidden states, an encoder that needs one layer at least) trains with its frozen layers live instead.
+
+def test_the_prefix_cache_check_passes_every_supported_family_at_every_depth(family_setup):
+    from core.prefix_cache import split_forward_mismatch
+    kind, _, data, model = family_setup
+    split = data.splits["validation"]
+    batch = split.batch(np.arange(8), data.pad_id, "cpu")
+    for depth in range(1, TINY_LAYERS + 1):
+        assert split_forward_mismatch(model, find_backbone(model), depth, batch) is None, f"{kind} depth {depth}"
+
+
+def test_the_prefix_cache_check_sees_a_cut_that_computes_something_else(family_setup, monkeypatch):
+    """A cut whose upper part runs the last frozen layer a second time differs from the whole model."""
+    import core.prefix_cache
+    from core.prefix_cache import split_forward_mismatch
+    kind, _, data, model = family_setup
+    batch = data.splits["validation"].batch(np.arange(8), data.pad_id, "cpu")
+    view = core.prefix_cache.layer_view
+    monkeypatch.setattr(core.prefix_cache, "layer_view",
+                        lambda backbone, start, stop, skip_embeddings: view(backbone, start - skip_embeddings, stop,
+                                                                             skip_embeddings))
+    reason = split_forward_mismatch(model, find_backbone(model), 2, batch)
+    assert reason is not None and "differ from the whole model's" in reason, kind
+    assert model.training is False  # the model is left in the mode it was in
+
+
+def test_a_model_the_cache_cannot_cut_trains_with_its_frozen_layers_live(tmp_path, toy_data, capsys):
+    """Funnel pools tokens: cut after its blocks, the cache would store 5 states for 9 tokens and the run would fail
+    (it did, with a traceback). The check sees it, says so once per session, and the runs train uncached."""
+    from conftest import quick_config
+
+    from core.prefix_cache import split_forward_mismatch
+    from core.session import Session
+    from core.train import run
+    folder = str(save_tiny(tmp_path / "funnel", "funnel", layers=2))
+    data = load_text_data(toy_data, load_tokenizer(folder), max_length=32)
+    model = load_model(folder, data.label_names)
+    batch = data.splits["train"].batch(np.arange(4), data.pad_id, "cpu")
+    assert "states for" in split_forward_mismatch(model, find_backbone(model), 2, batch)
+    session = Session(timing_repeats=0)
+    records = [run(quick_config(folder, toy_data, freeze_depth=2, seed=seed), "cpu", progress=False, session=session)
+               for seed in (0, 1)]
+    assert [r.prefix_cache["cached"] for r in records] == [False, False]
+    assert all(r.trainable_params < r.total_params and 0 <= r.accuracy <= 1 for r in records)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "frozen-prefix cache cannot cut" in line]
+    assert len(notes) == 1 and "'funnel' model after 2 layers" in notes[0]
+
+
+def test_a_pre_norm_model_is_not_cut_where_its_final_norm_would_land_mid_model(tmp_path, toy_data):
+    """Megatron-BERT normalises after its last layer inside the encoder: cut after layer 0, the cache stored
+    normalised states and layer 1 ran on them. Runs at depth 1 trained on that, silently, until the check."""
+    from conftest import VOCAB, quick_config, write_tokenizer
+    from transformers import MegatronBertConfig
+
+    from core.prefix_cache import split_forward_mismatch
+    from core.session import Session
+    from core.train import run
+    torch.manual_seed(0)
+    config = MegatronBertConfig(vocab_size=len(VOCAB), max_position_embeddings=64, num_hidden_layers=2,
+                                hidden_size=32, intermediate_size=64, num_attention_heads=2, num_labels=2)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    data = load_text_data(toy_data, load_tokenizer(str(tmp_path)), max_length=32)
+    model = load_model(str(tmp_path), data.label_names)
+    batch = data.splits["train"].batch(np.arange(4), data.pad_id, "cpu")
+    assert "differ from the whole model's" in split_forward_mismatch(model, find_backbone(model), 1, batch)
+    record = run(quick_config(str(tmp_path), toy_data, freeze_depth=1), "cpu", progress=False,
+                 session=Session(timing_repeats=0))
+    assert record.prefix_cache["cached"] is False and record.trainable_params < record.total_params

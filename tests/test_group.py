@@ -259,6 +259,21 @@ def test_automatic_group_size_is_bounded_by_free_memory(model):
     assert group_size(config, "cpu", free_bytes=10**15) == run_group_module.MAX_GROUP
 
 
+def test_the_memory_rule_counts_the_weights_a_run_trains_exactly_for_any_family(model, tmp_path):
+    """Weights come from the model itself (built on the meta device), not from a formula of BERT's shapes: with
+    every layer frozen no activations are kept, and what is left is 16 bytes per trainable parameter. Funnel has
+    no intermediate_size (the old formula's AttributeError on CUDA, before any run)."""
+    from core.model import count_parameters, freeze, load_model
+    for folder in (model, str(save_tiny(tmp_path / "funnel", "funnel", layers=2))):
+        config = quick_config(folder, "unused")
+        net = load_model(folder, ["0", "1"])
+        for depth in (0, 1, 2):
+            freeze(net, depth)
+            weights = 16 * count_parameters(net)[0]
+            per_run = bytes_per_run(config.replace(freeze_depth=depth))
+            assert per_run == weights if depth == 2 else per_run > weights  # activations of the trained layers
+
+
 def test_a_captured_group_budgets_one_graph_pool_per_length_bucket(model):
     """Each bucket's graph keeps its pool: the captured rule holds one batch's activations at every bucket length
     up to max_length (the eager rule: at max_length only), so fewer runs fit the same memory."""
@@ -313,3 +328,34 @@ def test_a_group_that_fails_as_a_whole_fails_each_of_its_runs_once(model, data, 
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
     assert {t.user_attrs["fail_reason"] for t in trials} == {"RuntimeError: CUDA out of memory"}
+
+
+def test_which_models_stack_is_read_from_the_modules_they_train(model, tmp_path):
+    from core.model import load_model
+    from core.stacked import stack_problem
+    bert = load_model(model, ["0", "1"])
+    assert [stack_problem(bert, depth) for depth in (0, 1, 2)] == [None, None, None]
+    squeeze = load_model(str(save_tiny(tmp_path / "squeezebert", "squeezebert", layers=2, **NO_DROPOUT)), ["0", "1"])
+    assert "Conv1d 'transformer.encoder.layers.0.attention.query'" in stack_problem(squeeze, 0)
+    assert "Conv1d 'transformer.encoder.layers.1." in stack_problem(squeeze, 1)
+    assert stack_problem(squeeze, 2) is None  # only the pooler and classifier (Linear) train
+
+
+def test_runs_that_cannot_be_stacked_train_one_at_a_time_each_as_alone(data, tmp_path, monkeypatch, caplog):
+    """A group of SqueezeBERT runs (what --engine stacked, or auto on CUDA, hands to run_group) failed every run
+    with "cannot stack Conv1d"; now each trains by the solo engine, recorded as alone, and one line says why."""
+    from core.group import run_group
+    from core.train import run
+    folder = str(save_tiny(tmp_path / "squeezebert", "squeezebert", layers=2, **NO_DROPOUT))
+    monkeypatch.setattr(run_group_module, "_said", set())
+    configs = [quick_config(folder, data, seed=seed, batch_size=8) for seed in (0, 1, 2)]
+    with caplog.at_level(logging.WARNING, logger="core.group"):
+        together = run_group(configs, Session(timing_repeats=0), "cpu")
+        run_group(configs[:2], Session(timing_repeats=0), "cpu")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == \
+        [f"runs of {folder} at freeze depth 0 train one at a time"]
+    assert "cannot be stacked (it trains Conv1d" in caplog.records[0].getMessage()
+    for config, record in zip(configs, together):
+        alone = run(config, "cpu", progress=False, session=Session(timing_repeats=0))
+        assert record.engine == "eager" and record.validation_predictions == alone.validation_predictions
+        assert record.loss == pytest.approx(alone.loss, rel=1e-5)
