@@ -82,3 +82,9 @@ def test_a_family_freezing_cannot_read_is_refused_in_one_line(kind, tmp_path, to
     folder = save_family(tmp_path / kind, kind, {**base, "vocab_size": len(VOCAB), **settings})
     with pytest.raises(UsageError, match=f"cannot find the .*{what} of a '{kind}' model"):
         preflight(quick_config(folder, toy_data), Session(timing_repeats=0))
+
+
+def test_the_readme_counts_the_families_tested_here():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{len(FAMILIES)} families\n  train here (`tests/test_architectures.py`" in readme
