@@ -165,13 +165,15 @@ class Search:
         record — or wait for a run another worker trains. Each trial is finished as soon as its outcome is known."""
         from ablations.storage import Heartbeat
 
-        asked = [self._ask() for _ in range(size)]
+        asked: list[tuple[Trial, RunConfig]] = []
         outcomes: dict[int, Outcome] = {}
 
         def finish(trial: Trial, config: RunConfig, outcome: Outcome) -> None:
             outcomes[trial.number] = self._finish(trial, config, outcome)
 
         try:
+            for _ in range(size):  # inside the try: a Ctrl-C between two asks fails the trials asked before it
+                asked.append(self._ask())
             with contextlib.ExitStack() as beats:
                 for trial, _ in asked:
                     beats.enter_context(Heartbeat(self.ledger.storage, trial._trial_id))

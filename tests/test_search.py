@@ -404,3 +404,25 @@ def test_the_search_trains_through_the_captured_engine_as_it_would_eagerly(toy_d
         alone = run(RunConfig.from_dict(record["config"]), progress=False).to_dict()
         assert record["validation_predictions"] == alone["validation_predictions"]
         assert record["history"][-1]["train_loss"] == pytest.approx(alone["history"][-1]["train_loss"], rel=1e-4)
+
+
+def test_ctrl_c_while_a_batch_is_asked_fails_the_trials_asked_before_it(tmp_path):
+    """A KeyboardInterrupt on the third ask of a batch of 4: the two trials asked already were left RUNNING (until a
+    later search failed them as stale); they are failed as interrupted at once, and nothing was trained."""
+    trained = []
+    search = searcher(tmp_path, train=lambda c, on_epoch: trained.append(c) or fake_train(c, on_epoch),
+                      train_group=lambda configs, stoppers: trained.extend(configs), max_parallel=4)
+    ask, calls = search._ask, []
+
+    def interrupted_third_ask():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return ask()
+    search._ask = interrupted_third_ask
+    with pytest.raises(KeyboardInterrupt):
+        search.run(4, progress=False)
+    trials = search.study.get_trials()
+    assert len(trials) == 2 and trained == []
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"interrupted by the user"}
