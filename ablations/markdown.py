@@ -130,10 +130,15 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
         "(tradeoff.csv: p_value adjusted, p_value_raw not). " + TIME_METHODS)
-    if "train_seconds_lo" in table.columns and table["train_seconds_lo"].isna().any():
-        methods += (" Rows without a time interval were not timed alone (runs recorded before timing passes, or "
-                    "with --timing-repeats 0): their train s is the training loop as it ran, possibly beside other "
-                    "work on the machine.")
+    if "train_seconds_lo" in table.columns:
+        interval = table["train_seconds_lo"].notna()
+        timed = table["timed_at"].notna() if "timed_at" in table.columns else interval
+        if (~timed).any():
+            methods += (" Rows without a timing pass were not timed alone (runs recorded before timing passes, or "
+                        "with --timing-repeats 0): their train s is the training loop as it ran, possibly beside "
+                        "other work on the machine.")
+        if (timed & ~interval).any():
+            methods += (" Rows timed alone in a single round (--timing-repeats 1) have no time interval.")
     methods += passes_sentence(table)
     if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
         from ablations.tuning import caption as rate_caption

@@ -133,20 +133,30 @@ def _time_error(row) -> list[list[float]] | None:
 
 
 def time_axis_label(table: pd.DataFrame) -> str:
-    """What the x axis measures: the solo cost where every row was timed alone, else says which were not."""
-    timed = table["train_seconds_lo"].notna() if "train_seconds_lo" in table.columns else pd.Series(False)
+    """What the x axis measures: the solo cost where every row was timed alone, else says which were not. A row
+    was timed alone when it names its timing pass (`timed_at`); it has an interval only when that pass had two
+    rounds or more (`--timing-repeats 1` times alone, once: no interval, still alone)."""
+    interval = table["train_seconds_lo"].notna() if "train_seconds_lo" in table.columns \
+        else pd.Series(False, index=table.index)
+    timed = table["timed_at"].notna() if "timed_at" in table.columns else interval
+
+    def bars(over: str) -> str:
+        if interval[timed].all():
+            return f"x bars: 95 % interval over {over}"
+        if not interval[timed].any():
+            return "one timing round: no interval"
+        return f"x bars: 95 % interval over {over}; none: one timing round"
     if timed.all():
         from ablations.markdown import timing_passes
         passes, shapes = timing_passes(table)
         if len(passes) == 1 and shapes > 1:
-            return (f"training time alone, all {int(shapes)} shapes timed in one sitting "
-                    "(s; x bars: 95 % interval over its rounds)")
+            return f"training time alone, all {int(shapes)} shapes timed in one sitting (s; {bars('its rounds')})"
         if len(passes) > 1:
-            return f"training time alone, from {len(passes)} timing passes (s; x bars: 95 % interval over repeats)"
-        return "training time alone (s; x bars: 95 % interval over timing repeats)"
+            return f"training time alone, from {len(passes)} timing passes (s; {bars('repeats')})"
+        return f"training time alone (s; {bars('timing repeats')})"
     if not timed.any():
         return "training time as it ran (s; not timed alone, other work may have shared the machine)"
-    return "training time (s; with x bars: timed alone, 95 % interval; without: as it ran)"
+    return f"training time (s; {int(timed.sum())} of {len(table)} timed alone; the others as they ran)"
 
 
 def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:

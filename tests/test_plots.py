@@ -172,13 +172,18 @@ def test_the_time_axis_says_whether_its_times_were_taken_alone():
     import pandas as pd
 
     from ablations.plots import time_axis_label
+    nan = float("nan")
     timed = pd.DataFrame({"train_seconds_lo": [1.0, 2.0]})
-    untimed = pd.DataFrame({"train_seconds_lo": [float("nan"), float("nan")]})
-    mixed = pd.DataFrame({"train_seconds_lo": [1.0, float("nan")]})
+    untimed = pd.DataFrame({"train_seconds_lo": [nan, nan], "timed_at": [None, None]})
+    mixed = pd.DataFrame({"train_seconds_lo": [1.0, nan], "timed_at": ["2026-01-01T10:00:00Z", None]})
     assert time_axis_label(timed).startswith("training time alone")
     sitting = timed.assign(timed_at="2026-01-01T10:00:00Z", sitting=3)
     assert "all 3 shapes timed in one sitting" in time_axis_label(sitting)
     passes = timed.assign(timed_at=["2026-01-01T10:00:00Z", "2026-01-01T13:00:00Z"], sitting=1)
     assert "from 2 timing passes" in time_axis_label(passes)
     assert "not timed alone" in time_axis_label(untimed) and "alone (" not in time_axis_label(untimed)
-    assert "without: as it ran" in time_axis_label(mixed)
+    assert "1 of 2 timed alone; the others as they ran" in time_axis_label(mixed)
+    # --timing-repeats 1: timed alone in one round, so no interval; it was labelled "not timed alone".
+    once = sitting.assign(train_seconds_lo=nan)
+    assert time_axis_label(once) == ("training time alone, all 3 shapes timed in one sitting "
+                                     "(s; one timing round: no interval)")
