@@ -31,7 +31,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
-SUPPORTED = "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)"
+SUPPORTED = ("BERT-like encoders whose layers are one list (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA, "
+             "DeBERTa, MPNet, ModernBERT, …; README: First run, --model)")
 
 
 def packaged_model() -> str | None:
@@ -162,7 +163,7 @@ def num_layers(config: PretrainedConfig) -> int:
     count = getattr(config, "num_hidden_layers", None)
     if not isinstance(count, int):
         raise UsageError(f"cannot tell how many layers a {config.model_type!r} model has: freezing supports "
-                         "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)")
+                         f"{SUPPORTED}")
     return count
 
 
@@ -250,8 +251,7 @@ def find_backbone(model: nn.Module) -> Backbone:
     base = getattr(model, model.base_model_prefix, None)
     kind = model.config.model_type
     if base is None or not isinstance(getattr(base, "embeddings", None), nn.Module):
-        raise UsageError(f"cannot find the embeddings of a {kind!r} model: freezing supports BERT-like encoders "
-                         "(DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)")
+        raise UsageError(f"cannot find the embeddings of a {kind!r} model: freezing supports {SUPPORTED}")
     count = num_layers(model.config)
     # The layer list is the ModuleList as long as the model is deep, closest to the base (encoder.layer,
     # transformer.layer, ...), so new BERT-like architectures work without a table of names.
@@ -259,7 +259,7 @@ def find_backbone(model: nn.Module) -> Backbone:
                   if isinstance(module, nn.ModuleList) and len(module) == count and name]
     if not candidates:
         raise UsageError(f"cannot find the {count} encoder layers of a {kind!r} model: freezing supports "
-                         "BERT-like encoders (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA)")
+                         f"{SUPPORTED}")
     path = min(candidates, key=lambda c: c[0].count("."))[0]
     parent_path, _, attr = path.rpartition(".")
     parent = base.get_submodule(parent_path) if parent_path else base
