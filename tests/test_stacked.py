@@ -275,3 +275,25 @@ def test_a_stacked_model_computes_each_runs_logits(kind, tmp_path):
         out = stacked.eval()(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1)).logits.view(3, 2, -1)
         reference = torch.stack([m(input_ids=ids, attention_mask=mask).logits for m in models])
     assert torch.allclose(out, reference, atol=1e-6) and not torch.allclose(reference[0], reference[2])
+
+
+def test_a_layer_norm_without_bias_stacks_and_trains_per_run():
+    """LayerNorm(bias=False) (ModernBERT's) stacked: run i's rows give run i's own norm, and a backward reaches
+    only run i's weight. It failed before ('NoneType' object has no attribute 'detach')."""
+    from core.stacked import RunAxis, StackedLayerNorm
+    torch.manual_seed(0)
+    norms = [torch.nn.LayerNorm(8, bias=False) for _ in range(3)]
+    with torch.no_grad():
+        for run, norm in enumerate(norms):
+            norm.weight.mul_(1 + run)
+    axis = RunAxis(3)
+    axis.rows = 2
+    stacked = StackedLayerNorm(norms, axis)
+    assert stacked.bias is None
+    x = torch.randn(3 * 2, 5, 8)
+    out = stacked(x)
+    reference = torch.cat([norm(x[2 * run:2 * run + 2]) for run, norm in enumerate(norms)])
+    assert torch.allclose(out, reference, atol=1e-6)
+    out[2:4].sum().backward()  # run 1's rows only
+    grads = stacked.weight.grad
+    assert grads[1].abs().sum() > 0 and grads[0].abs().sum() == 0 and grads[2].abs().sum() == 0
