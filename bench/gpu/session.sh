@@ -4,12 +4,15 @@
 #   setup   install what the machine lacks from .gpu-carry/wheels, cast the model back to fp32, write env.txt;
 #   steps   ms per run-step of the eager, stacked and captured engines at N = 1, 14, 56, depths 0 and 3;
 #   grid    the 70-run grid (depths 0-6 x linear,cosine x 5 seeds, 1 epoch, full SST-2) in one command, timed;
-#   recipe  the Hugging Face Trainer recipe beside the project on one cell (python -m ablations.benchmark).
+#   recipe  the Hugging Face Trainer recipe beside the project on one cell (python -m ablations.benchmark);
+#   search  a batched search (8 trials asked at once, depths 5-6, 1-2 epochs): stacked groups that narrow and
+#           recapture as their 1-epoch runs end, on CUDA.
 # Everything a stage measures lands in $OUT as the stage goes, so a stage stopped at its limit still returns
-# what it finished. At most 8 files come back from $OUT: env.txt, steps.log, step_times.json, grid.log,
-# grid.tar.gz, recipe.log, recipe.json, session.json (every stage's wall time, exit code and limit).
-# Variables: STAGES (default setup,steps,grid,recipe); SMALL=1 (a tiny version of every stage, for a CPU
-# rehearsal); SETUP_LIMIT, STEPS_LIMIT, GRID_LIMIT, RECIPE_LIMIT (seconds); STEP_PLAN (depth:runs per process);
+# what it finished. At most 8 files come back from $OUT: env.txt, steps.log, step_times.json, grid.log (the grid's
+# and the search's output), grid.tar.gz (both ledgers), recipe.log, recipe.json, session.json (every stage's wall
+# time, exit code and limit).
+# Variables: STAGES (default setup,steps,grid,recipe,search); SMALL=1 (a tiny version of every stage, for a CPU
+# rehearsal); SETUP_LIMIT, STEPS_LIMIT, GRID_LIMIT, RECIPE_LIMIT, SEARCH_LIMIT (seconds); STEP_PLAN (depth:runs per process);
 # RECIPE_SAMPLES; WORK (scratch, default /tmp/gpu-session); PYTHON (default python3); GRID_FRESH=0 keeps an
 # earlier grid's ledger (resume, not a timing).
 set -uo pipefail
@@ -21,7 +24,7 @@ CARRY=${CARRY:-$REPO/.gpu-carry}
 WORK=${WORK:-/tmp/gpu-session}
 PY=${PYTHON:-python3}
 SMALL=${SMALL:-0}
-STAGES=${STAGES:-setup,steps,grid,recipe}
+STAGES=${STAGES:-setup,steps,grid,recipe,search}
 MODEL=$WORK/minilm-fp32
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HOME=$WORK/hf MPLBACKEND=Agg
@@ -33,9 +36,11 @@ if [ "$SMALL" = 1 ]; then  # the CPU rehearsal: same commands, tiny sizes, a CPU
   STEP_PLAN=${STEP_PLAN:-3:1 3:2}; STEP_FLAGS=(--length 16 --steps 2 --rounds 1)
   GRID_FLAGS=(--freeze-depths 3 --seeds 1 --max-train-samples 64 --dev-size 32 --max-parallel-runs 2)
   RECIPE_SAMPLES=${RECIPE_SAMPLES:-64}
-else  # one H100: 40 + 110 + 180 + 60 s = 6.5 min
+  SEARCH_LIMIT=${SEARCH_LIMIT:-300}; SEARCH_FLAGS=(--trials 4 --max-parallel-runs 4 --max-train-samples 64 --dev-size 32)
+else  # one H100: 40 + 110 + 180 + 60 + 60 s = 7.5 min
   SETUP_LIMIT=${SETUP_LIMIT:-40}; STEPS_LIMIT=${STEPS_LIMIT:-110}; GRID_LIMIT=${GRID_LIMIT:-180}
-  RECIPE_LIMIT=${RECIPE_LIMIT:-60}
+  RECIPE_LIMIT=${RECIPE_LIMIT:-60}; SEARCH_LIMIT=${SEARCH_LIMIT:-60}
+  SEARCH_FLAGS=(--trials 8 --max-train-samples 8000)  # --max-parallel-runs auto: min(what fits, 8) on CUDA
   # depth:runs per process. Every contender of a process lives at once: at depth 0, N = 56 stacked and captured
   # alone are 112 model copies with gradients and AdamW state (~41 GB) plus the graph's pool, so it gets its own.
   STEP_PLAN=${STEP_PLAN:-0:1,14 0:56 3:1,14,56}; STEP_FLAGS=(--length 32)
@@ -149,23 +154,39 @@ stage_grid() {
   return $rc
 }
 
-finish_grid() {  # outside the stage's limit: time, count and pack what the grid did, even when it was stopped
-  $PY - "$WORK" "$GRID_LIMIT" "${GRID_FLAGS[*]}" <<'PY'
+stage_search() {  # a batch of trials as stacked groups of mixed epochs: narrowing and recapture on CUDA
+  rm -rf "$WORK/search" "$WORK/search-times"; mkdir -p "$WORK/search"
+  date +%s.%N > "$WORK/search-times"
+  $PY -m ablations.optuna_search --model "$MODEL" --dataset sst2 --freeze-depths 5-6 --epochs-range 1-2 \
+    --no-progress --no-report --output-dir "$WORK/search" "${SEARCH_FLAGS[@]}"
+  local rc=$?
+  echo "$(date +%s.%N) $rc" >> "$WORK/search-times"
+  return $rc
+}
+
+finish_runs() {  # finish_runs NAME LIMIT FLAGS: outside the stage's limit, time and count what the grid or the
+  # search did (even when stopped), then pack both ledgers as far as they exist
+  $PY - "$WORK" "$1" "$2" "$3" <<'PY'
 import json, pathlib, sqlite3, sys
-work, limit, flags = pathlib.Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-times = (work / "grid-times").read_text().split() if (work / "grid-times").exists() else []
+work, name, limit, flags = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+times = (work / f"{name}-times").read_text().split() if (work / f"{name}-times").exists() else []
 result = {"command_flags": flags, "limit_s": limit, "finished": len(times) == 3, "trials": {}}
 if times:
     result["wall_s"] = round(float(times[1]) - float(times[0]), 2) if len(times) == 3 else None
     result["exit_code"] = int(times[2]) if len(times) == 3 else None
-db = work / "grid" / "ablations.db"
+db = work / name / "ablations.db"
 if db.exists():
     with sqlite3.connect(db) as con:
         result["trials"] = dict(con.execute("select state, count(*) from trials group by state").fetchall())
-(work / "grid" / "grid.json").write_text(json.dumps(result, indent=2))
-print("grid:", json.dumps(result))
+        engines = con.execute("select value_json from trial_user_attributes where key = 'record'").fetchall()
+        result["engines"] = sorted({json.loads(v)["engine"] for (v,) in engines if json.loads(v).get("engine")})
+(work / name / f"{name}.json").write_text(json.dumps(result, indent=2))
+print(f"{name}:", json.dumps(result))
 PY
-  tar czf "$OUT/grid.tar.gz" -C "$WORK" grid 2>&1
+  local folders=""
+  for folder in grid search; do [ -d "$WORK/$folder" ] && folders="$folders $folder"; done
+  # shellcheck disable=SC2086
+  tar czf "$OUT/grid.tar.gz" -C "$WORK" $folders 2>&1
 }
 
 stage_recipe() {
@@ -182,8 +203,9 @@ import json, pathlib, sys
 work, out, small, stages = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 summary = {"small": small == "1", "stages_asked": stages,
            "stages": [json.loads(line) for line in (work / "stages.jsonl").read_text().splitlines()]}
-if (work / "grid" / "grid.json").exists():
-    summary["grid"] = json.loads((work / "grid" / "grid.json").read_text())
+for name in ("grid", "search"):
+    if (work / name / f"{name}.json").exists():
+        summary[name] = json.loads((work / name / f"{name}.json").read_text())
 pathlib.Path(out).write_text(json.dumps(summary, indent=2))
 PY
 }
@@ -195,7 +217,8 @@ run_stage() {  # run_stage NAME LIMIT LOG
   timeout -k 10 "$limit" bash "$SCRIPT" __stage "$name" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   local seconds; seconds=$(elapsed "$started" "$(date +%s%N)")
-  [ "$name" = grid ] && finish_grid 2>&1 | tee -a "$log"
+  [ "$name" = grid ] && finish_runs grid "$GRID_LIMIT" "${GRID_FLAGS[*]}" 2>&1 | tee -a "$log"
+  [ "$name" = search ] && finish_runs search "$SEARCH_LIMIT" "${SEARCH_FLAGS[*]}" 2>&1 | tee -a "$log"
   echo "=== $name: exit $rc after $seconds s$([ "$rc" = 124 ] && echo ' (stopped at its limit)')" | tee -a "$log"
   record "$name" "$limit" "$rc" "$seconds"
   return "$rc"
@@ -207,7 +230,7 @@ if [ "${1:-}" = __stage ]; then
 fi
 
 for stage in ${STAGES//,/ }; do  # a misspelt stage fails now, not after minutes of the ones before it
-  case $stage in setup|steps|grid|recipe) ;; *) echo "error: unknown stage $stage (setup, steps, grid, recipe)" >&2
+  case $stage in setup|steps|grid|recipe|search) ;; *) echo "error: unknown stage $stage (setup, steps, grid, recipe, search)" >&2
     exit 2 ;; esac
 done
 mkdir -p "$OUT" "$WORK"
@@ -220,6 +243,7 @@ for stage in ${STAGES//,/ }; do
     steps) run_stage steps "$STEPS_LIMIT" "$OUT/steps.log" || failed=1 ;;
     grid) run_stage grid "$GRID_LIMIT" "$OUT/grid.log" || failed=1 ;;
     recipe) run_stage recipe "$RECIPE_LIMIT" "$OUT/recipe.log" || failed=1 ;;
+    search) run_stage search "$SEARCH_LIMIT" "$OUT/grid.log" || failed=1 ;;
   esac
 done
 cat "$OUT/session.json"
