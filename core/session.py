@@ -2,7 +2,8 @@
 
 A grid trains many runs in one process, and most of what a run loads is the same for the next one: the
 tokenizer, the tokenized data, the pretrained checkpoint, the frozen-prefix states, the steps a schedule
-sibling can take over, the metric modules. Keeping them here (not in module globals) makes the dependence
+sibling can take over, the metric modules, and what was checked once about the model (whether it can be cut
+after its frozen prefix, whether its runs stack). Keeping them here (not in module globals) makes the dependence
 of one run on the runs before it explicit: a fresh `Session()` is a fresh process as far as runs can tell.
 """
 from __future__ import annotations
