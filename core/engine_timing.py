@@ -22,7 +22,8 @@ from core.config import RunConfig
 from core.device import clip_gradients, make_optimizer, precision_for
 from core.model import freeze, fresh_model, load_pretrained, num_layers
 from core.prefix_cache import layer_view
-from core.stacked import StackedRun, StackedRuns, pad_and_stack
+from core.errors import UsageError
+from core.stacked import StackedRun, StackedRuns, pad_and_stack, stack_problem
 
 
 def _batches(model, depth: int, batch_size: int, length: int, count: int, device) -> list[dict]:
@@ -114,6 +115,10 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
         config = RunConfig(model=model, dataset="timing", freeze_depth=depth, batch_size=batch_size, epochs=1,
                            scheduler="constant", max_length=max(8, length), learning_rate=1e-5, precision=precision)
         pristine = load_pretrained(model, ["0", "1"])
+        problem = stack_problem(pristine[0], depth)
+        if problem is not None:  # a training command would train such runs one at a time: nothing to time here
+            raise UsageError(f"--step-times compares stacked engines, and runs of {model} at freeze depth {depth} "
+                             f"cannot be stacked ({problem}): the grid and the search train them one at a time")
         batches = _batches(pristine[0], depth, batch_size, length, 8, device)
         contenders = {"eager": (1, _eager(pristine, depth, config, batches, device, autocast))}
         for n in runs:

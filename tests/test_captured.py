@@ -148,6 +148,19 @@ def test_benchmark_step_times_refuses_bad_sizes_in_one_line(tiny_bert, monkeypat
         benchmark.main()
 
 
+def test_benchmark_step_times_refuses_a_model_that_does_not_stack_in_one_line(tmp_path, monkeypatch):
+    """SqueezeBERT trains convolutions: stacking it raised ValueError deep in StackedRuns (a traceback)."""
+    from ablations import benchmark
+    from conftest import save_tiny
+    folder = str(save_tiny(tmp_path / "squeezebert", "squeezebert", layers=2))
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", folder, "--runs", "2",
+                                      "--freeze-depths", "0", "--steps", "1", "--rounds", "1", "--length", "12",
+                                      "--output", str(tmp_path / "steps.json")])
+    with pytest.raises(UsageError, match="at freeze depth 0 cannot be stacked .it trains Conv1d"):
+        benchmark.main()
+    assert not (tmp_path / "steps.json").exists()
+
+
 def test_the_rate_table_is_what_each_schedule_sets_step_by_step(tiny_bert, toy_data):
     """learning_rate_table reads the schedules' lambdas in closed form: the very rates a stepped scheduler sets,
     for every schedule the project accepts."""
