@@ -100,6 +100,11 @@ class Session:
         """Why runs of this model at `depth` cannot train as one stacked group (`core.stacked.stack_problem`, its
         forward checked on a few training rows), or None; once per model, data and depth."""
         key = (os.path.expanduser(name), data.fingerprint, depth)
+        if key not in self._stackable and any(k[:2] == key[:2] and k[2] < depth and problem is None
+                                              for k, problem in self._stackable.items()):
+            # Runs that stack at a shallower depth stack here too: they train a subset of those modules, and the
+            # modules frozen in between are shared, computing one function for every run's rows.
+            self._stackable[key] = None
         if key not in self._stackable:
             rows = probe_rows(data.splits["train"])[0]
             self._stackable[key] = stack_problem(self._pristine(name, data.label_names)[0], depth,

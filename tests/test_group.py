@@ -359,3 +359,22 @@ def test_runs_that_cannot_be_stacked_train_one_at_a_time_each_as_alone(data, tmp
         alone = run(config, "cpu", progress=False, session=Session(timing_repeats=0))
         assert record.engine == "eager" and record.validation_predictions == alone.validation_predictions
         assert record.loss == pytest.approx(alone.loss, rel=1e-5)
+
+
+def test_a_model_that_stacks_at_one_depth_is_not_checked_again_deeper(model, data, tmp_path, monkeypatch):
+    """The stacked forward check (two model copies and a forward) runs once for a grid's depths 0, 1, 2: a model
+    that stacks at depth 0 stacks deeper (fewer modules trained, the rest shared). A model that does not stack
+    at a shallow depth is checked again deeper (SqueezeBERT stacks at depth = all layers)."""
+    import core.stacked
+    calls = []
+    check = core.stacked._stacked_forward_mismatch
+    monkeypatch.setattr(core.stacked, "_stacked_forward_mismatch",
+                        lambda net, depth, inputs: calls.append(depth) or check(net, depth, inputs))
+    session = Session(timing_repeats=0)
+    text = session.text_data(data, session.tokenizer(model), None, None, 32)
+    assert [session.stack_problem(model, text, depth) for depth in (0, 1, 2)] == [None] * 3
+    assert calls == [0]
+    squeeze = str(save_tiny(tmp_path / "squeezebert", "squeezebert", layers=2, **NO_DROPOUT))
+    text = session.text_data(data, session.tokenizer(squeeze), None, None, 32)
+    problems = [session.stack_problem(squeeze, text, depth) for depth in (0, 1, 2)]
+    assert [p is None for p in problems] == [False, False, True] and calls == [0, 2]
