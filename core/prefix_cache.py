@@ -69,7 +69,7 @@ def split_forward_mismatch(model: nn.Module, backbone: Backbone, depth: int, inp
             cut = (model(inputs_embeds=states, attention_mask=mask).logits,
                    backbone.base(inputs_embeds=states, attention_mask=mask).last_hidden_state)
     except Exception as error:  # any failure of the cut forward means: do not cut this model
-        return f"{type(error).__name__}: {first_line(error)}"
+        return error_phrase(error)
     finally:
         model.train(was_training)
     # Logits and the last hidden states (a random head's logits are small: a layer run twice or skipped shows
@@ -79,10 +79,21 @@ def split_forward_mismatch(model: nn.Module, backbone: Backbone, depth: int, inp
             return f"its {what} come out as {tuple(a.shape)}, not {tuple(b.shape)}"
         if what != "logits" and a.shape[:2] == mask.shape:
             a, b = a[mask.bool()], b[mask.bool()]
-        gap = float((a - b).abs().max())
-        if gap > 1e-4 * (1.0 + float(b.abs().max())):
+        if (gap := gap_beyond_rounding(a, b)) is not None:
             return f"its {what} differ from the whole model's by up to {gap:.2g}"
     return None
+
+
+def error_phrase(error: BaseException) -> str:
+    """A failed check's reason in a one-line note: the exception's type and first line."""
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def gap_beyond_rounding(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """The largest |a - b| where it exceeds fp32 rounding of two ways to compute one function (1e-4 of b's scale,
+    1 + max |b|), else None: what the cut and the stacked forward checks (`core.stacked`) allow."""
+    gap = float((a - b).abs().max())
+    return gap if gap > 1e-4 * (1.0 + float(b.abs().max())) else None
 
 
 @dataclass

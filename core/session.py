@@ -80,9 +80,8 @@ class Session:
         if key not in self._cuttable:
             pristine, _ = self._pristine(name, data.label_names)
             backbone, reason = find_backbone(pristine), None
-            for rows in probe_rows(data.splits["train"]):
-                reason = reason or split_forward_mismatch(pristine, backbone, depth, rows.batch(
-                    np.arange(len(rows)), data.pad_id, "cpu"))
+            for inputs in probe_batches(data):
+                reason = reason or split_forward_mismatch(pristine, backbone, depth, inputs)
             if reason is not None:
                 print(f"note: the frozen-prefix cache cannot cut this {pristine.config.model_type!r} model after "
                       f"{depth} layers ({reason}): its runs at depth {depth} run the frozen layers every step "
@@ -106,18 +105,17 @@ class Session:
             # modules frozen in between are shared, computing one function for every run's rows.
             self._stackable[key] = None
         if key not in self._stackable:
-            rows = probe_rows(data.splits["train"])[0]
             self._stackable[key] = stack_problem(self._pristine(name, data.label_names)[0], depth,
-                                                 rows.batch(np.arange(len(rows)), data.pad_id, "cpu"))
+                                                 probe_batches(data)[0])
         return self._stackable[key]
 
 
-def probe_rows(train) -> list:
-    """A few training rows to check a cut model on, as two batches of padded lengths of both parities (where
-    the first 64 rows have both): a model can treat an odd length apart (one that pools pairs of tokens)."""
+def probe_batches(data: TextData) -> list[dict[str, torch.Tensor]]:
+    """A few training rows to check a model on, as two batches (on the CPU) of padded lengths of both parities
+    (where the first 64 rows have both): a model can treat an odd length apart (one that pools pairs of tokens)."""
+    train = data.splits["train"]
     head = train.subset(np.arange(min(64, len(train))), progress=False)
     first = head.subset(np.arange(min(4, len(head))))
     padded = int(first.lengths.max())
     other = [i for i in range(len(head)) if head.lengths[i] % 2 != padded % 2][:1] or [len(head) - 1]
-    return [first, head.subset(np.asarray(other))]
-
+    return [rows.batch(np.arange(len(rows)), data.pad_id, "cpu") for rows in (first, head.subset(np.asarray(other)))]

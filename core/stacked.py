@@ -33,9 +33,8 @@ from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
 from core.device import rate_multipliers
-from core.errors import first_line
-from core.model import decays, find_backbone, frozen_modules, num_layers
-from core.prefix_cache import layer_view
+from core.model import decays, find_backbone, freeze, frozen_modules, num_layers
+from core.prefix_cache import error_phrase, gap_beyond_rounding, layer_view
 
 def group_key(config: RunConfig) -> tuple:
     """Equal for configs that can train as one stacked group: every field but the PER_RUN_FIELDS."""
@@ -131,7 +130,6 @@ def stack_problem(model: nn.Module, depth: int, inputs: dict | None = None) -> s
 def _stacked_forward_mismatch(model: nn.Module, depth: int, inputs: dict) -> str | None:
     """Two runs (the model, and a copy with every trained weight moved by noise) stacked, in eval mode and full
     precision: why their logits are not each run's own, or None."""
-    from core.model import freeze
     runs = [copy.deepcopy(model).float().eval() for _ in range(2)]
     noise = torch.Generator().manual_seed(0)
     for run in runs:
@@ -145,9 +143,8 @@ def _stacked_forward_mismatch(model: nn.Module, depth: int, inputs: dict) -> str
         axis.rows = inputs["input_ids"].shape[0]
         together = stacked.eval()(**{k: torch.cat([v, v]) for k, v in inputs.items()}).logits
     except Exception as error:  # any failure of the stacked forward means: do not stack this model
-        return f"two runs stacked fail ({type(error).__name__}: {first_line(error)})"
-    gap = float((together - torch.cat(alone)).abs().max())
-    if gap > 1e-4 * (1.0 + float(torch.cat(alone).abs().max())):
+        return f"two runs stacked fail ({error_phrase(error)})"
+    if (gap := gap_beyond_rounding(together, torch.cat(alone))) is not None:
         return f"two runs stacked compute other logits than each alone (up to {gap:.2g} apart)"
     return None
 

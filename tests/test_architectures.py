@@ -20,7 +20,7 @@ from core import UsageError
 from core.group import run_group
 from core.model import find_backbone, load_model, preflight
 from core.prefix_cache import split_forward_mismatch
-from core.session import Session, probe_rows
+from core.session import Session, probe_batches
 from core.stacked import stack_problem
 from core.train import run
 
@@ -62,14 +62,12 @@ def test_each_family_trains_cut_or_live_and_stacked_or_alone(kind, tmp_path, toy
     data = session.text_data(toy_data, session.tokenizer(folder), None, None, base.max_length)
     model = load_model(folder, data.label_names)
     for depth in (1, LAYERS):
-        expected = all(split_forward_mismatch(model, find_backbone(model), depth,
-                                              rows.batch(list(range(len(rows))), data.pad_id, "cpu")) is None
-                       for rows in probe_rows(data.splits["train"]))
+        expected = all(split_forward_mismatch(model, find_backbone(model), depth, inputs) is None
+                       for inputs in probe_batches(data))
         record = run(base.replace(freeze_depth=depth), "cpu", progress=False, session=session)
         assert record.prefix_cache["cached"] is expected, f"{kind} depth {depth}"
         assert math.isfinite(record.loss) and record.trainable_params < record.total_params
-    rows = probe_rows(data.splits["train"])[0]
-    stackable = stack_problem(model, 0, rows.batch(list(range(len(rows))), data.pad_id, "cpu")) is None
+    stackable = stack_problem(model, 0, probe_batches(data)[0]) is None
     group = run_group([base.replace(seed=0), base.replace(seed=1)], session, "cpu")
     assert [type(r).__name__ for r in group] == ["RunRecord"] * 2, group
     assert {r.engine for r in group} == {"stacked (2 runs)" if stackable else "eager"}, kind
