@@ -3,6 +3,7 @@ process."""
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 
 import datasets
@@ -16,7 +17,7 @@ from core.sources import load_raw
 TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
                 ("question", "sentence"), ("text_a", "text_b"))
-LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category")
+LABEL_COLUMNS = ("label", "labels", "gold_label", "sentiment", "class", "target", "category", "is_duplicate")
 
 
 @dataclass
@@ -174,6 +175,20 @@ def drop_unlabeled_test(raw: dict[str, datasets.Dataset], label: str) -> None:
         del raw["test"]
 
 
+def drop_unlabeled_rows(raw: dict[str, datasets.Dataset], label: str) -> None:
+    """Leave out the rows a class-label column marks -1: the Hub's mark for a row without a label (SNLI's
+    no-consensus pairs), which is no class (one line says how many). A plain integer column keeps its -1: there
+    it may be a class (negative sentiment)."""
+    for name, split in raw.items():
+        if not isinstance(split.features.get(label), datasets.ClassLabel):
+            continue
+        labels = np.asarray(split[label])
+        if (unlabeled := int((labels == -1).sum())):
+            raw[name] = split.select(np.flatnonzero(labels != -1))
+            print(f"note: {unlabeled} of the {len(labels)} rows of the {name} split have no label (-1) and are left "
+                  "out", file=sys.stderr)
+
+
 def load_text_data(dataset: str, tokenizer, text_column: str | None = None, label_column: str | None = None,
                    max_length: int = 128) -> TextData:
     """Load, detect columns and encode labels as 0..n-1; rows are tokenized on demand (`core.session` keeps it)."""
@@ -193,6 +208,7 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
     if label not in raw["validation"].column_names:
         raise UsageError(f"the validation split has no label column {label!r}: columns are "
                          f"{', '.join(raw['validation'].column_names)}")
+    drop_unlabeled_rows(raw, label)
     for name, split in raw.items():
         labels = split[label]
         if None in labels:
@@ -204,6 +220,14 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
     if len(values) < 2:
         raise UsageError(f"label column {label!r} holds {len(values)} distinct value(s): a classifier needs at "
                          "least 2")
+    fractional = [v for v in values if isinstance(v, float) and not v.is_integer()]
+    if fractional:
+        raise UsageError(f"label column {label!r} holds fractional numbers ({', '.join(map(str, fractional[:3]))}, "
+                         "…): a regression score, such as STS-B's, is not a class; this tool trains classifiers")
+    if len(values) > 100 and len(values) > len(raw["train"]) / 2:
+        raise UsageError(f"label column {label!r} holds {len(values)} distinct values in {len(raw['train'])} "
+                         "training rows, fewer than 2 rows a class: an id or a score, not a class? pass "
+                         "--label-column")
     feature = raw["train"].features[label]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(v) for v in values]
     index = {v: i for i, v in enumerate(values)}

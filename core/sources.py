@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import lzma
@@ -98,12 +99,42 @@ def _looks_local(name: str) -> bool:
         or ("/" in name and Path(name.split("/")[0]).is_dir())
 
 
+def pick_split(names, split: str) -> str | None:
+    """Which of `names` (a dataset's split names, or a folder's file stems) holds `split`: an exact alias
+    (`validation`, `dev`, ...), else the first in sorted order of the aliases with a suffix (`validation_matched`
+    of MNLI, `dev_matched` of GLUE's own files); None where there is none."""
+    names = list(names)
+    exact = next((alias for alias in SPLIT_NAMES[split] if alias in names), None)
+    if exact is not None:
+        return exact
+    suffixed = sorted(name for name in names for alias in SPLIT_NAMES[split] if name.startswith(f"{alias}_"))
+    return suffixed[0] if suffixed else None
+
+
+def _split_note(dataset: str, split: str, picked: str, names) -> None:
+    """One line where a split was found by its suffixed name: the user should know which of several it is."""
+    if picked in SPLIT_NAMES[split]:
+        return
+    others = sorted(n for n in names if n != picked and any(n.startswith(f"{a}_") for a in SPLIT_NAMES[split]))
+    also = f" ({', '.join(others)} not used)" if others else ""
+    print(f"note: {dataset} has no plain {split} split: {picked} is its {split} split{also}", file=sys.stderr)
+
+
+def _data_files(folder: Path) -> dict[str, Path]:
+    """A folder's data files by stem (`dev_matched` → dev_matched.tsv); a stem in two formats keeps the first of
+    BUILDERS' order."""
+    files: dict[str, Path] = {}
+    for ext in BUILDERS:
+        for file in sorted(folder.glob(f"*{ext}")):
+            if file.is_file():
+                files.setdefault(file.name[:-len(ext)], file)
+    return files
+
+
 def _split_file(folder: Path, split: str) -> Path | None:
-    for stem in SPLIT_NAMES[split]:
-        for ext in BUILDERS:
-            if (folder / f"{stem}{ext}").is_file():
-                return folder / f"{stem}{ext}"
-    return None
+    files = _data_files(folder)
+    stem = pick_split(files, split)
+    return None if stem is None else files[stem]
 
 
 def split_files(folder: Path) -> dict[str, Path]:
@@ -133,8 +164,44 @@ def source_files(dataset: str) -> list[Path] | None:
     return None
 
 
+def _writer_quoted(table: datasets.Dataset) -> bool:
+    """Whether a literally read table holds a field its writer fenced in quotes: one that starts and ends with a
+    quote, with every quote inside doubled, as in `"a ""quoted"" word"`."""
+    for name, feature in table.features.items():
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            continue
+        for value in table[name]:
+            if value and len(value) > 1 and value[0] == value[-1] == '"' and '"' not in value[1:-1].replace('""', ""):
+                return True
+    return False
+
+
+def _read_table(path: Path) -> datasets.Dataset:
+    """One file's rows. A tab-separated file is read literally, as GLUE writes and reads its files: a quote is a
+    character, not a field's fence. Read with CSV quoting, one unmatched quote (`"great film<TAB>1`) silently
+    merged every row up to the next quote into one text. A file its writer quoted (pandas' to_csv writes
+    `"a ""quoted"" word"`, and fences a tab or a line break inside a text) is read with quoting: where the
+    literal read finds such a field and quoting keeps every line a row, or where only quoting can read it."""
+    files = {"data": str(path)}
+    if path.suffix != ".tsv":
+        return datasets.load_dataset(BUILDERS[path.suffix], data_files=files, split="data")
+    try:
+        literal = datasets.load_dataset("csv", data_files=files, split="data", delimiter="\t",
+                                        quoting=csv.QUOTE_NONE)
+    except Exception:  # a quoted field holds a tab or a line break: only the writer's quoting can read it
+        literal = None
+    if literal is not None and not _writer_quoted(literal):
+        return literal
+    try:
+        quoted = datasets.load_dataset("csv", data_files=files, split="data", delimiter="\t")
+    except Exception:
+        if literal is None:
+            raise
+        return literal
+    return quoted if literal is None or len(quoted) == len(literal) else literal
+
+
 def _load_file(path: Path) -> datasets.Dataset:
-    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     # A local file reads in moments; its progress bar would only put a second line before a one-line error
     # (a missing column, say) on stderr.
     # datasets also logs each parse error before raising it: that log line would be a second line.
@@ -143,7 +210,7 @@ def _load_file(path: Path) -> datasets.Dataset:
         datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        loaded = datasets.load_dataset(BUILDERS[path.suffix], data_files={"data": str(path)}, split="data", **kwargs)
+        loaded = _read_table(path)
         if "__index_level_0__" in loaded.column_names:  # pandas made the extra first field of every row an index
             header = ", ".join(c for c in loaded.column_names if c != "__index_level_0__")
             raise UsageError(f"could not read {str(path)!r}: its rows have more fields than its header ({header})")
@@ -191,6 +258,9 @@ def clear_raw_cache() -> None:
 def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     if (files := local_files(dataset)) is not None:
         splits = {split: _load_file(file) for split, file in files.items()}
+        if Path(dataset).expanduser().is_dir():
+            for split, file in files.items():
+                _split_note(dataset, split, file.name[:-len(file.suffix)], _data_files(file.parent))
     elif dataset.lower() in EMBEDDED_NAMES:
         splits = load_embedded_sst2()
     elif dataset in HUB_SST2 and hub_offline():
@@ -226,4 +296,9 @@ def _load_hub(dataset: str) -> dict[str, datasets.Dataset]:
         raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub{offline} ({reason}): pass a "
                          "local folder with train/validation files, or --dataset sst2 for the embedded SST-2") \
             from None
-    return {s: loaded[alias] for s, aliases in SPLIT_NAMES.items() for alias in aliases if alias in loaded}
+    splits = {}
+    for split in SPLIT_NAMES:
+        if (picked := pick_split(loaded, split)) is not None:
+            _split_note(dataset, split, picked, loaded)
+            splits[split] = loaded[picked]
+    return splits

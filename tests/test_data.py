@@ -425,3 +425,94 @@ def test_a_missing_relative_folder_under_an_existing_one_is_called_missing(tmp_p
         check_dataset("data/mydata")
     with pytest.raises(UsageError, match="does not exist"):
         model_config("data/mymodel")
+
+
+# Files and labels from elsewhere: GLUE's own files, writers that quote, Hub split names, labels that are no class
+
+def test_a_quote_in_a_tsv_file_is_a_character_not_a_fence(tmp_path):
+    """Read with CSV quoting, the unmatched quote of the first row swallowed the next two rows into its text."""
+    rows = ['"unmatched quote opens here', "second row", 'third "row" here', '"quoted" start', "fifth"]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
+    (tmp_path / "validation.tsv").write_text("sentence\tlabel\nfine\t0\nbad\t1\n")
+    train = load_raw(str(tmp_path))["train"]
+    assert train["sentence"] == rows
+    assert train["label"] == [0, 1, 0, 1, 0]
+
+
+def test_a_tsv_file_its_writer_quoted_reads_back_as_written(tmp_path):
+    texts = ['he said "hi"', "plain", "a tab\tinside", '"starts with a quote', "a line\nbreak"]
+    table = {"sentence": texts, "label": [0, 1, 0, 1, 0]}
+    write_table(tmp_path / "train.tsv", table)  # pandas' to_csv: fenced and doubled quotes
+    write_table(tmp_path / "validation.tsv", {"sentence": texts[:2], "label": [0, 1]})
+    splits = load_raw(str(tmp_path))
+    assert splits["train"]["sentence"] == texts
+    assert splits["validation"]["sentence"] == texts[:2]  # no tab or break: found quoted by its fenced quotes
+
+
+def test_glue_files_with_suffixed_split_names_are_found_and_named(tmp_path, tokenizer, capsys):
+    """GLUE's own MNLI files: dev_matched/dev_mismatched, an unlabeled test_matched, the label in gold_label."""
+    for name, seed in (("train", 1), ("dev_matched", 2), ("dev_mismatched", 3)):
+        columns = pair_columns(30, seed, "sentence1", "sentence2")
+        columns["gold_label"] = [("entailment", "neutral", "contradiction")[y] for y in columns.pop("label")]
+        write_table(tmp_path / f"{name}.tsv", columns)
+    write_table(tmp_path / "test_matched.tsv", {"sentence1": ["a"], "sentence2": ["b"]})
+    data = load_text_data(str(tmp_path), tokenizer)
+    assert (data.text_columns, data.label_column) == (("sentence1", "sentence2"), "gold_label")
+    assert {name: len(split) for name, split in data.splits.items()} == {"train": 30, "validation": 30}
+    assert data.splits["validation"].texts[0] == pair_columns(30, 2, "sentence1", "sentence2")["sentence1"]
+    err = capsys.readouterr().err
+    assert "dev_matched is its validation split (dev_mismatched not used)" in err
+
+
+def test_hub_split_names_with_suffixes_are_found_and_named(monkeypatch, capsys):
+    import core.sources
+    hub = datasets.DatasetDict({name: datasets.Dataset.from_dict(pair_columns(6, i, "premise", "hypothesis"))
+                                for i, name in enumerate(("train", "validation_matched", "validation_mismatched",
+                                                          "test_matched"))})
+    monkeypatch.setattr(core.sources.datasets, "load_dataset", lambda name, config=None: hub)
+    splits = load_raw("nyu-mll/glue:mnli")
+    assert {name: split["premise"] for name, split in splits.items()} == {
+        "train": hub["train"]["premise"], "validation": hub["validation_matched"]["premise"],
+        "test": hub["test_matched"]["premise"]}
+    assert "validation_matched is its validation split (validation_mismatched not used)" in capsys.readouterr().err
+
+
+def test_a_fractional_label_is_refused_as_a_regression_score(tmp_path, tokenizer):
+    """STS-B's scores: each distinct score became a class, silently (validation's scores are all in train)."""
+    columns = pair_columns(40, 1, "sentence1", "sentence2")
+    columns["label"] = [round(i * 0.125, 3) for i in range(40)]
+    write_table(tmp_path / "train.csv", columns)
+    write_table(tmp_path / "validation.csv", {**pair_columns(4, 2, "sentence1", "sentence2"),
+                                              "label": columns["label"][:4]})
+    with pytest.raises(UsageError, match=r"label column 'label' holds fractional numbers \(0\.125, 0\.25, 0\.375, "
+                                         r"….*regression"):
+        load_text_data(str(tmp_path), tokenizer)
+
+
+def test_an_id_column_is_not_taken_for_classes(tmp_path, tokenizer):
+    write_table(tmp_path / "train.csv", {"sentence": [f"row {i}" for i in range(300)], "target": list(range(300))})
+    write_table(tmp_path / "validation.csv", {"sentence": ["row 1"], "target": [1]})
+    with pytest.raises(UsageError, match="'target' holds 300 distinct values in 300 training rows"):
+        load_text_data(str(tmp_path), tokenizer)
+
+
+def test_rows_a_class_label_marks_minus_one_are_left_out_but_a_plain_minus_one_is_a_class(tmp_path, tokenizer,
+                                                                                          capsys):
+    """SNLI on the Hub: a ClassLabel column marks rows without a gold label -1; they are no class."""
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    for name, n in (("train", 40), ("validation", 12)):
+        columns = pair_columns(n, 1, "premise", "hypothesis")
+        columns["label"] = [i % 4 - 1 for i in range(n)]
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    data = load_text_data(str(tmp_path), tokenizer)
+    assert data.label_names == ["entailment", "neutral", "contradiction"]
+    assert data.splits["train"].labels.tolist() == [0, 1, 2] * 10
+    assert "10 of the 40 rows of the train split have no label (-1) and are left out" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    for name, n in (("train", 30), ("validation", 9)):
+        write_table(plain / f"{name}.csv", {"sentence": [f"row {i}" for i in range(n)],
+                                            "label": [i % 3 - 1 for i in range(n)]})
+    data = load_text_data(str(plain), tokenizer)
+    assert data.label_names == ["-1", "0", "1"]
+    assert len(data.splits["train"]) == 30
