@@ -2,7 +2,8 @@
 
 For workers that could not share a database (one SQLite file per GPU process, a Colab session, a cluster node
 without access to PostgreSQL): merge their files afterwards, then report, resume or extend the grid on the
-merged storage. A run id already complete in the target is skipped, so merging twice copies nothing new.
+merged storage. A run id already complete in the target study is skipped, so merging twice copies nothing new; a
+run complete in another study of the target is copied as a reuse of it, as the ledger itself stores one.
 """
 from __future__ import annotations
 
@@ -37,16 +38,26 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
                 copied.setdefault(into.study_name, 0)
                 wanted = {trial._trial_id: _ids(trial) for trial in trials}
                 stored = read_rows(ledger.storage.engine, [i for ids in wanted.values() for i in ids])
+                in_study = ledger.complete_in_study(into)
                 for trial in trials:
                     run_id, legacy = wanted[trial._trial_id]
-                    if run_id is None or any(stored.get(i, {}).get("state") == "COMPLETE" for i in (run_id, legacy)):
+                    if run_id is None or {run_id, legacy} & in_study:
                         continue
+                    # A run one study reused from another (a tuned grid's runs from its learning-rate sweep) is in
+                    # both: the first copy holds the run id's row, a later one is a reuse of it, as on the source.
+                    holder = next((stored[i] for i in (run_id, legacy) if stored.get(i, {}).get("state") == "COMPLETE"),
+                                  None)
+                    attrs = {key: value for key, value in trial.user_attrs.items() if key != "reused_from"}
+                    if holder is not None:
+                        attrs["reused_from"] = f"{holder['study']}#{holder['number']}"
                     copy = optuna.trial.create_trial(
                         params=trial.params, distributions=trial.distributions, values=trial.values,
-                        user_attrs={**trial.user_attrs, "run_id": run_id,
-                                    "merged_from": f"{mask_url(url)} {name}#{trial.number}"})
-                    ledger._mark_complete(run_id, ledger.storage.create_new_trial(into._study_id, template_trial=copy))
-                    stored[run_id] = {"state": "COMPLETE"}
+                        user_attrs={**attrs, "run_id": run_id, "merged_from": f"{mask_url(url)} {name}#{trial.number}"})
+                    trial_id = ledger.storage.create_new_trial(into._study_id, template_trial=copy)
+                    if holder is None:
+                        ledger._mark_complete(run_id, trial_id)
+                        stored[run_id] = read_rows(ledger.storage.engine, [run_id])[run_id]
+                    in_study.add(run_id)
                     copied[into.study_name] += 1
     return copied
 

@@ -328,16 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "to gain (default: 0.01)")
     parser.add_argument("--space", default=None, metavar="FILE",
                         help="JSON file overriding the search space (see --print-space) (default: none)")
-    parser.add_argument("--freeze-depths", default=None, metavar="RANGE", help="freeze depth range, e.g. 0-6 "
-                        "(default: 0 to the model's layer count)")
+    parser.add_argument("--freeze-depths", default=None, metavar="RANGE", help="freeze depth range, e.g. 0-6, or "
+                        "one depth (default: 0 to the model's layer count)")
     parser.add_argument("--schedulers", default=None, metavar="LIST",
                         help="comma-separated schedulers to choose from, e.g. linear,cosine (default: linear,cosine)")
     parser.add_argument("--epochs-range", default=None, metavar="RANGE", help="epochs range, e.g. 1-4 "
                         "(default: 1-4)")
     parser.add_argument("--lr-range", default=None, metavar="LOW,HIGH",
-                        help="log-uniform learning rate range, e.g. 1e-5,5e-4 (default: 1e-5,5e-4)")
+                        help="log-uniform learning rate range, e.g. 1e-5,5e-4, or one rate to hold it fixed "
+                        "(default: 1e-5,5e-4)")
     parser.add_argument("--warmup-range", default=None, metavar="LOW,HIGH",
-                        help="uniform warmup ratio range, e.g. 0,0.2 (default: 0,0.2)")
+                        help="uniform warmup ratio range, e.g. 0,0.2, or one value to hold it fixed (default: 0,0.2)")
     parser.add_argument("--print-space", action="store_true", help="print the search space as JSON and exit")
     add_study_arguments(parser, default_study=None)  # search, or search-accuracy for --objective accuracy
     add_parallel_argument(parser, f"trials asked at once (auto: at most {BATCH}, so that the sampler learns "

@@ -82,10 +82,17 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **ove
 
 
 def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130, never a traceback for either."""
+    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130, a closed output pipe exit 1, never a
+    traceback for any of them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        code = main() or 0
+        try:
+            code = main() or 0
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe is answered below, not at exit with a traceback
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2

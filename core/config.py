@@ -80,14 +80,15 @@ def _help(text: str, **kwargs):
 @dataclass(frozen=True)
 class RunConfig:
     model: str = _help("Hugging Face Hub id or local model folder.", default="distilbert-base-uncased")
-    dataset: str = _help("Hub id (`glue/sst2`, `name:config`) or a local folder/file of train/validation[/test] "
-                         "tsv, csv, json(l) or parquet.", default="glue/sst2")
+    dataset: str = _help("`sst2` (the packaged copy of glue/sst2), a Hub id (`glue/sst2`, `name:config`) or a local "
+                         "folder/file of train/validation[/test] tsv, csv, json(l) or parquet.", default="glue/sst2")
     text_column: str | None = _help("Text column (two columns as `a,b` for sentence pairs); auto-detected if unset.",
                                     default=None)
     label_column: str | None = _help("Label column; auto-detected if unset.", default=None)
     freeze_depth: int = _help("Freeze the embeddings and encoder layers 0..K-1 (0 trains everything; "
                               "K = number of layers trains only the head).", default=4)
-    scheduler: str = _help("Learning-rate schedule: any name transformers.get_scheduler accepts.", default="cosine")
+    scheduler: str = _help("Learning-rate schedule: linear, cosine or another step-based name of "
+                           "transformers.get_scheduler.", default="cosine")
     epochs: int = _help("Training epochs.", default=4)
     learning_rate: float = _help("Peak learning rate of AdamW.", default=3e-5)
     batch_size: int = _help("Training batch size.", default=16)
@@ -102,7 +103,8 @@ class RunConfig:
                                          "or 0 for none (choose on validation, the old behaviour); unset: 10 %% of "
                                          "the training rows, at most 1,000. Stratified, with a fixed seed: every "
                                          "run of a study shares one dev set.", default=None)
-    max_length: int = _help("Truncate inputs to this many tokens.", default=128)
+    max_length: int = _help("Truncate inputs to this many tokens (at most what the model's position table "
+                            "holds).", default=128)
     select_by: str = _help("Dev metric (validation without a dev split) that picks the reported epoch: accuracy, "
                            "loss or f1.",
                            default="accuracy")

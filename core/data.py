@@ -16,7 +16,7 @@ from core.sources import load_raw
 
 TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
-                ("question", "sentence"), ("text_a", "text_b"))
+                ("question", "sentence"), ("question", "passage"), ("text_a", "text_b"))
 LABEL_COLUMNS = ("label", "labels", "gold_label", "sentiment", "class", "target", "category", "is_duplicate")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import struct
@@ -153,6 +154,7 @@ def preflight(config, session) -> PretrainedConfig:
     check_dataset(config.dataset)
     model_cfg = model_config(config.model)
     check_freeze_depth(config.freeze_depth, model_cfg, config.model)
+    check_max_length(config.max_length, config.model)
     tokenizer = session.tokenizer(config.model)
     data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
     find_backbone(session.model(config.model, data.label_names))
@@ -172,6 +174,35 @@ def check_freeze_depth(depth: int, config: PretrainedConfig, name: str) -> None:
     if not 0 <= depth <= layers:
         raise UsageError(f"--freeze-depth {depth} is invalid for {name!r}, which has {layers} layers: use 0 to "
                          f"{layers}")
+
+
+def check_max_length(max_length: int, name: str) -> None:
+    """Refuse a --max-length the model's position table cannot hold: a longer input stopped the run mid-epoch
+    with a shape or index error from inside the model."""
+    limit = token_limit(name)
+    if limit is not None and max_length > limit:
+        raise UsageError(f"--max-length {max_length} is beyond {name!r}, whose position table holds {limit} tokens: "
+                         f"use --max-length {limit} or less")
+
+
+@functools.lru_cache(maxsize=16)
+def token_limit(name: str) -> int | None:
+    """The longest input, in tokens with the special ones, that the model's learned position table holds: its rows,
+    less the rows RoBERTa-style models skip (they count positions from their padding index + 1). None where the
+    model has no such table (relative or rotary positions) or cannot be built here. Read off the model built on
+    the meta device (shapes only), so every family's own names and offsets are the model's, not a list's."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(model_config(name))
+    except Exception:  # the run itself reports a model it cannot build
+        return None
+    limits = []
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if module_name.endswith(("position_embeddings", "embed_positions")) and getattr(weight, "ndim", 0) == 2:
+            skipped = getattr(module, "padding_idx", None)
+            limits.append(weight.shape[0] - (skipped + 1 if isinstance(skipped, int) else 0))
+    return min(limits, default=None)
 
 
 def load_tokenizer(name: str):

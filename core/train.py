@@ -28,6 +28,7 @@ from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
     check_freeze_depth,
+    check_max_length,
     count_parameters,
     device_name,
     freeze,
@@ -49,6 +50,7 @@ def check(config: RunConfig):
     check_dataset(config.dataset)
     model_cfg = model_config(config.model)
     check_freeze_depth(config.freeze_depth, model_cfg, config.model)
+    check_max_length(config.max_length, config.model)
     return model_cfg
 
 

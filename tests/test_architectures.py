@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from core import UsageError
 from core.group import run_group
-from core.model import find_backbone, load_model, preflight
+from core.model import find_backbone, load_model, preflight, token_limit
 from core.prefix_cache import split_forward_mismatch
 from core.session import Session, probe_batches
 from core.stacked import stack_problem
@@ -71,6 +71,29 @@ def test_each_family_trains_cut_or_live_and_stacked_or_alone(kind, tmp_path, toy
     group = run_group([base.replace(seed=0), base.replace(seed=1)], session, "cpu")
     assert [type(r).__name__ for r in group] == ["RunRecord"] * 2, group
     assert {r.engine for r in group} == {"stacked (2 runs)" if stackable else "eager"}, kind
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_the_token_limit_is_the_longest_input_each_family_takes(kind, tmp_path):
+    """`core.model.token_limit` reads each family's position table, RoBERTa-style offsets included: an input of
+    that many tokens runs, one more does not (the error --max-length is refused to spare a run). A family without
+    a table (relative or rotary positions) has no limit and takes twice the configured positions."""
+    settings = {"vocab_size": len(VOCAB), **OWN[kind]} if FAMILIES[kind] is None else {**SMALL, **FAMILIES[kind]}
+    folder = save_family(tmp_path / kind, kind, settings)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+    def forward(length: int) -> None:
+        ids = torch.arange(length).remainder(len(VOCAB) - 5)[None, :] + 5
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    limit = token_limit(folder)
+    if limit is None:
+        forward(2 * 64)
+        return
+    forward(limit)
+    with pytest.raises((IndexError, RuntimeError)):
+        forward(limit + 1)
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))

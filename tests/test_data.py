@@ -61,6 +61,9 @@ def pair_columns(n: int, seed: int, first: str, second: str) -> dict[str, list]:
     (["premise", "hypothesis", "label"], ("premise", "hypothesis"), "label"),
     (["question", "sentence", "label"], ("question", "sentence"), "label"),
     (["question1", "question2", "label"], ("question1", "question2"), "label"),
+    (["question", "passage", "idx", "label"], ("question", "passage"), "label"),  # BoolQ: not the question alone
+    (["sentence1", "sentence2", "gold_label", "label1"], ("sentence1", "sentence2"), "gold_label"),  # GLUE's MNLI
+    (["id", "question1", "question2", "is_duplicate"], ("question1", "question2"), "is_duplicate"),  # GLUE's QQP
 ])
 def test_columns_are_detected(columns, texts, label):
     train = datasets.Dataset.from_dict({c: ["x"] for c in columns})

@@ -93,6 +93,34 @@ def test_a_storage_written_with_legacy_run_ids_is_read_and_merge_deduplicates_by
                                                       f"sqlite:///{tmp_path}/other.db"]) == {"grid": 4}
 
 
+def test_merge_keeps_every_studys_runs_where_one_study_reused_anothers(tmp_path, tiny_bert, toy_data):
+    """A tuned grid reuses its learning-rate sweep's runs: the same run id complete in two studies. The merge
+    de-duplicated by run id over the whole target, so the second study lost the runs it shared (6 → 4 tuned and
+    4 → 0 sweep runs, seen merging a real ledger); each study keeps its runs, the run id still has one holder."""
+    from ablations.merge import merge
+    from ablations.runs_table import read_rows
+    source = open_storage(f"sqlite:///{tmp_path}/source.db")
+    configs, calls = cells(tiny_bert, toy_data), []
+    run_cells(configs[:3], open_study(source, "sweep"), Ledger(source), counting_train(calls), progress=False)
+    outcome = run_cells(configs[1:], open_study(source, "tuned"), Ledger(source), counting_train(calls),
+                        progress=False)
+    assert len(outcome.reused) == 2 and len(calls) == 4
+    target = f"sqlite:///{tmp_path}/merged.db"
+    assert merge(target, [f"sqlite:///{tmp_path}/source.db"]) == {"sweep": 3, "tuned": 3}
+    merged = open_storage(target)
+    for name, expected in (("sweep", configs[:3]), ("tuned", configs[1:])):
+        trials = optuna.load_study(study_name=name, storage=merged).get_trials(deepcopy=False)
+        assert sorted(t.user_attrs["run_id"] for t in trials) == sorted(c.run_id for c in expected), name
+    rows = read_rows(merged.engine, [c.run_id for c in configs])
+    assert {run_id: row["study"] for run_id, row in rows.items()} == {
+        c.run_id: "sweep" if c in configs[:3] else "tuned" for c in configs}
+    # Nothing trains on the merged ledger, and merging again copies nothing.
+    outcome = run_cells(configs[1:], optuna.load_study(study_name="tuned", storage=merged), Ledger(merged),
+                        counting_train(calls), progress=False)
+    assert len(calls) == 4 and outcome.trained == []
+    assert merge(target, [f"sqlite:///{tmp_path}/source.db"]) == {"sweep": 0, "tuned": 0}
+
+
 def test_the_committed_storage_is_read_through_its_legacy_ids(tmp_path, monkeypatch):
     """results/sst2.db (run ids of the path strings) on a copy: every complete run is found, nothing retrains."""
     from core import RunConfig
