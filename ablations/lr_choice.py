@@ -9,26 +9,27 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ablations.runner import default_storage
-from ablations.tuning import choice_accuracy, rank
+from ablations.tuning import choice_accuracy
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
 
 def best_rates(runs: list[dict]) -> dict[int, tuple[float, float, int]]:
     """depth -> (learning rate with the best mean dev accuracy over seeds/schedulers, that accuracy, runs averaged);
-    validation accuracy stands in for runs without a dev split. Ties go by the grid's own rule
-    (`ablations.tuning.TIE_RULE`, on means): the lower mean dev loss, then the smaller rate."""
-    scores: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
+    validation accuracy stands in for runs without a dev split. A tie goes to the smaller rate. (The grid's
+    --learning-rates looks at dev loss first, `ablations.tuning.TIE_RULE`; this rule is kept because
+    results/lr_choice.txt, which the stored studies ran at, came from it: depth 3 tied there.)"""
+    scores: dict[tuple[int, float], list[float]] = defaultdict(list)
     for run in runs:
         if run["state"] == "COMPLETE" and run.get("record"):
             config = run["record"]["config"]
-            _, loss, _ = rank(run["record"])
-            scores[(config["freeze_depth"], config["learning_rate"])].append((choice_accuracy(run["record"]), loss))
-    ranked: dict[int, tuple] = {}
-    for (depth, rate), values in scores.items():
-        accuracy, loss = (sum(v) / len(values) for v in zip(*values))
-        ranked[depth] = min(ranked.get(depth, (float("inf"),)), (-accuracy, loss, rate, len(values)))
-    return {depth: (rate, -accuracy, count) for depth, (accuracy, _, rate, count) in ranked.items()}
+            scores[(config["freeze_depth"], config["learning_rate"])].append(choice_accuracy(run["record"]))
+    best: dict[int, tuple[float, float, int]] = {}
+    for (depth, rate), accuracies in sorted(scores.items()):
+        mean = sum(accuracies) / len(accuracies)
+        if depth not in best or mean > best[depth][1]:
+            best[depth] = (rate, mean, len(accuracies))
+    return best
 
 
 def main() -> int:

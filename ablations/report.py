@@ -35,7 +35,14 @@ def main(args=None) -> int:
     output_dir = args.output_dir or default_output_dir(names[0] if names and len(names) == 1 else None)
     storage = args.storage or default_storage(args.output_dir)  # the grid's and the search's default ledger
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-        raise usage_error(f"--storage {storage} is invalid: the SQLite file does not exist")
+        if args.storage:
+            raise usage_error(f"--storage {storage} is invalid: the SQLite file does not exist")
+        if not args.output_dir:
+            raise usage_error(f"no ledger at {storage}: run a grid or a search first, or pass --storage")
+        hint = f"; the grid's default ledger is {default_storage()}: pass it as --storage" \
+            if Path(default_storage().removeprefix("sqlite:///")).exists() else ""
+        raise usage_error(f"no ledger at {storage}: with --output-dir and no --storage, the report reads the ledger "
+                          f"in that folder{hint}")
     from ablations.storage import load_runs, storage_url  # load_runs names a missing study in one line
 
     runs = load_runs(storage_url(storage, output_dir), study_names=names)

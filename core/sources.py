@@ -167,12 +167,14 @@ def source_files(dataset: str) -> list[Path] | None:
 def _writer_quoted(table: datasets.Dataset) -> bool:
     """Whether a literally read table holds a field its writer fenced in quotes: one that starts and ends with a
     quote, with every quote inside doubled, as in `"a ""quoted"" word"`."""
+    import pyarrow.compute as pc  # a column at a time: row by row, SST-2's 67,349 rows took 1.5 s
     for name, feature in table.features.items():
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
             continue
-        for value in table[name]:
-            if value and len(value) > 1 and value[0] == value[-1] == '"' and '"' not in value[1:-1].replace('""', ""):
-                return True
+        column = table.data.column(name)
+        fenced = pc.filter(column, pc.and_(pc.starts_with(column, '"'), pc.ends_with(column, '"'))).to_pylist()
+        if any(len(value) > 1 and '"' not in value[1:-1].replace('""', "") for value in fenced):
+            return True
     return False
 
 
@@ -181,7 +183,9 @@ def _read_table(path: Path) -> datasets.Dataset:
     character, not a field's fence. Read with CSV quoting, one unmatched quote (`"great film<TAB>1`) silently
     merged every row up to the next quote into one text. A file its writer quoted (pandas' to_csv writes
     `"a ""quoted"" word"`, and fences a tab or a line break inside a text) is read with quoting: where the
-    literal read finds such a field and quoting keeps every line a row, or where only quoting can read it."""
+    literal read finds such a field and quoting keeps every line a row, or where only quoting can read it. (A
+    file whose only fenced texts hold line breaks reads as ragged rows, an error: quoting would read them, but
+    so would it merge rows after one stray quote, and the two cannot be told apart.)"""
     files = {"data": str(path)}
     if path.suffix != ".tsv":
         return datasets.load_dataset(BUILDERS[path.suffix], data_files=files, split="data")

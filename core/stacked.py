@@ -295,7 +295,9 @@ class StackedRuns:
         torch._foreach_zero_(self.grads)
         with self.autocast():
             logits = self.model(**inputs).logits
-        losses = F.cross_entropy(logits.float(), labels.reshape(-1), reduction="none").view_as(weights)
+        # The loss in fp32 at least (bf16 logits under autocast), in fp64 where the model is (the exactness test).
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        losses = F.cross_entropy(logits, labels.reshape(-1), reduction="none").view_as(weights)
         losses = (losses * weights).sum(1) / weights.sum(1)
         losses.sum().backward()  # the runs share no weight, so each gets exactly its own gradient
         for embedding in self.embeddings:

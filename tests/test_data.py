@@ -442,7 +442,7 @@ def test_a_quote_in_a_tsv_file_is_a_character_not_a_fence(tmp_path):
     assert train["label"] == [0, 1, 0, 1, 0]
 
 
-def test_a_tsv_file_its_writer_quoted_reads_back_as_written(tmp_path):
+def test_a_tsv_file_its_writer_quoted_reads_back_as_written(tmp_path, tokenizer):
     texts = ['he said "hi"', "plain", "a tab\tinside", '"starts with a quote', "a line\nbreak"]
     table = {"sentence": texts, "label": [0, 1, 0, 1, 0]}
     write_table(tmp_path / "train.tsv", table)  # pandas' to_csv: fenced and doubled quotes
@@ -450,6 +450,10 @@ def test_a_tsv_file_its_writer_quoted_reads_back_as_written(tmp_path):
     splits = load_raw(str(tmp_path))
     assert splits["train"]["sentence"] == texts
     assert splits["validation"]["sentence"] == texts[:2]  # no tab or break: found quoted by its fenced quotes
+    # Fenced line breaks alone look like a stray quote's merge to quoting: ragged rows, named, never merged.
+    write_table(tmp_path / "validation.tsv", {"sentence": ["a line\nbreak", "plain"], "label": [0, 1]})
+    with pytest.raises(UsageError, match="row 1 of the validation split .* a ragged file"):
+        load_text_data(str(tmp_path), tokenizer)
 
 
 def test_glue_files_with_suffixed_split_names_are_found_and_named(tmp_path, tokenizer, capsys):

@@ -296,6 +296,19 @@ def test_cli_reports_a_missing_storage_in_one_line(monkeypatch, capsys, tmp_path
     assert code == 2 and error.count("\n") == 1 and "does not exist" in error
 
 
+def test_output_dir_alone_names_where_the_report_looked_and_the_grids_ledger(monkeypatch, capsys, tmp_path):
+    """--output-dir alone reads the ledger in that folder; the error said "--storage ... is invalid" to a user who
+    gave no --storage, and did not name the grid's default ledger that did exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ablations.db").write_bytes(b"")
+    code = run_cli(monkeypatch, "--output-dir", "elsewhere")
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "--storage" not in error.split(":")[1]
+    assert f"no ledger at sqlite:///{tmp_path / 'elsewhere' / 'ablations.db'}: with --output-dir" in error
+    assert f"the grid's default ledger is sqlite:///{tmp_path / 'runs' / 'ablations.db'}: pass it as --storage" in error
+
+
 def test_a_study_the_storage_lacks_is_one_line_naming_what_it_holds_in_report_and_merge(runs, monkeypatch, capsys,
                                                                                          tmp_path):
     from ablations.merge import merge
