@@ -70,7 +70,9 @@ PY
     echo "every carried package is already here"
   fi
   # What the carry cannot hold (binary, or the framework itself) must be on the machine; the grid and the Trainer
-  # need all of it (datasets: pyarrow, pandas, xxhash; core.timing: scipy; accelerate: psutil). Then, in the same
+  # need all of it (datasets: pyarrow, pandas, xxhash; core.timing: scipy; accelerate: psutil; the report's plots,
+  # loaded with the grid's timing sitting: matplotlib, seaborn; the search's fANOVA importances: scikit-learn).
+  # Then, in the same
   # process: the model back to fp32 on disk (the project loads fp32 anyway, core.model passes dtype=float32, but
   # the Trainer recipe's plain from_pretrained keeps a checkpoint's dtype in transformers 5 and would train fp16
   # master weights), and the embedded SST-2 as the train.tsv and validation.tsv the recipe reads.
@@ -79,7 +81,8 @@ import importlib, importlib.metadata as md, sys
 needed = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
           "numpy": "numpy", "pyarrow": "pyarrow", "pandas": "pandas", "scipy": "scipy", "xxhash": "xxhash",
           "psutil": "psutil", "yaml": "PyYAML", "tqdm": "tqdm", "fsspec": "fsspec", "huggingface_hub": "huggingface_hub",
-          "datasets": "datasets", "optuna": "optuna", "sqlalchemy": "SQLAlchemy", "accelerate": "accelerate"}
+          "datasets": "datasets", "optuna": "optuna", "sqlalchemy": "SQLAlchemy", "accelerate": "accelerate",
+          "matplotlib": "matplotlib", "seaborn": "seaborn", "sklearn": "scikit-learn"}
 absent = []
 for module, dist in needed.items():
     try:
@@ -89,7 +92,8 @@ for module, dist in needed.items():
         absent.append(f"{dist} ({type(error).__name__}: {error})")
 if absent:
     sys.exit("error: missing here and not in the carry: " + "; ".join(absent))
-import ablations.benchmark, ablations.cells, ablations.grid, ablations.ledger, core.engine_timing, core.train  # noqa
+import ablations.benchmark, ablations.cells, ablations.grid, ablations.ledger, ablations.tradeoff  # noqa
+import core.engine_timing, core.train  # noqa
 import hashlib, lzma, pathlib, platform, shutil, torch
 from safetensors.torch import load_file, save_file
 from core.sources import EMBEDDED_SHA256, EMBEDDED_SST2
