@@ -175,6 +175,20 @@ def drop_unlabeled_test(raw: dict[str, datasets.Dataset], label: str) -> None:
         del raw["test"]
 
 
+def check_text_column(split: datasets.Dataset, column: str) -> None:
+    """Refuse a text column that holds no text: its numbers or token lists became their Python spelling
+    (`"42"`, `"['a', 'film']"`) and trained without a word of warning."""
+    feature = split.features[column]
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return
+    if isinstance(feature, datasets.Value):
+        held = "no values" if feature.dtype == "null" else f"{feature.dtype} values"
+        fix = "name the column with the texts as --text-column"
+    else:
+        held, fix = "lists (tokens?)", "join each row's list into one text, or name another column as --text-column"
+    raise UsageError(f"text column {column!r} holds {held}, not text: {fix}")
+
+
 def drop_unlabeled_rows(raw: dict[str, datasets.Dataset], label: str) -> None:
     """Leave out the rows a class-label column marks -1: the Hub's mark for a row without a label (SNLI's
     no-consensus pairs), which is no class (one line says how many). A plain integer column keeps its -1: there
@@ -204,6 +218,8 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
             if missing:
                 raise UsageError(f"the {name} split has no column {missing[0]!r}: columns are "
                                  f"{', '.join(raw[name].column_names)}")
+    for column in texts:
+        check_text_column(raw["train"], column)
     drop_unlabeled_test(raw, label)
     if label not in raw["validation"].column_names:
         raise UsageError(f"the validation split has no label column {label!r}: columns are "

@@ -523,3 +523,14 @@ def test_rows_a_class_label_marks_minus_one_are_left_out_but_a_plain_minus_one_i
     data = load_text_data(str(plain), tokenizer)
     assert data.label_names == ["-1", "0", "1"]
     assert len(data.splits["train"]) == 30
+
+
+@pytest.mark.parametrize("values, held", [
+    ([4, 2, 7, 1], "int64 values"),
+    ([["a", "fine", "film"], ["bad"], ["good"], ["dull", "plot"]], "lists (tokens?)"),
+])
+def test_a_text_column_without_text_is_refused(tmp_path, tokenizer, values, held):
+    """--text-column pointed at an id, or a dataset of token lists: each value trained as its Python spelling."""
+    write_table(tmp_path / "train.jsonl", {"review": values, "words": ["w"] * 4, "label": [0, 1, 0, 1]})
+    with pytest.raises(UsageError, match=f"text column 'review' holds {re.escape(held)}, not text"):
+        load_text_data(str(tmp_path), tokenizer, text_column="review")
