@@ -223,7 +223,9 @@ class Ledger:
                                           user_attrs={"run_id": run_id, "record": record, **attrs})
         return self.storage.create_new_trial(study._study_id, template_trial=trial)
 
-    def _mark_complete(self, run_id: str, trial_id: int) -> None:
+    def _mark_complete(self, run_id: str, trial_id: int) -> dict:
+        """Point the run id's row at `trial_id`, COMPLETE (a row already COMPLETE is left alone); returns the
+        values written."""
         trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
         with self.storage.engine.connect() as connection:
             number, study = connection.execute(sa.select(trials.c.number, studies.c.study_name).join(
@@ -233,6 +235,7 @@ class Ledger:
             with self.storage.engine.begin() as connection:
                 connection.execute(RUNS.update().where((RUNS.c.run_id == run_id) & (RUNS.c.state != "COMPLETE"))
                                    .values(**values))
+        return values
 
     def flush_spool(self) -> None:
         """Store the runs a storage outage left in the spool (one line says how many)."""

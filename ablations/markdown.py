@@ -65,6 +65,15 @@ def _speedup_cell(row) -> str:
     return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
 
 
+def timed_alone(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per row: (timed alone, has a time interval). A row was timed alone when it names its timing pass
+    (`timed_at`); it has an interval only when that pass had two rounds or more (`--timing-repeats 1` times alone,
+    once). Tables from before `timed_at` existed: a row with an interval was timed alone."""
+    interval = table["train_seconds_lo"].notna() if "train_seconds_lo" in table.columns \
+        else pd.Series(False, index=table.index)
+    return (table["timed_at"].notna() if "timed_at" in table.columns else interval), interval
+
+
 def timing_passes(table: pd.DataFrame) -> tuple[list[str], int]:
     """The timing passes the table's times come from (their UTC stamps, sorted) and the most work shapes any of
     them timed together (1: each shape alone; more: a sitting, `core.sitting`)."""
@@ -131,8 +140,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
         "(tradeoff.csv: p_value adjusted, p_value_raw not). " + TIME_METHODS)
     if "train_seconds_lo" in table.columns:
-        interval = table["train_seconds_lo"].notna()
-        timed = table["timed_at"].notna() if "timed_at" in table.columns else interval
+        timed, interval = timed_alone(table)
         if (~timed).any():
             methods += (" Rows without a timing pass were not timed alone (runs recorded before timing passes, or "
                         "with --timing-repeats 0): their train s is the training loop as it ran, possibly beside "

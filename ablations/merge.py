@@ -55,8 +55,7 @@ def merge(target_url: str, source_urls: list[str], study_names: list[str] | None
                         user_attrs={**attrs, "run_id": run_id, "merged_from": f"{mask_url(url)} {name}#{trial.number}"})
                     trial_id = ledger.storage.create_new_trial(into._study_id, template_trial=copy)
                     if holder is None:
-                        ledger._mark_complete(run_id, trial_id)
-                        stored[run_id] = read_rows(ledger.storage.engine, [run_id])[run_id]
+                        stored[run_id] = ledger._mark_complete(run_id, trial_id)
                     in_study.add(run_id)
                     copied[into.study_name] += 1
     return copied

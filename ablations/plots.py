@@ -133,12 +133,10 @@ def _time_error(row) -> list[list[float]] | None:
 
 
 def time_axis_label(table: pd.DataFrame) -> str:
-    """What the x axis measures: the solo cost where every row was timed alone, else says which were not. A row
-    was timed alone when it names its timing pass (`timed_at`); it has an interval only when that pass had two
-    rounds or more (`--timing-repeats 1` times alone, once: no interval, still alone)."""
-    interval = table["train_seconds_lo"].notna() if "train_seconds_lo" in table.columns \
-        else pd.Series(False, index=table.index)
-    timed = table["timed_at"].notna() if "timed_at" in table.columns else interval
+    """What the x axis measures: the solo cost where every row was timed alone, else says which were not
+    (`ablations.markdown.timed_alone`: a single timing round is alone, without an interval)."""
+    from ablations.markdown import timed_alone, timing_passes
+    timed, interval = timed_alone(table)
 
     def bars(over: str) -> str:
         if interval[timed].all():
@@ -147,7 +145,6 @@ def time_axis_label(table: pd.DataFrame) -> str:
             return "one timing round: no interval"
         return f"x bars: 95 % interval over {over}; none: one timing round"
     if timed.all():
-        from ablations.markdown import timing_passes
         passes, shapes = timing_passes(table)
         if len(passes) == 1 and shapes > 1:
             return f"training time alone, all {int(shapes)} shapes timed in one sitting (s; {bars('its rounds')})"

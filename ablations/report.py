@@ -39,8 +39,9 @@ def main(args=None) -> int:
             raise usage_error(f"--storage {storage} is invalid: the SQLite file does not exist")
         if not args.output_dir:
             raise usage_error(f"no ledger at {storage}: run a grid or a search first, or pass --storage")
-        hint = f"; the grid's default ledger is {default_storage()}: pass it as --storage" \
-            if Path(default_storage().removeprefix("sqlite:///")).exists() else ""
+        ledger = default_storage()
+        hint = f"; the grid's default ledger is {ledger}: pass it as --storage" \
+            if Path(ledger.removeprefix("sqlite:///")).exists() else ""
         raise usage_error(f"no ledger at {storage}: with --output-dir and no --storage, the report reads the ledger "
                           f"in that folder{hint}")
     from ablations.storage import load_runs, storage_url  # load_runs names a missing study in one line

@@ -26,13 +26,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from core import shared_steps
 from core.captured import CapturedStep, buckets_for, capture_autocast, probe_capture, resolve_engine
 from core.config import RunConfig
 from core.device import default_device, make_optimizer, make_schedule, sync_time
-from core.model import count_parameters, freeze, model_config, num_layers
+from core.model import count_parameters, freeze, meta_model, model_config, num_layers
 from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
@@ -93,8 +92,7 @@ def bytes_per_run(config: RunConfig, captured: bool = False) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _trainable_parameters(model_name: str, depth: int) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = AutoModelForSequenceClassification.from_config(model_config(model_name))
+    model = meta_model(model_name)
     freeze(model, depth)
     return count_parameters(model)[0]
 

@@ -146,15 +146,22 @@ def check_safetensors(path: Path) -> None:
         raise bad(f"truncated: {size} bytes of {8 + length + end}")
 
 
-def preflight(config, session) -> PretrainedConfig:
-    """Resolve and check everything a study's runs share, once, before any trial is recorded: the model (config,
-    weights, tokenizer, finite weight values, a layer list to freeze) and the dataset (it loads, its columns and
-    labels). Loaded through the command's `core.session.Session`, so the first run finds them loaded."""
+def check_settings(config) -> PretrainedConfig:
+    """Every check of a run's settings that needs no weights (the dataset path, the model's config, the freeze
+    depth and --max-length against it); returns the model's config. `core.train.check` and `preflight`."""
     from core.sources import check_dataset
     check_dataset(config.dataset)
     model_cfg = model_config(config.model)
     check_freeze_depth(config.freeze_depth, model_cfg, config.model)
     check_max_length(config.max_length, config.model)
+    return model_cfg
+
+
+def preflight(config, session) -> PretrainedConfig:
+    """Resolve and check everything a study's runs share, once, before any trial is recorded: the model (config,
+    weights, tokenizer, finite weight values, a layer list to freeze) and the dataset (it loads, its columns and
+    labels). Loaded through the command's `core.session.Session`, so the first run finds them loaded."""
+    model_cfg = check_settings(config)
     tokenizer = session.tokenizer(config.model)
     data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
     find_backbone(session.model(config.model, data.label_names))
@@ -176,6 +183,12 @@ def check_freeze_depth(depth: int, config: PretrainedConfig, name: str) -> None:
                          f"{layers}")
 
 
+def meta_model(name: str) -> nn.Module:
+    """The model's classifier built on the meta device: its shapes, with no memory and no initialisation."""
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(model_config(name))
+
+
 def check_max_length(max_length: int, name: str) -> None:
     """Refuse a --max-length the model's position table cannot hold: a longer input stopped the run mid-epoch
     with a shape or index error from inside the model."""
@@ -192,8 +205,7 @@ def token_limit(name: str) -> int | None:
     model has no such table (relative or rotary positions) or cannot be built here. Read off the model built on
     the meta device (shapes only), so every family's own names and offsets are the model's, not a list's."""
     try:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(model_config(name))
+        model = meta_model(name)
     except Exception:  # the run itself reports a model it cannot build
         return None
     limits = []

@@ -81,7 +81,7 @@ def check_dataset(dataset: str) -> None:
     """Fail fast, before any model is loaded, on a local dataset path that cannot work."""
     path = Path(dataset).expanduser()
     if path.exists():
-        if path.is_dir() and _split_file(path, "train") is None:
+        if path.is_dir() and "train" not in split_files(path):
             found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
             raise UsageError(f"dataset folder {dataset!r} has no train file (train.tsv, .csv, .json, .jsonl or "
                              f".parquet); it holds {found}")
@@ -131,15 +131,10 @@ def _data_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _split_file(folder: Path, split: str) -> Path | None:
-    files = _data_files(folder)
-    stem = pick_split(files, split)
-    return None if stem is None else files[stem]
-
-
 def split_files(folder: Path) -> dict[str, Path]:
     """The file of each split a local dataset folder holds: train, validation, test (those found)."""
-    return {split: file for split in SPLIT_NAMES if (file := _split_file(folder, split)) is not None}
+    files = _data_files(folder)
+    return {split: files[stem] for split in SPLIT_NAMES if (stem := pick_split(files, split)) is not None}
 
 
 def local_files(dataset: str) -> dict[str, Path] | None:
@@ -262,9 +257,10 @@ def clear_raw_cache() -> None:
 def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     if (files := local_files(dataset)) is not None:
         splits = {split: _load_file(file) for split, file in files.items()}
-        if Path(dataset).expanduser().is_dir():
+        if files and Path(dataset).expanduser().is_dir():
+            stems = {file: stem for stem, file in _data_files(next(iter(files.values())).parent).items()}
             for split, file in files.items():
-                _split_note(dataset, split, file.name[:-len(file.suffix)], _data_files(file.parent))
+                _split_note(dataset, split, stems[file], stems.values())
     elif dataset.lower() in EMBEDDED_NAMES:
         splits = load_embedded_sst2()
     elif dataset in HUB_SST2 and hub_offline():

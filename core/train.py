@@ -27,31 +27,24 @@ from core.device import clip_gradients, default_device, make_optimizer, make_sch
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
-    check_freeze_depth,
-    check_max_length,
+    check_settings,
     count_parameters,
     device_name,
     freeze,
     frozen_modules,
-    model_config,
     num_layers,
 )
 from core.prefix_cache import layer_view, prefix_states
 from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
-from core.sources import check_dataset
 
 EpochCallback = Callable[[dict], "str | None"]
 
 
 def check(config: RunConfig):
     """Every check that needs no weights: run before anything heavy is loaded."""
-    check_dataset(config.dataset)
-    model_cfg = model_config(config.model)
-    check_freeze_depth(config.freeze_depth, model_cfg, config.model)
-    check_max_length(config.max_length, config.model)
-    return model_cfg
+    return check_settings(config)
 
 
 def run(config: RunConfig, device: str | torch.device | None = None, progress: bool = True,
