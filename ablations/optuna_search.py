@@ -369,13 +369,16 @@ def main() -> int:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    from core.hub import check_model_source, resolve_model
+    model = resolve_model(args.model, RunConfig.model)
+    check_model_source(model)  # a model that cannot be found is refused before torch and transformers load
     import optuna
 
     from ablations.ledger import Ledger
     from ablations.storage import mask_url, open_storage, storage_errors
     from ablations.pareto import write_outputs
-    from core.model import model_config, num_layers, preflight, resolve_model
-    base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=resolve_model(args.model, RunConfig.model))
+    from core.model import model_config, num_layers, preflight
+    base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=model)
     if args.print_space:
         print(json.dumps(resolve_space(args, num_layers(model_config(base.model))).to_dict(), indent=2))
         return 0

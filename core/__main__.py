@@ -28,13 +28,16 @@ def main() -> int:
     parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     args = parser.parse_args()
     from core.config import RunConfig
-    from core.model import resolve_model  # torch and transformers load after the flags are read
+    from core.hub import check_model_source, resolve_model
+
+    check_output_file(args.output)
+    model = resolve_model(args.model, RunConfig.model)
+    check_model_source(model)  # a model that cannot be found is refused before torch and transformers load
     from core.record import write_record
     from core.train import run
 
-    check_output_file(args.output)
     session = make_session(args)
-    config = config_from_args(args, model=resolve_model(args.model, RunConfig.model))
+    config = config_from_args(args, model=model)
     record = run(config, device=args.device, progress=not args.no_progress,
                  use_prefix_cache=not args.no_prefix_cache, compile=args.compile, session=session)
     write_record(record, args.output)

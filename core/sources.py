@@ -5,19 +5,16 @@
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import lzma
-import os
 import re
-import socket
 import sys
-import threading
 from pathlib import Path
 
 import datasets
 
 from core.errors import UsageError, first_line
+from core.hub import hub_offline
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
 BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -30,33 +27,6 @@ EMBEDDED_NAMES = ("sst2", "sst-2")
 HUB_SST2 = ("glue/sst2", "glue:sst2", "nyu-mll/glue:sst2", "nyu-mll/glue/sst2")
 EMBEDDED_SHA256 = {"train": "c75796b01672b41c38cd4b35f4ff1ade88ca79b7577f3926e01ff69739d85ec9",
                    "validation": "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8"}
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def hub_offline() -> bool:
-    """True when the Hugging Face Hub is out of reach: an offline variable is set, or a 1.5-second connection probe
-    fails. Asked before any Hub download, so an offline machine fails (or falls back) at once instead of after
-    the libraries' own retries."""
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES):
-        return True
-    return not _hub_answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-
-
-@functools.lru_cache(maxsize=4)
-def _hub_answers(endpoint: str) -> bool:
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    name, _, port = host.partition(":")
-    answered = threading.Event()
-
-    def probe() -> None:  # in a thread: a DNS look-up ignores socket timeouts
-        try:
-            socket.create_connection((name, int(port or 443)), timeout=1.0).close()
-            answered.set()
-        except OSError:
-            pass
-
-    threading.Thread(target=probe, daemon=True).start()
-    return answered.wait(1.5)
 
 
 def load_embedded_sst2() -> dict[str, datasets.Dataset]:

@@ -11,7 +11,8 @@ from conftest import quick_config
 
 from core import UsageError
 from core.cli import main_guard
-from core.model import PACKAGED_MODEL_FLAG, model_config, packaged_model, resolve_model
+from core.hub import PACKAGED_MODEL_FLAG, packaged_model, resolve_model
+from core.model import model_config
 
 
 def run_main(monkeypatch, module, *arguments):
@@ -46,6 +47,24 @@ def test_a_chosen_hub_model_offline_fails_in_under_two_seconds_naming_the_comman
         model_config("distilbert-base-uncased")
     assert time.perf_counter() - started < 2.0
     assert PACKAGED_MODEL_FLAG in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("module", ["core", "ablations.grid", "ablations.optuna_search"])
+def test_each_command_refuses_a_model_it_cannot_find_before_loading_torch(module, tmp_path):
+    """The refusal came after ~10 s of importing torch, transformers and scipy on a small machine; it must come
+    from core.hub's light checks, before any of them load."""
+    import os
+    import subprocess
+    probe = ("import atexit, runpy, sys; atexit.register(lambda: print('heavy:', sorted(m for m in "
+             "('torch', 'transformers', 'scipy', 'datasets') if m in sys.modules), file=sys.stderr)); "
+             f"sys.argv = ['x', '--model', sys.argv[1]]; runpy.run_module({module!r}, run_name='__main__')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    for model, says in (("distilbert-base-uncased", "Hub id"), (str(tmp_path / "no-such-model"), "does not exist")):
+        done = subprocess.run([sys.executable, "-c", probe, model], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+        assert lines[-1] == "heavy: []", done.stderr
 
 
 def test_the_commands_default_to_runs_of_their_study_and_one_shared_ledger(monkeypatch, tmp_path, tiny_bert,
