@@ -81,9 +81,9 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
         raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
-    from core.hub import check_model_source, resolve_model
-    model = resolve_model(args.model, RunConfig.model)
-    check_model_source(model)  # a model that cannot be found is refused before torch and transformers load
+    from core.hub import checked_sources
+    # a model or data folder that cannot be found is refused before torch and transformers load
+    model = checked_sources(args.model, RunConfig.model, args.dataset)
     from ablations.storage import storage_errors
     from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
     from ablations.tuning import parse_rates

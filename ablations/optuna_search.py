@@ -369,9 +369,9 @@ def main() -> int:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    from core.hub import check_model_source, resolve_model
-    model = resolve_model(args.model, RunConfig.model)
-    check_model_source(model)  # a model that cannot be found is refused before torch and transformers load
+    from core.hub import checked_sources
+    # a model or data folder that cannot be found is refused before torch and transformers load
+    model = checked_sources(args.model, RunConfig.model, args.dataset)
     import optuna
 
     from ablations.ledger import Ledger

@@ -28,11 +28,11 @@ def main() -> int:
     parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     args = parser.parse_args()
     from core.config import RunConfig
-    from core.hub import check_model_source, resolve_model
+    from core.hub import checked_sources
 
     check_output_file(args.output)
-    model = resolve_model(args.model, RunConfig.model)
-    check_model_source(model)  # a model that cannot be found is refused before torch and transformers load
+    # a model or data folder that cannot be found is refused before torch and transformers load
+    model = checked_sources(args.model, RunConfig.model, args.dataset)
     from core.record import write_record
     from core.train import run
 

@@ -10,11 +10,13 @@ import lzma
 import re
 import sys
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from core.errors import UsageError, first_line
 from core.hub import hub_offline
+
+if TYPE_CHECKING:
+    import datasets
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
 BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -31,6 +33,7 @@ EMBEDDED_SHA256 = {"train": "c75796b01672b41c38cd4b35f4ff1ade88ca79b7577f3926e01
 
 def load_embedded_sst2() -> dict[str, datasets.Dataset]:
     """The packaged SST-2: the columns and label names of the Hub's `glue/sst2`, its rows in its order."""
+    import datasets
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"]),
                                   "idx": datasets.Value("int32")})
@@ -129,6 +132,11 @@ def source_files(dataset: str) -> list[Path] | None:
     return None
 
 
+def from_hub(dataset: str) -> bool:
+    """`load_raw(dataset)` reads the Hub (or its cache): not local files, not the embedded SST-2."""
+    return local_files(dataset) is None and dataset.lower() not in EMBEDDED_NAMES and dataset not in HUB_SST2
+
+
 def _writer_quoted(table: datasets.Dataset) -> bool:
     """Whether a literally read table holds a field its writer fenced in quotes: one that starts and ends with a
     quote, with every quote inside doubled, as in `"a ""quoted"" word"`."""
@@ -151,6 +159,7 @@ def _read_table(path: Path) -> datasets.Dataset:
     literal read finds such a field and quoting keeps every line a row, or where only quoting can read it. (A
     file whose only fenced texts hold line breaks reads as ragged rows, an error: quoting would read them, but
     so would it merge rows after one stray quote, and the two cannot be told apart.)"""
+    import datasets
     files = {"data": str(path)}
     if path.suffix != ".tsv":
         return datasets.load_dataset(BUILDERS[path.suffix], data_files=files, split="data")
@@ -174,6 +183,7 @@ def _load_file(path: Path) -> datasets.Dataset:
     # A local file reads in moments; its progress bar would only put a second line before a one-line error
     # (a missing column, say) on stderr.
     # datasets also logs each parse error before raising it: that log line would be a second line.
+    import datasets
     quiet, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     if quiet:
         datasets.disable_progress_bars()
@@ -251,9 +261,11 @@ def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
 
 
 def _load_hub(dataset: str) -> dict[str, datasets.Dataset]:
+    import datasets
     name, _, config = dataset.partition(":")
     if not config and name.split("/")[0] in CONFIG_DATASETS and "/" in name:
         name, config = name.split("/", 1)
+    offline = hub_offline()  # where the Hub is out of reach, datasets reads its cache alone (core.hub._work_offline)
     try:
         loaded = datasets.load_dataset(name, config or None)
     except Exception as error:
@@ -261,11 +273,12 @@ def _load_hub(dataset: str) -> dict[str, datasets.Dataset]:
             print(f"note: {dataset} could not be loaded from the Hugging Face Hub ({first_line(error)}): it comes "
                   "from the embedded copy (the same rows; core/sst2/README.md)", file=sys.stderr)
             return load_embedded_sst2()
-        reason = first_line(error)
-        offline = " (the Hub cannot be reached)" if hub_offline() else ""
-        raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub{offline} ({reason}): pass a "
-                         "local folder with train/validation files, or --dataset sst2 for the embedded SST-2") \
-            from None
+        way_out = "pass a local folder with train/validation files, or --dataset sst2 for the embedded SST-2"
+        if offline and isinstance(error, ConnectionError):
+            raise UsageError(f"dataset {dataset!r} is a Hugging Face Hub id, the Hub cannot be reached and it is not "
+                             f"in the local cache: {way_out}") from None
+        raise UsageError(f"could not load dataset {dataset!r} from the Hugging Face Hub ({first_line(error)}): "
+                         f"{way_out}") from None
     splits = {}
     for split in SPLIT_NAMES:
         if (picked := pick_split(loaded, split)) is not None:

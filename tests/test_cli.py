@@ -62,7 +62,8 @@ BAD_COMMANDS = {
     "missing model folder": (["--model", "{missing}"], "model folder '{missing}' does not exist"),
     "Hub model offline": (["--model", "distilbert-base-uncased"], "model 'distilbert-base-uncased' is a Hugging Face "
                           "Hub id, the Hub cannot be reached"),
-    "Hub dataset offline": (["--dataset", "glue/cola"], "could not load dataset 'glue/cola'"),  # glue/sst2 is embedded
+    # glue/sst2 is embedded: another GLUE task offline
+    "Hub dataset offline": (["--dataset", "glue/cola"], "dataset 'glue/cola' is a Hugging Face Hub id"),
     "not a number": (["--epochs", "abc"], "--epochs: invalid int value: 'abc'"),
     "unknown flag": (["--freez-depth", "3"], "unrecognized arguments: --freez-depth 3"),
 }

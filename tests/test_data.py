@@ -307,8 +307,8 @@ def test_empty_train_file_is_named(tmp_path):
 
 
 def test_hub_dataset_offline_is_named_with_the_ways_out():
-    with pytest.raises(UsageError, match="could not load dataset 'glue/cola' from the Hugging Face Hub.*"
-                                         "--dataset sst2"):
+    with pytest.raises(UsageError, match="dataset 'glue/cola' is a Hugging Face Hub id, the Hub cannot be reached "
+                                         "and it is not in the local cache: .*--dataset sst2"):
         load_raw("glue/cola")
 
 
@@ -472,16 +472,39 @@ def test_glue_files_with_suffixed_split_names_are_found_and_named(tmp_path, toke
 
 
 def test_hub_split_names_with_suffixes_are_found_and_named(monkeypatch, capsys):
-    import core.sources
     hub = datasets.DatasetDict({name: datasets.Dataset.from_dict(pair_columns(6, i, "premise", "hypothesis"))
                                 for i, name in enumerate(("train", "validation_matched", "validation_mismatched",
                                                           "test_matched"))})
-    monkeypatch.setattr(core.sources.datasets, "load_dataset", lambda name, config=None: hub)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: hub)
     splits = load_raw("nyu-mll/glue:mnli")
     assert {name: split["premise"] for name, split in splits.items()} == {
         "train": hub["train"]["premise"], "validation": hub["validation_matched"]["premise"],
         "test": hub["test_matched"]["premise"]}
     assert "validation_matched is its validation split (validation_mismatched not used)" in capsys.readouterr().err
+
+
+def test_a_hub_dataset_with_the_hub_out_of_reach_is_read_from_the_cache_alone(monkeypatch):
+    """With no offline variable set and the Hub's probe unanswered, `datasets` retried the Hub for ~25 s, printing
+    each retry, before failing; it must look only in its cache, and the refusal must say so in one line."""
+    import huggingface_hub.constants
+
+    import core.hub
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(variable, "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(core.hub, "_hub_answers", lambda endpoint: False)  # the probe finds no Hub
+    seen = []
+
+    def load_dataset(name, config=None):
+        seen.append((name, datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(UsageError) as error:
+        load_raw("someone/reviews")
+    assert seen == [("someone/reviews", True, True)]
+    assert "not in the local cache" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_fractional_label_is_refused_as_a_regression_score(tmp_path, tokenizer):
