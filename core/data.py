@@ -196,7 +196,7 @@ def drop_unlabeled_rows(raw: dict[str, datasets.Dataset], label: str) -> None:
     for name, split in raw.items():
         if not isinstance(split.features.get(label), datasets.ClassLabel):
             continue
-        labels = np.asarray(split[label])
+        labels = np.asarray(split[label][:])  # [:] reads the column at once; iterating it reads row by row
         if (unlabeled := int((labels == -1).sum())):
             raw[name] = split.select(np.flatnonzero(labels != -1))
             print(f"note: {unlabeled} of the {len(labels)} rows of the {name} split have no label (-1) and are left "
@@ -226,7 +226,7 @@ def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextDat
                          f"{', '.join(raw['validation'].column_names)}")
     drop_unlabeled_rows(raw, label)
     for name, split in raw.items():
-        labels = split[label]
+        labels = split[label][:]  # a list, read at once: `None in` a lazy column took 3.6 s on SST-2's train split
         if None in labels:
             row = labels.index(None)
             raise UsageError(f"row {row + 1} of the {name} split ({str(split[row][texts[0]])[:40]!r}) has no "
