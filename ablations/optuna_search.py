@@ -349,15 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def device_label(device: str | None) -> str:
     """The device name runs record, so that only runs timed on this device are compared when pruning."""
-    import torch
-
-    from core.device import default_device
+    from core.device import resolve_device
     from core.model import device_name
-    try:
-        return device_name(torch.device(device) if device else default_device())
-    except (RuntimeError, AssertionError) as error:  # a bad name, or CUDA asked for where there is none
-        raise UsageError(f"--device {device!r} is not usable here ({str(error).splitlines()[0]}): use cpu, cuda "
-                         "or cuda:N") from None
+    return device_name(resolve_device(device))
 
 
 def main() -> int:

@@ -28,11 +28,13 @@ def main() -> int:
     parser.set_defaults(model=None)  # not given: distilbert-base-uncased, or offline the packaged MiniLM
     args = parser.parse_args()
     from core.config import RunConfig
+    from core.device import resolve_device
     from core.model import resolve_model  # torch and transformers load after the flags are read
     from core.record import write_record
     from core.train import run
 
     check_output_file(args.output)
+    resolve_device(args.device)
     session = make_session(args)
     config = config_from_args(args, model=resolve_model(args.model, RunConfig.model))
     record = run(config, device=args.device, progress=not args.no_progress,

@@ -142,8 +142,10 @@ class RunConfig:
                                           f"{', '.join(SELECT_BY)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision!r} is unknown: use one of "
                                            f"{', '.join(PRECISIONS)}"),
-            (bool(self.model), "--model is empty: give a Hub id or a local model folder"),
-            (bool(self.dataset), "--dataset is empty: give a Hub id or a local data folder"),
+            (bool(self.model), "--model is empty (an unset $MODEL? README: Offline use): give a Hub id or a local "
+                               "model folder, or leave --model out"),
+            (bool(self.dataset), "--dataset is empty (an unset $DATA? README: Offline use): give sst2, a Hub id or "
+                                 "a local data folder, or leave --dataset out"),
         ]
         for ok, message in checks:
             if not ok:
