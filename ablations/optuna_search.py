@@ -319,11 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="start no new trial after this many seconds (default: no limit)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="pareto",
-                        help="pareto: maximize accuracy and minimize training seconds; accuracy: accuracy alone, in "
-                             "its own study (default name search-accuracy) with Optuna's MedianPruner "
+                        help="pareto: maximize dev accuracy and minimize training seconds; accuracy: dev accuracy "
+                             "alone, in its own study (default name search-accuracy) with Optuna's MedianPruner "
                              "(default: pareto)")
     parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
-                        help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy)")
+                        help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy) "
+                             "(default: on)")
     parser.add_argument("--margin", type=float, default=0.01, help="accuracy a pruned trial is assumed still able "
                         "to gain (default: 0.01)")
     parser.add_argument("--space", default=None, metavar="FILE",
