@@ -171,17 +171,18 @@ class SearchSpace:
     def validate(self, layers: int | None = None) -> None:
         low, high = self.freeze_depth
         if not 0 <= low <= high or (layers is not None and high > layers):
-            limit = f"0 to {layers}" if layers is not None else "0 or more"
+            limit = f"0 to {layers}" if layers is not None else "0 to the model's layer count"
             raise UsageError(f"search space freeze_depth {list(self.freeze_depth)} is invalid: use a range within "
-                             f"{limit}")
+                             f"{limit}, low first")
         parse_choices(",".join(self.schedulers), "search space schedulers", SCHEDULERS)
         if not 1 <= self.epochs[0] <= self.epochs[1]:
             raise UsageError(f"search space epochs {list(self.epochs)} is invalid: use a range like [1, 4]")
         if not 0 < self.learning_rate[0] <= self.learning_rate[1]:
-            raise UsageError(f"search space learning_rate {list(self.learning_rate)} is invalid: use positive bounds")
+            raise UsageError(f"search space learning_rate {list(self.learning_rate)} is invalid: use positive "
+                             "bounds, low first")
         if not 0 <= self.warmup_ratio[0] <= self.warmup_ratio[1] < 1:
             raise UsageError(f"search space warmup_ratio {list(self.warmup_ratio)} is invalid: use fractions in "
-                             "[0, 1)")
+                             "[0, 1), low first")
 
 
 def _pair(value, kind: type) -> tuple | None:
