@@ -73,6 +73,9 @@ def parse_rates_by_depth(text: str, flag: str = "--lr-by-depth") -> dict[int, fl
         pairs = [line.split()[:2] for line in path.read_text().splitlines() if line.strip() and
                  not line.lstrip().startswith("#")]
         source = f"{flag} file {text!r}"
+    elif "=" not in text:  # a file name, not pairs: "is invalid: use DEPTH=RATE pairs" hid that it was missing
+        raise UsageError(f"{flag} {text!r} is neither a file nor DEPTH=RATE pairs: give the file python -m "
+                         "ablations.lr_choice wrote (is the path right?) or pairs such as 0=3e-4,4=1e-3")
     else:
         pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
         source = f"{flag} {text!r}"

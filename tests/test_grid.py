@@ -125,6 +125,7 @@ def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(
     (["--lr-by-depth", "0=3e-3"], "--lr-by-depth gives no learning rate for freeze depth 1: add 1=RATE"),
     (["--lr-by-depth", "0=3e-3,1=fast"], "--lr-by-depth '0=3e-3,1=fast' is invalid: use DEPTH=RATE pairs"),
     (["--lr-by-depth", "0=3e-3,1=2"], "is invalid: give at least one depth (0 or more) with a rate in (0, 1)"),
+    (["--lr-by-depth", "lr.txt"], "--lr-by-depth 'lr.txt' is neither a file nor DEPTH=RATE pairs"),
     # These three ended in a traceback: FileExistsError, torch's "not compiled with CUDA", SQLAlchemy's parse error.
     (["--output-dir", "{file}"], "--output-dir '{file}' is a file: give a folder"),
     (["--device", "cuda:99"], "--device 'cuda:99': "),
