@@ -50,8 +50,8 @@ def parse_int_list(text: str, flag: str, low: int = 0, high: int | None = None) 
     if not values:
         raise UsageError(f"{flag} {text!r} is empty: give at least one value")
     if min(values) < low or (high is not None and max(values) > high):
-        allowed = f"{low} to {high}" if high is not None else f"at least {low}"
-        raise UsageError(f"{flag} {text!r} is out of range: use values from {allowed}")
+        allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"{flag} {text!r} is out of range: use values {allowed}")
     return sorted(values)
 
 

@@ -132,6 +132,7 @@ def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(
     (["--storage", "ledger.db"], "--storage 'ledger.db' is not a storage URL: for a SQLite file give "
                                  "sqlite:///ledger.db"),
     (["--seeds", "0"], "--seeds 0 is invalid: use a whole number of at least 1"),
+    (["--epochs", "0,1"], "--epochs '0,1' is out of range: use values of at least 1"),  # was "from at least 1"
 ])
 def test_bad_input_ends_the_grid_with_one_line(extra, expected, tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
     from ablations.grid import main
