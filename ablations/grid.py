@@ -79,8 +79,11 @@ def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> t
 
 def main() -> int:
     args = build_parser().parse_args()
-    if args.seeds < 1 or args.retries < 0 or args.heartbeat < 1:
-        raise UsageError("--seeds and --heartbeat must be at least 1 and --retries at least 0")
+    for ok, message in [(args.seeds >= 1, f"--seeds {args.seeds} is invalid: use a whole number of at least 1"),
+                        (args.heartbeat >= 1, f"--heartbeat {args.heartbeat} is invalid: use at least 1 second"),
+                        (args.retries >= 0, f"--retries {args.retries} is invalid: use 0 or more")]:
+        if not ok:
+            raise UsageError(message)
     from core.hub import checked_sources
     # a model or data folder that cannot be found is refused before torch and transformers load
     model = checked_sources(args.model, RunConfig.model, args.dataset)
@@ -89,11 +92,13 @@ def main() -> int:
     from ablations.tuning import parse_rates
     from core.config import SCHEDULERS
     from core.cli import make_session
+    from core.device import resolve_device
     from core.model import num_layers, preflight
 
     url, output_dir = locations(args.storage, args.output_dir, args.study_name)
     check_output_dir(output_dir)
     base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0, model=model)
+    resolve_device(args.device)
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
     layers = num_layers(preflight(base, session))  # model and data checked once, before any trial is recorded
     depths = list(range(layers + 1)) if args.freeze_depths == "all" else \

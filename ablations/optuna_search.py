@@ -319,11 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="start no new trial after this many seconds (default: no limit)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="pareto",
-                        help="pareto: maximize accuracy and minimize training seconds; accuracy: accuracy alone, in "
-                             "its own study (default name search-accuracy) with Optuna's MedianPruner "
+                        help="pareto: maximize dev accuracy and minimize training seconds; accuracy: dev accuracy "
+                             "alone, in its own study (default name search-accuracy) with Optuna's MedianPruner "
                              "(default: pareto)")
     parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
-                        help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy)")
+                        help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy) "
+                             "(default: on)")
     parser.add_argument("--margin", type=float, default=0.01, help="accuracy a pruned trial is assumed still able "
                         "to gain (default: 0.01)")
     parser.add_argument("--space", default=None, metavar="FILE",
@@ -349,15 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def device_label(device: str | None) -> str:
     """The device name runs record, so that only runs timed on this device are compared when pruning."""
-    import torch
-
-    from core.device import default_device
+    from core.device import resolve_device
     from core.model import device_name
-    try:
-        return device_name(torch.device(device) if device else default_device())
-    except (RuntimeError, AssertionError) as error:  # a bad name, or CUDA asked for where there is none
-        raise UsageError(f"--device {device!r} is not usable here ({str(error).splitlines()[0]}): use cpu, cuda "
-                         "or cuda:N") from None
+    return device_name(resolve_device(device))
 
 
 def main() -> int:

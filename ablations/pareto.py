@@ -213,7 +213,7 @@ def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.Dat
     if front.empty:
         return "\n".join(lines + ["No complete run yet: no front.", "", *notes, ""])
     lines += ["## Pareto front (dev accuracy vs training seconds; validation accuracy reported)", "",
-              "| freeze depth | schedule | epochs | learning rate | warmup | dev accuracy | accuracy | train s "
+              "| freeze depth | schedule | epochs | learning rate | warmup | dev accuracy | val. accuracy | train s "
               "| trainable params | trial |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     lines += [f"| {r.freeze_depth} | {r.scheduler} | {r.epochs} | {r.learning_rate:.3g} | {r.warmup_ratio:.3g} | "
               f"{_accuracy(r.dev_accuracy)} | {r.accuracy:.4f} | {r.train_seconds:.1f} | {_count(r.trainable_params)} "

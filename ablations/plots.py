@@ -180,7 +180,8 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         ax.step(front["train_seconds"], PERCENT * front["accuracy_mean"], where="post", color="0.3",
                 linestyle="--", linewidth=2, zorder=2)
         ax.margins(x=0.12, y=0.12)
-        ax.set_xlabel(time_axis_label(table))
+        axis = time_axis_label(table)  # wider than the axes, one line ran off the figure's left edge
+        ax.set_xlabel(axis.replace(" (s; ", "\n(s; ", 1) if len(axis) > 70 else axis)
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title("Accuracy vs training time (error bars: 95 % CI)", fontsize=20)
         figure.suptitle(_title(about), fontsize=19)
@@ -192,13 +193,26 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                    for s in schedulers]
         ax.add_artist(ax.legend(handles=handles, title="schedule", loc="center left", bbox_to_anchor=(1.01, 0.42),
                                 frameon=False))
-        handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front"),
+        contended = _contended(table)
+        handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front ★"),
                    Line2D([], [], marker="o", linestyle="", markersize=18, markerfacecolor="none",
                           markeredgecolor="crimson", markeredgewidth=3, label="baseline")]
+        if contended.any():
+            handles.append(Line2D([], [], linestyle="", label="⚠ timed under load"))
         ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)
-        _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table["accuracy_mean"]),
-                      list(table["label"]))
+        # The marks the table carries (★ Pareto, ⚠ contended): a front of one point draws no line, and a time
+        # taken under load looked like one taken alone.
+        labels = [label + (" ★" if pareto else "") + (" ⚠" if loaded else "")
+                  for label, pareto, loaded in zip(table["label"], table["pareto"], contended)]
+        _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table["accuracy_mean"]), labels)
         return _save(figure, path)
+
+
+def _contended(table: pd.DataFrame) -> pd.Series:
+    """Per row: its time was taken while other processes loaded the machine (the table's ⚠)."""
+    if "contended" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table["contended"].map(lambda value: not pd.isna(value) and bool(value))
 
 
 def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:

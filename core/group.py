@@ -30,7 +30,7 @@ import torch
 from core import shared_steps
 from core.captured import CapturedStep, buckets_for, capture_autocast, probe_capture, resolve_engine
 from core.config import RunConfig
-from core.device import default_device, make_optimizer, make_schedule, sync_time
+from core.device import make_optimizer, make_schedule, resolve_device, sync_time
 from core.model import count_parameters, freeze, meta_model, model_config, num_layers
 from core.record import RunRecord
 from core.recording import make_record
@@ -101,7 +101,7 @@ def group_size(config: RunConfig, device, free_bytes: int | None = None, capture
     """The automatic --max-parallel-runs: 1 on a CPU (stacking does not pay there, `core.captured`); on CUDA as
     many runs as fit in MEMORY_HEADROOM of the free device memory at `bytes_per_run` each (`captured`: with a
     graph pool per length bucket), 1..MAX_GROUP."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     if device.type != "cuda" and free_bytes is None:
         return 1
     if free_bytes is None:

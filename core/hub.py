@@ -126,8 +126,10 @@ def checked_sources(chosen: str | None, default: str, dataset: str) -> str:
     dataset, the Hub out of reach, is read from the cache now (the read is kept for the runs) or refused."""
     from core.sources import check_dataset, from_hub, load_raw
     model = resolve_model(chosen, default)
-    check_model_source(model)
-    check_dataset(dataset)
-    if from_hub(dataset) and hub_offline():  # read from the cache alone, or refused
-        load_raw(dataset)
+    if model:  # an empty one (an unset $MODEL) is refused by RunConfig, naming the likely cause
+        check_model_source(model)
+    if dataset:
+        check_dataset(dataset)
+        if from_hub(dataset) and hub_offline():  # read from the cache alone, or refused
+            load_raw(dataset)
     return model

@@ -143,8 +143,8 @@ def seconds_per_training_step(config, session, device=None, steps: int = 3) -> t
     the slowest kind) on `batch_size` random train rows, timed by `measure_steps` after one warm-up step, alone on
     the machine (a quick look: no load probe, kept nowhere); and the number of train rows."""
     from core.batches import subsample
-    from core.device import default_device, precision_for
-    device = torch.device(device) if device else default_device()
+    from core.device import precision_for, resolve_device
+    device = resolve_device(device)
     autocast = precision_for(config.precision, device) == "bf16"
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
                              config.label_column, config.max_length)

@@ -23,7 +23,7 @@ from core import shared_steps, timing
 from core.batches import carve_dev, eval_tokens, length_grouped_batches, sorted_batches, subsample
 from core.config import RunConfig
 from core.data import Split, TextData, to_device
-from core.device import clip_gradients, default_device, make_optimizer, make_schedule, precision_for, sync_time
+from core.device import clip_gradients, make_optimizer, make_schedule, precision_for, resolve_device, sync_time
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
@@ -111,7 +111,7 @@ class Prepared:
 def prepare(config: RunConfig, session: Session, device, progress: bool, use_prefix_cache: bool) -> Prepared:
     """Check, load data and model, freeze, and (depth > 0) compute the frozen prefix's outputs once."""
     check(config)
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     precision = precision_for(config.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -299,7 +299,7 @@ def timing_shape(p: Prepared, compile: bool) -> str:
 def planned_shape(config: RunConfig, session: Session, device=None, compile: bool = False) -> str:
     """`timing_shape` of a run not prepared yet, from its data alone (loaded once per session; no model, no
     prefix build): what asks whether a timing is needed before anything is prepared for one."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
                              config.label_column, config.max_length)
     return timing.work_shape(config, device=device_name(device), precision=precision_for(config.precision, device),

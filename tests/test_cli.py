@@ -65,6 +65,12 @@ BAD_COMMANDS = {
     # glue/sst2 is embedded: another GLUE task offline
     "Hub dataset offline": (["--dataset", "glue/cola"], "dataset 'glue/cola' is a Hugging Face Hub id"),
     "not a number": (["--epochs", "abc"], "--epochs: invalid int value: 'abc'"),
+    # The README's commands read $MODEL and $DATA: a newcomer who has not set them passes empty strings.
+    "unset $MODEL": (["--model", ""], "--model is empty (an unset $MODEL?"),
+    "unset $DATA": (["--dataset", ""], "--dataset is empty (an unset $DATA?"),
+    # Both ended in a traceback from inside torch on a CPU-only machine.
+    "CUDA device this machine lacks": (["--device", "cuda:99"], "--device 'cuda:99': "),
+    "unknown device": (["--device", "gpu"], "--device 'gpu' is unknown: use cpu, cuda or cuda:N"),
     "unknown flag": (["--freez-depth", "3"], "unrecognized arguments: --freez-depth 3"),
 }
 
@@ -115,6 +121,21 @@ def test_bad_input_ends_the_command_with_one_line(name, folders, monkeypatch, ca
         main_guard(main)
     captured = capsys.readouterr()
     assert_one_error_line(exit_.value.code, captured.out, captured.err, expected)
+
+
+def test_a_loss_that_becomes_nan_ends_the_run_with_one_line(tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    # --learning-rate 1e4 (typed for 1e-4) ended `python -m core` in a FloatingPointError traceback.
+    output = tmp_path / "run.json"
+    monkeypatch.setattr(sys, "argv", ["python -m core", "--model", tiny_bert, "--dataset", toy_data, "--freeze-depth",
+                                      "0", "--epochs", "1", "--learning-rate", "1e4", "--no-progress",
+                                      "--timing-repeats", "0", "--output", str(output)])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    captured = capsys.readouterr()
+    assert exit_.value.code == 1 and "Traceback" not in captured.err and captured.out == ""
+    assert captured.err.splitlines() == ["error: training loss became nan in epoch 1: lower the learning rate or "
+                                         "check the data"]
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("flag, value, expected", [
@@ -170,6 +191,8 @@ def test_help_lists_every_setting_with_its_default(monkeypatch, capsys):
                  "--no-prefix-cache", "--frozen-dropout"):
         assert flag in text
     assert "(default: cosine)" in text
+    # The defaults a newcomer without the Hub actually gets: --help named only DistilBERT.
+    assert "the Hub cannot be reached: the packaged MiniLM-L6" in " ".join(text.split())
 
 
 def test_a_run_writes_its_record_and_prints_a_summary(tiny_distilbert, toy_data, tmp_path):

@@ -121,16 +121,26 @@ def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(
     assert "0 trained now" in finish(start(grid_command(tiny_bert, toy_data, tmp_path, url, *from_file)))
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("0=3e-3", "--lr-by-depth gives no learning rate for freeze depth 1: add 1=RATE"),
-    ("0=3e-3,1=fast", "--lr-by-depth '0=3e-3,1=fast' is invalid: use DEPTH=RATE pairs"),
-    ("0=3e-3,1=2", "is invalid: give at least one depth (0 or more) with a rate in (0, 1)"),
+@pytest.mark.parametrize("extra, expected", [
+    (["--lr-by-depth", "0=3e-3"], "--lr-by-depth gives no learning rate for freeze depth 1: add 1=RATE"),
+    (["--lr-by-depth", "0=3e-3,1=fast"], "--lr-by-depth '0=3e-3,1=fast' is invalid: use DEPTH=RATE pairs"),
+    (["--lr-by-depth", "0=3e-3,1=2"], "is invalid: give at least one depth (0 or more) with a rate in (0, 1)"),
+    (["--lr-by-depth", "lr.txt"], "--lr-by-depth 'lr.txt' is neither a file nor DEPTH=RATE pairs"),
+    # These three ended in a traceback: FileExistsError, torch's "not compiled with CUDA", SQLAlchemy's parse error.
+    (["--output-dir", "{file}"], "--output-dir '{file}' is a file: give a folder"),
+    (["--device", "cuda:99"], "--device 'cuda:99': "),
+    (["--storage", "ledger.db"], "--storage 'ledger.db' is not a storage URL: for a SQLite file give "
+                                 "sqlite:///ledger.db"),
+    (["--seeds", "0"], "--seeds 0 is invalid: use a whole number of at least 1"),
+    (["--epochs", "0,1"], "--epochs '0,1' is out of range: use values of at least 1"),  # was "from at least 1"
 ])
-def test_a_bad_lr_by_depth_ends_the_grid_with_one_line(spec, expected, tiny_bert, toy_data, tmp_path, monkeypatch,
-                                                       capsys):
+def test_bad_input_ends_the_grid_with_one_line(extra, expected, tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
     from ablations.grid import main
     from core.cli import main_guard
-    argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", "--lr-by-depth", spec)
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    extra, expected = [e.format(file=file) for e in extra], expected.format(file=file)
+    argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", *extra)
     monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *argv[3:]])
     with pytest.raises(SystemExit) as exit_:
         main_guard(main)

@@ -67,6 +67,7 @@ def test_tradeoff_points_labels_and_legend_match_the_table(monkeypatch):
     runs = [make_run(d, s, 1, 42, 0.80 + 0.01 * d + (0.005 if s == "linear" else 0), 50.0 - 6 * d, number=i,
                      learning_rate=7.42921e-05 * (1 + d), warmup_ratio=0.16777 if d == 2 else 0.1)
             for i, (d, s) in enumerate(itertools.product(range(4), ("cosine", "linear")))]
+    runs[2]["record"]["contended"] = True  # depth 1, cosine: timed while other processes loaded the machine
     table = tradeoff_table(runs)
     figure = drawn(monkeypatch, plots.tradeoff, table)
     ax = figure.axes[0]
@@ -81,7 +82,12 @@ def test_tradeoff_points_labels_and_legend_match_the_table(monkeypatch):
         assert marker.setdefault(row.scheduler, point.get_marker()) == point.get_marker()
     assert len(set(colour.values())) == len(colour) and len(set(marker.values())) == len(marker)
     labels = {text.get_text(): text.xy for text in ax.texts}
-    assert labels == {row.label: (row.train_seconds, 100 * row.accuracy_mean) for row in table.itertuples()}
+    # The table's marks ride on the labels: ★ Pareto-optimal (a front of one point draws no line), ⚠ contended.
+    assert labels == {row.label + (" ★" if row.pareto else "") + (" ⚠" if row.contended is True else ""):
+                      (row.train_seconds, 100 * row.accuracy_mean) for row in table.itertuples()}
+    pareto = table[table["pareto"]]
+    assert list(pareto["freeze_depth"]) == [3] and [t for t in labels if "★" in t] == [pareto["label"].iloc[0] + " ★"]
+    assert [t for t in labels if "⚠" in t] == ["d1 cos 1ep lr 0.00015 warmup 0.1 ⚠"]
     assert "d2 lin 1ep lr 0.00022 warmup 0.17" in labels  # lr 0.000222876..., warmup 0.16777
     assert "d0 cos 1ep lr 7.4e-05 warmup 0.1" in labels
     legends = {legend.get_title().get_text(): legend for legend in [*ax.artists, ax.get_legend()]
@@ -92,6 +98,8 @@ def test_tradeoff_points_labels_and_legend_match_the_table(monkeypatch):
     schedule_legend = legends["schedule"]
     assert {t.get_text(): h.get_marker() for t, h in zip(schedule_legend.get_texts(),
                                                           schedule_legend.legend_handles)} == marker
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front ★", "baseline", "⚠ timed under load"]
+    assert ax.get_xlabel().replace("\n", " ") == plots.time_axis_label(table)  # wrapped to the axes, not cut
     rings = [line for line in ax.lines if line.get_markerfacecolor() == "none"]
     assert sorted((line.get_xdata()[0], line.get_ydata()[0]) for line in rings) == sorted(
         (row.train_seconds, 100 * row.accuracy_mean) for row in table.itertuples() if row.baseline)

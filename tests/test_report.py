@@ -385,7 +385,8 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(mo
     for text in ax.texts:
         text.update_positions(renderer)
     boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, not its leader line
-    assert sorted(t.get_text() for t in ax.texts) == sorted(table["label"])
+    assert sorted(t.get_text() for t in ax.texts) == sorted(table["label"] + table["pareto"].map({True: " ★",
+                                                                                                  False: ""}))
     markers = [ax.transData.transform((x, 100 * y)) for x, y, _, _ in cells]
     frame = ax.get_window_extent(renderer)
     for i, box in enumerate(boxes):

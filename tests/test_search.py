@@ -68,6 +68,11 @@ def test_print_space_prints_the_space_resolved_against_the_model(monkeypatch, ca
     (["--sampler", "bogus"], "argument --sampler: invalid choice: 'bogus'"),
     (["--trials", "0"], "--trials 0 is invalid"),
     (["--freeze-depths", "0-5"], "search space freeze_depth [0, 5] is invalid: use a range within 0 to 2"),
+    # A reversed range was refused with no word of what was wrong with it.
+    (["--freeze-depths", "2-1"], "search space freeze_depth [2, 1] is invalid: use a range within 0 to the model's "
+                                 "layer count, low first"),
+    (["--lr-range", "1e-3,1e-5"], "search space learning_rate [0.001, 1e-05] is invalid: use positive bounds, low "
+                                  "first"),
     (["--lr-range", "fast"], "--lr-range 'fast' is invalid"),
     (["--objective", "loss"], "argument --objective: invalid choice: 'loss'"),
     (["--max-parallel-runs", "0"], "--max-parallel-runs '0' is invalid: use auto or a whole number of at least 1"),

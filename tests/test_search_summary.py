@@ -37,6 +37,12 @@ def test_the_summary_and_the_report_state_one_speed_up_for_the_knee(tmp_path):
     assert stated.group(1) == f"{row.iloc[0]['speedup']:.2f}"
     assert float(stated.group(2).replace("−", "-")) == round(100 * row.iloc[0]["accuracy_delta"], 1)
     assert f"{row.iloc[0]['speedup']:.2f}×" in (tmp_path / "tradeoff.md").read_text()
+    # The front's columns say which accuracy is which, as tradeoff.md's do: the search chose on dev, and the
+    # column beside it ("accuracy") is validation's.
+    lines = [line for line in summary.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert [c["val. accuracy"] for c in cells] == [f"{a:.4f}" for a in front["accuracy"]]
 
 
 def test_the_search_end_loads_its_runs_once_and_builds_one_trade_off_table(tmp_path, monkeypatch):
