@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import UsageError
-from core.sources import load_raw
+from core.sources import load_raw, quiet_datasets
 
 TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
@@ -210,7 +210,12 @@ def load_text_data(dataset: str, tokenizer, text_column: str | None = None, labe
 
 
 def _build(dataset, tokenizer, text_column, label_column, max_length) -> TextData:
-    raw = load_raw(dataset)
+    raw = load_raw(dataset)  # a Hub download keeps its progress bars; the work on the rows read draws none
+    with quiet_datasets():
+        return _encode(raw, tokenizer, text_column, label_column, max_length)
+
+
+def _encode(raw: dict[str, datasets.Dataset], tokenizer, text_column, label_column, max_length) -> TextData:
     texts, label = detect_columns(raw["train"], text_column, label_column)
     for name in ("validation", "test"):
         if name in raw:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import lzma
@@ -179,31 +180,36 @@ def _read_table(path: Path) -> datasets.Dataset:
     return quoted if literal is None or len(quoted) == len(literal) else literal
 
 
-def _load_file(path: Path) -> datasets.Dataset:
-    # A local file reads in moments; its progress bar would only put a second line before a one-line error
-    # (a missing column, say) on stderr.
-    # datasets also logs each parse error before raising it: that log line would be a second line.
+@contextlib.contextmanager
+def quiet_datasets():
+    """`datasets` without progress bars or log lines, for work on rows already read: a local file reads in
+    moments, and flattening the indices of a held-out split took moments too, yet each drew a bar, and datasets
+    logs a parse error before raising it; on stderr any of them was a second line before a one-line error."""
     import datasets
     quiet, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     if quiet:
         datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        loaded = _read_table(path)
-        if "__index_level_0__" in loaded.column_names:  # pandas made the extra first field of every row an index
-            header = ", ".join(c for c in loaded.column_names if c != "__index_level_0__")
-            raise UsageError(f"could not read {str(path)!r}: its rows have more fields than its header ({header})")
-        return loaded
-    except UsageError:
-        raise
-    except Exception as error:  # pandas/arrow parse errors: show one line, the parser's own reason
-        while error.__cause__ is not None and "error occurred while generating" in str(error):
-            error = error.__cause__
-        raise UsageError(f"could not read {str(path)!r}: {first_line(error, 300)}") from None
+        yield
     finally:
         datasets.logging.set_verbosity(verbosity)
         if quiet:
             datasets.enable_progress_bars()
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    with quiet_datasets():
+        try:
+            loaded = _read_table(path)
+        except Exception as error:  # pandas/arrow parse errors: show one line, the parser's own reason
+            while error.__cause__ is not None and "error occurred while generating" in str(error):
+                error = error.__cause__
+            raise UsageError(f"could not read {str(path)!r}: {first_line(error, 300)}") from None
+    if "__index_level_0__" in loaded.column_names:  # pandas made the extra first field of every row an index
+        header = ", ".join(c for c in loaded.column_names if c != "__index_level_0__")
+        raise UsageError(f"could not read {str(path)!r}: its rows have more fields than its header ({header})")
+    return loaded
 
 
 # A memo of a pure read, like core.identity's hashes: keyed by the name and every file's size and mtime, it holds

@@ -360,6 +360,19 @@ def test_columns_are_read_at_once_never_row_by_row(tmp_path, tokenizer, monkeypa
     assert data.splits["train"].labels.tolist() == [i % 2 for i in range(40)]
 
 
+def test_a_one_file_dataset_loads_without_a_word_on_stderr(tmp_path, tokenizer, capsys):
+    """The 10 % held out of a one-file dataset is a view of its rows; reading its labels flattened it and drew a
+    'Flattening the indices' progress bar, which came before a one-line error as well."""
+    import csv
+    with open(tmp_path / "train.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"row number {i}", ("pos", "neg", "neu")[i % 3]] for i in range(3000))
+    data = load_text_data(str(tmp_path / "train.csv"), tokenizer)
+    assert {name: len(split.labels) for name, split in data.splits.items()} == {"train": 2700, "validation": 300}
+    assert capsys.readouterr().err == ""
+
+
 def test_the_run_id_and_the_training_data_read_the_rows_once_and_say_so_once(tiny_bert, monkeypatch, capsys):
     """A run fingerprints its rows for its id and then trains on them: one read, one note (it was two of each)."""
     import core.sources
