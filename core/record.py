@@ -91,10 +91,13 @@ class RunRecord:
         c = self.config
         test = f", test {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
         dev = f" chosen on dev {self.dev_accuracy:.4f}" if self.dev_accuracy is not None else ""
+        spread = f" [{self.train_seconds_lo:.1f}, {self.train_seconds_hi:.1f}]" \
+            if self.train_seconds_lo is not None and self.train_seconds_hi is not None else ""
+        load = " ⚠ timed under load (other processes shared the machine)" if self.contended else ""
         return (f"run {self.run_id}: freeze {c['freeze_depth']}, {c['scheduler']}, {c['epochs']} epoch(s), "
                 f"seed {c['seed']} -> validation accuracy {self.accuracy:.4f} (epoch {self.best_epoch}{dev}{test}); "
-                f"train {self.train_seconds:.1f}s, {self.trainable_params:,} of {self.total_params:,} parameters "
-                f"trainable, {self.train_samples:,} train examples, {self.device}")
+                f"train {self.train_seconds:.1f}s{spread}{load}, {self.trainable_params:,} of {self.total_params:,} "
+                f"parameters trainable, {self.train_samples:,} train examples, {self.device}")
 
 
 def now() -> str:

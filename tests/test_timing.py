@@ -278,7 +278,7 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     monkeypatch.setattr(core.train, "prefix_states", spy)
     config = quick_config(tiny_bert, toy_data, freeze_depth=1)
     record = core.train.run(config, device="cpu", progress=False, session=first)
-    assert ("train", True) in builds and not record.contended
+    assert ("train", True) in builds and not record.contended and "under load" not in record.summary()
     assert all(not alone for name, alone in builds if name != "train")  # evaluation's builds: no lease needed
 
     solo = Timer.solo
@@ -291,6 +291,7 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     monkeypatch.setattr(Timer, "solo", loud)
     again = core.train.run(config, device="cpu", progress=False, session=session())  # steps: timed, from the file
     assert again.contended and "1.00 of 2 cores" in again.timing["prefix_evidence"]
+    assert "⚠ timed under load" in again.summary()  # what `python -m core` prints: it said nothing of the load
     assert not again.timing["contended"]  # the steps themselves were timed quietly
 
 
