@@ -53,8 +53,12 @@ def _time_cell(row) -> str:
     cell = _seconds(row.train_seconds)
     if not pd.isna(row.train_seconds_lo) and not pd.isna(row.train_seconds_hi):
         cell += f" [{_seconds(row.train_seconds_lo)}, {_seconds(row.train_seconds_hi)}]"
-    contended = getattr(row, "contended", None)
-    return cell + (" ⚠" if not pd.isna(contended) and bool(contended) else "")
+    return cell + (" ⚠" if contended(getattr(row, "contended", None)) else "")
+
+
+def contended(value) -> bool:
+    """A row's `contended` cell: True only where its timing saw foreign load (empty: not known, not marked)."""
+    return not pd.isna(value) and bool(value)
 
 
 def _speedup_cell(row) -> str:

@@ -193,7 +193,9 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                    for s in schedulers]
         ax.add_artist(ax.legend(handles=handles, title="schedule", loc="center left", bbox_to_anchor=(1.01, 0.42),
                                 frameon=False))
-        contended = _contended(table)
+        from ablations.markdown import contended as marked
+        contended = table["contended"].map(marked) if "contended" in table.columns else \
+            pd.Series(False, index=table.index)
         handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front ★"),
                    Line2D([], [], marker="o", linestyle="", markersize=18, markerfacecolor="none",
                           markeredgecolor="crimson", markeredgewidth=3, label="baseline")]
@@ -206,13 +208,6 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                   for label, pareto, loaded in zip(table["label"], table["pareto"], contended)]
         _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table["accuracy_mean"]), labels)
         return _save(figure, path)
-
-
-def _contended(table: pd.DataFrame) -> pd.Series:
-    """Per row: its time was taken while other processes loaded the machine (the table's ⚠)."""
-    if "contended" not in table.columns:
-        return pd.Series(False, index=table.index)
-    return table["contended"].map(lambda value: not pd.isna(value) and bool(value))
 
 
 def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:

@@ -39,8 +39,7 @@ def _work_offline() -> None:
     """From now on huggingface_hub, transformers and datasets read their caches alone, as under HF_HUB_OFFLINE=1.
     Without it, a cached model or dataset with the Hub out of reach loaded after each request had been retried
     for ~25 s, every retry printed (a cached MiniLM run took 140 s, 43 s without the retries, on a busy 2-core
-    machine). The libraries read the variable
-    once, on import: those already imported are told too."""
+    machine). The libraries read the variable once, on import: those already imported are told too."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     if (hub := sys.modules.get("huggingface_hub.constants")) is not None:
         hub.HF_HUB_OFFLINE = True
@@ -124,12 +123,12 @@ def checked_sources(chosen: str | None, default: str, dataset: str) -> str:
     """The model a command runs (`resolve_model`), after refusing in one line a model (`check_model_source`) or
     data that cannot be found: a local path (`core.sources.check_dataset`) before torch or transformers load; a Hub
     dataset, the Hub out of reach, is read from the cache now (the read is kept for the runs) or refused."""
-    from core.sources import check_dataset, from_hub, load_raw
+    from core.sources import check_dataset, load_raw, source_files
     model = resolve_model(chosen, default)
     if model:  # an empty one (an unset $MODEL) is refused by RunConfig, naming the likely cause
         check_model_source(model)
     if dataset:
         check_dataset(dataset)
-        if from_hub(dataset) and hub_offline():  # read from the cache alone, or refused
+        if source_files(dataset) is None and hub_offline():  # from the Hub: read from its cache alone, or refused
             load_raw(dataset)
     return model

@@ -15,8 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from core.errors import UsageError, first_line
-from core.hub import check_model_source, offline_hint
-from core.hub import is_local as _is_local
+from core.hub import check_model_source, is_local, offline_hint
 
 # Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
 EMBEDDING_MODULES = ("embeddings", "embeddings_project")
@@ -36,17 +35,17 @@ def model_config(name: str) -> PretrainedConfig:
     folder = Path(name).expanduser()
     check_model_source(name)
     try:
-        config = AutoConfig.from_pretrained(str(folder) if _is_local(name) else name)
+        config = AutoConfig.from_pretrained(str(folder) if is_local(name) else name)
     except Exception as error:
         reason = first_line(error)
-        where = "folder" if _is_local(name) else "from the Hugging Face Hub"
+        where = "folder" if is_local(name) else "from the Hugging Face Hub"
         raise UsageError(f"could not load model {name!r} {where} ({reason}); offline, pass a local model folder: "
                          f"{offline_hint()}") from None
     from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING or config.is_encoder_decoder:
         raise UsageError(f"model {name!r} is a {config.model_type!r} model, not a text encoder with a "
                          f"sequence-classification head: freezing supports {SUPPORTED}")
-    if _is_local(name):
+    if is_local(name):
         check_model_files(folder, name)
     return config
 

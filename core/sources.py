@@ -133,11 +133,6 @@ def source_files(dataset: str) -> list[Path] | None:
     return None
 
 
-def from_hub(dataset: str) -> bool:
-    """`load_raw(dataset)` reads the Hub (or its cache): not local files, not the embedded SST-2."""
-    return local_files(dataset) is None and dataset.lower() not in EMBEDDED_NAMES and dataset not in HUB_SST2
-
-
 def _writer_quoted(table: datasets.Dataset) -> bool:
     """Whether a literally read table holds a field its writer fenced in quotes: one that starts and ends with a
     quote, with every quote inside doubled, as in `"a ""quoted"" word"`."""
