@@ -91,14 +91,21 @@ def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
                "--freeze-depths", "0-2", "--epochs-range", "1-2", "--lr-range", "1e-3,5e-3", "--max-length", "32",
                "--precision", "fp32", "--trials", "2", "--output-dir", str(tmp_path), "--no-progress", "--no-report"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    storage = f"sqlite:///{tmp_path}/ablations.db"
+    contended = []
     for _ in range(2):
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-    trials = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path}/ablations.db").get_trials()
+        timings = [t.user_attrs["record"]["timing"] for t in optuna.load_study(study_name="search", storage=storage)
+                   .get_trials() if "record" in t.user_attrs]
+        contended.append(any(t["contended"] for t in timings))
+    trials = optuna.load_study(study_name="search", storage=storage).get_trials()
     assert len(trials) == 4 and all(set(t.params) == set(SEARCHED) for t in trials)
-    # The first invocation timed all 3 depths of the space in one sitting; the second found them timed.
+    # The first invocation timed all 3 depths of the space in one sitting; the second found them timed. A sitting
+    # taken under load (a busy test machine) is not kept, by design: the second invocation then times all 3 again.
     timings = [t.user_attrs["record"]["timing"] for t in trials if "record" in t.user_attrs]
-    assert timings and {t["sitting"] for t in timings} == {3} and len({t["measured_at"] for t in timings}) == 1
+    assert timings and {t["sitting"] for t in timings} == {3}
+    assert len({t["measured_at"] for t in timings}) == (2 if contended[0] else 1)
     assert "4 trials in study `search`" in (tmp_path / "search_summary.md").read_text()
     assert (tmp_path / "pareto.csv").exists()
 
