@@ -144,7 +144,8 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     print(duration_estimate(pending, len(planned), base, args.device, session))
     if session.timing_repeats and pending:  # every shape of the study on one time axis (core.sitting), then trained
         from ablations.timing_passes import time_study
-        time_study(url, args.study_name, pending, session, args.device, compile=args.compile)
+        copied = {c.run_id for c in planned if status[c.run_id].complete}  # done in this study or to copy
+        time_study(url, args.study_name, pending, session, args.device, compile=args.compile, copied=copied)
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,
                train_group=train_group, max_parallel=size)

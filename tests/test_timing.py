@@ -578,6 +578,70 @@ def test_a_grid_extending_a_study_times_old_and_new_shapes_in_one_sitting_stored
     assert "work shape(s) together" not in run_grid("0,1")  # all stored: nothing to time, no new sitting
 
 
+def test_a_grid_copying_another_studys_runs_times_them_in_its_own_sitting_stored_with_it(
+        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """Study b copies its depth-0 run from study a (same storage) and trains depth 1: the sitting times both shapes
+    together and is stored with b, so b's report reads both runs' times from one sitting (before, the copy kept a's
+    older pass while the new run read the new one). Study a is left as it was."""
+    import functools
+    import sys
+
+    import core.timing
+    from ablations import grid
+    from ablations.storage import load_runs
+    from core.cli import main_guard
+    from core.lease import LoadProbe
+    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
+    url = f"sqlite:///{tmp_path}/x.db"
+    common = ["--model", tiny_bert, "--dataset", toy_data, "--schedulers", "linear", "--epochs", "1",
+              "--precision", "fp32", "--max-length", "32", "--storage", url, "--output-dir", str(tmp_path),
+              "--no-progress", "--no-report", "--timing-repeats", "2"]
+
+    def run_grid(study, depths):
+        monkeypatch.setattr(sys, "argv", ["grid", *common, "--study-name", study, "--freeze-depths", depths])
+        with pytest.raises(SystemExit) as exit_:
+            main_guard(grid.main)
+        assert exit_.value.code == 0
+        return capsys.readouterr().out
+    run_grid("a", "0")
+    (old,) = [r["record"] for r in load_runs(url, ["a"])]
+    second = run_grid("b", "0,1")
+    assert "1 reused from other studies" in second
+    assert "timing 2 work shape(s) together" in second and "this sitting of its 2 shapes is stored" in second
+    sitting = optuna.load_study(study_name="b", storage=url).user_attrs["timing_sitting"]
+    records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url, ["b"])}
+    assert {r["timing"]["measured_at"] for r in records.values()} == {sitting["measured_at"]}
+    assert records[0]["timing"]["pass"]["measured_at"] == old["timing"]["measured_at"] != sitting["measured_at"]
+    assert [r["record"] for r in load_runs(url, ["a"])] == [old]  # a's own report is unchanged
+
+
+def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """The search learns which runs it copies only as it asks: where another study of the storage holds timed runs
+    of a shape it is about to train, its sitting is stored with it; where none does, it is not (unchanged)."""
+    import functools
+
+    import core.timing
+    from ablations.cells import run_cells
+    from ablations.ledger import Ledger, open_study
+    from ablations.storage import open_storage
+    from ablations.timing_passes import time_study
+    from core import run
+    from core.lease import LoadProbe
+    from core.session import Session
+    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
+    url = f"sqlite:///{tmp_path}/x.db"
+    ledger = Ledger(open_storage(url))
+    base = quick_config(tiny_bert, toy_data, freeze_depth=0)
+    run_cells([base], open_study(ledger.storage, "grid"), ledger,
+              lambda c, _: run(c, session=Session(timing_repeats=2), progress=False).to_dict(), progress=False)
+    for name, config, stored in [("other", base.replace(freeze_depth=1), False), ("search", base, True)]:
+        open_study(ledger.storage, name)
+        monkeypatch.setenv("ABLATIONS_TIMING_DIR", str(tmp_path / name))  # a machine with no timing of the shape
+        assert time_study(url, name, [config], Session(timing_repeats=2), "cpu", progress=None)
+        held = optuna.load_study(study_name=name, storage=url).user_attrs.get("timing_sitting")
+        assert (held is not None) == stored, name
+
+
 @pytest.mark.parametrize("changes", [dict(freeze_depth=0), dict(freeze_depth=1), dict(freeze_depth=1, dev_size=0.25),
                                      dict(freeze_depth=1, frozen_dropout=True), dict(max_train_samples=20, seed=3)])
 def test_a_runs_timing_key_is_known_before_it_is_prepared(tiny_bert, toy_data, changes):
