@@ -102,14 +102,22 @@ def passes_sentence(table: pd.DataFrame) -> str:
             "`--interleave --store` times every shape again in one sitting and the report then uses it).")
 
 
-def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None) -> str:
-    """A GitHub-flavoured table with a caption that names the data and every method used."""
+MACRO_F1_METHODS = (
+    " Val. macro-F1 is the F1 of each class on the validation examples averaged with every class weighted alike "
+    "(at the reported epoch, mean over seeds; — where the runs did not record it): unlike accuracy it drops when "
+    "a small class is missed. It has no interval; Δ and the test compare accuracy.")
+
+
+def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None, *,
+             macro_f1: bool = False) -> str:
+    """A GitHub-flavoured table with a caption that names the data and every method used; with `macro_f1`
+    (`ablations.tradeoff.f1_informs`) a validation macro-F1 column beside accuracy."""
     shown = list(table.columns[:table.columns.get_loc("label")])
     names = {"freeze_depth": "freeze depth", "scheduler": "schedule", "learning_rate": "learning rate"}
     header = [names.get(c, c.replace("_", " ")) for c in shown] + [
-        "seeds", "val. accuracy [95 % CI]", "test accuracy", "train s", "speed-up", "trainable params", "Pareto",
-        "vs baseline (Δ, Holm p, test)"]
-    align = ["---"] * len(shown) + ["--:"] * 6 + [":-:", "---"]
+        "seeds", "val. accuracy [95 % CI]", *(["val. macro-F1"] if macro_f1 else []), "test accuracy", "train s",
+        "speed-up", "trainable params", "Pareto", "vs baseline (Δ, Holm p, test)"]
+    align = ["---"] * len(shown) + ["--:"] * (7 if macro_f1 else 6) + [":-:", "---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in table.itertuples(index=False):
         cells = [_cell(getattr(row, c)) for c in shown]
@@ -119,7 +127,8 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         if not pd.isna(row.accuracy_low):
             accuracy += f" [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
         versus = "**baseline**" if row.baseline else _versus(row)
-        cells += [str(row.seeds), accuracy, _percent(row.test_accuracy_mean), _time_cell(row), _speedup_cell(row),
+        f1 = [_percent(getattr(row, "f1_mean", None))] if macro_f1 else []  # tables from before f1_mean: —
+        cells += [str(row.seeds), accuracy, *f1, _percent(row.test_accuracy_mean), _time_cell(row), _speedup_cell(row),
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
                   "★" if row.pareto else "", versus]
         lines.append("| " + " | ".join(cells) + " |")
@@ -142,7 +151,8 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "standard error adds the per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees "
         "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
-        "(tradeoff.csv: p_value adjusted, p_value_raw not). " + TIME_METHODS)
+        "(tradeoff.csv: p_value adjusted, p_value_raw not)." + (MACRO_F1_METHODS if macro_f1 else "") + " "
+        + TIME_METHODS)
     if "train_seconds_lo" in table.columns:
         timed, interval = timed_alone(table)
         if (~timed).any():

@@ -108,7 +108,8 @@ def parse_baseline(text: str) -> dict[str, str]:
 
 
 def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
-    """One row per configuration: seeds, accuracy with CI, time, speed-up, Pareto flag, a test vs its baseline."""
+    """One row per configuration: seeds, accuracy with CI, macro-F1, time, speed-up, Pareto flag, a test vs its
+    baseline."""
     groups = _configurations(runs)
     if not groups:
         raise usage_error("no completed runs to report: the storage holds only failed, pruned or running trials")
@@ -143,6 +144,7 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
         tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         devs = [r.get("dev_accuracy") for r in records]
+        f1s = [r.get("f1") for r in records]  # macro-F1 on validation; records from before it existed lack it
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
         rows.append({**{name: fields.get(name) for name in shown}, **{k: how[key] for k in rate_choice},
                      "label": plots.point_label(fields, in_label),
@@ -150,6 +152,7 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
                      "accuracy_high": interval.high, "interval": interval.method,
                      "dev_accuracy_mean": sum(devs) / len(devs) if None not in devs else math.nan,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
+                     "f1_mean": sum(f1s) / len(f1s) if None not in f1s else math.nan,
                      **time_summary(records),
                      "trainable_params": records[0].get("trainable_params"),
                      "train_samples": records[0].get("train_samples"),
@@ -161,6 +164,18 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
                                    table["train_seconds_lo"].tolist(), table["train_seconds_hi"].tolist())
     table = _compare_with_baselines(table, groups).drop(columns=["baseline_key", "config_key"])
     return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def f1_informs(runs: list[dict]) -> bool:
+    """Whether the markdown table shows macro-F1: where some run tells more than two classes apart (accuracy
+    then hides a class the model never predicts) or chose its epoch by F1 (--select-by f1). A binary study
+    selected by accuracy keeps the table as it was; tradeoff.csv has `f1_mean` either way."""
+    for run in completed_runs(runs):
+        record = run["record"]
+        classes = record.get("num_labels") or len(record.get("label_names") or [])
+        if classes > 2 or (record.get("config") or {}).get("select_by") == "f1":
+            return True
+    return False
 
 
 def time_summary(records: list[dict]) -> dict[str, Any]:
@@ -291,7 +306,7 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     paths["tradeoff_csv"] = output / "tradeoff.csv"
     table.to_csv(paths["tradeoff_csv"], index=False)
     paths["tradeoff_md"] = output / "tradeoff.md"
-    paths["tradeoff_md"].write_text(markdown(table, about, baseline))
+    paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs)))
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
     paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")

@@ -508,3 +508,64 @@ def test_a_stored_sitting_times_every_run_of_its_study_and_the_caption_says_whic
     text = (tmp_path / "after" / "tradeoff.md").read_text()
     assert "Every timed row comes from one sitting: its 2 work shapes timed together" in text
     assert "timing passes" not in text
+
+
+def with_classes(run: dict, f1: float | None, labels=("negative", "neutral", "positive")) -> dict:
+    """A run row of a study with these classes whose record holds this validation macro-F1 (None: a record
+    written before macro-F1 was recorded)."""
+    run["record"].update(num_labels=len(labels), label_names=list(labels), f1=f1)
+    if f1 is None:
+        del run["record"]["f1"]
+    return run
+
+
+def table_cells(text: str) -> dict[str, dict[str, str]]:
+    """tradeoff.md's table as {freeze depth cell: {column header: cell}}."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    assert all(len(cells) == len(header) for cells in rows)
+    return {cells[0]: dict(zip(header, cells)) for cells in rows}
+
+
+def test_a_multi_class_study_shows_the_mean_macro_f1_over_seeds_beside_accuracy(tmp_path):
+    # Macro-F1 well below accuracy, as where a small class is missed: the column must show F1, not accuracy.
+    runs = [with_classes(make_run(depth, "linear", 2, seed, accuracy, seconds, number=i), f1)
+            for i, (depth, seed, accuracy, f1, seconds) in enumerate(
+                [(0, 0, 0.90, 0.62, 40.0), (0, 1, 0.88, 0.66, 42.0), (4, 0, 0.85, 0.50, 20.0),
+                 (4, 1, 0.86, 0.56, 21.0)])]
+    paths = write_report(runs, tmp_path)
+    written = pd.read_csv(paths["tradeoff_csv"]).set_index("freeze_depth")
+    assert written.loc[0, "f1_mean"] == pytest.approx(0.64) and written.loc[4, "f1_mean"] == pytest.approx(0.53)
+    text = paths["tradeoff_md"].read_text()
+    cells = table_cells(text)
+    assert cells["**0**"]["val. macro-F1"] == "64.0 %" and cells["4"]["val. macro-F1"] == "53.0 %"
+    assert cells["4"]["val. accuracy [95 % CI]"].startswith("85.5 %")
+    assert "every class weighted alike" in text
+
+
+def test_a_binary_study_keeps_its_table_and_shows_macro_f1_only_when_it_chose_by_f1(runs, tmp_path):
+    paths = write_report(runs, tmp_path / "accuracy")
+    assert pd.read_csv(paths["tradeoff_csv"]).set_index("freeze_depth").loc[4, "f1_mean"] == pytest.approx(0.85)
+    text = paths["tradeoff_md"].read_text()
+    assert "F1" not in text  # the table SST-2's reports have always had, caption included
+    assert text.splitlines()[2] == (
+        "| freeze depth | schedule | epochs | learning rate | seeds | val. accuracy [95 % CI] | test accuracy | "
+        "train s | speed-up | trainable params | Pareto | vs baseline (Δ, Holm p, test) |")
+    assert text.splitlines()[3] == "|---|---|---|---|--:|--:|--:|--:|--:|--:|:-:|---|"
+    assert "(tradeoff.csv: p_value adjusted, p_value_raw not). Train s is what" in text
+    chosen_by_f1 = [make_run(d, "linear", 2, s, a, t, number=i, select_by="f1") for i, (d, s, a, t) in
+                    enumerate([(0, 0, 0.90, 40.0), (4, 0, 0.85, 20.0)])]
+    cells = table_cells(write_report(chosen_by_f1, tmp_path / "f1")["tradeoff_md"].read_text())
+    assert cells["4"]["val. macro-F1"] == "85.0 %"
+
+
+def test_records_without_macro_f1_give_a_dash_and_a_blank_mean(tmp_path):
+    runs = [with_classes(make_run(0, "linear", 2, 0, 0.90, 40.0, number=0), 0.70),
+            with_classes(make_run(4, "linear", 2, 0, 0.85, 20.0, number=1), None),  # an older ledger's record
+            with_classes(make_run(4, "linear", 2, 1, 0.86, 21.0, number=2), 0.60)]
+    paths = write_report(runs, tmp_path)
+    written = pd.read_csv(paths["tradeoff_csv"]).set_index("freeze_depth")
+    assert math.isnan(written.loc[4, "f1_mean"]) and written.loc[0, "f1_mean"] == pytest.approx(0.70)
+    cells = table_cells(paths["tradeoff_md"].read_text())
+    assert cells["4"]["val. macro-F1"] == "—" and cells["**0**"]["val. macro-F1"] == "70.0 %"
