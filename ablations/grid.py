@@ -98,14 +98,14 @@ def main() -> int:
     url, output_dir = locations(args.storage, args.output_dir, args.study_name)
     check_output_dir(output_dir)
     base = config_from_args(args, skip=GRID_AXES, seed=args.seed, freeze_depth=0, model=model)
+    schedulers = tuple(parse_choices(args.schedulers, "--schedulers", SCHEDULERS))  # refused before the model loads
+    epochs = tuple(parse_int_list(args.epochs, "--epochs", 1))
     resolve_device(args.device)
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
     layers = num_layers(preflight(base, session))  # model and data checked once, before any trial is recorded
     depths = list(range(layers + 1)) if args.freeze_depths == "all" else \
         parse_int_list(args.freeze_depths, "--freeze-depths", 0, layers)
-    grid = Grid(tuple(depths), tuple(parse_choices(args.schedulers, "--schedulers", SCHEDULERS)),
-                tuple(parse_int_list(args.epochs, "--epochs", 1)),
-                tuple(range(args.seed, args.seed + args.seeds)))
+    grid = Grid(tuple(depths), schedulers, epochs, tuple(range(args.seed, args.seed + args.seeds)))
     configs = grid.configs(base)
     rates = None if args.lr_by_depth is None else parse_rates_by_depth(args.lr_by_depth)
     if rates is not None:

@@ -367,22 +367,23 @@ def main() -> int:
     from core.hub import checked_sources
     # a model or data folder that cannot be found is refused before torch and transformers load
     model = checked_sources(args.model, RunConfig.model, args.dataset)
+    from core.model import model_config, num_layers, preflight
+    base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=model)
+    space = resolve_space(args, num_layers(model_config(base.model)))  # checked once, before the model loads
+    if args.print_space:
+        print(json.dumps(space.to_dict(), indent=2))
+        return 0
+    name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
+    url, output_dir = locations(args.storage, args.output_dir, name)
+    check_output_dir(output_dir)
     import optuna
 
     from ablations.ledger import Ledger
     from ablations.storage import mask_url, open_storage, storage_errors
     from ablations.pareto import write_outputs
-    from core.model import model_config, num_layers, preflight
-    base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=model)
-    if args.print_space:
-        print(json.dumps(resolve_space(args, num_layers(model_config(base.model))).to_dict(), indent=2))
-        return 0
-    name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
-    url, output_dir = locations(args.storage, args.output_dir, name)
-    check_output_dir(output_dir)
     from core.cli import make_session
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
-    space = resolve_space(args, num_layers(preflight(base, session)))  # checked once, before any trial
+    preflight(base, session)  # model and data checked once, before any trial
     device = device_label(args.device)
     engine, size = parallel_runs(args, base, most=BATCH)  # the depth-0 base: the most memory per run
     with storage_errors(url):

@@ -33,13 +33,13 @@ def main() -> int:
     check_output_file(args.output)
     # a model or data folder that cannot be found is refused before torch and transformers load
     model = checked_sources(args.model, RunConfig.model, args.dataset)
+    config = config_from_args(args, model=model)  # a bad setting is refused before the training code loads
     from core.device import resolve_device
     from core.record import write_record
     from core.train import run
 
     resolve_device(args.device)
     session = make_session(args)
-    config = config_from_args(args, model=model)
     record = run(config, device=args.device, progress=not args.no_progress,
                  use_prefix_cache=not args.no_prefix_cache, compile=args.compile, session=session)
     write_record(record, args.output)

@@ -24,22 +24,48 @@ def step_schedulers() -> tuple[str, ...]:
     settings) would pass a name check and then crash after the model is loaded, so they are refused up front;
     so is a schedule that is not a LambdaLR, whose per-step rates (`core.device.rate_multipliers`) have no closed
     form.
-    Computed on first use: building schedules needs torch, and `--help` or an argument error must not wait for it."""
-    import torch
+    Computed on first use: building schedules needs torch, and `--help` or an argument error must not wait for it.
+    The schedules are built on `_probe_optimizer()`, not a real optimizer, where they can be: building one imports
+    torch._dynamo (2-3 s that a refusal of a mistyped --scheduler would wait for)."""
     from transformers import SchedulerType, get_scheduler
+
+    def built(name: str, optimizer):
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=2)
+        optimizer.step()
+        schedule.step()
+        return schedule
 
     names = []
     for kind in SchedulerType:
-        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         try:
-            schedule = get_scheduler(kind.value, optimizer, num_warmup_steps=1, num_training_steps=2)
-            optimizer.step()
-            schedule.step()
+            try:
+                schedule = built(kind.value, _probe_optimizer())
+            except (AttributeError, KeyError):  # a torch whose schedules read more than the probe holds
+                schedule = built(kind.value, _real_optimizer())
         except (TypeError, ValueError):
             continue
         if has_closed_form(schedule):  # groups and shared steps read every step's rate from its lambda
             names.append(kind.value)
     return tuple(names)
+
+
+def _probe_optimizer():
+    """An optimizer of one parameter group at rate 1.0 and no parameters, whose step does nothing: all a schedule
+    reads and calls. Built without `torch.optim.Optimizer.__init__` (its add_param_group imports torch._dynamo)."""
+    import torch
+
+    class ProbeOptimizer(torch.optim.Optimizer):
+        def __init__(self):  # the base's __init__ is what this avoids
+            self.defaults, self.state, self.param_groups = {"lr": 1.0}, {}, [{"params": [], "lr": 1.0}]
+
+        def step(self, closure=None):
+            return None
+    return ProbeOptimizer()
+
+
+def _real_optimizer():
+    import torch
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
 
 
 def has_closed_form(schedule) -> bool:

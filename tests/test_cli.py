@@ -242,6 +242,30 @@ for command in {COMMANDS!r}:
     assert done.stdout.splitlines() == [f"{command} [] True" for command in COMMANDS]
 
 
+@pytest.mark.parametrize("command, flag", [("core", "--scheduler"), ("ablations.grid", "--schedulers"),
+                                           ("ablations.optuna_search", "--schedulers")])
+def test_a_mistyped_schedule_is_refused_before_the_model_and_data_load(command, flag, tiny_bert, toy_data, tmp_path):
+    """A typo in the schedule is refused before the data is read (datasets loads), the training code loads or an
+    optimizer is built (torch._dynamo loads): seconds, not the 13-17 s it took (the grid and the search read the
+    data and loaded the model first)."""
+    value = "cosin" if command == "core" else "linear,cosin"
+    code = f"""
+import contextlib, io, runpy, sys
+sys.argv = [{command!r}, "--model", {tiny_bert!r}, "--dataset", {toy_data!r}, {flag!r}, {value!r},
+            *(["--output", "run.json"] if {command!r} == "core" else ["--output-dir", "out"])]
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+    runpy.run_module({command!r}, run_name="__main__", alter_sys=True)
+print(err.getvalue().strip())
+print(sorted(m for m in ("datasets", "torch._dynamo", "core.train") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    refusal, loaded = done.stdout.splitlines()
+    assert refusal.startswith(f"error: {flag} ") and "'cosin' is unknown" in refusal, done.stderr[-2000:]
+    assert loaded == "[]"
+
+
 def test_the_search_seed_is_the_training_seed_and_the_sampler_has_its_own():
     from ablations.optuna_search import build_parser
     from ablations.runner import SEARCHED

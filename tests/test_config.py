@@ -81,6 +81,32 @@ def test_a_schedule_without_closed_form_rates_is_refused_up_front_not_stepped(mo
         device.rate_multipliers.cache_clear()
 
 
+@pytest.mark.parametrize("probe", ["real", "lacking"])
+def test_the_schedules_found_on_the_probe_optimizer_are_those_a_real_one_finds(probe, monkeypatch):
+    """step_schedulers builds each schedule on a probe, not a real optimizer (whose construction imports
+    torch._dynamo); a probe a torch would find lacking (an AttributeError, a KeyError) falls back to a real one."""
+    from core import config as config_module
+    found = config_module.step_schedulers()
+    replacement = {"real": config_module._real_optimizer, "lacking": lambda: object.__new__(torch.optim.SGD)}[probe]
+    monkeypatch.setattr(config_module, "_probe_optimizer", replacement)
+    config_module.step_schedulers.cache_clear()
+    try:
+        assert config_module.step_schedulers() == found and "linear" in found and "greedy" not in found
+    finally:
+        config_module.step_schedulers.cache_clear()
+
+
+def test_a_mistyped_scheduler_is_refused_without_importing_dynamo():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom core.config import RunConfig\nfrom core.errors import UsageError\n"
+            "try:\n    RunConfig(scheduler='cosin')\nexcept UsageError as error:\n    print(error)\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    refusal, dynamo = done.stdout.splitlines()
+    assert refusal.startswith("--scheduler 'cosin' is unknown: use one of linear, cosine") and dynamo == "False"
+
+
 def test_defaults_are_the_reference_recipe():
     config = RunConfig()
     assert (config.model, config.freeze_depth, config.scheduler, config.epochs, config.learning_rate,
