@@ -46,8 +46,10 @@ def configs(model: str, data: str, depth: int, precision: str = "fp32"):
             base.replace(seed=2, scheduler="constant_with_warmup", learning_rate=5e-4, select_by="loss")]
 
 
-def prepare(config, autocast=contextlib.nullcontext, cache: PrefixCache | None = None, dtype=torch.float32):
-    """What a run's prepare stage hands the engine: its model (own seed, in `dtype`), training rows and inputs."""
+def prepare(config, autocast=contextlib.nullcontext, cache: PrefixCache | None = None, dtype=torch.float32,
+            cached: bool = True):
+    """What a run's prepare stage hands the engine: its model (own seed, in `dtype`), training rows and inputs
+    (`cached`: a frozen prefix's states from the prefix cache, else tokens through the frozen layers)."""
     cache = cache or PrefixCache()
     tokenizer = load_tokenizer(config.model)
     text = load_text_data(config.dataset, tokenizer, None, None, config.max_length)
@@ -58,7 +60,7 @@ def prepare(config, autocast=contextlib.nullcontext, cache: PrefixCache | None =
     backbone = freeze(model, config.freeze_depth)
     sources = {"train": lambda i: train.batch(i, text.pad_id, "cpu"),
                "validation": lambda i: validation.batch(i, text.pad_id, "cpu")}
-    if config.freeze_depth > 0:
+    if config.freeze_depth > 0 and cached:
         rows_key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         for name, split, key in (("train", train, rows_key), ("validation", validation, "all")):
             states, _ = prefix_states(cache, model, backbone, split,
@@ -69,7 +71,7 @@ def prepare(config, autocast=contextlib.nullcontext, cache: PrefixCache | None =
     return run, (sources["validation"], validation.lengths, validation.labels, text.num_labels), text.pad_id
 
 
-def solo_weights(run: StackedRun, autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+def solo_weights(run: StackedRun, autocast=contextlib.nullcontext, cached: bool = True) -> dict[str, torch.Tensor]:
     """The project's solo step (fused AdamW, clip 1.0, its schedule) on one run, one epoch."""
     config, model = run.config, run.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,8 +81,8 @@ def solo_weights(run: StackedRun, autocast=contextlib.nullcontext) -> dict[str, 
                              num_warmup_steps=math.ceil(config.warmup_ratio * len(batches)),
                              num_training_steps=len(batches))
     backbone = find_backbone(model)
-    view = layer_view(backbone, config.freeze_depth, num_layers(model.config), True) if config.freeze_depth \
-        else contextlib.nullcontext()
+    view = layer_view(backbone, config.freeze_depth, num_layers(model.config), True) \
+        if config.freeze_depth and cached else contextlib.nullcontext()
     model.train()
     with view:
         for indices in batches:
@@ -127,18 +129,23 @@ def test_stacked_runs_match_solo_runs_in_fp32(model_dir, data, depth):
     # Predictions, metrics and records of a group against the same runs alone: tests/test_group.py.
 
 
-def test_stacked_runs_are_solo_runs_to_fp64_rounding(model_dir, data):
+@pytest.mark.parametrize("depth", [0, 1])
+def test_stacked_runs_are_solo_runs_to_fp64_rounding(model_dir, data, depth):
     """fp32 rounding, amplified over 30 AdamW steps, varies 1000-fold with the initial weights (2e-8 to 2e-5 on
     these tiny models: AdamW normalises the rounding noise of near-zero gradients to whole steps), so the fp32
     test above could hide a small real difference (an eps placed elsewhere, a clip norm off by 1e-6). In fp64 that
-    noise is gone: three runs stacked must end where each alone does, to rounding (1e-13 measured)."""
-    group = configs(model_dir, data, 0)
-    prepared = [prepare(c, dtype=torch.float64) for c in group]
+    noise is gone: three runs stacked must end where each alone does, to rounding (1e-13 measured). At depth 1
+    the frozen layer runs live (the prefix cache keeps fp32 states), shared by the stacked runs."""
+    group = configs(model_dir, data, depth)
+    prepared = [prepare(c, dtype=torch.float64, cached=False) for c in group]
     engine = StackedRuns([p[0] for p in prepared], steps_per_epoch=30, pad_id=prepared[0][2], device="cpu",
                          cached=False)
+    shared = len(engine.params) < len(list(prepared[0][0].model.parameters()))  # frozen weights: one copy
+    assert shared == (depth > 0)
     engine.train_epoch(1)
     for i, config in enumerate(group):
-        whole, worst = stacked_error(engine.run_weights(i), solo_weights(prepare(config, dtype=torch.float64)[0]))
+        alone = solo_weights(prepare(config, dtype=torch.float64, cached=False)[0], cached=False)
+        whole, worst = stacked_error(engine.run_weights(i), alone)
         assert whole < 1e-11 and worst < 1e-10, f"seed {config.seed}: {whole:.1e} whole, {worst:.1e} worst"
 
 
