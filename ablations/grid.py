@@ -66,6 +66,33 @@ def duration_estimate(pending: list[RunConfig], planned: int, base: RunConfig, d
             f"are faster, evaluation is extra).{hint}")
 
 
+def timed_estimate(pending: list[RunConfig], session, device: str | None, compile: bool = False,
+                   stacked: bool = False, prefix_seconds: dict[str, float] | None = None) -> str | None:
+    """The training time of the runs not yet stored from this machine's timing of each one's work shape (the
+    sitting's, taken just before) plus, where the sitting built it (`prefix_seconds` by shape), its frozen-prefix
+    build: each run alone, as the time axis counts it. None where a shape has no timing (--timing-repeats 0)."""
+    import math
+
+    from core.train import planned_shape, split_rows
+    prefix_seconds = prefix_seconds or {}
+    total, shapes, unbuilt = 0.0, set(), False
+    for config in pending:
+        key = planned_shape(config, session, device, compile)
+        if (timing := session.timer.known(key)) is None:
+            return None
+        data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
+                                 config.label_column, config.max_length)
+        total += config.epochs * math.ceil(len(split_rows(config, data)[0]) / config.batch_size) * timing.per_step
+        total += prefix_seconds.get(key, 0.0)
+        unbuilt |= config.freeze_depth > 0 and key not in prefix_seconds
+        shapes.add(key)
+    extra = "frozen-prefix builds and evaluation are extra" if unbuilt else "evaluation is extra"
+    together = "; runs trained together in stacked groups take less wall time" if stacked else ""
+    took = f"{total:.0f} s" if total < 60 else _duration(total)
+    return (f"estimate from the timing of its {len(shapes)} work shape(s): {took} of training for the "
+            f"{len(pending)} runs, each as if alone ({extra}{together}).")
+
+
 def _duration(seconds: float) -> str:
     hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min"
@@ -145,7 +172,10 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     if session.timing_repeats and pending:  # every shape of the study on one time axis (core.sitting), then trained
         from ablations.timing_passes import time_study
         copied = {c.run_id for c in planned if status[c.run_id].complete}  # done in this study or to copy
-        time_study(url, args.study_name, pending, session, args.device, compile=args.compile, copied=copied)
+        timed = time_study(url, args.study_name, pending, session, args.device, compile=args.compile, copied=copied)
+        built = {t.key: t.prefix_seconds for t in timed}
+        if (estimate := timed_estimate(pending, session, args.device, args.compile, size > 1, built)) is not None:
+            print(estimate)  # each shape's own time: the first estimate counted every step at depth 0's
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,
                train_group=train_group, max_parallel=size)

@@ -64,6 +64,7 @@ def test_grid_runs_every_cell_once_and_a_rerun_trains_nothing(tiny_bert, toy_dat
     timings = [t.user_attrs["record"]["timing"] for t in study.trials]
     assert {t["sitting"] for t in timings} == {3} and len({t["measured_at"] for t in timings}) == 1
     assert len({t["shape"] for t in timings}) == 3 and "timing 3 work shape(s) together" in first
+    assert "estimate from the timing of its 3 work shape(s)" in first
     second = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url)))
     assert "0 trained now" in second and "all 6 runs are stored: nothing to train" in second
     assert trained_per_run(url) == counts
@@ -104,6 +105,35 @@ def test_the_duration_estimate_is_the_pending_steps_times_the_probed_step(tiny_b
     steps = 2 * math.ceil(40 / base.batch_size) + math.ceil(100 / base.batch_size)
     assert duration_estimate([], 3, base, "cpu", None) == "all 3 runs are stored: nothing to train" and not probed
     assert f"({steps} steps x 0.500 s" in duration_estimate(pending, 3, base, "cpu", None) and probed == [base]
+
+
+def test_the_estimate_after_the_sitting_is_each_runs_steps_times_its_shapes_time(tiny_bert, toy_data, monkeypatch):
+    """After the sitting, the grid's second estimate counts each run at its own shape's per-step time (the first
+    counted every step at depth 0's) plus the prefix build the sitting made for it; a shape without a timing gives
+    no estimate."""
+    import math
+    import types
+
+    from ablations.grid import timed_estimate
+    from core.session import Session
+    from core.train import planned_shape, split_rows
+
+    session = Session()
+    shallow, deep = quick_config(tiny_bert, toy_data, epochs=2), quick_config(tiny_bert, toy_data, freeze_depth=2)
+    keys = {planned_shape(c, session, "cpu"): per_step for c, per_step in ((shallow, 0.5), (deep, 0.125))}
+    monkeypatch.setattr(session.timer, "known", lambda key: types.SimpleNamespace(per_step=keys[key])
+                        if key in keys else None)
+    data = session.text_data(toy_data, session.tokenizer(tiny_bert), None, None, shallow.max_length)
+    steps = math.ceil(len(split_rows(shallow, data)[0]) / shallow.batch_size)  # its dev rows carved out first
+    assert steps > 1
+    deep_key = planned_shape(deep, session, "cpu")
+    line = timed_estimate([shallow, deep, deep.replace(seed=7)], session, "cpu", prefix_seconds={deep_key: 2.0})
+    expected = 2 * steps * 0.5 + 2 * (steps * 0.125 + 2.0)
+    assert f"{expected:.0f} s of training for the 3 runs" in line and "its 2 work shape(s)" in line
+    assert "(evaluation is extra)" in line
+    assert "frozen-prefix builds and evaluation are extra" in timed_estimate([deep], session, "cpu")
+    keys.pop(deep_key)
+    assert timed_estimate([shallow, deep], session, "cpu") is None
 
 
 def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(tiny_bert, toy_data, tmp_path):
