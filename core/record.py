@@ -90,12 +90,18 @@ class RunRecord:
     def summary(self) -> str:
         c = self.config
         test = f", test {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
-        dev = f" chosen on dev {self.dev_accuracy:.4f}" if self.dev_accuracy is not None else ""
+        by = self.selected_by or "accuracy"  # what chose the epoch: the summary names it and its dev value
+        chosen = {"accuracy": self.dev_accuracy, "loss": self.dev_loss, "f1": self.dev_f1}.get(by)
+        named = {"f1": "macro-F1"}.get(by, by)
+        dev = f" chosen on dev {named} {chosen:.4f}" if chosen is not None else ""
+        classes = self.num_labels or len(self.label_names or [])
+        f1 = f", macro-F1 {self.f1:.4f}" if self.f1 is not None and (classes > 2 or by == "f1") else ""
         spread = f" [{self.train_seconds_lo:.1f}, {self.train_seconds_hi:.1f}]" \
             if self.train_seconds_lo is not None and self.train_seconds_hi is not None else ""
         load = " ⚠ timed under load (other processes shared the machine)" if self.contended else ""
         return (f"run {self.run_id}: freeze {c['freeze_depth']}, {c['scheduler']}, {c['epochs']} epoch(s), "
-                f"seed {c['seed']} -> validation accuracy {self.accuracy:.4f} (epoch {self.best_epoch}{dev}{test}); "
+                f"seed {c['seed']} -> validation accuracy {self.accuracy:.4f}{f1} "
+                f"(epoch {self.best_epoch}{dev}{test}); "
                 f"train {self.train_seconds:.1f}s{spread}{load}, {self.trainable_params:,} of {self.total_params:,} "
                 f"parameters trainable, {self.train_samples:,} train examples, {self.device}")
 

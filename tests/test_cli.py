@@ -205,7 +205,7 @@ def test_a_run_writes_its_record_and_prints_a_summary(tiny_distilbert, toy_data,
     assert record["config"]["model"] == tiny_distilbert and len(record["history"]) == 2
     lines = result.stdout.splitlines()
     assert re.match(rf"run {record['run_id']}: freeze 1, linear, 2 epoch\(s\), seed 3 -> validation accuracy "
-                    rf"{record['accuracy']:.4f} \(epoch {record['best_epoch']} chosen on dev "
+                    rf"{record['accuracy']:.4f} \(epoch {record['best_epoch']} chosen on dev accuracy "
                     rf"{record['dev_accuracy']:.4f}\)", lines[0])
     assert json.loads(lines[1]).keys() == {"1", "2"}
     assert lines[-1] == "record written to run.json"

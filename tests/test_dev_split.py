@@ -124,6 +124,19 @@ def test_the_epoch_is_chosen_on_dev_and_reported_on_validation(monkeypatch, tiny
     assert [(e["dev_accuracy"], e["accuracy"]) for e in record.history] == [(0.6, 0.9), (0.7, 0.5), (0.8, 0.4)]
 
 
+@pytest.mark.parametrize("select_by, named", [("loss", "loss"), ("f1", "macro-F1"), ("accuracy", "accuracy")])
+def test_the_summary_names_what_chose_the_epoch_and_its_dev_value(tiny_bert, data_320, select_by, named):
+    """'chosen on dev 0.79' printed the dev accuracy whatever chose the epoch: a run chosen by loss showed an
+    accuracy as its criterion. Macro-F1 is shown beside accuracy where the report shows it (F1 chose, or more
+    than two classes)."""
+    record = core.train.run(quick_config(tiny_bert, data_320, epochs=2, select_by=select_by), progress=False)
+    value = {"loss": record.dev_loss, "f1": record.dev_f1, "accuracy": record.dev_accuracy}[select_by]
+    assert f"(epoch {record.best_epoch} chosen on dev {named} {value:.4f})" in record.summary()
+    assert (f", macro-F1 {record.f1:.4f} (" in record.summary()) == (select_by == "f1")
+    three = RunRecord.from_dict({**record.to_dict(), "num_labels": 3})
+    assert f"validation accuracy {record.accuracy:.4f}, macro-F1 {record.f1:.4f} (" in three.summary()
+
+
 def test_a_record_from_before_dev_splits_loads_and_chooses_on_validation(tiny_bert, data_320):
     stored = core.train.run(quick_config(tiny_bert, data_320, dev_size=0), progress=False).to_dict()
     old = {k: v for k, v in stored.items() if not k.startswith("dev_") and k != "selected_on"}
