@@ -617,7 +617,8 @@ def test_a_grid_copying_another_studys_runs_times_them_in_its_own_sitting_stored
 
 def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert, toy_data, tmp_path, monkeypatch):
     """The search learns which runs it copies only as it asks: where another study of the storage holds timed runs
-    of a shape it is about to train, its sitting is stored with it; where none does, it is not (unchanged)."""
+    of a shape it is about to train, its sitting is stored with it; where none does, it is not (unchanged). A grid
+    names the runs it copies (`copied`, here none): another study's runs of its shapes alone store nothing."""
     import functools
 
     import core.timing
@@ -634,10 +635,11 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
     base = quick_config(tiny_bert, toy_data, freeze_depth=0)
     run_cells([base], open_study(ledger.storage, "grid"), ledger,
               lambda c, _: run(c, session=Session(timing_repeats=2), progress=False).to_dict(), progress=False)
-    for name, config, stored in [("other", base.replace(freeze_depth=1), False), ("search", base, True)]:
+    for name, config, copied, stored in [("other", base.replace(freeze_depth=1), None, False),
+                                         ("search", base, None, True), ("grid-2", base, set(), False)]:
         open_study(ledger.storage, name)
         monkeypatch.setenv("ABLATIONS_TIMING_DIR", str(tmp_path / name))  # a machine with no timing of the shape
-        assert time_study(url, name, [config], Session(timing_repeats=2), "cpu", progress=None)
+        assert time_study(url, name, [config], Session(timing_repeats=2), "cpu", progress=None, copied=copied)
         held = optuna.load_study(study_name=name, storage=url).user_attrs.get("timing_sitting")
         assert (held is not None) == stored, name
 
