@@ -73,16 +73,14 @@ def timed_estimate(pending: list[RunConfig], session, device: str | None, compil
     build: each run alone, as the time axis counts it. None where a shape has no timing (--timing-repeats 0)."""
     import math
 
-    from core.train import planned_shape, split_rows
+    from core.train import planned_run
     prefix_seconds = prefix_seconds or {}
     total, shapes, unbuilt = 0.0, set(), False
     for config in pending:
-        key = planned_shape(config, session, device, compile)
+        key, rows = planned_run(config, session, device, compile)
         if (timing := session.timer.known(key)) is None:
             return None
-        data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
-                                 config.label_column, config.max_length)
-        total += config.epochs * math.ceil(len(split_rows(config, data)[0]) / config.batch_size) * timing.per_step
+        total += config.epochs * math.ceil(rows / config.batch_size) * timing.per_step
         total += prefix_seconds.get(key, 0.0)
         unbuilt |= config.freeze_depth > 0 and key not in prefix_seconds
         shapes.add(key)

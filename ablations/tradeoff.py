@@ -18,6 +18,7 @@ from ablations import plots
 from ablations.markdown import DEFAULT_BASELINE, markdown
 from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front
 from ablations.tuning import choose_configuration, rate_curve_rows, tuned_cells
+from core.record import shows_macro_f1
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
                "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "train_seconds_lo", "train_seconds_hi",
@@ -170,12 +171,7 @@ def f1_informs(runs: list[dict]) -> bool:
     """Whether the markdown table shows macro-F1: where some run tells more than two classes apart (accuracy
     then hides a class the model never predicts) or chose its epoch by F1 (--select-by f1). A binary study
     selected by accuracy keeps the table as it was; tradeoff.csv has `f1_mean` either way."""
-    for run in completed_runs(runs):
-        record = run["record"]
-        classes = record.get("num_labels") or len(record.get("label_names") or [])
-        if classes > 2 or (record.get("config") or {}).get("select_by") == "f1":
-            return True
-    return False
+    return any(shows_macro_f1(run["record"]) for run in completed_runs(runs))
 
 
 def time_summary(records: list[dict]) -> dict[str, Any]:

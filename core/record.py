@@ -94,8 +94,7 @@ class RunRecord:
         chosen = {"accuracy": self.dev_accuracy, "loss": self.dev_loss, "f1": self.dev_f1}.get(by)
         named = {"f1": "macro-F1"}.get(by, by)
         dev = f" chosen on dev {named} {chosen:.4f}" if chosen is not None else ""
-        classes = self.num_labels or len(self.label_names or [])
-        f1 = f", macro-F1 {self.f1:.4f}" if self.f1 is not None and (classes > 2 or by == "f1") else ""
+        f1 = f", macro-F1 {self.f1:.4f}" if self.f1 is not None and shows_macro_f1(vars(self)) else ""
         spread = f" [{self.train_seconds_lo:.1f}, {self.train_seconds_hi:.1f}]" \
             if self.train_seconds_lo is not None and self.train_seconds_hi is not None else ""
         load = " ⚠ timed under load (other processes shared the machine)" if self.contended else ""
@@ -104,6 +103,13 @@ class RunRecord:
                 f"(epoch {self.best_epoch}{dev}{test}); "
                 f"train {self.train_seconds:.1f}s{spread}{load}, {self.trainable_params:,} of {self.total_params:,} "
                 f"parameters trainable, {self.train_samples:,} train examples, {self.device}")
+
+
+def shows_macro_f1(record: dict) -> bool:
+    """Whether macro-F1 is shown beside accuracy (a run's summary, the report's table): where the run tells more
+    than two classes apart (accuracy then hides a class the model never predicts) or chose its epoch by F1."""
+    classes = record.get("num_labels") or len(record.get("label_names") or [])
+    return classes > 2 or (record.get("selected_by") or (record.get("config") or {}).get("select_by")) == "f1"
 
 
 def now() -> str:

@@ -299,12 +299,18 @@ def timing_shape(p: Prepared, compile: bool) -> str:
 def planned_shape(config: RunConfig, session: Session, device=None, compile: bool = False) -> str:
     """`timing_shape` of a run not prepared yet, from its data alone (loaded once per session; no model, no
     prefix build): what asks whether a timing is needed before anything is prepared for one."""
+    return planned_run(config, session, device, compile)[0]
+
+
+def planned_run(config: RunConfig, session: Session, device=None, compile: bool = False) -> tuple[str, int]:
+    """(`planned_shape`, the run's training rows), from one look at its data."""
     device = resolve_device(device)
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
                              config.label_column, config.max_length)
+    rows = len(split_rows(config, data)[0])
     return timing.work_shape(config, device=device_name(device), precision=precision_for(config.precision, device),
-                             cached=caches_prefix(config, session, data), compile=compile,
-                             rows=len(split_rows(config, data)[0]), data=data.fingerprint)
+                             cached=caches_prefix(config, session, data), compile=compile, rows=rows,
+                             data=data.fingerprint), rows
 
 
 def timing_batches(p: Prepared) -> tuple[list[np.ndarray], list[int]]:

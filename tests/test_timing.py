@@ -539,31 +539,41 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
             r["train_seconds"] for r in records if r["run_id"] == record["run_id"])
 
 
-def test_a_grid_extending_a_study_times_old_and_new_shapes_in_one_sitting_stored_with_it(
-        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
-    """A study extended with a new depth: the new shape needs a timing, so every shape of the study (the stored
-    depth 0 too) is timed in one sitting, which is stored with the study; its report then times the old run
-    from it as well (the pass it replaced kept). Resuming with nothing new to time takes no sitting."""
+def grid_runner(model: str, data: str, url: str, out, monkeypatch, capsys):
+    """`python -m ablations.grid` in this process, timing under a load probe that sees no load (a busy test box),
+    over one storage: call it with further flags, it returns what the grid printed."""
     import functools
     import sys
 
     import core.timing
     from ablations import grid
-    from ablations.storage import load_runs
     from core.cli import main_guard
     from core.lease import LoadProbe
-    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
-    url = f"sqlite:///{tmp_path}/x.db"
-    common = ["--model", tiny_bert, "--dataset", toy_data, "--schedulers", "linear", "--epochs", "1",
-              "--precision", "fp32", "--max-length", "32", "--storage", url, "--output-dir", str(tmp_path),
-              "--no-progress", "--no-report", "--timing-repeats", "2"]
+    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))
+    common = ["--model", model, "--dataset", data, "--schedulers", "linear", "--epochs", "1", "--precision", "fp32",
+              "--max-length", "32", "--storage", url, "--output-dir", str(out), "--no-progress", "--no-report",
+              "--timing-repeats", "2"]
 
-    def run_grid(depths):
-        monkeypatch.setattr(sys, "argv", ["grid", *common, "--freeze-depths", depths])
+    def run(*flags: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["grid", *common, *flags])
         with pytest.raises(SystemExit) as exit_:
             main_guard(grid.main)
         assert exit_.value.code == 0
         return capsys.readouterr().out
+    return run
+
+
+def test_a_grid_extending_a_study_times_old_and_new_shapes_in_one_sitting_stored_with_it(
+        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """A study extended with a new depth: the new shape needs a timing, so every shape of the study (the stored
+    depth 0 too) is timed in one sitting, which is stored with the study; its report then times the old run
+    from it as well (the pass it replaced kept). Resuming with nothing new to time takes no sitting."""
+    from ablations.storage import load_runs
+    url = f"sqlite:///{tmp_path}/x.db"
+    grid = grid_runner(tiny_bert, toy_data, url, tmp_path, monkeypatch, capsys)
+
+    def run_grid(depths):
+        return grid("--freeze-depths", depths)
     first = run_grid("0")
     assert "timing 1 work shape(s) together" in first and "stored with it" not in first
     (old,) = [r["record"] for r in load_runs(url)]
@@ -583,26 +593,12 @@ def test_a_grid_copying_another_studys_runs_times_them_in_its_own_sitting_stored
     """Study b copies its depth-0 run from study a (same storage) and trains depth 1: the sitting times both shapes
     together and is stored with b, so b's report reads both runs' times from one sitting (before, the copy kept a's
     older pass while the new run read the new one). Study a is left as it was."""
-    import functools
-    import sys
-
-    import core.timing
-    from ablations import grid
     from ablations.storage import load_runs
-    from core.cli import main_guard
-    from core.lease import LoadProbe
-    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
     url = f"sqlite:///{tmp_path}/x.db"
-    common = ["--model", tiny_bert, "--dataset", toy_data, "--schedulers", "linear", "--epochs", "1",
-              "--precision", "fp32", "--max-length", "32", "--storage", url, "--output-dir", str(tmp_path),
-              "--no-progress", "--no-report", "--timing-repeats", "2"]
+    grid = grid_runner(tiny_bert, toy_data, url, tmp_path, monkeypatch, capsys)
 
     def run_grid(study, depths):
-        monkeypatch.setattr(sys, "argv", ["grid", *common, "--study-name", study, "--freeze-depths", depths])
-        with pytest.raises(SystemExit) as exit_:
-            main_guard(grid.main)
-        assert exit_.value.code == 0
-        return capsys.readouterr().out
+        return grid("--study-name", study, "--freeze-depths", depths)
     run_grid("a", "0")
     (old,) = [r["record"] for r in load_runs(url, ["a"])]
     second = run_grid("b", "0,1")
