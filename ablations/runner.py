@@ -157,7 +157,8 @@ def choose_engine(args: argparse.Namespace, config: RunConfig, group_size: int) 
     from core.group import choose_engine as choose
     if args.compile and args.engine == "auto":
         return "eager"  # --compile is the eager step's option: asking for it picks that engine
-    engine = choose(args.engine, args.device or default_device(), group_size, config.model, config.max_length)
+    engine = choose(args.engine, args.device or default_device(), group_size, config.model, config.max_length,
+                    config.precision)
     if engine != "eager" and args.compile:
         raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")
     return engine

@@ -9,7 +9,8 @@ needs static shapes and no host syncs, so:
 - the learning rate of every step lives in a device table (`LearningRates`); the step reads a device tensor
   and advances its own index, so the schedule needs no host value inside an epoch;
 - AdamW is torch's fused kernel with a tensor learning rate, on gradient buffers that stay in place;
-- bf16 autocast runs without its weight-cast cache (`capture_autocast`), as PyTorch's CUDA-graph notes require;
+- autocast runs without its weight-cast cache (`core.device.autocast_for(..., cache_enabled=False)`), as
+  PyTorch's CUDA-graph notes require; fp16's per-run loss scales are device tensors (`core.device.RunScales`);
 - the first `warmup` steps of a bucket run eagerly (they are real training steps), the next one is captured
   and replayed; every step executes exactly once.
 Capture is tried in a child process first (`probe_capture`): capturing Hugging Face DistilBERT crashed the
@@ -157,14 +158,15 @@ class CapturedStep:
         return replay
 
 
-@functools.lru_cache(maxsize=16)  # one answer per (model, length, device) for the process: a probe costs seconds
-def probe_capture(model: str, length: int, device: str = "cuda", command: tuple[str, ...] | None = None,
-                  timeout: float = 600.0) -> tuple[bool, str]:
-    """Capture a step of `model` in a child process; (True, "") if it replayed, else (False, why)."""
+@functools.lru_cache(maxsize=16)  # one answer per (model, length, device, precision) for the process: seconds each
+def probe_capture(model: str, length: int, device: str = "cuda", precision: str = "bf16",
+                  command: tuple[str, ...] | None = None, timeout: float = 600.0) -> tuple[bool, str]:
+    """Capture a step of `model` in `precision` (bf16, fp16 or fp32) in a child process; (True, "") if it
+    replayed, else (False, why)."""
     if command is None:
         if torch.device(device).type != "cuda" or not torch.cuda.is_available():
             return False, "capture needs CUDA"
-        command = (sys.executable, "-m", "core.captured", "--probe", model, str(length))
+        command = (sys.executable, "-m", "core.captured", "--probe", model, str(length), precision)
     try:
         done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -177,18 +179,20 @@ def probe_capture(model: str, length: int, device: str = "cuda", command: tuple[
     return False, f"the capture probe failed on {model}: {tail[0][:200]}"
 
 
-def _probe(model_dir: str, length: int) -> None:
+def _probe(model_dir: str, length: int, precision: str) -> None:
     """Child process: three eager steps, one capture, two replays of one stacked run of `model_dir`."""
     from transformers import AutoModelForSequenceClassification
 
     from core.config import RunConfig
+    from core.device import autocast_for
     from core.stacked import StackedRun, StackedRuns
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     config = RunConfig(model=model_dir, dataset="probe", freeze_depth=0, epochs=1, max_length=max(8, length))
     run = StackedRun(config, model, lambda i: {}, np.full(16, length), torch.zeros(16, dtype=torch.long))
-    engine = StackedRuns([run], steps_per_epoch=8, pad_id=0, device="cuda", autocast=capture_autocast("cuda"),
-                         capture=CapturedStep, buckets=(length,))
+    engine = StackedRuns([run], steps_per_epoch=8, pad_id=0, device="cuda",
+                         autocast=lambda: autocast_for(precision, "cuda", cache_enabled=False), capture=CapturedStep,
+                         buckets=(length,), loss_scaling=precision == "fp16")
     ids = torch.randint(5, model.config.vocab_size, (16, length), device="cuda")
     values = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "labels": torch.zeros(1, 16, dtype=torch.long, device="cuda"),
@@ -202,11 +206,5 @@ def _probe(model_dir: str, length: int) -> None:
         raise SystemExit("the replayed step gave a non-finite loss")
 
 
-def capture_autocast(device_type: str):
-    """bf16 autocast as a captured step needs it: without autocast's weight-cast cache (a cached cast made
-    during capture would be a tensor the graph's pool may reuse; PyTorch's CUDA-graph notes require this)."""
-    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
-
-
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:
-    _probe(sys.argv[2], int(sys.argv[3]))
+    _probe(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "bf16")

@@ -81,7 +81,7 @@ def __getattr__(name: str):
 
 
 SELECT_BY = ("accuracy", "loss", "f1")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # Which fields two configs may differ in and still share something. Each set is checked where it is used:
@@ -138,7 +138,8 @@ class RunConfig:
                            default="accuracy")
     frozen_dropout: bool = _help("Run the frozen layers in train mode (dropout on), exactly as the reference study "
                                  "did; this disables the frozen-prefix cache.", default=False)
-    precision: str = _help("auto (bf16 autocast where the hardware supports it), fp32 or bf16.", default="auto")
+    precision: str = _help("auto (bf16 autocast where the hardware runs it natively, fp16 with loss scaling on "
+                           "older CUDA cards such as a T4), fp32, bf16 or fp16.", default="auto")
 
     def __post_init__(self) -> None:
         for name in ("model", "dataset"):  # accept pathlib.Path; the run id hashes the string

@@ -1,8 +1,10 @@
-"""The choices a run makes by device: which device and precision, AdamW fused where torch has a kernel, the
+"""The choices a run makes by device: which device and precision (autocast, fp16's loss scaling), AdamW fused where
+torch has a kernel, the
 learning-rate schedule (one definition for solo runs, groups and shared steps), gradient clipping that skips a
 needless pass on the CPU, and a clock that waits for the device's queued work."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -41,15 +43,73 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 
 def precision_for(precision: str, device: torch.device) -> str:
-    """'auto' means bf16 autocast where the hardware runs it natively (CUDA; CPUs with AVX512-BF16/AMX)."""
+    """'auto' means bf16 autocast where the hardware runs it natively (CUDA from Ampere on; CPUs with
+    AVX512-BF16/AMX), fp16 autocast with loss scaling on older CUDA cards (a T4, a V100: torch emulates bf16 there,
+    slower than fp32, while their tensor cores run fp16), and fp32 elsewhere."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cpu":
         return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
             else "fp32"
     return "fp32"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(precision: str, device_type: str, cache_enabled: bool = True):
+    """The autocast context of a resolved precision (none for fp32). `cache_enabled=False` for a step captured as
+    a CUDA graph: a weight cast cached during capture would live in memory the graph's pool may reuse."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 (its range is narrow: small gradients would underflow to zero), torch's
+    GradScaler with its defaults; for bf16 and fp32 a disabled scaler, whose every call passes straight through."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+
+
+class RunScales:
+    """fp16's dynamic loss scaling for the N runs of a stacked group (`core.stacked`), each run its own scale, as
+    its own GradScaler (torch's defaults: 2^16, x2 after 2,000 steps without overflow, x0.5 and the step skipped
+    on one) would keep it alone, with the same kernels. Device tensors only: no host sync, so a captured step
+    holds it."""
+
+    def __init__(self, runs: int, device: torch.device):
+        defaults = torch.amp.GradScaler(torch.device(device).type)
+        self.growth_factor, self.backoff_factor = defaults.get_growth_factor(), defaults.get_backoff_factor()
+        self.growth_interval = defaults.get_growth_interval()
+        self.scale = torch.full((runs,), defaults.get_scale(), device=device)
+        self.growth_tracker = torch.zeros(runs, dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros(runs, device=device)
+
+    def unscale(self, run_grads: list[list[torch.Tensor]]) -> None:
+        """Divide each run's gradients by its scale and note in `found_inf` whether any is inf or NaN."""
+        self.found_inf.zero_()
+        inverse = self.scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+        for run, grads in enumerate(run_grads):
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf[run:run + 1],
+                                                             inverse[run:run + 1])
+
+    def update(self) -> None:
+        """Back off the scale of each run that overflowed; grow it after `growth_interval` clean steps."""
+        for run in range(len(self.scale)):
+            torch._amp_update_scale_(self.scale[run:run + 1], self.growth_tracker[run:run + 1],
+                                     self.found_inf[run:run + 1], self.growth_factor, self.backoff_factor,
+                                     self.growth_interval)
+
+    def state(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and growth counts of the runs in slots `keep`, on the host (a narrowed group goes on)."""
+        return self.scale.index_select(0, keep).cpu(), self.growth_tracker.index_select(0, keep).cpu()
+
+    def load(self, scale: torch.Tensor, growth_tracker: torch.Tensor) -> None:
+        self.scale.copy_(scale)
+        self.growth_tracker.copy_(growth_tracker)
 
 
 def make_optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:

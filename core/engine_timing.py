@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from core.captured import CapturedStep, capture_autocast
+from core.captured import CapturedStep
 from core.config import RunConfig
-from core.device import clip_gradients, make_optimizer, precision_for
+from core.device import autocast_for, clip_gradients, loss_scaler, make_optimizer, precision_for
 from core.model import freeze, fresh_model, load_pretrained, num_layers
 from core.prefix_cache import layer_view
 from core.errors import UsageError
@@ -51,6 +51,7 @@ def _eager(pristine, depth: int, config: RunConfig, batches: list[dict], device,
     backbone = freeze(model, depth)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config, device)
+    scaler = loss_scaler(config.precision, device)  # fp16: scaled as a run's step is (core.train.train_step)
     view = (lambda: layer_view(backbone, depth, num_layers(model.config), True)) if depth else contextlib.nullcontext
     state = {"i": 0}
 
@@ -59,9 +60,11 @@ def _eager(pristine, depth: int, config: RunConfig, batches: list[dict], device,
         state["i"] += 1
         with view(), autocast():
             loss = model(**batch).loss
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         clip_gradients(params, 1.0, device)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return step
 
@@ -76,7 +79,8 @@ def _stacked(pristine, depth: int, config: RunConfig, runs: int, batches: list[d
         members.append(StackedRun(config.replace(seed=seed), model, lambda i: {}, np.zeros(1), torch.zeros(1)))
     length = batches[0]["attention_mask"].shape[1]  # every batch has this many tokens: one bucket
     engine = StackedRuns(members, steps_per_epoch=1000, pad_id=0, device=device, autocast=autocast,
-                         cached=depth > 0, capture=CapturedStep if capture else None, buckets=(length,))
+                         cached=depth > 0, capture=CapturedStep if capture else None, buckets=(length,),
+                         loss_scaling=config.precision == "fp16")
     del members
     stacked = []
     for i in range(len(batches)):
@@ -107,9 +111,8 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     capture = device.type == "cuda" if capture is None else capture
     precision = precision_for("auto", device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
-    graph_autocast = capture_autocast(device.type) if precision == "bf16" else contextlib.nullcontext
+    autocast = lambda: autocast_for(precision, device.type)  # noqa: E731
+    graph_autocast = lambda: autocast_for(precision, device.type, cache_enabled=False)  # noqa: E731
     rows = []
     for depth in depths:
         config = RunConfig(model=model, dataset="timing", freeze_depth=depth, batch_size=batch_size, epochs=1,

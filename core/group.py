@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from core import shared_steps
-from core.captured import CapturedStep, buckets_for, capture_autocast, probe_capture, resolve_engine
+from core.captured import CapturedStep, buckets_for, probe_capture, resolve_engine
 from core.config import RunConfig
-from core.device import make_optimizer, make_schedule, resolve_device, sync_time
+from core.device import autocast_for, make_optimizer, make_schedule, precision_for, resolve_device, sync_time
 from core.model import count_parameters, freeze, meta_model, model_config, num_layers
 from core.record import RunRecord
 from core.recording import make_record
@@ -45,7 +45,8 @@ MEMORY_HEADROOM = 0.8   # of the free device memory: the allocator fragments, ev
 _said: set[str] = set()
 
 
-def choose_engine(requested: str, device, group_size: int, model: str = "", max_length: int = 128) -> str:
+def choose_engine(requested: str, device, group_size: int, model: str = "", max_length: int = 128,
+                  precision: str = "auto") -> str:
     """What trains a group of `group_size` runs: "eager" (one run, the solo step), "stacked" (runs fused into one
     model, `core.stacked`) or "captured" (that stacked step captured once per length bucket as a CUDA graph and
     replayed, `core.captured`; a group of one run included). `auto` is captured on CUDA where a probe in a child
@@ -53,7 +54,8 @@ def choose_engine(requested: str, device, group_size: int, model: str = "", max_
     cannot run falls back the same way, with one log line saying why."""
     engine = resolve_engine(requested, device)  # checks the name; auto -> captured on CUDA, eager on the CPU
     if engine == "captured":
-        ok, why = probe_capture(model, max_length, str(torch.device(device)))
+        ok, why = probe_capture(model, max_length, str(torch.device(device)),
+                                precision_for(precision, torch.device(device)))
         if ok:
             return "captured"
         _say_once(f"training step runs eagerly: {why}")
@@ -69,22 +71,22 @@ def _say_once(message: str) -> None:
         log.warning("%s", message)
 
 
-def bytes_per_run(config: RunConfig, captured: bool = False) -> int:
-    """Device memory one more run adds to a stacked group: its trainable weights (counted exactly, on a model built
-    on the meta device and frozen to the run's depth), their gradients and two AdamW moments (4 tensors, 4 bytes
-    each: master weights stay fp32 under autocast) plus the activations one batch keeps for the backward pass in
-    each trained layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing activation
-    recomputation", eq. 1), doubled in fp32. Frozen layers and the prefix cache are shared by the group and not
-    counted. `captured`: the step is captured once per length bucket (`core.captured.buckets_for`), and each
-    graph keeps its own memory pool for good, so the activations of one batch of every bucket length are held at
-    once (≈ 2x those of the longest bucket alone)."""
+def bytes_per_run(config: RunConfig, captured: bool = False, device=None) -> int:
+    """Device memory one more run adds to a stacked group: its trainable weights (counted exactly, on a model built on
+    the meta device and frozen to the run's depth), their gradients and two AdamW moments (4 tensors, 4 bytes each:
+    master weights stay fp32 under autocast) plus the activations one batch keeps for the backward pass in each trained
+    layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing activation recomputation", eq. 1),
+    doubled in fp32 (the precision the run resolves to on `device`). Frozen layers and the prefix cache are shared by
+    the group and not counted. `captured`: the step is captured once per length bucket (`core.captured.buckets_for`),
+    and each graph keeps its own memory pool for good, so the activations of one batch of every bucket length are held
+    at once (≈ 2x those of the longest bucket alone)."""
     cfg = model_config(config.model)
     hidden = cfg.hidden_size  # transformers maps each family's own name (dim, d_model, n_embd) to this one
     heads = getattr(cfg, "num_attention_heads", None) or max(1, hidden // 64)
     layers = num_layers(cfg)
     trained = layers - min(config.freeze_depth, layers)
     params = _trainable_parameters(config.model, config.freeze_depth)
-    b, width = config.batch_size, 1 if config.precision == "bf16" else 2
+    b, width = config.batch_size, 2 if precision_for(config.precision, resolve_device(device)) == "fp32" else 1
     lengths = buckets_for(config.max_length) if captured else (config.max_length,)
     activations = sum(trained * s * b * hidden * (34 + 5 * heads * s / hidden) * width for s in lengths)
     return int(16 * params + activations)
@@ -106,7 +108,7 @@ def group_size(config: RunConfig, device, free_bytes: int | None = None, capture
         return 1
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(MAX_GROUP, int(MEMORY_HEADROOM * free_bytes // bytes_per_run(config, captured))))
+    return max(1, min(MAX_GROUP, int(MEMORY_HEADROOM * free_bytes // bytes_per_run(config, captured, device))))
 
 
 def run_group(configs: Sequence[RunConfig], session: Session | None = None, device=None,
@@ -162,10 +164,10 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         for training in done:
             training.timing = timing
     runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
-    autocast = capture_autocast(first.device.type) if capture is not None and first.precision == "bf16" \
-        else first.autocast  # a captured step's bf16 autocast keeps no weight-cast cache
+    autocast = (lambda: autocast_for(first.precision, first.device.type, cache_enabled=False)) \
+        if capture is not None else first.autocast  # a captured step's autocast keeps no weight-cast cache
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,
-                         capture=capture)
+                         capture=capture, loss_scaling=first.precision == "fp16")
     outcome: list[Training | Exception] = list(done)
 
     def live(i: int, epoch: int) -> bool:  # not failed, not stopped early, and this epoch is one of the run's

@@ -88,6 +88,7 @@ class Snapshot:
     cuda_rng: torch.Tensor | None
     loss_sum: torch.Tensor
     seconds: float                   # training time of these steps when they ran (cumulative over snapshots)
+    scaler: dict | None = None       # fp16's loss scale and its growth count (GradScaler.state_dict())
 
     @property
     def steps(self) -> int:
@@ -112,7 +113,7 @@ class SharedSteps:
         return best
 
     def take(self, key: str, wanted: tuple[float, ...], run_id: str, params, optimizer, device, loss_sum,
-             seconds: float) -> None:
+             seconds: float, scaler: torch.amp.GradScaler | None = None) -> None:
         """Keep the state after the steps `wanted` (their count is the snapshot's step)."""
         device = torch.device(device)
         state = optimizer.state_dict()
@@ -120,15 +121,18 @@ class SharedSteps:
             key, tuple(wanted), run_id, [p.detach().to("cpu", copy=True) for p in params],
             {"state": _to_host(state["state"]), "param_groups": copy.deepcopy(state["param_groups"])},
             torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            loss_sum.detach().to("cpu", copy=True), seconds)
+            loss_sum.detach().to("cpu", copy=True), seconds,
+            scaler.state_dict() if scaler is not None and scaler.is_enabled() else None)
         self.entries[(key, snapshot.steps)] = snapshot
         self.entries.move_to_end((key, snapshot.steps))
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
 
     @staticmethod
-    def restore(snapshot: Snapshot, params, optimizer, schedule, device, loss_sum) -> None:
-        """Put a run at the snapshot's step: weights, optimizer moments, schedule position, RNG, running loss."""
+    def restore(snapshot: Snapshot, params, optimizer, schedule, device, loss_sum,
+                scaler: torch.amp.GradScaler | None = None) -> None:
+        """Put a run at the snapshot's step: weights, optimizer moments, schedule position, fp16's loss scale, RNG,
+        running loss."""
         device = torch.device(device)
         with torch.no_grad():
             for p, saved in zip(params, snapshot.params):
@@ -145,6 +149,8 @@ class SharedSteps:
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
         schedule._last_lr = rates
+        if snapshot.scaler is not None and scaler is not None:
+            scaler.load_state_dict(snapshot.scaler)
         torch.set_rng_state(snapshot.cpu_rng)
         if snapshot.cuda_rng is not None and device.type == "cuda":
             torch.cuda.set_rng_state(snapshot.cuda_rng, device)

@@ -10,8 +10,9 @@ data-dependent control-flow error on all four families.)
 
 Each run keeps its own arithmetic: its own batches and their order, its own head (drawn from its seed), its
 own learning-rate schedule over its own epochs, its own gradient norm clipped to 1.0, its own AdamW state and
-update (torch's fused AdamW kernel called on the run's slice: the same kernel and arithmetic as a solo run), its
-own evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
+update (torch's fused AdamW kernel called on the run's slice: the same kernel and arithmetic as a solo run), in
+fp16 its own loss scale (a step whose gradients overflow is skipped for that run alone, as its GradScaler would),
+its own evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
 a solo run would draw, so with dropout on a stacked run equals a solo run in distribution, not bit for bit.
 Frozen modules are not stacked: the runs share them (they hold the same pretrained weights).
 A run of fewer epochs than the group's longest ends after its last epoch (its rates are 0 from there), and
@@ -32,7 +33,7 @@ from torch import nn
 from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
-from core.device import rate_multipliers
+from core.device import RunScales, rate_multipliers
 from core.model import decays, find_backbone, freeze, frozen_modules, num_layers
 from core.prefix_cache import error_phrase, gap_beyond_rounding, layer_view
 
@@ -231,7 +232,7 @@ class StackedRuns:
 
     def __init__(self, runs: list[StackedRun], steps_per_epoch: int, pad_id: int, device, autocast=None,
                  cached: bool = False, max_grad_norm: float = 1.0, capture: type[CapturedStep] | None = None,
-                 buckets: tuple[int, ...] | None = None):
+                 buckets: tuple[int, ...] | None = None, loss_scaling: bool = False):
         shapes = {group_key(r.config) for r in runs}
         if len(shapes) != 1 or len({len(r.lengths) for r in runs}) != 1:
             raise ValueError("stacked runs must share their work shape (model, depth, batch, length, precision, "
@@ -239,7 +240,7 @@ class StackedRuns:
         self.runs, self.device, self.pad_id, self.max_grad_norm = runs, torch.device(device), pad_id, max_grad_norm
         self.autocast = autocast or contextlib.nullcontext
         self.settings = dict(autocast=autocast, cached=cached, max_grad_norm=max_grad_norm, capture=capture,
-                             buckets=buckets)  # what `narrowed` builds its smaller group with
+                             buckets=buckets, loss_scaling=loss_scaling)  # what `narrowed` builds a group with
         config = runs[0].config
         self.model, self.axis = stack_models([r.model for r in runs])
         self.model.to(self.device)
@@ -265,7 +266,9 @@ class StackedRuns:
                     self.updates.append((run, member.config.weight_decay if decay else 0.0,
                                          *([t.detach()[run] for t in (ts[i] for i in pick)]
                                            for ts in (self.params, self.grads, exp_avg, exp_avg_sq))))
-        self.step_count = torch.zeros((), device=self.device)
+        self.step_count = torch.zeros(len(runs), device=self.device)  # AdamW's, per run: fp16 skips steps per run
+        self.run_grads = [[g[run] for g in self.grads] for run in range(len(runs))]
+        self.scales = RunScales(len(runs), self.device) if loss_scaling else None
         self.embeddings = [m for m in self.model.modules() if isinstance(m, StackedEmbedding)]
         self.rates = learning_rate_table([r.config for r in runs], steps_per_epoch)
         self.steps_per_epoch, self.global_step = steps_per_epoch, 0
@@ -299,11 +302,16 @@ class StackedRuns:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         losses = F.cross_entropy(logits, labels.reshape(-1), reduction="none").view_as(weights)
         losses = (losses * weights).sum(1) / weights.sum(1)
-        losses.sum().backward()  # the runs share no weight, so each gets exactly its own gradient
+        scaled = losses if self.scales is None else losses * self.scales.scale
+        scaled.sum().backward()  # the runs share no weight, so each gets exactly its own gradient
         for embedding in self.embeddings:
             embedding.zero_padding_grad()
+        if self.scales is not None:
+            self.scales.unscale(self.run_grads)
         self._clip()
         self._update(rates)
+        if self.scales is not None:
+            self.scales.update()
         return losses.detach()
 
     def _clip(self) -> None:
@@ -322,9 +330,12 @@ class StackedRuns:
         """Each run's AdamW step on its own slices: torch's fused kernel, as a solo run's optimizer calls it."""
         self.step_count += 1
         for run, weight_decay, params, grads, exp_avg, exp_avg_sq in self.updates:
-            torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], [self.step_count] * len(params),
+            found_inf = None if self.scales is None else self.scales.found_inf[run:run + 1]
+            torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], [self.step_count[run]] * len(params),
                                 lr=rates[run], beta1=0.9, beta2=0.999, weight_decay=weight_decay, eps=1e-8,
-                                amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+                                amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf)
+        if self.scales is not None:  # a skipped step does not count (torch's fused AdamW under a GradScaler)
+            self.step_count -= self.scales.found_inf
 
     def train_epoch(self, epoch: int, after_step: Callable[[], None] | None = None) -> np.ndarray:
         """One epoch of every run, each over its own length-grouped batches (seeded as a solo run seeds them).
@@ -355,14 +366,15 @@ class StackedRuns:
 
     @torch.no_grad()
     def narrowed(self, keep: list[int]) -> StackedRuns:
-        """The runs in slots `keep` as a smaller group that goes on where this one stands — their weights, AdamW
-        moments, step count and place in their schedules — so that runs which ended (their last epoch, pruned,
-        failed) stop costing steps. Called between epochs. This group's tensors are given back before the smaller
-        one is built (what carries over waits on the host meanwhile), so the peak stays this group's; a captured
-        step is captured again for the new shapes (the count of replayed steps carries over)."""
+        """The runs in slots `keep` as a smaller group that goes on where this one stands — their weights, AdamW moments
+        and step counts, loss scales and places in their schedules — so that runs which ended (their last epoch, pruned,
+        failed) stop costing steps. Called between epochs. This group's tensors are given back before the smaller one is
+        built (what carries over waits on the host meanwhile), so the peak stays this group's; a captured step is
+        captured again for the new shapes (the count of replayed steps carries over)."""
         index = torch.tensor(keep, device=self.device)
         carried = [[t.index_select(0, index).cpu() for t in ts] for ts in (self.params, *self.moments)]
-        step_count, global_step = float(self.step_count), self.global_step
+        step_count, global_step = self.step_count.index_select(0, index).cpu(), self.global_step
+        scales = self.scales.state(index) if self.scales is not None else None
         replayed = self.captured.replayed if self.captured is not None else 0
         steps_per_epoch, pad_id, device, settings = self.steps_per_epoch, self.pad_id, self.device, self.settings
         runs = [self.runs[i] for i in keep]
@@ -372,7 +384,9 @@ class StackedRuns:
         group = StackedRuns(runs, steps_per_epoch, pad_id, device, **settings)
         for mine, theirs in zip((group.params, *group.moments), carried):
             torch._foreach_copy_(mine, [t.to(device) for t in theirs])
-        group.step_count.fill_(step_count)
+        group.step_count.copy_(step_count)
+        if scales is not None:
+            group.scales.load(*scales)
         group.global_step = global_step
         if group.captured is not None:
             group.device_rates.start_at(global_step)

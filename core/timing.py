@@ -143,9 +143,9 @@ def seconds_per_training_step(config, session, device=None, steps: int = 3) -> t
     the slowest kind) on `batch_size` random train rows, timed by `measure_steps` after one warm-up step, alone on
     the machine (a quick look: no load probe, kept nowhere); and the number of train rows."""
     from core.batches import subsample
-    from core.device import precision_for, resolve_device
+    from core.device import autocast_for, precision_for, resolve_device
     device = resolve_device(device)
-    autocast = precision_for(config.precision, device) == "bf16"
+    precision = precision_for(config.precision, device)
     data = session.text_data(config.dataset, session.tokenizer(config.model), config.text_column,
                              config.label_column, config.max_length)
     model = session.model(config.model, data.label_names).to(device).train()
@@ -155,7 +155,7 @@ def seconds_per_training_step(config, session, device=None, steps: int = 3) -> t
     indices = np.arange(len(split))
 
     def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with autocast_for(precision, device.type):
             loss = model(**batch, labels=torch.as_tensor(split.labels[indices], device=device)).loss
         loss.backward()
         optimizer.step()
@@ -173,13 +173,14 @@ def seconds_per_training_step(config, session, device=None, steps: int = 3) -> t
 
 @contextlib.contextmanager
 def preserved(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler=None,
-              device: torch.device | str = "cpu"):
+              device: torch.device | str = "cpu", scaler: torch.amp.GradScaler | None = None):
     """Steps taken inside leave no trace: trainable weights, optimizer state and learning rates, the schedule's
-    position, the RNG (dropout masks) and the gradients are put back as they were."""
+    position, fp16's loss scale, the RNG (dropout masks) and the gradients are put back as they were."""
     device = torch.device(device)
     weights = [p.detach().clone() for p in params]
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+    scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
@@ -192,6 +193,8 @@ def preserved(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optim
         optimizer.load_state_dict(optimizer_state)
         if scheduler is not None:
             scheduler.load_state_dict(scheduler_state)
+        if scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)

@@ -23,7 +23,8 @@ from core import shared_steps, timing
 from core.batches import carve_dev, eval_tokens, length_grouped_batches, sorted_batches, subsample
 from core.config import RunConfig
 from core.data import Split, TextData, to_device
-from core.device import clip_gradients, make_optimizer, make_schedule, precision_for, resolve_device, sync_time
+from core.device import (autocast_for, clip_gradients, loss_scaler, make_optimizer, make_schedule, precision_for,
+                         resolve_device, sync_time)
 from core.host_memory import reuse_freed_memory
 from core.model import (
     Backbone,
@@ -85,15 +86,14 @@ class Prepared:
     cached: bool                       # the frozen prefix's outputs are cached: the loop runs layers depth..
     prefix: dict                       # cached, build seconds and reused per split
     sources: dict                      # per split: the tokenized rows, or the cached prefix states
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (`core.device.loss_scaler`; else passes through)
 
     @property
     def train(self) -> Split:
         return self.splits["train"]
 
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.precision, self.device.type)
 
     def inputs(self, name: str, indices) -> dict[str, torch.Tensor]:
         if self.cached:
@@ -135,7 +135,7 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
                         {name: torch.as_tensor(split.labels) for name, split in splits.items()}, model, backbone,
                         [p for p in model.parameters() if p.requires_grad], trainable, total,
                         cached=caches_prefix(config, session, data, use_prefix_cache),
-                        prefix={}, sources=dict(splits))
+                        prefix={}, sources=dict(splits), scaler=loss_scaler(precision, device))
     prepared.prefix = {"cached": prepared.cached, "seconds": {}, "reused": {}}
     if prepared.cached:
         for name, split in splits.items():
@@ -209,7 +209,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
         started, loss_sum = sync_time(device), torch.zeros((), device=device)
         skip, earlier = 0, 0.0  # steps (and their seconds) of this epoch that a snapshot already took
         if epoch == 1 and sharing.resumed:
-            store.restore(sharing.resumed, p.params, optimizer, scheduler, device, loss_sum)
+            store.restore(sharing.resumed, p.params, optimizer, scheduler, device, loss_sum, p.scaler)
             skip, earlier = sharing.resumed.steps, sharing.resumed.seconds
             bar.update(skip)
         batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
@@ -217,7 +217,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
             if epoch == 1 and step in sharing.keep_at:  # the state after `step` steps, for a sibling
                 paused = sync_time(device)
                 store.take(sharing.key, sharing.rates[:step], config.run_id, p.params, optimizer, device, loss_sum,
-                           earlier + paused - started)
+                           earlier + paused - started, p.scaler)
                 started += sync_time(device) - paused  # the copy is not this run's training time
             if step == len(batches):
                 break
@@ -240,8 +240,10 @@ def end_epoch(p: Prepared, forward, session: Session, done: Training, epoch: int
     """After an epoch's steps (solo or in a stacked group, `core.group`): evaluate, log, keep the best epoch,
     ask `on_epoch` whether to stop. The model holds this run's weights. Returns the epoch's history entry."""
     if not math.isfinite(train_loss):
+        fp16 = ", or train in --precision fp32 (fp16's range may be too narrow for this model)" \
+            if p.precision == "fp16" else ""
         raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}: lower the learning "
-                                 "rate or check the data")
+                                 f"rate or check the data{fp16}")
     done.train_seconds += epoch_seconds
     started = time.perf_counter()
     metrics, predictions = evaluate(p, forward, "validation", session)
@@ -285,7 +287,7 @@ def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, com
     if (known := session.timer.known(shape)) is not None:
         return known  # timed before: no batches to build, no model and optimizer state to copy and put back
     batches, cost = timing_batches(p)
-    with timing.preserved(p.params, optimizer, scheduler, p.device):
+    with timing.preserved(p.params, optimizer, scheduler, p.device, p.scaler):
         return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
                                          batches, p.device, device_name(p.device), cost)
 
@@ -321,13 +323,17 @@ def timing_batches(p: Prepared) -> tuple[list[np.ndarray], list[int]]:
 
 
 def train_step(p: Prepared, forward, indices: np.ndarray, optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
-    """One optimizer step on the rows `indices`: forward, backward, clip to norm 1, AdamW, schedule."""
+    """One optimizer step on the rows `indices`: forward, backward, clip to norm 1, AdamW, schedule. In fp16 the
+    loss is scaled before the backward pass and the gradients unscaled before clipping; a step whose gradients
+    overflowed is skipped (GradScaler; AdamW's step count stays) and the scale backs off."""
     target = to_device(p.labels["train"][indices], p.device)
     with p.autocast():
         loss = forward(**p.inputs("train", indices), labels=target).loss
-    loss.backward()
+    p.scaler.scale(loss).backward()
+    p.scaler.unscale_(optimizer)
     clip_gradients(p.params, 1.0, p.device)
-    optimizer.step()
+    p.scaler.step(optimizer)
+    p.scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()

@@ -71,8 +71,11 @@ def prepare(config, autocast=contextlib.nullcontext, cache: PrefixCache | None =
     return run, (sources["validation"], validation.lengths, validation.labels, text.num_labels), text.pad_id
 
 
-def solo_weights(run: StackedRun, autocast=contextlib.nullcontext, cached: bool = True) -> dict[str, torch.Tensor]:
-    """The project's solo step (fused AdamW, clip 1.0, its schedule) on one run, one epoch."""
+def solo_weights(run: StackedRun, autocast=contextlib.nullcontext, cached: bool = True,
+                 scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
+    """The project's solo step (fused AdamW, clip 1.0, its schedule; `scaler`: fp16's loss scaling, as
+    `core.train.train_step` applies it) on one run, one epoch."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     config, model = run.config, run.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config, torch.device("cpu"))
@@ -88,9 +91,11 @@ def solo_weights(run: StackedRun, autocast=contextlib.nullcontext, cached: bool 
         for indices in batches:
             with autocast():
                 loss = model(**run.batch(indices), labels=run.labels[indices]).loss
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             clip_gradients(params, 1.0, torch.device("cpu"))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -196,7 +201,7 @@ def test_a_narrowed_group_goes_on_where_the_whole_group_stood(model_dir, data, d
     assert freed == [True], "the wider group's weights are still held while the smaller one is built"
 
     assert len(narrow.runs) == 2 and narrow.params[0].shape[0] == 2 and narrow.global_step == 30
-    assert float(narrow.step_count) == 30 and narrow.rates[30].tolist() == whole.rates[30, [0, 2]].tolist()
+    assert narrow.step_count.tolist() == [30, 30] and narrow.rates[30].tolist() == whole.rates[30, [0, 2]].tolist()
     whole_losses, narrow_losses = whole.train_epoch(2), narrow.train_epoch(2)
     assert narrow_losses == pytest.approx(whole_losses[[0, 2]], rel=1e-5)
     if capture is not None:
@@ -204,6 +209,35 @@ def test_a_narrowed_group_goes_on_where_the_whole_group_stood(model_dir, data, d
     for slot, run in enumerate([0, 2]):
         error, worst = stacked_error(narrow.run_weights(slot), whole.run_weights(run))
         assert error < 1e-5, f"run {run}: the weights differ by {error:.2e} relative"
+
+
+@pytest.mark.parametrize("capture", [None, GraphOnTheCpu], ids=["eager", "captured"])
+def test_each_stacked_run_scales_its_loss_as_its_own_grad_scaler(model_dir, data, capture):
+    """fp16's loss scaling, per run: run 1's scale is infinite, so every one of its steps overflows and is skipped
+    (its weights never move, its AdamW step count stays 0), while runs 0 and 2 train on, their scales growing
+    every 7 clean steps. Each run's weights and scale are what a solo run with its own GradScaler of the same
+    settings reaches (the arithmetic is fp32 here, where scaling by a power of two is exact: the stacked-vs-solo
+    bound of fp32 holds). A scale shared by the group would skip every run's step with run 1's."""
+    group, cache = configs(model_dir, data, 0), PrefixCache()
+    runs = [prepare(c, cache=cache) for c in group]
+    extra = {} if capture is None else {"capture": capture, "buckets": (6, 8, 10)}
+    engine = StackedRuns([r[0] for r in runs], 30, runs[0][2], "cpu", loss_scaling=True, **extra)
+    engine.scales.scale[1] = math.inf
+    engine.scales.growth_interval = 7
+    initial = engine.run_weights(1)
+    engine.train_epoch(1)
+    assert engine.step_count.tolist() == [30, 0, 30]
+    for i, (run, _, _) in enumerate(runs):
+        scaler = torch.amp.GradScaler("cpu", init_scale=math.inf if i == 1 else 2.0 ** 16, growth_interval=7)
+        reference = solo_weights(run, scaler=scaler)
+        whole, worst = stacked_error(engine.run_weights(i), reference)
+        assert whole < 1e-5, f"run {i}: the weights differ by {whole:.2e} relative"
+        assert engine.scales.scale[i].item() == scaler.get_scale()
+    assert engine.scales.scale.tolist() == [2.0 ** 20, math.inf, 2.0 ** 20]  # 30 clean steps: grown 4 times
+    assert all(torch.equal(engine.run_weights(1)[n], initial[n]) for n in initial)
+    narrow = engine.narrowed([0, 1])  # the scales and step counts of the runs that go on carry over
+    assert narrow.scales.scale.tolist() == [2.0 ** 20, math.inf] and narrow.step_count.tolist() == [30, 0]
+    assert narrow.scales.growth_tracker.tolist() == [2, 0]
 
 
 def test_stacked_bf16_accuracy_matches_solo_within_noise(data, tmp_path):
