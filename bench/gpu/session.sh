@@ -6,7 +6,8 @@
 #   grid    the 70-run grid (depths 0-6 x linear,cosine x 5 seeds, 1 epoch, full SST-2) in one command, timed;
 #   recipe  the Hugging Face Trainer recipe beside the project on one cell (python -m ablations.benchmark);
 #   search  a batched search (8 trials asked at once, depths 5-6, 1-2 epochs): stacked groups that narrow and
-#           recapture as their 1-epoch runs end, on CUDA.
+#           recapture as their 1-epoch runs end, on CUDA; in fp16 (--precision fp16), so the loss scaling an older
+#           card (a T4) trains with runs on CUDA and inside captured graphs at least once.
 # Everything a stage measures lands in $OUT as the stage goes, so a stage stopped at its limit still returns
 # what it finished. At most 8 files come back from $OUT: env.txt, steps.log, step_times.json, grid.log (the grid's
 # and the search's output), grid.tar.gz (both ledgers), recipe.log, recipe.json, session.json (every stage's wall
@@ -36,11 +37,12 @@ if [ "$SMALL" = 1 ]; then  # the CPU rehearsal: same commands, tiny sizes, a CPU
   STEP_PLAN=${STEP_PLAN:-3:1 3:2}; STEP_FLAGS=(--length 16 --steps 2 --rounds 1)
   GRID_FLAGS=(--freeze-depths 3 --seeds 1 --max-train-samples 64 --dev-size 32 --max-parallel-runs 2)
   RECIPE_SAMPLES=${RECIPE_SAMPLES:-64}
-  SEARCH_LIMIT=${SEARCH_LIMIT:-300}; SEARCH_FLAGS=(--trials 4 --max-parallel-runs 4 --max-train-samples 64 --dev-size 32)
+  SEARCH_LIMIT=${SEARCH_LIMIT:-300}
+  SEARCH_FLAGS=(--trials 4 --max-parallel-runs 4 --max-train-samples 64 --dev-size 32 --precision fp16)
 else  # one H100: 40 + 110 + 180 + 60 + 60 s = 7.5 min
   SETUP_LIMIT=${SETUP_LIMIT:-40}; STEPS_LIMIT=${STEPS_LIMIT:-110}; GRID_LIMIT=${GRID_LIMIT:-180}
   RECIPE_LIMIT=${RECIPE_LIMIT:-60}; SEARCH_LIMIT=${SEARCH_LIMIT:-60}
-  SEARCH_FLAGS=(--trials 8 --max-train-samples 8000)  # --max-parallel-runs auto: min(what fits, 8) on CUDA
+  SEARCH_FLAGS=(--trials 8 --max-train-samples 8000 --precision fp16)  # --max-parallel-runs auto: min(fits, 8)
   # depth:runs per process. Every contender of a process lives at once: at depth 0, N = 56 stacked and captured
   # alone are 112 model copies with gradients and AdamW state (~41 GB) plus the graph's pool, so it gets its own.
   STEP_PLAN=${STEP_PLAN:-0:1,14 0:56 3:1,14,56}; STEP_FLAGS=(--length 32)
