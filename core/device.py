@@ -1,7 +1,6 @@
 """The choices a run makes by device: which device and precision (autocast, fp16's loss scaling), AdamW fused where
-torch has a kernel, the
-learning-rate schedule (one definition for solo runs, groups and shared steps), gradient clipping that skips a
-needless pass on the CPU, and a clock that waits for the device's queued work."""
+torch has a kernel, the learning-rate schedule (one definition for solo runs, groups and shared steps), gradient
+clipping that skips a needless pass on the CPU, and a clock that waits for the device's queued work."""
 from __future__ import annotations
 
 import contextlib
