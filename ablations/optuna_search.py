@@ -283,7 +283,7 @@ class Search:
                 return None
             if not self.prune or last:
                 return None
-            return pareto.prune_reason(elsewhere + pareto.study_points(self.study, self.device), history,
+            return pareto.prune_reason(elsewhere + pareto.study_points(self.study, self.device, metric), history,
                                        self.margin, metric)
 
         return on_epoch

@@ -81,11 +81,13 @@ def _same_device(record: dict | None, device: str | None) -> bool:
     return record is None or device is None or record.get("device") in (None, device)
 
 
-def study_points(study: optuna.Study, device: str | None = None) -> list[Point]:
-    """A study's finished runs; its trials share the fixed settings (checked when a search study opens)."""
+def study_points(study: optuna.Study, device: str | None = None, metric: str = "accuracy") -> list[Point]:
+    """A study's finished runs; its trials share the fixed settings (checked when a search study opens), but runs
+    merged in from another storage (`ablations.merge`) may have chosen by another metric: those are left out."""
     return [Point(t.values[0], t.values[1], f"{study.study_name}#{t.number}")
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if _same_device(t.user_attrs.get("record"), device)]
+            if _same_device(record := t.user_attrs.get("record"), device)
+            and (record is None or record_metric(record) == metric)]
 
 
 def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | None = None) -> list[Point]:
@@ -115,8 +117,8 @@ def run_rows(study_name: str, trials: Iterable[FrozenTrial], study_attrs: dict |
                      "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
                      "choice": choice_value(record, record_metric(record)), "train_seconds": record["train_seconds"],
                      "trainable_params": record.get("trainable_params"), "run_id": record.get("run_id") or where,
-                     "trial": where, "device": record.get("device")})
-    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device"])
+                     "trial": where, "device": record.get("device"), "metric": record_metric(record)})
+    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device", "metric"])
 
 
 def front_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -270,10 +272,16 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     trials = study.get_trials(deepcopy=False)
     metric = choice_metric(base)  # the study's pinned --select-by: one for all its runs
     rows = run_rows(study.study_name, trials, study.user_attrs)
+    other = rows[rows["metric"] != metric]  # merged in from a search of another --select-by (ablations.merge)
+    rows = rows[rows["metric"] == metric].reset_index(drop=True)
     front = front_table(rows)
     front[pareto_columns(metric)].to_csv(output / "pareto.csv", index=False)
     states = {state: sum(t.state == state for t in trials) for state in TrialState}
     notes = [importance_plot(rows, output / "importance.png", metric)]
+    if len(other):
+        notes.append(f"{len(other)} complete run(s) of this study chose by {CHOICE_LABELS[other['metric'].iloc[0]]}, "
+                     f"not this search's {CHOICE_LABELS[metric]} (merged from another storage?): left out of the "
+                     "front, pareto.csv and importance.png.")
     url = url or ledger.storage.url
     runs, table, skipped = None, None, None
     try:  # loaded and built once, for this summary and the trade-off report: both state one speed-up
@@ -290,7 +298,7 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
             notes.append(f"Trade-off report skipped: {error}")
     counts = (f"{len(trials)} trials in study `{study.study_name}`: {states[TrialState.COMPLETE]} complete, "
               f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, {states[TrialState.RUNNING]} "
-              f"running; {len(rows)} distinct complete runs. Model `{base.model}`, data "
+              f"running; {len(rows) + len(other)} distinct complete runs. Model `{base.model}`, data "
               f"`{base.dataset}`, run seed {base.seed}.")
     text = summary_markdown(f"Search `{study.study_name}`", counts, front, table, notes, metric)
     (output / "search_summary.md").write_text(text)

@@ -18,6 +18,7 @@ from ablations.cells import run_tuned
 from ablations.ledger import Ledger, open_study
 from ablations.lr_choice import best_rates, main as lr_choice_main
 from ablations.pareto import PARETO_COLUMNS, Point, importance_plot, prune_reason, write_outputs
+from ablations.pareto import study_points as pareto_points
 from ablations.report import tradeoff_table, write_report
 from ablations.space import Grid, SearchSpace
 from ablations.storage import load_runs, open_storage
@@ -159,6 +160,26 @@ def test_the_search_tells_optuna_and_draws_its_front_by_the_score_that_chose(tmp
     else:
         assert "## Pareto front (dev accuracy vs training seconds; validation accuracy reported)" in summary
         assert "accuracy 0.6900 (dev 0.7000)" in summary and "macro-F1" not in summary
+
+
+def test_a_run_merged_in_from_a_search_of_the_other_metric_is_left_out_of_the_front_and_said(tmp_path):
+    """`ablations.merge` copies runs into a same-named study without checking its pinned --select-by: a run that
+    chose by accuracy is neither on an F1 search's front nor a point its pruning compares with."""
+    import optuna
+
+    base = quick_config(str(tmp_path / "model"), str(tmp_path / "data"), select_by="f1")
+    space = SearchSpace(freeze_depth=(1, 1), schedulers=("linear",), epochs=(1, 1), warmup_ratio=(0.0, 0.0))
+    search = searcher(tmp_path, space=space, train=search_train, base=base, prune=False)
+    search.run(1, progress=False)
+    merged = record(base.replace(select_by="accuracy", freeze_depth=0), 0.99, 0.99, seconds=1.0)
+    search.study.add_trial(optuna.trial.create_trial(
+        params={"freeze_depth": 0}, distributions={"freeze_depth": optuna.distributions.IntDistribution(0, 1)},
+        values=[0.99, 1.0], user_attrs={"run_id": merged["run_id"], "record": merged}))
+    assert [p.where for p in pareto_points(search.study, metric="f1")] == ["search#0"]
+    summary = write_outputs(search.study, search.ledger, base, "", tmp_path, report=False)
+    assert list(pd.read_csv(tmp_path / "pareto.csv")["freeze_depth"]) == [1]
+    assert "2 distinct complete runs" in summary
+    assert "1 complete run(s) of this study chose by dev accuracy, not this search's dev macro-F1" in summary
 
 
 def test_pruning_reads_the_score_that_chooses(tmp_path):
