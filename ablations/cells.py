@@ -194,15 +194,15 @@ def run_tuned(configs: list[RunConfig], rates: tuple[float, ...], study: optuna.
               train: TrainFn, **run) -> GridOutcome:
     """Every cell tuned alike (`ablations.tuning`): its first seed at every rate, then its seeds at the rate chosen
     on dev. The choice is stored as the study's `lr_tuning` attribute; a rerun recomputes it from the ledger."""
-    from ablations.tuning import TIE_RULE, choose_rates, chosen_configs, tuning_configs
+    from ablations.tuning import choice_line, choice_metric, choose_rates, chosen_configs, tie_rule, tuning_configs
 
     tuning = tuning_configs(configs, rates)
     outcome = run_cells(tuning, study, ledger, train, **run)
     choices = choose_rates(tuning, tuning_records(tuning, ledger))
-    study.set_user_attr("lr_tuning", {"rates": list(rates), "rule": TIE_RULE, "cells": list(choices.values())})
+    rule = tie_rule(choice_metric(configs[0]))  # one base config: one --select-by for every cell
+    study.set_user_attr("lr_tuning", {"rates": list(rates), "rule": rule, "cells": list(choices.values())})
     for choice in choices.values():
-        print(f"  freeze {choice['freeze_depth']} · {choice['scheduler']} · {choice['epochs']} ep: learning rate "
-              f"{choice['learning_rate']:g} chosen on {choice['selected_on']} ({choice['dev_accuracy']})")
+        print(choice_line(choice))
     seeds = run_cells(chosen_configs(configs, choices), study, ledger, train, **run)  # seed 1: a tuning run, reused
     return GridOutcome(outcome.trained + seeds.trained, outcome.reused + seeds.reused, outcome.failed | seeds.failed,
                        outcome.given_up + seeds.given_up, outcome.train_seconds + seeds.train_seconds)

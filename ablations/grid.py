@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --learning-rate for every depth)")
     parser.add_argument("--learning-rates", default=None, metavar="RATES", help="tune every cell alike: train "
                         "each cell's first seed at each of these comma-separated rates (e.g. 1e-5,3e-5,1e-4,3e-4,"
-                        "1e-3), choose on the dev split by higher dev accuracy, then lower dev loss, then the smaller "
-                        "rate, and train its other seeds at the chosen rate (default: no tuning)")
+                        "1e-3), choose on the dev split by higher dev accuracy (dev macro-F1 with --select-by f1), "
+                        "then lower dev loss, then the smaller rate, and train its other seeds at the chosen rate "
+                        "(default: no tuning)")
     add_study_arguments(parser, default_study="grid")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="re-attempts of a failed cell on later invocations (default: 2)")

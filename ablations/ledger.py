@@ -1,8 +1,9 @@
 """The run ledger on an Optuna storage: claim a run, train it once, record it, reuse it, retry it.
 
-Every run is an Optuna trial whose user attributes hold its `run_id` and full record; values are
-(validation accuracy, training seconds). A run id is trained at most once per storage, across workers,
-invocations and studies. The claim protocol uses the database alone, never a worker's clock:
+Every run is an Optuna trial whose user attributes hold its `run_id` and full record; values are (dev accuracy,
+or dev macro-F1 under --select-by f1, and training seconds: `objective_values`). A run id is trained at most once
+per storage, across workers, invocations and studies. The claim protocol uses the database alone, never a
+worker's clock:
 
 1. Beside Optuna's tables the storage holds `ablation_runs` (`ablations.runs_table`): one row per run id
    (primary key) naming the trial that holds or completed it, its study and number, its state and its counted
@@ -36,7 +37,7 @@ from ablations.runs_table import COUNTED_FAILURES, RUNS, create_runs_table, inse
 from ablations.storage import Spool, mask_url, retrying
 from core.errors import UsageError
 
-DIRECTIONS = ("maximize", "minimize")  # validation accuracy, training seconds
+DIRECTIONS = ("maximize", "minimize")  # dev accuracy (or macro-F1), training seconds
 __all__ = ["DIRECTIONS", "Ledger", "RunStatus", "StoredRuns", "open_study"]
 
 
@@ -50,10 +51,11 @@ def open_study(storage: RDBStorage, name: str, directions: tuple[str, ...] = DIR
 
 
 def objective_values(study: optuna.Study, record: dict) -> list[float]:
-    """A run's values in the study's objectives: accuracy and training seconds, or accuracy alone. The accuracy is
-    the dev split's where the run had one (Optuna's sampler and pruner choose on it), else validation's."""
-    from ablations.tuning import choice_accuracy
-    values = [choice_accuracy(record), record["train_seconds"]]
+    """A run's values in the study's objectives: its choice score and training seconds, or the score alone. The
+    score (`ablations.tuning.choice_metric`: dev accuracy, or dev macro-F1 for a run selected by it; both maximized)
+    is the dev split's where the run had one (Optuna's sampler and pruner choose on it), else validation's."""
+    from ablations.tuning import choice_value, record_metric
+    values = [choice_value(record, record_metric(record)), record["train_seconds"]]
     return values[:len(study.directions)]
 
 

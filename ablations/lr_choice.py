@@ -2,33 +2,47 @@
 
 The learning rate is a nuisance parameter: deeper freezing wants larger rates, so comparing depths at one
 shared rate measures the rate, not the depth. Sweep rates per depth (a grid per rate into one study), then let
-this print `depth lr accuracy` lines that the next grid reads.
+this print `depth lr score runs` lines that the next grid reads; the score is dev accuracy, or dev macro-F1 for a
+sweep run with --select-by f1 (`ablations.tuning.choice_metric`).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
 from ablations.runner import default_storage
-from ablations.tuning import choice_accuracy
+from ablations.tuning import CHOICE_LABELS, choice_value, record_metric
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
 
+def sweep_metric(runs: list[dict]) -> str:
+    """The one `choice_metric` of the sweep's completed runs. A study fed by several grid invocations can mix
+    --select-by values; accuracy and macro-F1 do not average into one score, so such a sweep is refused."""
+    found = sorted({record_metric(run["record"]) for run in runs if run["state"] == "COMPLETE" and run.get("record")})
+    if len(found) > 1:
+        raise UsageError("the sweep's runs chose by both dev accuracy and dev macro-F1 (--select-by f1 in some "
+                         "grids only), which do not average into one score: sweep each --select-by in its own "
+                         "--study-name")
+    return found[0] if found else "accuracy"
+
+
 def best_rates(runs: list[dict]) -> dict[int, tuple[float, float, int]]:
-    """depth -> (learning rate with the best mean dev accuracy over seeds/schedulers, that accuracy, runs averaged);
-    validation accuracy stands in for runs without a dev split. A tie goes to the smaller rate. (The grid's
-    --learning-rates looks at dev loss first, `ablations.tuning.TIE_RULE`; this rule is kept because
+    """depth -> (learning rate with the best mean dev score over seeds/schedulers, that score, runs averaged): dev
+    accuracy, or dev macro-F1 for a sweep that chose its epochs by it (`sweep_metric`); validation stands in for
+    runs without a dev split. A tie goes to the smaller rate. (The grid's
+    --learning-rates looks at dev loss first, `ablations.tuning.tie_rule`; this rule is kept because
     results/lr_choice.txt, which the stored studies ran at, came from it: depth 3 tied there.)"""
+    metric = sweep_metric(runs)
     scores: dict[tuple[int, float], list[float]] = defaultdict(list)
     for run in runs:
         if run["state"] == "COMPLETE" and run.get("record"):
             config = run["record"]["config"]
-            scores[(config["freeze_depth"], config["learning_rate"])].append(choice_accuracy(run["record"]))
+            scores[(config["freeze_depth"], config["learning_rate"])].append(choice_value(run["record"], metric))
     best: dict[int, tuple[float, float, int]] = {}
-    for (depth, rate), accuracies in sorted(scores.items()):
-        mean = sum(accuracies) / len(accuracies)
+    for (depth, rate), values in sorted(scores.items()):
+        mean = sum(values) / len(values)
         if depth not in best or mean > best[depth][1]:
-            best[depth] = (rate, mean, len(accuracies))
+            best[depth] = (rate, mean, len(values))
     return best
 
 
@@ -41,10 +55,11 @@ def main() -> int:
     args = parser.parse_args()
     from ablations.storage import load_runs
     storage = args.storage or default_storage()
-    best = best_rates(load_runs(storage, [args.study_name]))
+    runs = load_runs(storage, [args.study_name])
+    best = best_rates(runs)
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")
-    print("# depth learning_rate mean_dev_accuracy runs")
+    print(f"# depth learning_rate mean_{CHOICE_LABELS[sweep_metric(runs)].replace(' ', '_')} runs")
     for depth, (rate, accuracy, count) in sorted(best.items()):
         print(f"{depth} {rate:g} {accuracy:.4f} {count}")
     return 0

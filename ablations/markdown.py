@@ -109,9 +109,11 @@ MACRO_F1_METHODS = (
 
 
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None, *,
-             macro_f1: bool = False) -> str:
+             macro_f1: bool = False, chosen_by: tuple[str, ...] = ("accuracy",)) -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used; with `macro_f1`
-    (`ablations.tradeoff.f1_informs`) a validation macro-F1 column beside accuracy."""
+    (`ablations.tradeoff.f1_informs`) a validation macro-F1 column beside accuracy. `chosen_by`: the metrics that
+    ranked the runs' nuisance settings (`ablations.tuning.metrics_of`)."""
+    from ablations.tuning import choice_label, caption as rate_caption
     shown = list(table.columns[:table.columns.get_loc("label")])
     names = {"freeze_depth": "freeze depth", "scheduler": "schedule", "learning_rate": "learning rate"}
     header = [names.get(c, c.replace("_", " ")) for c in shown] + [
@@ -143,7 +145,8 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "Baseline (**bold**): "
         f"{target}, every other scientific and fixed field equal; learning rate, warmup and weight decay are "
         "nuisance settings, so among baselines that differ only in them the one ranked first on the dev split is "
-        "used (higher dev accuracy, then lower dev loss, then the smaller rate; runs without a dev split are ranked "
+        f"used (higher {choice_label(chosen_by)}, then lower dev loss, then the smaller rate; runs without a dev "
+        "split are ranked "
         "on validation, the set they are reported on). Δ = accuracy − baseline accuracy. The test pairs seed s with "
         "baseline seed s on the same validation examples. With two or more seed pairs (t, n seeds) it counts both "
         "noises: "
@@ -163,6 +166,5 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
             methods += (" Rows timed alone in a single round (--timing-repeats 1) have no time interval.")
     methods += passes_sentence(table)
     if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
-        from ablations.tuning import caption as rate_caption
-        methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])))
+        methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])), chosen_by)
     return "\n".join([caption, "", *lines, "", methods, ""])

@@ -265,8 +265,9 @@ class Search:
         """The on_epoch callback: Optuna's pruner for one objective, Pareto dominance for two."""
         from ablations import pareto
         from ablations.pareto import fixed_fields
-        from ablations.tuning import choice_accuracy
+        from ablations.tuning import choice_metric, choice_value
 
+        metric, named = choice_metric(self.base), pareto.SCORE_NAMES[choice_metric(self.base)]
         history: list[dict] = []
         elsewhere = pareto.storage_points(self.ledger, self.study.study_name, fixed_fields(self.base.to_dict()),
                                           self.device) if self.prune and len(self.study.directions) == 2 else []
@@ -275,15 +276,15 @@ class Search:
             history.append(entry)
             last = entry["epoch"] >= config.epochs  # a finished run is worth keeping: never prune the last epoch
             if len(self.study.directions) == 1:
-                trial.report(choice_accuracy(entry), entry["epoch"])  # dev accuracy: the report's set chooses nothing
+                trial.report(choice_value(entry, metric), entry["epoch"])  # dev: the report's set chooses nothing
                 if self.prune and not last and trial.should_prune():
-                    return (f"pruned by {type(self.study.pruner).__name__} after epoch {entry['epoch']}: accuracy "
-                            f"{choice_accuracy(entry):.4f} is below the median of earlier trials at that epoch")
+                    return (f"pruned by {type(self.study.pruner).__name__} after epoch {entry['epoch']}: {named} "
+                            f"{choice_value(entry, metric):.4f} is below the median of earlier trials at that epoch")
                 return None
             if not self.prune or last:
                 return None
-            return pareto.prune_reason(elsewhere + pareto.study_points(self.study, self.device), history,
-                                       self.margin)
+            return pareto.prune_reason(elsewhere + pareto.study_points(self.study, self.device, metric), history,
+                                       self.margin, metric)
 
         return on_epoch
 
@@ -319,14 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="start no new trial after this many seconds (default: no limit)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="pareto",
-                        help="pareto: maximize dev accuracy and minimize training seconds; accuracy: dev accuracy "
-                             "alone, in its own study (default name search-accuracy) with Optuna's MedianPruner "
-                             "(default: pareto)")
+                        help="pareto: maximize dev accuracy (dev macro-F1 with --select-by f1) and minimize training "
+                             "seconds; accuracy: that dev score alone, in its own study (default name "
+                             "search-accuracy) with Optuna's MedianPruner (default: pareto)")
     parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
                         help="stop trials that cannot reach the front (pareto) or fall below the median (accuracy) "
                              "(default: on)")
-    parser.add_argument("--margin", type=float, default=0.01, help="accuracy a pruned trial is assumed still able "
-                        "to gain (default: 0.01)")
+    parser.add_argument("--margin", type=float, default=0.01, help="accuracy (macro-F1 with --select-by f1) a "
+                        "pruned trial is assumed still able to gain (default: 0.01)")
     parser.add_argument("--space", default=None, metavar="FILE",
                         help="JSON file overriding the search space (see --print-space) (default: none)")
     parser.add_argument("--freeze-depths", default=None, metavar="RANGE", help="freeze depth range, e.g. 0-6, or "
@@ -381,6 +382,7 @@ def main() -> int:
     from ablations.ledger import Ledger
     from ablations.storage import mask_url, open_storage, storage_errors
     from ablations.pareto import write_outputs
+    from ablations.tuning import CHOICE_LABELS, choice_metric
     from core.cli import make_session
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
     preflight(base, session)  # model and data checked once, before any trial
@@ -395,7 +397,8 @@ def main() -> int:
                         device, poll_seconds=min(5.0, args.heartbeat),
                         train_group=make_group_trainer(args, session, engine) if size > 1 else None, max_parallel=size)
         print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "
-              f"training seed {base.seed}, objective {args.objective}, pruning {'on' if args.prune else 'off'}, "
+              f"training seed {base.seed}, objective {args.objective} on {CHOICE_LABELS[choice_metric(base)]}, "
+              f"pruning {'on' if args.prune else 'off'}, "
               f"space {space.describe()} on {mask_url(url)}; engine {engine}, "
               f"{f'{size} trials asked at once' if size > 1 else 'one trial at a time'}")
         if session.timing_repeats:  # every depth the search may choose timed in one sitting (core.sitting), with

@@ -1,8 +1,9 @@
-"""Pareto fronts of stored runs: accuracy up, training seconds down.
+"""Pareto fronts of stored runs: the choice score up, training seconds down.
 
-Every choice here (the front, the knee, pruning, the best baseline) reads the dev accuracy, which a run's
-record holds where it had a dev split; validation accuracy is reported beside it and chooses nothing (records
-from before dev splits, which have none, fall back to it).
+Every choice here (the front, the knee, pruning, the best baseline) reads a run's choice score
+(`ablations.tuning.choice_metric`): its dev accuracy, or its dev macro-F1 where the search runs with --select-by f1
+(a search pins its fixed settings, --select-by among them, so its runs share one). Validation's values are reported
+beside it and choose nothing (records from before dev splits, which have none, fall back to them).
 
 The front and its knee, the dominance test that prunes a two-objective trial (Optuna has no pruner for
 several objectives, optuna#3450), and the search's outputs: pareto.csv, importance.png, search_summary.md.
@@ -22,7 +23,7 @@ from ablations.runner import SEARCHED
 from ablations.stats import pareto_front
 from ablations.ledger import Ledger
 from ablations.storage import run_of
-from ablations.tuning import choice_accuracy
+from ablations.tuning import CHOICE_LABELS, choice_metric, choice_value, record_metric
 from core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,39 +31,44 @@ if TYPE_CHECKING:
 
 PARETO_COLUMNS = [*SEARCHED, "dev_accuracy", "accuracy", "train_seconds", "trainable_params", "run_id", "trial"]
 MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer runs ranks noise
-OBJECTIVE_NAMES = {"accuracy": "dev accuracy", "train_seconds": "training seconds"}
+SCORE_NAMES = {"accuracy": "accuracy", "f1": "macro-F1"}  # the choice metric in running text
+
+
+def pareto_columns(metric: str = "accuracy") -> list[str]:
+    """pareto.csv's columns: the score that chose (dev, then validation) first, accuracy beside macro-F1."""
+    return PARETO_COLUMNS if metric == "accuracy" else [*SEARCHED, "dev_f1", "f1", *PARETO_COLUMNS[len(SEARCHED):]]
 
 
 @dataclass(frozen=True)
 class Point:
-    """One finished run on the accuracy–time plane, and where it is stored ('study#number')."""
-    accuracy: float
+    """One finished run on the score–time plane (`choice_value`), and where it is stored ('study#number')."""
+    score: float
     seconds: float
     where: str
 
 
-def dominator(points: Iterable[Point], accuracy: float, seconds: float) -> Point | None:
-    """A point at least as accurate and at least as fast as (accuracy, seconds), strictly better in one."""
+def dominator(points: Iterable[Point], score: float, seconds: float) -> Point | None:
+    """A point scoring at least as high and at least as fast as (score, seconds), strictly better in one."""
     for point in points:
-        if point.accuracy >= accuracy and point.seconds <= seconds and \
-                (point.accuracy > accuracy or point.seconds < seconds):
+        if point.score >= score and point.seconds <= seconds and (point.score > score or point.seconds < seconds):
             return point
     return None
 
 
-def prune_reason(points: Iterable[Point], history: list[dict], margin: float) -> str | None:
+def prune_reason(points: Iterable[Point], history: list[dict], margin: float, metric: str = "accuracy") -> str | None:
     """Why a two-objective trial should stop after the epochs in `history`, or None to let it go on.
 
-    The trial's best reachable point is optimistic on both axes: the best accuracy so far plus `margin`
+    The trial's best reachable point is optimistic on both axes: the best score (`metric`) so far plus `margin`
     (later epochs may still improve it), reached in the seconds already spent (it can only get slower).
     If a finished run dominates even that point, the finished trial would be dominated too."""
-    best = max(choice_accuracy(entry) for entry in history)
+    best = max(choice_value(entry, metric) for entry in history)
     spent = sum(entry["train_seconds"] for entry in history)
     hit = dominator(points, best + margin, spent)
     if hit is None:
         return None
-    return (f"dominated after epoch {history[-1]['epoch']}: best accuracy {best:.4f} + margin {margin:g} in "
-            f"{spent:.2f} s already spent cannot beat {hit.where} ({hit.accuracy:.4f} in {hit.seconds:.2f} s)")
+    return (f"dominated after epoch {history[-1]['epoch']}: best {SCORE_NAMES[metric]} {best:.4f} + margin "
+            f"{margin:g} in {spent:.2f} s already spent cannot beat {hit.where} ({hit.score:.4f} in "
+            f"{hit.seconds:.2f} s)")
 
 
 def fixed_fields(config: dict) -> dict:
@@ -75,11 +81,13 @@ def _same_device(record: dict | None, device: str | None) -> bool:
     return record is None or device is None or record.get("device") in (None, device)
 
 
-def study_points(study: optuna.Study, device: str | None = None) -> list[Point]:
-    """A study's finished runs; its trials share the fixed settings (checked when a search study opens)."""
+def study_points(study: optuna.Study, device: str | None = None, metric: str = "accuracy") -> list[Point]:
+    """A study's finished runs; its trials share the fixed settings (checked when a search study opens), but runs
+    merged in from another storage (`ablations.merge`) may have chosen by another metric: those are left out."""
     return [Point(t.values[0], t.values[1], f"{study.study_name}#{t.number}")
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if _same_device(t.user_attrs.get("record"), device)]
+            if _same_device(record := t.user_attrs.get("record"), device)
+            and (record is None or record_metric(record) == metric)]
 
 
 def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | None = None) -> list[Point]:
@@ -90,7 +98,7 @@ def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | N
             record, where = trial.user_attrs.get("record"), ledger.where(trial)
             if record and not where.startswith(f"{skip_study}#") and _same_device(record, device) \
                     and fixed_fields(record["config"]) == fixed:
-                points.append(Point(choice_accuracy(record), record["train_seconds"], where))
+                points.append(Point(choice_value(record, record_metric(record)), record["train_seconds"], where))
     return points
 
 
@@ -105,15 +113,16 @@ def run_rows(study_name: str, trials: Iterable[FrozenTrial], study_attrs: dict |
     for run in completed_runs(with_sitting([run_of(study_name, trial) for trial in trials], study_attrs or {})):
         record, where = run["record"], f"{run['study']}#{run['number']}"
         rows.append({**{name: record["config"].get(name) for name in SEARCHED},
+                     "dev_f1": record.get("dev_f1"), "f1": record.get("f1"),
                      "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
-                     "choice": choice_accuracy(record), "train_seconds": record["train_seconds"],
+                     "choice": choice_value(record, record_metric(record)), "train_seconds": record["train_seconds"],
                      "trainable_params": record.get("trainable_params"), "run_id": record.get("run_id") or where,
-                     "trial": where, "device": record.get("device")})
-    return pd.DataFrame(rows, columns=[*PARETO_COLUMNS, "choice", "device"])
+                     "trial": where, "device": record.get("device"), "metric": record_metric(record)})
+    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device", "metric"])
 
 
 def front_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows non-dominated on (dev accuracy, seconds), fastest first."""
+    """The rows non-dominated on (choice score, seconds), fastest first."""
     if rows.empty:
         return rows
     mask = pareto_front(rows["choice"].tolist(), rows["train_seconds"].tolist())
@@ -121,10 +130,10 @@ def front_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def knee_index(front: pd.DataFrame) -> int:
-    """The front point farthest above the chord from its fastest to its most accurate end.
+    """The front point farthest above the chord from its fastest to its highest-scoring end.
 
-    Accuracy and time are min-max scaled over the front, so the chord runs from (0, 0) to (1, 1) and the
-    distance above it is proportional to scaled accuracy minus scaled time; ties go to the faster point."""
+    The score and time are min-max scaled over the front, so the chord runs from (0, 0) to (1, 1) and the
+    distance above it is proportional to scaled score minus scaled time; ties go to the faster point."""
     def scaled(column: pd.Series) -> pd.Series:
         span = column.max() - column.min()
         return (column - column.min()) / span if span > 0 else column * 0.0
@@ -133,8 +142,9 @@ def knee_index(front: pd.DataFrame) -> int:
     return int(gain.idxmax())  # idxmax returns the first maximum; the front is sorted fastest first
 
 
-def importance_plot(rows: pd.DataFrame, path: Path) -> str:
-    """fANOVA importances of the searched parameters for each objective as a bar chart; returns a note."""
+def importance_plot(rows: pd.DataFrame, path: Path, metric: str = "accuracy") -> str:
+    """fANOVA importances of the searched parameters for each objective (the choice score by `metric`, training
+    seconds) as a bar chart; returns a note."""
     path.unlink(missing_ok=True)  # never leave a stale figure beside fresh tables
     varying = [name for name in SEARCHED if rows[name].astype(str).nunique() > 1] if len(rows) else []
     if len(rows) < MIN_IMPORTANCE_TRIALS or not varying:
@@ -150,8 +160,8 @@ def importance_plot(rows: pd.DataFrame, path: Path) -> str:
     # fANOVA explains variance, so it needs no direction (Optuna 5's default evaluator ranks for low values).
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     panels: dict[str, dict | str] = {}
-    for index, (column, objective) in enumerate({"choice": OBJECTIVE_NAMES["accuracy"],
-                                                 "train_seconds": OBJECTIVE_NAMES["train_seconds"]}.items()):
+    for index, (column, objective) in enumerate({"choice": CHOICE_LABELS[metric],
+                                                 "train_seconds": "training seconds"}.items()):
         panels[objective] = "the same in every run: nothing to explain"
         if rows[column].nunique() > 1:
             try:
@@ -160,7 +170,8 @@ def importance_plot(rows: pd.DataFrame, path: Path) -> str:
             except RuntimeError:  # fANOVA found no split that explains any variance
                 panels[objective] = "no parameter explains any of its variance"
     if all(isinstance(panel, str) for panel in panels.values()):
-        return "importance.png skipped: every complete run has the same accuracy and the same training time."
+        return (f"importance.png skipped: every complete run has the same {SCORE_NAMES[metric]} and the same "
+                "training time.")
     from ablations import plots  # seaborn and matplotlib only when there is something to draw
     plots.importance(panels, varying, len(rows), path)
     return f"importance.png: fANOVA importances over {len(rows)} complete runs."
@@ -178,14 +189,14 @@ def _distribution(column: pd.Series) -> od.BaseDistribution:
     return od.FloatDistribution(float(column.min()), float(column.max()), log=column.name == "learning_rate")
 
 
-def _row_text(row) -> str:
+def _row_text(row, metric: str = "accuracy") -> str:
+    score = f"accuracy {row.accuracy:.4f}{_dev_text(row.dev_accuracy)}" if metric == "accuracy" else \
+        f"macro-F1 {_accuracy(row.f1)}{_dev_text(row.dev_f1)}, accuracy {row.accuracy:.4f}"
     return (f"freeze {row.freeze_depth}, {row.scheduler}, {row.epochs} epoch(s), lr {row.learning_rate:.3g}, "
-            f"warmup {row.warmup_ratio:.3g}: accuracy {row.accuracy:.4f}{_dev_text(row)} in "
-            f"{row.train_seconds:.1f} s "
-            f"({row.trial})")
+            f"warmup {row.warmup_ratio:.3g}: {score} in {row.train_seconds:.1f} s ({row.trial})")
 
 
-def knee_comparison(table: pd.DataFrame | None, knee: pd.Series) -> str:
+def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "accuracy") -> str:
     """The knee against its baseline, read from the trade-off report's table (`ablations.tradeoff.tradeoff_table`)
     so that search_summary.md and tradeoff.md state one speed-up for one configuration."""
     if table is None:
@@ -197,7 +208,8 @@ def knee_comparison(table: pd.DataFrame | None, knee: pd.Series) -> str:
         if name in table.columns:  # a field the table does not show is the same in every configuration
             mask &= table[name] == value
     rows = table[mask]
-    rule = ("the report's rule (tradeoff.md): the most accurate freeze_depth 0 configuration of this study with the "
+    best = "most accurate" if metric == "accuracy" else f"highest {CHOICE_LABELS[metric]}"
+    rule = (f"the report's rule (tradeoff.md): the {best} freeze_depth 0 configuration of this study with the "
             "knee's schedule and epochs, learning rate and warmup tuned away, timed on the same device")
     if len(rows) != 1 or pd.isna(rows.iloc[0]["speedup"]):
         return f"**Full fine-tune baseline**: none by {rule}; no speed-up is stated."
@@ -206,23 +218,33 @@ def knee_comparison(table: pd.DataFrame | None, knee: pd.Series) -> str:
             f"{row['speedup']:.2f}× as fast, {100 * row['accuracy_delta']:+.1f} pp accuracy.")
 
 
+SUMMARY_SCORES = {  # the front's score columns in search_summary.md: the one that chose first
+    "accuracy": ("dev accuracy vs training seconds; validation accuracy reported",
+                 {"dev accuracy": "dev_accuracy", "val. accuracy": "accuracy"}, "most accurate end, with accuracy"),
+    "f1": ("dev macro-F1 vs training seconds; validation macro-F1 and accuracy reported",
+           {"dev macro-F1": "dev_f1", "val. macro-F1": "f1", "val. accuracy": "accuracy"},
+           "highest dev macro-F1 end, with dev macro-F1")}
+
+
 def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.DataFrame | None,
-                     notes: list[str]) -> str:
-    """The search in a few lines: the front, its knee and, from the report's table, the knee's speed-up."""
+                     notes: list[str], metric: str = "accuracy") -> str:
+    """The search in a few lines: the front (by `metric`'s score), its knee and, from the report's table, the
+    knee's speed-up."""
     lines = [f"# {title}", "", counts, ""]
     if front.empty:
         return "\n".join(lines + ["No complete run yet: no front.", "", *notes, ""])
-    lines += ["## Pareto front (dev accuracy vs training seconds; validation accuracy reported)", "",
-              "| freeze depth | schedule | epochs | learning rate | warmup | dev accuracy | val. accuracy | train s "
-              "| trainable params | trial |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    heading, scores, end = SUMMARY_SCORES[metric]
+    lines += [f"## Pareto front ({heading})", "",
+              f"| freeze depth | schedule | epochs | learning rate | warmup | {' | '.join(scores)} | train s "
+              "| trainable params | trial |", "|--:|---|--:|--:|--:|" + "--:|" * len(scores) + "--:|--:|---|"]
     lines += [f"| {r.freeze_depth} | {r.scheduler} | {r.epochs} | {r.learning_rate:.3g} | {r.warmup_ratio:.3g} | "
-              f"{_accuracy(r.dev_accuracy)} | {r.accuracy:.4f} | {r.train_seconds:.1f} | {_count(r.trainable_params)} "
-              f"| {r.trial} |"
+              + "".join(f"{_accuracy(getattr(r, column))} | " for column in scores.values())
+              + f"{r.train_seconds:.1f} | {_count(r.trainable_params)} | {r.trial} |"
               for r in front.itertuples(index=False)]
     knee = front.iloc[knee_index(front)]
-    lines += ["", f"**Knee point**: {_row_text(knee)}. It is the front point farthest above the line from the "
-                  "front's fastest to its most accurate end, with accuracy and time min-max scaled over the front.", ""]
-    lines.append(knee_comparison(table, knee))
+    lines += ["", f"**Knee point**: {_row_text(knee, metric)}. It is the front point farthest above the line from "
+                  f"the front's fastest to its {end} and time min-max scaled over the front.", ""]
+    lines.append(knee_comparison(table, knee, metric))
     return "\n".join(lines + ["", *notes, ""])
 
 
@@ -230,8 +252,8 @@ def _accuracy(value) -> str:
     return "—" if value is None or pd.isna(value) else f"{value:.4f}"
 
 
-def _dev_text(row) -> str:
-    return "" if row.dev_accuracy is None or pd.isna(row.dev_accuracy) else f" (dev {row.dev_accuracy:.4f})"
+def _dev_text(value) -> str:
+    return "" if value is None or pd.isna(value) else f" (dev {value:.4f})"
 
 
 def _count(value) -> str:
@@ -248,11 +270,18 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
+    metric = choice_metric(base)  # the study's pinned --select-by: one for all its runs
     rows = run_rows(study.study_name, trials, study.user_attrs)
+    other = rows[rows["metric"] != metric]  # merged in from a search of another --select-by (ablations.merge)
+    rows = rows[rows["metric"] == metric].reset_index(drop=True)
     front = front_table(rows)
-    front[PARETO_COLUMNS].to_csv(output / "pareto.csv", index=False)
+    front[pareto_columns(metric)].to_csv(output / "pareto.csv", index=False)
     states = {state: sum(t.state == state for t in trials) for state in TrialState}
-    notes = [importance_plot(rows, output / "importance.png")]
+    notes = [importance_plot(rows, output / "importance.png", metric)]
+    if len(other):
+        notes.append(f"{len(other)} complete run(s) of this study chose by {CHOICE_LABELS[other['metric'].iloc[0]]}, "
+                     f"not this search's {CHOICE_LABELS[metric]} (merged from another storage?): left out of the "
+                     "front, pareto.csv and importance.png.")
     url = url or ledger.storage.url
     runs, table, skipped = None, None, None
     try:  # loaded and built once, for this summary and the trade-off report: both state one speed-up
@@ -269,9 +298,9 @@ def write_outputs(study: optuna.Study, ledger: Ledger, base: RunConfig, url: str
             notes.append(f"Trade-off report skipped: {error}")
     counts = (f"{len(trials)} trials in study `{study.study_name}`: {states[TrialState.COMPLETE]} complete, "
               f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, {states[TrialState.RUNNING]} "
-              f"running; {len(rows)} distinct complete runs. Model `{base.model}`, data "
+              f"running; {len(rows) + len(other)} distinct complete runs. Model `{base.model}`, data "
               f"`{base.dataset}`, run seed {base.seed}.")
-    text = summary_markdown(f"Search `{study.study_name}`", counts, front, table, notes)
+    text = summary_markdown(f"Search `{study.study_name}`", counts, front, table, notes, metric)
     (output / "search_summary.md").write_text(text)
     return text
 

@@ -313,32 +313,41 @@ def importance(panels: dict[str, dict | str], parameters: list[str], runs: int, 
 
 
 def lr_curves(points: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
-    """Dev accuracy against the learning rate (log scale) of every tuned cell, one line per depth, one panel per
-    schedule; the rate each cell chose is ringed. How sensitive each depth is to the rate, at a glance."""
-    points = points.assign(dev_accuracy=points["dev_accuracy"] * PERCENT).rename(
+    """The metric each cell chose its rate by (`ablations.tuning.rate_curve_rows`: dev accuracy, or dev macro-F1 under
+    --select-by f1) against the learning rate (log scale), one line per depth, one panel per schedule (and per
+    metric where cells chose by different ones); the rate each cell chose is ringed. How sensitive each depth is to
+    the rate, at a glance."""
+    from ablations.tuning import CHOICE_LABELS
+
+    points = points.assign(value=points["value"] * PERCENT).rename(
         columns={"freeze_depth": "freeze depth", "epochs": "epochs trained"})
-    schedulers = sorted(points["scheduler"].unique())
+    panels = sorted({(s, m) for s, m in zip(points["scheduler"], points["metric"])},
+                    key=lambda panel: (panel[0], list(CHOICE_LABELS).index(panel[1])))
+    mixed = points["metric"].nunique() > 1
     depths = sorted(points["freeze depth"].unique())
     style = "epochs trained" if points["epochs trained"].nunique() > 1 else None
     with _style(), sns.axes_style("whitegrid"):
         figure = Figure(figsize=SIZE, layout="constrained")
-        axes = figure.subplots(1, len(schedulers), squeeze=False, sharey=True)[0]
-        for i, (ax, scheduler) in enumerate(zip(axes, schedulers)):
-            mine = points[points["scheduler"] == scheduler].sort_values("learning_rate")
-            sns.lineplot(mine, x="learning_rate", y="dev_accuracy", hue="freeze depth", style=style,
+        axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+        for i, (ax, (scheduler, metric)) in enumerate(zip(axes, panels)):
+            mine = points[(points["scheduler"] == scheduler) & (points["metric"] == metric)]
+            mine = mine.sort_values("learning_rate")
+            sns.lineplot(mine, x="learning_rate", y="value", hue="freeze depth", style=style,
                          units=style and "freeze depth", estimator=None, palette=_depth_colours(depths),
                          hue_order=depths, marker="o", markersize=10, linewidth=2.5, ax=ax,
-                         legend=i == len(schedulers) - 1)
+                         legend=i == len(panels) - 1)
             chosen = mine[mine["chosen"]]
-            ax.scatter(chosen["learning_rate"], chosen["dev_accuracy"], s=420, facecolors="none",
+            ax.scatter(chosen["learning_rate"], chosen["value"], s=420, facecolors="none",
                        edgecolors="black", linewidths=2.5, zorder=5, label="_chosen")
             ax.set_xscale("log")
             ax.set_xticks(sorted(points["learning_rate"].unique()))
             ax.set_xticklabels([f"{rate:g}" for rate in sorted(points["learning_rate"].unique())])
-            ax.set(title=f"schedule: {scheduler}", xlabel="learning rate (log scale)",
-                   ylabel="dev accuracy (%)" if i == 0 else "")
+            ax.set(title=f"schedule: {scheduler}" + (f", by {CHOICE_LABELS[metric]}" if mixed else ""),
+                   xlabel="learning rate (log scale)",
+                   ylabel=f"{CHOICE_LABELS[metric]} (%)" if i == 0 or mixed else "")
         if axes[-1].get_legend() is not None:
             sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-        figure.suptitle(f"Dev accuracy vs learning rate (first seed; ringed: the rate each cell chose)\n"
-                        f"{_title(about)}", fontsize=19)
+        named = "Dev accuracy or macro-F1 (each cell's own)" if mixed else CHOICE_LABELS[points["metric"].iloc[0]]
+        figure.suptitle(f"{named[0].upper()}{named[1:]} vs learning rate (first seed; ringed: the rate each cell "
+                        f"chose)\n{_title(about)}", fontsize=19)
         return _save(figure, path)

@@ -17,7 +17,7 @@ import pandas as pd
 from ablations import plots
 from ablations.markdown import DEFAULT_BASELINE, markdown
 from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front
-from ablations.tuning import choose_configuration, rate_curve_rows, tuned_cells
+from ablations.tuning import choose_configuration, metrics_of, rate_curve_rows, tuned_cells
 from core.record import shows_macro_f1
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
@@ -302,7 +302,8 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     paths["tradeoff_csv"] = output / "tradeoff.csv"
     table.to_csv(paths["tradeoff_csv"], index=False)
     paths["tradeoff_md"] = output / "tradeoff.md"
-    paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs)))
+    chosen_by = metrics_of(run["record"] for run in completed_runs(runs))  # what ranked nuisance settings
+    paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs), chosen_by=chosen_by))
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
     paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")

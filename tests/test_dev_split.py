@@ -10,7 +10,7 @@ import pytest
 from conftest import quick_config, write_toy_dataset
 
 import core.train
-from ablations.tuning import choice_accuracy
+from ablations.tuning import choice_value
 from core import RunConfig, RunRecord, Session, UsageError
 from core.batches import DEV_MAX_ROWS, carve_dev, dev_rows_count
 from core.data import TextSplit
@@ -142,6 +142,6 @@ def test_a_record_from_before_dev_splits_loads_and_chooses_on_validation(tiny_be
     old = {k: v for k, v in stored.items() if not k.startswith("dev_") and k != "selected_on"}
     record = RunRecord.from_dict(old)
     assert record.dev_accuracy is None and record.selected_on is None and record.extra == {}
-    assert choice_accuracy(record.to_dict()) == record.accuracy == stored["accuracy"]
+    assert choice_value(record.to_dict()) == record.accuracy == stored["accuracy"]
     assert "chosen on dev" not in record.summary()
-    assert choice_accuracy({"accuracy": 0.9, "dev_accuracy": 0.7}) == 0.7
+    assert choice_value({"accuracy": 0.9, "dev_accuracy": 0.7}) == 0.7
