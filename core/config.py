@@ -134,8 +134,8 @@ class RunConfig:
     max_length: int = _help("Truncate inputs to this many tokens (at most what the model's position table "
                             "holds).", default=128)
     select_by: str = _help("Dev metric (validation without a dev split) that picks the reported epoch: accuracy, "
-                           "loss or f1.",
-                           default="accuracy")
+                           "loss or f1. With f1 the ablation commands also compare runs by dev macro-F1 (learning "
+                           "rate, search objective, front); otherwise by dev accuracy.", default="accuracy")
     frozen_dropout: bool = _help("Run the frozen layers in train mode (dropout on), exactly as the reference study "
                                  "did; this disables the frozen-prefix cache.", default=False)
     precision: str = _help("auto (bf16 autocast where the hardware runs it natively, fp16 with loss scaling on "
