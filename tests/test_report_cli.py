@@ -1,0 +1,29 @@
+"""What a user gets wrong after the first run, at the report and merge commands (README: Reading the results,
+Many GPUs or machines): one line, exit code 2, nothing written; and what is not a mistake is not refused."""
+from __future__ import annotations
+
+
+import pandas as pd
+
+from test_report import make_run, run_cli, stored
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_a_report_of_a_study_without_a_full_fine_tune_is_written_without_a_baseline(monkeypatch, capsys, tmp_path):
+    """`python -m ablations.report` with no --baseline reads as the grid's own report: a grid of depths 3-6 (or a
+    search that never drew depth 0) gets its tables with no speed-up. It stopped at "--baseline freeze_depth=0
+    matches no completed configuration", a flag the user never gave; one given must still match."""
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    stored(url, "grid", [make_run(4, "linear", 2, seed, 0.85, 20.0, number=seed) for seed in (0, 1)])
+    out = tmp_path / "out"
+    assert run_cli(monkeypatch, "--storage", url, "--output-dir", str(out)) == 0
+    table = pd.read_csv(out / "tradeoff.csv")
+    assert list(table["freeze_depth"]) == [4] and not table["baseline"].any() and table["speedup"].isna().all()
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "--storage", url, "--output-dir", str(out), "--baseline", "freeze_depth=0") == 2
+    assert "--baseline freeze_depth=0 matches no completed configuration" in one_line_error(capsys)
