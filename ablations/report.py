@@ -47,8 +47,10 @@ def main(args=None) -> int:
         raise usage_error(f"no ledger at {storage}: with --output-dir and no --storage, the report reads the ledger "
                           f"in that folder{hint}")
     from ablations.storage import load_runs, storage_url  # load_runs names a missing study in one line
+    from core.cli import check_output_dir
 
     runs = load_runs(storage_url(storage, output_dir), study_names=names)
+    check_output_dir(output_dir)  # after the studies are found: a misspelt name leaves no folder behind
     paths = write_report(runs, output_dir, baseline)
     for path in paths.values():
         print(path)

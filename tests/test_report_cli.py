@@ -27,3 +27,20 @@ def test_a_report_of_a_study_without_a_full_fine_tune_is_written_without_a_basel
     capsys.readouterr()
     assert run_cli(monkeypatch, "--storage", url, "--output-dir", str(out), "--baseline", "freeze_depth=0") == 2
     assert "--baseline freeze_depth=0 matches no completed configuration" in one_line_error(capsys)
+
+
+def test_a_report_folder_that_cannot_be_made_is_one_line_and_nothing_is_written(monkeypatch, capsys, tmp_path):
+    """An --output-dir under a file ended in FileExistsError's traceback from mkdir."""
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    stored(url, "grid", [make_run(0, "linear", 2, 0, 0.85, 20.0)])
+    (tmp_path / "a-file").write_text("not a folder")
+    assert run_cli(monkeypatch, "--storage", url, "--output-dir", str(tmp_path / "a-file" / "out")) == 2
+    assert "--output-dir" in one_line_error(capsys) and (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_a_misspelt_study_leaves_no_report_folder(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    stored(url, "grid", [make_run(0, "linear", 2, 0, 0.85, 20.0)])
+    assert run_cli(monkeypatch, "--storage", url, "--study-name", "gird") == 2
+    assert "study 'gird' is not in" in one_line_error(capsys) and not (tmp_path / "runs").exists()
