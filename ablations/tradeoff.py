@@ -113,7 +113,8 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
     baseline."""
     groups = _configurations(runs)
     if not groups:
-        raise usage_error("no completed runs to report: the storage holds only failed, pruned or running trials")
+        held = "only failed, pruned or running trials" if runs else "no trials yet"  # an empty study too
+        raise usage_error(f"no completed runs to report: the studies read hold {held}")
     field_names = sorted({name for fields, _ in groups.values() for name in fields})
     values = {name: [fields.get(name) for fields, _ in groups.values()] for name in field_names}
     varying = [name for name in field_names if len({json.dumps(v, default=str) for v in values[name]}) > 1]

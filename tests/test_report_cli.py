@@ -3,6 +3,7 @@ Many GPUs or machines): one line, exit code 2, nothing written; and what is not 
 from __future__ import annotations
 
 
+import optuna
 import pandas as pd
 
 from test_report import make_run, run_cli, stored
@@ -44,3 +45,11 @@ def test_a_misspelt_study_leaves_no_report_folder(monkeypatch, capsys, tmp_path)
     stored(url, "grid", [make_run(0, "linear", 2, 0, 0.85, 20.0)])
     assert run_cli(monkeypatch, "--storage", url, "--study-name", "gird") == 2
     assert "study 'gird' is not in" in one_line_error(capsys) and not (tmp_path / "runs").exists()
+
+
+def test_an_empty_study_is_reported_as_holding_no_trials(monkeypatch, capsys, tmp_path):
+    """The line said "the storage holds only failed, pruned or running trials" of a study that holds none."""
+    url = f"sqlite:///{tmp_path}/ablations.db"
+    optuna.create_study(study_name="fresh", storage=url, directions=["maximize", "minimize"])
+    assert run_cli(monkeypatch, "--storage", url, "--study-name", "fresh", "--output-dir", str(tmp_path / "o")) == 2
+    assert one_line_error(capsys).endswith("no completed runs to report: the studies read hold no trials yet\n")
