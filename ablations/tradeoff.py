@@ -197,10 +197,14 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
 
 def speedup_interval(base, row) -> dict[str, float]:
     """Baseline time / configuration time, with bounds from the two 95 % time intervals (slowest baseline
-    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval)."""
-    return {"speedup": base["train_seconds"] / row.train_seconds,
-            "speedup_lo": base["train_seconds_lo"] / row.train_seconds_hi,
-            "speedup_hi": base["train_seconds_hi"] / row.train_seconds_lo}
+    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval). A time interval
+    whose lower end is 0 (a noisy timing's t interval, cut at zero) leaves the speed-up unbounded above: inf."""
+    def ratio(time: float, other: float) -> float:
+        return (math.nan if math.isnan(time) else math.inf) if other == 0 else time / other
+
+    return {"speedup": ratio(base["train_seconds"], row.train_seconds),
+            "speedup_lo": ratio(base["train_seconds_lo"], row.train_seconds_hi),
+            "speedup_hi": ratio(base["train_seconds_hi"], row.train_seconds_lo)}
 
 
 def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:

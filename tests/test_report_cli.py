@@ -2,11 +2,14 @@
 Many GPUs or machines): one line, exit code 2, nothing written; and what is not a mistake is not refused."""
 from __future__ import annotations
 
+import math
+import warnings
 
 import optuna
 import pandas as pd
+import pytest
 
-from test_report import make_run, run_cli, stored
+from test_report import make_run, markdown, report_context, row, run_cli, stored, timed, tradeoff_table
 
 
 def one_line_error(capsys) -> str:
@@ -53,3 +56,16 @@ def test_an_empty_study_is_reported_as_holding_no_trials(monkeypatch, capsys, tm
     optuna.create_study(study_name="fresh", storage=url, directions=["maximize", "minimize"])
     assert run_cli(monkeypatch, "--storage", url, "--study-name", "fresh", "--output-dir", str(tmp_path / "o")) == 2
     assert one_line_error(capsys).endswith("no completed runs to report: the studies read hold no trials yet\n")
+
+
+def test_a_time_interval_reaching_zero_leaves_the_speed_up_unbounded_above_without_a_warning():
+    """A timing taken under heavy load can have a t interval cut at 0 s: dividing by it printed numpy's
+    "RuntimeWarning: divide by zero" on every report, and the table showed "inf"."""
+    rows = [timed(make_run(0, "linear", 2, s, a, 40.0, number=s), 30.0, 50.0) for s, a in ((0, 0.9), (1, 0.88))]
+    rows += [timed(make_run(4, "linear", 2, s, a, 3.0, number=2 + s), 0.0, 6.3) for s, a in ((0, 0.85), (1, 0.86))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = tradeoff_table(rows)
+    frozen = row(table, freeze_depth=4)
+    assert frozen["speedup_lo"] == pytest.approx(30.0 / 6.3) and math.isinf(frozen["speedup_hi"])
+    assert f"| {40 / 3:.2f}× [{30 / 6.3:.2f}, ∞] |" in markdown(table, report_context(rows, table))
