@@ -102,6 +102,10 @@ def main() -> int:
     args = parser.parse_args()
     urls = [_url(s, must_exist=True) for s in args.sources]
     into = _url(args.into) if args.into else default_storage()
+    itself = [source for source, url in zip(args.sources, urls) if _same_storage(url, into)]
+    if itself and args.rename is None:  # with --as, studies of one storage are gathered into one: a real copy
+        raise UsageError(f"SOURCE {itself[0]!r} is the --into storage itself: its studies would be copied onto "
+                         "themselves; name the other workers' storages (or --as NAME to gather studies into one)")
     if into.startswith("sqlite:///"):
         Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     copied = merge(into, urls, split_names(args.study_names), args.rename)
@@ -109,6 +113,13 @@ def main() -> int:
     for name, count in copied.items():
         print(f"merge: {count} run(s) copied into study {name!r} of {mask_url(into)}")
     return 0
+
+
+def _same_storage(url: str, other: str) -> bool:
+    """Whether two storage URLs name one database: SQLite files compared by their resolved paths."""
+    def place(text: str) -> str:
+        return str(Path(text.removeprefix("sqlite:///")).resolve()) if text.startswith("sqlite:///") else text
+    return place(url) == place(other)
 
 
 def _url(text: str, must_exist: bool = False) -> str:

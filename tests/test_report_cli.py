@@ -3,6 +3,7 @@ Many GPUs or machines): one line, exit code 2, nothing written; and what is not 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import optuna
@@ -69,3 +70,26 @@ def test_a_time_interval_reaching_zero_leaves_the_speed_up_unbounded_above_witho
     frozen = row(table, freeze_depth=4)
     assert frozen["speedup_lo"] == pytest.approx(30.0 / 6.3) and math.isinf(frozen["speedup_hi"])
     assert f"| {40 / 3:.2f}× [{30 / 6.3:.2f}, ∞] |" in markdown(table, report_context(rows, table))
+
+
+def run_merge(monkeypatch, *arguments: str) -> int:
+    from ablations.merge import main
+    from core.cli import main_guard
+    monkeypatch.setattr(sys, "argv", ["python -m ablations.merge", *arguments])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    return exit_.value.code
+
+
+def test_merging_a_storage_into_itself_is_one_line(monkeypatch, capsys, tmp_path):
+    """`merge runs/ablations.db --into sqlite:///…/runs/ablations.db` said "0 run(s) copied" and exit 0: the
+    user meant another worker's file."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/worker1.db"
+    stored(url, "grid", [make_run(0, "linear", 2, 0, 0.85, 20.0)])
+    assert run_merge(monkeypatch, "worker1.db", "--into", url) == 2
+    assert "SOURCE 'worker1.db' is the --into storage itself" in one_line_error(capsys)
+    assert len(optuna.load_study(study_name="grid", storage=url).trials) == 1
+    # --as gathers a storage's studies into one of its own: a real copy, not refused.
+    assert run_merge(monkeypatch, "worker1.db", "--into", url, "--as", "all") == 0
+    assert len(optuna.load_study(study_name="all", storage=url).trials) == 1
