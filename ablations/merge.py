@@ -107,7 +107,11 @@ def main() -> int:
         raise UsageError(f"SOURCE {itself[0]!r} is the --into storage itself: its studies would be copied onto "
                          "themselves; name the other workers' storages (or --as NAME to gather studies into one)")
     if into.startswith("sqlite:///"):
-        Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--into {args.into or into!r} cannot be written ({error.strerror or error}): give a "
+                             "SQLite file in a folder you can write to") from None
     copied = merge(into, urls, split_names(args.study_names), args.rename)
     from ablations.storage import mask_url
     for name, count in copied.items():

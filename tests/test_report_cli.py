@@ -93,3 +93,12 @@ def test_merging_a_storage_into_itself_is_one_line(monkeypatch, capsys, tmp_path
     # --as gathers a storage's studies into one of its own: a real copy, not refused.
     assert run_merge(monkeypatch, "worker1.db", "--into", url, "--as", "all") == 0
     assert len(optuna.load_study(study_name="all", storage=url).trials) == 1
+
+
+def test_a_merge_target_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp_path):
+    """A target under a file ended in FileExistsError's traceback from mkdir."""
+    url = f"sqlite:///{tmp_path}/worker1.db"
+    stored(url, "grid", [make_run(0, "linear", 2, 0, 0.85, 20.0)])
+    (tmp_path / "a-file").write_text("not a folder")
+    assert run_merge(monkeypatch, url, "--into", str(tmp_path / "a-file" / "merged.db")) == 2
+    assert "--into" in one_line_error(capsys) and (tmp_path / "a-file").read_text() == "not a folder"
