@@ -185,7 +185,7 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
         return math.nan if any(v is None for v in values) else sum(values) / len(values)
 
     flags = [r["contended"] for r in records if r.get("contended") is not None]
-    evidence = {(r.get("timing") or {}).get("evidence") for r in records if r.get("contended")}
+    evidence = {_contention(r.get("timing") or {}) for r in records if r.get("contended")}
     timed = [t for r in records if (t := r.get("timing") or {}).get("measured_at")]  # each from one timing pass
     passes = sorted({t["measured_at"] for t in timed})
     sittings = [t.get("sitting", 1) for t in timed]
@@ -193,6 +193,15 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
             "train_seconds_hi": mean("train_seconds_hi"), "contended": any(flags) if flags else None,
             "contention": "; ".join(sorted(e for e in evidence if e)) or None,
             "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None}
+
+
+def _contention(timing: dict) -> str | None:
+    """The evidence of a contended record: its steps' timing, its frozen-prefix build's (core.timing's
+    `prefix_evidence`, which alone can make a quiet step timing's record contended), or both."""
+    parts = [timing.get("evidence")] if timing.get("contended") or "prefix_evidence" not in timing else []
+    if timing.get("prefix_evidence"):
+        parts.append(f"frozen-prefix build: {timing['prefix_evidence']}")
+    return "; ".join(p for p in parts if p) or None
 
 
 def speedup_interval(base, row) -> dict[str, float]:

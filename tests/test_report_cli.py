@@ -1,5 +1,6 @@
-"""What a user gets wrong after the first run, at the report and merge commands (README: Reading the results,
-Many GPUs or machines): one line, exit code 2, nothing written; and what is not a mistake is not refused."""
+"""The report and merge commands as a user meets them after the first run (README: Reading the results, Many GPUs
+or machines): a mistake is one line, exit code 2, nothing written; what is not a mistake is not refused; what the
+tables say matches the records."""
 from __future__ import annotations
 
 import math
@@ -70,6 +71,19 @@ def test_a_time_interval_reaching_zero_leaves_the_speed_up_unbounded_above_witho
     frozen = row(table, freeze_depth=4)
     assert frozen["speedup_lo"] == pytest.approx(30.0 / 6.3) and math.isinf(frozen["speedup_hi"])
     assert f"| {40 / 3:.2f}× [{30 / 6.3:.2f}, ∞] |" in markdown(table, report_context(rows, table))
+
+
+def test_a_row_contended_only_by_its_prefix_build_names_that_evidence_not_the_quiet_step_timing():
+    """A grid reusing a quiet saved step timing while the frozen-prefix build ran beside load: the row was ⚠ with
+    `contention` "quiet: other processes kept 0.02 of 2 cores busy" (seen: MiniLM, depth 3, SST-2 200 rows)."""
+    build = "other processes kept 1.34 of 2 cores busy (threshold 0.25)"
+    rows = [timed(make_run(3, "linear", 2, s, 0.85, 2.1, number=s), 1.9, 2.3) for s in (0, 1)]
+    for run in rows:
+        run["record"].update(contended=True)
+        run["record"]["timing"].update(evidence="quiet: other processes kept 0.02 of 2 cores busy", contended=False,
+                                       prefix_evidence=build)
+    frozen = row(tradeoff_table(rows), freeze_depth=3)
+    assert bool(frozen["contended"]) and frozen["contention"] == f"frozen-prefix build: {build}"
 
 
 def run_merge(monkeypatch, *arguments: str) -> int:
