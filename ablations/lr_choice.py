@@ -39,8 +39,8 @@ def main() -> int:
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL holding the sweep "
                         f"(default: {default_storage()}, the grid's default ledger)")
     args = parser.parse_args()
-    from ablations.storage import load_runs
-    storage = args.storage or default_storage()
+    from ablations.storage import existing_storage, load_runs
+    storage = existing_storage(args.storage or default_storage())
     best = best_rates(load_runs(storage, [args.study_name]))
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")

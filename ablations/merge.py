@@ -129,8 +129,8 @@ def _same_storage(url: str, other: str) -> bool:
 def _url(text: str, must_exist: bool = False) -> str:
     """A storage URL as given, or a SQLite file path turned into one."""
     if "://" in text:
-        from ablations.storage import storage_url
-        return storage_url(text, ".")
+        from ablations.storage import existing_storage, storage_url
+        return existing_storage(text, "SOURCE") if must_exist else storage_url(text, ".")
     path = Path(text).expanduser().resolve()
     if must_exist and not path.is_file():
         raise UsageError(f"storage file {text!r} does not exist")

@@ -116,3 +116,24 @@ def test_a_merge_target_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp
     (tmp_path / "a-file").write_text("not a folder")
     assert run_merge(monkeypatch, url, "--into", str(tmp_path / "a-file" / "merged.db")) == 2
     assert "--into" in one_line_error(capsys) and (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command, arguments", [
+    ("ablations.lr_choice", ["--storage", "sqlite:///{missing}", "--study-name", "lr-sweep"]),
+    ("ablations.timing_passes", ["--storage", "sqlite:///{missing}", "--study-name", "grid"]),
+    ("ablations.merge", ["sqlite:///{missing}", "--into", "{target}"]),
+])
+def test_a_sqlite_file_that_does_not_exist_is_one_line_and_is_not_created(command, arguments, monkeypatch, capsys,
+                                                                          tmp_path):
+    """Opening a missing SQLite file creates it empty: lr_choice and timing_passes answered "it holds no studies"
+    and left the file behind; merge copied nothing, printed nothing and exited 0 (a mistyped worker file)."""
+    import importlib
+
+    from core.cli import main_guard
+    missing, target = tmp_path / "worker1.db", tmp_path / "merged.db"
+    monkeypatch.setattr(sys, "argv", [command] + [a.format(missing=missing, target=target) for a in arguments])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(importlib.import_module(command).main)
+    assert exit_.value.code == 2
+    assert f"sqlite:///{missing} is invalid: the SQLite file does not exist" in one_line_error(capsys)
+    assert not missing.exists() and not target.exists()
