@@ -53,8 +53,8 @@ def main() -> int:
     parser.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL holding the sweep "
                         f"(default: {default_storage()}, the grid's default ledger)")
     args = parser.parse_args()
-    from ablations.storage import load_runs
-    storage = args.storage or default_storage()
+    from ablations.storage import existing_storage, load_runs
+    storage = existing_storage(args.storage or default_storage())
     runs = load_runs(storage, [args.study_name])
     best = best_rates(runs)
     if not best:

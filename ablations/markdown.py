@@ -1,6 +1,7 @@
 """The trade-off table as GitHub-flavoured Markdown, with a caption that names the data and every method used."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
@@ -66,7 +67,8 @@ def _speedup_cell(row) -> str:
         return "—"
     if pd.isna(row.speedup_lo) or pd.isna(row.speedup_hi) or row.baseline:
         return f"{row.speedup:.2f}×"
-    return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
+    high = "∞" if math.isinf(row.speedup_hi) else f"{row.speedup_hi:.2f}"  # a time interval reaching 0
+    return f"{row.speedup:.2f}× [{row.speedup_lo:.2f}, {high}]"
 
 
 def timed_alone(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:

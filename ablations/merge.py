@@ -102,8 +102,16 @@ def main() -> int:
     args = parser.parse_args()
     urls = [_url(s, must_exist=True) for s in args.sources]
     into = _url(args.into) if args.into else default_storage()
+    itself = [source for source, url in zip(args.sources, urls) if _same_storage(url, into)]
+    if itself and args.rename is None:  # with --as, studies of one storage are gathered into one: a real copy
+        raise UsageError(f"SOURCE {itself[0]!r} is the --into storage itself: its studies would be copied onto "
+                         "themselves; name the other workers' storages (or --as NAME to gather studies into one)")
     if into.startswith("sqlite:///"):
-        Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(into.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--into {args.into or into!r} cannot be written ({error.strerror or error}): give a "
+                             "SQLite file in a folder you can write to") from None
     copied = merge(into, urls, split_names(args.study_names), args.rename)
     from ablations.storage import mask_url
     for name, count in copied.items():
@@ -111,11 +119,18 @@ def main() -> int:
     return 0
 
 
+def _same_storage(url: str, other: str) -> bool:
+    """Whether two storage URLs name one database: SQLite files compared by their resolved paths."""
+    def place(text: str) -> str:
+        return str(Path(text.removeprefix("sqlite:///")).resolve()) if text.startswith("sqlite:///") else text
+    return place(url) == place(other)
+
+
 def _url(text: str, must_exist: bool = False) -> str:
     """A storage URL as given, or a SQLite file path turned into one."""
     if "://" in text:
-        from ablations.storage import storage_url
-        return storage_url(text, ".")
+        from ablations.storage import existing_storage, storage_url
+        return existing_storage(text, "SOURCE") if must_exist else storage_url(text, ".")
     path = Path(text).expanduser().resolve()
     if must_exist and not path.is_file():
         raise UsageError(f"storage file {text!r} does not exist")

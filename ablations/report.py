@@ -20,9 +20,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--study-name", dest="study_names", action="extend", nargs="+", metavar="NAMES",
                         help="report only these studies, comma-separated, e.g. grid,search (default: every study "
                              "in the storage)")
-    parser.add_argument("--baseline", default="freeze_depth=0", metavar="KEY=VALUE[,...]",
-                        help="fields that define each configuration's baseline; the others must match "
-                             "(default: freeze_depth=0, the full fine-tune)")
+    parser.add_argument("--baseline", default=None, metavar="KEY=VALUE[,...]",
+                        help="fields that define each configuration's baseline; the others must match; one given "
+                             "must match a stored configuration (default: freeze_depth=0, the full fine-tune, "
+                             "where the studies hold one)")
     return parser
 
 
@@ -30,7 +31,8 @@ def main(args=None) -> int:
     args = args or build_parser().parse_args()
     from ablations.tradeoff import parse_baseline, usage_error, write_report
 
-    baseline = parse_baseline(args.baseline)
+    # Not given, the baseline is the grid's and the search's own: rows without a full fine-tune say so.
+    baseline = None if args.baseline is None else parse_baseline(args.baseline)
     names = split_names(args.study_names)
     output_dir = args.output_dir or default_output_dir(names[0] if names and len(names) == 1 else None)
     storage = args.storage or default_storage(args.output_dir)  # the grid's and the search's default ledger
@@ -45,8 +47,10 @@ def main(args=None) -> int:
         raise usage_error(f"no ledger at {storage}: with --output-dir and no --storage, the report reads the ledger "
                           f"in that folder{hint}")
     from ablations.storage import load_runs, storage_url  # load_runs names a missing study in one line
+    from core.cli import check_output_dir
 
     runs = load_runs(storage_url(storage, output_dir), study_names=names)
+    check_output_dir(output_dir)  # after the studies are found: a misspelt name leaves no folder behind
     paths = write_report(runs, output_dir, baseline)
     for path in paths.values():
         print(path)

@@ -54,6 +54,16 @@ def storage_url(url: str | None, output_dir: str | Path) -> str:
     return url
 
 
+def existing_storage(url: str, flag: str = "--storage") -> str:
+    """The URL of a storage a command only reads (lr_choice, timing_passes, merge's sources): a file path is refused
+    as by `storage_url`, and a SQLite file must exist: opened, a missing one is created empty, and the command
+    answered about an empty ledger ("it holds no studies"; merge copied nothing and said nothing)."""
+    url = storage_url(url, ".")
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"{flag} {url} is invalid: the SQLite file does not exist")
+    return url
+
+
 def mask_url(url: str) -> str:
     """The URL with its password as ***: error messages and logs must not show it."""
     try:

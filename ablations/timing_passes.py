@@ -283,8 +283,9 @@ def main() -> int:
         raise UsageError("--store keeps a sitting: add --interleave")
     if args.output:
         check_output_file(args.output)
-    from ablations.storage import load_runs
+    from ablations.storage import existing_storage, load_runs
     from ablations.tradeoff import completed_runs
+    args.storage = existing_storage(args.storage)
     records = [r["record"] for r in completed_runs(load_runs(args.storage, [args.study_name], retime=False))]
     if not records:
         raise UsageError(f"study {args.study_name!r} has no completed runs to read timings from")

@@ -113,7 +113,8 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
     baseline."""
     groups = _configurations(runs)
     if not groups:
-        raise usage_error("no completed runs to report: the storage holds only failed, pruned or running trials")
+        held = "only failed, pruned or running trials" if runs else "no trials yet"  # an empty study too
+        raise usage_error(f"no completed runs to report: the studies read hold {held}")
     field_names = sorted({name for fields, _ in groups.values() for name in fields})
     values = {name: [fields.get(name) for fields, _ in groups.values()] for name in field_names}
     varying = [name for name in field_names if len({json.dumps(v, default=str) for v in values[name]}) > 1]
@@ -184,7 +185,7 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
         return math.nan if any(v is None for v in values) else sum(values) / len(values)
 
     flags = [r["contended"] for r in records if r.get("contended") is not None]
-    evidence = {(r.get("timing") or {}).get("evidence") for r in records if r.get("contended")}
+    evidence = {_contention(r.get("timing") or {}) for r in records if r.get("contended")}
     timed = [t for r in records if (t := r.get("timing") or {}).get("measured_at")]  # each from one timing pass
     passes = sorted({t["measured_at"] for t in timed})
     sittings = [t.get("sitting", 1) for t in timed]
@@ -194,12 +195,25 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
             "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None}
 
 
+def _contention(timing: dict) -> str | None:
+    """The evidence of a contended record: its steps' timing, its frozen-prefix build's (core.timing's
+    `prefix_evidence`, which alone can make a quiet step timing's record contended), or both."""
+    parts = [timing.get("evidence")] if timing.get("contended") or "prefix_evidence" not in timing else []
+    if timing.get("prefix_evidence"):
+        parts.append(f"frozen-prefix build: {timing['prefix_evidence']}")
+    return "; ".join(p for p in parts if p) or None
+
+
 def speedup_interval(base, row) -> dict[str, float]:
     """Baseline time / configuration time, with bounds from the two 95 % time intervals (slowest baseline
-    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval)."""
-    return {"speedup": base["train_seconds"] / row.train_seconds,
-            "speedup_lo": base["train_seconds_lo"] / row.train_seconds_hi,
-            "speedup_hi": base["train_seconds_hi"] / row.train_seconds_lo}
+    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval). A time interval
+    whose lower end is 0 (a noisy timing's t interval, cut at zero) leaves the speed-up unbounded above: inf."""
+    def ratio(time: float, other: float) -> float:
+        return (math.nan if math.isnan(time) else math.inf) if other == 0 else time / other
+
+    return {"speedup": ratio(base["train_seconds"], row.train_seconds),
+            "speedup_lo": ratio(base["train_seconds_lo"], row.train_seconds_hi),
+            "speedup_hi": ratio(base["train_seconds_hi"], row.train_seconds_lo)}
 
 
 def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:

@@ -205,6 +205,27 @@ def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_
     assert trained_per_run(storage.url if hasattr(storage, "url") else f"sqlite:///{tmp_path}/grid.db")[broken] == 1
 
 
+def test_a_grid_whose_every_run_failed_writes_runs_csv_and_exits_1(tiny_bert, toy_data, tmp_path, monkeypatch,
+                                                                    capsys):
+    """README: a failed run is recorded with its reason, and the grid writes runs.csv and the report. With no run
+    complete it ended on the report's "error: no completed runs to report", exit code 2, as if the flags were
+    wrong; a grid with some runs failed exits 1."""
+    import ablations.grid
+    from core.cli import main_guard
+
+    def nan(config, siblings=None):
+        raise FloatingPointError("training loss became nan in epoch 1")
+    monkeypatch.setattr(ablations.grid, "make_trainers", lambda *args: (nan, None))
+    argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "1", "--schedulers", "linear",
+                        "--timing-repeats", "0")
+    monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *[a for a in argv[3:] if a != "--no-report"]])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(ablations.grid.main)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 1 and "training loss became nan" in out
+    assert "trade-off tables skipped: no completed runs to report" in out and (tmp_path / "runs.csv").exists()
+
+
 def test_kill_9_mid_grid_then_the_same_command_finishes_every_cell_once(tiny_bert, tmp_path):
     data = str(write_toy_dataset(tmp_path / "data", train=3000, validation=64))  # cells slow enough to interrupt
     url = f"sqlite:///{tmp_path}/grid.db"
