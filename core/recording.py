@@ -23,7 +23,11 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
     prefix_eval = sum(v for k, v in p.prefix["seconds"].items() if k != "train") if p.cached else 0.0
     predictions = best["predictions"]
     evaluated = session.metric("accuracy") is not None and session.metric("f1") is not None
-    if training.timing:  # what the run costs alone: its steps at the timed per-step cost, plus its prefix build
+    if training.timing and p.cached and training.timing.prefix_seconds is not None:
+        # Steps and prefix build as timed together, alone and quiet (`StepTiming.prefix_seconds`), not this run's
+        # own build under whatever load it met: one moment for both parts of what the run costs alone
+        alone = training.timing.record(training.steps, extra=training.timing.prefix_seconds)
+    elif training.timing:  # what the run costs alone: its steps at the timed per-step cost, plus its prefix build
         alone = training.timing.record(training.steps, extra=prefix_train, extra_contention=p.prefix.get("contended"))
     else:
         alone = {"train_seconds": round(training.train_seconds + prefix_train, 3)}

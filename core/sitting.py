@@ -34,6 +34,7 @@ class Shape:
     steps: int                     # training steps of a run of this shape (all epochs)
     rows: int                      # training rows of a run of this shape
     prefix_seconds: float          # the train split's frozen-prefix build (0 when not cached)
+    quiet_prefix: float | None     # that build where made now, alone and quiet (`core.train.quiet_prefix_build`)
     device: torch.device
     device_label: str
 
@@ -43,7 +44,7 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
     """A prepared run of each config of `chosen` (one per work shape, under any name), its frozen view entered
     on `views` (each shape has its own model), with its own optimizer and schedule: nothing a stored run uses."""
     from core.model import device_name
-    from core.train import _train_mode, prepare, timing_batches, timing_shape, train_step
+    from core.train import _train_mode, prepare, quiet_prefix_build, timing_batches, timing_shape, train_step
 
     shapes = {}
     for name, config in chosen.items():
@@ -59,8 +60,8 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
                              lambda indices, p=p, f=forward, o=optimizer, s=scheduler: train_step(p, f, indices, o, s),
                              timing.sample_batches(epoch, session.timer.steps, cost), steps_per_epoch * config.epochs,
                              len(p.train),
-                             p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0, p.device,
-                             device_name(p.device))
+                             p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0, quiet_prefix_build(p),
+                             p.device, device_name(p.device))
     return shapes
 
 
@@ -106,7 +107,8 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                          f"({session.timer.repeats} rounds of {session.timer.steps} steps each)")
             taken = session.timer.interleaved({k: s.step for k, s in todo.items()},
                                               {k: s.batches for k, s in todo.items()}, first.device,
-                                              device_label=first.device_label, save=True, replace=together)
+                                              device_label=first.device_label, save=True, replace=together,
+                                              prefix_seconds={k: s.quiet_prefix for k, s in todo.items()})
             return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k]) for k, s in todo.items()]
     finally:
         torch.set_rng_state(rng)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -76,6 +77,10 @@ class StepTiming:
     paused_cores: float = math.nan  # the project's other workers while this ran (the lease pauses them: ≈ 0)
     sitting: int = 1                # work shapes timed together, round-robin, in this pass (1: this one alone)
     measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    # The train split's frozen-prefix build of a run of this shape, timed alone and quiet just before this pass (the
+    # sitting's build, or the run's that took the pass): a later run of the shape is charged this, not its own
+    # build under whatever load it meets, so steps and build come from one moment. None: not cached, or unknown.
+    prefix_seconds: float | None = None
 
     def seconds(self, steps: int, extra: float = 0.0) -> tuple[float, float, float]:
         """(mean, low, high) seconds of `steps` steps plus `extra` (e.g. the frozen-prefix build, no interval)."""
@@ -269,8 +274,9 @@ class Timer:
 
     def step_timing(self, shape: str, step_fn: Callable[[Any], None], batches: Sequence,
                     device: torch.device | str = "cpu", device_label: str = "",
-                    cost: Sequence[float] | None = None) -> StepTiming:
-        """The shape's timing: remembered, or read from the file, or measured now (alone on the machine)."""
+                    cost: Sequence[float] | None = None, prefix_seconds: float | None = None) -> StepTiming:
+        """The shape's timing: remembered, or read from the file, or measured now (alone on the machine), kept
+        with `prefix_seconds` (`StepTiming.prefix_seconds`)."""
         if (known := self.known(shape)) is not None:
             return known
         key = self._key(shape)
@@ -282,6 +288,7 @@ class Timer:
             probe = self._probe(device)
             timing = measure_steps(step_fn, sample_batches(batches, self.steps, cost), device, self.warmup,
                                    self.repeats, probe, shape, device_label)
+            timing = dataclasses.replace(timing, prefix_seconds=prefix_seconds)
             self.memory[key] = timing
             if not timing.contended:
                 self._write(key, timing)
@@ -302,12 +309,13 @@ class Timer:
 
     def interleaved(self, step_fns: dict[Any, Callable[[Any], None]], batches: dict[Any, Sequence],
                     device: torch.device | str = "cpu", rounds: int | None = None, device_label: str = "",
-                    save: bool = False, replace: bool = False) -> dict[Any, StepTiming]:
+                    save: bool = False, replace: bool = False,
+                    prefix_seconds: dict[Any, float | None] | None = None) -> dict[Any, StepTiming]:
         """`interleaved_steps` alone on the machine (the lease pauses the project's other workers), with the
         foreign-load probe. `save`: the names are work shapes (`work_shape`) and their timings are this
         session's and the machine's, like `step_timing`'s (shapes another worker timed meanwhile are read, not
-        timed again, unless `replace`: then every shape is timed and its saved timing replaced); else nothing is
-        kept: a check of the saved timings, not one of them."""
+        timed again, unless `replace`: then every shape is timed and its saved timing replaced), each with its
+        `prefix_seconds` (by name); else nothing is kept: a check of the saved timings, not one of them."""
         device = torch.device(device)
         with self.lease.exclusive():
             found = {}
@@ -319,6 +327,8 @@ class Timer:
             timings = interleaved_steps(step_fns, batches, device, self.warmup, rounds or self.repeats,
                                         self._probe(device), device_label) if step_fns else {}
             if save:
+                timings = {name: dataclasses.replace(timing, prefix_seconds=(prefix_seconds or {}).get(name))
+                           for name, timing in timings.items()}
                 for name, timing in timings.items():
                     self.memory[self._key(name)] = timing
                     if not timing.contended:

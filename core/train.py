@@ -289,7 +289,16 @@ def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, com
     batches, cost = timing_batches(p)
     with timing.preserved(p.params, optimizer, scheduler, p.device, p.scaler):
         return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
-                                         batches, p.device, device_name(p.device), cost)
+                                         batches, p.device, device_name(p.device), cost, quiet_prefix_build(p))
+
+
+def quiet_prefix_build(p: Prepared) -> float | None:
+    """The seconds of the train split's frozen-prefix build this run made just now, alone and quiet (what a step
+    timing of its shape keeps, `core.timing.StepTiming.prefix_seconds`); None where it made none, reused one, or
+    met foreign load."""
+    if not p.cached or p.prefix["reused"].get("train", True) or "contended" in p.prefix:
+        return None
+    return p.prefix["seconds"].get("train")
 
 
 def timing_shape(p: Prepared, compile: bool) -> str:

@@ -258,14 +258,17 @@ def test_timing_check_flags_a_config_off_by_more_than_20_percent_unless_contende
 def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny_bert, toy_data, tmp_path, monkeypatch):
     """The prefix build counts in train_seconds, so the train split's prefix is built under the exclusive lease like
     the timed steps (without it, two workers put depth 6 at 2.2x its time alone, unmarked), and foreign load during
-    the build marks the run contended."""
+    the build marks the run contended. A quiet build is kept with its shape's step timing, and a later run whose
+    steps come from that timing is charged that build, not its own made under load (steps and build then come from
+    one moment; before, a reused step timing was added to a build taken hours later under other load)."""
+    import core.prefix_cache
     import core.train
     from core.lease import Contention
     from core.session import Session
 
-    def session() -> Session:
+    def session(folder=tmp_path) -> Session:
         made = Session()
-        made._timer = Timer(lease=Lease(tmp_path), repeats=2, steps=2, warmup=1, threshold=1e9)
+        made._timer = Timer(lease=Lease(folder), repeats=2, steps=2, warmup=1, threshold=1e9)
         return made
 
     first, builds = session(), []
@@ -280,6 +283,8 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     record = core.train.run(config, device="cpu", progress=False, session=first)
     assert ("train", True) in builds and not record.contended and "under load" not in record.summary()
     assert all(not alone for name, alone in builds if name != "train")  # evaluation's builds: no lease needed
+    build = record.prefix_cache["seconds"]["train"]
+    assert record.timing["prefix_seconds"] == build == record.timing["extra_seconds"]
 
     solo = Timer.solo
 
@@ -288,11 +293,23 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
         return result, seconds, Contention(contended=True, foreign_cores=1.0, project_cores=0.0, cores=2,
                                            gpu_processes=0, evidence="other processes kept 1.00 of 2 cores busy")
 
+    def slowed(*args, **kwargs):  # the load slows the build down
+        time.sleep(0.5)
+        return run_layers(*args, **kwargs)
+
     monkeypatch.setattr(Timer, "solo", loud)
+    run_layers = core.prefix_cache._run_layers
+    monkeypatch.setattr(core.prefix_cache, "_run_layers", slowed)
     again = core.train.run(config, device="cpu", progress=False, session=session())  # steps: timed, from the file
-    assert again.contended and "1.00 of 2 cores" in again.timing["prefix_evidence"]
-    assert "⚠ timed under load" in again.summary()  # what `python -m core` prints: it said nothing of the load
-    assert not again.timing["contended"]  # the steps themselves were timed quietly
+    assert not again.contended and "prefix_evidence" not in again.timing  # charged the quiet build kept with them
+    assert again.timing["extra_seconds"] == build < again.prefix_cache["seconds"]["train"] - 0.4
+    assert again.train_seconds == pytest.approx(again.timing["steps"] * again.timing["per_step"] + build, abs=2e-3)
+
+    fresh = core.train.run(config, device="cpu", progress=False, session=session(tmp_path / "fresh"))
+    assert fresh.contended and "1.00 of 2 cores" in fresh.timing["prefix_evidence"]  # no quiet build to stand in
+    assert "⚠ timed under load" in fresh.summary()  # what `python -m core` prints: it said nothing of the load
+    assert not fresh.timing["contended"]  # the steps themselves were timed quietly
+    assert fresh.timing["prefix_seconds"] is None  # a loaded build is not kept for later runs
 
 
 def test_a_shape_timed_before_in_the_session_is_not_set_up_again(tiny_bert, toy_data, tmp_path, monkeypatch):
