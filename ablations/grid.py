@@ -70,8 +70,9 @@ def duration_estimate(pending: list[RunConfig], planned: int, base: RunConfig, d
 def timed_estimate(pending: list[RunConfig], session, device: str | None, compile: bool = False,
                    stacked: bool = False, prefix_seconds: dict[str, float] | None = None) -> str | None:
     """The training time of the runs not yet stored from this machine's timing of each one's work shape (the
-    sitting's, taken just before) plus, where the sitting built it (`prefix_seconds` by shape), its frozen-prefix
-    build: each run alone, as the time axis counts it. None where a shape has no timing (--timing-repeats 0)."""
+    sitting's, taken just before) plus, where the sitting built it (`prefix_seconds` by shape) or the timing kept
+    one (`StepTiming.prefix_seconds`, what the run will be charged), its frozen-prefix build: each run alone, as
+    the time axis counts it. None where a shape has no timing (--timing-repeats 0)."""
     import math
 
     from core.train import planned_run
@@ -82,8 +83,9 @@ def timed_estimate(pending: list[RunConfig], session, device: str | None, compil
         if (timing := session.timer.known(key)) is None:
             return None
         total += config.epochs * math.ceil(rows / config.batch_size) * timing.per_step
-        total += prefix_seconds.get(key, 0.0)
-        unbuilt |= config.freeze_depth > 0 and key not in prefix_seconds
+        build = prefix_seconds.get(key, timing.prefix_seconds)
+        total += build or 0.0
+        unbuilt |= config.freeze_depth > 0 and build is None
         shapes.add(key)
     extra = "frozen-prefix builds and evaluation are extra" if unbuilt else "evaluation is extra"
     together = "; runs trained together in stacked groups take less wall time" if stacked else ""

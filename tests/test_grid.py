@@ -109,8 +109,8 @@ def test_the_duration_estimate_is_the_pending_steps_times_the_probed_step(tiny_b
 
 def test_the_estimate_after_the_sitting_is_each_runs_steps_times_its_shapes_time(tiny_bert, toy_data, monkeypatch):
     """After the sitting, the grid's second estimate counts each run at its own shape's per-step time (the first
-    counted every step at depth 0's) plus the prefix build the sitting made for it; a shape without a timing gives
-    no estimate."""
+    counted every step at depth 0's) plus the prefix build the sitting made for it, or else the one its timing
+    kept; a shape without a timing gives no estimate."""
     import math
     import types
 
@@ -121,8 +121,9 @@ def test_the_estimate_after_the_sitting_is_each_runs_steps_times_its_shapes_time
     session = Session()
     shallow, deep = quick_config(tiny_bert, toy_data, epochs=2), quick_config(tiny_bert, toy_data, freeze_depth=2)
     keys = {planned_shape(c, session, "cpu"): per_step for c, per_step in ((shallow, 0.5), (deep, 0.125))}
-    monkeypatch.setattr(session.timer, "known", lambda key: types.SimpleNamespace(per_step=keys[key])
-                        if key in keys else None)
+    kept: dict[str, float] = {}  # builds kept with a timing (StepTiming.prefix_seconds)
+    monkeypatch.setattr(session.timer, "known", lambda key: types.SimpleNamespace(
+        per_step=keys[key], prefix_seconds=kept.get(key)) if key in keys else None)
     data = session.text_data(toy_data, session.tokenizer(tiny_bert), None, None, shallow.max_length)
     steps = math.ceil(len(split_rows(shallow, data)[0]) / shallow.batch_size)  # its dev rows carved out first
     assert steps > 1
@@ -132,6 +133,9 @@ def test_the_estimate_after_the_sitting_is_each_runs_steps_times_its_shapes_time
     assert f"{expected:.0f} s of training for the 3 runs" in line and "its 2 work shape(s)" in line
     assert "(evaluation is extra)" in line
     assert "frozen-prefix builds and evaluation are extra" in timed_estimate([deep], session, "cpu")
+    kept[deep_key] = 3.0  # no sitting built it now, but its timing kept a build: what the run will be charged
+    line = timed_estimate([deep], session, "cpu")
+    assert f"{steps * 0.125 + 3.0:.0f} s of training for the 1 runs" in line and "(evaluation is extra)" in line
     keys.pop(deep_key)
     assert timed_estimate([shallow, deep], session, "cpu") is None
 
