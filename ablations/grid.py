@@ -142,6 +142,9 @@ def main() -> int:
             raise UsageError(f"--lr-by-depth gives no learning rate for freeze depth {missing[0]}: "
                              f"add {missing[0]}=RATE")
         configs = [c.replace(learning_rate=rates[c.freeze_depth]) for c in configs]
+        if beyond := sorted(d for d in rates if d > layers):  # a typo, or a file made for a deeper model
+            print(f"--lr-by-depth: depth(s) {', '.join(map(str, beyond))} beyond the model's {layers} layers: their "
+                  "rates are not used")
     tuning_rates = None if args.learning_rates is None else parse_rates(args.learning_rates)
     if tuning_rates and rates:
         raise UsageError("--learning-rates and --lr-by-depth both set the learning rate: give one of them")

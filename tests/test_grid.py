@@ -143,7 +143,9 @@ def test_the_estimate_after_the_sitting_is_each_runs_steps_times_its_shapes_time
 def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(tiny_bert, toy_data, tmp_path):
     url = f"sqlite:///{tmp_path}/grid.db"
     inline = ["--freeze-depths", "0,2", "--schedulers", "linear", "--lr-by-depth", "0=3e-3,2=1e-2,5=0.5"]
-    assert "2 trained now" in finish(start(grid_command(tiny_bert, toy_data, tmp_path, url, *inline)))
+    output = finish(start(grid_command(tiny_bert, toy_data, tmp_path, url, *inline)))
+    assert "2 trained now" in output
+    assert "--lr-by-depth: depth(s) 5 beyond the model's 2 layers: their rates are not used" in output  # was silent
     study = optuna.load_study(study_name="grid", storage=url)
     rates = {t.params["freeze_depth"]: t.params["learning_rate"] for t in study.get_trials()}
     assert rates == {0: 3e-3, 2: 1e-2}
