@@ -172,6 +172,18 @@ def fresh_postgres_database(prefix: str):
             connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def run_command(monkeypatch, main, prog: str, *arguments: str) -> int:
+    """`prog ARGS` (a command's `main`) in this process, as its `python -m` entry runs it: the exit code, with
+    output left to capsys."""
+    import sys
+
+    from core.cli import main_guard
+    monkeypatch.setattr(sys, "argv", [prog, *arguments])
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(main)
+    return exit_.value.code
+
+
 def quick_config(model: str, dataset: str, **changes):
     from core import RunConfig
     settings = dict(model=model, dataset=dataset, freeze_depth=0, scheduler="linear", epochs=1, learning_rate=1e-3,

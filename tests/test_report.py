@@ -15,6 +15,7 @@ from PIL import Image
 
 from ablations.report import completed_runs, markdown, parse_baseline, run_table, tradeoff_table, write_report
 from ablations.report import context as report_context
+from conftest import run_command
 
 VALIDATION = 200
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,11 +284,7 @@ def test_report_package_does_not_import_torch():
 def run_cli(monkeypatch, *arguments: str) -> int:
     """`python -m ablations.report ARGS` in this process: the exit code, with output left to capsys."""
     from ablations.report import main
-    from core.cli import main_guard
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.report", *arguments])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(main)
-    return exit_.value.code
+    return run_command(monkeypatch, main, "python -m ablations.report", *arguments)
 
 
 def test_cli_reports_a_missing_storage_in_one_line(monkeypatch, capsys, tmp_path):

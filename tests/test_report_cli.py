@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from conftest import run_command
 from test_report import make_run, markdown, report_context, row, run_cli, stored, timed, tradeoff_table
 
 
@@ -88,11 +89,7 @@ def test_a_row_contended_only_by_its_prefix_build_names_that_evidence_not_the_qu
 
 def run_merge(monkeypatch, *arguments: str) -> int:
     from ablations.merge import main
-    from core.cli import main_guard
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.merge", *arguments])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(main)
-    return exit_.value.code
+    return run_command(monkeypatch, main, "python -m ablations.merge", *arguments)
 
 
 def test_merging_a_storage_into_itself_is_one_line(monkeypatch, capsys, tmp_path):

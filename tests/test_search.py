@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import fresh_postgres_database, quick_config, save_tiny
+from conftest import fresh_postgres_database, quick_config, run_command, save_tiny
 from optuna.trial import TrialState
 
 from ablations.cells import run_cells
@@ -21,7 +21,6 @@ from ablations.space import Grid, SearchSpace
 from ablations.ledger import Ledger
 from ablations.storage import open_storage
 from core import UsageError, run
-from core.cli import main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SearchSpace(freeze_depth=(0, 2), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
@@ -52,10 +51,7 @@ def searcher(tmp_path, name="search", space=SMALL, train=fake_train, objective="
 
 def run_cli(monkeypatch, *arguments: str) -> int:
     """`python -m ablations.optuna_search ARGS` in this process: the exit code, output left to capsys."""
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.optuna_search", *arguments])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(main)
-    return exit_.value.code
+    return run_command(monkeypatch, main, "python -m ablations.optuna_search", *arguments)
 
 
 def test_print_space_prints_the_space_resolved_against_the_model(monkeypatch, capsys, tiny_bert):
