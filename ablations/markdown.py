@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablations.stats import MCNEMAR, TOO_FEW_SEEDS
+from ablations.stats import F1_ONE_SEED, LABELS_UNKNOWN, MCNEMAR, TOO_FEW_SEEDS
 
 DEFAULT_BASELINE: dict[str, Any] = {"freeze_depth": 0}
 
@@ -29,15 +29,23 @@ def _p_value(p: float) -> str:
     return "—" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
-def _versus(row: Any) -> str:
-    """Δ, the Holm-adjusted p and the test that gave it (or why there is none) for a non-baseline row."""
-    if pd.isna(row.accuracy_delta):
+def _versus(row: Any, metric: str = "accuracy") -> str:
+    """Δ of `metric`, the Holm-adjusted p and the test that gave it (or why there is none) for a non-baseline row."""
+    difference = row.f1_delta if metric == "macro-F1" else row.accuracy_delta
+    if pd.isna(difference):
         return "no baseline run"
-    delta = f"{100 * row.accuracy_delta:+.1f}".replace("-", "−") + " pp"
+    delta = f"{100 * difference:+.1f}".replace("-", "−") + " pp"
+    if row.test == LABELS_UNKNOWN:
+        return f"{delta}, no test ({LABELS_UNKNOWN})"
     if row.test == TOO_FEW_SEEDS or pd.isna(row.p_value):
         return f"{delta}, {TOO_FEW_SEEDS} ({row.seed_pairs} shared)"
-    test = "McNemar, 1 seed" if row.test == MCNEMAR else f"t, {row.seed_pairs} seeds"
+    test = {MCNEMAR: "McNemar, 1 seed", F1_ONE_SEED: "jackknife t, 1 seed"}.get(row.test, f"t, {row.seed_pairs} seeds")
     return f"{delta}, p {_p_value(row.p_value)} ({test})"
+
+
+def _interval_cell(mean: float, low: float, high: float) -> str:
+    cell = _percent(mean)
+    return cell if pd.isna(low) else cell + f" [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 TIME_METHODS = (
@@ -48,6 +56,7 @@ TIME_METHODS = (
     "optimal: no other configuration is at least as accurate and clearly faster (its time interval lies "
     "entirely below this one's), and none with the same measured time is more accurate; a time difference "
     "inside the timing noise decides nothing.")
+F1_FRONT = ("at least as accurate", "at least as high in validation macro-F1"), ("is more accurate", "has a higher one")
 
 
 def _time_cell(row) -> str:
@@ -107,31 +116,47 @@ def passes_sentence(table: pd.DataFrame) -> str:
 MACRO_F1_METHODS = (
     " Val. macro-F1 is the F1 of each class on the validation examples averaged with every class weighted alike "
     "(at the reported epoch, mean over seeds; — where the runs did not record it): unlike accuracy it drops when "
-    "a small class is missed. It has no interval; Δ and the test compare accuracy.")
+    "a small class is missed. Its 95 % interval is Student t over seeds, or with one seed a t interval from the "
+    "jackknife standard error over the validation examples; Δ and the test compare accuracy.")
+F1_TEST_METHODS = (
+    "Every run chose its epoch, learning rate and baseline by dev macro-F1 (--select-by f1), so macro-F1 is what "
+    "is compared: Δ = macro-F1 − baseline macro-F1, ★ and the figures use it too. The test pairs seed s with "
+    "baseline seed s on the same validation examples, on macro-F1's jackknife pseudo-values (n·F − (n − 1)·F "
+    "without example i, each seed's shifted to its F: macro-F1 is no mean over examples, its pseudo-values act as "
+    "one). With two or more seed pairs (t, n seeds) it counts both noises: the larger p of the paired t over the "
+    "per-seed macro-F1 differences (n − 1 degrees of freedom) and a t whose squared standard error adds the "
+    "per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees of freedom); with one seed "
+    "on each side it is the t over the examples' pseudo-values alone (jackknife t, example noise only); otherwise "
+    "the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
+    "(tradeoff.csv: p_value adjusted, p_value_raw not; accuracy_delta is there too).")
 
 
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None, *,
              macro_f1: bool = False, chosen_by: tuple[str, ...] = ("accuracy",)) -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used; with `macro_f1`
     (`ablations.tradeoff.f1_informs`) a validation macro-F1 column beside accuracy. `chosen_by`: the metrics that
-    ranked the runs' nuisance settings (`ablations.tuning.metrics_of`)."""
+    ranked the runs' nuisance settings (`ablations.tuning.metrics_of`). Δ and the test are on the table's
+    `compared_on` metric (`ablations.baselines.compared_on`): accuracy, or macro-F1 where every run chose by it."""
     from ablations.tuning import choice_label, caption as rate_caption
+    metric = compared_metric(table)
+    macro_f1 = macro_f1 or metric == "macro-F1"
     shown = list(table.columns[:table.columns.get_loc("label")])
     names = {"freeze_depth": "freeze depth", "scheduler": "schedule", "learning_rate": "learning rate"}
+    f1_header = "val. macro-F1 [95 % CI]" if "f1_low" in table.columns else "val. macro-F1"
     header = [names.get(c, c.replace("_", " ")) for c in shown] + [
-        "seeds", "val. accuracy [95 % CI]", *(["val. macro-F1"] if macro_f1 else []), "test accuracy", "train s",
-        "speed-up", "trainable params", "Pareto", "vs baseline (Δ, Holm p, test)"]
+        "seeds", "val. accuracy [95 % CI]", *([f1_header] if macro_f1 else []), "test accuracy", "train s",
+        "speed-up", "trainable params", "Pareto",
+        "vs baseline (Δ macro-F1, Holm p, test)" if metric == "macro-F1" else "vs baseline (Δ, Holm p, test)"]
     align = ["---"] * len(shown) + ["--:"] * (7 if macro_f1 else 6) + [":-:", "---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in table.itertuples(index=False):
         cells = [_cell(getattr(row, c)) for c in shown]
         if row.baseline:
             cells = [f"**{cell}**" for cell in cells]
-        accuracy = _percent(row.accuracy_mean)
-        if not pd.isna(row.accuracy_low):
-            accuracy += f" [{100 * row.accuracy_low:.1f}, {100 * row.accuracy_high:.1f}]"
-        versus = "**baseline**" if row.baseline else _versus(row)
-        f1 = [_percent(getattr(row, "f1_mean", None))] if macro_f1 else []  # tables from before f1_mean: —
+        accuracy = _interval_cell(row.accuracy_mean, row.accuracy_low, row.accuracy_high)
+        versus = "**baseline**" if row.baseline else _versus(row, metric)
+        f1 = [_interval_cell(*(getattr(row, f"f1_{part}", None) for part in ("mean", "low", "high")))] \
+            if macro_f1 else []  # tables from before f1_mean: —
         cells += [str(row.seeds), accuracy, *f1, _percent(row.test_accuracy_mean), _time_cell(row), _speedup_cell(row),
                   "—" if pd.isna(row.trainable_params) else f"{int(row.trainable_params):,}",
                   "★" if row.pareto else "", versus]
@@ -149,15 +174,24 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "nuisance settings, so among baselines that differ only in them the one ranked first on the dev split is "
         f"used (higher {choice_label(chosen_by)}, then lower dev loss, then the smaller rate; runs without a dev "
         "split are ranked "
-        "on validation, the set they are reported on). Δ = accuracy − baseline accuracy. The test pairs seed s with "
+        "on validation, the set they are reported on). ")
+    accuracy_test = (
+        "Δ = accuracy − baseline accuracy. The test pairs seed s with "
         "baseline seed s on the same validation examples. With two or more seed pairs (t, n seeds) it counts both "
         "noises: "
         "the larger p of the paired t over the per-seed differences (n − 1 degrees of freedom) and a t whose squared "
         "standard error adds the per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees "
         "of freedom); with one seed on each side it is an exact McNemar test on that pair (example noise only); "
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
-        "(tradeoff.csv: p_value adjusted, p_value_raw not)." + (MACRO_F1_METHODS if macro_f1 else "") + " "
-        + TIME_METHODS)
+        "(tradeoff.csv: p_value adjusted, p_value_raw not).")
+    if metric == "macro-F1":
+        f1_methods = MACRO_F1_METHODS.replace("; Δ and the test compare accuracy.", ".")
+        time_methods = TIME_METHODS
+        for accurate, instead in F1_FRONT:
+            time_methods = time_methods.replace(accurate, instead)
+        methods += F1_TEST_METHODS + f1_methods + " " + time_methods
+    else:
+        methods += accuracy_test + (MACRO_F1_METHODS if macro_f1 else "") + " " + TIME_METHODS
     if "train_seconds_lo" in table.columns:
         timed, interval = timed_alone(table)
         if (~timed).any():
@@ -170,3 +204,11 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
     if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
         methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])), chosen_by)
     return "\n".join([caption, "", *lines, "", methods, ""])
+
+
+def compared_metric(table: pd.DataFrame) -> str:
+    """The metric a trade-off table's Δ, test and ★ are on: its `compared_on` column (tables from before it
+    existed: accuracy)."""
+    if "compared_on" in table.columns and len(table) and table["compared_on"].iloc[0] == "macro-F1":
+        return "macro-F1"
+    return "accuracy"

@@ -50,6 +50,13 @@ def varying_fields(table: pd.DataFrame) -> list[str]:
     return [name for name in candidates if table[name].astype(str).nunique() > 1]
 
 
+def reported(table: pd.DataFrame) -> tuple[str, str]:
+    """The metric the figures draw (the table's `compared_on`: accuracy, or macro-F1 where every run chose by it)
+    as (column prefix, name): ("accuracy", "accuracy") or ("f1", "macro-F1")."""
+    from ablations.markdown import compared_metric
+    return ("f1", "macro-F1") if compared_metric(table) == "macro-F1" else ("accuracy", "accuracy")
+
+
 def _style():
     return sns.plotting_context("talk", font_scale=1.15, rc={"legend.title_fontsize": 17})
 
@@ -157,7 +164,9 @@ def time_axis_label(table: pd.DataFrame) -> str:
 
 
 def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
-    """Accuracy (%) against training seconds with CI bars, the Pareto front as a step line, the baseline ringed."""
+    """Accuracy (%) against training seconds with CI bars, the Pareto front as a step line, the baseline ringed;
+    macro-F1 instead where the table compares it (`reported`)."""
+    column, name = reported(table)
     depths = sorted(table["freeze_depth"].unique())
     schedulers = sorted(table["scheduler"].unique())
     colours = _depth_colours(depths)
@@ -166,10 +175,9 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         figure = Figure(figsize=SIZE, layout="constrained")
         ax = figure.subplots()
         for row in table.itertuples(index=False):
-            mean = PERCENT * row.accuracy_mean
-            error = [[mean - PERCENT * row.accuracy_low], [PERCENT * row.accuracy_high - mean]]
+            mean, low, high = (PERCENT * getattr(row, f"{column}_{part}") for part in ("mean", "low", "high"))
             colour = colours[row.freeze_depth]
-            ax.errorbar(row.train_seconds, mean, yerr=None if pd.isna(row.accuracy_low) else error,
+            ax.errorbar(row.train_seconds, mean, yerr=None if pd.isna(low) else [[mean - low], [high - mean]],
                         xerr=_time_error(row), fmt=markers[row.scheduler], color=colour, ecolor=colour,
                         elinewidth=2, capsize=5, markersize=14, markeredgecolor="white", markeredgewidth=1.2,
                         zorder=3)
@@ -177,13 +185,13 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                 ax.plot(row.train_seconds, mean, "o", markersize=30, markerfacecolor="none",
                         markeredgecolor="crimson", markeredgewidth=3, zorder=4)
         front = table[table["pareto"]].sort_values("train_seconds")
-        ax.step(front["train_seconds"], PERCENT * front["accuracy_mean"], where="post", color="0.3",
+        ax.step(front["train_seconds"], PERCENT * front[f"{column}_mean"], where="post", color="0.3",
                 linestyle="--", linewidth=2, zorder=2)
         ax.margins(x=0.12, y=0.12)
         axis = time_axis_label(table)  # wider than the axes, one line ran off the figure's left edge
         ax.set_xlabel(axis.replace(" (s; ", "\n(s; ", 1) if len(axis) > 70 else axis)
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title("Accuracy vs training time (error bars: 95 % CI)", fontsize=20)
+        ax.set_ylabel(f"validation {name} (%)")
+        ax.set_title(f"{name[0].upper()}{name[1:]} vs training time (error bars: 95 % CI)", fontsize=20)
         figure.suptitle(_title(about), fontsize=19)
         handles = [Line2D([], [], marker="o", linestyle="", markersize=13, color=colours[d], label=f"{d}")
                    for d in depths]
@@ -206,15 +214,17 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         # taken under load looked like one taken alone.
         labels = [label + (" ★" if pareto else "") + (" ⚠" if loaded else "")
                   for label, pareto, loaded in zip(table["label"], table["pareto"], contended)]
-        _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table["accuracy_mean"]), labels)
+        _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table[f"{column}_mean"]), labels)
         return _save(figure, path)
 
 
 def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
-    """Mean validation accuracy, freeze depth x schedule, one panel per epoch count (best over other fields)."""
+    """Mean validation accuracy (macro-F1 where the table compares it), freeze depth x schedule, one panel per epoch
+    count (best over other fields)."""
+    column, name = reported(table)
     epochs = sorted(table["epochs"].unique())
     others = varying_fields(table)
-    values = table.assign(accuracy=PERCENT * table["accuracy_mean"])
+    values = table.assign(accuracy=PERCENT * table[f"{column}_mean"])
     low, high = values["accuracy"].min(), values["accuracy"].max()
     # Every panel indexes the same depths and schedules: the panels share one y axis, so a panel with its own
     # rows would be labelled with another panel's depths. A cell no run filled stays blank.
@@ -229,13 +239,13 @@ def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             ).reindex(index=depths, columns=schedulers)
             sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", annot_kws={"fontsize": 18}, cmap="viridis",
                         vmin=low, vmax=high, linewidths=1, linecolor="white", cbar=i == len(epochs) - 1,
-                        cbar_kws={"label": "validation accuracy (%)"})
+                        cbar_kws={"label": f"validation {name} (%)"})
             ax.set_title(f"{epoch_count} epoch{'s' if epoch_count != 1 else ''}")
             ax.set_xlabel("schedule")
             ax.set_ylabel("freeze depth" if i == 0 else "")
             ax.tick_params(axis="y", rotation=0)
         best = f" (best over {', '.join(others)})" if others else ""
-        figure.suptitle(f"Mean validation accuracy over seeds{best}\n{_title(about)}", fontsize=19)
+        figure.suptitle(f"Mean validation {name} over seeds{best}\n{_title(about)}", fontsize=19)
         return _save(figure, path)
 
 
@@ -252,8 +262,9 @@ def _dodge(count: int) -> list[float]:
     return [-DODGE / 2 + k * step for k in range(count)]
 
 
-def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
-    """Validation accuracy per epoch, mean over seeds, one line per configuration, one panel per schedule.
+def curves(history: pd.DataFrame, about: dict[str, str], path: Path, metric: str = "accuracy") -> Path:
+    """Validation accuracy (or `metric`: "macro-F1", the history's `f1`) per epoch, mean over seeds, one line per
+    configuration, one panel per schedule.
 
     The configurations of a panel are spread a little around each whole epoch (deeper freeze to the right), so
     none hides another; each line carries its configuration's label as its gid."""
@@ -264,8 +275,9 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             return _save(figure, path)
         schedulers = sorted(history["scheduler"].unique())
         axes = figure.subplots(1, len(schedulers), squeeze=False, sharey=True)[0]
+        column = "f1" if metric == "macro-F1" else "accuracy"
         mean = (history.groupby(["label", "freeze_depth", "scheduler", "epochs", "epoch"], as_index=False)
-                ["accuracy"].mean())
+                [column].mean().rename(columns={column: "accuracy"}))
         depths = sorted(mean["freeze_depth"].unique())
         colours = _depth_colours(depths)
         trained = sorted(mean["epochs"].unique())
@@ -281,7 +293,7 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                         markeredgecolor="white", markeredgewidth=1.0, gid=config.label)
             ax.set_title(f"schedule: {scheduler}")
             ax.set_xlabel("epoch")
-            ax.set_ylabel("validation accuracy (%)" if i == 0 else "")
+            ax.set_ylabel(f"validation {metric} (%)" if i == 0 else "")
             ax.set_xticks(sorted(mean["epoch"].unique()))  # whole epochs, also when there is only one
             ax.set_xlim(mean["epoch"].min() - 0.5, mean["epoch"].max() + 0.5)
         handles = [Line2D([], [], marker="o", linestyle="-", markersize=11, linewidth=2.5, color=colours[d],
@@ -293,7 +305,7 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             handles = [Line2D([], [], color="0.35", linestyle=styles[e], linewidth=2.5, label=f"{e}") for e in trained]
             axes[-1].legend(handles=handles, title="epochs trained", loc="lower left", bbox_to_anchor=(1.02, 0.0),
                             frameon=False)
-        figure.suptitle(f"Validation accuracy per epoch (mean over seeds)\n{_title(about)}", fontsize=19)
+        figure.suptitle(f"Validation {metric} per epoch (mean over seeds)\n{_title(about)}", fontsize=19)
         return _save(figure, path)
 
 

@@ -6,7 +6,7 @@ mean difference over seeds × examples (two crossed sources of noise) and Holm's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +20,8 @@ class Interval:
     mean: float
     low: float
     high: float
-    method: str  # "t" (Student t over seeds) or "wilson" (binomial over validation examples, one seed)
+    method: str  # "t" (Student t over seeds), "wilson" (binomial over validation examples, one seed), "jackknife"
+    #              (macro-F1 of one seed, over its validation examples) or "none"
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
@@ -126,7 +127,12 @@ def seeds_and_sentences_t(pairs: Sequence[tuple[str, str]]) -> Comparison:
     Why not a bootstrap over seeds and then sentences: with the 2–5 seeds a study affords, resampling seeds sees a
     handful of distinct draws, shrinks the seed variance by (a − 1)/a and has no small-sample correction, so its
     p-values come out too small exactly where studies live; these tests are closed-form and deterministic."""
-    differences = _differences(pairs)
+    return crossed_t(_differences(pairs))
+
+
+def crossed_t(differences: np.ndarray) -> Comparison:
+    """`seeds_and_sentences_t` on a seeds × examples matrix of differences whose mean is the difference tested:
+    correctness for accuracy, jackknife pseudo-values for macro-F1 (`macro_f1_differences`)."""
     seeds, examples = differences.shape
     delta = float(differences.mean())
     seed_term = float(differences.mean(axis=1).var(ddof=1)) / seeds if seeds > 1 else 0.0
@@ -151,6 +157,85 @@ def compare_seed_pairs(pairs: Sequence[tuple[str, str]], config_seeds: int, base
         delta = float(_differences(pairs).mean())
         return Comparison(MCNEMAR, 1, delta, math.nan, math.nan, mcnemar_exact(mine, theirs))
     return Comparison(TOO_FEW_SEEDS, len(pairs), math.nan, math.nan, math.nan, math.nan)
+
+
+# The tests of macro-F1 (`compare_f1_seed_pairs`), for studies that choose by it (`--select-by f1`).
+F1_SEEDS_AND_SENTENCES = "jackknife t over seeds and sentences (macro-F1)"
+F1_ONE_SEED = "jackknife t over sentences (macro-F1), one seed"
+LABELS_UNKNOWN = "labels not recorded"
+
+
+def _class_f1(true_positives: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """2·TP / (predicted + actual) per class; 0 for a class that is neither predicted nor present, as
+    `core.metrics` counts it (macro over every class of the label set)."""
+    return np.where(denominator > 0, 2 * true_positives / np.maximum(denominator, 1), 0.0)
+
+
+def macro_f1_pseudo_values(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> tuple[float, np.ndarray]:
+    """Macro-F1 of one run and its jackknife pseudo-values over the examples, n·F − (n − 1)·F₋ᵢ with F₋ᵢ the
+    macro-F1 without example i (Quenouille–Tukey). Macro-F1 is no mean over examples, but its pseudo-values act as
+    one: their mean is F up to an O(1/n) bias correction, and their variance / n is the jackknife variance of F.
+    Leaving out one example changes only its true class and its predicted class, so all n come in one pass."""
+    labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    n, hit = len(labels), labels == predictions
+    true_positives = np.bincount(labels[hit], minlength=num_labels).astype(float)
+    denominator = (np.bincount(predictions, minlength=num_labels)
+                   + np.bincount(labels, minlength=num_labels)).astype(float)
+    per_class = _class_f1(true_positives, denominator)
+    f1 = float(per_class.mean())
+    own = _class_f1(true_positives[labels] - hit, denominator[labels] - 1 - hit)  # its class, without it
+    other = _class_f1(true_positives[predictions], denominator[predictions] - 1)  # the class it was taken for
+    change = own - per_class[labels] + np.where(hit, 0.0, other - per_class[predictions])
+    without = f1 + change / num_labels
+    return f1, n * f1 - (n - 1) * without
+
+
+def macro_f1_differences(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], labels: Sequence[int],
+                         num_labels: int) -> np.ndarray:
+    """Seeds × examples matrix of configuration minus baseline macro-F1 pseudo-values, each seed's row shifted so
+    that its mean is that seed pair's macro-F1 difference (not the jackknife's bias-corrected one): the test over
+    seeds is then the paired t on the per-seed F1 differences, and the spread over examples is unchanged."""
+    rows = []
+    for mine, theirs in pairs:
+        if len(mine) != len(labels) or len(theirs) != len(labels):
+            raise ValueError(f"predictions ({len(mine)}, {len(theirs)}) and labels ({len(labels)}) differ in "
+                             "length: the runs were not evaluated on the same validation set")
+        (f1_mine, mine_values), (f1_theirs, theirs_values) = (
+            macro_f1_pseudo_values(labels, predictions, num_labels) for predictions in (mine, theirs))
+        row = mine_values - theirs_values
+        rows.append(row + (f1_mine - f1_theirs) - row.mean())
+    return np.stack(rows)
+
+
+def compare_f1_seed_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], labels: Sequence[int] | None,
+                          num_labels: int, config_seeds: int, baseline_seeds: int) -> Comparison:
+    """`compare_seed_pairs` for macro-F1, on the runs' validation predictions: the same t over seeds and sentences
+    (`crossed_t`) on jackknife pseudo-values; with one seed on each side its sentence part alone (n − 1 degrees
+    of freedom), where accuracy has McNemar. Without the true labels (multi-class records from before
+    `validation_labels` existed) there is no test."""
+    if len(pairs) < MIN_SEED_PAIRS and not (len(pairs) == 1 and config_seeds == baseline_seeds == 1):
+        return Comparison(TOO_FEW_SEEDS, len(pairs), math.nan, math.nan, math.nan, math.nan)
+    if labels is None:
+        return Comparison(LABELS_UNKNOWN, len(pairs), math.nan, math.nan, math.nan, math.nan)
+    result = crossed_t(macro_f1_differences(pairs, labels, num_labels))
+    return replace(result, test=F1_SEEDS_AND_SENTENCES if len(pairs) > 1 else F1_ONE_SEED)
+
+
+def f1_interval(f1s: Sequence[float], labels: Sequence[int] | None = None, predictions: Sequence[int] | None = None,
+                num_labels: int = 2, confidence: float = CONFIDENCE) -> Interval:
+    """Macro-F1 over seeds: Student t over seeds when there are several, as accuracy; for one seed a t interval
+    from the jackknife standard error over the validation examples (n − 1 degrees of freedom), where accuracy
+    has Wilson; no interval without the labels."""
+    if len(f1s) >= 2:
+        return t_interval(f1s, confidence)
+    if labels is None or predictions is None or len(labels) < 2:
+        return Interval(float(f1s[0]), math.nan, math.nan, "none")
+    f1, values = macro_f1_pseudo_values(labels, predictions, num_labels)
+    spread = float(values.std(ddof=1)) / math.sqrt(len(values))
+    if spread == 0:
+        return Interval(f1, f1, f1, "jackknife")
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=f1, scale=spread)
+    return Interval(f1, max(0.0, float(low)), min(1.0, float(high)), "jackknife")
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

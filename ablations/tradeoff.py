@@ -15,9 +15,10 @@ from typing import Any
 import pandas as pd
 
 from ablations import plots
-from ablations.markdown import DEFAULT_BASELINE, markdown
-from ablations.stats import accuracy_interval, compare_seed_pairs, holm, pareto_front
-from ablations.tuning import choose_configuration, metrics_of, rate_curve_rows, tuned_cells
+from ablations.markdown import DEFAULT_BASELINE, compared_metric, markdown
+from ablations.baselines import COLUMN, compare_with_baselines, compared_on, f1_summary, tune_baselines
+from ablations.stats import accuracy_interval, pareto_front
+from ablations.tuning import metrics_of, rate_curve_rows, tuned_cells
 from core.record import shows_macro_f1
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
@@ -65,9 +66,6 @@ def completed_runs(runs: list[dict]) -> list[dict]:
         if key not in chosen or (chosen[key].get("reused_from") and not run.get("reused_from")):
             chosen[key] = run
     return list(chosen.values())
-
-
-NUISANCE = ("learning_rate", "warmup_ratio", "weight_decay")
 
 
 def _configurations(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
@@ -146,7 +144,6 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         interval = accuracy_interval([r["accuracy"] for r in records], hits, total)
         tests = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         devs = [r.get("dev_accuracy") for r in records]
-        f1s = [r.get("f1") for r in records]  # macro-F1 on validation; records from before it existed lack it
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
         rows.append({**{name: fields.get(name) for name in shown}, **{k: how[key] for k in rate_choice},
                      "label": plots.point_label(fields, in_label),
@@ -154,17 +151,18 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
                      "accuracy_high": interval.high, "interval": interval.method,
                      "dev_accuracy_mean": sum(devs) / len(devs) if None not in devs else math.nan,
                      "test_accuracy_mean": sum(tests) / len(tests) if tests else math.nan,
-                     "f1_mean": sum(f1s) / len(f1s) if None not in f1s else math.nan,
+                     **f1_summary(records),  # macro-F1 on validation; records from before it existed lack it
                      **time_summary(records),
                      "trainable_params": records[0].get("trainable_params"),
                      "train_samples": records[0].get("train_samples"),
                      "validation_samples": total or None,
                      "baseline": target == key, "baseline_key": target, "config_key": key})
     table = pd.DataFrame(rows)
-    _tuned_baselines(table, groups, overrides)
-    table["pareto"] = pareto_front(table["accuracy_mean"].tolist(), table["train_seconds"].tolist(),
+    tune_baselines(table, groups, overrides)
+    metric = compared_on([record for _, records in groups.values() for record in records])
+    table["pareto"] = pareto_front(table[f"{COLUMN[metric]}_mean"].tolist(), table["train_seconds"].tolist(),
                                    table["train_seconds_lo"].tolist(), table["train_seconds_hi"].tolist())
-    table = _compare_with_baselines(table, groups).drop(columns=["baseline_key", "config_key"])
+    table = compare_with_baselines(table, groups, metric).drop(columns=["baseline_key", "config_key"])
     return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
 
 
@@ -204,79 +202,27 @@ def _contention(timing: dict) -> str | None:
     return "; ".join(p for p in parts if p) or None
 
 
-def speedup_interval(base, row) -> dict[str, float]:
-    """Baseline time / configuration time, with bounds from the two 95 % time intervals (slowest baseline
-    over fastest configuration and the reverse: conservative, wider than a joint 95 % interval). A time interval
-    whose lower end is 0 (a noisy timing's t interval, cut at zero) leaves the speed-up unbounded above: inf."""
-    def ratio(time: float, other: float) -> float:
-        return (math.nan if math.isnan(time) else math.inf) if other == 0 else time / other
-
-    return {"speedup": ratio(base["train_seconds"], row.train_seconds),
-            "speedup_lo": ratio(base["train_seconds_lo"], row.train_seconds_hi),
-            "speedup_hi": ratio(base["train_seconds_hi"], row.train_seconds_lo)}
 
 
-def _tuned_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
-    """Point each row at its baseline with nuisance settings tuned away: among the configurations (rows) that match
-    the row on everything but the overridden and nuisance fields (learning rate, warmup, weight decay), the one
-    `ablations.tuning` ranks first on the dev split, never the one most accurate on the reported validation set.
-    A study that picked the learning rate per depth then still compares depth with depth."""
-    ignored = [n for n in NUISANCE if n not in overrides]
-
-    def scientific(key: str) -> str:
-        return json.dumps({k: v for k, v in json.loads(key).items() if k not in ignored}, sort_keys=True)
-
-    candidates: dict[str, list[str]] = {}
-    for key in table["config_key"]:
-        if all(groups[key][0].get(k) == v for k, v in overrides.items()):
-            candidates.setdefault(scientific(key), []).append(key)
-    chosen = [choose_configuration({k: groups[k][1] for k in candidates[scientific(target)]})
-              if scientific(target) in candidates else target for target in table["baseline_key"]]
-    table["baseline_key"] = chosen
-    table["baseline"] = table["baseline_key"] == table["config_key"]
 
 
-def _correct_by_seed(records: list[dict]) -> dict[int, str]:
-    return {record["config"]["seed"]: record.get("validation_correct") or "" for record in records}
 
 
-def _compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, list[dict]]]) -> pd.DataFrame:
-    """Speed-up, accuracy difference and a test of each row against its baseline on seed-matched runs
-    (`ablations.stats.compare_seed_pairs`: over seeds and sentences, exact McNemar for one seed each, or "too few
-    seeds"), Holm-adjusted over the rows of this report: `p_value` adjusted, `p_value_raw` not."""
-    by_key = table.set_index("config_key")
-    compared = []
-    for row in table.itertuples(index=False):
-        result: dict[str, Any] = {"speedup": math.nan, "speedup_lo": math.nan, "speedup_hi": math.nan,
-                                  "accuracy_delta": math.nan, "seed_pairs": None, "test": None, "p_value_raw": math.nan}
-        if row.baseline_key in by_key.index:
-            base = by_key.loc[row.baseline_key]
-            result.update(speedup_interval(base, row))
-            result["accuracy_delta"] = row.accuracy_mean - base["accuracy_mean"]
-            if not row.baseline:
-                mine, theirs = (_correct_by_seed(groups[key][1]) for key in (row.config_key, row.baseline_key))
-                pairs = [(mine[s], theirs[s]) for s in sorted(mine.keys() & theirs.keys())
-                         if mine[s] and len(mine[s]) == len(theirs[s])]
-                test = compare_seed_pairs(pairs, len(mine), len(theirs))
-                result.update(seed_pairs=test.seed_pairs, test=test.test, p_value_raw=test.p_value)
-        compared.append(result)
-    compared = pd.DataFrame(compared, index=table.index)
-    compared["seed_pairs"] = compared["seed_pairs"].astype("Int64")  # whole numbers, blank where there is no test
-    compared["p_value"] = holm(compared["p_value_raw"].tolist())
-    return pd.concat([table, compared], axis=1)
 
 
 def _history(runs: list[dict], table: pd.DataFrame) -> pd.DataFrame:
-    """Validation accuracy per epoch of every completed run, labelled like its configuration's point."""
+    """Validation accuracy and macro-F1 per epoch of every completed run, labelled like its configuration's point."""
     extra = plots.varying_fields(table)
     rows = []
     for fields, records in _configurations(runs).values():
         for record in records:
             rows += [{"label": plots.point_label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
                       "scheduler": fields.get("scheduler"), "epochs": fields.get("epochs"),
-                      "seed": record["config"]["seed"], "epoch": point["epoch"], "accuracy": point["accuracy"]}
+                      "seed": record["config"]["seed"], "epoch": point["epoch"], "accuracy": point["accuracy"],
+                      "f1": point.get("f1", math.nan)}
                      for point in record.get("history") or []]
-    return pd.DataFrame(rows, columns=["label", "freeze_depth", "scheduler", "epochs", "seed", "epoch", "accuracy"])
+    return pd.DataFrame(rows, columns=["label", "freeze_depth", "scheduler", "epochs", "seed", "epoch", "accuracy",
+                                       "f1"])
 
 
 def _short_name(name: str | None) -> str | None:
@@ -320,7 +266,7 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs), chosen_by=chosen_by))
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
-    paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png")
+    paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png", compared_metric(table))
     rate_curves = pd.DataFrame(rate_curve_rows(_configurations(runs)))
     (output / "lr_curves.png").unlink(missing_ok=True)  # never a stale figure beside fresh tables
     if not rate_curves.empty:

@@ -74,6 +74,9 @@ class RunRecord:
     dev_loss: float | None = None
     dev_samples: int | None = None
     selected_on: str | None = None           # "dev" or "validation"; None in old records (validation)
+    # The validation labels, as class indices beside `validation_predictions`: the report's macro-F1 test needs
+    # them (a multi-class prediction that is wrong does not say which class was missed). None in old records.
+    validation_labels: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer version wrote that this one does not know
 
     def to_dict(self) -> dict[str, Any]:

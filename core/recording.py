@@ -60,4 +60,5 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
         versions=run_metrics.versions(), finished_at=now(),
         validation_predictions=[int(x) for x in predictions],
         validation_correct="".join("1" if x == y else "0" for x, y in zip(predictions, splits["validation"].labels)),
+        validation_labels=[int(y) for y in splits["validation"].labels],
     )

@@ -9,6 +9,7 @@ import torch
 from conftest import SHARED_SST2, quick_config, write_toy_dataset
 
 import core.train
+from ablations.stats import macro_f1_pseudo_values
 from core import RunConfig, Session
 from core.model import load_model
 
@@ -59,6 +60,12 @@ def test_record_holds_what_a_user_reads(learned, tiny_distilbert, learnable_data
     assert learned["device"].startswith("cpu") and learned["precision"] == "fp32"
     assert {"python", "torch", "transformers", "datasets"} <= set(learned["versions"])
     assert len(learned["validation_predictions"]) == len(learned["validation_correct"]) == 64
+    # The labels the report's macro-F1 test needs: the ones the correctness string was scored against.
+    assert len(learned["validation_labels"]) == 64 and set(learned["validation_labels"]) <= {0, 1}
+    assert learned["validation_correct"] == "".join(
+        "1" if p == y else "0" for p, y in zip(learned["validation_predictions"], learned["validation_labels"]))
+    assert learned["f1"] == pytest.approx(macro_f1_pseudo_values(
+        learned["validation_labels"], learned["validation_predictions"], 2)[0])
     assert learned["prefix_cache"]["cached"] is True
     assert learned["text_columns"] == ["sentence"] and learned["label_column"] == "label"
 

@@ -1,0 +1,180 @@
+"""A study that chooses by macro-F1 (`--select-by f1`) is reported on it: Δ, the test over seeds and sentences,
+the Pareto marks and the figures. The test runs on macro-F1's jackknife pseudo-values; it is checked against
+leave-one-out by hand, for its level under the null, and for finding a class the model stopped predicting where
+accuracy finds nothing."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_report import make_run, table_cells
+
+from ablations import plots
+from ablations.report import tradeoff_table, write_report
+from ablations.stats import (F1_ONE_SEED, F1_SEEDS_AND_SENTENCES, LABELS_UNKNOWN, compare_f1_seed_pairs,
+                             compare_seed_pairs, f1_interval, macro_f1_pseudo_values)
+
+CLASSES = 3
+
+
+def macro_f1(labels, predictions, classes=CLASSES) -> float:
+    """`core.metrics`' definition, written out: every class of the label set, 0 where a class is nowhere."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    scores = []
+    for c in range(classes):
+        denominator = np.sum(predictions == c) + np.sum(labels == c)
+        scores.append(2 * np.sum((predictions == c) & (labels == c)) / denominator if denominator else 0.0)
+    return float(np.mean(scores))
+
+
+def test_pseudo_values_are_leave_one_out_by_hand_with_a_class_never_predicted_and_one_absent():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(3, 120, p=[0.6, 0.3, 0.1])  # class 3 of 4 is absent, class 2 is never predicted
+    predictions = np.where(rng.random(120) < 0.7, labels, rng.integers(0, 2, 120))
+    predictions[predictions == 2] = 0
+    f1, values = macro_f1_pseudo_values(labels, predictions, 4)
+    assert f1 == pytest.approx(macro_f1(labels, predictions, 4))
+    by_hand = [120 * f1 - 119 * macro_f1(np.delete(labels, i), np.delete(predictions, i), 4) for i in range(120)]
+    np.testing.assert_allclose(values, by_hand, atol=1e-9)
+
+
+def simulated_pairs(rng, seeds: int, seed_noise: float, example_noise: float, examples: int = 400):
+    """Two exchangeable configurations on imbalanced classes (60/30/10 %): each has its own per-example and
+    per-seed deviations from a common difficulty, and a seed's runs share a random stream."""
+    labels = rng.choice(CLASSES, examples, p=[0.6, 0.3, 0.1])
+    difficulty = rng.beta(4, 1.5, examples)
+    per_example = rng.normal(0, example_noise, (2, examples))
+    pairs = []
+    for _ in range(seeds):
+        per_seed = rng.normal(0, seed_noise, 2)
+        stream = rng.random(examples)
+        other = np.where(rng.random(examples) < 0.7, stream, rng.random(examples))
+        mistaken = (labels + rng.integers(1, CLASSES, examples)) % CLASSES
+        pairs.append(tuple(np.where(draws < np.clip(difficulty + per_example[k] + per_seed[k], 0, 1), labels,
+                                    mistaken) for k, draws in enumerate((other, stream))))
+    return pairs, labels
+
+
+@pytest.mark.parametrize("seeds, seed_noise, example_noise", [(1, 0.0, 0.1), (2, 0.04, 0.0), (3, 0.04, 0.1),
+                                                               (5, 0.0, 0.2)])
+def test_the_macro_f1_test_keeps_its_level_under_the_null(seeds, seed_noise, example_noise):
+    rng = np.random.default_rng(seeds)
+    trials = 400
+    rejected = 0
+    for _ in range(trials):
+        pairs, labels = simulated_pairs(rng, seeds, seed_noise, example_noise)
+        rejected += compare_f1_seed_pairs(pairs, labels, CLASSES, seeds, seeds).p_value < 0.05
+    assert rejected / trials <= 0.075
+
+
+def dropped_class(seed: int, examples: int = 600):
+    """A baseline that predicts every class, and a configuration as accurate that never predicts the small one."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], [360, 180, 60])
+    baseline = np.where(rng.random(examples) < 0.80, labels, (labels + 1) % CLASSES)
+    config = np.where(rng.random(examples) < 0.89, labels, (labels + 1) % CLASSES)
+    config[labels == 2] = 0  # the small class is gone
+    return labels, config, baseline
+
+
+def test_a_class_the_model_stopped_predicting_is_found_where_accuracy_sees_nothing():
+    draws = [dropped_class(seed) for seed in range(3)]
+    labels = draws[0][0]
+    f1_pairs = [(config, baseline) for _, config, baseline in draws]
+    accuracy_pairs = [tuple("".join("1" if hit else "0" for hit in side == labels) for side in pair)
+                      for pair in f1_pairs]
+    accuracy = compare_seed_pairs(accuracy_pairs, 3, 3)
+    assert abs(accuracy.delta) < 0.02 and accuracy.p_value > 0.3
+    f1 = compare_f1_seed_pairs(f1_pairs, labels, CLASSES, 3, 3)
+    assert f1.test == F1_SEEDS_AND_SENTENCES and f1.p_value < 0.01  # three seeds: the seed t has 2 degrees of freedom
+    assert f1.delta == pytest.approx(np.mean([macro_f1(labels, c) - macro_f1(labels, b) for c, b in f1_pairs]))
+    one = compare_f1_seed_pairs(f1_pairs[:1], labels, CLASSES, 1, 1)
+    assert one.test == F1_ONE_SEED and one.p_value < 0.001 and one.df == len(labels) - 1
+    assert compare_f1_seed_pairs(f1_pairs, None, CLASSES, 3, 3).test == LABELS_UNKNOWN
+
+
+def test_one_seed_gets_a_jackknife_interval_that_covers_like_one():
+    """Over many validation sets drawn from one population, the one-seed interval holds the population's macro-F1
+    about 95 % of the time."""
+    rng = np.random.default_rng(7)
+    population = rng.choice(CLASSES, 200_000, p=[0.6, 0.3, 0.1])
+    guesses = np.where(rng.random(len(population)) < 0.75, population, rng.integers(0, CLASSES, len(population)))
+    truth = macro_f1(population, guesses)
+    covered = 0
+    for _ in range(300):
+        drawn = rng.integers(0, len(population), 500)
+        interval = f1_interval([macro_f1(population[drawn], guesses[drawn])], population[drawn], guesses[drawn],
+                               CLASSES)
+        covered += interval.low <= truth <= interval.high
+    assert interval.method == "jackknife" and 0.90 <= covered / 300 <= 0.99
+
+
+def f1_run(depth: int, seed: int, labels, predictions, seconds: float, number: int, select_by: str = "f1") -> dict:
+    run = make_run(depth, "linear", 2, seed, 0.0, seconds, number=number, select_by=select_by)
+    correct = "".join("1" if p == y else "0" for p, y in zip(predictions, labels))
+    run["record"].update(num_labels=CLASSES, label_names=["a", "b", "c"], validation_correct=correct,
+                         validation_predictions=list(map(int, predictions)), validation_labels=list(map(int, labels)),
+                         accuracy=correct.count("1") / len(correct), f1=macro_f1(labels, predictions),
+                         dev_accuracy=0.8, dev_f1=0.7, selected_by=select_by)
+    run["values"][0] = run["record"]["accuracy"]
+    return run
+
+
+def study(select_by: str = "f1") -> tuple[list[dict], list]:
+    """Depth 4, faster and as accurate as depth 0, but it never predicts the small class; three seeds each."""
+    runs, draws = [], [dropped_class(seed) for seed in range(3)]
+    for seed, (labels, config, baseline) in enumerate(draws):
+        runs.append(f1_run(0, seed, labels, baseline, 40.0 + seed, len(runs), select_by))
+        runs.append(f1_run(4, seed, labels, config, 20.0 + seed, len(runs), select_by))
+    return runs, draws
+
+
+def test_a_study_chosen_by_f1_compares_tests_and_marks_its_front_on_macro_f1(tmp_path):
+    runs, draws = study()
+    paths = write_report(runs, tmp_path)
+    table = pd.read_csv(paths["tradeoff_csv"]).set_index("freeze_depth")
+    row = table.loc[4]
+    assert row["compared_on"] == "macro-F1" and row["test"] == F1_SEEDS_AND_SENTENCES
+    expected = compare_f1_seed_pairs([(c, b) for _, c, b in draws], draws[0][0], CLASSES, 3, 3)
+    assert row["p_value_raw"] == pytest.approx(expected.p_value)
+    assert row["f1_delta"] == pytest.approx(row["f1_mean"] - table.loc[0, "f1_mean"]) and row["f1_delta"] < -0.15
+    assert abs(row["accuracy_delta"]) < 0.02
+    # On accuracy depth 4 (as accurate, twice as fast) would dominate depth 0; on macro-F1 both are on the front.
+    assert table["pareto"].tolist() == [True, True]
+    text = paths["tradeoff_md"].read_text()
+    cells = table_cells(text)
+    delta = f"{100 * row['f1_delta']:+.1f}".replace("-", "−")
+    assert cells["4"]["vs baseline (Δ macro-F1, Holm p, test)"] == f"{delta} pp, p {row['p_value']:.3f} (t, 3 seeds)"
+    assert "Δ = macro-F1 − baseline macro-F1" in text and "Δ = accuracy" not in text
+    assert "compare accuracy" not in text and "at least as high in validation macro-F1" in text
+
+
+def test_the_figures_of_an_f1_study_draw_macro_f1_and_say_so(tmp_path, monkeypatch):
+    runs, _ = study()
+    table = tradeoff_table(runs)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or path)
+    about = {"model": "m", "data": "d", "train": "1", "validation": "600", "device": "cpu"}
+    plots.tradeoff(table, about, tmp_path / "t.png")
+    plots.heatmap(table, about, tmp_path / "h.png")
+    axes = drawn[0].axes[0]
+    assert axes.get_ylabel() == "validation macro-F1 (%)" and axes.get_title().startswith("Macro-F1 vs")
+    front = [line for line in axes.get_lines() if line.get_linestyle() == "--"][0]
+    np.testing.assert_allclose(sorted(front.get_ydata()), sorted(100 * table["f1_mean"]))
+    assert "Mean validation macro-F1" in drawn[1]._suptitle.get_text()
+
+
+def test_a_study_chosen_by_accuracy_keeps_accuracy_and_old_multi_class_records_say_why_there_is_no_test(tmp_path):
+    runs, _ = study(select_by="accuracy")
+    table = tradeoff_table(runs).set_index("freeze_depth")
+    assert table.loc[4, "compared_on"] == "accuracy" and table["pareto"].tolist() == [False, True]
+    runs, _ = study()
+    for run in runs:
+        del run["record"]["validation_labels"]  # written before the field existed: three classes, not derivable
+    paths = write_report(runs, tmp_path)
+    row = pd.read_csv(paths["tradeoff_csv"]).set_index("freeze_depth").loc[4]
+    assert row["test"] == LABELS_UNKNOWN and math.isnan(row["p_value"])
+    assert "no test (labels not recorded)" in table_cells(paths["tradeoff_md"].read_text())["4"][
+        "vs baseline (Δ macro-F1, Holm p, test)"]
