@@ -119,16 +119,16 @@ MACRO_F1_METHODS = (
     "a small class is missed. Its 95 % interval is Student t over seeds, or with one seed a t interval from the "
     "jackknife standard error over the validation examples; Δ and the test compare accuracy.")
 F1_TEST_METHODS = (
-    "Every run chose its epoch, learning rate and baseline by dev macro-F1 (--select-by f1), so macro-F1 is what "
-    "is compared: Δ = macro-F1 − baseline macro-F1, ★ and the figures use it too. The test pairs seed s with "
-    "baseline seed s on the same validation examples, on macro-F1's jackknife pseudo-values (n·F − (n − 1)·F "
-    "without example i, each seed's shifted to its F: macro-F1 is no mean over examples, its pseudo-values act as "
-    "one). With two or more seed pairs (t, n seeds) it counts both noises: the larger p of the paired t over the "
-    "per-seed macro-F1 differences (n − 1 degrees of freedom) and a t whose squared standard error adds the "
-    "per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees of freedom); with one seed "
-    "on each side it is the t over the examples' pseudo-values alone (jackknife t, example noise only); otherwise "
-    "the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
-    "(tradeoff.csv: p_value adjusted, p_value_raw not; accuracy_delta is there too).")
+    "Every run chose its epoch by dev macro-F1 (--select-by f1), as did every choice between runs (learning rate, "
+    "baseline), so macro-F1 is what is compared: Δ = macro-F1 − baseline macro-F1, ★ and the figures use it too. The "
+    "test pairs seed s with baseline seed s on the same validation examples, on macro-F1's jackknife pseudo-values "
+    "(n·F − (n − 1)·F without example i, each seed's shifted to its F: macro-F1 is no mean over examples, its pseudo-"
+    "values act as one). With two or more seed pairs (t, n seeds) it counts both noises: the larger p of the paired t"
+    " over the per-seed macro-F1 differences (n − 1 degrees of freedom) and a t whose squared standard error adds the"
+    " per-seed and the per-example spreads (Clark's min F′, Welch–Satterthwaite degrees of freedom); with one seed on"
+    " each side it is the t over the examples' pseudo-values alone (jackknife t, example noise only); otherwise the "
+    "row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table (tradeoff.csv: "
+    "p_value adjusted, p_value_raw not; accuracy_delta is there too).")
 
 
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None, *,
@@ -162,7 +162,8 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
                   "★" if row.pareto else "", versus]
         lines.append("| " + " | ".join(cells) + " |")
     target = ", ".join(f"{k} = {v}" for k, v in (DEFAULT_BASELINE if baseline is None else baseline).items())
-    caption = (f"**Accuracy–time trade-off.** Model `{about['model']}`, data `{about['data']}`, "
+    title = "Macro-F1" if metric == "macro-F1" else "Accuracy"
+    caption = (f"**{title}–time trade-off.** Model `{about['model']}`, data `{about['data']}`, "
                f"{about['train']} training examples, {about['validation']} validation examples, "
                f"device: {about['device']}.")
     methods = (

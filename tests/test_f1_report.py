@@ -149,6 +149,7 @@ def test_a_study_chosen_by_f1_compares_tests_and_marks_its_front_on_macro_f1(tmp
     assert cells["4"]["vs baseline (Δ macro-F1, Holm p, test)"] == f"{delta} pp, p {row['p_value']:.3f} (t, 3 seeds)"
     assert "Δ = macro-F1 − baseline macro-F1" in text and "Δ = accuracy" not in text
     assert "compare accuracy" not in text and "at least as high in validation macro-F1" in text
+    assert text.startswith("**Macro-F1–time trade-off.**")
 
 
 def test_the_figures_of_an_f1_study_draw_macro_f1_and_say_so(tmp_path, monkeypatch):
