@@ -230,7 +230,8 @@ def f1_interval(f1s: Sequence[float], labels: Sequence[int] | None = None, predi
         return t_interval(f1s, confidence)
     if labels is None or predictions is None or len(labels) < 2:
         return Interval(float(f1s[0]), math.nan, math.nan, "none")
-    f1, values = macro_f1_pseudo_values(labels, predictions, num_labels)
+    f1 = float(f1s[0])  # the record's own (`evaluate`'s), which the pseudo-values' F equals on the same labels
+    values = macro_f1_pseudo_values(labels, predictions, num_labels)[1]
     spread = float(values.std(ddof=1)) / math.sqrt(len(values))
     if spread == 0:
         return Interval(f1, f1, f1, "jackknife")
