@@ -101,7 +101,7 @@ def _test(mine: list[dict], theirs: list[dict], metric: str):
     if metric == "accuracy":
         return compare_seed_pairs(pairs, len(ours), len(theirs))
     labels = validation_labels(mine + theirs)
-    if labels is not None and any(len(mine) != len(labels) for mine, _ in pairs):
+    if labels is not None and any(len(predictions) != len(labels) for predictions, _ in pairs):
         labels = None  # not the validation set these runs were scored on
     return compare_f1_seed_pairs(pairs, labels, mine[0].get("num_labels") or 2, len(ours), len(theirs))
 
