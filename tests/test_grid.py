@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import fresh_postgres_database, quick_config, write_toy_dataset
+from conftest import fresh_postgres_database, quick_config, run_command, write_toy_dataset
 
 from ablations.cells import run_cells
 from ablations.space import Grid
@@ -183,6 +183,29 @@ def test_bad_input_ends_the_grid_with_one_line(extra, expected, tiny_bert, toy_d
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert not (tmp_path / "ablations.db").exists()   # checked before any storage is opened
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--freeze-depths", "0-5"], "--freeze-depths '0-5' is out of range"),
+    (["--freeze-depths", "0,1", "--lr-by-depth", "0=3e-3"], "gives no learning rate for freeze depth 1"),
+])
+@pytest.mark.parametrize("output_dir", [None, "new/out"])
+def test_a_grid_refused_after_the_model_loads_leaves_no_new_folder(extra, expected, output_dir, tiny_bert, toy_data,
+                                                                   tmp_path, monkeypatch, capsys):
+    """Refusals that need the model's layer count come after the output folder is checked (and so made): they left
+    an empty runs/grid/ (or --output-dir) behind."""
+    from ablations.grid import main
+    monkeypatch.chdir(tmp_path)
+    where = ["--output-dir", output_dir] if output_dir else []
+    code = run_command(monkeypatch, main, "python -m ablations.grid", "--model", tiny_bert, "--dataset", toy_data,
+                       "--no-progress", *where, *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()  # a folder that was there before is kept
+    assert run_command(monkeypatch, main, "python -m ablations.grid", "--model", tiny_bert, "--dataset", toy_data,
+                       "--no-progress", *extra) == 2
+    assert [p.name for p in tmp_path.rglob("*")] == ["runs"]
 
 
 def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_bert, toy_data, tmp_path):
