@@ -208,6 +208,16 @@ def test_a_grid_refused_after_the_model_loads_leaves_no_new_folder(extra, expect
     assert [p.name for p in tmp_path.rglob("*")] == ["runs"]
 
 
+def test_a_sitting_of_one_round_says_round(tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """--timing-repeats 1 printed "(1 rounds of ... steps each)"."""
+    from ablations.grid import main
+    argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", "--schedulers", "linear",
+                        "--timing-repeats", "1")
+    assert run_command(monkeypatch, main, "python -m ablations.grid", *argv[3:]) == 0
+    out = capsys.readouterr().out
+    assert "timing 2 work shape(s) together" in out and "(1 round of " in out and "1 rounds" not in out, out
+
+
 def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_bert, toy_data, tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path}/grid.db", heartbeat_seconds=1)
     study, ledger = open_study(storage, "grid"), Ledger(storage)
