@@ -172,16 +172,13 @@ def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(
 ])
 def test_bad_input_ends_the_grid_with_one_line(extra, expected, tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
     from ablations.grid import main
-    from core.cli import main_guard
     file = tmp_path / "a-file"
     file.write_text("not a folder")
     extra, expected = [e.format(file=file) for e in extra], expected.format(file=file)
     argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", *extra)
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *argv[3:]])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(main)
+    code = run_command(monkeypatch, main, "python -m ablations.grid", *argv[3:])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert not (tmp_path / "ablations.db").exists()   # checked before any storage is opened
 
 
@@ -250,18 +247,16 @@ def test_a_grid_whose_every_run_failed_writes_runs_csv_and_exits_1(tiny_bert, to
     complete it ended on the report's "error: no completed runs to report", exit code 2, as if the flags were
     wrong; a grid with some runs failed exits 1."""
     import ablations.grid
-    from core.cli import main_guard
 
     def nan(config, siblings=None):
         raise FloatingPointError("training loss became nan in epoch 1")
     monkeypatch.setattr(ablations.grid, "make_trainers", lambda *args: (nan, None))
     argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "1", "--schedulers", "linear",
                         "--timing-repeats", "0")
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *[a for a in argv[3:] if a != "--no-report"]])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(ablations.grid.main)
+    code = run_command(monkeypatch, ablations.grid.main, "python -m ablations.grid",
+                       *[a for a in argv[3:] if a != "--no-report"])
     out = capsys.readouterr().out
-    assert exit_.value.code == 1 and "training loss became nan" in out
+    assert code == 1 and "training loss became nan" in out
     assert "trade-off tables skipped: no completed runs to report" in out and (tmp_path / "runs.csv").exists()
 
 
