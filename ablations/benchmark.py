@@ -153,8 +153,9 @@ def step_times_main(args) -> int:
     for depth in depths:
         check_freeze_depth(depth, config, args.model)
     rows = step_times(args.model, runs, depths, args.batch_size, args.length, args.steps, rounds=args.rounds)
+    rounds = f"median of {args.rounds} rounds" if args.rounds != 1 else "1 round"
     print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device']}, "
-          f"{rows[0]['precision']}, batch {args.batch_size}, {args.length} tokens, median of {args.rounds} rounds)")
+          f"{rows[0]['precision']}, batch {args.batch_size}, {args.length} tokens, {rounds})")
     for row in rows:
         print(f"{row['depth']:>5d} {row['engine']:16s} {row['ms_per_run_step']:16.2f} {row['vs_eager']:9.2f}")
     if args.output:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ablations.runner import (add_parallel_argument, add_study_arguments, locations, make_group_trainer, make_trainer,
-                              parallel_runs, write_report)
-from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
+from ablations.runner import (add_parallel_argument, add_study_arguments, default_output_dir, locations,
+                              make_group_trainer, make_trainer, parallel_runs, write_report)
+from core.cli import (ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard,
+                      new_folders_removed_on_error)
 from core.config import RunConfig
 from core.errors import UsageError
 
@@ -115,6 +116,13 @@ def main() -> int:
     from core.hub import checked_sources
     # a model or data folder that cannot be found is refused before torch and transformers load
     model = checked_sources(args.model, RunConfig.model, args.dataset)
+    # the output folder is made when it is checked, before the model loads; refused later, the grid takes it back
+    with new_folders_removed_on_error(args.output_dir or default_output_dir(args.study_name)):
+        return checked_grid(args, model)
+
+
+def checked_grid(args: argparse.Namespace, model: str) -> int:
+    """The grid's settings checked against the model and the data (loaded once here), then run."""
     from ablations.storage import storage_errors
     from ablations.space import Grid, parse_choices, parse_int_list, parse_rates_by_depth
     from ablations.tuning import parse_rates

@@ -7,13 +7,15 @@ express them (see add_run_arguments)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import os
 import sys
 import typing
+from itertools import takewhile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from core.config import RunConfig
 from core.errors import UsageError
@@ -169,3 +171,21 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
         where = "is a file" if existing == folder else f"is under the file {str(existing)!r}"
         raise UsageError(f"{flag} {str(path)!r} {where}: give a folder")
     _write_check(folder, flag, path, "a folder")
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_error(*paths: str | Path) -> Iterator[None]:
+    """The block, and if it raises, every folder of `paths` (or above one) that did not exist when it began and is
+    still empty removed again: a command checks, and so makes, its output folder before the model loads, and one
+    refused after that (a depth beyond the model's layers) left an empty folder behind."""
+    new: set[Path] = set()
+    for path in paths:
+        folder = Path(path).expanduser().absolute()
+        new.update(takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(new, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty (a ledger, a report) or already gone: kept as it is
+                folder.rmdir()
+        raise

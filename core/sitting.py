@@ -103,8 +103,10 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                                    compile)
             first = next(iter(todo.values()))
             if progress:
+                rounds, steps = session.timer.repeats, session.timer.steps
                 progress(f"timing {len(todo)} work shape(s) together, round-robin, alone on the machine "
-                         f"({session.timer.repeats} rounds of {session.timer.steps} steps each)")
+                         f"({rounds} round{'s' if rounds != 1 else ''} of {steps} step{'s' if steps != 1 else ''} "
+                         "each)")
             taken = session.timer.interleaved({k: s.step for k, s in todo.items()},
                                               {k: s.batches for k, s in todo.items()}, first.device,
                                               device_label=first.device_label, save=True, replace=together,

@@ -138,7 +138,8 @@ def test_benchmark_step_times_runs_on_the_cpu_with_small_groups(tiny_bert, tmp_p
         (d, e) for d in (0, 1) for e in ("eager", "stacked N=1", "stacked N=2")]  # no capture without CUDA
     assert all(r["ms_per_run_step"] > 0 and r["device"] == "cpu" for r in rows)
     assert [r["vs_eager"] for r in rows if r["engine"] == "eager"] == [1.0, 1.0]
-    assert "stacked N=2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stacked N=2" in out and "12 tokens, 1 round)" in out, out  # was "median of 1 rounds"
 
 
 def test_benchmark_step_times_refuses_bad_sizes_in_one_line(tiny_bert, monkeypatch):

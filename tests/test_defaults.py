@@ -7,19 +7,11 @@ import time
 
 import optuna
 import pytest
-from conftest import quick_config
+from conftest import quick_config, run_command
 
 from core import UsageError
-from core.cli import main_guard
 from core.hub import PACKAGED_MODEL_FLAG, packaged_model, resolve_model
 from core.model import model_config
-
-
-def run_main(monkeypatch, module, *arguments):
-    monkeypatch.setattr(sys, "argv", [module.__name__, *arguments])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(module.main)
-    return exit_.value.code
 
 
 @pytest.fixture
@@ -113,9 +105,10 @@ def test_the_commands_default_to_runs_of_their_study_and_one_shared_ledger(monke
     monkeypatch.chdir(tmp_path)
     common = ("--model", tiny_bert, "--dataset", toy_data, "--max-length", "32", "--precision", "fp32",
               "--max-train-samples", "32", "--no-progress", "--no-report")
-    assert run_main(monkeypatch, grid, *common, "--freeze-depths", "2", "--schedulers", "linear", "--epochs", "1") == 0
-    assert run_main(monkeypatch, search, *common, "--trials", "1", "--freeze-depths", "2-2", "--epochs-range",
-                    "1-1") == 0
+    assert run_command(monkeypatch, grid.main, grid.__name__, *common, "--freeze-depths", "2", "--schedulers",
+                       "linear", "--epochs", "1") == 0
+    assert run_command(monkeypatch, search.main, search.__name__, *common, "--trials", "1", "--freeze-depths", "2-2",
+                       "--epochs-range", "1-1") == 0
     assert sorted(optuna.get_all_study_names(f"sqlite:///{tmp_path}/runs/ablations.db")) == ["grid", "search"]
     assert (tmp_path / "runs" / "search" / "pareto.csv").is_file() and (tmp_path / "runs" / "grid").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no results/, no stray ablations.db
@@ -145,7 +138,7 @@ def test_the_search_prints_each_failed_runs_reason(monkeypatch, capsys, tmp_path
             raise FloatingPointError("training loss became nan in epoch 1")
         return train
     monkeypatch.setattr(search, "make_trainer", failing_trainer)
-    code = run_main(monkeypatch, search, "--model", tiny_bert, "--dataset", toy_data, "--trials", "1",
-                    "--output-dir", str(tmp_path), "--no-progress", "--no-report")
+    code = run_command(monkeypatch, search.main, search.__name__, "--model", tiny_bert, "--dataset", toy_data,
+                       "--trials", "1", "--output-dir", str(tmp_path), "--no-progress", "--no-report")
     assert code == 1
     assert "failed trial 0" in capsys.readouterr().out.split("search 'search': 1 trial(s) now")[1]

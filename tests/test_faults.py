@@ -3,11 +3,10 @@ files, a full disk. Each test names a fault a fault-injection run found ending i
 from __future__ import annotations
 
 import os
-import sys
 
 import optuna
 import pytest
-from conftest import save_tiny, write_toy_dataset
+from conftest import run_command, save_tiny, write_toy_dataset
 
 from core import Session, UsageError
 from core import model as core_model
@@ -79,13 +78,6 @@ def test_non_finite_weights_name_the_checkpoint_not_the_learning_rate(tmp_path):
 
 # Output paths: checked before training, nothing trained
 
-def run_main(monkeypatch, module, *arguments):
-    monkeypatch.setattr(sys, "argv", [module.__name__, *arguments])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(module.main)
-    return exit_.value.code
-
-
 @pytest.mark.parametrize("where", ["under a file", "a folder"])
 def test_core_output_is_checked_before_training(monkeypatch, capsys, tmp_path, tiny_bert, toy_data, where):
     import core.__main__ as command
@@ -93,7 +85,8 @@ def test_core_output_is_checked_before_training(monkeypatch, capsys, tmp_path, t
     monkeypatch.setattr(core.train, "run", lambda *a, **k: pytest.fail("trained before checking --output"))
     (tmp_path / "file").write_text("x")
     output = str(tmp_path / "file" / "run.json") if where == "under a file" else str(tmp_path)
-    assert run_main(monkeypatch, command, "--model", tiny_bert, "--dataset", toy_data, "--output", output) == 2
+    assert run_command(monkeypatch, command.main, command.__name__, "--model", tiny_bert, "--dataset", toy_data,
+                       "--output", output) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--output" in error
 
@@ -107,7 +100,7 @@ def test_core_output_in_a_read_only_folder_is_checked_before_training(monkeypatc
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked").chmod(0o500)
     arguments = ("--model", tiny_bert, "--dataset", toy_data, "--output", str(tmp_path / "locked" / "run.json"))
-    assert run_main(monkeypatch, command, *arguments) == 2
+    assert run_command(monkeypatch, command.main, command.__name__, *arguments) == 2
     assert "cannot be written" in capsys.readouterr().err
 
 
@@ -118,8 +111,8 @@ def test_an_output_dir_under_a_file_stops_the_command_before_any_trial(monkeypat
     module = importlib.import_module(module_name)
     (tmp_path / "file").write_text("x")
     storage = f"sqlite:///{tmp_path}/ledger.db"
-    code = run_main(monkeypatch, module, "--model", tiny_bert, "--dataset", toy_data, "--storage", storage,
-                    "--output-dir", str(tmp_path / "file" / "out"), "--no-progress")
+    code = run_command(monkeypatch, module.main, module.__name__, "--model", tiny_bert, "--dataset", toy_data,
+                       "--storage", storage, "--output-dir", str(tmp_path / "file" / "out"), "--no-progress")
     assert code == 2 and "is under the file" in capsys.readouterr().err
     assert not (tmp_path / "ledger.db").exists()
 
@@ -136,10 +129,10 @@ def test_a_bad_data_file_records_no_trial_and_the_fixed_file_trains(monkeypatch,
                  str(tmp_path / "out"), "--freeze-depths", "0", "--schedulers", "linear", "--epochs", "1",
                  "--retries", "0", "--max-length", "32", "--precision", "fp32", "--no-progress", "--no-report")
     for _ in range(3):
-        assert run_main(monkeypatch, grid, *arguments) == 2
+        assert run_command(monkeypatch, grid.main, grid.__name__, *arguments) == 2
     assert not (tmp_path / "ledger.db").exists()  # nothing recorded, so nothing to count against the cell
     (data / "train.tsv").write_text(good)
-    assert run_main(monkeypatch, grid, *arguments) == 0
+    assert run_command(monkeypatch, grid.main, grid.__name__, *arguments) == 0
     assert "1 trained now" in capsys.readouterr().out
 
 

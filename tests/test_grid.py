@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import fresh_postgres_database, quick_config, write_toy_dataset
+from conftest import fresh_postgres_database, quick_config, run_command, write_toy_dataset
 
 from ablations.cells import run_cells
 from ablations.space import Grid
@@ -172,17 +172,47 @@ def test_lr_by_depth_trains_each_depth_at_its_own_rate_inline_or_from_lr_choice(
 ])
 def test_bad_input_ends_the_grid_with_one_line(extra, expected, tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
     from ablations.grid import main
-    from core.cli import main_guard
     file = tmp_path / "a-file"
     file.write_text("not a folder")
     extra, expected = [e.format(file=file) for e in extra], expected.format(file=file)
     argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", *extra)
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *argv[3:]])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(main)
+    code = run_command(monkeypatch, main, "python -m ablations.grid", *argv[3:])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert not (tmp_path / "ablations.db").exists()   # checked before any storage is opened
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--freeze-depths", "0-5"], "--freeze-depths '0-5' is out of range"),
+    (["--freeze-depths", "0,1", "--lr-by-depth", "0=3e-3"], "gives no learning rate for freeze depth 1"),
+])
+@pytest.mark.parametrize("output_dir", [None, "new/out"])
+def test_a_grid_refused_after_the_model_loads_leaves_no_new_folder(extra, expected, output_dir, tiny_bert, toy_data,
+                                                                   tmp_path, monkeypatch, capsys):
+    """Refusals that need the model's layer count come after the output folder is checked (and so made): they left
+    an empty runs/grid/ (or --output-dir) behind."""
+    from ablations.grid import main
+    monkeypatch.chdir(tmp_path)
+    where = ["--output-dir", output_dir] if output_dir else []
+    code = run_command(monkeypatch, main, "python -m ablations.grid", "--model", tiny_bert, "--dataset", toy_data,
+                       "--no-progress", *where, *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()  # a folder that was there before is kept
+    assert run_command(monkeypatch, main, "python -m ablations.grid", "--model", tiny_bert, "--dataset", toy_data,
+                       "--no-progress", *extra) == 2
+    assert [p.name for p in tmp_path.rglob("*")] == ["runs"]
+
+
+def test_a_sitting_of_one_round_says_round(tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """--timing-repeats 1 printed "(1 rounds of ... steps each)"."""
+    from ablations.grid import main
+    argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "0,1", "--schedulers", "linear",
+                        "--timing-repeats", "1")
+    assert run_command(monkeypatch, main, "python -m ablations.grid", *argv[3:]) == 0
+    out = capsys.readouterr().out
+    assert "timing 2 work shape(s) together" in out and "(1 round of " in out and "1 rounds" not in out, out
 
 
 def test_a_failed_cell_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tiny_bert, toy_data, tmp_path):
@@ -217,18 +247,16 @@ def test_a_grid_whose_every_run_failed_writes_runs_csv_and_exits_1(tiny_bert, to
     complete it ended on the report's "error: no completed runs to report", exit code 2, as if the flags were
     wrong; a grid with some runs failed exits 1."""
     import ablations.grid
-    from core.cli import main_guard
 
     def nan(config, siblings=None):
         raise FloatingPointError("training loss became nan in epoch 1")
     monkeypatch.setattr(ablations.grid, "make_trainers", lambda *args: (nan, None))
     argv = grid_command(tiny_bert, toy_data, tmp_path, None, "--freeze-depths", "1", "--schedulers", "linear",
                         "--timing-repeats", "0")
-    monkeypatch.setattr(sys, "argv", ["python -m ablations.grid", *[a for a in argv[3:] if a != "--no-report"]])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(ablations.grid.main)
+    code = run_command(monkeypatch, ablations.grid.main, "python -m ablations.grid",
+                       *[a for a in argv[3:] if a != "--no-report"])
     out = capsys.readouterr().out
-    assert exit_.value.code == 1 and "training loss became nan" in out
+    assert code == 1 and "training loss became nan" in out
     assert "trade-off tables skipped: no completed runs to report" in out and (tmp_path / "runs.csv").exists()
 
 

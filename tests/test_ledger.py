@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
-from conftest import fresh_postgres_database, quick_config, save_tiny, write_toy_dataset
+from conftest import fresh_postgres_database, quick_config, run_command, save_tiny, write_toy_dataset
 
 from ablations import storage as storage_module
 from ablations.cells import run_cells
@@ -266,16 +266,13 @@ def run_module(*arguments: str) -> subprocess.CompletedProcess:
 
 def test_a_full_disk_while_claiming_is_one_line(tmp_path, tiny_bert, toy_data, monkeypatch, capsys):
     from ablations.grid import main
-    from core.cli import main_guard
     monkeypatch.setattr(optuna.storages.RDBStorage, "create_new_trial", lambda *a, **k: (_ for _ in ()).throw(
         sa.exc.OperationalError("INSERT INTO trials", {}, Exception("database or disk is full"))))
-    monkeypatch.setattr(sys, "argv", ["grid", "--model", tiny_bert, "--dataset", toy_data, "--freeze-depths", "0",
-                                      "--schedulers", "linear", "--epochs", "1", "--output-dir", str(tmp_path),
-                                      "--no-progress", "--no-report"])
-    with pytest.raises(SystemExit) as exit_:
-        main_guard(main)
+    code = run_command(monkeypatch, main, "grid", "--model", tiny_bert, "--dataset", toy_data, "--freeze-depths", "0",
+                       "--schedulers", "linear", "--epochs", "1", "--output-dir", str(tmp_path), "--no-progress",
+                       "--no-report")
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "is full" in err and "ablations.db" in err, err
+    assert code == 2 and err.count("\n") == 1 and "is full" in err and "ablations.db" in err, err
 
 
 def test_a_corrupt_sqlite_file_is_one_line_and_merge_leaves_no_empty_study(tmp_path, tiny_bert, toy_data):
