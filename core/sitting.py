@@ -44,7 +44,8 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
     """A prepared run of each config of `chosen` (one per work shape, under any name), its frozen view entered
     on `views` (each shape has its own model), with its own optimizer and schedule: nothing a stored run uses."""
     from core.model import device_name
-    from core.train import _train_mode, prepare, quiet_prefix_build, timing_batches, timing_shape, train_step
+    from core.prepare import prepare
+    from core.train import _train_mode, quiet_prefix_build, timing_batches, timing_shape, train_step
 
     shapes = {}
     for name, config in chosen.items():

@@ -11,8 +11,9 @@ from conftest import quick_config, save_tiny, write_toy_dataset
 
 from core import group as run_group_module
 from core.group import bytes_per_run, choose_engine, group_size, train_group
+from core.prepare import prepare
 from core.session import Session
-from core.train import prepare, train_epochs
+from core.train import train_epochs
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 ZERO_GRADIENT = "attention.self.key.bias"  # exactly zero gradient: moved by rounding noise only (see test_stacked)

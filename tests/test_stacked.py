@@ -244,7 +244,7 @@ def test_each_stacked_run_scales_its_loss_as_its_own_grad_scaler(model_dir, data
 def test_stacked_bf16_accuracy_matches_solo_within_noise(data, tmp_path):
     from core.group import train_group
     from core.session import Session
-    from core.train import prepare as prepare_run
+    from core.prepare import prepare as prepare_run
     model = str(save_tiny(tmp_path / "m", "bert", layers=2, **NO_DROPOUT["bert"]))
     group = [c.replace(epochs=2, learning_rate=3e-3) for c in configs(model, data, 0, precision="bf16")]
     session = Session(timing_repeats=0)

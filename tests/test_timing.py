@@ -262,6 +262,7 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     steps come from that timing is charged that build, not its own made under load (steps and build then come from
     one moment; before, a reused step timing was added to a build taken hours later under other load)."""
     import core.prefix_cache
+    import core.prepare
     import core.train
     from core.lease import Contention
     from core.session import Session
@@ -272,13 +273,13 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
         return made
 
     first, builds = session(), []
-    real = core.train.prefix_states
+    real = core.prepare.prefix_states
 
     def spy(cache, model, backbone, split, key, *rest):
         builds.append((key[2], first.timer.lease._exclusive > 0))
         return real(cache, model, backbone, split, key, *rest)
 
-    monkeypatch.setattr(core.train, "prefix_states", spy)
+    monkeypatch.setattr(core.prepare, "prefix_states", spy)
     config = quick_config(tiny_bert, toy_data, freeze_depth=1)
     record = core.train.run(config, device="cpu", progress=False, session=first)
     assert ("train", True) in builds and not record.contended and "under load" not in record.summary()
@@ -469,8 +470,8 @@ def test_a_sitting_times_every_new_shape_together_once_and_its_runs_read_that_ti
     assert {r.timing["sitting"] for r in records} == {2}
     assert {r.timing["measured_at"] for r in records} == {t.measured_at for t in taken.values()}
     assert {r.timing["shape"] for r in records} == set(taken)
-    import core.train
-    monkeypatch.setattr(core.train, "prepare", lambda *a, **k: pytest.fail("a sitting with nothing to time prepared"))
+    import core.prepare
+    monkeypatch.setattr(core.prepare, "prepare", lambda *a, **k: pytest.fail("a sitting with nothing to time prepared"))
     assert time_shapes(configs, session, "cpu", progress=None) == {}
     assert time_shapes(configs, quiet_session(), "cpu", progress=None) == {}  # read from the machine's file
 
@@ -667,6 +668,7 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
 def test_a_runs_timing_key_is_known_before_it_is_prepared(tiny_bert, toy_data, changes):
     """core.train.planned_shape (no model, no prefix build) gives the key timing_shape gives the prepared run."""
     from core.session import Session
-    from core.train import planned_shape, prepare, timing_shape
+    from core.prepare import prepare
+    from core.train import planned_shape, timing_shape
     config, session = quick_config(tiny_bert, toy_data, **changes), Session()
     assert planned_shape(config, session, "cpu") == timing_shape(prepare(config, session, "cpu", False, True), False)
