@@ -20,7 +20,8 @@ from core.model import find_backbone, fresh_model, load_pretrained, load_tokeniz
 from core.prefix_cache import PrefixCache, split_forward_mismatch
 from core.shared_steps import SharedSteps
 from core.stacked_modules import stack_problem
-from core.timing import REPEATS, Timer
+from core.timer import Timer
+from core.timing import REPEATS
 
 
 class Session:
@@ -38,7 +39,7 @@ class Session:
 
     @property
     def timer(self) -> Timer:
-        """Step timings per work shape, taken alone on the machine (`core.timing`); made on first use."""
+        """Step timings per work shape, taken alone on the machine (`core.timer`); made on first use."""
         if self._timer is None:
             self._timer = Timer(repeats=max(1, self.timing_repeats))
         return self._timer

@@ -80,7 +80,7 @@ class Timed:
 def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
             together: bool = False, progress: Callable[[str], None] | None = print) -> list[Timed]:
     """Time the work shapes of `configs` that this machine has no timing of, together in one sitting, and save the
-    timings (`core.timing.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
+    timings (`core.timer.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
     `together`: if any shape needs a timing, time every shape of `configs` in that sitting, those timed before
     included (their saved timings are replaced), so all of them share one time axis. Returns what was timed
     (or read after another worker timed it meanwhile); nothing when no shape needed timing. Nothing a run

@@ -86,7 +86,7 @@ def test_runs_of_different_epochs_train_in_one_group_each_as_alone(model, data, 
 def counting_optimizers(tmp_path, monkeypatch) -> tuple[Session, list]:
     """A session with a quick timer of its own, and the list of models core.group builds an optimizer for."""
     from core.lease import Lease
-    from core.timing import Timer
+    from core.timer import Timer
     session = Session(timing_repeats=1)
     session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=2, warmup=1, threshold=1e9)
     built, make_optimizer = [], run_group_module.make_optimizer
