@@ -513,6 +513,7 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     import core.timer
     from ablations import timing_passes
     from ablations.storage import load_runs
+    from ablations.stored_sitting import sitting_key
     from core import UsageError, run
     from core.lease import LoadProbe
     from core.session import Session
@@ -549,8 +550,7 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     sitting = optuna.load_study(study_name="s", storage=url).user_attrs["timing_sitting"]
     assert len(sitting["shapes"]) == 2
     for record in (r["record"] for r in load_runs(url, ["s"])):
-        shape = sitting["shapes"][timing_passes.sitting_key(record["config"], record["device"],
-                                                            record["train_samples"])]
+        shape = sitting["shapes"][sitting_key(record["config"], record["device"], record["train_samples"])]
         assert record["timing"]["sitting"] == 2 and record["timing"]["measured_at"] == sitting["measured_at"]
         assert record["train_seconds"] == pytest.approx(
             record["timing"]["steps"] * shape["per_step"] + shape["prefix_seconds"], abs=1e-3)
