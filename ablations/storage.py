@@ -221,7 +221,7 @@ def fail_kind(trial: FrozenTrial) -> str | None:
 
 def load_runs(url: str, study_names: list[str] | None = None, retime: bool = True) -> list[dict]:
     """Every stored trial as a plain dict (the report's input), for the named studies or all of them. A study
-    that holds a timing sitting (`ablations.timing_passes.store_sitting`) has its runs' times taken from it
+    that holds a timing sitting (`ablations.stored_sitting.store_sitting`) has its runs' times taken from it
     (`retime=False`: as stored)."""
     with storage_errors(url):
         storage = open_storage(url)
@@ -236,7 +236,7 @@ def load_runs(url: str, study_names: list[str] | None = None, retime: bool = Tru
 def with_sitting(runs: list[dict], study_attrs: dict) -> list[dict]:
     """`runs` of one study (`run_of`) with their times from the study's stored timing sitting, where it holds one
     (`python -m ablations.timing_passes --interleave --store`); the runs are changed in place and returned."""
-    from ablations.timing_passes import SITTING, retimed
+    from ablations.stored_sitting import SITTING, retimed
     if (sitting := study_attrs.get(SITTING)) is None:
         return runs
     for run in runs:

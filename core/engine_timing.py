@@ -23,7 +23,8 @@ from core.device import autocast_for, clip_gradients, loss_scaler, make_optimize
 from core.model import freeze, fresh_model, load_pretrained, num_layers
 from core.prefix_cache import layer_view
 from core.errors import UsageError
-from core.stacked import StackedRun, StackedRuns, pad_and_stack, stack_problem
+from core.stacked import StackedRun, StackedRuns, pad_and_stack
+from core.stacked_modules import stack_problem
 
 
 def _batches(model, depth: int, batch_size: int, length: int, count: int, device) -> list[dict]:

@@ -36,8 +36,8 @@ from core.record import RunRecord
 from core.recording import make_record
 from core.session import Session
 from core.stacked import StackedRun, StackedRuns, group_key
-from core.train import (EpochCallback, Prepared, Training, _train_mode, end_epoch, evaluate_test, prepare, run,
-                        time_steps, timing_shape)
+from core.prepare import Prepared, prepare
+from core.train import EpochCallback, Training, _train_mode, end_epoch, evaluate_test, run, time_steps, timing_shape
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64          # beyond this the stacked step stopped gaining in the H100 probes (N = 56: 0.99 ms/run-step)

@@ -99,7 +99,7 @@ def check_safetensors(path: Path) -> None:
 
 def check_settings(config) -> PretrainedConfig:
     """Every check of a run's settings that needs no weights (the dataset path, the model's config, the freeze
-    depth and --max-length against it); returns the model's config. `core.train.check` and `preflight`."""
+    depth and --max-length against it); returns the model's config. `core.prepare.check` and `preflight`."""
     from core.sources import check_dataset
     check_dataset(config.dataset)
     model_cfg = model_config(config.model)

@@ -12,7 +12,8 @@ from core.record import RunRecord, now
 
 if TYPE_CHECKING:
     from core.session import Session
-    from core.train import Prepared, Training
+    from core.prepare import Prepared
+    from core.train import Training
 
 
 def make_record(p: Prepared, training: Training, test_metrics: dict | None, session: Session, compile: bool,

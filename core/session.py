@@ -19,8 +19,9 @@ from core.metrics import load_metric
 from core.model import find_backbone, fresh_model, load_pretrained, load_tokenizer
 from core.prefix_cache import PrefixCache, split_forward_mismatch
 from core.shared_steps import SharedSteps
-from core.stacked import stack_problem
-from core.timing import REPEATS, Timer
+from core.stacked_modules import stack_problem
+from core.timer import Timer
+from core.timing import REPEATS
 
 
 class Session:
@@ -38,7 +39,7 @@ class Session:
 
     @property
     def timer(self) -> Timer:
-        """Step timings per work shape, taken alone on the machine (`core.timing`); made on first use."""
+        """Step timings per work shape, taken alone on the machine (`core.timer`); made on first use."""
         if self._timer is None:
             self._timer = Timer(repeats=max(1, self.timing_repeats))
         return self._timer
@@ -96,8 +97,8 @@ class Session:
         return self._metrics[name]
 
     def stack_problem(self, name: str, data: TextData, depth: int) -> str | None:
-        """Why runs of this model at `depth` cannot train as one stacked group (`core.stacked.stack_problem`, its
-        forward checked on a few training rows), or None; once per model, data and depth."""
+        """Why runs of this model at `depth` cannot train as one stacked group (`core.stacked_modules.stack_problem`,
+        its forward checked on a few training rows), or None; once per model, data and depth."""
         key = (os.path.expanduser(name), data.fingerprint, depth)
         if key not in self._stackable and any(k[:2] == key[:2] and k[2] < depth and problem is None
                                               for k, problem in self._stackable.items()):

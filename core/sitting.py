@@ -44,7 +44,8 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
     """A prepared run of each config of `chosen` (one per work shape, under any name), its frozen view entered
     on `views` (each shape has its own model), with its own optimizer and schedule: nothing a stored run uses."""
     from core.model import device_name
-    from core.train import _train_mode, prepare, quiet_prefix_build, timing_batches, timing_shape, train_step
+    from core.prepare import prepare
+    from core.train import _train_mode, quiet_prefix_build, timing_batches, timing_shape, train_step
 
     shapes = {}
     for name, config in chosen.items():
@@ -79,7 +80,7 @@ class Timed:
 def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
             together: bool = False, progress: Callable[[str], None] | None = print) -> list[Timed]:
     """Time the work shapes of `configs` that this machine has no timing of, together in one sitting, and save the
-    timings (`core.timing.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
+    timings (`core.timer.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
     `together`: if any shape needs a timing, time every shape of `configs` in that sitting, those timed before
     included (their saved timings are replaced), so all of them share one time axis. Returns what was timed
     (or read after another worker timed it meanwhile); nothing when no shape needed timing. Nothing a run

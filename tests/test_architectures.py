@@ -3,7 +3,7 @@
 Tiny random-weight models of each family, built in the test: one run with a frozen prefix (cached where the model
 can be cut after it, `core.prefix_cache.split_forward_mismatch`; with the frozen layers live where not), one run
 that trains only the head, and a group of two runs (stacked where the modules they train have stacked twins,
-`core.stacked.stack_problem`; one at a time where not). What is asserted is that each run completes and that the
+`core.stacked_modules.stack_problem`; one at a time where not). What is asserted is that each run completes and that the
 record says which way it ran, not which families can be cut or stacked: that is the models' business, and the
 code asks them.
 """
@@ -21,7 +21,7 @@ from core.group import run_group
 from core.model import find_backbone, load_model, preflight, token_limit
 from core.prefix_cache import split_forward_mismatch
 from core.session import Session, probe_batches
-from core.stacked import stack_problem
+from core.stacked_modules import stack_problem
 from core.train import run
 
 LAYERS = 2

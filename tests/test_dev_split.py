@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import quick_config, write_toy_dataset
 
+import core.prepare
 import core.train
 from ablations.tuning import choice_value
 from core import RunConfig, RunRecord, Session, UsageError
@@ -81,7 +82,7 @@ def rows_used(monkeypatch, model: str, dataset: str, **changes) -> dict[str, np.
         return real_subset(self, indices, progress)
 
     monkeypatch.setattr(TextSplit, "subset", subset)
-    core.train.prepare(quick_config(model, dataset, **changes), Session(), "cpu", False, False)
+    core.prepare.prepare(quick_config(model, dataset, **changes), Session(), "cpu", False, False)
     monkeypatch.setattr(TextSplit, "subset", real_subset)
     train, dev = asked
     return {"train": train, "dev": dev}

@@ -116,7 +116,8 @@ def test_the_estimate_after_the_sitting_is_each_runs_steps_times_its_shapes_time
 
     from ablations.grid import timed_estimate
     from core.session import Session
-    from core.train import planned_shape, split_rows
+    from core.prepare import split_rows
+    from core.train import planned_shape
 
     session = Session()
     shallow, deep = quick_config(tiny_bert, toy_data, epochs=2), quick_config(tiny_bert, toy_data, freeze_depth=2)

@@ -11,8 +11,9 @@ from conftest import quick_config, save_tiny, write_toy_dataset
 
 from core import group as run_group_module
 from core.group import bytes_per_run, choose_engine, group_size, train_group
+from core.prepare import prepare
 from core.session import Session
-from core.train import prepare, train_epochs
+from core.train import train_epochs
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 ZERO_GRADIENT = "attention.self.key.bias"  # exactly zero gradient: moved by rounding noise only (see test_stacked)
@@ -85,7 +86,7 @@ def test_runs_of_different_epochs_train_in_one_group_each_as_alone(model, data, 
 def counting_optimizers(tmp_path, monkeypatch) -> tuple[Session, list]:
     """A session with a quick timer of its own, and the list of models core.group builds an optimizer for."""
     from core.lease import Lease
-    from core.timing import Timer
+    from core.timer import Timer
     session = Session(timing_repeats=1)
     session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=2, warmup=1, threshold=1e9)
     built, make_optimizer = [], run_group_module.make_optimizer
@@ -332,7 +333,7 @@ def test_a_group_that_fails_as_a_whole_fails_each_of_its_runs_once(model, data, 
 
 def test_which_models_stack_is_read_from_the_modules_they_train(model, tmp_path):
     from core.model import load_model
-    from core.stacked import stack_problem
+    from core.stacked_modules import stack_problem
     bert = load_model(model, ["0", "1"])
     assert [stack_problem(bert, depth) for depth in (0, 1, 2)] == [None, None, None]
     squeeze = load_model(str(save_tiny(tmp_path / "squeezebert", "squeezebert", layers=2, **NO_DROPOUT)), ["0", "1"])
@@ -365,10 +366,10 @@ def test_a_model_that_stacks_at_one_depth_is_not_checked_again_deeper(model, dat
     """The stacked forward check (two model copies and a forward) runs once for a grid's depths 0, 1, 2: a model
     that stacks at depth 0 stacks deeper (fewer modules trained, the rest shared). A model that does not stack
     at a shallow depth is checked again deeper (SqueezeBERT stacks at depth = all layers)."""
-    import core.stacked
+    import core.stacked_modules
     calls = []
-    check = core.stacked._stacked_forward_mismatch
-    monkeypatch.setattr(core.stacked, "_stacked_forward_mismatch",
+    check = core.stacked_modules._stacked_forward_mismatch
+    monkeypatch.setattr(core.stacked_modules, "_stacked_forward_mismatch",
                         lambda net, depth, inputs: calls.append(depth) or check(net, depth, inputs))
     session = Session(timing_repeats=0)
     text = session.text_data(data, session.tokenizer(model), None, None, 32)

@@ -7,10 +7,11 @@ import torch
 
 from conftest import quick_config, save_tiny, write_toy_dataset
 from core.device import loss_scaler, make_optimizer, make_schedule, precision_for
+from core.prepare import prepare
 from core.session import Session
 from core.shared_steps import SharedSteps
 from core.timing import preserved
-from core.train import prepare, train_step
+from core.train import train_step
 
 
 def card(major: int):

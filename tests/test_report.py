@@ -464,7 +464,7 @@ def test_a_stored_sitting_times_every_run_of_its_study_and_the_caption_says_whic
     x the sitting's per-step time + its prefix build; each epoch's alike), the pass it replaced is kept, the
     caption says one sitting, and load_runs(retime=False) still gives the runs as stored."""
     from ablations.storage import load_runs
-    from ablations.timing_passes import retimed, sitting_key, store_sitting
+    from ablations.stored_sitting import retimed, sitting_key, store_sitting
 
     def shape_of(record):
         return sitting_key(record["config"], record.get("device"), record.get("train_samples"))

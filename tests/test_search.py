@@ -15,11 +15,12 @@ from conftest import fresh_postgres_database, quick_config, run_command, save_ti
 from optuna.trial import TrialState
 
 from ablations.cells import run_cells
-from ablations.optuna_search import Search, main, open_search_study
+from ablations.optuna_search import main, open_search_study
 from ablations.pareto import SEARCHED, run_rows, write_outputs
 from ablations.space import Grid, SearchSpace
 from ablations.ledger import Ledger
 from ablations.storage import open_storage
+from ablations.trials import Search
 from core import UsageError, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,7 +75,7 @@ def test_pareto_csv_and_the_report_time_a_search_with_its_stored_sitting_alike(t
     """A search whose shapes were timed again in a stored sitting (timing_passes --interleave --store): pareto.csv,
     the summary's front and the trade-off table all take each run's time from the sitting, not from the trial."""
 
-    from ablations.timing_passes import sitting_key, store_sitting
+    from ablations.stored_sitting import sitting_key, store_sitting
 
     def timed_train(config, on_epoch=None):
         return fake_train(config, on_epoch) | {"timing": {"steps": 10, "measured_at": "2026-01-01T10:00:00Z"}}

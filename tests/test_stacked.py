@@ -19,7 +19,8 @@ from core.data import load_text_data
 from core.device import clip_gradients, make_optimizer
 from core.model import find_backbone, freeze, load_model, load_tokenizer, num_layers
 from core.prefix_cache import PrefixCache, layer_view, prefix_states
-from core.stacked import StackedRun, StackedRuns, group_key, pad_and_stack, stack_models
+from core.stacked import StackedRun, StackedRuns, group_key, pad_and_stack
+from core.stacked_modules import stack_models
 
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
               "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)}
@@ -243,7 +244,7 @@ def test_each_stacked_run_scales_its_loss_as_its_own_grad_scaler(model_dir, data
 def test_stacked_bf16_accuracy_matches_solo_within_noise(data, tmp_path):
     from core.group import train_group
     from core.session import Session
-    from core.train import prepare as prepare_run
+    from core.prepare import prepare as prepare_run
     model = str(save_tiny(tmp_path / "m", "bert", layers=2, **NO_DROPOUT["bert"]))
     group = [c.replace(epochs=2, learning_rate=3e-3) for c in configs(model, data, 0, precision="bf16")]
     session = Session(timing_repeats=0)
@@ -336,7 +337,7 @@ def test_a_stacked_model_computes_each_runs_logits(kind, tmp_path):
 def test_a_layer_norm_without_bias_stacks_and_trains_per_run():
     """LayerNorm(bias=False) (ModernBERT's) stacked: run i's rows give run i's own norm, and a backward reaches
     only run i's weight. It failed before ('NoneType' object has no attribute 'detach')."""
-    from core.stacked import RunAxis, StackedLayerNorm
+    from core.stacked_modules import RunAxis, StackedLayerNorm
     torch.manual_seed(0)
     norms = [torch.nn.LayerNorm(8, bias=False) for _ in range(3)]
     with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 from scipy import stats
 
 from core.lease import FOREIGN_CORES, Lease, LoadProbe, foreign_gpu_processes, judge
-from core.timing import Timer, measure_steps, per_step_interval, preserved, sample_batches, work_shape
+from core.timer import Timer
+from core.timing import measure_steps, per_step_interval, preserved, sample_batches, work_shape
 from conftest import quick_config
 
 LEASE_PY = Path(__file__).resolve().parents[1] / "core" / "lease.py"
@@ -262,6 +263,7 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     steps come from that timing is charged that build, not its own made under load (steps and build then come from
     one moment; before, a reused step timing was added to a build taken hours later under other load)."""
     import core.prefix_cache
+    import core.prepare
     import core.train
     from core.lease import Contention
     from core.session import Session
@@ -272,13 +274,13 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
         return made
 
     first, builds = session(), []
-    real = core.train.prefix_states
+    real = core.prepare.prefix_states
 
     def spy(cache, model, backbone, split, key, *rest):
         builds.append((key[2], first.timer.lease._exclusive > 0))
         return real(cache, model, backbone, split, key, *rest)
 
-    monkeypatch.setattr(core.train, "prefix_states", spy)
+    monkeypatch.setattr(core.prepare, "prefix_states", spy)
     config = quick_config(tiny_bert, toy_data, freeze_depth=1)
     record = core.train.run(config, device="cpu", progress=False, session=first)
     assert ("train", True) in builds and not record.contended and "under load" not in record.summary()
@@ -446,10 +448,10 @@ def test_a_sitting_times_every_new_shape_together_once_and_its_runs_read_that_ti
     """core.sitting.sitting: one timing per work shape (seeds and schedules share theirs), all taken in one
     round-robin sitting and saved; the runs then take no timing of their own, and a second sitting finds nothing
     left to time."""
-    from core import run, timing
+    from core import run, timer
     from core.session import Session
     from core.sitting import sitting
-    from core.timing import Timer
+    from core.timer import Timer
 
     def time_shapes(configs, session, device, progress=None):
         return {t.key: t.timing for t in sitting(configs, session, device, progress=progress)}
@@ -464,13 +466,13 @@ def test_a_sitting_times_every_new_shape_together_once_and_its_runs_read_that_ti
     taken = time_shapes(configs, session, "cpu", progress=None)
     assert len(taken) == 2 and {t.sitting for t in taken.values()} == {2}
     assert {len(t.repeat_seconds) for t in taken.values()} == {2}
-    monkeypatch.setattr(timing, "measure_steps", lambda *a, **k: pytest.fail("a run timed its shape again"))
+    monkeypatch.setattr(timer, "measure_steps", lambda *a, **k: pytest.fail("a run timed its shape again"))
     records = [run(c, progress=False, session=session) for c in configs[::3]]
     assert {r.timing["sitting"] for r in records} == {2}
     assert {r.timing["measured_at"] for r in records} == {t.measured_at for t in taken.values()}
     assert {r.timing["shape"] for r in records} == set(taken)
-    import core.train
-    monkeypatch.setattr(core.train, "prepare", lambda *a, **k: pytest.fail("a sitting with nothing to time prepared"))
+    import core.prepare
+    monkeypatch.setattr(core.prepare, "prepare", lambda *a, **k: pytest.fail("a sitting with nothing to time prepared"))
     assert time_shapes(configs, session, "cpu", progress=None) == {}
     assert time_shapes(configs, quiet_session(), "cpu", progress=None) == {}  # read from the machine's file
 
@@ -482,7 +484,7 @@ def test_a_sitting_before_a_run_changes_nothing_the_run_computes(tiny_bert, toy_
     from core.session import Session
     from core.lease import Lease
     from core.sitting import sitting
-    from core.timing import Timer
+    from core.timer import Timer
     config = quick_config(tiny_bert, toy_data, freeze_depth=1, epochs=2)
     plain = run(config, progress=False, session=Session(timing_repeats=1)).to_dict()
     session = Session(timing_repeats=1)
@@ -508,9 +510,10 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     from optuna.distributions import IntDistribution
     from optuna.trial import create_trial
 
-    import core.timing
+    import core.timer
     from ablations import timing_passes
     from ablations.storage import load_runs
+    from ablations.stored_sitting import sitting_key
     from core import UsageError, run
     from core.lease import LoadProbe
     from core.session import Session
@@ -524,7 +527,7 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
                                      distributions={"freeze_depth": IntDistribution(0, 2)},
                                      values=[record["accuracy"], record["train_seconds"]],
                                      user_attrs={"run_id": record["run_id"], "record": record}))
-    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
     command = ["timing_passes", "--storage", url, "--study-name", "s", "--rounds", "2"]
     monkeypatch.setattr(sys, "argv", command + ["--store"])
     with pytest.raises(UsageError, match="--store keeps a sitting: add --interleave"):
@@ -547,8 +550,7 @@ def test_timing_passes_interleave_store_keeps_the_sitting_and_the_studys_runs_re
     sitting = optuna.load_study(study_name="s", storage=url).user_attrs["timing_sitting"]
     assert len(sitting["shapes"]) == 2
     for record in (r["record"] for r in load_runs(url, ["s"])):
-        shape = sitting["shapes"][timing_passes.sitting_key(record["config"], record["device"],
-                                                            record["train_samples"])]
+        shape = sitting["shapes"][sitting_key(record["config"], record["device"], record["train_samples"])]
         assert record["timing"]["sitting"] == 2 and record["timing"]["measured_at"] == sitting["measured_at"]
         assert record["train_seconds"] == pytest.approx(
             record["timing"]["steps"] * shape["per_step"] + shape["prefix_seconds"], abs=1e-3)
@@ -562,11 +564,11 @@ def grid_runner(model: str, data: str, url: str, out, monkeypatch, capsys):
     import functools
     import sys
 
-    import core.timing
+    import core.timer
     from ablations import grid
     from core.cli import main_guard
     from core.lease import LoadProbe
-    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))
     common = ["--model", model, "--dataset", data, "--schedulers", "linear", "--epochs", "1", "--precision", "fp32",
               "--max-length", "32", "--storage", url, "--output-dir", str(out), "--no-progress", "--no-report",
               "--timing-repeats", "2"]
@@ -639,7 +641,7 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
     names the runs it copies (`copied`, here none): another study's runs of its shapes alone store nothing."""
     import functools
 
-    import core.timing
+    import core.timer
     from ablations.cells import run_cells
     from ablations.ledger import Ledger, open_study
     from ablations.storage import open_storage
@@ -647,7 +649,7 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
     from core import run
     from core.lease import LoadProbe
     from core.session import Session
-    monkeypatch.setattr(core.timing, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # a busy test box
     url = f"sqlite:///{tmp_path}/x.db"
     ledger = Ledger(open_storage(url))
     base = quick_config(tiny_bert, toy_data, freeze_depth=0)
@@ -667,6 +669,7 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
 def test_a_runs_timing_key_is_known_before_it_is_prepared(tiny_bert, toy_data, changes):
     """core.train.planned_shape (no model, no prefix build) gives the key timing_shape gives the prepared run."""
     from core.session import Session
-    from core.train import planned_shape, prepare, timing_shape
+    from core.prepare import prepare
+    from core.train import planned_shape, timing_shape
     config, session = quick_config(tiny_bert, toy_data, **changes), Session()
     assert planned_shape(config, session, "cpu") == timing_shape(prepare(config, session, "cpu", False, True), False)

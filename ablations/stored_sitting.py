@@ -1,0 +1,81 @@
+"""A timing sitting kept with a study: the key of a run's work shape in it (`sitting_key`), one shape as stored
+(`sitting_row`), the store (`store_sitting`, the study's `timing_sitting` attribute), and a record retimed from it
+(`retimed`, which `ablations.storage.load_runs` applies). `python -m ablations.timing_passes --interleave --store`
+and `time_study` take the sittings stored here.
+"""
+from __future__ import annotations
+
+import json
+
+from core.errors import UsageError
+
+
+def sitting_key(config: dict, device: str | None, train_samples: int | None) -> str:
+    """The key of a run's work shape in a stored sitting: `shape_key` without the epochs (a sitting times one
+    step; a run's steps, of any epoch count, multiply it)."""
+    return json.dumps(shape_key({**config, "epochs": None}, device, train_samples))
+
+
+def shape_key(config: dict, device: str | None, train_samples: int | None) -> tuple:
+    """`ablations.timing_passes.shape_of` for a run not recorded yet: its config, device label and training rows."""
+    from core.config import COST_FREE
+    fields = tuple(sorted((k, str(v)) for k, v in config.items() if k not in COST_FREE and k != "freeze_depth"))
+    return config["freeze_depth"], fields, config.get("epochs"), device, train_samples
+
+
+def sitting_row(shape: str, timing, prefix_seconds: float) -> dict:
+    """One shape of a sitting as `store_sitting` keeps it: its key, its `core.timing.StepTiming` (per-step time,
+    interval, rounds, contention) and the frozen-prefix build made for it."""
+    return {"shape": shape, "measured_at": timing.measured_at, "per_step": timing.per_step,
+            "per_step_low": timing.per_step_low, "per_step_high": timing.per_step_high,
+            "prefix_seconds": prefix_seconds, "repeat_seconds": list(timing.repeat_seconds),
+            "rounds": len(timing.repeat_seconds), "contended": timing.contended, "evidence": timing.evidence}
+
+
+SITTING = "timing_sitting"  # the study's user attribute that holds a stored sitting
+
+
+def store_sitting(url: str, study_name: str, rows: list[dict]) -> dict:
+    """Keep an `ablations.timing_passes.interleaved` sitting with the study: from then on its runs are reported
+    with the times of that sitting (`retimed`, applied by `ablations.storage.load_runs`), every shape's from the
+    same minutes. Only a sitting on the study's own hardware stands in for its timings."""
+    import optuna
+
+    from ablations.storage import open_storage
+    if rows and rows[0]["contended"]:
+        raise UsageError(f"the sitting was contended ({rows[0]['evidence']}): not stored; run it again on a quiet "
+                         "machine")
+    sitting = {"measured_at": min(r["measured_at"] for r in rows), "rounds": rows[0]["rounds"],
+               "evidence": rows[0]["evidence"],
+               "shapes": {r["shape"]: {k: r[k] for k in ("per_step", "per_step_low", "per_step_high",
+                                                         "prefix_seconds", "repeat_seconds")} for r in rows}}
+    optuna.load_study(study_name=study_name, storage=open_storage(url)).set_user_attr(SITTING, sitting)
+    return sitting
+
+
+def retimed(record: dict, sitting: dict) -> dict | None:
+    """The record with its time from the study's stored sitting (None where the sitting has no timing of its work
+    shape, or the record has no timing pass to replace): train s = its steps x the sitting's per-step time (with
+    the sitting's interval) + the sitting's frozen-prefix build; each epoch's alike. The pass it replaces is kept
+    under `timing.pass`."""
+    timing = record.get("timing") or {}
+    shape = sitting["shapes"].get(sitting_key(record["config"], record.get("device"), record.get("train_samples")))
+    if shape is None or timing.get("steps") is None:
+        return None
+    steps, prefix = timing["steps"], shape["prefix_seconds"]
+
+    def seconds(per_step: float | None, n: int = steps, extra: float = prefix) -> float | None:
+        return None if per_step is None or per_step != per_step else round(n * per_step + extra, 3)
+    history = [dict(entry) for entry in record.get("history") or []]
+    for entry in history:  # epochs of one run take equal steps; the prefix build counts in the first
+        entry["train_seconds"] = seconds(shape["per_step"], steps // max(1, len(history)),
+                                         prefix if entry.get("epoch") == 1 else 0.0)
+    return {**record, "history": history, "train_seconds": seconds(shape["per_step"]),
+            "train_seconds_lo": seconds(shape["per_step_low"]), "train_seconds_hi": seconds(shape["per_step_high"]),
+            "contended": False,
+            "timing": {**timing, "per_step": shape["per_step"], "per_step_low": shape["per_step_low"],
+                       "per_step_high": shape["per_step_high"], "repeat_seconds": shape["repeat_seconds"],
+                       "extra_seconds": prefix, "measured_at": sitting["measured_at"],
+                       "sitting": len(sitting["shapes"]), "contended": False, "evidence": sitting["evidence"],
+                       "pass": {"measured_at": timing.get("measured_at"), "train_seconds": record["train_seconds"],
+                                "sitting": timing.get("sitting", 1)}}}
