@@ -14,17 +14,11 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from ablations.runner import (
-    SEARCHED,
-    add_parallel_argument,
-    add_study_arguments,
-    locations,
-    make_group_trainer,
-    make_trainer,
-    parallel_runs,
-)
+from ablations.runner import (SEARCHED, add_parallel_argument, add_study_arguments, default_output_dir, locations,
+                              make_group_trainer, make_trainer, parallel_runs)
 from ablations.trials import SAMPLERS, Search
-from core.cli import ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard
+from core.cli import (ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard,
+                      new_folders_removed_on_error)
 from core.config import RunConfig
 from core.errors import UsageError
 
@@ -142,13 +136,20 @@ def main() -> int:
     from core.hub import checked_sources
     # a model or data folder that cannot be found is refused before torch and transformers load
     model = checked_sources(args.model, RunConfig.model, args.dataset)
-    from core.model import model_config, num_layers, preflight
+    from core.model import model_config, num_layers
     base = config_from_args(args, skip=SEARCHED, freeze_depth=0, model=model)
     space = resolve_space(args, num_layers(model_config(base.model)))  # checked once, before the model loads
     if args.print_space:
         print(json.dumps(space.to_dict(), indent=2))
         return 0
     name = args.study_name or ("search" if args.objective == "pareto" else "search-accuracy")
+    # the output folder is made when it is checked, before the model loads; refused later, the search takes it back
+    with new_folders_removed_on_error(args.output_dir or default_output_dir(name)):
+        return checked_search(args, base, space, name)
+
+
+def checked_search(args: argparse.Namespace, base: RunConfig, space, name: str) -> int:
+    """The search, its model and data checked once (the pre-flight), then its trials and outputs."""
     url, output_dir = locations(args.storage, args.output_dir, name)
     check_output_dir(output_dir)
     import optuna
@@ -158,6 +159,7 @@ def main() -> int:
     from ablations.pareto import write_outputs
     from ablations.tuning import CHOICE_LABELS, choice_metric
     from core.cli import make_session
+    from core.model import preflight
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
     preflight(base, session)  # model and data checked once, before any trial
     device = device_label(args.device)
@@ -176,7 +178,7 @@ def main() -> int:
               f"space {space.describe()} on {mask_url(url)}; engine {engine}, "
               f"{f'{size} trials asked at once' if size > 1 else 'one trial at a time'}")
         if session.timing_repeats:  # every depth the search may choose timed in one sitting (core.sitting), with
-            from ablations.timing_passes import time_study  # the shapes of the study's stored runs where it grows
+            from ablations.stored_sitting import time_study  # the shapes of the study's stored runs where it grows
             low, high = space.freeze_depth
             time_study(url, name, [base.replace(freeze_depth=d) for d in range(low, high + 1)], session, args.device,
                        compile=args.compile)

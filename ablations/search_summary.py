@@ -34,8 +34,11 @@ def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "
     if len(rows) != 1 or pd.isna(rows.iloc[0]["speedup"]):
         return f"**Full fine-tune baseline**: none by {rule}; no speed-up is stated."
     row = rows.iloc[0]
+    # the difference the report states: macro-F1's where every run chose by it (`ablations.baselines.compared_on`)
+    on_f1 = row.get("compared_on") == "macro-F1"
+    delta = f"{100 * row['f1_delta' if on_f1 else 'accuracy_delta']:+.1f} pp {'macro-F1' if on_f1 else 'accuracy'}"
     return (f"**Full fine-tune baseline** by {rule}: the knee ({row['label']}, mean over {row['seeds']} seed(s)) is "
-            f"{row['speedup']:.2f}× as fast, {100 * row['accuracy_delta']:+.1f} pp accuracy.")
+            f"{row['speedup']:.2f}× as fast, {delta}.")
 
 
 SUMMARY_SCORES = {  # the front's score columns in search_summary.md: the one that chose first

@@ -1,7 +1,8 @@
 """A timing sitting kept with a study: the key of a run's work shape in it (`sitting_key`), one shape as stored
 (`sitting_row`), the store (`store_sitting`, the study's `timing_sitting` attribute), and a record retimed from it
-(`retimed`, which `ablations.storage.load_runs` applies). `python -m ablations.timing_passes --interleave --store`
-and `time_study` take the sittings stored here.
+(`retimed`, which `ablations.storage.load_runs` applies), and `time_study`, the grid's and the search's sitting
+before their first run, stored with their study. `python -m ablations.timing_passes --interleave --store` stores
+one too.
 """
 from __future__ import annotations
 
@@ -79,3 +80,45 @@ def retimed(record: dict, sitting: dict) -> dict | None:
                        "sitting": len(sitting["shapes"]), "contended": False, "evidence": sitting["evidence"],
                        "pass": {"measured_at": timing.get("measured_at"), "train_seconds": record["train_seconds"],
                                 "sitting": timing.get("sitting", 1)}}}
+
+def time_study(url: str, study_name: str, pending: list, session, device=None, compile: bool = False,
+               progress=print, copied: set[str] | None = None) -> list:
+    """The grid's or the search's sitting before its first run (`core.sitting`): the shapes of the runs it is
+    about to train that this machine has no timing of and, when there are any, every shape the study already holds
+    runs of on this hardware, and every shape of the runs it will copy from other studies of the storage (`copied`:
+    their run ids, the grid's), all timed together. Where the study held such runs (it is being extended), will
+    copy some, or may copy some (`copied` None, the search's: it finds a run to copy only as it asks, so another
+    study holding timed runs of a shape it is about to train counts), the sitting is stored with it
+    (`store_sitting`), so its report reads every run's time, old, copied and new, from this one sitting; a
+    contended sitting is not stored (one line says so) and the command goes on."""
+    from ablations.storage import load_runs
+    from core.config import RunConfig
+    from core.device import resolve_device
+    from core.model import device_name
+    from core.sitting import sitting
+    from core.timing import work_shape
+
+    here = device_name(resolve_device(device))
+    timed_here = [(r["study"], r["record"].get("run_id") or r["run_id"], RunConfig.from_dict(r["record"]["config"]))
+                  for r in load_runs(url, retime=False)  # every study's trials, copies as their own study's
+                  if r["state"] == "COMPLETE" and r["record"] and r["record"].get("device") == here
+                  and (r["record"].get("timing") or {}).get("measured_at")]
+    held = [config for study, run_id, config in timed_here if study == study_name or run_id in (copied or ())]
+    shapes = {work_shape(c) for c in [*pending, *held]}
+    copyable = copied is None and any(study != study_name and work_shape(config) in shapes
+                                      for study, _, config in timed_here)
+    timed = sitting([*pending, *held], session, device, compile, together=True, progress=progress)
+    if not timed or not (held or copyable):
+        return timed
+    rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows), t.timing, t.prefix_seconds)
+            for t in timed]
+    try:
+        store_sitting(url, study_name, rows)
+    except UsageError as error:
+        progress(f"study {study_name!r} holds or copies runs of earlier timing passes; {error}")
+        return timed
+    if progress:
+        shapes = f"its {len(rows)} shapes" if len(rows) > 1 else "its one shape"
+        progress(f"study {study_name!r}: this sitting of {shapes} is stored with it; its report takes "
+                 "every run's time from it, the runs stored or copied before included")
+    return timed

@@ -4,7 +4,7 @@ A timing pass per shape, taken when the shape's first run starts, spreads a stud
 shared machine's cores drift by ±15 % over such spans (results/README §9), so a speed-up could divide a time
 taken at 02:00 by one taken at 05:00. Timed in one sitting, round-robin (`core.timing.interleaved_steps`), the
 drift reaches every shape alike. `sitting` is what the grid and the search call before their first run (through
-`ablations.timing_passes.time_study`, which adds the shapes a growing study already holds): the shapes about to
+`ablations.stored_sitting.time_study`, which adds the shapes a growing study already holds): the shapes about to
 train that this machine has no timing of are prepared (data, model, frozen prefix built alone, as a run does),
 timed together and saved as their timings, so every run reads its time from one sitting. `prepared_shapes` is
 the part `python -m ablations.timing_passes --interleave` shares.

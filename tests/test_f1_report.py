@@ -179,3 +179,15 @@ def test_a_study_chosen_by_accuracy_keeps_accuracy_and_old_multi_class_records_s
     assert row["test"] == LABELS_UNKNOWN and math.isnan(row["p_value"])
     assert "no test (labels not recorded)" in table_cells(paths["tradeoff_md"].read_text())["4"][
         "vs baseline (Δ macro-F1, Holm p, test)"]
+
+
+def test_the_search_summary_states_the_knees_macro_f1_difference_in_an_f1_study():
+    from ablations.search_summary import knee_comparison
+    for select_by, named in (("f1", "macro-F1"), ("accuracy", "accuracy")):
+        runs, _ = study(select_by)
+        table = tradeoff_table(runs)
+        row = table.set_index("freeze_depth").loc[4]
+        knee = pd.Series({"freeze_depth": 4, "scheduler": "linear", "epochs": 2, "learning_rate": 3e-5,
+                          "warmup_ratio": 0.1, "device": runs[0]["record"]["device"]})
+        delta = row["f1_delta"] if named == "macro-F1" else row["accuracy_delta"]
+        assert knee_comparison(table, knee, select_by).endswith(f"as fast, {100 * delta:+.1f} pp {named}.")

@@ -83,6 +83,19 @@ def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, tmp_path, ti
     assert not (tmp_path / "ablations.db").exists()  # refused before the ledger is opened: no study is made
 
 
+@pytest.mark.parametrize("output_dir", [None, "new/out"])
+def test_a_search_refused_after_its_folder_is_checked_leaves_no_new_folder(monkeypatch, capsys, tmp_path, tiny_bert,
+                                                                           toy_data, output_dir):
+    """--max-length beyond the model's position table is refused by the pre-flight, after the output folder was
+    checked (and so made): it left an empty runs/search/ (or --output-dir) behind."""
+    monkeypatch.chdir(tmp_path)
+    where = ["--output-dir", output_dir] if output_dir else []
+    assert run_cli(monkeypatch, "--model", tiny_bert, "--dataset", toy_data, "--max-length", "999", *where) == 2
+    error = capsys.readouterr().err
+    assert "--max-length 999" in error and error.count("\n") == 1, error
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
     command = [sys.executable, "-m", "ablations.optuna_search", "--model", tiny_bert, "--dataset", toy_data,
                "--freeze-depths", "0-2", "--epochs-range", "1-2", "--lr-range", "1e-3,5e-3", "--max-length", "32",

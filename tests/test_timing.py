@@ -645,7 +645,7 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
     from ablations.cells import run_cells
     from ablations.ledger import Ledger, open_study
     from ablations.storage import open_storage
-    from ablations.timing_passes import time_study
+    from ablations.stored_sitting import time_study
     from core import run
     from core.lease import LoadProbe
     from core.session import Session
@@ -659,9 +659,11 @@ def test_a_search_that_may_copy_another_studys_runs_stores_its_sitting(tiny_bert
                                          ("search", base, None, True), ("grid-2", base, set(), False)]:
         open_study(ledger.storage, name)
         monkeypatch.setenv("ABLATIONS_TIMING_DIR", str(tmp_path / name))  # a machine with no timing of the shape
-        assert time_study(url, name, [config], Session(timing_repeats=2), "cpu", progress=None, copied=copied)
+        said = []
+        assert time_study(url, name, [config], Session(timing_repeats=2), "cpu", progress=said.append, copied=copied)
         held = optuna.load_study(study_name=name, storage=url).user_attrs.get("timing_sitting")
         assert (held is not None) == stored, name
+        assert any("this sitting of its one shape is stored with it" in line for line in said) == stored, said
 
 
 @pytest.mark.parametrize("changes", [dict(freeze_depth=0), dict(freeze_depth=1), dict(freeze_depth=1, dev_size=0.25),
