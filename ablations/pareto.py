@@ -173,8 +173,8 @@ def importance_plot(rows: pd.DataFrame, path: Path, metric: str = "accuracy") ->
     if all(isinstance(panel, str) for panel in panels.values()):
         return (f"importance.png skipped: every complete run has the same {SCORE_NAMES[metric]} and the same "
                 "training time.")
-    from ablations import plots  # seaborn and matplotlib only when there is something to draw
-    plots.importance(panels, varying, len(rows), path)
+    from ablations import tuning_plots  # seaborn and matplotlib only when there is something to draw
+    tuning_plots.importance(panels, varying, len(rows), path)
     return f"importance.png: fANOVA importances over {len(rows)} complete runs."
 
 

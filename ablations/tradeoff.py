@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablations import plots
+from ablations import plots, tuning_plots
 from ablations.markdown import DEFAULT_BASELINE, compared_metric, markdown
 from ablations.baselines import COLUMN, compare_with_baselines, compared_on, f1_summary, tune_baselines
 from ablations.stats import accuracy_interval, pareto_front
@@ -270,5 +270,5 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     rate_curves = pd.DataFrame(rate_curve_rows(_configurations(runs)))
     (output / "lr_curves.png").unlink(missing_ok=True)  # never a stale figure beside fresh tables
     if not rate_curves.empty:
-        paths["lr_curves_png"] = plots.lr_curves(rate_curves, about, output / "lr_curves.png")
+        paths["lr_curves_png"] = tuning_plots.lr_curves(rate_curves, about, output / "lr_curves.png")
     return paths

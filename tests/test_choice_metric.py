@@ -13,7 +13,7 @@ from conftest import quick_config
 from test_search import searcher
 
 import ablations.storage
-from ablations import plots
+from ablations import plots, tuning_plots
 from ablations.cells import run_tuned
 from ablations.ledger import Ledger, open_study
 from ablations.lr_choice import best_rates, main as lr_choice_main
@@ -198,7 +198,7 @@ def test_pruning_reads_the_score_that_chooses(tmp_path):
 
 def test_importance_names_the_score_that_chose(tmp_path, monkeypatch):
     drawn = {}
-    monkeypatch.setattr(plots, "importance", lambda panels, varying, runs, path: drawn.update(panels))
+    monkeypatch.setattr(tuning_plots, "importance", lambda panels, varying, runs, path: drawn.update(panels))
     rows = pd.DataFrame({"freeze_depth": [0, 1, 2, 3], "scheduler": ["linear"] * 4, "epochs": [1] * 4,
                          "learning_rate": [1e-3] * 4, "warmup_ratio": [0.0] * 4, "choice": [0.4, 0.5, 0.6, 0.7],
                          "train_seconds": [4.0, 3.0, 2.0, 1.0]})

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from test_report import make_run
 
-from ablations import plots
+from ablations import plots, tuning_plots
 from ablations.report import tradeoff_table
 
 ABOUT = {"model": "m", "data": "d", "train": "2,000", "validation": "200", "device": "cpu"}
@@ -146,7 +146,7 @@ def test_importance_bars_match_the_importances(monkeypatch):
               "training seconds": "the same in every run: nothing to explain"}
     figures = []
     monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
-    plots.importance(panels, parameters, 9, Path("not-written.png"))
+    tuning_plots.importance(panels, parameters, 9, Path("not-written.png"))
     figure = figures[0]
     figure.draw_without_rendering()
     left = figure.axes[0]  # the panels share its y axis and its parameter names
