@@ -22,7 +22,8 @@ from ablations.tuning import metrics_of, rate_curve_rows, tuned_cells
 from core.record import shows_macro_f1
 
 RUN_COLUMNS = ["study", "number", "state", "run_id", "freeze_depth", "scheduler", "epochs", "seed", "learning_rate",
-               "accuracy", "dev_accuracy", "test_accuracy", "train_seconds", "train_seconds_lo", "train_seconds_hi",
+               "accuracy", "dev_accuracy", "test_accuracy", "f1", "dev_f1", "train_seconds", "train_seconds_lo",
+               "train_seconds_hi",
                "contended", "wall_seconds", "trainable_params", "train_samples", "device", "fail_reason", "reused_from"]
 SCIENTIFIC = ("freeze_depth", "scheduler", "epochs", "learning_rate")  # always shown, in this order
 
@@ -45,6 +46,7 @@ def run_table(runs: list[dict]) -> pd.DataFrame:
                                                           "learning_rate")},
                      "accuracy": record.get("accuracy", values[0]), "dev_accuracy": record.get("dev_accuracy"),
                      "test_accuracy": record.get("test_accuracy"),
+                     "f1": record.get("f1"), "dev_f1": record.get("dev_f1"),  # what --select-by f1 chose by
                      "train_seconds": record.get("train_seconds", values[1]),
                      **{key: record.get(key) for key in ("train_seconds_lo", "train_seconds_hi", "contended",
                                                           "wall_seconds")},

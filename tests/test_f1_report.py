@@ -141,6 +141,8 @@ def test_a_study_chosen_by_f1_compares_tests_and_marks_its_front_on_macro_f1(tmp
     assert row["p_value_raw"] == pytest.approx(expected.p_value)
     assert row["f1_delta"] == pytest.approx(row["f1_mean"] - table.loc[0, "f1_mean"]) and row["f1_delta"] < -0.15
     assert abs(row["accuracy_delta"]) < 0.02
+    ledger = pd.read_csv(paths["runs"])  # each run's macro-F1 and the dev macro-F1 that chose, beside accuracy
+    assert ledger["f1"].tolist() == pytest.approx([r["record"]["f1"] for r in runs]) and set(ledger["dev_f1"]) == {0.7}
     # On accuracy depth 4 (as accurate, twice as fast) would dominate depth 0; on macro-F1 both are on the front.
     assert table["pareto"].tolist() == [True, True]
     text = paths["tradeoff_md"].read_text()
