@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_report import make_run, table_cells
+from test_stats import exchangeable_hits
 
 from ablations import plots
 from ablations.report import tradeoff_table, write_report
@@ -41,19 +42,14 @@ def test_pseudo_values_are_leave_one_out_by_hand_with_a_class_never_predicted_an
 
 
 def simulated_pairs(rng, seeds: int, seed_noise: float, example_noise: float, examples: int = 400):
-    """Two exchangeable configurations on imbalanced classes (60/30/10 %): each has its own per-example and
-    per-seed deviations from a common difficulty, and a seed's runs share a random stream."""
+    """`test_stats.exchangeable_hits` on imbalanced classes (60/30/10 %): a configuration's miss is taken for
+    another class, drawn per seed."""
     labels = rng.choice(CLASSES, examples, p=[0.6, 0.3, 0.1])
-    difficulty = rng.beta(4, 1.5, examples)
-    per_example = rng.normal(0, example_noise, (2, examples))
+    hits = exchangeable_hits(rng, seeds, seed_noise, example_noise, rng.beta(4, 1.5, examples))
     pairs = []
-    for _ in range(seeds):
-        per_seed = rng.normal(0, seed_noise, 2)
-        stream = rng.random(examples)
-        other = np.where(rng.random(examples) < 0.7, stream, rng.random(examples))
+    for pair in hits:
         mistaken = (labels + rng.integers(1, CLASSES, examples)) % CLASSES
-        pairs.append(tuple(np.where(draws < np.clip(difficulty + per_example[k] + per_seed[k], 0, 1), labels,
-                                    mistaken) for k, draws in enumerate((other, stream))))
+        pairs.append(tuple(np.where(right, labels, mistaken) for right in pair))
     return pairs, labels
 
 

@@ -112,21 +112,28 @@ def test_seeds_that_disagree_are_not_significant():
     assert seeds_and_sentences_t(pairs).p_value > 0.2
 
 
-def simulated_pairs(rng: np.random.Generator, seeds: int, seed_noise: float, example_noise: float,
-                    examples: int = 400) -> list[tuple[str, str]]:
-    """Two exchangeable configurations (the null holds exactly): each has its own per-example and per-seed
-    deviations from a common difficulty; a seed's runs share a random stream, so their errors correlate."""
-    difficulty = rng.beta(4, 1, examples)
+def exchangeable_hits(rng: np.random.Generator, seeds: int, seed_noise: float, example_noise: float,
+                      difficulty: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per seed, which examples each of two exchangeable configurations gets right (the null holds exactly): each
+    has its own per-example and per-seed deviations from a common difficulty; a seed's runs share a random stream,
+    so their errors correlate."""
+    examples = len(difficulty)
     per_example = rng.normal(0, example_noise, (2, examples))
-    pairs = []
+    hits = []
     for _ in range(seeds):
         per_seed = rng.normal(0, seed_noise, 2)
         stream = rng.random(examples)
         other = np.where(rng.random(examples) < 0.7, stream, rng.random(examples))
-        right = [draws < np.clip(difficulty + per_example[k] + per_seed[k], 0, 1)
-                 for k, draws in enumerate((other, stream))]
-        pairs.append(tuple((r.astype(np.uint8) + ord("0")).tobytes().decode() for r in right))
-    return pairs
+        hits.append(tuple(draws < np.clip(difficulty + per_example[k] + per_seed[k], 0, 1)
+                          for k, draws in enumerate((other, stream))))
+    return hits
+
+
+def simulated_pairs(rng: np.random.Generator, seeds: int, seed_noise: float, example_noise: float,
+                    examples: int = 400) -> list[tuple[str, str]]:
+    """`exchangeable_hits` as the correctness strings the accuracy test reads."""
+    hits = exchangeable_hits(rng, seeds, seed_noise, example_noise, rng.beta(4, 1, examples))
+    return [tuple((right.astype(np.uint8) + ord("0")).tobytes().decode() for right in pair) for pair in hits]
 
 
 @pytest.mark.parametrize("seeds, seed_noise, example_noise", [
