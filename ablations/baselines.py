@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ablations.stats import compare_f1_seed_pairs, compare_seed_pairs, f1_interval, holm
+from ablations.stats import compare_f1_seed_pairs, compare_seed_pairs, correctness, f1_interval, holm
 from ablations.tuning import choose_configuration, metrics_of
 
 NUISANCE = ("learning_rate", "warmup_ratio", "weight_decay")
@@ -36,8 +36,7 @@ def validation_labels(records: list[dict]) -> np.ndarray | None:
     for record in records:
         predictions, correct = record.get("validation_predictions"), record.get("validation_correct")
         if record.get("num_labels") == 2 and predictions and correct and len(predictions) == len(correct):
-            hit = np.frombuffer(correct.encode("ascii"), dtype=np.uint8) == ord("1")
-            return np.where(hit, predictions, 1 - np.asarray(predictions))
+            return np.where(correctness(correct) == 1, predictions, 1 - np.asarray(predictions))
     return None
 
 

@@ -48,15 +48,18 @@ def _interval_cell(mean: float, low: float, high: float) -> str:
     return cell if pd.isna(low) else cell + f" [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-TIME_METHODS = (
-    "Train s is what training the configuration costs alone on this hardware (mean over seeds) with its 95 % "
-    "interval over timing repeats (README: How training time is measured); ⚠ = timed while "
-    "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
-    "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals. ★ = Pareto-"
-    "optimal: no other configuration is at least as accurate and clearly faster (its time interval lies "
-    "entirely below this one's), and none with the same measured time is more accurate; a time difference "
-    "inside the timing noise decides nothing.")
-F1_FRONT = ("at least as accurate", "at least as high in validation macro-F1"), ("is more accurate", "has a higher one")
+def time_methods(metric: str = "accuracy") -> str:
+    """The caption's times, speed-ups and ★, the front on `metric` (the table's `compared_on`)."""
+    as_good, better = ("at least as accurate", "is more accurate") if metric == "accuracy" else \
+        ("at least as high in validation macro-F1", "has a higher one")
+    return (
+        "Train s is what training the configuration costs alone on this hardware (mean over seeds) with its 95 % "
+        "interval over timing repeats (README: How training time is measured); ⚠ = timed while "
+        "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
+        "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals. ★ = Pareto-"
+        f"optimal: no other configuration is {as_good} and clearly faster (its time interval lies "
+        f"entirely below this one's), and none with the same measured time {better}; a time difference "
+        "inside the timing noise decides nothing.")
 
 
 def _time_cell(row) -> str:
@@ -117,7 +120,7 @@ MACRO_F1_METHODS = (
     " Val. macro-F1 is the F1 of each class on the validation examples averaged with every class weighted alike "
     "(at the reported epoch, mean over seeds; — where the runs did not record it): unlike accuracy it drops when "
     "a small class is missed. Its 95 % interval is Student t over seeds, or with one seed a t interval from the "
-    "jackknife standard error over the validation examples; Δ and the test compare accuracy.")
+    "jackknife standard error over the validation examples")  # then what Δ and the test compare
 F1_TEST_METHODS = (
     "Every run chose its epoch by dev macro-F1 (--select-by f1), as did every choice between runs (learning rate, "
     "baseline), so macro-F1 is what is compared: Δ = macro-F1 − baseline macro-F1, ★ and the figures use it too. The "
@@ -186,13 +189,10 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "otherwise the row says too few seeds. p is two-sided and Holm-adjusted over the tested rows of this table "
         "(tradeoff.csv: p_value adjusted, p_value_raw not).")
     if metric == "macro-F1":
-        f1_methods = MACRO_F1_METHODS.replace("; Δ and the test compare accuracy.", ".")
-        time_methods = TIME_METHODS
-        for accurate, instead in F1_FRONT:
-            time_methods = time_methods.replace(accurate, instead)
-        methods += F1_TEST_METHODS + f1_methods + " " + time_methods
+        methods += F1_TEST_METHODS + MACRO_F1_METHODS + ". " + time_methods(metric)
     else:
-        methods += accuracy_test + (MACRO_F1_METHODS if macro_f1 else "") + " " + TIME_METHODS
+        f1_methods = MACRO_F1_METHODS + "; Δ and the test compare accuracy." if macro_f1 else ""
+        methods += accuracy_test + f1_methods + " " + time_methods()
     if "train_seconds_lo" in table.columns:
         timed, interval = timed_alone(table)
         if (~timed).any():

@@ -74,7 +74,8 @@ class Comparison:
     p_value: float       # two-sided, not adjusted for multiple comparisons; nan without a test
 
 
-def _correctness(text: str) -> np.ndarray:
+def correctness(text: str) -> np.ndarray:
+    """A '0'/'1' correctness string (a record's `validation_correct`) as 0/1 integers."""
     return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int8) - ord("0")
 
 
@@ -84,7 +85,7 @@ def _differences(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         if len(config_correct) != len(baseline_correct) or len(config_correct) != len(pairs[0][0]):
             raise ValueError(f"correctness strings differ in length ({len(config_correct)} vs "
                              f"{len(baseline_correct)}): the runs were not evaluated on the same validation set")
-    return np.stack([_correctness(mine) - _correctness(theirs) for mine, theirs in pairs]).astype(float)
+    return np.stack([correctness(mine) - correctness(theirs) for mine, theirs in pairs]).astype(float)
 
 
 def discordant(config_correct: str, baseline_correct: str) -> tuple[int, int]:
