@@ -117,15 +117,44 @@ def make_group_trainer(args: argparse.Namespace, session, engine: str
                        ) -> Callable[[list[RunConfig], list | None], list]:
     """Runs of one work shape trained as one stacked group (`core.group.run_group`, captured where `engine` is
     "captured") over the command's session: (configs, per-run epoch callbacks or None) -> per run its record as
-    stored, or the error that failed it."""
+    stored, or the error that failed it.
+
+    The automatic group size is an estimate (`core.group.bytes_per_run`). A group that runs out of device memory
+    before any of its runs ended an epoch is trained again as two halves, and later groups of the command are
+    held to that size, with one line saying so; a group of one, or one that had ended an epoch (its callbacks
+    have seen results), fails as before."""
+    import torch
+
     from core.captured import CapturedStep
     from core.group import run_group
 
     capture = CapturedStep if engine == "captured" else None
+    fits: list[int] = []  # the size a group was halved to after running out of memory, once one has
 
     def group(configs: list[RunConfig], on_epoch: list | None = None) -> list:
-        return [r if isinstance(r, Exception) else r.to_dict()
-                for r in run_group(configs, session, args.device, on_epoch=on_epoch, capture=capture)]
+        callbacks = on_epoch or [None] * len(configs)
+        if fits and len(configs) > fits[-1]:
+            return [r for start in range(0, len(configs), fits[-1])
+                    for r in group(configs[start:start + fits[-1]], callbacks[start:start + fits[-1]])]
+        ended: list[int] = []
+
+        def noting(callback):
+            def on_end(entry: dict):
+                ended.append(entry["epoch"])
+                return callback(entry) if callback is not None else None
+            return on_end
+        try:
+            results = run_group(configs, session, args.device, on_epoch=[noting(c) for c in callbacks],
+                                capture=capture)
+        except torch.cuda.OutOfMemoryError:
+            if len(configs) == 1 or ended:
+                raise
+            free_accelerator_memory()
+            fits.append((len(configs) + 1) // 2)
+            print(f"a group of {len(configs)} runs ran out of device memory: training groups of at most {fits[-1]} "
+                  "from here (--max-parallel-runs to choose)")
+            return group(configs, callbacks)
+        return [r if isinstance(r, Exception) else r.to_dict() for r in results]
     return group
 
 
@@ -140,7 +169,8 @@ def parallel_runs(args: argparse.Namespace, base: RunConfig, most: int | None = 
     batch of trials). Bad values are a UsageError."""
     from core.group import group_size
     if args.max_parallel_runs == "auto":  # sized for captured graphs wherever capture may be chosen
-        size = group_size(base, args.device, captured=args.engine in ("auto", "captured"))
+        size = group_size(base, args.device, captured=args.engine in ("auto", "captured"),
+                          reserved=int(args.cache_device_gb * 2**30))
         size = min(size, most) if most else size
     elif args.max_parallel_runs.isdigit() and int(args.max_parallel_runs) >= 1:
         size = int(args.max_parallel_runs)

@@ -74,41 +74,47 @@ def _say_once(message: str) -> None:
 def bytes_per_run(config: RunConfig, captured: bool = False, device=None) -> int:
     """Device memory one more run adds to a stacked group: its trainable weights (counted exactly, on a model built on
     the meta device and frozen to the run's depth), their gradients and two AdamW moments (4 tensors, 4 bytes each:
-    master weights stay fp32 under autocast) plus the activations one batch keeps for the backward pass in each trained
-    layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing activation recomputation", eq. 1),
-    doubled in fp32 (the precision the run resolves to on `device`). Frozen layers and the prefix cache are shared by
-    the group and not counted. `captured`: the step is captured once per length bucket (`core.captured.buckets_for`),
-    and each graph keeps its own memory pool for good, so the activations of one batch of every bucket length are held
-    at once (≈ 2x those of the longest bucket alone)."""
+    master weights stay fp32 under autocast), its own whole model in fp32 (frozen layers included: after each epoch
+    the run's weights are copied into it and the solo code evaluates it), plus the activations one batch keeps for
+    the backward pass in each trained layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022,
+    "Reducing activation recomputation", eq. 1), doubled in fp32 (the precision the run resolves to on `device`).
+    The stacked model's frozen layers and the prefix cache are shared by the group and not counted here
+    (`group_size` keeps the cache's budget aside). `captured`: the step is captured once per length bucket
+    (`core.captured.buckets_for`), and each graph keeps its own memory pool for good, so the activations of one
+    batch of every bucket length are held at once (≈ 2x those of the longest bucket alone)."""
     cfg = model_config(config.model)
     hidden = cfg.hidden_size  # transformers maps each family's own name (dim, d_model, n_embd) to this one
     heads = getattr(cfg, "num_attention_heads", None) or max(1, hidden // 64)
     layers = num_layers(cfg)
     trained = layers - min(config.freeze_depth, layers)
-    params = _trainable_parameters(config.model, config.freeze_depth)
+    params, total = _parameters(config.model, config.freeze_depth)
     b, width = config.batch_size, 2 if precision_for(config.precision, resolve_device(device)) == "fp32" else 1
     lengths = buckets_for(config.max_length) if captured else (config.max_length,)
     activations = sum(trained * s * b * hidden * (34 + 5 * heads * s / hidden) * width for s in lengths)
-    return int(16 * params + activations)
+    return int(16 * params + 4 * total + activations)
 
 
 @functools.lru_cache(maxsize=64)
-def _trainable_parameters(model_name: str, depth: int) -> int:
+def _parameters(model_name: str, depth: int) -> tuple[int, int]:
+    """(trainable, all) parameters of the model frozen to `depth`."""
     model = meta_model(model_name)
     freeze(model, depth)
-    return count_parameters(model)[0]
+    return count_parameters(model)
 
 
-def group_size(config: RunConfig, device, free_bytes: int | None = None, captured: bool = False) -> int:
+def group_size(config: RunConfig, device, free_bytes: int | None = None, captured: bool = False,
+               reserved: int = 0) -> int:
     """The automatic --max-parallel-runs: 1 on a CPU (stacking does not pay there, `core.captured`); on CUDA as
-    many runs as fit in MEMORY_HEADROOM of the free device memory at `bytes_per_run` each (`captured`: with a
-    graph pool per length bucket), 1..MAX_GROUP."""
+    many runs as fit in MEMORY_HEADROOM of the free device memory, less `reserved` bytes (the frozen-prefix cache's
+    device budget, filled only after this is decided), at `bytes_per_run` each (`captured`: with a graph pool per
+    length bucket), 1..MAX_GROUP."""
     device = resolve_device(device)
     if device.type != "cuda" and free_bytes is None:
         return 1
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(MAX_GROUP, int(MEMORY_HEADROOM * free_bytes // bytes_per_run(config, captured, device))))
+    usable = MEMORY_HEADROOM * max(0, free_bytes - reserved)
+    return max(1, min(MAX_GROUP, int(usable // bytes_per_run(config, captured, device))))
 
 
 def run_group(configs: Sequence[RunConfig], session: Session | None = None, device=None,

@@ -10,7 +10,7 @@ import torch
 from conftest import quick_config, save_tiny, write_toy_dataset
 
 from core import group as run_group_module
-from core.group import bytes_per_run, choose_engine, group_size, train_group
+from core.group import choose_engine, group_size, train_group
 from core.prepare import prepare
 from core.session import Session
 from core.train import train_epochs
@@ -242,58 +242,13 @@ def test_engine_choice_on_the_cpu(model):
     from argparse import Namespace
 
     from ablations.runner import parallel_runs
-    flags = {"engine": "auto", "device": "cpu", "compile": False}
+    flags = {"engine": "auto", "device": "cpu", "compile": False, "cache_device_gb": 4.0}
     assert parallel_runs(Namespace(max_parallel_runs="auto", **flags), config) == ("eager", 1)
     assert parallel_runs(Namespace(max_parallel_runs="4", **flags), config) == ("stacked", 4)
     assert parallel_runs(Namespace(max_parallel_runs="4", **{**flags, "engine": "eager"}), config) == ("eager", 1)
     for bad in ("0", "two", "-1"):
         with pytest.raises(UsageError, match=f"--max-parallel-runs '{bad}' is invalid"):
             parallel_runs(Namespace(max_parallel_runs=bad, **flags), config)
-
-
-def test_automatic_group_size_is_bounded_by_free_memory(model):
-    config = quick_config(model, "unused")
-    per_run = bytes_per_run(config)
-    assert bytes_per_run(config.replace(freeze_depth=2)) < per_run < bytes_per_run(config.replace(max_length=64))
-    assert group_size(config, "cpu", free_bytes=int(10.5 * per_run / run_group_module.MEMORY_HEADROOM)) == 10
-    assert group_size(config, "cpu", free_bytes=per_run // 2) == 1
-    assert group_size(config, "cpu", free_bytes=10**15) == run_group_module.MAX_GROUP
-
-
-def test_the_memory_rule_counts_the_weights_a_run_trains_exactly_for_any_family(model, tmp_path):
-    """Weights come from the model itself (built on the meta device), not from a formula of BERT's shapes: with
-    every layer frozen no activations are kept, and what is left is 16 bytes per trainable parameter. Funnel has
-    no intermediate_size (the old formula's AttributeError on CUDA, before any run)."""
-    from core.model import count_parameters, freeze, load_model
-    for folder in (model, str(save_tiny(tmp_path / "funnel", "funnel", layers=2))):
-        config = quick_config(folder, "unused")
-        net = load_model(folder, ["0", "1"])
-        for depth in (0, 1, 2):
-            freeze(net, depth)
-            weights = 16 * count_parameters(net)[0]
-            per_run = bytes_per_run(config.replace(freeze_depth=depth))
-            assert per_run == weights if depth == 2 else per_run > weights  # activations of the trained layers
-
-
-def test_a_captured_group_budgets_one_graph_pool_per_length_bucket(model):
-    """Each bucket's graph keeps its pool: the captured rule holds one batch's activations at every bucket length
-    up to max_length (the eager rule: at max_length only), so fewer runs fit the same memory."""
-    from core.captured import buckets_for
-    config = quick_config(model, "unused", max_length=128)
-    frozen = config.replace(freeze_depth=2)  # every layer of the 2-layer model frozen: no activations to keep
-    assert bytes_per_run(frozen, captured=True) == bytes_per_run(frozen)
-
-    def rule(max_length, captured=False):
-        return bytes_per_run(config.replace(max_length=max_length), captured)
-    # Weights P do not depend on the length: eager(s) = P + act(s), captured(64) = P + act(32) + act(64).
-    weights = rule(32) + rule(64) - rule(64, captured=True)
-    assert buckets_for(128) == (32, 64, 128)
-    assert rule(128, True) == pytest.approx(weights + (rule(32) - weights) + (rule(64) - weights) +
-                                            (rule(128) - weights), abs=4)
-    eager = rule(128)
-    assert eager < rule(128, True) < 2 * eager
-    free = int(10.5 * eager / run_group_module.MEMORY_HEADROOM)
-    assert group_size(config, "cpu", free_bytes=free, captured=True) < group_size(config, "cpu", free_bytes=free)
 
 
 def test_a_run_whose_loss_turns_nan_fails_alone(model, data):
