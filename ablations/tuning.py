@@ -180,7 +180,7 @@ def tuned_cells(groups: dict[str, tuple[dict, list[dict]]]) -> dict[str, str]:
 
 def rate_curve_rows(groups: dict[str, tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
     """The metric-vs-rate points of every tuned cell: its tuning seed's `choice_value` at each rate (`value`), named
-    by `metric`."""
+    by `metric` and the `split` it was measured on (validation for runs without a dev split)."""
     rows = []
     for candidates in _cells(groups).values():
         if len(candidates) < 2:
@@ -190,6 +190,7 @@ def rate_curve_rows(groups: dict[str, tuple[dict, list[dict]]]) -> list[dict[str
             metric = record_metric(record)
             rows.append({**{name: record["config"][name] for name in CELL},
                          "learning_rate": record["config"]["learning_rate"], "metric": metric,
+                         "split": "dev" if record.get("dev_accuracy") is not None else "validation",
                          "value": choice_value(record, metric), "chosen": key == chosen})
     return rows
 

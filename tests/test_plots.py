@@ -224,3 +224,17 @@ def test_curves_draw_the_tables_configurations_not_the_rates_a_cell_rejected(mon
     lines = {line.get_gid(): list(line.get_ydata()) for line in ax.lines if line.get_gid()}
     # The mean over the chosen rate's seeds, as the table says; the rejected rate's run was averaged in (76.0, 76.0).
     assert lines == {row.label: pytest.approx([100 * row.accuracy_mean]) for row in table.itertuples()}
+
+
+def test_lr_curves_name_validation_where_the_runs_had_no_dev_split_and_keep_tick_labels_apart(monkeypatch,
+                                                                                              tmp_path):
+    runs = tuned_runs()  # no dev split: each rate was chosen on validation, and its points are validation's
+    figure = drawn_report(monkeypatch, runs, tmp_path)["lr_curves.png"]
+    ax = [ax for ax in figure.axes if ax.get_title()][0]
+    assert ax.get_ylabel() == "validation accuracy (%)"
+    assert figure._suptitle.get_text().startswith("Validation accuracy vs learning rate")
+    rings = ax.collections[-1].get_offsets().tolist()
+    assert sorted(map(tuple, rings)) == [(1e-4, 85.0), (1e-4, 90.0)]  # validation accuracy of the first seed
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["1e-4", "1e-3"]
+    from ablations.tuning_plots import _rate_text
+    assert [_rate_text(rate) for rate in (1e-5, 3e-5, 2.5e-4, 1e-2, 0.5)] == ["1e-5", "3e-5", "2.5e-4", "1e-2", "5e-1"]
