@@ -223,7 +223,9 @@ def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
     count (best over other fields)."""
     column, name = reported(table)
     epochs = sorted(table["epochs"].unique())
-    others = varying_fields(table)
+    # "best over" only what varies inside one cell: a tuned grid's rows differ in rate from cell to cell, one each
+    within = table.groupby(["freeze_depth", "scheduler", "epochs"])
+    others = [name for name in varying_fields(table) if (within[name].nunique(dropna=False) > 1).any()]
     values = table.assign(accuracy=PERCENT * table[f"{column}_mean"])
     low, high = values["accuracy"].min(), values["accuracy"].max()
     # Every panel indexes the same depths and schedules: the panels share one y axis, so a panel with its own

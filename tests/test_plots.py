@@ -238,3 +238,13 @@ def test_lr_curves_name_validation_where_the_runs_had_no_dev_split_and_keep_tick
     assert [label.get_text() for label in ax.get_xticklabels()] == ["1e-4", "1e-3"]
     from ablations.tuning_plots import _rate_text
     assert [_rate_text(rate) for rate in (1e-5, 3e-5, 2.5e-4, 1e-2, 0.5)] == ["1e-5", "3e-5", "2.5e-4", "1e-2", "5e-1"]
+
+
+def test_the_heatmap_says_best_over_a_field_only_where_one_cell_holds_several_values_of_it(monkeypatch):
+    runs = [make_run(0, "linear", 1, 42, 0.9, 30.0, number=0, learning_rate=1e-4),
+            make_run(4, "linear", 1, 42, 0.8, 20.0, number=1, learning_rate=1e-3)]
+    figure = drawn(monkeypatch, plots.heatmap, tradeoff_table(runs))  # one row a cell, at its own rate
+    assert figure._suptitle.get_text().startswith("Mean validation accuracy over seeds\n")
+    runs.append(make_run(4, "linear", 1, 42, 0.7, 20.0, number=2, learning_rate=1e-3, warmup_ratio=0.2))
+    figure = drawn(monkeypatch, plots.heatmap, tradeoff_table(runs))  # depth 4 holds two warmups: 80.0 shown
+    assert figure._suptitle.get_text().startswith("Mean validation accuracy over seeds (best over warmup_ratio)\n")
