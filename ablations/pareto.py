@@ -24,7 +24,7 @@ from ablations.runner import SEARCHED
 from ablations.stats import pareto_front
 from ablations.ledger import Ledger
 from ablations.storage import run_of
-from ablations.tuning import CHOICE_LABELS, choice_metric, choice_value, record_metric
+from ablations.tuning import CHOICE_LABELS, choice_metric, choice_value, record_metric, split_label
 from core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -161,7 +161,8 @@ def importance_plot(rows: pd.DataFrame, path: Path, metric: str = "accuracy") ->
     # fANOVA explains variance, so it needs no direction (Optuna 5's default evaluator ranks for low values).
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     panels: dict[str, dict | str] = {}
-    for index, (column, objective) in enumerate({"choice": CHOICE_LABELS[metric],
+    on_dev = rows["dev_accuracy"].notna().all()  # a search without a dev split chose on validation
+    for index, (column, objective) in enumerate({"choice": split_label(metric, on_dev),
                                                  "train_seconds": "training seconds"}.items()):
         panels[objective] = "the same in every run: nothing to explain"
         if rows[column].nunique() > 1:

@@ -64,6 +64,13 @@ def choice_label(metrics: str | Iterable[str] = "accuracy") -> str:
     return "dev accuracy (dev macro-F1 for runs that chose their epoch by it, --select-by f1)"
 
 
+def split_label(metric: str, on_dev: bool = True) -> str:
+    """`metric`'s choice label on the split that chose: 'dev accuracy', or 'validation accuracy' for runs without a
+    dev split (--dev-size 0), which `choice_value` reads on validation."""
+    named = CHOICE_LABELS[metric]
+    return named if on_dev else named.replace("dev ", "validation ", 1)
+
+
 def tie_rule(metrics: str | Iterable[str] = "accuracy") -> str:
     return f"the higher {choice_label(metrics)}, then the lower dev loss, then the smaller learning rate"
 

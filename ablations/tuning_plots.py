@@ -11,7 +11,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from ablations import plots
-from ablations.tuning import CHOICE_LABELS
+from ablations.tuning import CHOICE_LABELS, split_label
 
 def importance(panels: dict[str, dict | str], parameters: list[str], runs: int, path: Path) -> Path:
     """fANOVA importance of each searched parameter, one panel per objective; a panel given as text (nothing to
@@ -37,10 +37,8 @@ def _rate_text(rate: float) -> str:
 
 def _named(metric: str, splits: set[str]) -> str:
     """What a panel's values are: the choice metric on the dev split, or on validation where the runs had none."""
-    named = CHOICE_LABELS[metric]
-    if splits == {"validation"}:
-        return named.replace("dev ", "validation ", 1)
-    return named if splits == {"dev"} else f"{named} (validation's without a dev split)"
+    named = split_label(metric, splits != {"validation"})
+    return named if len(splits) == 1 else f"{named} (validation's without a dev split)"
 
 
 def lr_curves(points: pd.DataFrame, about: dict[str, str], path: Path) -> Path:

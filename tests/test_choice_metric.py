@@ -201,6 +201,6 @@ def test_importance_names_the_score_that_chose(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning_plots, "importance", lambda panels, varying, runs, path: drawn.update(panels))
     rows = pd.DataFrame({"freeze_depth": [0, 1, 2, 3], "scheduler": ["linear"] * 4, "epochs": [1] * 4,
                          "learning_rate": [1e-3] * 4, "warmup_ratio": [0.0] * 4, "choice": [0.4, 0.5, 0.6, 0.7],
-                         "train_seconds": [4.0, 3.0, 2.0, 1.0]})
+                         "train_seconds": [4.0, 3.0, 2.0, 1.0], "dev_accuracy": [0.5] * 4})  # run_rows' columns
     importance_plot(rows, tmp_path / "importance.png", "f1")
     assert list(drawn) == ["dev macro-F1", "training seconds"]
