@@ -154,7 +154,8 @@ def time_axis_label(table: pd.DataFrame) -> str:
     if timed.all():
         passes, shapes = timing_passes(table)
         if len(passes) == 1 and shapes > 1:
-            return f"training time alone, all {int(shapes)} shapes timed in one sitting (s; {bars('its rounds')})"
+            return (f"training time alone, from one sitting of {int(shapes)} work shapes timed together "
+                    f"(s; {bars('its rounds')})")  # the sitting's shapes: a search times depths it may not draw
         if len(passes) > 1:
             return f"training time alone, from {len(passes)} timing passes (s; {bars('repeats')})"
         return f"training time alone (s; {bars('timing repeats')})"
@@ -204,9 +205,10 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         from ablations.markdown import contended as marked
         contended = table["contended"].map(marked) if "contended" in table.columns else \
             pd.Series(False, index=table.index)
-        handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front ★"),
-                   Line2D([], [], marker="o", linestyle="", markersize=18, markerfacecolor="none",
-                          markeredgecolor="crimson", markeredgewidth=3, label="baseline")]
+        handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front ★")]
+        if table["baseline"].any():  # a study without a full fine-tune draws no ring
+            handles.append(Line2D([], [], marker="o", linestyle="", markersize=18, markerfacecolor="none",
+                                  markeredgecolor="crimson", markeredgewidth=3, label="baseline"))
         if contended.any():
             handles.append(Line2D([], [], linestyle="", label="⚠ timed under load"))
         ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)

@@ -186,14 +186,14 @@ def test_the_time_axis_says_whether_its_times_were_taken_alone():
     mixed = pd.DataFrame({"train_seconds_lo": [1.0, nan], "timed_at": ["2026-01-01T10:00:00Z", None]})
     assert time_axis_label(timed).startswith("training time alone")
     sitting = timed.assign(timed_at="2026-01-01T10:00:00Z", sitting=3)
-    assert "all 3 shapes timed in one sitting" in time_axis_label(sitting)
+    assert "from one sitting of 3 work shapes timed together" in time_axis_label(sitting)
     passes = timed.assign(timed_at=["2026-01-01T10:00:00Z", "2026-01-01T13:00:00Z"], sitting=1)
     assert "from 2 timing passes" in time_axis_label(passes)
     assert "not timed alone" in time_axis_label(untimed) and "alone (" not in time_axis_label(untimed)
     assert "1 of 2 timed alone; the others as they ran" in time_axis_label(mixed)
     # --timing-repeats 1: timed alone in one round, so no interval; it was labelled "not timed alone".
     once = sitting.assign(train_seconds_lo=nan)
-    assert time_axis_label(once) == ("training time alone, all 3 shapes timed in one sitting "
+    assert time_axis_label(once) == ("training time alone, from one sitting of 3 work shapes timed together "
                                      "(s; one timing round: no interval)")
 
 
@@ -248,3 +248,12 @@ def test_the_heatmap_says_best_over_a_field_only_where_one_cell_holds_several_va
     runs.append(make_run(4, "linear", 1, 42, 0.7, 20.0, number=2, learning_rate=1e-3, warmup_ratio=0.2))
     figure = drawn(monkeypatch, plots.heatmap, tradeoff_table(runs))  # depth 4 holds two warmups: 80.0 shown
     assert figure._suptitle.get_text().startswith("Mean validation accuracy over seeds (best over warmup_ratio)\n")
+
+
+def test_the_tradeoff_legend_names_a_baseline_only_where_one_is_drawn(monkeypatch):
+    runs = [make_run(d, "linear", 1, 42, 0.8 + 0.01 * d, 30.0 - 5 * d, number=d) for d in (2, 4)]  # no depth 0
+    table = tradeoff_table(runs)
+    assert not table["baseline"].any()
+    ax = drawn(monkeypatch, plots.tradeoff, table).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front ★"]
+    assert not [line for line in ax.lines if line.get_markerfacecolor() == "none"]  # no ring drawn
