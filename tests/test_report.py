@@ -348,6 +348,11 @@ def test_cli_writes_the_report_from_a_storage(runs, monkeypatch, capsys, tmp_pat
     assert run_cli(monkeypatch, *arguments, "--study-name", "nope") == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "nope" in error
+    # A baseline the studies do not hold writes nothing: no folder, no fresh runs.csv beside older tables.
+    assert run_cli(monkeypatch, "--storage", url, "--output-dir", str(tmp_path / "typo"), "--baseline",
+                   "scheduler=constant") == 2
+    assert "matches no completed configuration" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_a_field_left_unset_in_some_runs_shows_as_a_dash_not_nan():
