@@ -123,6 +123,11 @@ def test_lr_choice_averages_the_score_that_chose_and_names_it(monkeypatch, capsy
     assert lr_choice_main() == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header == f"# depth learning_rate mean_dev_{'macro-F1' if select_by == 'f1' else 'accuracy'} runs"
+    for run in runs:  # a sweep without a dev split (--dev-size 0) chose on validation, and says so
+        run["record"].pop("dev_accuracy"), run["record"].pop("dev_f1")
+    assert lr_choice_main() == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == f"# depth learning_rate mean_validation_{'macro-F1' if select_by == 'f1' else 'accuracy'} runs"
 
 
 def search_train(config, on_epoch=None) -> dict:
