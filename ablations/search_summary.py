@@ -43,15 +43,17 @@ def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "
 
 SUMMARY_SCORES = {  # the front's score columns in search_summary.md: the one that chose first
     "accuracy": ("dev accuracy vs training seconds; validation accuracy reported",
-                 {"dev accuracy": "dev_accuracy", "val. accuracy": "accuracy"}, "most accurate end, with accuracy"),
+                 {"dev accuracy": "dev_accuracy", "val. accuracy": "accuracy"},
+                 "highest dev accuracy end, with dev accuracy"),
     "f1": ("dev macro-F1 vs training seconds; validation macro-F1 and accuracy reported",
            {"dev macro-F1": "dev_f1", "val. macro-F1": "f1", "val. accuracy": "accuracy"},
            "highest dev macro-F1 end, with dev macro-F1")}
 NO_DEV_SCORES = {  # runs without a dev split (--dev-size 0) chose on validation: no dev column, no "dev" heading
     "accuracy": ("validation accuracy vs training seconds: no dev split, validation chose",
-                 {"val. accuracy": "accuracy"}, "most accurate end, with accuracy"),
+                 {"val. accuracy": "accuracy"}, "highest validation accuracy end, with validation accuracy"),
     "f1": ("validation macro-F1 vs training seconds: no dev split, validation chose; accuracy reported",
-           {"val. macro-F1": "f1", "val. accuracy": "accuracy"}, "highest validation macro-F1 end, with macro-F1")}
+           {"val. macro-F1": "f1", "val. accuracy": "accuracy"},
+           "highest validation macro-F1 end, with validation macro-F1")}
 
 
 def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.DataFrame | None,

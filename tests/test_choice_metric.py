@@ -165,6 +165,7 @@ def test_the_search_tells_optuna_and_draws_its_front_by_the_score_that_chose(tmp
     else:
         assert "## Pareto front (dev accuracy vs training seconds; validation accuracy reported)" in summary
         assert "accuracy 0.6900 (dev 0.7000)" in summary and "macro-F1" not in summary
+        assert "its highest dev accuracy end, with dev accuracy and time" in summary  # the knee's score: dev's
 
 
 def test_a_run_merged_in_from_a_search_of_the_other_metric_is_left_out_of_the_front_and_said(tmp_path):

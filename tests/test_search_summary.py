@@ -115,4 +115,5 @@ def test_a_search_without_a_dev_split_names_validation_as_what_chose(tmp_path, m
     body = summary.split("## ")[1].replace("no dev split", "")
     assert "dev " not in body  # no empty "dev accuracy" column, no baseline "most accurate" on dev
     assert "with the knee's schedule and epochs and the highest validation accuracy" in summary
+    assert "its highest validation accuracy end, with validation accuracy and time" in summary
     assert list(panels) == ["validation accuracy", "training seconds"]
