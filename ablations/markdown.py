@@ -56,7 +56,8 @@ def time_methods(metric: str = "accuracy") -> str:
         "Train s is what training the configuration costs alone on this hardware (mean over seeds) with its 95 % "
         "interval over timing repeats (README: How training time is measured); ⚠ = timed while "
         "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
-        "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals. ★ = Pareto-"
+        "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals (exactly 1 where "
+        "both read one timing: the same work shape and steps). ★ = Pareto-"
         f"optimal: no other configuration is {as_good} and clearly faster (its time interval lies "
         f"entirely below this one's), and none with the same measured time {better}; a time difference "
         "inside the timing noise decides nothing.")

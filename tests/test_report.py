@@ -573,3 +573,13 @@ def test_records_without_macro_f1_give_a_dash_and_a_blank_mean(tmp_path):
     cells = table_cells(paths["tradeoff_md"].read_text())
     f1 = "val. macro-F1 [95 % CI]"  # one seed of three classes without its labels: no interval
     assert cells["4"][f1] == "—" and cells["**0**"][f1] == "70.0 %"
+
+
+def test_a_row_that_reads_its_baselines_own_timing_is_exactly_as_fast(tmp_path):
+    # Cosine against linear at one depth: one work shape, one timing. Its interval is not the ratio's noise.
+    rows = [timed(make_run(4, scheduler, 1, s, 0.85, 20.0, number=2 * s + (scheduler == "cosine")), 18.0, 22.5)
+            for s in (0, 1) for scheduler in ("linear", "cosine")]
+    table = tradeoff_table(rows, parse_baseline("scheduler=linear"))
+    cosine = row(table, scheduler="cosine")
+    assert (cosine["speedup"], cosine["speedup_lo"], cosine["speedup_hi"]) == (1.0, 1.0, 1.0)  # was [0.80, 1.25]
+    assert "| 1.00× [1.00, 1.00] |" in markdown(table, report_context(rows, table))
