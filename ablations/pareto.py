@@ -118,8 +118,9 @@ def run_rows(study_name: str, trials: Iterable[FrozenTrial], study_attrs: dict |
                      "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
                      "choice": choice_value(record, record_metric(record)), "train_seconds": record["train_seconds"],
                      "trainable_params": record.get("trainable_params"), "run_id": record.get("run_id") or where,
-                     "trial": where, "device": record.get("device"), "metric": record_metric(record)})
-    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device", "metric"])
+                     "trial": where, "device": record.get("device"), "metric": record_metric(record),
+                     "contended": record.get("contended") is True})
+    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device", "metric", "contended"])
 
 
 def front_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -70,8 +70,11 @@ def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.Dat
               "| trainable params | trial |", "|--:|---|--:|--:|--:|" + "--:|" * len(scores) + "--:|--:|---|"]
     lines += [f"| {r.freeze_depth} | {r.scheduler} | {r.epochs} | {r.learning_rate:.3g} | {r.warmup_ratio:.3g} | "
               + "".join(f"{_accuracy(getattr(r, column))} | " for column in scores.values())
-              + f"{r.train_seconds:.1f} | {_count(r.trainable_params)} | {r.trial} |"
-              for r in front.itertuples(index=False)]
+              + f"{r.train_seconds:.1f}{' ⚠' if getattr(r, 'contended', False) else ''} | "
+              f"{_count(r.trainable_params)} | {r.trial} |" for r in front.itertuples(index=False)]
+    if "contended" in front.columns and front["contended"].any():  # as tradeoff.md marks it: never dropped
+        lines += ["", "⚠ = timed while other processes loaded the machine, so the time may be inflated (evidence in "
+                      "tradeoff.csv, column `contention`)."]
     knee = front.iloc[knee_index(front)]
     lines += ["", f"**Knee point**: {_row_text(knee, metric)}. It is the front point farthest above the line from "
                   f"the front's fastest to its {end} and time min-max scaled over the front.", ""]

@@ -117,3 +117,19 @@ def test_a_search_without_a_dev_split_names_validation_as_what_chose(tmp_path, m
     assert "with the knee's schedule and epochs and the highest validation accuracy" in summary
     assert "its highest validation accuracy end, with validation accuracy and time" in summary
     assert list(panels) == ["validation accuracy", "training seconds"]
+
+
+def test_the_front_marks_a_time_taken_under_load_as_the_report_does(tmp_path):
+    space = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 5e-3))
+    def loaded(config, on_epoch=None) -> dict:  # depth 1 timed while other processes loaded the machine
+        return fake_train(config, on_epoch) | {"contended": config.freeze_depth == 1}
+
+    search = searcher(tmp_path, space=space, sampler="random", prune=False, train=loaded)
+    search.run(6, progress=False)
+    write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=True)
+    rows = [line for line in (tmp_path / "search_summary.md").read_text().splitlines() if line.startswith("| 1 |")]
+    table = (tmp_path / "tradeoff.md").read_text()
+    assert rows and all(" ⚠ |" in line for line in rows) and "⚠" in table  # was a plain time beside tradeoff.md's ⚠
+    others = [line for line in (tmp_path / "search_summary.md").read_text().splitlines()
+              if line.startswith("| 0 |")]
+    assert others and all("⚠" not in line for line in others)
