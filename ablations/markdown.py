@@ -19,9 +19,14 @@ def _percent(value: float) -> str:
     return "—" if value is None or pd.isna(value) else f"{100 * value:.1f} %"
 
 
-def _cell(value: Any) -> str:
+# What a configuration field left unset means, where a dash would read as "none": no dev split is dev_size 0, and
+# an unset dev_size is the default one (10 % of the training rows, at most 1,000).
+UNSET = {"dev_size": "default", "max_train_samples": "all", "text_column": "detected", "label_column": "detected"}
+
+
+def _cell(value: Any, field: str = "") -> str:
     if value is None or value is pd.NA or (isinstance(value, float) and value != value):  # None becomes NaN
-        return "—"
+        return UNSET.get(field, "—")
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -154,7 +159,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
     align = ["---"] * len(shown) + ["--:"] * (7 if macro_f1 else 6) + [":-:", "---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in table.itertuples(index=False):
-        cells = [_cell(getattr(row, c)) for c in shown]
+        cells = [_cell(getattr(row, c), c) for c in shown]
         if row.baseline:
             cells = [f"**{cell}**" for cell in cells]
         accuracy = _interval_cell(row.accuracy_mean, row.accuracy_low, row.accuracy_high)

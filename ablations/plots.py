@@ -25,7 +25,7 @@ SCHEDULER_SHORT = {"linear": "lin", "cosine": "cos", "constant": "const", "const
 
 
 LABEL_NAMES = {"learning_rate": "lr", "warmup_ratio": "warmup", "weight_decay": "wd", "max_train_samples": "n",
-               "batch_size": "batch", "device": ""}
+               "batch_size": "batch", "device": "", "dev_size": "dev"}
 
 
 def _value_text(value) -> str:
@@ -38,9 +38,10 @@ def point_label(fields: dict, extra: list[str]) -> str:
     """Short point label such as 'd4 cos 2ep', plus any other field that varies ('lr 7.4e-05 warmup 0.17')."""
     scheduler = SCHEDULER_SHORT.get(str(fields.get("scheduler")), str(fields.get("scheduler")))
     parts = [f"d{fields.get('freeze_depth')}", scheduler, f"{fields.get('epochs')}ep"]
+    from ablations.markdown import UNSET
     for name in extra:
-        short = LABEL_NAMES.get(name, name)
-        parts.append(f"{short} {_value_text(fields.get(name))}".strip())
+        short, value = LABEL_NAMES.get(name, name), fields.get(name)
+        parts.append(f"{short} {UNSET.get(name, value) if value is None else _value_text(value)}".strip())
     return " ".join(parts)
 
 

@@ -355,14 +355,25 @@ def test_cli_writes_the_report_from_a_storage(runs, monkeypatch, capsys, tmp_pat
     assert not (tmp_path / "typo").exists()
 
 
-def test_a_field_left_unset_in_some_runs_shows_as_a_dash_not_nan():
+def test_a_field_left_unset_in_some_runs_says_what_unset_means_not_nan():
     runs = [make_run(0, "linear", 1, 42, 0.8, 60.0), make_run(0, "linear", 1, 42, 0.9, 600.0, max_train_samples=None)]
     table = tradeoff_table(runs)
     assert "max_train_samples" in table.columns
     text = markdown(table, report_context(runs, table))
     rows = [line for line in text.splitlines() if line.startswith("| **0**")]
     assert len(rows) == 2 and "nan" not in text
-    assert any("| **—** |" in row for row in rows) and any("| **2000** |" in row for row in rows)
+    assert any("| **all** |" in row for row in rows) and any("| **2000** |" in row for row in rows)  # not "—"
+
+
+def test_an_unset_dev_size_reads_as_the_default_split_not_as_none_beside_dev_size_0(tmp_path):
+    runs = [make_run(0, "linear", 1, 42, 0.8, 60.0, number=0), make_run(0, "linear", 1, 42, 0.9, 60.0, number=1,
+                                                                         dev_size=0)]
+    for run in runs[:1]:
+        run["record"]["config"]["dev_size"] = None  # the default split (10 %, at most 1,000 rows)
+    table = tradeoff_table(runs)
+    assert list(table["label"]) == ["d0 lin 1ep dev default", "d0 lin 1ep dev 0"]
+    rows = [line for line in markdown(table, report_context(runs, table)).splitlines() if line.startswith("| **0**")]
+    assert [row.split(" | ")[4] for row in rows] == ["**default**", "**0**"]  # the "—" read as "no dev split"
 
 
 def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(monkeypatch, tmp_path):
