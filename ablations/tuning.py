@@ -186,16 +186,17 @@ def tuned_cells(groups: dict[str, tuple[dict, list[dict]]]) -> dict[str, str]:
 
 
 def rate_curve_rows(groups: dict[str, tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
-    """The metric-vs-rate points of every tuned cell: its tuning seed's `choice_value` at each rate (`value`), named
-    by `metric` and the `split` it was measured on (validation for runs without a dev split)."""
+    """The metric-vs-rate points of every tuned cell (`cell`: which, one line each): its tuning seed's `choice_value`
+    at each rate (`value`), named by `metric` and the `split` it was measured on (validation for runs without a dev
+    split)."""
     rows = []
-    for candidates in _cells(groups).values():
+    for cell, candidates in enumerate(_cells(groups).values()):
         if len(candidates) < 2:
             continue
         chosen = choose_configuration(candidates)
         for key, record in _tuning_records(candidates).items():
             metric = record_metric(record)
-            rows.append({**{name: record["config"][name] for name in CELL},
+            rows.append({"cell": cell, **{name: record["config"][name] for name in CELL},
                          "learning_rate": record["config"]["learning_rate"], "metric": metric,
                          "split": "dev" if record.get("dev_accuracy") is not None else "validation",
                          "value": choice_value(record, metric), "chosen": key == chosen})

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from ablations import plots
 from ablations.tuning import CHOICE_LABELS, split_label
@@ -59,8 +60,9 @@ def lr_curves(points: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         for i, (ax, (scheduler, metric)) in enumerate(zip(axes, panels)):
             mine = points[(points["scheduler"] == scheduler) & (points["metric"] == metric)]
             mine = mine.sort_values("learning_rate")
+            # one line per cell: two cells of one depth (another dev split, warmup, ...) are not joined into one
             sns.lineplot(mine, x="learning_rate", y="value", hue="freeze depth", style=style,
-                         units=style and "freeze depth", estimator=None, palette=plots._depth_colours(depths),
+                         units="cell", estimator=None, palette=plots._depth_colours(depths),
                          hue_order=depths, marker="o", markersize=10, linewidth=2.5, ax=ax,
                          legend=i == len(panels) - 1)
             chosen = mine[mine["chosen"]]
@@ -69,6 +71,7 @@ def lr_curves(points: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             ax.set_xscale("log")
             ax.set_xticks(sorted(points["learning_rate"].unique()))
             ax.set_xticklabels([_rate_text(rate) for rate in sorted(points["learning_rate"].unique())])
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a log axis labels minor ticks (2×10⁻³): no rate tried
             named = _named(metric, set(mine["split"]))
             ax.set(title=f"schedule: {scheduler}" + (f", by {named}" if mixed else ""),
                    xlabel="learning rate (log scale)", ylabel=f"{named} (%)" if i == 0 or mixed else "")

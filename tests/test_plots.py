@@ -257,3 +257,17 @@ def test_the_tradeoff_legend_names_a_baseline_only_where_one_is_drawn(monkeypatc
     ax = drawn(monkeypatch, plots.tradeoff, table).axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front ★"]
     assert not [line for line in ax.lines if line.get_markerfacecolor() == "none"]  # no ring drawn
+
+
+def test_lr_curves_draw_one_line_per_cell_and_label_only_the_rates_tried(monkeypatch, tmp_path):
+    # Depth 0 tuned twice over 1e-3 and 3e-3: once with warmup 0.1, once with 0.0 (two cells, one depth).
+    runs = [make_run(0, "linear", 1, 42, accuracy, 30.0, number=i, learning_rate=rate, warmup_ratio=warmup)
+            for i, (rate, warmup, accuracy) in enumerate([(1e-3, 0.1, 0.9), (3e-3, 0.1, 0.6),
+                                                            (1e-3, 0.0, 0.6), (3e-3, 0.0, 0.9)])]
+    ax = [ax for ax in drawn_report(monkeypatch, runs, tmp_path)["lr_curves.png"].axes if ax.get_title()][0]
+    lines = sorted(tuple(line.get_ydata()) for line in ax.get_lines() if len(line.get_xdata()) == 2)
+    assert lines == [(60.0, 90.0), (90.0, 60.0)]  # was one zigzag through all four points
+    ax.figure.draw_without_rendering()
+    shown = [label.get_text() for label in ax.get_xticklabels(minor=True) if label.get_text()]
+    assert shown == []  # a minor tick read 2×10⁻³ between 1e-3 and 3e-3
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["1e-3", "3e-3"]
