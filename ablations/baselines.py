@@ -77,9 +77,14 @@ def tune_baselines(table: pd.DataFrame, groups: dict, overrides: dict) -> None:
 def speedup_interval(base, row) -> dict[str, float]:
     """Baseline time / configuration time, with bounds from the two 95 % time intervals (slowest baseline
     over fastest configuration and the reverse: conservative, wider than a joint 95 % interval). A time interval
-    whose lower end is 0 (a noisy timing's t interval, cut at zero) leaves the speed-up unbounded above: inf."""
+    whose lower end is 0 (a noisy timing's t interval, cut at zero) leaves the speed-up unbounded above: inf. Two
+    rows that read one timing (the same work shape and steps: a schedule against another) are exactly 1."""
     def ratio(time: float, other: float) -> float:
         return (math.nan if math.isnan(time) else math.inf) if other == 0 else time / other
+
+    times = ("train_seconds", "train_seconds_lo", "train_seconds_hi")
+    if all(base[key] == getattr(row, key) for key in times):  # one timing (a work shape's, the same steps): the
+        return {"speedup": 1.0, "speedup_lo": 1.0, "speedup_hi": 1.0}  # ratio is exactly 1, not its own noise
 
     return {"speedup": ratio(base["train_seconds"], row.train_seconds),
             "speedup_lo": ratio(base["train_seconds_lo"], row.train_seconds_hi),

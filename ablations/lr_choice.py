@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ablations.runner import default_storage
-from ablations.tuning import CHOICE_LABELS, choice_value, record_metric
+from ablations.tuning import choice_value, record_metric, split_label
 from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
@@ -59,7 +59,9 @@ def main() -> int:
     best = best_rates(runs)
     if not best:
         raise UsageError(f"study {args.study_name!r} has no completed runs to choose a learning rate from")
-    print(f"# depth learning_rate mean_{CHOICE_LABELS[sweep_metric(runs)].replace(' ', '_')} runs")
+    # validation's score where no run of the sweep had a dev split (--dev-size 0: choice_value reads validation)
+    on_dev = any(run["record"].get("dev_accuracy") is not None for run in runs if run.get("record"))
+    print(f"# depth learning_rate mean_{split_label(sweep_metric(runs), on_dev).replace(' ', '_')} runs")
     for depth, (rate, accuracy, count) in sorted(best.items()):
         print(f"{depth} {rate:g} {accuracy:.4f} {count}")
     return 0

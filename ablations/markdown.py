@@ -19,9 +19,14 @@ def _percent(value: float) -> str:
     return "—" if value is None or pd.isna(value) else f"{100 * value:.1f} %"
 
 
-def _cell(value: Any) -> str:
+# What a configuration field left unset means, where a dash would read as "none": no dev split is dev_size 0, and
+# an unset dev_size is the default one (10 % of the training rows, at most 1,000).
+UNSET = {"dev_size": "default", "max_train_samples": "all", "text_column": "detected", "label_column": "detected"}
+
+
+def _cell(value: Any, field: str = "") -> str:
     if value is None or value is pd.NA or (isinstance(value, float) and value != value):  # None becomes NaN
-        return "—"
+        return UNSET.get(field, "—")
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -56,7 +61,8 @@ def time_methods(metric: str = "accuracy") -> str:
         "Train s is what training the configuration costs alone on this hardware (mean over seeds) with its 95 % "
         "interval over timing repeats (README: How training time is measured); ⚠ = timed while "
         "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
-        "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals. ★ = Pareto-"
+        "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals (exactly 1 where "
+        "both read one timing: the same work shape and steps). ★ = Pareto-"
         f"optimal: no other configuration is {as_good} and clearly faster (its time interval lies "
         f"entirely below this one's), and none with the same measured time {better}; a time difference "
         "inside the timing noise decides nothing.")
@@ -153,7 +159,7 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
     align = ["---"] * len(shown) + ["--:"] * (7 if macro_f1 else 6) + [":-:", "---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in table.itertuples(index=False):
-        cells = [_cell(getattr(row, c)) for c in shown]
+        cells = [_cell(getattr(row, c), c) for c in shown]
         if row.baseline:
             cells = [f"**{cell}**" for cell in cells]
         accuracy = _interval_cell(row.accuracy_mean, row.accuracy_low, row.accuracy_high)

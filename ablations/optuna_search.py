@@ -157,7 +157,7 @@ def checked_search(args: argparse.Namespace, base: RunConfig, space, name: str) 
     from ablations.ledger import Ledger
     from ablations.storage import mask_url, open_storage, storage_errors
     from ablations.pareto import write_outputs
-    from ablations.tuning import CHOICE_LABELS, choice_metric
+    from ablations.tuning import choice_metric, split_label
     from core.cli import make_session
     from core.model import preflight
     session = make_session(args)  # what the runs share; the pre-flight's loads are the first run's
@@ -173,7 +173,8 @@ def checked_search(args: argparse.Namespace, base: RunConfig, space, name: str) 
                         device, poll_seconds=min(5.0, args.heartbeat),
                         train_group=make_group_trainer(args, session, engine) if size > 1 else None, max_parallel=size)
         print(f"search {name!r}: {args.trials} more trial(s), {args.sampler} sampler (seed {args.sampler_seed}), "
-              f"training seed {base.seed}, objective {args.objective} on {CHOICE_LABELS[choice_metric(base)]}, "
+              f"training seed {base.seed}, objective {args.objective} on "
+              f"{split_label(choice_metric(base), base.dev_size != 0)}, "
               f"pruning {'on' if args.prune else 'off'}, "
               f"space {space.describe()} on {mask_url(url)}; engine {engine}, "
               f"{f'{size} trials asked at once' if size > 1 else 'one trial at a time'}")

@@ -24,7 +24,7 @@ from ablations.runner import SEARCHED
 from ablations.stats import pareto_front
 from ablations.ledger import Ledger
 from ablations.storage import run_of
-from ablations.tuning import CHOICE_LABELS, choice_metric, choice_value, record_metric
+from ablations.tuning import CHOICE_LABELS, choice_metric, choice_value, record_metric, split_label
 from core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -118,8 +118,9 @@ def run_rows(study_name: str, trials: Iterable[FrozenTrial], study_attrs: dict |
                      "dev_accuracy": record.get("dev_accuracy"), "accuracy": record["accuracy"],
                      "choice": choice_value(record, record_metric(record)), "train_seconds": record["train_seconds"],
                      "trainable_params": record.get("trainable_params"), "run_id": record.get("run_id") or where,
-                     "trial": where, "device": record.get("device"), "metric": record_metric(record)})
-    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device", "metric"])
+                     "trial": where, "device": record.get("device"), "metric": record_metric(record),
+                     "contended": record.get("contended") is True})
+    return pd.DataFrame(rows, columns=[*pareto_columns("f1"), "choice", "device", "metric", "contended"])
 
 
 def front_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -161,7 +162,8 @@ def importance_plot(rows: pd.DataFrame, path: Path, metric: str = "accuracy") ->
     # fANOVA explains variance, so it needs no direction (Optuna 5's default evaluator ranks for low values).
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     panels: dict[str, dict | str] = {}
-    for index, (column, objective) in enumerate({"choice": CHOICE_LABELS[metric],
+    on_dev = rows["dev_accuracy"].notna().all()  # a search without a dev split chose on validation
+    for index, (column, objective) in enumerate({"choice": split_label(metric, on_dev),
                                                  "train_seconds": "training seconds"}.items()):
         panels[objective] = "the same in every run: nothing to explain"
         if rows[column].nunique() > 1:

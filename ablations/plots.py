@@ -25,7 +25,7 @@ SCHEDULER_SHORT = {"linear": "lin", "cosine": "cos", "constant": "const", "const
 
 
 LABEL_NAMES = {"learning_rate": "lr", "warmup_ratio": "warmup", "weight_decay": "wd", "max_train_samples": "n",
-               "batch_size": "batch", "device": ""}
+               "batch_size": "batch", "device": "", "dev_size": "dev"}
 
 
 def _value_text(value) -> str:
@@ -38,9 +38,10 @@ def point_label(fields: dict, extra: list[str]) -> str:
     """Short point label such as 'd4 cos 2ep', plus any other field that varies ('lr 7.4e-05 warmup 0.17')."""
     scheduler = SCHEDULER_SHORT.get(str(fields.get("scheduler")), str(fields.get("scheduler")))
     parts = [f"d{fields.get('freeze_depth')}", scheduler, f"{fields.get('epochs')}ep"]
+    from ablations.markdown import UNSET
     for name in extra:
-        short = LABEL_NAMES.get(name, name)
-        parts.append(f"{short} {_value_text(fields.get(name))}".strip())
+        short, value = LABEL_NAMES.get(name, name), fields.get(name)
+        parts.append(f"{short} {UNSET.get(name, value) if value is None else _value_text(value)}".strip())
     return " ".join(parts)
 
 
@@ -154,7 +155,8 @@ def time_axis_label(table: pd.DataFrame) -> str:
     if timed.all():
         passes, shapes = timing_passes(table)
         if len(passes) == 1 and shapes > 1:
-            return f"training time alone, all {int(shapes)} shapes timed in one sitting (s; {bars('its rounds')})"
+            return (f"training time alone, from one sitting of {int(shapes)} work shapes timed together "
+                    f"(s; {bars('its rounds')})")  # the sitting's shapes: a search times depths it may not draw
         if len(passes) > 1:
             return f"training time alone, from {len(passes)} timing passes (s; {bars('repeats')})"
         return f"training time alone (s; {bars('timing repeats')})"
@@ -204,9 +206,10 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         from ablations.markdown import contended as marked
         contended = table["contended"].map(marked) if "contended" in table.columns else \
             pd.Series(False, index=table.index)
-        handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front ★"),
-                   Line2D([], [], marker="o", linestyle="", markersize=18, markerfacecolor="none",
-                          markeredgecolor="crimson", markeredgewidth=3, label="baseline")]
+        handles = [Line2D([], [], color="0.3", linestyle="--", linewidth=2, label="Pareto front ★")]
+        if table["baseline"].any():  # a study without a full fine-tune draws no ring
+            handles.append(Line2D([], [], marker="o", linestyle="", markersize=18, markerfacecolor="none",
+                                  markeredgecolor="crimson", markeredgewidth=3, label="baseline"))
         if contended.any():
             handles.append(Line2D([], [], linestyle="", label="⚠ timed under load"))
         ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)
@@ -223,7 +226,9 @@ def heatmap(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
     count (best over other fields)."""
     column, name = reported(table)
     epochs = sorted(table["epochs"].unique())
-    others = varying_fields(table)
+    # "best over" only what varies inside one cell: a tuned grid's rows differ in rate from cell to cell, one each
+    within = table.groupby(["freeze_depth", "scheduler", "epochs"])
+    others = [name for name in varying_fields(table) if (within[name].nunique(dropna=False) > 1).any()]
     values = table.assign(accuracy=PERCENT * table[f"{column}_mean"])
     low, high = values["accuracy"].min(), values["accuracy"].max()
     # Every panel indexes the same depths and schedules: the panels share one y axis, so a panel with its own

@@ -50,8 +50,12 @@ def main(args=None) -> int:
     from core.cli import check_output_dir
 
     runs = load_runs(storage_url(storage, output_dir), study_names=names)
+    from ablations.tradeoff import completed_runs, tradeoff_table
+    # A --baseline that matches nothing is refused before any file is written (else a fresh runs.csv stood beside
+    # the folder's older tables); with nothing completed, write_report writes runs.csv alone and says why.
+    table = tradeoff_table(runs, baseline) if completed_runs(runs) else None
     check_output_dir(output_dir)  # after the studies are found: a misspelt name leaves no folder behind
-    paths = write_report(runs, output_dir, baseline)
+    paths = write_report(runs, output_dir, baseline, table)
     for path in paths.values():
         print(path)
     return 0

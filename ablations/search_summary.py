@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ablations.pareto import knee_index
-from ablations.tuning import CHOICE_LABELS
+from ablations.tuning import split_label
 
 
 def _row_text(row, metric: str = "accuracy") -> str:
@@ -16,7 +16,7 @@ def _row_text(row, metric: str = "accuracy") -> str:
             f"warmup {row.warmup_ratio:.3g}: {score} in {row.train_seconds:.1f} s ({row.trial})")
 
 
-def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "accuracy") -> str:
+def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "accuracy", on_dev: bool = True) -> str:
     """The knee against its baseline, read from the trade-off report's table (`ablations.tradeoff.tradeoff_table`)
     so that search_summary.md and tradeoff.md state one speed-up for one configuration."""
     if table is None:
@@ -28,9 +28,9 @@ def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "
         if name in table.columns:  # a field the table does not show is the same in every configuration
             mask &= table[name] == value
     rows = table[mask]
-    best = "most accurate" if metric == "accuracy" else f"highest {CHOICE_LABELS[metric]}"
-    rule = (f"the report's rule (tradeoff.md): the {best} freeze_depth 0 configuration of this study with the "
-            "knee's schedule and epochs, learning rate and warmup tuned away, timed on the same device")
+    rule = ("the report's rule (tradeoff.md): the freeze_depth 0 configuration of this study with the knee's "
+            f"schedule and epochs and the highest {split_label(metric, on_dev)}, learning rate and warmup tuned "
+            "away, timed on the same device")
     if len(rows) != 1 or pd.isna(rows.iloc[0]["speedup"]):
         return f"**Full fine-tune baseline**: none by {rule}; no speed-up is stated."
     row = rows.iloc[0]
@@ -43,10 +43,17 @@ def knee_comparison(table: pd.DataFrame | None, knee: pd.Series, metric: str = "
 
 SUMMARY_SCORES = {  # the front's score columns in search_summary.md: the one that chose first
     "accuracy": ("dev accuracy vs training seconds; validation accuracy reported",
-                 {"dev accuracy": "dev_accuracy", "val. accuracy": "accuracy"}, "most accurate end, with accuracy"),
+                 {"dev accuracy": "dev_accuracy", "val. accuracy": "accuracy"},
+                 "highest dev accuracy end, with dev accuracy"),
     "f1": ("dev macro-F1 vs training seconds; validation macro-F1 and accuracy reported",
            {"dev macro-F1": "dev_f1", "val. macro-F1": "f1", "val. accuracy": "accuracy"},
            "highest dev macro-F1 end, with dev macro-F1")}
+NO_DEV_SCORES = {  # runs without a dev split (--dev-size 0) chose on validation: no dev column, no "dev" heading
+    "accuracy": ("validation accuracy vs training seconds: no dev split, validation chose",
+                 {"val. accuracy": "accuracy"}, "highest validation accuracy end, with validation accuracy"),
+    "f1": ("validation macro-F1 vs training seconds: no dev split, validation chose; accuracy reported",
+           {"val. macro-F1": "f1", "val. accuracy": "accuracy"},
+           "highest validation macro-F1 end, with validation macro-F1")}
 
 
 def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.DataFrame | None,
@@ -56,18 +63,22 @@ def summary_markdown(title: str, counts: str, front: pd.DataFrame, table: pd.Dat
     lines = [f"# {title}", "", counts, ""]
     if front.empty:
         return "\n".join(lines + ["No complete run yet: no front.", "", *notes, ""])
-    heading, scores, end = SUMMARY_SCORES[metric]
+    on_dev = front["dev_accuracy"].notna().all()  # a search pins --dev-size: its runs all have a dev split or none
+    heading, scores, end = (SUMMARY_SCORES if on_dev else NO_DEV_SCORES)[metric]
     lines += [f"## Pareto front ({heading})", "",
               f"| freeze depth | schedule | epochs | learning rate | warmup | {' | '.join(scores)} | train s "
               "| trainable params | trial |", "|--:|---|--:|--:|--:|" + "--:|" * len(scores) + "--:|--:|---|"]
     lines += [f"| {r.freeze_depth} | {r.scheduler} | {r.epochs} | {r.learning_rate:.3g} | {r.warmup_ratio:.3g} | "
               + "".join(f"{_accuracy(getattr(r, column))} | " for column in scores.values())
-              + f"{r.train_seconds:.1f} | {_count(r.trainable_params)} | {r.trial} |"
-              for r in front.itertuples(index=False)]
+              + f"{r.train_seconds:.1f}{' ⚠' if getattr(r, 'contended', False) else ''} | "
+              f"{_count(r.trainable_params)} | {r.trial} |" for r in front.itertuples(index=False)]
+    if "contended" in front.columns and front["contended"].any():  # as tradeoff.md marks it: never dropped
+        lines += ["", "⚠ = timed while other processes loaded the machine, so the time may be inflated (evidence in "
+                      "tradeoff.csv, column `contention`)."]
     knee = front.iloc[knee_index(front)]
     lines += ["", f"**Knee point**: {_row_text(knee, metric)}. It is the front point farthest above the line from "
                   f"the front's fastest to its {end} and time min-max scaled over the front.", ""]
-    lines.append(knee_comparison(table, knee, metric))
+    lines.append(knee_comparison(table, knee, metric, on_dev))
     return "\n".join(lines + ["", *notes, ""])
 
 

@@ -64,6 +64,13 @@ def choice_label(metrics: str | Iterable[str] = "accuracy") -> str:
     return "dev accuracy (dev macro-F1 for runs that chose their epoch by it, --select-by f1)"
 
 
+def split_label(metric: str, on_dev: bool = True) -> str:
+    """`metric`'s choice label on the split that chose: 'dev accuracy', or 'validation accuracy' for runs without a
+    dev split (--dev-size 0), which `choice_value` reads on validation."""
+    named = CHOICE_LABELS[metric]
+    return named if on_dev else named.replace("dev ", "validation ", 1)
+
+
 def tie_rule(metrics: str | Iterable[str] = "accuracy") -> str:
     return f"the higher {choice_label(metrics)}, then the lower dev loss, then the smaller learning rate"
 
@@ -179,17 +186,19 @@ def tuned_cells(groups: dict[str, tuple[dict, list[dict]]]) -> dict[str, str]:
 
 
 def rate_curve_rows(groups: dict[str, tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
-    """The metric-vs-rate points of every tuned cell: its tuning seed's `choice_value` at each rate (`value`), named
-    by `metric`."""
+    """The metric-vs-rate points of every tuned cell (`cell`: which, one line each): its tuning seed's `choice_value`
+    at each rate (`value`), named by `metric` and the `split` it was measured on (validation for runs without a dev
+    split)."""
     rows = []
-    for candidates in _cells(groups).values():
+    for cell, candidates in enumerate(_cells(groups).values()):
         if len(candidates) < 2:
             continue
         chosen = choose_configuration(candidates)
         for key, record in _tuning_records(candidates).items():
             metric = record_metric(record)
-            rows.append({**{name: record["config"][name] for name in CELL},
+            rows.append({"cell": cell, **{name: record["config"][name] for name in CELL},
                          "learning_rate": record["config"]["learning_rate"], "metric": metric,
+                         "split": "dev" if record.get("dev_accuracy") is not None else "validation",
                          "value": choice_value(record, metric), "chosen": key == chosen})
     return rows
 

@@ -123,6 +123,11 @@ def test_lr_choice_averages_the_score_that_chose_and_names_it(monkeypatch, capsy
     assert lr_choice_main() == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header == f"# depth learning_rate mean_dev_{'macro-F1' if select_by == 'f1' else 'accuracy'} runs"
+    for run in runs:  # a sweep without a dev split (--dev-size 0) chose on validation, and says so
+        run["record"].pop("dev_accuracy"), run["record"].pop("dev_f1")
+    assert lr_choice_main() == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == f"# depth learning_rate mean_validation_{'macro-F1' if select_by == 'f1' else 'accuracy'} runs"
 
 
 def search_train(config, on_epoch=None) -> dict:
@@ -160,6 +165,7 @@ def test_the_search_tells_optuna_and_draws_its_front_by_the_score_that_chose(tmp
     else:
         assert "## Pareto front (dev accuracy vs training seconds; validation accuracy reported)" in summary
         assert "accuracy 0.6900 (dev 0.7000)" in summary and "macro-F1" not in summary
+        assert "its highest dev accuracy end, with dev accuracy and time" in summary  # the knee's score: dev's
 
 
 def test_a_run_merged_in_from_a_search_of_the_other_metric_is_left_out_of_the_front_and_said(tmp_path):
@@ -201,6 +207,6 @@ def test_importance_names_the_score_that_chose(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning_plots, "importance", lambda panels, varying, runs, path: drawn.update(panels))
     rows = pd.DataFrame({"freeze_depth": [0, 1, 2, 3], "scheduler": ["linear"] * 4, "epochs": [1] * 4,
                          "learning_rate": [1e-3] * 4, "warmup_ratio": [0.0] * 4, "choice": [0.4, 0.5, 0.6, 0.7],
-                         "train_seconds": [4.0, 3.0, 2.0, 1.0]})
+                         "train_seconds": [4.0, 3.0, 2.0, 1.0], "dev_accuracy": [0.5] * 4})  # run_rows' columns
     importance_plot(rows, tmp_path / "importance.png", "f1")
     assert list(drawn) == ["dev macro-F1", "training seconds"]

@@ -186,12 +186,88 @@ def test_the_time_axis_says_whether_its_times_were_taken_alone():
     mixed = pd.DataFrame({"train_seconds_lo": [1.0, nan], "timed_at": ["2026-01-01T10:00:00Z", None]})
     assert time_axis_label(timed).startswith("training time alone")
     sitting = timed.assign(timed_at="2026-01-01T10:00:00Z", sitting=3)
-    assert "all 3 shapes timed in one sitting" in time_axis_label(sitting)
+    assert "from one sitting of 3 work shapes timed together" in time_axis_label(sitting)
     passes = timed.assign(timed_at=["2026-01-01T10:00:00Z", "2026-01-01T13:00:00Z"], sitting=1)
     assert "from 2 timing passes" in time_axis_label(passes)
     assert "not timed alone" in time_axis_label(untimed) and "alone (" not in time_axis_label(untimed)
     assert "1 of 2 timed alone; the others as they ran" in time_axis_label(mixed)
     # --timing-repeats 1: timed alone in one round, so no interval; it was labelled "not timed alone".
     once = sitting.assign(train_seconds_lo=nan)
-    assert time_axis_label(once) == ("training time alone, all 3 shapes timed in one sitting "
+    assert time_axis_label(once) == ("training time alone, from one sitting of 3 work shapes timed together "
                                      "(s; one timing round: no interval)")
+
+
+def tuned_runs() -> list[dict]:
+    """Depths 0 and 4, each tuned over two rates on its first seed (no dev split: validation chose), both choosing
+    1e-4, so the rows' labels do not name the rate; the rejected 1e-3 scored far lower."""
+    runs = []
+    for depth, (chosen, rejected) in {0: ((0.90, 0.88), 0.50), 4: ((0.85, 0.83), 0.60)}.items():
+        runs += [make_run(depth, "linear", 1, seed, accuracy, 30.0 - 5 * depth, learning_rate=1e-4)
+                 for seed, accuracy in enumerate(chosen)]
+        runs.append(make_run(depth, "linear", 1, 0, rejected, 30.0 - 5 * depth, learning_rate=1e-3))
+    return [run | {"number": number} for number, run in enumerate(runs)]
+
+
+def drawn_report(monkeypatch, runs, folder) -> dict:
+    from ablations.report import write_report
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.setdefault(path.name, figure) and path)
+    write_report(runs, folder)
+    return figures
+
+
+def test_curves_draw_the_tables_configurations_not_the_rates_a_cell_rejected(monkeypatch, tmp_path):
+    runs = tuned_runs()
+    table = tradeoff_table(runs)
+    assert list(table["learning_rate"]) == [1e-4, 1e-4] and list(table["accuracy_mean"]) == [0.89, 0.84]
+    ax = drawn_report(monkeypatch, runs, tmp_path)["curves.png"].axes[0]
+    lines = {line.get_gid(): list(line.get_ydata()) for line in ax.lines if line.get_gid()}
+    # The mean over the chosen rate's seeds, as the table says; the rejected rate's run was averaged in (76.0, 76.0).
+    assert lines == {row.label: pytest.approx([100 * row.accuracy_mean]) for row in table.itertuples()}
+
+
+def test_lr_curves_name_validation_where_the_runs_had_no_dev_split_and_keep_tick_labels_apart(monkeypatch,
+                                                                                              tmp_path):
+    runs = tuned_runs()  # no dev split: each rate was chosen on validation, and its points are validation's
+    figure = drawn_report(monkeypatch, runs, tmp_path)["lr_curves.png"]
+    ax = [ax for ax in figure.axes if ax.get_title()][0]
+    assert ax.get_ylabel() == "validation accuracy (%)"
+    assert figure._suptitle.get_text().startswith("Validation accuracy vs learning rate")
+    rings = ax.collections[-1].get_offsets().tolist()
+    assert sorted(map(tuple, rings)) == [(1e-4, 85.0), (1e-4, 90.0)]  # validation accuracy of the first seed
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["1e-4", "1e-3"]
+    from ablations.tuning_plots import _rate_text
+    assert [_rate_text(rate) for rate in (1e-5, 3e-5, 2.5e-4, 1e-2, 0.5)] == ["1e-5", "3e-5", "2.5e-4", "1e-2", "5e-1"]
+
+
+def test_the_heatmap_says_best_over_a_field_only_where_one_cell_holds_several_values_of_it(monkeypatch):
+    runs = [make_run(0, "linear", 1, 42, 0.9, 30.0, number=0, learning_rate=1e-4),
+            make_run(4, "linear", 1, 42, 0.8, 20.0, number=1, learning_rate=1e-3)]
+    figure = drawn(monkeypatch, plots.heatmap, tradeoff_table(runs))  # one row a cell, at its own rate
+    assert figure._suptitle.get_text().startswith("Mean validation accuracy over seeds\n")
+    runs.append(make_run(4, "linear", 1, 42, 0.7, 20.0, number=2, learning_rate=1e-3, warmup_ratio=0.2))
+    figure = drawn(monkeypatch, plots.heatmap, tradeoff_table(runs))  # depth 4 holds two warmups: 80.0 shown
+    assert figure._suptitle.get_text().startswith("Mean validation accuracy over seeds (best over warmup_ratio)\n")
+
+
+def test_the_tradeoff_legend_names_a_baseline_only_where_one_is_drawn(monkeypatch):
+    runs = [make_run(d, "linear", 1, 42, 0.8 + 0.01 * d, 30.0 - 5 * d, number=d) for d in (2, 4)]  # no depth 0
+    table = tradeoff_table(runs)
+    assert not table["baseline"].any()
+    ax = drawn(monkeypatch, plots.tradeoff, table).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front ★"]
+    assert not [line for line in ax.lines if line.get_markerfacecolor() == "none"]  # no ring drawn
+
+
+def test_lr_curves_draw_one_line_per_cell_and_label_only_the_rates_tried(monkeypatch, tmp_path):
+    # Depth 0 tuned twice over 1e-3 and 3e-3: once with warmup 0.1, once with 0.0 (two cells, one depth).
+    runs = [make_run(0, "linear", 1, 42, accuracy, 30.0, number=i, learning_rate=rate, warmup_ratio=warmup)
+            for i, (rate, warmup, accuracy) in enumerate([(1e-3, 0.1, 0.9), (3e-3, 0.1, 0.6),
+                                                            (1e-3, 0.0, 0.6), (3e-3, 0.0, 0.9)])]
+    ax = [ax for ax in drawn_report(monkeypatch, runs, tmp_path)["lr_curves.png"].axes if ax.get_title()][0]
+    lines = sorted(tuple(line.get_ydata()) for line in ax.get_lines() if len(line.get_xdata()) == 2)
+    assert lines == [(60.0, 90.0), (90.0, 60.0)]  # was one zigzag through all four points
+    ax.figure.draw_without_rendering()
+    shown = [label.get_text() for label in ax.get_xticklabels(minor=True) if label.get_text()]
+    assert shown == []  # a minor tick read 2×10⁻³ between 1e-3 and 3e-3
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["1e-3", "3e-3"]

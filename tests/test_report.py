@@ -348,16 +348,32 @@ def test_cli_writes_the_report_from_a_storage(runs, monkeypatch, capsys, tmp_pat
     assert run_cli(monkeypatch, *arguments, "--study-name", "nope") == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "nope" in error
+    # A baseline the studies do not hold writes nothing: no folder, no fresh runs.csv beside older tables.
+    assert run_cli(monkeypatch, "--storage", url, "--output-dir", str(tmp_path / "typo"), "--baseline",
+                   "scheduler=constant") == 2
+    assert "matches no completed configuration" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
-def test_a_field_left_unset_in_some_runs_shows_as_a_dash_not_nan():
+def test_a_field_left_unset_in_some_runs_says_what_unset_means_not_nan():
     runs = [make_run(0, "linear", 1, 42, 0.8, 60.0), make_run(0, "linear", 1, 42, 0.9, 600.0, max_train_samples=None)]
     table = tradeoff_table(runs)
     assert "max_train_samples" in table.columns
     text = markdown(table, report_context(runs, table))
     rows = [line for line in text.splitlines() if line.startswith("| **0**")]
     assert len(rows) == 2 and "nan" not in text
-    assert any("| **—** |" in row for row in rows) and any("| **2000** |" in row for row in rows)
+    assert any("| **all** |" in row for row in rows) and any("| **2000** |" in row for row in rows)  # not "—"
+
+
+def test_an_unset_dev_size_reads_as_the_default_split_not_as_none_beside_dev_size_0(tmp_path):
+    runs = [make_run(0, "linear", 1, 42, 0.8, 60.0, number=0), make_run(0, "linear", 1, 42, 0.9, 60.0, number=1,
+                                                                         dev_size=0)]
+    for run in runs[:1]:
+        run["record"]["config"]["dev_size"] = None  # the default split (10 %, at most 1,000 rows)
+    table = tradeoff_table(runs)
+    assert list(table["label"]) == ["d0 lin 1ep dev default", "d0 lin 1ep dev 0"]
+    rows = [line for line in markdown(table, report_context(runs, table)).splitlines() if line.startswith("| **0**")]
+    assert [row.split(" | ")[4] for row in rows] == ["**default**", "**0**"]  # the "—" read as "no dev split"
 
 
 def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(monkeypatch, tmp_path):
@@ -568,3 +584,13 @@ def test_records_without_macro_f1_give_a_dash_and_a_blank_mean(tmp_path):
     cells = table_cells(paths["tradeoff_md"].read_text())
     f1 = "val. macro-F1 [95 % CI]"  # one seed of three classes without its labels: no interval
     assert cells["4"][f1] == "—" and cells["**0**"][f1] == "70.0 %"
+
+
+def test_a_row_that_reads_its_baselines_own_timing_is_exactly_as_fast(tmp_path):
+    # Cosine against linear at one depth: one work shape, one timing. Its interval is not the ratio's noise.
+    rows = [timed(make_run(4, scheduler, 1, s, 0.85, 20.0, number=2 * s + (scheduler == "cosine")), 18.0, 22.5)
+            for s in (0, 1) for scheduler in ("linear", "cosine")]
+    table = tradeoff_table(rows, parse_baseline("scheduler=linear"))
+    cosine = row(table, scheduler="cosine")
+    assert (cosine["speedup"], cosine["speedup_lo"], cosine["speedup_hi"]) == (1.0, 1.0, 1.0)  # was [0.80, 1.25]
+    assert "| 1.00× [1.00, 1.00] |" in markdown(table, report_context(rows, table))

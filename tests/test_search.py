@@ -448,3 +448,12 @@ def test_ctrl_c_while_a_batch_is_asked_fails_the_trials_asked_before_it(tmp_path
     assert len(trials) == 2 and trained == []
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert {t.user_attrs["fail_reason"] for t in trials} == {"interrupted by the user"}
+
+
+def test_the_search_says_it_chooses_on_validation_without_a_dev_split(monkeypatch, capsys, tiny_bert, toy_data,
+                                                                      tmp_path):
+    assert run_cli(monkeypatch, "--model", tiny_bert, "--dataset", toy_data, "--freeze-depths", "1-1",
+                   "--epochs-range", "1-1", "--max-length", "32", "--trials", "1", "--dev-size", "0",
+                   "--timing-repeats", "0", "--output-dir", str(tmp_path), "--no-progress", "--no-report") == 0
+    printed = capsys.readouterr().out
+    assert "objective pareto on validation accuracy," in printed and "dev accuracy" not in printed

@@ -99,3 +99,37 @@ def test_pareto_csv_and_the_report_time_a_search_with_its_stored_sitting_alike(t
     table = pd.read_csv(tmp_path / "tradeoff.csv")
     for depth, p in per_step.items():
         assert set(table.loc[table.freeze_depth == depth, "train_seconds"]) == {10 * p}
+
+
+def test_a_search_without_a_dev_split_names_validation_as_what_chose(tmp_path, monkeypatch):
+    # fake_train records no dev split (--dev-size 0): the front, knee and importance were chosen on validation.
+    space = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 5e-3))
+    search = searcher(tmp_path, space=space, sampler="random", prune=False)
+    search.run(5, progress=False)
+    from ablations import tuning_plots
+    panels = {}
+    monkeypatch.setattr(tuning_plots, "importance", lambda found, *args: panels.update(found))
+    write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=True)
+    summary = (tmp_path / "search_summary.md").read_text()
+    assert "## Pareto front (validation accuracy vs training seconds: no dev split, validation chose)" in summary
+    body = summary.split("## ")[1].replace("no dev split", "")
+    assert "dev " not in body  # no empty "dev accuracy" column, no baseline "most accurate" on dev
+    assert "with the knee's schedule and epochs and the highest validation accuracy" in summary
+    assert "its highest validation accuracy end, with validation accuracy and time" in summary
+    assert list(panels) == ["validation accuracy", "training seconds"]
+
+
+def test_the_front_marks_a_time_taken_under_load_as_the_report_does(tmp_path):
+    space = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 1), learning_rate=(1e-3, 5e-3))
+    def loaded(config, on_epoch=None) -> dict:  # depth 1 timed while other processes loaded the machine
+        return fake_train(config, on_epoch) | {"contended": config.freeze_depth == 1}
+
+    search = searcher(tmp_path, space=space, sampler="random", prune=False, train=loaded)
+    search.run(6, progress=False)
+    write_outputs(search.study, search.ledger, search.base, "", tmp_path, report=True)
+    rows = [line for line in (tmp_path / "search_summary.md").read_text().splitlines() if line.startswith("| 1 |")]
+    table = (tmp_path / "tradeoff.md").read_text()
+    assert rows and all(" ⚠ |" in line for line in rows) and "⚠" in table  # was a plain time beside tradeoff.md's ⚠
+    others = [line for line in (tmp_path / "search_summary.md").read_text().splitlines()
+              if line.startswith("| 0 |")]
+    assert others and all("⚠" not in line for line in others)
