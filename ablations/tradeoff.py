@@ -108,6 +108,15 @@ def parse_baseline(text: str) -> dict[str, str]:
     return {key.strip().replace("-", "_"): value.strip() for key, value in pairs}
 
 
+def _label_fields(groups: dict[str, tuple[dict, list[dict]]]) -> list[str]:
+    """The fields beyond depth, schedule and epochs that differ between configurations (the learning rate first):
+    each point's label names them, in the table and in every figure."""
+    names = sorted({name for fields, _ in groups.values() for name in fields})
+    varying = [name for name in names
+               if len({json.dumps(fields.get(name), default=str) for fields, _ in groups.values()}) > 1]
+    return [name for name in SCIENTIFIC[3:] if name in varying] + [name for name in varying if name not in SCIENTIFIC]
+
+
 def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFrame:
     """One row per configuration: seeds, accuracy with CI, macro-F1, time, speed-up, Pareto flag, a test vs its
     baseline."""
@@ -117,9 +126,8 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         raise usage_error(f"no completed runs to report: the studies read hold {held}")
     field_names = sorted({name for fields, _ in groups.values() for name in fields})
     values = {name: [fields.get(name) for fields, _ in groups.values()] for name in field_names}
-    varying = [name for name in field_names if len({json.dumps(v, default=str) for v in values[name]}) > 1]
-    shown = list(SCIENTIFIC) + [name for name in varying if name not in SCIENTIFIC]
-    in_label = [name for name in shown[3:] if name in varying]
+    in_label = _label_fields(groups)
+    shown = list(SCIENTIFIC) + [name for name in in_label if name not in SCIENTIFIC]
     overrides = dict(DEFAULT_BASELINE if baseline is None else baseline)
     for name in overrides:
         if name not in field_names or name == "seed":
@@ -212,11 +220,14 @@ def _contention(timing: dict) -> str | None:
 
 
 
-def _history(runs: list[dict], table: pd.DataFrame) -> pd.DataFrame:
-    """Validation accuracy and macro-F1 per epoch of every completed run, labelled like its configuration's point."""
-    extra = plots.varying_fields(table)
+def _history(runs: list[dict]) -> pd.DataFrame:
+    """Validation accuracy and macro-F1 per epoch of the runs of the table's rows (not the tuning runs at rates
+    their cell did not choose), labelled like the row's point."""
+    groups = _configurations(runs)
+    extra = _label_fields(groups)
     rows = []
-    for fields, records in _configurations(runs).values():
+    for key in tuned_cells(groups):
+        fields, records = groups[key]
         for record in records:
             rows += [{"label": plots.point_label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
                       "scheduler": fields.get("scheduler"), "epochs": fields.get("epochs"),
@@ -268,7 +279,7 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs), chosen_by=chosen_by))
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
-    paths["curves_png"] = plots.curves(_history(runs, table), about, output / "curves.png", compared_metric(table))
+    paths["curves_png"] = plots.curves(_history(runs), about, output / "curves.png", compared_metric(table))
     rate_curves = pd.DataFrame(rate_curve_rows(_configurations(runs)))
     (output / "lr_curves.png").unlink(missing_ok=True)  # never a stale figure beside fresh tables
     if not rate_curves.empty:
