@@ -189,6 +189,17 @@ def check_text_column(split: datasets.Dataset, column: str) -> None:
     raise UsageError(f"text column {column!r} holds {held}, not text: {fix}")
 
 
+def check_label_column(split: datasets.Dataset, column: str) -> None:
+    """Refuse a label column that holds no single class a row: a multi-label dataset's lists of classes (or
+    records) stopped pyarrow's `unique` with a traceback."""
+    feature = split.features[column]
+    if isinstance(feature, (datasets.ClassLabel, datasets.Value)):
+        return
+    held = "records" if isinstance(feature, dict) else "lists"
+    raise UsageError(f"label column {column!r} holds {held}, not one class a row (a multi-label dataset?): this "
+                     "tool trains classifiers of one label per row; name another column as --label-column")
+
+
 def drop_unlabeled_rows(raw: dict[str, datasets.Dataset], label: str) -> None:
     """Leave out the rows a class-label column marks -1: the Hub's mark for a row without a label (SNLI's
     no-consensus pairs), which is no class (one line says how many). A plain integer column keeps its -1: there
@@ -225,6 +236,7 @@ def _encode(raw: dict[str, datasets.Dataset], tokenizer, text_column, label_colu
                                  f"{', '.join(raw[name].column_names)}")
     for column in texts:
         check_text_column(raw["train"], column)
+    check_label_column(raw["train"], label)
     drop_unlabeled_test(raw, label)
     if label not in raw["validation"].column_names:
         raise UsageError(f"the validation split has no label column {label!r}: columns are "

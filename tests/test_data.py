@@ -578,6 +578,17 @@ def test_rows_a_class_label_marks_minus_one_are_left_out_but_a_plain_minus_one_i
 
 
 @pytest.mark.parametrize("values, held", [
+    ([[0], [1, 2], [2], []], "lists"),  # multi-label, as go_emotions' `labels`
+    ([{"id": 0}, {"id": 1}, {"id": 0}, {"id": 1}], "records"),
+])
+def test_a_label_column_without_one_class_a_row_is_refused(tmp_path, tokenizer, values, held):
+    """A multi-label column (each row a list of classes) stopped pyarrow with a traceback; it is no single class."""
+    write_table(tmp_path / "train.jsonl", {"text": ["a fine film", "bad", "good", "dull plot"], "labels": values})
+    with pytest.raises(UsageError, match=f"label column 'labels' holds {held}, not one class a row"):
+        load_text_data(str(tmp_path), tokenizer)
+
+
+@pytest.mark.parametrize("values, held", [
     ([4, 2, 7, 1], "int64 values"),
     ([["a", "fine", "film"], ["bad"], ["good"], ["dull", "plot"]], "lists (tokens?)"),
 ])
