@@ -184,9 +184,17 @@ def check_text_column(split: datasets.Dataset, column: str) -> None:
     if isinstance(feature, datasets.Value):
         held = "no values" if feature.dtype == "null" else f"{feature.dtype} values"
         fix = "name the column with the texts as --text-column"
+    elif _mixed(feature):
+        held = "values of mixed types (a number among the texts?)"
+        fix = "write every row's value as a text, or name another column as --text-column"
     else:
         held, fix = "lists (tokens?)", "join each row's list into one text, or name another column as --text-column"
     raise UsageError(f"text column {column!r} holds {held}, not text: {fix}")
+
+
+def _mixed(feature) -> bool:
+    """A JSON column whose rows hold values of more than one type, which `datasets` 5 reads as `Json`."""
+    return type(feature).__name__ == "Json"
 
 
 def check_label_column(split: datasets.Dataset, column: str) -> None:
@@ -195,6 +203,9 @@ def check_label_column(split: datasets.Dataset, column: str) -> None:
     feature = split.features[column]
     if isinstance(feature, (datasets.ClassLabel, datasets.Value)):
         return
+    if _mixed(feature):
+        raise UsageError(f"label column {column!r} holds values of mixed types (a number among texts?): write "
+                         "every row's label alike, or name another column as --label-column")
     held = "records" if isinstance(feature, dict) else "lists"
     raise UsageError(f"label column {column!r} holds {held}, not one class a row (a multi-label dataset?): this "
                      "tool trains classifiers of one label per row; name another column as --label-column")

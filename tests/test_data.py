@@ -1,6 +1,7 @@
 """Data: columns are found, labels of any kind become 0..n-1, splits are what the user gave, bad data is named."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -575,6 +576,19 @@ def test_rows_a_class_label_marks_minus_one_are_left_out_but_a_plain_minus_one_i
     data = load_text_data(str(plain), tokenizer)
     assert data.label_names == ["-1", "0", "1"]
     assert len(data.splits["train"]) == 30
+
+
+def test_a_column_of_texts_and_numbers_is_named_as_such(tmp_path, tokenizer):
+    """A JSON column with a number among its texts (or among string labels) is read as JSON values: it was
+    called a column of token lists (the text) or of lists (the label)."""
+    rows = [json.dumps({"text": text, "label": label}) for text, label in
+            (("a fine film", "pos"), (12345, "neg"), ("good", "pos"), ("dull plot", "neg"))]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UsageError, match="text column 'text' holds values of mixed types"):
+        load_text_data(str(tmp_path), tokenizer)
+    (tmp_path / "train.jsonl").write_text("\n".join(rows).replace("12345", '"12345"').replace('"pos"}', "1}"))
+    with pytest.raises(UsageError, match="label column 'label' holds values of mixed types"):
+        load_text_data(str(tmp_path), tokenizer)
 
 
 @pytest.mark.parametrize("values, held", [
