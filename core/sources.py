@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import itertools
 import lzma
 import re
 import sys
@@ -193,11 +194,28 @@ def quiet_datasets():
             datasets.enable_progress_bars()
 
 
+def _holds_no_rows(path: Path) -> bool:
+    """Whether a data file is empty, or a header alone: `datasets` and pyarrow refuse such a file in words of
+    their own ('Instruction "data" corresponds to no data!', 'BatchSize must be greater than 0')."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.read_metadata(path).num_rows == 0
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            filled = list(itertools.islice((line for line in lines if line.strip()), 2))  # two tell enough
+    except Exception:  # a damaged file: the reader's own error says more
+        return False
+    header = 1 if path.suffix in (".csv", ".tsv") else 0
+    return len(filled) <= header or (path.suffix == ".json" and "".join("".join(filled).split()) == "[]")
+
+
 def _load_file(path: Path) -> datasets.Dataset:
     with quiet_datasets():
         try:
             loaded = _read_table(path)
         except Exception as error:  # pandas/arrow parse errors: show one line, the parser's own reason
+            if _holds_no_rows(path):
+                raise UsageError(f"could not read {str(path)!r}: it holds no rows") from None
             while error.__cause__ is not None and "error occurred while generating" in str(error):
                 error = error.__cause__
             raise UsageError(f"could not read {str(path)!r}: {first_line(error, 300)}") from None

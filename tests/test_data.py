@@ -301,9 +301,20 @@ def test_unsupported_file_type_is_named(tmp_path):
         load_raw(str(tmp_path / "data.txt"))
 
 
-def test_empty_train_file_is_named(tmp_path):
-    write_table(tmp_path / "train.csv", {"sentence": [], "label": []})
-    with pytest.raises(UsageError, match=re.escape(f"could not read '{tmp_path / 'train.csv'}'")):
+@pytest.mark.parametrize("name", ["train.csv", "validation.tsv", "validation.parquet", "test.jsonl"])
+def test_an_empty_file_is_named_as_empty(tmp_path, name):
+    """A file of a header and no rows stopped in datasets' or pyarrow's words ('Instruction "data" corresponds to no
+    data!', 'BatchSize must be greater than 0, got 0')."""
+    for split in ("train", "validation"):
+        if not name.startswith(split):
+            write_table(tmp_path / f"{split}.csv", toy_columns(8, 1))
+    empty = tmp_path / name
+    headers = {".csv": "sentence,label\n", ".tsv": "sentence\tlabel\n", ".jsonl": ""}
+    if empty.suffix in headers:
+        empty.write_text(headers[empty.suffix])
+    else:
+        write_table(empty, {"sentence": [], "label": []})
+    with pytest.raises(UsageError, match=re.escape(f"could not read '{empty}': it holds no rows")):
         load_raw(str(tmp_path))
 
 
