@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import itertools
 import lzma
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
 BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-(?P<count>\d{5})$")  # the Hub's parquet: train-00000-of-00002
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 CONFIG_DATASETS = ("glue", "super_glue")  # legacy ids whose second part is a config: glue/sst2
 # SST-2 ships inside the package (core/sst2/README.md): `--dataset sst2` names it, and `glue/sst2` falls back to it
@@ -96,14 +98,27 @@ def _split_note(dataset: str, split: str, picked: str, names) -> None:
 
 
 def _data_files(folder: Path) -> dict[str, Path]:
-    """A folder's data files by stem (`dev_matched` → dev_matched.tsv); a stem in two formats keeps the first of
-    BUILDERS' order."""
+    """A folder's data files by stem (`dev_matched` → dev_matched.tsv; a split in shards by its first shard,
+    `train` → train-00000-of-00002.parquet); a stem in two formats keeps the first of BUILDERS' order."""
     files: dict[str, Path] = {}
     for ext in BUILDERS:
         for file in sorted(folder.glob(f"*{ext}")):
             if file.is_file():
-                files.setdefault(file.name[:-len(ext)], file)
+                stem = file.name[:-len(ext)]
+                files.setdefault(shard["stem"] if (shard := SHARD.match(stem)) else stem, file)
     return files
+
+
+def shards(file: Path) -> list[Path]:
+    """A split's files: `file` alone, or where it is a shard, every shard of its split in order."""
+    shard = SHARD.match(file.stem)
+    if shard is None:
+        return [file]
+    found = sorted(file.parent.glob(f"{glob.escape(shard['stem'])}-[0-9]*-of-{shard['count']}{file.suffix}"))
+    if len(found) != int(shard["count"]):
+        raise UsageError(f"{str(file.parent)!r} holds {len(found)} of the {int(shard['count'])} shards of "
+                         f"{shard['stem']}{file.suffix}: the split needs all of them")
+    return found
 
 
 def split_files(folder: Path) -> dict[str, Path]:
@@ -128,7 +143,7 @@ def local_files(dataset: str) -> dict[str, Path] | None:
 def source_files(dataset: str) -> list[Path] | None:
     """The files `load_raw(dataset)` reads its rows from, resolved; None where they come from the Hub."""
     if (files := local_files(dataset)) is not None:
-        return [file.resolve() for file in files.values()]
+        return [part.resolve() for file in files.values() for part in shards(file)]
     if dataset.lower() in EMBEDDED_NAMES or (dataset in HUB_SST2 and hub_offline()):
         return sorted(EMBEDDED_SST2.glob("*.tsv.xz"))
     return None
@@ -210,6 +225,18 @@ def _holds_no_rows(path: Path) -> bool:
 
 
 def _load_file(path: Path) -> datasets.Dataset:
+    """A split's rows: its file's, or its shards' in order."""
+    parts = [_load_one(part) for part in shards(path)]
+    if len(parts) == 1:
+        return parts[0]
+    import datasets
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as error:  # shards whose columns differ
+        raise UsageError(f"could not join the shards of {str(path)!r}: {first_line(error, 300)}") from None
+
+
+def _load_one(path: Path) -> datasets.Dataset:
     with quiet_datasets():
         try:
             loaded = _read_table(path)
@@ -231,7 +258,7 @@ _RAW: dict[tuple, dict[str, datasets.Dataset]] = {}
 
 
 def _raw_key(dataset: str) -> tuple:
-    files = (local_files(dataset) or {}).values()
+    files = [part for file in (local_files(dataset) or {}).values() for part in shards(file)]
     return (dataset, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 

@@ -417,6 +417,28 @@ def test_one_function_says_which_files_hold_a_local_datasets_rows(tmp_path, monk
     assert identity.data_fingerprint(str(given)) == identity.data_fingerprint(str(other))
     identity.clear_caches()
 
+def test_a_folder_of_hub_parquet_shards_reads_each_split_whole(tmp_path):
+    """The Hub's parquet layout (`huggingface-cli download` of glue: sst2/train-00000-of-00001.parquet) is a
+    folder of shards: each split is all its shards, in order; their files key the memo and the run id."""
+    from core import identity, sources
+    train = toy_columns(30, 1)
+    write_table(tmp_path / "train-00000-of-00002.parquet", {k: v[:18] for k, v in train.items()})
+    write_table(tmp_path / "train-00001-of-00002.parquet", {k: v[18:] for k, v in train.items()})
+    write_table(tmp_path / "validation-00000-of-00001.parquet", toy_columns(10, 2))
+    write_table(tmp_path / "test-00000-of-00001.parquet", toy_columns(6, 3))
+    raw = load_raw(str(tmp_path))
+    assert {name: len(rows) for name, rows in raw.items()} == {"train": 30, "validation": 10, "test": 6}
+    assert raw["train"]["sentence"] == train["sentence"]
+    assert len(sources.source_files(str(tmp_path))) == 4
+    before = identity.data_fingerprint(str(tmp_path))
+    write_table(tmp_path / "train-00001-of-00002.parquet", {k: v[18:][::-1] for k, v in train.items()})
+    assert identity.data_fingerprint(str(tmp_path)) != before  # the second shard is part of the rows
+    identity.clear_caches()
+    (tmp_path / "train-00000-of-00002.parquet").unlink()
+    with pytest.raises(UsageError, match="holds 1 of the 2 shards of train.parquet: the split needs all of them"):
+        load_raw(str(tmp_path))
+
+
 # Unreadable files: one line, the parser's own reason, no log line before it
 
 @pytest.mark.parametrize("name, content, reason", [
