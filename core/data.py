@@ -139,6 +139,8 @@ def detect_columns(train: datasets.Dataset, text_column: str | None,
     listed = ", ".join(columns)
     if text_column:
         texts = tuple(c.strip() for c in text_column.split(","))
+        if len(texts) > 2:  # the tokenizer takes a third text as a seq2seq target, and no model reads it
+            raise UsageError(f"--text-column {text_column!r} names {len(texts)} columns: give one, or two (a pair)")
         for c in texts:
             if c not in columns:
                 raise UsageError(f"text column {c!r} is not in the train split: columns are {listed}")
@@ -155,6 +157,8 @@ def detect_columns(train: datasets.Dataset, text_column: str | None,
         label = next((c for c in LABEL_COLUMNS if c in columns), None)
         if label is None:
             raise UsageError(f"no label column found in the train split (columns: {listed}): pass --label-column")
+    if label in texts:
+        raise UsageError(f"text column {label!r} is the label column: the model would read its answer")
     return texts, label
 
 
