@@ -439,6 +439,25 @@ def test_a_folder_of_hub_parquet_shards_reads_each_split_whole(tmp_path):
         load_raw(str(tmp_path))
 
 
+def test_class_label_splits_are_matched_by_name_not_by_index(tmp_path, tokenizer):
+    """Splits encoded one by one (`class_encode_column` per split) number their classes each its own way: a
+    validation set without 'neu' calls 'pos' 1, which is 'neu' in train. Scored by index it was silently wrong."""
+    train_names, validation_names = ["neg", "neu", "pos"], ["neg", "pos"]
+    for name, names, n in (("train", train_names, 30), ("validation", validation_names, 10)):
+        columns = toy_columns(n, 1, classes=len(names))
+        features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    data = load_text_data(str(tmp_path), tokenizer)
+    written = toy_columns(10, 1, classes=2)["label"]
+    assert data.label_names == train_names
+    assert [data.label_names[y] for y in data.splits["validation"].labels] == [validation_names[y] for y in written]
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "meh"])})
+    datasets.Dataset.from_dict(toy_columns(10, 1), features=features).to_parquet(tmp_path / "validation.parquet")
+    with pytest.raises(UsageError, match="the validation split has label 'meh', which the train split never uses"):
+        load_text_data(str(tmp_path), tokenizer)
+
+
 # Unreadable files: one line, the parser's own reason, no log line before it
 
 @pytest.mark.parametrize("name, content, reason", [
