@@ -300,6 +300,13 @@ def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     if len(splits["train"]) == 0:
         raise UsageError(f"the train split of {dataset!r} is empty")
     if "validation" not in splits:
+        if files and Path(dataset).expanduser().is_dir():  # a file not read may be the validation set meant
+            used = {file.name for file in files.values()}
+            unused = sorted(f.name for f in _data_files(Path(dataset).expanduser()).values() if f.name not in used)
+            if unused:
+                print(f"note: {dataset} has no validation file ({', '.join(SPLIT_NAMES['validation'][:-1])} or "
+                      f"{SPLIT_NAMES['validation'][-1]}): 10 % of its train rows are held out as the validation "
+                      f"split ({', '.join(unused)} not used)", file=sys.stderr)
         # A fixed seed, not the run seed: every run of a study must see the same validation set.
         parts = splits["train"].train_test_split(test_size=0.1, seed=0)
         splits["train"], splits["validation"] = parts["train"], parts["test"]

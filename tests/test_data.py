@@ -458,6 +458,17 @@ def test_class_label_splits_are_matched_by_name_not_by_index(tmp_path, tokenizer
         load_text_data(str(tmp_path), tokenizer)
 
 
+def test_a_folder_without_a_validation_file_says_what_is_held_out_and_what_is_not_used(tmp_path, capsys):
+    """train.csv + eval.csv: eval is no validation name, so 10 % of train became the validation set, in silence."""
+    write_table(tmp_path / "train.csv", toy_columns(40, 1))
+    write_table(tmp_path / "eval.csv", toy_columns(10, 2))
+    capsys.readouterr()  # the writer's own progress bar
+    raw = load_raw(str(tmp_path))
+    assert (len(raw["train"]), len(raw["validation"])) == (36, 4)
+    assert capsys.readouterr().err == (f"note: {tmp_path} has no validation file (validation, valid, dev or val): 10 % "
+                                       "of its train rows are held out as the validation split (eval.csv not used)\n")
+
+
 # Unreadable files: one line, the parser's own reason, no log line before it
 
 @pytest.mark.parametrize("name, content, reason", [
