@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import UsageError
-from core.sources import load_raw, quiet_datasets
+from core.files import quiet_datasets
+from core.sources import load_raw
 
 TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
