@@ -289,9 +289,12 @@ def _encode(raw: dict[str, datasets.Dataset], tokenizer, text_column, label_colu
         # Plain Python lists: datasets returns lazy columns whose per-row indexing is slow.
         columns = split.select_columns(list(dict.fromkeys([*texts, label]))).to_dict()
         own = split.features[label]
-        if isinstance(feature, datasets.ClassLabel) and isinstance(own, datasets.ClassLabel) and own != feature:
-            # a split encoded on its own numbers its classes its own way: match them by name
-            columns[label] = [feature.names.index(n) if n in feature.names else n for n in own.int2str(columns[label])]
+        if isinstance(feature, datasets.ClassLabel) and own != feature:
+            # A split encoded on its own numbers its classes its own way, one written by hand names them: match
+            # them by name.
+            named = own.int2str(columns[label]) if isinstance(own, datasets.ClassLabel) else columns[label]
+            columns[label] = [feature.names.index(n) if isinstance(n, str) and n in feature.names else n
+                              for n in named]
         labels = np.asarray([index.get(v, -1) for v in columns[label]], dtype=np.int64)
         if (labels < 0).any():
             bad = columns[label][int(np.argmax(labels < 0))]

@@ -456,6 +456,10 @@ def test_class_label_splits_are_matched_by_name_not_by_index(tmp_path, tokenizer
     datasets.Dataset.from_dict(toy_columns(10, 1), features=features).to_parquet(tmp_path / "validation.parquet")
     with pytest.raises(UsageError, match="the validation split has label 'meh', which the train split never uses"):
         load_text_data(str(tmp_path), tokenizer)
+    # A validation file written by hand names its classes: 'pos' was "a label the train split never uses".
+    (tmp_path / "validation.parquet").unlink()
+    write_table(tmp_path / "validation.csv", {"sentence": ["a fine film", "bad"], "label": ["pos", "neg"]})
+    assert load_text_data(str(tmp_path), tokenizer).splits["validation"].labels.tolist() == [2, 0]
 
 
 def test_a_folder_without_a_validation_file_says_what_is_held_out_and_what_is_not_used(tmp_path, capsys):
