@@ -298,6 +298,9 @@ def _encode(raw: dict[str, datasets.Dataset], tokenizer, text_column, label_colu
         labels = np.asarray([index.get(v, -1) for v in columns[label]], dtype=np.int64)
         if (labels < 0).any():
             bad = columns[label][int(np.argmax(labels < 0))]
+            if set(columns[label]) == {-1}:
+                raise UsageError(f"the {name} split has no labels (every row -1, GLUE's mark of a hidden label): "
+                                 f"{name} is scored, so it needs them")
             raise UsageError(f"the {name} split has label {bad!r}, which the train split never uses")
         texts_of = [[str(t) if t is not None else "" for t in columns[c]] for c in texts]
         splits[name] = TextSplit(name, texts_of, labels, tokenize)

@@ -473,6 +473,15 @@ def test_a_folder_without_a_validation_file_says_what_is_held_out_and_what_is_no
                                        "of its train rows are held out as the validation split (eval.csv not used)\n")
 
 
+def test_a_validation_split_without_labels_is_named_so(tmp_path, tokenizer):
+    """GLUE marks hidden labels -1: a validation split of -1s was 'label -1, which the train split never uses'."""
+    write_table(tmp_path / "train.tsv", toy_columns(20, 1))
+    write_table(tmp_path / "validation.tsv", {"sentence": ["a fine film", "bad"], "label": [-1, -1]})
+    with pytest.raises(UsageError, match=re.escape("the validation split has no labels (every row -1, GLUE's mark of "
+                                                   "a hidden label): validation is scored, so it needs them")):
+        load_text_data(str(tmp_path), tokenizer)
+
+
 # Unreadable files: one line, the parser's own reason, no log line before it
 
 @pytest.mark.parametrize("name, content, reason", [
