@@ -124,7 +124,8 @@ def passes_sentence(table: pd.DataFrame) -> str:
 
 MACRO_F1_METHODS = (
     " Val. macro-F1 is the F1 of each class on the validation examples averaged with every class weighted alike "
-    "(at the reported epoch, mean over seeds; — where the runs did not record it): unlike accuracy it drops when "
+    "(a class the examples lack and the run never predicts is left out, as scikit-learn does; at the reported "
+    "epoch, mean over seeds; — where the runs did not record it): unlike accuracy it drops when "
     "a small class is missed. Its 95 % interval is Student t over seeds, or with one seed a t interval from the "
     "jackknife standard error over the validation examples")  # then what Δ and the test compare
 F1_TEST_METHODS = (

@@ -167,8 +167,8 @@ LABELS_UNKNOWN = "labels not recorded"
 
 
 def _class_f1(true_positives: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """2·TP / (predicted + actual) per class; 0 for a class that is neither predicted nor present, as
-    `core.metrics` counts it (macro over every class of the label set)."""
+    """2·TP / (predicted + actual) per class; 0 for a class that is neither predicted nor present, which the
+    macro average then leaves out, as `core.metrics` does."""
     return np.where(denominator > 0, 2 * true_positives / np.maximum(denominator, 1), 0.0)
 
 
@@ -183,11 +183,14 @@ def macro_f1_pseudo_values(labels: np.ndarray, predictions: np.ndarray, num_labe
     denominator = (np.bincount(predictions, minlength=num_labels)
                    + np.bincount(labels, minlength=num_labels)).astype(float)
     per_class = _class_f1(true_positives, denominator)
-    f1 = float(per_class.mean())
+    classes = max(int((denominator > 0).sum()), 1)  # those the macro average counts (`core.metrics`)
+    f1 = float(per_class.sum() / classes)
     own = _class_f1(true_positives[labels] - hit, denominator[labels] - 1 - hit)  # its class, without it
     other = _class_f1(true_positives[predictions], denominator[predictions] - 1)  # the class it was taken for
     change = own - per_class[labels] + np.where(hit, 0.0, other - per_class[predictions])
-    without = f1 + change / num_labels
+    # A class held or predicted by this example alone leaves the average with it.
+    gone = (denominator[labels] - 1 - hit == 0) + (~hit & (denominator[predictions] - 1 == 0))
+    without = (per_class.sum() + change) / np.maximum(classes - gone, 1)
     return f1, n * f1 - (n - 1) * without
 
 

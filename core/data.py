@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import UsageError
-from core.sources import load_raw, quiet_datasets
+from core.files import quiet_datasets
+from core.sources import load_raw
 
 TEXT_COLUMNS = ("sentence", "text", "content", "review", "document", "tweet", "utterance", "body", "question")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
@@ -139,6 +140,8 @@ def detect_columns(train: datasets.Dataset, text_column: str | None,
     listed = ", ".join(columns)
     if text_column:
         texts = tuple(c.strip() for c in text_column.split(","))
+        if len(texts) > 2:  # the tokenizer takes a third text as a seq2seq target, and no model reads it
+            raise UsageError(f"--text-column {text_column!r} names {len(texts)} columns: give one, or two (a pair)")
         for c in texts:
             if c not in columns:
                 raise UsageError(f"text column {c!r} is not in the train split: columns are {listed}")
@@ -155,6 +158,8 @@ def detect_columns(train: datasets.Dataset, text_column: str | None,
         label = next((c for c in LABEL_COLUMNS if c in columns), None)
         if label is None:
             raise UsageError(f"no label column found in the train split (columns: {listed}): pass --label-column")
+    if label in texts:
+        raise UsageError(f"text column {label!r} is the label column: the model would read its answer")
     return texts, label
 
 
@@ -184,9 +189,31 @@ def check_text_column(split: datasets.Dataset, column: str) -> None:
     if isinstance(feature, datasets.Value):
         held = "no values" if feature.dtype == "null" else f"{feature.dtype} values"
         fix = "name the column with the texts as --text-column"
+    elif _mixed(feature):
+        held = "values of mixed types (a number among the texts?)"
+        fix = "write every row's value as a text, or name another column as --text-column"
     else:
         held, fix = "lists (tokens?)", "join each row's list into one text, or name another column as --text-column"
     raise UsageError(f"text column {column!r} holds {held}, not text: {fix}")
+
+
+def _mixed(feature) -> bool:
+    """A JSON column whose rows hold values of more than one type, which `datasets` 5 reads as `Json`."""
+    return type(feature).__name__ == "Json"
+
+
+def check_label_column(split: datasets.Dataset, column: str) -> None:
+    """Refuse a label column that holds no single class a row: a multi-label dataset's lists of classes (or
+    records) stopped pyarrow's `unique` with a traceback."""
+    feature = split.features[column]
+    if isinstance(feature, (datasets.ClassLabel, datasets.Value)):
+        return
+    if _mixed(feature):
+        raise UsageError(f"label column {column!r} holds values of mixed types (a number among texts?): write "
+                         "every row's label alike, or name another column as --label-column")
+    held = "records" if isinstance(feature, dict) else "lists"
+    raise UsageError(f"label column {column!r} holds {held}, not one class a row (a multi-label dataset?): this "
+                     "tool trains classifiers of one label per row; name another column as --label-column")
 
 
 def drop_unlabeled_rows(raw: dict[str, datasets.Dataset], label: str) -> None:
@@ -225,6 +252,7 @@ def _encode(raw: dict[str, datasets.Dataset], tokenizer, text_column, label_colu
                                  f"{', '.join(raw[name].column_names)}")
     for column in texts:
         check_text_column(raw["train"], column)
+    check_label_column(raw["train"], label)
     drop_unlabeled_test(raw, label)
     if label not in raw["validation"].column_names:
         raise UsageError(f"the validation split has no label column {label!r}: columns are "
@@ -260,9 +288,19 @@ def _encode(raw: dict[str, datasets.Dataset], tokenizer, text_column, label_colu
     for name, split in raw.items():
         # Plain Python lists: datasets returns lazy columns whose per-row indexing is slow.
         columns = split.select_columns(list(dict.fromkeys([*texts, label]))).to_dict()
+        own = split.features[label]
+        if isinstance(feature, datasets.ClassLabel) and own != feature:
+            # A split encoded on its own numbers its classes its own way, one written by hand names them: match
+            # them by name.
+            named = own.int2str(columns[label]) if isinstance(own, datasets.ClassLabel) else columns[label]
+            columns[label] = [feature.names.index(n) if isinstance(n, str) and n in feature.names else n
+                              for n in named]
         labels = np.asarray([index.get(v, -1) for v in columns[label]], dtype=np.int64)
         if (labels < 0).any():
             bad = columns[label][int(np.argmax(labels < 0))]
+            if set(columns[label]) == {-1}:
+                raise UsageError(f"the {name} split has no labels (every row -1, GLUE's mark of a hidden label): "
+                                 f"{name} is scored, so it needs them")
             raise UsageError(f"the {name} split has label {bad!r}, which the train split never uses")
         texts_of = [[str(t) if t is not None else "" for t in columns[c]] for c in texts]
         splits[name] = TextSplit(name, texts_of, labels, tokenize)

@@ -24,19 +24,23 @@ def load_metric(name: str):
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int,
                            accuracy_metric=None, f1_metric=None) -> dict[str, float]:
-    """Accuracy and macro-F1 through `evaluate` when its metrics are given, else the same definitions locally."""
+    """Accuracy and macro-F1 through `evaluate` when its metrics are given, else the same definitions locally.
+
+    Macro-F1 averages the classes that the examples hold or the model predicts (scikit-learn's macro average
+    without `labels`): a class of the label set that a split lacks and no prediction names has no F1, and
+    counting it as 0 held a model right on every example of a validation set without it to (k − 1)/k."""
     if accuracy_metric is not None and f1_metric is not None:
         accuracy = accuracy_metric.compute(predictions=predictions, references=labels)["accuracy"]
-        f1 = f1_metric.compute(predictions=predictions, references=labels, average="macro",
-                               labels=list(range(num_labels)))["f1"]
+        f1 = f1_metric.compute(predictions=predictions, references=labels, average="macro")["f1"]
         return {"accuracy": float(accuracy), "f1": float(f1)}
     accuracy = float((predictions == labels).mean()) if len(labels) else 0.0
     f1s = []
     for c in range(num_labels):
         tp = np.sum((predictions == c) & (labels == c))
         denominator = np.sum(predictions == c) + np.sum(labels == c)
-        f1s.append(2 * tp / denominator if denominator else 0.0)
-    return {"accuracy": accuracy, "f1": float(np.mean(f1s))}
+        if denominator:
+            f1s.append(2 * tp / denominator)
+    return {"accuracy": accuracy, "f1": float(np.mean(f1s)) if f1s else 0.0}
 
 
 def versions() -> dict[str, str]:

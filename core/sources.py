@@ -4,8 +4,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
 import lzma
 import re
@@ -14,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import UsageError, first_line
+from core.files import BUILDERS, SHARD, load_file, shards
 from core.hub import hub_offline
 
 if TYPE_CHECKING:
     import datasets
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
-BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 CONFIG_DATASETS = ("glue", "super_glue")  # legacy ids whose second part is a config: glue/sst2
 # SST-2 ships inside the package (core/sst2/README.md): `--dataset sst2` names it, and `glue/sst2` falls back to it
@@ -95,13 +93,14 @@ def _split_note(dataset: str, split: str, picked: str, names) -> None:
 
 
 def _data_files(folder: Path) -> dict[str, Path]:
-    """A folder's data files by stem (`dev_matched` → dev_matched.tsv); a stem in two formats keeps the first of
-    BUILDERS' order."""
+    """A folder's data files by stem (`dev_matched` → dev_matched.tsv; a split in shards by its first shard,
+    `train` → train-00000-of-00002.parquet); a stem in two formats keeps the first of BUILDERS' order."""
     files: dict[str, Path] = {}
     for ext in BUILDERS:
         for file in sorted(folder.glob(f"*{ext}")):
             if file.is_file():
-                files.setdefault(file.name[:-len(ext)], file)
+                stem = file.name[:-len(ext)]
+                files.setdefault(shard["stem"] if (shard := SHARD.match(stem)) else stem, file)
     return files
 
 
@@ -127,84 +126,10 @@ def local_files(dataset: str) -> dict[str, Path] | None:
 def source_files(dataset: str) -> list[Path] | None:
     """The files `load_raw(dataset)` reads its rows from, resolved; None where they come from the Hub."""
     if (files := local_files(dataset)) is not None:
-        return [file.resolve() for file in files.values()]
+        return [part.resolve() for file in files.values() for part in shards(file)]
     if dataset.lower() in EMBEDDED_NAMES or (dataset in HUB_SST2 and hub_offline()):
         return sorted(EMBEDDED_SST2.glob("*.tsv.xz"))
     return None
-
-
-def _writer_quoted(table: datasets.Dataset) -> bool:
-    """Whether a literally read table holds a field its writer fenced in quotes: one that starts and ends with a
-    quote, with every quote inside doubled, as in `"a ""quoted"" word"`."""
-    import pyarrow.compute as pc  # a column at a time: row by row, SST-2's 67,349 rows took 1.5 s
-    for name, feature in table.features.items():
-        if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            continue
-        column = table.data.column(name)
-        fenced = pc.filter(column, pc.and_(pc.starts_with(column, '"'), pc.ends_with(column, '"'))).to_pylist()
-        if any(len(value) > 1 and '"' not in value[1:-1].replace('""', "") for value in fenced):
-            return True
-    return False
-
-
-def _read_table(path: Path) -> datasets.Dataset:
-    """One file's rows. A tab-separated file is read literally, as GLUE writes and reads its files: a quote is a
-    character, not a field's fence. Read with CSV quoting, one unmatched quote (`"great film<TAB>1`) silently
-    merged every row up to the next quote into one text. A file its writer quoted (pandas' to_csv writes
-    `"a ""quoted"" word"`, and fences a tab or a line break inside a text) is read with quoting: where the
-    literal read finds such a field and quoting keeps every line a row, or where only quoting can read it. (A
-    file whose only fenced texts hold line breaks reads as ragged rows, an error: quoting would read them, but
-    so would it merge rows after one stray quote, and the two cannot be told apart.)"""
-    import datasets
-    files = {"data": str(path)}
-    if path.suffix != ".tsv":
-        return datasets.load_dataset(BUILDERS[path.suffix], data_files=files, split="data")
-    try:
-        literal = datasets.load_dataset("csv", data_files=files, split="data", delimiter="\t",
-                                        quoting=csv.QUOTE_NONE)
-    except Exception:  # a quoted field holds a tab or a line break: only the writer's quoting can read it
-        literal = None
-    if literal is not None and not _writer_quoted(literal):
-        return literal
-    try:
-        quoted = datasets.load_dataset("csv", data_files=files, split="data", delimiter="\t")
-    except Exception:
-        if literal is None:
-            raise
-        return literal
-    return quoted if literal is None or len(quoted) == len(literal) else literal
-
-
-@contextlib.contextmanager
-def quiet_datasets():
-    """`datasets` without progress bars or log lines, for work on rows already read: a local file reads in
-    moments, and flattening the indices of a held-out split took moments too, yet each drew a bar, and datasets
-    logs a parse error before raising it; on stderr any of them was a second line before a one-line error."""
-    import datasets
-    quiet, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
-    if quiet:
-        datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if quiet:
-            datasets.enable_progress_bars()
-
-
-def _load_file(path: Path) -> datasets.Dataset:
-    with quiet_datasets():
-        try:
-            loaded = _read_table(path)
-        except Exception as error:  # pandas/arrow parse errors: show one line, the parser's own reason
-            while error.__cause__ is not None and "error occurred while generating" in str(error):
-                error = error.__cause__
-            raise UsageError(f"could not read {str(path)!r}: {first_line(error, 300)}") from None
-    if "__index_level_0__" in loaded.column_names:  # pandas made the extra first field of every row an index
-        header = ", ".join(c for c in loaded.column_names if c != "__index_level_0__")
-        raise UsageError(f"could not read {str(path)!r}: its rows have more fields than its header ({header})")
-    return loaded
 
 
 # A memo of a pure read, like core.identity's hashes: keyed by the name and every file's size and mtime, it holds
@@ -213,7 +138,7 @@ _RAW: dict[tuple, dict[str, datasets.Dataset]] = {}
 
 
 def _raw_key(dataset: str) -> tuple:
-    files = (local_files(dataset) or {}).values()
+    files = [part for file in (local_files(dataset) or {}).values() for part in shards(file)]
     return (dataset, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
@@ -237,7 +162,7 @@ def clear_raw_cache() -> None:
 
 def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     if (files := local_files(dataset)) is not None:
-        splits = {split: _load_file(file) for split, file in files.items()}
+        splits = {split: load_file(file) for split, file in files.items()}
         if files and Path(dataset).expanduser().is_dir():
             stems = {file: stem for stem, file in _data_files(next(iter(files.values())).parent).items()}
             for split, file in files.items():
@@ -255,6 +180,13 @@ def _read_raw(dataset: str) -> dict[str, datasets.Dataset]:
     if len(splits["train"]) == 0:
         raise UsageError(f"the train split of {dataset!r} is empty")
     if "validation" not in splits:
+        if files and Path(dataset).expanduser().is_dir():  # a file not read may be the validation set meant
+            used = {file.name for file in files.values()}
+            unused = sorted(f.name for f in _data_files(Path(dataset).expanduser()).values() if f.name not in used)
+            if unused:
+                print(f"note: {dataset} has no validation file ({', '.join(SPLIT_NAMES['validation'][:-1])} or "
+                      f"{SPLIT_NAMES['validation'][-1]}): 10 % of its train rows are held out as the validation "
+                      f"split ({', '.join(unused)} not used)", file=sys.stderr)
         # A fixed seed, not the run seed: every run of a study must see the same validation set.
         parts = splits["train"].train_test_split(test_size=0.1, seed=0)
         splits["train"], splits["validation"] = parts["train"], parts["test"]

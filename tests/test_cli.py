@@ -59,6 +59,11 @@ BAD_COMMANDS = {
     "folder without a train file": (["--dataset", "{no_train}"], "'{no_train}' has no train file"),
     "label column not found": (["--dataset", "{no_label}"], "no label column found in the train split"),
     "label column given but absent": (["--label-column", "nope"], "label column 'nope'"),
+    # The tokenizer took a third text column as a seq2seq target and dropped it; the label as a text leaks it.
+    "three text columns": (["--text-column", "sentence,sentence,sentence"],
+                           "--text-column 'sentence,sentence,sentence' names 3 columns: give one, or two (a pair)"),
+    "the label as a text column": (["--text-column", "sentence,label"],
+                                   "text column 'label' is the label column: the model would read its answer"),
     "missing model folder": (["--model", "{missing}"], "model folder '{missing}' does not exist"),
     "Hub model offline": (["--model", "distilbert-base-uncased"], "model 'distilbert-base-uncased' is a Hugging Face "
                           "Hub id, the Hub cannot be reached"),

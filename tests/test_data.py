@@ -1,6 +1,7 @@
 """Data: columns are found, labels of any kind become 0..n-1, splits are what the user gave, bad data is named."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -300,9 +301,20 @@ def test_unsupported_file_type_is_named(tmp_path):
         load_raw(str(tmp_path / "data.txt"))
 
 
-def test_empty_train_file_is_named(tmp_path):
-    write_table(tmp_path / "train.csv", {"sentence": [], "label": []})
-    with pytest.raises(UsageError, match=re.escape(f"could not read '{tmp_path / 'train.csv'}'")):
+@pytest.mark.parametrize("name", ["train.csv", "validation.tsv", "validation.parquet", "test.jsonl"])
+def test_an_empty_file_is_named_as_empty(tmp_path, name):
+    """A file of a header and no rows stopped in datasets' or pyarrow's words ('Instruction "data" corresponds to no
+    data!', 'BatchSize must be greater than 0, got 0')."""
+    for split in ("train", "validation"):
+        if not name.startswith(split):
+            write_table(tmp_path / f"{split}.csv", toy_columns(8, 1))
+    empty = tmp_path / name
+    headers = {".csv": "sentence,label\n", ".tsv": "sentence\tlabel\n", ".jsonl": ""}
+    if empty.suffix in headers:
+        empty.write_text(headers[empty.suffix])
+    else:
+        write_table(empty, {"sentence": [], "label": []})
+    with pytest.raises(UsageError, match=re.escape(f"could not read '{empty}': it holds no rows")):
         load_raw(str(tmp_path))
 
 
@@ -404,6 +416,71 @@ def test_one_function_says_which_files_hold_a_local_datasets_rows(tmp_path, monk
     assert {name: len(rows) for name, rows in load_raw(str(given)).items()} == {"train": 30, "validation": 12}
     assert identity.data_fingerprint(str(given)) == identity.data_fingerprint(str(other))
     identity.clear_caches()
+
+def test_a_folder_of_hub_parquet_shards_reads_each_split_whole(tmp_path):
+    """The Hub's parquet layout (`huggingface-cli download` of glue: sst2/train-00000-of-00001.parquet) is a
+    folder of shards: each split is all its shards, in order; their files key the memo and the run id."""
+    from core import identity, sources
+    train = toy_columns(30, 1)
+    write_table(tmp_path / "train-00000-of-00002.parquet", {k: v[:18] for k, v in train.items()})
+    write_table(tmp_path / "train-00001-of-00002.parquet", {k: v[18:] for k, v in train.items()})
+    write_table(tmp_path / "validation-00000-of-00001.parquet", toy_columns(10, 2))
+    write_table(tmp_path / "test-00000-of-00001.parquet", toy_columns(6, 3))
+    raw = load_raw(str(tmp_path))
+    assert {name: len(rows) for name, rows in raw.items()} == {"train": 30, "validation": 10, "test": 6}
+    assert raw["train"]["sentence"] == train["sentence"]
+    assert len(sources.source_files(str(tmp_path))) == 4
+    before = identity.data_fingerprint(str(tmp_path))
+    write_table(tmp_path / "train-00001-of-00002.parquet", {k: v[18:][::-1] for k, v in train.items()})
+    assert identity.data_fingerprint(str(tmp_path)) != before  # the second shard is part of the rows
+    identity.clear_caches()
+    (tmp_path / "train-00000-of-00002.parquet").unlink()
+    with pytest.raises(UsageError, match="holds 1 of the 2 shards of train.parquet: the split needs all of them"):
+        load_raw(str(tmp_path))
+
+
+def test_class_label_splits_are_matched_by_name_not_by_index(tmp_path, tokenizer):
+    """Splits encoded one by one (`class_encode_column` per split) number their classes each its own way: a
+    validation set without 'neu' calls 'pos' 1, which is 'neu' in train. Scored by index it was silently wrong."""
+    train_names, validation_names = ["neg", "neu", "pos"], ["neg", "pos"]
+    for name, names, n in (("train", train_names, 30), ("validation", validation_names, 10)):
+        columns = toy_columns(n, 1, classes=len(names))
+        features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    data = load_text_data(str(tmp_path), tokenizer)
+    written = toy_columns(10, 1, classes=2)["label"]
+    assert data.label_names == train_names
+    assert [data.label_names[y] for y in data.splits["validation"].labels] == [validation_names[y] for y in written]
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "meh"])})
+    datasets.Dataset.from_dict(toy_columns(10, 1), features=features).to_parquet(tmp_path / "validation.parquet")
+    with pytest.raises(UsageError, match="the validation split has label 'meh', which the train split never uses"):
+        load_text_data(str(tmp_path), tokenizer)
+    # A validation file written by hand names its classes: 'pos' was "a label the train split never uses".
+    (tmp_path / "validation.parquet").unlink()
+    write_table(tmp_path / "validation.csv", {"sentence": ["a fine film", "bad"], "label": ["pos", "neg"]})
+    assert load_text_data(str(tmp_path), tokenizer).splits["validation"].labels.tolist() == [2, 0]
+
+
+def test_a_folder_without_a_validation_file_says_what_is_held_out_and_what_is_not_used(tmp_path, capsys):
+    """train.csv + eval.csv: eval is no validation name, so 10 % of train became the validation set, in silence."""
+    write_table(tmp_path / "train.csv", toy_columns(40, 1))
+    write_table(tmp_path / "eval.csv", toy_columns(10, 2))
+    capsys.readouterr()  # the writer's own progress bar
+    raw = load_raw(str(tmp_path))
+    assert (len(raw["train"]), len(raw["validation"])) == (36, 4)
+    assert capsys.readouterr().err == (f"note: {tmp_path} has no validation file (validation, valid, dev or val): 10 % "
+                                       "of its train rows are held out as the validation split (eval.csv not used)\n")
+
+
+def test_a_validation_split_without_labels_is_named_so(tmp_path, tokenizer):
+    """GLUE marks hidden labels -1: a validation split of -1s was 'label -1, which the train split never uses'."""
+    write_table(tmp_path / "train.tsv", toy_columns(20, 1))
+    write_table(tmp_path / "validation.tsv", {"sentence": ["a fine film", "bad"], "label": [-1, -1]})
+    with pytest.raises(UsageError, match=re.escape("the validation split has no labels (every row -1, GLUE's mark of "
+                                                   "a hidden label): validation is scored, so it needs them")):
+        load_text_data(str(tmp_path), tokenizer)
+
 
 # Unreadable files: one line, the parser's own reason, no log line before it
 
@@ -575,6 +652,30 @@ def test_rows_a_class_label_marks_minus_one_are_left_out_but_a_plain_minus_one_i
     data = load_text_data(str(plain), tokenizer)
     assert data.label_names == ["-1", "0", "1"]
     assert len(data.splits["train"]) == 30
+
+
+def test_a_column_of_texts_and_numbers_is_named_as_such(tmp_path, tokenizer):
+    """A JSON column with a number among its texts (or among string labels) is read as JSON values: it was
+    called a column of token lists (the text) or of lists (the label)."""
+    rows = [json.dumps({"text": text, "label": label}) for text, label in
+            (("a fine film", "pos"), (12345, "neg"), ("good", "pos"), ("dull plot", "neg"))]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UsageError, match="text column 'text' holds values of mixed types"):
+        load_text_data(str(tmp_path), tokenizer)
+    (tmp_path / "train.jsonl").write_text("\n".join(rows).replace("12345", '"12345"').replace('"pos"}', "1}"))
+    with pytest.raises(UsageError, match="label column 'label' holds values of mixed types"):
+        load_text_data(str(tmp_path), tokenizer)
+
+
+@pytest.mark.parametrize("values, held", [
+    ([[0], [1, 2], [2], []], "lists"),  # multi-label, as go_emotions' `labels`
+    ([{"id": 0}, {"id": 1}, {"id": 0}, {"id": 1}], "records"),
+])
+def test_a_label_column_without_one_class_a_row_is_refused(tmp_path, tokenizer, values, held):
+    """A multi-label column (each row a list of classes) stopped pyarrow with a traceback; it is no single class."""
+    write_table(tmp_path / "train.jsonl", {"text": ["a fine film", "bad", "good", "dull plot"], "labels": values})
+    with pytest.raises(UsageError, match=f"label column 'labels' holds {held}, not one class a row"):
+        load_text_data(str(tmp_path), tokenizer)
 
 
 @pytest.mark.parametrize("values, held", [

@@ -24,23 +24,41 @@ CLASSES = 3
 
 
 def macro_f1(labels, predictions, classes=CLASSES) -> float:
-    """`core.metrics`' definition, written out: every class of the label set, 0 where a class is nowhere."""
+    """`core.metrics`' definition, written out: the classes of the label set that the examples hold or the model
+    predicts (scikit-learn's macro average without `labels`)."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     scores = []
     for c in range(classes):
         denominator = np.sum(predictions == c) + np.sum(labels == c)
-        scores.append(2 * np.sum((predictions == c) & (labels == c)) / denominator if denominator else 0.0)
+        if denominator:
+            scores.append(2 * np.sum((predictions == c) & (labels == c)) / denominator)
     return float(np.mean(scores))
+
+
+def test_a_class_the_split_lacks_and_no_run_predicts_is_no_zero_in_macro_f1():
+    # A validation set without one class of the label set (a small class a small set missed): a model right on
+    # every example scores 1, not 2/3; a class it predicts but the set lacks still counts, as a 0.
+    from core.metrics import classification_metrics
+    from sklearn.metrics import f1_score
+    labels = np.array([0, 0, 2, 2, 2])
+    for predictions in (labels, np.array([0, 1, 2, 2, 0])):
+        expected = f1_score(labels, predictions, average="macro")
+        assert classification_metrics(predictions, labels, 3)["f1"] == pytest.approx(expected)
+        assert macro_f1_pseudo_values(labels, predictions, 3)[0] == pytest.approx(expected)
+    assert classification_metrics(labels, labels, 3)["f1"] == 1.0
 
 
 def test_pseudo_values_are_leave_one_out_by_hand_with_a_class_never_predicted_and_one_absent():
     rng = np.random.default_rng(0)
-    labels = rng.choice(3, 120, p=[0.6, 0.3, 0.1])  # class 3 of 4 is absent, class 2 is never predicted
+    labels = rng.choice(3, 120, p=[0.6, 0.3, 0.1])  # class 4 of 5 is absent
     predictions = np.where(rng.random(120) < 0.7, labels, rng.integers(0, 2, 120))
-    predictions[predictions == 2] = 0
-    f1, values = macro_f1_pseudo_values(labels, predictions, 4)
-    assert f1 == pytest.approx(macro_f1(labels, predictions, 4))
-    by_hand = [120 * f1 - 119 * macro_f1(np.delete(labels, i), np.delete(predictions, i), 4) for i in range(120)]
+    predictions[predictions == 2] = 0  # class 2 is never predicted
+    labels[labels == 2] = 0
+    labels[9] = 2  # ... and held by one example: without it the average has a class fewer
+    predictions[7] = 3  # class 3 is predicted once and held by none: the same
+    f1, values = macro_f1_pseudo_values(labels, predictions, 5)
+    assert f1 == pytest.approx(macro_f1(labels, predictions, 5))
+    by_hand = [120 * f1 - 119 * macro_f1(np.delete(labels, i), np.delete(predictions, i), 5) for i in range(120)]
     np.testing.assert_allclose(values, by_hand, atol=1e-9)
 
 

@@ -163,3 +163,15 @@ def test_grid_command_tunes_every_cell_then_a_rerun_trains_nothing(tiny_bert, to
                            timeout=600)
     assert again.returncode == 0 and "0 trained now" in again.stdout
     assert "all 6 runs are stored: nothing to train" in again.stdout  # and no training step timed to say so
+
+
+def test_curves_draw_the_reports_rows_only_not_the_rates_tuned_away(tuned, tmp_path, monkeypatch):
+    # curves.png is the table's rows per epoch: a tuning run at a rate its cell did not choose is in runs.csv and
+    # lr_curves.png, not among the table's curves (nor averaged into a row's line).
+    runs = load_runs(tuned[0], ["grid"])
+    table = tradeoff_table(runs)
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.setdefault(path.name, figure) and path)
+    write_report(runs, tmp_path / "report")
+    lines = {line.get_gid(): list(line.get_ydata()) for line in drawn["curves.png"].axes[0].lines if line.get_gid()}
+    assert lines == {row.label: [pytest.approx(100 * row.accuracy_mean)] for row in table.itertuples()}
