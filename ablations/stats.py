@@ -189,7 +189,7 @@ def macro_f1_pseudo_values(labels: np.ndarray, predictions: np.ndarray, num_labe
     other = _class_f1(true_positives[predictions], denominator[predictions] - 1)  # the class it was taken for
     change = own - per_class[labels] + np.where(hit, 0.0, other - per_class[predictions])
     # A class held or predicted by this example alone leaves the average with it.
-    gone = (denominator[labels] - 1 - hit == 0) + (~hit & (denominator[predictions] - 1 == 0))
+    gone = (denominator[labels] - 1 - hit == 0).astype(int) + (~hit & (denominator[predictions] - 1 == 0))
     without = (per_class.sum() + change) / np.maximum(classes - gone, 1)
     return f1, n * f1 - (n - 1) * without
 

@@ -62,6 +62,23 @@ def test_pseudo_values_are_leave_one_out_by_hand_with_a_class_never_predicted_an
     np.testing.assert_allclose(values, by_hand, atol=1e-9)
 
 
+def test_pseudo_values_are_leave_one_out_where_one_example_alone_holds_two_classes():
+    """A wrong example that alone holds its class and alone is predicted as another takes both classes out of the
+    average when left out (labels [1, 0], predictions [1, 2]: the second example's pseudo-value is -1/3, not 1/6;
+    numpy's sum of two booleans is their or, which counted one class gone). Then 400 small random sets."""
+    rng = np.random.default_rng(1)
+    cases = [(np.array([1, 0]), np.array([1, 2]), 3)]
+    for _ in range(400):
+        classes, n = int(rng.integers(2, 5)), int(rng.integers(2, 9))
+        cases.append((rng.integers(0, classes, n), rng.integers(0, classes, n), classes))
+    for labels, predictions, classes in cases:
+        n = len(labels)
+        f1, values = macro_f1_pseudo_values(labels, predictions, classes)
+        by_hand = [n * f1 - (n - 1) * macro_f1(np.delete(labels, i), np.delete(predictions, i), classes)
+                   for i in range(n)]
+        np.testing.assert_allclose(values, by_hand, atol=1e-9, err_msg=f"{labels} {predictions}")
+
+
 def simulated_pairs(rng, seeds: int, seed_noise: float, example_noise: float, examples: int = 400):
     """`test_stats.exchangeable_hits` on imbalanced classes (60/30/10 %): a configuration's miss is taken for
     another class, drawn per seed."""
