@@ -142,11 +142,12 @@ F1_TEST_METHODS = (
 
 
 def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None = None, *,
-             macro_f1: bool = False, chosen_by: tuple[str, ...] = ("accuracy",)) -> str:
+             macro_f1: bool = False, chosen_by: tuple[str, ...] = ("accuracy",), left_out: str = "") -> str:
     """A GitHub-flavoured table with a caption that names the data and every method used; with `macro_f1`
     (`ablations.tradeoff.f1_informs`) a validation macro-F1 column beside accuracy. `chosen_by`: the metrics that
     ranked the runs' nuisance settings (`ablations.tuning.metrics_of`). Δ and the test are on the table's
-    `compared_on` metric (`ablations.baselines.compared_on`): accuracy, or macro-F1 where every run chose by it."""
+    `compared_on` metric (`ablations.baselines.compared_on`): accuracy, or macro-F1 where every run chose by it.
+    `left_out` (`failed_runs_note`) closes the caption: the runs asked for that no row holds."""
     from ablations.tuning import choice_label, caption as rate_caption
     metric = compared_metric(table)
     macro_f1 = macro_f1 or metric == "macro-F1"
@@ -211,7 +212,32 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
     methods += passes_sentence(table)
     if "learning_rate_choice" in table.columns:  # some rows' rates were tuned (ablations.tuning)
         methods += " " + rate_caption(dict(enumerate(table["learning_rate_choice"])), chosen_by)
-    return "\n".join([caption, "", *lines, "", methods, ""])
+    return "\n".join([caption, "", *lines, "", methods + (" " + left_out if left_out else ""), ""])
+
+
+def _first_words(text: str, most: int = 80) -> str:
+    return text if len(text) <= most else text[:most - 1].rstrip() + "…"
+
+
+def failed_runs_note(ledger: pd.DataFrame, most: int = 5) -> str:
+    """The runs that failed and never completed (a retry that completed is in the table), which no row holds: a
+    configuration whose every seed failed (a NaN loss at a high rate) would otherwise be absent without a word.
+    `ledger` is `ablations.tradeoff.run_table`."""
+    from ablations.plots import point_label
+    done = set(ledger.loc[ledger["state"] == "COMPLETE", "run_id"].dropna())
+    failed = ledger[(ledger["state"] == "FAIL") & ~ledger["run_id"].isin(done)]
+    key = failed["run_id"].fillna(failed["study"].astype(str) + "#" + failed["number"].astype(str))
+    failed = failed.assign(key=key).drop_duplicates("key", keep="last")  # a run failed on each retry counts once
+    if failed.empty:
+        return ""
+    named = [f"{point_label(row._asdict(), ['learning_rate'] if pd.notna(row.learning_rate) else [])} "
+             f"seed {_cell(row.seed)} "
+             f"({_first_words(str(row.fail_reason or 'no reason stored').splitlines()[0])})"
+             for row in failed.itertuples(index=False)]
+    more = f"; and {len(named) - most} more" if len(named) > most else ""
+    runs = "1 run" if len(named) == 1 else f"{len(named)} runs"
+    return (f"Not in the table: {runs} that failed and did not complete on a retry — {'; '.join(named[:most])}"
+            f"{more} (runs.csv: state FAIL, fail_reason).")
 
 
 def compared_metric(table: pd.DataFrame) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ablations import plots, tuning_plots
-from ablations.markdown import DEFAULT_BASELINE, compared_metric, markdown
+from ablations.markdown import DEFAULT_BASELINE, compared_metric, failed_runs_note, markdown
 from ablations.baselines import COLUMN, compare_with_baselines, compared_on, f1_summary, tune_baselines
 from ablations.stats import accuracy_interval, pareto_front
 from ablations.tuning import metrics_of, rate_curve_rows, tuned_cells
@@ -269,14 +269,16 @@ def write_report(runs: list[dict], output_dir: str | Path, baseline: dict | None
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"runs": output / "runs.csv"}
-    run_table(runs).to_csv(paths["runs"], index=False)  # the ledger is written even when nothing completed
+    ledger = run_table(runs)
+    ledger.to_csv(paths["runs"], index=False)  # the ledger is written even when nothing completed
     table = tradeoff_table(runs, baseline) if table is None else table
     about = context(runs, table)
     paths["tradeoff_csv"] = output / "tradeoff.csv"
     table.to_csv(paths["tradeoff_csv"], index=False)
     paths["tradeoff_md"] = output / "tradeoff.md"
     chosen_by = metrics_of(run["record"] for run in completed_runs(runs))  # what ranked nuisance settings
-    paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs), chosen_by=chosen_by))
+    paths["tradeoff_md"].write_text(markdown(table, about, baseline, macro_f1=f1_informs(runs), chosen_by=chosen_by,
+                                             left_out=failed_runs_note(ledger)))
     paths["tradeoff_png"] = plots.tradeoff(table, about, output / "tradeoff.png")
     paths["heatmap_png"] = plots.heatmap(table, about, output / "heatmap.png")
     paths["curves_png"] = plots.curves(_history(runs), about, output / "curves.png", compared_metric(table))

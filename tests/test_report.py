@@ -116,6 +116,23 @@ def test_failed_and_pruned_runs_are_listed_but_not_tabulated(runs, tmp_path):
     assert sorted(table["freeze_depth"]) == [0, 4]
 
 
+def test_tradeoff_md_names_the_runs_that_failed_and_never_completed(runs, tmp_path):
+    """A configuration whose every run failed has no row: the caption says which runs are missing and why. A run
+    that failed and then completed on a retry is in the table, not named; one that failed on each retry is named
+    once."""
+    retried = make_run(4, "linear", 2, 3, 0.85, 20.0, number=8)
+    again = dict(retried, number=9, state="FAIL", record=None, values=None, fail_reason="interrupted by the user")
+    nan = "training loss became nan in epoch 1: the learning rate (1e+04) may be too high\nsecond line"
+    high = [dict(failed("FAIL", n, freeze_depth=0, scheduler="linear", epochs=2, seed=0, learning_rate=1e4),
+                 run_id="nan-run", fail_reason=nan) for n in (10, 11)]
+    text = write_report(runs + [again, retried] + high, tmp_path)["tradeoff_md"].read_text()
+    assert ("Not in the table: 2 runs that failed and did not complete on a retry — d6 lin 2ep seed 0 (CUDA out of "
+            "memory); d0 lin 2ep lr 1e+04 seed 0 (training loss became nan in epoch 1: the learning rate (1e+04) may"
+            " be too high) (runs.csv: state FAIL, fail_reason).") in text
+    assert "interrupted" not in text
+    assert "Not in the table" not in write_report(runs[:6], tmp_path / "clean")["tradeoff_md"].read_text()
+
+
 def test_one_seed_uses_a_binomial_interval():
     table = tradeoff_table([make_run(0, "linear", 1, 0, 0.85, 30.0)])
     only = table.iloc[0]
