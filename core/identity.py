@@ -79,7 +79,7 @@ def data_fingerprint(dataset: str, text_column: str | None = None, label_column:
 
 
 def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) -> str:
-    from core.data import detect_columns, drop_unlabeled_test
+    from core.columns import detect_columns, drop_unlabeled_test
     from core.sources import load_raw
     raw = load_raw(dataset)
     texts, label = detect_columns(raw["train"], text_column, label_column)

@@ -13,7 +13,8 @@ from conftest import quick_config, toy_rows, write_split, write_tokenizer, write
 
 from core import UsageError
 from core.batches import subsample
-from core.data import detect_columns, load_text_data
+from core.columns import detect_columns
+from core.data import load_text_data
 from core.sources import load_raw
 from core.train import run as train_run
 
