@@ -181,9 +181,10 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     status = ledger.lookup(planned)
     pending = [c for c in planned if not status[c.run_id].complete]
     print(duration_estimate(pending, len(planned), base, args.device, session))
-    if session.timing_repeats and pending:  # every shape of the study on one time axis (core.sitting), then trained
+    copied = {c.run_id for c in planned if status[c.run_id].complete}  # done in this study or to copy
+    if session.timing_repeats and (pending or copied - ledger.complete_in_study(study)):
+        # every shape of the study on one time axis (core.sitting; copies of other studies' runs too), then trained
         from ablations.stored_sitting import time_study
-        copied = {c.run_id for c in planned if status[c.run_id].complete}  # done in this study or to copy
         timed = time_study(url, args.study_name, pending, session, args.device, compile=args.compile, copied=copied)
         built = {t.key: t.prefix_seconds for t in timed}
         if (estimate := timed_estimate(pending, session, args.device, args.compile, size > 1, built)) is not None:

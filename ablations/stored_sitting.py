@@ -99,15 +99,21 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
     from core.timing import work_shape
 
     here = device_name(resolve_device(device))
-    timed_here = [(r["study"], r["record"].get("run_id") or r["run_id"], RunConfig.from_dict(r["record"]["config"]))
+    timed_here = [(r["study"], r["record"].get("run_id") or r["run_id"], RunConfig.from_dict(r["record"]["config"]),
+                   r["record"])
                   for r in load_runs(url, retime=False)  # every study's trials, copies as their own study's
                   if r["state"] == "COMPLETE" and r["record"] and r["record"].get("device") == here
                   and (r["record"].get("timing") or {}).get("measured_at")]
-    held = [config for study, run_id, config in timed_here if study == study_name or run_id in (copied or ())]
+    mine = [(config, record) for study, run_id, config, record in timed_here
+            if study == study_name or run_id in (copied or ())]
+    held = [config for config, _ in mine]
     shapes = {work_shape(c) for c in [*pending, *held]}
     copyable = copied is None and any(study != study_name and work_shape(config) in shapes
-                                      for study, _, config in timed_here)
-    timed = sitting([*pending, *held], session, device, compile, together=True, progress=progress)
+                                      for study, _, config, _ in timed_here)
+    # Every shape already timed, but by different sittings (two earlier grids, one shape each): this study's
+    # speed-ups would divide one sitting's time by another's, so its shapes are timed together again.
+    mixed = len(axis_passes(url, study_name, [record for _, record in mine], pending, session, device, compile)) > 1
+    timed = sitting([*pending, *held], session, device, compile, together=True, progress=progress, force=mixed)
     if not timed or not (held or copyable):
         return timed
     rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows), t.timing, t.prefix_seconds)
@@ -122,3 +128,30 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
         progress(f"study {study_name!r}: this sitting of {shapes} is stored with it; its report takes "
                  "every run's time from it, the runs stored or copied before included")
     return timed
+
+
+def axis_passes(url: str, study_name: str, records: list[dict], pending: list, session, device=None,
+                compile: bool = False) -> set[str]:
+    """The timing passes (their `measured_at`) the study's report would read its times from, were `pending` trained
+    now: each of `records` (its runs, and those it copies) from the study's stored sitting where that covers its
+    shape, else from its own pass; each pending run likewise, else from the machine's saved timing of its shape (a
+    shape with none is timed in the coming sitting, no pass yet)."""
+    from ablations.storage import open_storage
+    from core.device import resolve_device
+    from core.model import device_name
+    from core.train import planned_run
+    storage = open_storage(url)
+    held = {s.study_name: s for s in storage.get_all_studies()}.get(study_name)
+    stored = held.user_attrs.get(SITTING) if held is not None else None
+    found = set()
+    for record in records:
+        found.add(stored["measured_at"] if stored and retimed(record, stored) is not None
+                  else record["timing"]["measured_at"])
+    label = device_name(resolve_device(device))
+    for config in pending:
+        key, rows = planned_run(config, session, device, compile)
+        if stored and sitting_key(config.to_dict(), label, rows) in stored["shapes"]:
+            found.add(stored["measured_at"])
+        elif (known := session.timer.known(key)) is not None:
+            found.add(known.measured_at)
+    return found

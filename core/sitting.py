@@ -78,12 +78,14 @@ class Timed:
 
 
 def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
-            together: bool = False, progress: Callable[[str], None] | None = print) -> list[Timed]:
+            together: bool = False, progress: Callable[[str], None] | None = print,
+            force: bool = False) -> list[Timed]:
     """Time the work shapes of `configs` that this machine has no timing of, together in one sitting, and save the
     timings (`core.timer.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
     `together`: if any shape needs a timing, time every shape of `configs` in that sitting, those timed before
     included (their saved timings are replaced), so all of them share one time axis. Returns what was timed
-    (or read after another worker timed it meanwhile); nothing when no shape needed timing. Nothing a run
+    (or read after another worker timed it meanwhile); nothing when no shape needed timing, unless `force` (the
+    shapes' saved timings come from different passes: every shape is timed together again). Nothing a run
     computes changes: the steps run on models of their own, and the random state is put back."""
     configs = list(configs)
     if not configs or not session.timing_repeats:
@@ -98,10 +100,10 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                 first_of.setdefault(timing.work_shape(config), config)
             chosen = {planned_shape(c, session, device, compile): c for c in first_of.values()}  # timing keys
             needed = [key for key in chosen if session.timer.known(key) is None]
-            if not needed:
+            if not needed and not force:
                 return []  # asked before anything is prepared: a resumed study prepares nothing to time
-            todo = prepared_shapes(chosen if together else {k: chosen[k] for k in needed}, session, device, views,
-                                   compile)
+            todo = prepared_shapes(chosen if together or force else {k: chosen[k] for k in needed}, session, device,
+                                   views, compile)
             first = next(iter(todo.values()))
             if progress:
                 rounds, steps = session.timer.repeats, session.timer.steps
@@ -110,7 +112,7 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                          "each)")
             taken = session.timer.interleaved({k: s.step for k, s in todo.items()},
                                               {k: s.batches for k, s in todo.items()}, first.device,
-                                              device_label=first.device_label, save=True, replace=together,
+                                              device_label=first.device_label, save=True, replace=together or force,
                                               prefix_seconds={k: s.quiet_prefix for k, s in todo.items()})
             return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k]) for k, s in todo.items()]
     finally:

@@ -675,3 +675,50 @@ def test_a_runs_timing_key_is_known_before_it_is_prepared(tiny_bert, toy_data, c
     from core.train import planned_shape, timing_shape
     config, session = quick_config(tiny_bert, toy_data, **changes), Session()
     assert planned_shape(config, session, "cpu") == timing_shape(prepare(config, session, "cpu", False, True), False)
+
+
+def test_a_study_whose_shapes_were_timed_by_different_sittings_times_them_together_again(
+        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """Depth 0 timed by grid a, depth 1 by grid b a while later: grid c of both depths found both shapes timed and
+    took no sitting, so its report divided a's pass by b's (whether it copied every run or trained new seeds). Now
+    its shapes are timed together again, the sitting stored with it, and every run of c reads one sitting; a rerun
+    with nothing to train takes none."""
+    import time
+
+    from ablations.storage import load_runs
+    url = f"sqlite:///{tmp_path}/x.db"
+    grid = grid_runner(tiny_bert, toy_data, url, tmp_path, monkeypatch, capsys)
+    grid("--study-name", "a", "--freeze-depths", "0")
+    time.sleep(1.1)  # measured_at has whole seconds: two passes
+    grid("--study-name", "b", "--freeze-depths", "1")
+    for study, seeds in [("more-seeds", "2"), ("copies", "1")]:
+        said = grid("--study-name", study, "--freeze-depths", "0,1", "--seeds", seeds)
+        assert "timing 2 work shape(s) together" in said and "this sitting of its 2 shapes is stored" in said
+        records = [r["record"] for r in load_runs(url, [study])]
+        assert len(records) == 2 * int(seeds)
+        assert len({r["timing"]["measured_at"] for r in records}) == 1, study
+        assert "work shape(s) together" not in grid("--study-name", study, "--freeze-depths", "0,1", "--seeds", seeds)
+
+
+def test_a_prefix_build_charged_from_a_loaded_build_is_marked_whether_derived_or_reused(tiny_bert, toy_data,
+                                                                                         monkeypatch):
+    """Depth 1's frozen prefix built under foreign load; depth 2's is derived from it (its build_seconds include
+    depth 1's) and a later seed reuses depth 2's: both records charge that loaded build, so both are contended with
+    the build's evidence. Before, only the run whose own build met the load said so: the derived and the reused
+    ones, timed quietly, read as alone."""
+    import functools
+
+    import core.timer
+    from core import run
+    from core.lease import LoadProbe
+    from core.session import Session
+    session = Session(timing_repeats=2)
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=-1.0))  # always loaded
+    assert run(quick_config(tiny_bert, toy_data, freeze_depth=1), progress=False, session=session).contended
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # quiet from now on
+    derived = run(quick_config(tiny_bert, toy_data, freeze_depth=2), progress=False, session=session)
+    reused = run(quick_config(tiny_bert, toy_data, freeze_depth=2, seed=1), progress=False, session=session)
+    assert not derived.timing["contended"] and derived.prefix_cache["reused"]["train"] is False
+    assert reused.prefix_cache["reused"]["train"] is True
+    for record in (derived, reused):
+        assert record.contended and "other processes kept" in record.timing["prefix_evidence"]
