@@ -384,6 +384,35 @@ def test_timing_passes_divide_by_the_baselines_pass_nearest_in_time():
     assert "| 4 | 2 | 2026-01-01 14:02:00 | 1 | 22.0 | 1.50× (2026-01-01 14:00:00) |" in markdown(table)
 
 
+
+def test_a_worker_whose_sitting_waited_for_another_workers_sitting_of_the_same_shapes_reads_it(tmp_path):
+    """Two workers of one grid start at once: both find its shapes untimed and ask for a sitting of all of them. The
+    second, let in once the first is done, read nothing the first saved and timed every shape again (`replace`),
+    so the study's runs split between two sittings. Now it reads them; where the saved timings are not one sitting
+    of them all (one shape missing, or two passes) it still times every shape together."""
+    import json
+    calls = []
+
+    def step(batch):
+        calls.append(batch)
+
+    steps, batches = {"a": step, "b": step}, {"a": [1, 2], "b": [3, 4]}
+
+    def worker():
+        return Timer(lease=Lease(tmp_path), repeats=2, steps=2, warmup=1, threshold=1e9)
+    first = worker().interleaved(steps, batches, save=True, replace=True)
+    timed = len(calls)
+    assert worker().interleaved(steps, batches, save=True, replace=True) == first and len(calls) == timed
+    saved = json.loads((tmp_path / "timings.json").read_text())
+    key = next(k for k in saved if k.startswith("a:"))
+    saved[key]["measured_at"] = "2000-01-01T00:00:00Z"  # shape a from an older pass
+    (tmp_path / "timings.json").write_text(json.dumps(saved))
+    again = worker().interleaved(steps, batches, save=True, replace=True)
+    assert len(calls) == 2 * timed and len({t.measured_at for t in again.values()}) == 1
+    before = len(calls)  # a new shape c beside a and b, timed in one sitting: all three timed again
+    worker().interleaved(steps | {"c": step}, batches | {"c": [5]}, save=True, replace=True)
+    assert len(calls) - before == 3 * 1 + 2 * (2 + 2 + 1)  # one warm-up step each, two rounds of every batch
+
 def test_interleaved_steps_time_every_shape_once_per_round_in_turn():
     from core.timing import interleaved_steps
     calls = []
