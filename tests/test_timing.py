@@ -220,6 +220,22 @@ def test_probe_flags_a_cpu_hog_and_not_the_same_hog_registered_as_a_worker():
     assert worker.foreign_cores == pytest.approx(foreign.foreign_cores - hog_cores, abs=0.03)
 
 
+def test_a_killed_workers_marker_does_not_make_the_process_that_reuses_its_pid_a_worker(tmp_path):
+    """kill -9 leaves a worker's marker behind; the process that later gets its PID (any process: the PIDs wrap at
+    32768 here) counted as one of the project's paused workers, so the load it made was taken out of a timing's
+    foreign load, unmarked. A marker holds its worker's start time, and a process started at another time is not
+    it. A live worker is still found."""
+    lease = Lease(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "workers" / str(other.pid)).write_text("12345")  # the killed worker's, started long before
+        assert other.pid not in lease.worker_pids()
+        with lease.working():
+            assert lease.worker_pids() == [os.getpid()]
+    finally:
+        other.kill()
+        other.wait()
+
 def test_a_worker_can_time_while_it_holds_its_own_shared_lock(tmp_path):
     import threading
     lease, done = Lease(tmp_path), []
