@@ -11,10 +11,12 @@ import json
 from core.errors import UsageError
 
 
-def sitting_key(config: dict, device: str | None, train_samples: int | None) -> str:
+def sitting_key(config: dict, device: str | None, train_samples: int | None, compiled: bool = False) -> str:
     """The key of a run's work shape in a stored sitting: `shape_key` without the epochs (a sitting times one
-    step; a run's steps, of any epoch count, multiply it)."""
-    return json.dumps(shape_key({**config, "epochs": None}, device, train_samples))
+    step; a run's steps, of any epoch count, multiply it), marked where the step ran through torch.compile (another
+    step, another cost: a sitting of compiled steps never times an eager run, nor the reverse)."""
+    key = shape_key({**config, "epochs": None}, device, train_samples)
+    return json.dumps([*key, "compiled"] if compiled else key)
 
 
 def shape_key(config: dict, device: str | None, train_samples: int | None) -> tuple:
@@ -60,7 +62,8 @@ def retimed(record: dict, sitting: dict) -> dict | None:
     the sitting's interval) + the sitting's frozen-prefix build; each epoch's alike. The pass it replaces is kept
     under `timing.pass`."""
     timing = record.get("timing") or {}
-    shape = sitting["shapes"].get(sitting_key(record["config"], record.get("device"), record.get("train_samples")))
+    shape = sitting["shapes"].get(sitting_key(record["config"], record.get("device"), record.get("train_samples"),
+                                              bool(record.get("compiled"))))
     if shape is None or timing.get("steps") is None:
         return None
     steps, prefix = timing["steps"], shape["prefix_seconds"]
@@ -116,7 +119,7 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
     timed = sitting([*pending, *held], session, device, compile, together=True, progress=progress, force=mixed)
     if not timed or not (held or copyable):
         return timed
-    rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows), t.timing, t.prefix_seconds)
+    rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows, compile), t.timing, t.prefix_seconds)
             for t in timed]
     try:
         store_sitting(url, study_name, rows)
@@ -150,7 +153,7 @@ def axis_passes(url: str, study_name: str, records: list[dict], pending: list, s
     label = device_name(resolve_device(device))
     for config in pending:
         key, rows = planned_run(config, session, device, compile)
-        if stored and sitting_key(config.to_dict(), label, rows) in stored["shapes"]:
+        if stored and sitting_key(config.to_dict(), label, rows, compile) in stored["shapes"]:
             found.add(stored["measured_at"])
         elif (known := session.timer.known(key)) is not None:
             found.add(known.measured_at)
