@@ -170,6 +170,8 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
 
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
+    if "search" in study.user_attrs:  # its runs would pin nothing and the search could not go on (a grid's study)
+        raise UsageError(f"study {args.study_name!r} holds a search, not a grid: choose another --study-name")
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
