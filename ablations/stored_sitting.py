@@ -142,6 +142,7 @@ def axis_passes(url: str, study_name: str, records: list[dict], pending: list, s
     from ablations.storage import open_storage
     from core.device import resolve_device
     from core.model import device_name
+    from core.timing import work_shape
     from core.train import planned_run
     storage = open_storage(url)
     held = {s.study_name: s for s in storage.get_all_studies()}.get(study_name)
@@ -151,7 +152,7 @@ def axis_passes(url: str, study_name: str, records: list[dict], pending: list, s
         found.add(stored["measured_at"] if stored and retimed(record, stored) is not None
                   else record["timing"]["measured_at"])
     label = device_name(resolve_device(device))
-    for config in pending:
+    for config in {work_shape(c): c for c in pending}.values():  # configs of one work shape share its timing
         key, rows = planned_run(config, session, device, compile)
         if stored and sitting_key(config.to_dict(), label, rows, compile) in stored["shapes"]:
             found.add(stored["measured_at"])
