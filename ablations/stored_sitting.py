@@ -26,13 +26,16 @@ def shape_key(config: dict, device: str | None, train_samples: int | None) -> tu
     return config["freeze_depth"], fields, config.get("epochs"), device, train_samples
 
 
-def sitting_row(shape: str, timing, prefix_seconds: float) -> dict:
+def sitting_row(shape: str, timing, prefix_seconds: float, prefix_evidence: str | None = None) -> dict:
     """One shape of a sitting as `store_sitting` keeps it: its key, its `core.timing.StepTiming` (per-step time,
-    interval, rounds, contention) and the frozen-prefix build made for it."""
+    interval, rounds, contention) and the frozen-prefix build made for it; contended too where that build met
+    foreign load (`prefix_evidence`): the runs retimed from it would be charged that build."""
+    evidence = timing.evidence + (f"; frozen-prefix build: {prefix_evidence}" if prefix_evidence else "")
     return {"shape": shape, "measured_at": timing.measured_at, "per_step": timing.per_step,
             "per_step_low": timing.per_step_low, "per_step_high": timing.per_step_high,
             "prefix_seconds": prefix_seconds, "repeat_seconds": list(timing.repeat_seconds),
-            "rounds": len(timing.repeat_seconds), "contended": timing.contended, "evidence": timing.evidence}
+            "rounds": len(timing.repeat_seconds), "contended": timing.contended or bool(prefix_evidence),
+            "evidence": evidence}
 
 
 SITTING = "timing_sitting"  # the study's user attribute that holds a stored sitting
@@ -45,8 +48,8 @@ def store_sitting(url: str, study_name: str, rows: list[dict]) -> dict:
     import optuna
 
     from ablations.storage import open_storage
-    if rows and rows[0]["contended"]:
-        raise UsageError(f"the sitting was contended ({rows[0]['evidence']}): not stored; run it again on a quiet "
+    if loaded := next((row for row in rows if row["contended"]), None):
+        raise UsageError(f"the sitting was contended ({loaded['evidence']}): not stored; run it again on a quiet "
                          "machine")
     sitting = {"measured_at": min(r["measured_at"] for r in rows), "rounds": rows[0]["rounds"],
                "evidence": rows[0]["evidence"],
@@ -119,8 +122,8 @@ def time_study(url: str, study_name: str, pending: list, session, device=None, c
     timed = sitting([*pending, *held], session, device, compile, together=True, progress=progress, force=mixed)
     if not timed or not (held or copyable):
         return timed
-    rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows, compile), t.timing, t.prefix_seconds)
-            for t in timed]
+    rows = [sitting_row(sitting_key(t.config.to_dict(), t.device_label, t.rows, compile), t.timing, t.prefix_seconds,
+                        t.prefix_evidence) for t in timed]
     try:
         store_sitting(url, study_name, rows)
     except UsageError as error:

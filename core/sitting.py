@@ -37,6 +37,7 @@ class Shape:
     quiet_prefix: float | None     # that build where made now, alone and quiet (`core.train.quiet_prefix_build`)
     device: torch.device
     device_label: str
+    prefix_evidence: str | None = None  # where that build (or one it reused or came from) met foreign load
 
 
 def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, views: contextlib.ExitStack,
@@ -62,7 +63,7 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
                              timing.sample_batches(epoch, session.timer.steps, cost), steps_per_epoch * config.epochs,
                              len(p.train),
                              p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0, quiet_prefix_build(p),
-                             p.device, device_name(p.device))
+                             p.device, device_name(p.device), p.prefix.get("contended"))
     return shapes
 
 
@@ -75,6 +76,7 @@ class Timed:
     device_label: str
     prefix_seconds: float          # the frozen-prefix build made for the sitting (0 when not cached)
     timing: timing.StepTiming
+    prefix_evidence: str | None = None  # where that build met foreign load (`Shape.prefix_evidence`)
 
 
 def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
@@ -114,7 +116,8 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                                               {k: s.batches for k, s in todo.items()}, first.device,
                                               device_label=first.device_label, save=True, replace=together or force,
                                               prefix_seconds={k: s.quiet_prefix for k, s in todo.items()})
-            return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k]) for k, s in todo.items()]
+            return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k], s.prefix_evidence)
+                    for k, s in todo.items()]
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:

@@ -767,3 +767,28 @@ def test_a_prefix_build_charged_from_a_loaded_build_is_marked_whether_derived_or
     assert reused.prefix_cache["reused"]["train"] is True
     for record in (derived, reused):
         assert record.contended and "other processes kept" in record.timing["prefix_evidence"]
+
+
+def test_a_sitting_whose_frozen_prefix_build_met_load_is_not_stored_with_the_study(tiny_bert, toy_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The steps of an extension's sitting timed quietly, but depth 1's frozen-prefix build for it met foreign load:
+    the sitting was stored all the same, and the study's report charged every depth-1 run that build as timed
+    alone (retimed: contended false). Now such a sitting is contended, not stored (one line says so), and the run
+    that was charged the build is marked."""
+    import core.timer
+    from ablations.storage import load_runs
+    from core.lease import Contention
+    url = f"sqlite:///{tmp_path}/x.db"
+    grid = grid_runner(tiny_bert, toy_data, url, tmp_path, monkeypatch, capsys)
+    grid("--freeze-depths", "0")
+    solo = core.timer.Timer.solo
+
+    def loaded_solo(self, fn, device="cpu"):
+        result, seconds, _ = solo(self, fn, device)
+        return result, seconds, Contention(True, 1.0, 1.0, 2, 0, "other processes kept 1.00 of 2 cores busy")
+    monkeypatch.setattr(core.timer.Timer, "solo", loaded_solo)
+    said = grid("--freeze-depths", "0,1")
+    assert "timing 2 work shape(s) together" in said and "not stored" in said and "frozen-prefix build" in said
+    assert "timing_sitting" not in optuna.load_study(study_name="grid", storage=url).user_attrs
+    records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url)}
+    assert records[1]["contended"] and not records[0]["contended"]
