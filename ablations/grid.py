@@ -189,7 +189,8 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
         from ablations.stored_sitting import time_study
         timed = time_study(url, args.study_name, pending, session, args.device, compile=args.compile, copied=copied)
         built = {t.key: t.prefix_seconds for t in timed}
-        if (estimate := timed_estimate(pending, session, args.device, args.compile, size > 1, built)) is not None:
+        if pending and (estimate := timed_estimate(pending, session, args.device, args.compile, size > 1,
+                                                   built)) is not None:
             print(estimate)  # each shape's own time: the first estimate counted every step at depth 0's
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,

@@ -739,6 +739,7 @@ def test_a_study_whose_shapes_were_timed_by_different_sittings_times_them_togeth
     for study, seeds in [("more-seeds", "2"), ("copies", "1")]:
         said = grid("--study-name", study, "--freeze-depths", "0,1", "--seeds", seeds)
         assert "timing 2 work shape(s) together" in said and "this sitting of its 2 shapes is stored" in said
+        assert ("estimate from the timing" in said) == (study == "more-seeds")  # none for nothing to train
         records = [r["record"] for r in load_runs(url, [study])]
         assert len(records) == 2 * int(seeds)
         assert len({r["timing"]["measured_at"] for r in records}) == 1, study
