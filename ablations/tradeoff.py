@@ -201,10 +201,14 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
     timed = [t for r in records if (t := r.get("timing") or {}).get("measured_at")]  # each from one timing pass
     passes = sorted({t["measured_at"] for t in timed})
     sittings = [t.get("sitting", 1) for t in timed]
+    # Untimed (--timing-repeats 0) and trained in a stacked group: its time is its share of the group's loop
+    shared = any(not (r.get("timing") or {}).get("measured_at") and str(r.get("engine") or "eager") != "eager"
+                 for r in records)
     return {"train_seconds": mean("train_seconds"), "train_seconds_lo": mean("train_seconds_lo"),
             "train_seconds_hi": mean("train_seconds_hi"), "contended": any(flags) if flags else None,
             "contention": "; ".join(sorted(e for e in evidence if e)) or None,
-            "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None}
+            "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None,
+            "group_share": shared or None}
 
 
 def _contention(timing: dict) -> str | None:

@@ -636,3 +636,18 @@ def test_a_run_whose_step_ran_through_torch_compile_is_a_configuration_of_its_ow
                                 "repeat_seconds": [0.1] * 5}}}
     assert retimed(runs[0]["record"], sitting)["train_seconds"] == pytest.approx(10.0)
     assert retimed(runs[1]["record"], sitting) is None
+
+
+def test_an_untimed_run_of_a_stacked_group_is_marked_as_its_share_of_the_groups_loop(tmp_path):
+    """With --timing-repeats 0 a record's train_seconds is its loop as it ran, and a stacked run's loop is the group's
+    divided by its runs (on a GPU a fraction of what the run costs alone): the table put such a row beside an eager
+    one as if alike. It is marked ‡ in tradeoff.md and on tradeoff.png's label, and the caption says what it is."""
+    runs = [make_run(d, "linear", 1, s, 0.9, seconds, number=2 * d + s)
+            for d, seconds in ((0, 5.0), (4, 10.0)) for s in (0, 1)]
+    for run in runs:
+        run["record"]["engine"] = "stacked (2 runs)" if run["record"]["config"]["freeze_depth"] == 0 else "eager"
+    write_report(runs, tmp_path)
+    text = (tmp_path / "tradeoff.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert [("‡" in row) for row in rows] == [True, False]
+    assert "‡ = trained in a stacked group (--max-parallel-runs) without a timing pass" in text
