@@ -170,6 +170,8 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
 
     ledger = Ledger(open_storage(url, args.heartbeat))
     study = open_study(ledger.storage, args.study_name)
+    if "search" in study.user_attrs:  # its runs would pin nothing and the search could not go on (a grid's study)
+        raise UsageError(f"study {args.study_name!r} holds a search, not a grid: choose another --study-name")
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})
@@ -181,12 +183,14 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     status = ledger.lookup(planned)
     pending = [c for c in planned if not status[c.run_id].complete]
     print(duration_estimate(pending, len(planned), base, args.device, session))
-    if session.timing_repeats and pending:  # every shape of the study on one time axis (core.sitting), then trained
+    copied = {c.run_id for c in planned if status[c.run_id].complete}  # done in this study or to copy
+    if session.timing_repeats and (pending or copied - ledger.complete_in_study(study)):
+        # every shape of the study on one time axis (core.sitting; copies of other studies' runs too), then trained
         from ablations.stored_sitting import time_study
-        copied = {c.run_id for c in planned if status[c.run_id].complete}  # done in this study or to copy
         timed = time_study(url, args.study_name, pending, session, args.device, compile=args.compile, copied=copied)
         built = {t.key: t.prefix_seconds for t in timed}
-        if (estimate := timed_estimate(pending, session, args.device, args.compile, size > 1, built)) is not None:
+        if pending and (estimate := timed_estimate(pending, session, args.device, args.compile, size > 1,
+                                                   built)) is not None:
             print(estimate)  # each shape's own time: the first estimate counted every step at depth 0's
     train, train_group = make_trainers(args, session, engine)
     run = dict(retries=args.retries, poll_seconds=min(5.0, args.heartbeat), progress=not args.no_progress,

@@ -72,7 +72,8 @@ def _time_cell(row) -> str:
     cell = _seconds(row.train_seconds)
     if not pd.isna(row.train_seconds_lo) and not pd.isna(row.train_seconds_hi):
         cell += f" [{_seconds(row.train_seconds_lo)}, {_seconds(row.train_seconds_hi)}]"
-    return cell + (" ⚠" if contended(getattr(row, "contended", None)) else "")
+    return cell + (" ⚠" if contended(getattr(row, "contended", None)) else "") + \
+        (" ‡" if contended(getattr(row, "group_share", None)) else "")
 
 
 def contended(value) -> bool:
@@ -207,6 +208,10 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
             methods += (" Rows without a timing pass were not timed alone (runs recorded before timing passes, or "
                         "with --timing-repeats 0): their train s is the training loop as it ran, possibly beside "
                         "other work on the machine.")
+            if "group_share" in table.columns and table["group_share"].map(contended).any():
+                methods += (" ‡ = trained in a stacked group (--max-parallel-runs) without a timing pass: its train s "
+                            "is its share of the group's loop (the loop divided by the runs trained together), not "
+                            "what it costs alone; compare it only with rows trained alike.")
         if (timed & ~interval).any():
             methods += (" Rows timed alone in a single round (--timing-repeats 1) have no time interval.")
     methods += passes_sentence(table)

@@ -212,11 +212,15 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
                                   markeredgecolor="crimson", markeredgewidth=3, label="baseline"))
         if contended.any():
             handles.append(Line2D([], [], linestyle="", label="⚠ timed under load"))
+        shared = table["group_share"].map(marked) if "group_share" in table.columns else \
+            pd.Series(False, index=table.index)  # untimed, its share of a stacked group's loop (tradeoff.md's ‡)
+        if shared.any():
+            handles.append(Line2D([], [], linestyle="", label="‡ share of a stacked group's loop"))
         ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)
         # The marks the table carries (★ Pareto, ⚠ contended): a front of one point draws no line, and a time
         # taken under load looked like one taken alone.
-        labels = [label + (" ★" if pareto else "") + (" ⚠" if loaded else "")
-                  for label, pareto, loaded in zip(table["label"], table["pareto"], contended)]
+        labels = [label + (" ★" if pareto else "") + (" ⚠" if loaded else "") + (" ‡" if share else "")
+                  for label, pareto, loaded, share in zip(table["label"], table["pareto"], contended, shared)]
         _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table[f"{column}_mean"]), labels)
         return _save(figure, path)
 

@@ -102,7 +102,7 @@ def interleaved(records: list[dict], session, device=None, rounds: int = 5, base
         baseline = baseline_of(key, baseline_depth)
         ratio = per_step_interval(list(train[baseline] / train[key])) if baseline in train else (None, None, None)
         rows.append({**sitting_row(sitting_key(configs[key].to_dict(), timings[key].device, key[4]), timings[key],
-                                   totals[key][1]),
+                                   totals[key][1], shapes[key].prefix_evidence),
                      "device": timings[key].device, "freeze_depth": key[0], "steps": totals[key][0],
                      "train_seconds": float(train[key].mean()), "speedup": ratio[0], "speedup_low": ratio[1],
                      "speedup_high": ratio[2]})
@@ -125,8 +125,9 @@ def stored_note(url: str, study_name: str) -> str:
 
 
 def interleaved_markdown(rows: list[dict], baseline_depth: int = 0) -> str:
+    said = next((row for row in rows if row["contended"]), rows[0] if rows else None)  # a loaded prefix build too
     lines = [f"Timed in one sitting, round-robin over {rows[0]['rounds'] if rows else 0} rounds "
-             f"({'contended: ' if rows and rows[0]['contended'] else ''}{rows[0]['evidence'] if rows else ''}).",
+             f"({'contended: ' if said and said['contended'] else ''}{said['evidence'] if said else ''}).",
              "", f"| freeze depth | ms per step [95 % CI over rounds] | steps | prefix build s | train s | "
              f"speed-up vs depth {baseline_depth} [95 % CI over paired rounds] |", "|--:|--:|--:|--:|--:|--:|"]
     for row in rows:

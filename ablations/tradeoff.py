@@ -2,8 +2,9 @@
 
 `write_report(runs, output_dir)` turns the run rows of `ablations.storage.load_runs` into runs.csv, tradeoff.csv,
 tradeoff.md and the figures. A configuration is a run config minus its seed (plus the device, since times only
-compare on the same hardware); seeds are averaged, and each configuration is tested against its baseline, by default
-the full fine-tune (freeze depth 0) with every other field equal but the nuisance settings, which are tuned away.
+compare on the same hardware, and whether torch.compile ran: its time is the compiled step's); seeds are averaged,
+and each configuration is tested against its baseline, by default the full fine-tune (freeze depth 0) with every
+other field equal but the nuisance settings, which are tuned away.
 """
 from __future__ import annotations
 
@@ -71,11 +72,14 @@ def completed_runs(runs: list[dict]) -> list[dict]:
 
 
 def _configurations(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
-    """Group completed records by config minus seed (plus device): canonical JSON key -> (fields, records)."""
+    """Group completed records by config minus seed (plus device, and `compiled` where true): canonical JSON key ->
+    (fields, records)."""
     groups: dict[str, tuple[dict, list[dict]]] = {}
     for run in completed_runs(runs):
         record = run["record"]
         fields = {k: v for k, v in record["config"].items() if k != "seed"} | {"device": record.get("device")}
+        if record.get("compiled"):  # its time is the compiled step's: a configuration of its own, as a device is
+            fields["compiled"] = True
         key = json.dumps(fields, sort_keys=True, default=str)
         groups.setdefault(key, (fields, []))[1].append(record)
     return groups
@@ -197,10 +201,14 @@ def time_summary(records: list[dict]) -> dict[str, Any]:
     timed = [t for r in records if (t := r.get("timing") or {}).get("measured_at")]  # each from one timing pass
     passes = sorted({t["measured_at"] for t in timed})
     sittings = [t.get("sitting", 1) for t in timed]
+    # Untimed (--timing-repeats 0) and trained in a stacked group: its time is its share of the group's loop
+    shared = any(not (r.get("timing") or {}).get("measured_at") and str(r.get("engine") or "eager") != "eager"
+                 for r in records)
     return {"train_seconds": mean("train_seconds"), "train_seconds_lo": mean("train_seconds_lo"),
             "train_seconds_hi": mean("train_seconds_hi"), "contended": any(flags) if flags else None,
             "contention": "; ".join(sorted(e for e in evidence if e)) or None,
-            "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None}
+            "timed_at": "; ".join(passes) or None, "sitting": max(sittings) if sittings else None,
+            "group_share": shared or None}
 
 
 def _contention(timing: dict) -> str | None:

@@ -52,7 +52,7 @@ class Lease:
         """Hold the shared lock around training (and evaluation): a timer elsewhere waits for our next
         `pause_point()`. Registers this process as a project worker, so the probe does not count it as foreign."""
         if self._shared == 0:
-            self._marker.touch()
+            self._marker.write_text(process_start(os.getpid()))
             self._take_shared()
         self._shared += 1
         try:
@@ -99,10 +99,18 @@ class Lease:
             fcntl.flock(self._gate, fcntl.LOCK_UN)
 
     def worker_pids(self) -> list[int]:
-        """Project processes holding (or waiting for) the shared lock on this machine, still alive."""
+        """Project processes holding (or waiting for) the shared lock on this machine, still alive. A worker killed
+        with -9 leaves its marker behind; the process that later gets its PID is not the worker (its start time
+        differs from the one the marker holds) and counts as foreign."""
         pids = []
         for marker in (self.directory / "workers").iterdir():
-            if marker.name.isdigit() and Path(f"/proc/{marker.name}").exists():
+            if not marker.name.isdigit():
+                continue
+            try:
+                started = marker.read_text()
+            except OSError:  # its worker just finished
+                continue
+            if Path(f"/proc/{marker.name}").exists() and started in ("", process_start(int(marker.name))):
                 pids.append(int(marker.name))
         return pids
 
@@ -125,6 +133,16 @@ def read_cpu() -> tuple[int, int]:
     user, nice, system, idle, iowait, irq, softirq, steal = values + [0] * (8 - len(values))
     busy = user + nice + system + irq + softirq + steal
     return busy, busy + idle + iowait
+
+
+def process_start(pid: int) -> str:
+    """When the process started, in clock ticks since boot (field 22 of proc(5)): with its PID, it names one
+    process; '' once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def process_ticks(pid: int) -> int:

@@ -103,6 +103,7 @@ class PrefixStates:
     offsets: np.ndarray         # example i owns flat[offsets[i]:offsets[i+1]]
     depth: int
     build_seconds: float        # what building it cost, cumulative over the shallower caches it came from
+    contended: str | None = None  # the evidence where that build (or a shallower one it came from) met foreign load
 
     @property
     def nbytes(self) -> int:
@@ -162,7 +163,8 @@ class PrefixCache:
         started = time.perf_counter()
         flat = build(base, base.depth if base else 0)
         cost = time.perf_counter() - started + (base.build_seconds if base else 0.0)
-        states = PrefixStates(flat, np.concatenate([[0], np.cumsum(build.lengths)]), depth, cost)
+        states = PrefixStates(flat, np.concatenate([[0], np.cumsum(build.lengths)]), depth, cost,
+                              base.contended if base else None)  # its cost includes the base's build
         self._store((key, depth), states, torch.device(device))
         return states, False
 

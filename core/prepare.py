@@ -106,10 +106,12 @@ def prepare(config: RunConfig, session: Session, device, progress: bool, use_pre
                 # The train split's build is part of what the config costs alone (train_seconds): built with the
                 # machine's other project workers paused, like the timed steps, and checked for foreign load.
                 (states, reused), _, contention = session.timer.solo(build, device)
-                if contention.contended:
-                    prepared.prefix["contended"] = contention.evidence
+                if contention.contended and not states.contended:
+                    states.contended = contention.evidence
             else:
                 states, reused = build()
+            if name == "train" and states.contended:  # built now, earlier (reused), or derived from such a build
+                prepared.prefix["contended"] = states.contended
             prepared.sources[name] = states
             prepared.prefix["seconds"][name], prepared.prefix["reused"][name] = round(states.build_seconds, 3), reused
     return prepared

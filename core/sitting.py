@@ -37,6 +37,7 @@ class Shape:
     quiet_prefix: float | None     # that build where made now, alone and quiet (`core.train.quiet_prefix_build`)
     device: torch.device
     device_label: str
+    prefix_evidence: str | None = None  # where that build (or one it reused or came from) met foreign load
 
 
 def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, views: contextlib.ExitStack,
@@ -62,7 +63,7 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
                              timing.sample_batches(epoch, session.timer.steps, cost), steps_per_epoch * config.epochs,
                              len(p.train),
                              p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0, quiet_prefix_build(p),
-                             p.device, device_name(p.device))
+                             p.device, device_name(p.device), p.prefix.get("contended"))
     return shapes
 
 
@@ -75,15 +76,18 @@ class Timed:
     device_label: str
     prefix_seconds: float          # the frozen-prefix build made for the sitting (0 when not cached)
     timing: timing.StepTiming
+    prefix_evidence: str | None = None  # where that build met foreign load (`Shape.prefix_evidence`)
 
 
 def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile: bool = False,
-            together: bool = False, progress: Callable[[str], None] | None = print) -> list[Timed]:
+            together: bool = False, progress: Callable[[str], None] | None = print,
+            force: bool = False) -> list[Timed]:
     """Time the work shapes of `configs` that this machine has no timing of, together in one sitting, and save the
     timings (`core.timer.Timer.interleaved`); a run of such a shape then reads its timing instead of taking one.
     `together`: if any shape needs a timing, time every shape of `configs` in that sitting, those timed before
     included (their saved timings are replaced), so all of them share one time axis. Returns what was timed
-    (or read after another worker timed it meanwhile); nothing when no shape needed timing. Nothing a run
+    (or read after another worker timed it meanwhile); nothing when no shape needed timing, unless `force` (the
+    shapes' saved timings come from different passes: every shape is timed together again). Nothing a run
     computes changes: the steps run on models of their own, and the random state is put back."""
     configs = list(configs)
     if not configs or not session.timing_repeats:
@@ -98,10 +102,10 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                 first_of.setdefault(timing.work_shape(config), config)
             chosen = {planned_shape(c, session, device, compile): c for c in first_of.values()}  # timing keys
             needed = [key for key in chosen if session.timer.known(key) is None]
-            if not needed:
+            if not needed and not force:
                 return []  # asked before anything is prepared: a resumed study prepares nothing to time
-            todo = prepared_shapes(chosen if together else {k: chosen[k] for k in needed}, session, device, views,
-                                   compile)
+            todo = prepared_shapes(chosen if together or force else {k: chosen[k] for k in needed}, session, device,
+                                   views, compile)
             first = next(iter(todo.values()))
             if progress:
                 rounds, steps = session.timer.repeats, session.timer.steps
@@ -110,9 +114,10 @@ def sitting(configs: Iterable[RunConfig], session: Session, device=None, compile
                          "each)")
             taken = session.timer.interleaved({k: s.step for k, s in todo.items()},
                                               {k: s.batches for k, s in todo.items()}, first.device,
-                                              device_label=first.device_label, save=True, replace=together,
+                                              device_label=first.device_label, save=True, replace=together or force,
                                               prefix_seconds={k: s.quiet_prefix for k, s in todo.items()})
-            return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k]) for k, s in todo.items()]
+            return [Timed(k, s.config, s.rows, s.device_label, s.prefix_seconds, taken[k], s.prefix_evidence)
+                    for k, s in todo.items()]
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:

@@ -88,15 +88,18 @@ class Timer:
         """`interleaved_steps` alone on the machine (the lease pauses the project's other workers), with the
         foreign-load probe. `save`: the names are work shapes (`work_shape`) and their timings are this
         session's and the machine's, like `step_timing`'s (shapes another worker timed meanwhile are read, not
-        timed again, unless `replace`: then every shape is timed and its saved timing replaced), each with its
+        timed again, unless `replace`: then every shape is timed together and its saved timing replaced, except
+        where another worker, waited for here, has just timed them all in one sitting), each with its
         `prefix_seconds` (by name); else nothing is kept: a check of the saved timings, not one of them."""
         device = torch.device(device)
         with self.lease.exclusive():
             found = {}
-            if save and not replace:
+            if save:
                 saved = self._read()
                 found = {name: StepTiming.from_dict(saved[self._key(name)]) for name in step_fns
                          if self._key(name) in saved}
+                if replace and (len(found) < len(step_fns) or len({t.measured_at for t in found.values()}) > 1):
+                    found = {}  # not one sitting of them all: time every shape together
                 step_fns = {name: fn for name, fn in step_fns.items() if name not in found}
             timings = interleaved_steps(step_fns, batches, device, self.warmup, rounds or self.repeats,
                                         self._probe(device), device_label) if step_fns else {}

@@ -331,3 +331,22 @@ def test_workers_with_their_own_sqlite_files_merge_into_one_storage(tiny_bert, t
                              capture_output=True, text=True)
     expected = f"error: storage file '{tmp_path}/nope.db' does not exist"
     assert missing.returncode == 2 and missing.stderr.strip() == expected
+
+
+def test_a_grid_into_a_search_study_is_refused_and_leaves_the_search_able_to_go_on(tiny_bert, toy_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The search refuses a grid's study in one line; the grid took a search's study, trained into it and marked it
+    a grid, after which the search refused its own study ('holds a grid, not a search'). Now the grid refuses it,
+    exit 2, nothing trained, the study as it was."""
+    from ablations.grid import main
+    url = f"sqlite:///{tmp_path}/x.db"
+    study = optuna.create_study(study_name="search", storage=url, directions=["maximize", "minimize"])
+    study.set_user_attr("search", {"space": {}, "fixed": {}})
+    code = run_command(monkeypatch, main, "python -m ablations.grid", "--model", tiny_bert, "--dataset", toy_data,
+                       "--freeze-depths", "1", "--schedulers", "linear", "--epochs", "1", "--storage", url,
+                       "--study-name", "search", "--output-dir", str(tmp_path / "out"), "--no-progress")
+    said = capsys.readouterr()
+    assert code == 2 and "study 'search' holds a search, not a grid" in said.err + said.out
+    assert "Traceback" not in said.err
+    study = optuna.load_study(study_name="search", storage=url)
+    assert "grid" not in study.user_attrs and not study.trials

@@ -611,3 +611,43 @@ def test_a_row_that_reads_its_baselines_own_timing_is_exactly_as_fast(tmp_path):
     cosine = row(table, scheduler="cosine")
     assert (cosine["speedup"], cosine["speedup_lo"], cosine["speedup_hi"]) == (1.0, 1.0, 1.0)  # was [0.80, 1.25]
     assert "| 1.00× [1.00, 1.00] |" in markdown(table, report_context(rows, table))
+
+
+def test_a_run_whose_step_ran_through_torch_compile_is_a_configuration_of_its_own():
+    """Its train_seconds is the compiled step's timing (`--compile`: another step, another cost), but compile is no
+    part of the run id: a study trained partly with it averaged a compiled seed with an eager one and divided an
+    eager depth by a compiled baseline. Compiled runs are their own rows, compared with compiled baselines; and a
+    stored sitting of compiled steps does not retime eager runs, nor the reverse."""
+    from ablations.stored_sitting import retimed, sitting_key
+    runs = [make_run(0, "linear", 1, 0, 0.9, 20.0, number=0), make_run(0, "linear", 1, 1, 0.9, 40.0, number=1),
+            make_run(4, "linear", 1, 0, 0.88, 10.0, number=2), make_run(4, "linear", 1, 1, 0.88, 10.0, number=3)]
+    runs[0]["record"]["compiled"] = True
+    for run in runs[1:]:
+        run["record"]["compiled"] = False
+    table = tradeoff_table(runs)
+    eager = table[table["compiled"] != True]  # noqa: E712 - NaN/None in the eager rows
+    assert list(table["seeds"]) == [1, 1, 2] and table.loc[table["compiled"] == True, "train_seconds"].item() == 20.0
+    assert eager.loc[eager.freeze_depth == 4, "speedup"].item() == pytest.approx(40.0 / 10.0)
+    for run in runs[:2]:
+        run["record"]["timing"] = {"measured_at": "2026-01-01T10:00:00Z", "steps": 100}
+    key = sitting_key(runs[0]["record"]["config"], runs[0]["record"]["device"], 2000, compiled=True)
+    sitting = {"measured_at": "2026-01-02T09:00:00Z", "evidence": "quiet",
+               "shapes": {key: {"per_step": 0.1, "per_step_low": 0.09, "per_step_high": 0.11, "prefix_seconds": 0.0,
+                                "repeat_seconds": [0.1] * 5}}}
+    assert retimed(runs[0]["record"], sitting)["train_seconds"] == pytest.approx(10.0)
+    assert retimed(runs[1]["record"], sitting) is None
+
+
+def test_an_untimed_run_of_a_stacked_group_is_marked_as_its_share_of_the_groups_loop(tmp_path):
+    """With --timing-repeats 0 a record's train_seconds is its loop as it ran, and a stacked run's loop is the group's
+    divided by its runs (on a GPU a fraction of what the run costs alone): the table put such a row beside an eager
+    one as if alike. It is marked ‡ in tradeoff.md and on tradeoff.png's label, and the caption says what it is."""
+    runs = [make_run(d, "linear", 1, s, 0.9, seconds, number=2 * d + s)
+            for d, seconds in ((0, 5.0), (4, 10.0)) for s in (0, 1)]
+    for run in runs:
+        run["record"]["engine"] = "stacked (2 runs)" if run["record"]["config"]["freeze_depth"] == 0 else "eager"
+    write_report(runs, tmp_path)
+    text = (tmp_path / "tradeoff.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert [("‡" in row) for row in rows] == [True, False]
+    assert "‡ = trained in a stacked group (--max-parallel-runs) without a timing pass" in text

@@ -220,6 +220,22 @@ def test_probe_flags_a_cpu_hog_and_not_the_same_hog_registered_as_a_worker():
     assert worker.foreign_cores == pytest.approx(foreign.foreign_cores - hog_cores, abs=0.03)
 
 
+def test_a_killed_workers_marker_does_not_make_the_process_that_reuses_its_pid_a_worker(tmp_path):
+    """kill -9 leaves a worker's marker behind; the process that later gets its PID (any process: the PIDs wrap at
+    32768 here) counted as one of the project's paused workers, so the load it made was taken out of a timing's
+    foreign load, unmarked. A marker holds its worker's start time, and a process started at another time is not
+    it. A live worker is still found."""
+    lease = Lease(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "workers" / str(other.pid)).write_text("12345")  # the killed worker's, started long before
+        assert other.pid not in lease.worker_pids()
+        with lease.working():
+            assert lease.worker_pids() == [os.getpid()]
+    finally:
+        other.kill()
+        other.wait()
+
 def test_a_worker_can_time_while_it_holds_its_own_shared_lock(tmp_path):
     import threading
     lease, done = Lease(tmp_path), []
@@ -383,6 +399,35 @@ def test_timing_passes_divide_by_the_baselines_pass_nearest_in_time():
     assert [r["speedup"] for r in table] == [1.0, 1.0, 40.0 / 15.0, 1.5, 33.0 / 8.0]  # depth 6: the 14:00 pass
     assert "| 4 | 2 | 2026-01-01 14:02:00 | 1 | 22.0 | 1.50× (2026-01-01 14:00:00) |" in markdown(table)
 
+
+
+def test_a_worker_whose_sitting_waited_for_another_workers_sitting_of_the_same_shapes_reads_it(tmp_path):
+    """Two workers of one grid start at once: both find its shapes untimed and ask for a sitting of all of them. The
+    second, let in once the first is done, read nothing the first saved and timed every shape again (`replace`),
+    so the study's runs split between two sittings. Now it reads them; where the saved timings are not one sitting
+    of them all (one shape missing, or two passes) it still times every shape together."""
+    import json
+    calls = []
+
+    def step(batch):
+        calls.append(batch)
+
+    steps, batches = {"a": step, "b": step}, {"a": [1, 2], "b": [3, 4]}
+
+    def worker():
+        return Timer(lease=Lease(tmp_path), repeats=2, steps=2, warmup=1, threshold=1e9)
+    first = worker().interleaved(steps, batches, save=True, replace=True)
+    timed = len(calls)
+    assert worker().interleaved(steps, batches, save=True, replace=True) == first and len(calls) == timed
+    saved = json.loads((tmp_path / "timings.json").read_text())
+    key = next(k for k in saved if k.startswith("a:"))
+    saved[key]["measured_at"] = "2000-01-01T00:00:00Z"  # shape a from an older pass
+    (tmp_path / "timings.json").write_text(json.dumps(saved))
+    again = worker().interleaved(steps, batches, save=True, replace=True)
+    assert len(calls) == 2 * timed and len({t.measured_at for t in again.values()}) == 1
+    before = len(calls)  # a new shape c beside a and b, timed in one sitting: all three timed again
+    worker().interleaved(steps | {"c": step}, batches | {"c": [5]}, save=True, replace=True)
+    assert len(calls) - before == 3 * 1 + 2 * (2 + 2 + 1)  # one warm-up step each, two rounds of every batch
 
 def test_interleaved_steps_time_every_shape_once_per_round_in_turn():
     from core.timing import interleaved_steps
@@ -675,3 +720,76 @@ def test_a_runs_timing_key_is_known_before_it_is_prepared(tiny_bert, toy_data, c
     from core.train import planned_shape, timing_shape
     config, session = quick_config(tiny_bert, toy_data, **changes), Session()
     assert planned_shape(config, session, "cpu") == timing_shape(prepare(config, session, "cpu", False, True), False)
+
+
+def test_a_study_whose_shapes_were_timed_by_different_sittings_times_them_together_again(
+        tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
+    """Depth 0 timed by grid a, depth 1 by grid b a while later: grid c of both depths found both shapes timed and
+    took no sitting, so its report divided a's pass by b's (whether it copied every run or trained new seeds). Now
+    its shapes are timed together again, the sitting stored with it, and every run of c reads one sitting; a rerun
+    with nothing to train takes none."""
+    import time
+
+    from ablations.storage import load_runs
+    url = f"sqlite:///{tmp_path}/x.db"
+    grid = grid_runner(tiny_bert, toy_data, url, tmp_path, monkeypatch, capsys)
+    grid("--study-name", "a", "--freeze-depths", "0")
+    time.sleep(1.1)  # measured_at has whole seconds: two passes
+    grid("--study-name", "b", "--freeze-depths", "1")
+    for study, seeds in [("more-seeds", "2"), ("copies", "1")]:
+        said = grid("--study-name", study, "--freeze-depths", "0,1", "--seeds", seeds)
+        assert "timing 2 work shape(s) together" in said and "this sitting of its 2 shapes is stored" in said
+        assert ("estimate from the timing" in said) == (study == "more-seeds")  # none for nothing to train
+        records = [r["record"] for r in load_runs(url, [study])]
+        assert len(records) == 2 * int(seeds)
+        assert len({r["timing"]["measured_at"] for r in records}) == 1, study
+        assert "work shape(s) together" not in grid("--study-name", study, "--freeze-depths", "0,1", "--seeds", seeds)
+
+
+def test_a_prefix_build_charged_from_a_loaded_build_is_marked_whether_derived_or_reused(tiny_bert, toy_data,
+                                                                                         monkeypatch):
+    """Depth 1's frozen prefix built under foreign load; depth 2's is derived from it (its build_seconds include
+    depth 1's) and a later seed reuses depth 2's: both records charge that loaded build, so both are contended with
+    the build's evidence. Before, only the run whose own build met the load said so: the derived and the reused
+    ones, timed quietly, read as alone."""
+    import functools
+
+    import core.timer
+    from core import run
+    from core.lease import LoadProbe
+    from core.session import Session
+    session = Session(timing_repeats=2)
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=-1.0))  # always loaded
+    assert run(quick_config(tiny_bert, toy_data, freeze_depth=1), progress=False, session=session).contended
+    monkeypatch.setattr(core.timer, "LoadProbe", functools.partial(LoadProbe, threshold=1e9))  # quiet from now on
+    derived = run(quick_config(tiny_bert, toy_data, freeze_depth=2), progress=False, session=session)
+    reused = run(quick_config(tiny_bert, toy_data, freeze_depth=2, seed=1), progress=False, session=session)
+    assert not derived.timing["contended"] and derived.prefix_cache["reused"]["train"] is False
+    assert reused.prefix_cache["reused"]["train"] is True
+    for record in (derived, reused):
+        assert record.contended and "other processes kept" in record.timing["prefix_evidence"]
+
+
+def test_a_sitting_whose_frozen_prefix_build_met_load_is_not_stored_with_the_study(tiny_bert, toy_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The steps of an extension's sitting timed quietly, but depth 1's frozen-prefix build for it met foreign load:
+    the sitting was stored all the same, and the study's report charged every depth-1 run that build as timed
+    alone (retimed: contended false). Now such a sitting is contended, not stored (one line says so), and the run
+    that was charged the build is marked."""
+    import core.timer
+    from ablations.storage import load_runs
+    from core.lease import Contention
+    url = f"sqlite:///{tmp_path}/x.db"
+    grid = grid_runner(tiny_bert, toy_data, url, tmp_path, monkeypatch, capsys)
+    grid("--freeze-depths", "0")
+    solo = core.timer.Timer.solo
+
+    def loaded_solo(self, fn, device="cpu"):
+        result, seconds, _ = solo(self, fn, device)
+        return result, seconds, Contention(True, 1.0, 1.0, 2, 0, "other processes kept 1.00 of 2 cores busy")
+    monkeypatch.setattr(core.timer.Timer, "solo", loaded_solo)
+    said = grid("--freeze-depths", "0,1")
+    assert "timing 2 work shape(s) together" in said and "not stored" in said and "frozen-prefix build" in said
+    assert "timing_sitting" not in optuna.load_study(study_name="grid", storage=url).user_attrs
+    records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url)}
+    assert records[1]["contended"] and not records[0]["contended"]
