@@ -325,7 +325,7 @@ def test_a_model_that_stacks_at_one_depth_is_not_checked_again_deeper(model, dat
     calls = []
     check = core.stacked_modules._stacked_forward_mismatch
     monkeypatch.setattr(core.stacked_modules, "_stacked_forward_mismatch",
-                        lambda net, depth, inputs: calls.append(depth) or check(net, depth, inputs))
+                        lambda net, depth, *batches: calls.append(depth) or check(net, depth, *batches))
     session = Session(timing_repeats=0)
     text = session.text_data(data, session.tokenizer(model), None, None, 32)
     assert [session.stack_problem(model, text, depth) for depth in (0, 1, 2)] == [None] * 3
