@@ -10,17 +10,18 @@ from conftest import VOCAB, quick_config, write_tokenizer
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from core import group as group_module
-from core.group import run_group
+from core.group import run_group, train_group
+from core.prepare import prepare
 from core.session import Session
-from core.train import run
+from core.train import run, train_epochs
 
 SMALL = dict(vocab_size=len(VOCAB), max_position_embeddings=64, num_hidden_layers=2, hidden_size=32,
              intermediate_size=64, num_attention_heads=2, pad_token_id=0)
 
-def save_family(folder, kind: str) -> str:
+def save_family(folder, kind: str, **settings) -> str:
     """A tiny random-weight model of `kind` without dropout, so that stacked and alone compute one function."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model(kind, num_labels=2, **SMALL)
+    config = AutoConfig.for_model(kind, num_labels=2, **SMALL, **settings)
     for name, value in config.to_dict().items():
         if "dropout" in name and isinstance(value, float):
             setattr(config, name, 0.0)
@@ -50,3 +51,29 @@ def test_a_model_whose_rows_depend_on_their_padding_trains_one_run_at_a_time(tmp
     assert [r.getMessage().split(" (up to")[0] for r in caplog.records] == [
         f"runs of {folder} at freeze depth 0 train one at a time: they cannot be stacked (two runs stacked compute "
         "other logits than each alone"]
+
+
+def test_a_weight_the_loss_never_reaches_is_left_as_alone(tmp_path, toy_data):
+    """BigBird's classifier reads the first token's state, not its pooler, so the pooler gets no gradient: a solo
+    run's AdamW skips it, weight decay included. Stacked, its gradient was a zero buffer and weight decay shrank it
+    every step (weights 1.6e-4 relative from alone in fp64, at weight decay 0.1). Now it stays as it was, as alone,
+    and each run's weights are those of the run alone."""
+    folder = save_family(tmp_path / "big_bird", "big_bird", attention_type="original_full")
+    configs = [quick_config(folder, toy_data, seed=seed, batch_size=8, learning_rate=3e-3, weight_decay=0.1)
+               for seed in (0, 1)]
+    session = Session(timing_repeats=0)
+    prepared = [prepare(c, session, "cpu", False, True) for c in configs]
+    names = [n for n, q in prepared[0].model.named_parameters() if q.requires_grad]
+    pooler = names.index("bert.pooler.weight")
+    initial = [q.params[pooler].detach().clone() for q in prepared]
+    group = train_group(prepared, session, [None, None])
+    for config, together, before in zip(configs, group, initial):
+        p = prepare(config, session, "cpu", False, True)
+        alone = train_epochs(p, p.model, session, None, False, False, ())
+        assert torch.equal(alone.best["weights"][pooler], before)  # what a solo run does with it: nothing
+        assert torch.equal(together.best["weights"][pooler], before)
+        moved = [i for i, n in enumerate(names) if not n.endswith("key.bias")]
+        error = float((torch.cat([together.best["weights"][i].flatten() for i in moved])
+                       - torch.cat([alone.best["weights"][i].flatten() for i in moved])).norm()
+                      / torch.cat([alone.best["weights"][i].flatten() for i in moved]).norm())
+        assert error < 1e-5, f"seed {config.seed}: weights {error:.1e} relative from alone"
