@@ -91,13 +91,16 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_study: str | No
 def make_trainer(args: argparse.Namespace, pass_as: str, session=None, engine: str = "eager"
                  ) -> Callable[[RunConfig, Any], dict]:
     """One run with the command's device, progress and compile flags, returning the record as stored: `core.run`
-    (the eager engine), or a group of one run (`core.group.run_group`, its step captured where `engine` is
+    (the eager engine, and the automatic one where it would stack: it stacks groups of several runs only), or a
+    group of one run (`core.group.run_group`, its step captured where `engine` is
     "captured"). The trainer's second argument is the command's own (the grid's schedule siblings, the search's
     per-epoch callback), passed to `run` as `pass_as`; a group takes only a per-epoch callback."""
     from core import run
     from core.cli import make_session
 
     session = session or make_session(args)  # the command's runs share one session: data, checkpoint, caches
+    if engine == "stacked" and args.engine == "auto":
+        engine = "eager"  # auto stacks groups of several runs; a run alone takes the solo step (and shared steps)
     if engine == "eager":
         return lambda config, extra: run(config, device=args.device, progress=not args.no_progress,
                                          compile=args.compile, session=session, **{pass_as: extra}).to_dict()

@@ -61,10 +61,20 @@ def split_forward_mismatch(model: nn.Module, backbone: Backbone, depth: int, inp
     mask = inputs["attention_mask"]
     try:
         whole = model(**inputs).logits, backbone.base(**inputs).last_hidden_state
+        lengths = mask.sum(1).tolist()
         with layer_view(backbone, 0, depth, skip_embeddings=False):
             states = backbone.base(**inputs).last_hidden_state
+            alone = [backbone.base(**{k: v[row:row + 1, :n] for k, v in inputs.items()}).last_hidden_state[0]
+                     for row, n in enumerate(lengths)]
         if states.shape[:2] != mask.shape:
             return f"its layers give {states.shape[1]} states for {mask.shape[1]} tokens"
+        # The cache keeps each row's states as built beside other rows (padded to their longest) and hands them back
+        # padded with zeros: a row's states must not change with its padding (FNet mixes every position, padding
+        # included), and the later layers must not read the padding's states.
+        gap = max(gap_beyond_rounding(states[row, :n], own) or 0.0 for row, (n, own) in enumerate(zip(lengths, alone)))
+        if gap:
+            return f"its frozen layers' states change with the row's padding (by up to {gap:.2g})"
+        states = states * mask[..., None].to(states.dtype)
         with layer_view(backbone, depth, num_layers(model.config), skip_embeddings=True):
             cut = (model(inputs_embeds=states, attention_mask=mask).logits,
                    backbone.base(inputs_embeds=states, attention_mask=mask).last_hidden_state)

@@ -107,7 +107,7 @@ class Session:
             self._stackable[key] = None
         if key not in self._stackable:
             self._stackable[key] = stack_problem(self._pristine(name, data.label_names)[0], depth,
-                                                 probe_batches(data)[0])
+                                                 probe_batches(data), data.pad_id)
         return self._stackable[key]
 
 

@@ -125,17 +125,10 @@ class StackedRuns:
         self.grads = [torch.zeros_like(p) for p in self.params]
         self._restore_gradients()
         self.moments = ([torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params])
-        exp_avg, exp_avg_sq = self.moments
         solo = dict(runs[0].model.named_parameters())
-        decayed = [decays(solo[n]) for n, _ in named]  # the solo run's AdamW groups (core.model.decay_groups)
-        self.updates = []  # (run, weight decay, its parameter / gradient / moment slices) per run and group
-        for run, member in enumerate(runs):
-            for decay in (True, False):
-                pick = [i for i, d in enumerate(decayed) if d == decay]
-                if pick:
-                    self.updates.append((run, member.config.weight_decay if decay else 0.0,
-                                         *([t.detach()[run] for t in (ts[i] for i in pick)]
-                                           for ts in (self.params, self.grads, exp_avg, exp_avg_sq))))
+        self.decayed = [decays(solo[n]) for n, _ in named]  # the solo run's AdamW groups (core.model.decay_groups)
+        self.updates = self._updates(range(len(self.params)))
+        self.reached: set[int] | None = None  # which parameters the loss reaches: known after the first backward
         self.step_count = torch.zeros(len(runs), device=self.device)  # AdamW's, per run: fp16 skips steps per run
         self.run_grads = [[g[run] for g in self.grads] for run in range(len(runs))]
         self.scales = RunScales(len(runs), self.device) if loss_scaling else None
@@ -155,6 +148,38 @@ class StackedRuns:
         self.device_rates.advance()
         return losses
 
+    def _updates(self, trained) -> list[tuple]:
+        """(run, weight decay, its parameter / gradient / moment slices) per run and AdamW group, for the parameters
+        `trained` (indices into `params`)."""
+        updates = []
+        for run, member in enumerate(self.runs):
+            for decay in (True, False):
+                pick = [i for i in trained if self.decayed[i] == decay]
+                if pick:
+                    updates.append((run, member.config.weight_decay if decay else 0.0,
+                                    *([t.detach()[run] for t in (ts[i] for i in pick)]
+                                      for ts in (self.params, self.grads, *self.moments))))
+        return updates
+
+    @contextlib.contextmanager
+    def _noting_reached(self):
+        """Around the first backward: which parameters the loss reaches. One it never reaches (BigBird's pooler,
+        beside its classification head) has no gradient in a solo run, so AdamW skips it, weight decay included;
+        here its gradient is a zero buffer, so it is left out of the updates from then on."""
+        if self.reached is not None:
+            yield
+            return
+        reached: set[int] = set()
+        hooks = [p.register_post_accumulate_grad_hook(lambda _, i=i: reached.add(i)) for i, p in enumerate(self.params)]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.reached = reached
+        if len(reached) < len(self.params):
+            self.updates = self._updates(sorted(reached))
+
     def _restore_gradients(self) -> None:
         """Point every .grad at its fixed buffer (again, after a failed capture: the aborted recording may have
         left something else there)."""
@@ -173,7 +198,8 @@ class StackedRuns:
         losses = F.cross_entropy(logits, labels.reshape(-1), reduction="none").view_as(weights)
         losses = (losses * weights).sum(1) / weights.sum(1)
         scaled = losses if self.scales is None else losses * self.scales.scale
-        scaled.sum().backward()  # the runs share no weight, so each gets exactly its own gradient
+        with self._noting_reached():
+            scaled.sum().backward()  # the runs share no weight, so each gets exactly its own gradient
         for embedding in self.embeddings:
             embedding.zero_padding_grad()
         if self.scales is not None:

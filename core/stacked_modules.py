@@ -5,6 +5,7 @@ be stacked. The training steps of such a model are `core.stacked.StackedRuns`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +82,15 @@ class StackedEmbedding(nn.Module):
 STACKED = {nn.Linear: StackedLinear, nn.LayerNorm: StackedLayerNorm, nn.Embedding: StackedEmbedding}
 
 
-def stack_problem(model: nn.Module, depth: int, inputs: dict | None = None) -> str | None:
+def stack_problem(model: nn.Module, depth: int, batches: Sequence[dict] | dict | None = None,
+                  pad_id: int = 0) -> str | None:
     """Why runs of `model` frozen to `depth` cannot be stacked, or None when they can: checked on one model,
     before any run of a group is prepared. A module they train must have a stacked twin (`STACKED`), and, given
-    `inputs` (a batch of token ids), two different runs stacked must each compute what they compute alone: a
-    module used in another way than per row (MPNet's relative-position buckets are looked up in an Embedding by
-    position, not by token) fails there."""
+    `batches` (token ids; two of other lengths where the data has them), two different runs stacked must each
+    compute what they compute alone: a module used in another way than per row (MPNet's relative-position buckets
+    are looked up in an Embedding by position, not by token) fails there, and so does a model whose rows depend on
+    how far they are padded (FNet mixes every position, padding included: it takes no attention mask), since a
+    stacked step pads each run's batch to the longest of the step."""
     frozen = {id(m) for top in frozen_modules(find_backbone(model), depth) for m in top.modules()}
     for name, module in model.named_modules():
         if id(module) in frozen or not list(module.parameters(recurse=False)):
@@ -96,13 +100,17 @@ def stack_problem(model: nn.Module, depth: int, inputs: dict | None = None) -> s
                    "Embedding modules"
         if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
             return f"its embedding {name!r} has max_norm or sparse gradients"
-    return None if inputs is None else _stacked_forward_mismatch(model, depth, inputs)
+    if batches is None:
+        return None
+    return _stacked_forward_mismatch(model, depth, [batches] if isinstance(batches, dict) else list(batches), pad_id)
 
 
 @torch.no_grad()
-def _stacked_forward_mismatch(model: nn.Module, depth: int, inputs: dict) -> str | None:
+def _stacked_forward_mismatch(model: nn.Module, depth: int, batches: list[dict], pad_id: int) -> str | None:
     """Two runs (the model, and a copy with every trained weight moved by noise) stacked, in eval mode and full
-    precision: why their logits are not each run's own, or None."""
+    precision, run 0 on the first batch and run 1 on the last, each padded to the pair's rows and length as a
+    stacked step pads them (`core.stacked.pad_and_stack`): why their logits are not each run's own, or None."""
+    from core.stacked import pad_and_stack  # core.stacked builds on this module
     runs = [copy.deepcopy(model).float().eval() for _ in range(2)]
     noise = torch.Generator().manual_seed(0)
     for run in runs:
@@ -110,14 +118,18 @@ def _stacked_forward_mismatch(model: nn.Module, depth: int, inputs: dict) -> str
     for param in runs[1].parameters():
         if param.requires_grad:
             param.add_(0.02 * torch.randn(param.shape, generator=noise))
+    own = [batches[0], batches[-1]]
     try:
-        alone = [run(**inputs).logits for run in runs]
+        alone = [run(**batch).logits for run, batch in zip(runs, own)]
+        inputs, _, weights = pad_and_stack(own, [torch.zeros(len(b["input_ids"]), dtype=torch.long) for b in own],
+                                           pad_id)
         stacked, axis = stack_models(runs)
-        axis.rows = inputs["input_ids"].shape[0]
-        together = stacked.eval()(**{k: torch.cat([v, v]) for k, v in inputs.items()}).logits
+        axis.rows = weights.shape[1]
+        together = stacked.eval()(**inputs).logits.view(2, axis.rows, -1)
     except Exception as error:  # any failure of the stacked forward means: do not stack this model
         return f"two runs stacked fail ({error_phrase(error)})"
-    if (gap := gap_beyond_rounding(together, torch.cat(alone))) is not None:
+    mine = torch.cat([together[run, :len(a)] for run, a in enumerate(alone)])
+    if (gap := gap_beyond_rounding(mine, torch.cat(alone))) is not None:
         return f"two runs stacked compute other logits than each alone (up to {gap:.2g} apart)"
     return None
 

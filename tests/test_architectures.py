@@ -67,7 +67,7 @@ def test_each_family_trains_cut_or_live_and_stacked_or_alone(kind, tmp_path, toy
         record = run(base.replace(freeze_depth=depth), "cpu", progress=False, session=session)
         assert record.prefix_cache["cached"] is expected, f"{kind} depth {depth}"
         assert math.isfinite(record.loss) and record.trainable_params < record.total_params
-    stackable = stack_problem(model, 0, probe_batches(data)[0]) is None
+    stackable = stack_problem(model, 0, probe_batches(data), data.pad_id) is None
     group = run_group([base.replace(seed=0), base.replace(seed=1)], session, "cpu")
     assert [type(r).__name__ for r in group] == ["RunRecord"] * 2, group
     assert {r.engine for r in group} == {"stacked (2 runs)" if stackable else "eager"}, kind

@@ -185,6 +185,16 @@ def test_the_grid_stacks_cells_of_different_epochs_and_records_each_as_alone(mod
             pytest.approx([e["train_loss"] for e in alone["history"]], rel=1e-4)
 
 
+def test_a_cell_without_partners_trains_alone_under_the_automatic_engine(model, data, tmp_path, monkeypatch):
+    """--max-parallel-runs 2 over three seeds: two train stacked, the third has no partner. Under --engine auto (on the
+    CPU: stacked for a group of several runs, else eager) it trained as a stacked group of one (the stacked step's
+    overhead, no shared steps); it takes the solo step now. --engine stacked still stacks a group of one."""
+    for engine, alone in (("auto", "eager"), ("stacked", "stacked (1 run)")):
+        records = grid_records(model, data, tmp_path / engine, monkeypatch, "--max-parallel-runs", "2",
+                               "--engine", engine)
+        assert sorted(r["engine"] for r in records.values()) == sorted([alone, "stacked (2 runs)", "stacked (2 runs)"])
+
+
 def test_the_captured_engine_through_the_grid_records_what_one_at_a_time_does(model, data, tmp_path, monkeypatch):
     """--engine captured where capture works (here: the probe says yes, and GraphOnTheCpu stands in for the CUDA
     graph): three seeds in one captured group, each record as the run alone, and saying it was captured."""
@@ -325,7 +335,7 @@ def test_a_model_that_stacks_at_one_depth_is_not_checked_again_deeper(model, dat
     calls = []
     check = core.stacked_modules._stacked_forward_mismatch
     monkeypatch.setattr(core.stacked_modules, "_stacked_forward_mismatch",
-                        lambda net, depth, inputs: calls.append(depth) or check(net, depth, inputs))
+                        lambda net, depth, *batches: calls.append(depth) or check(net, depth, *batches))
     session = Session(timing_repeats=0)
     text = session.text_data(data, session.tokenizer(model), None, None, 32)
     assert [session.stack_problem(model, text, depth) for depth in (0, 1, 2)] == [None] * 3
