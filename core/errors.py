@@ -8,7 +8,13 @@ class UsageError(ValueError):
 def first_line(error: BaseException, limit: int = 160) -> str:
     """An exception as a short phrase for a one-line message: its first line, or its type if it has no text."""
     text = str(error)
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0] if " " in line[:limit] else line[:limit]
+    return cut.rstrip(" ,;:(") + " …"  # cut at a word, and said to be cut: not a sentence that ends mid-way
 
 
 def failure_reason(error: BaseException) -> str:

@@ -318,3 +318,14 @@ def test_report_defaults_storage_and_output_dir_like_the_grid_and_takes_comma_se
         assert exit_.value.code == 0, capsys.readouterr().err
         runs = (folder / "runs.csv").read_text()
         assert (runs.count("\ngrid,"), runs.count("\nother,")) == counts
+
+
+def test_a_long_reason_in_a_one_line_message_is_cut_at_a_word_and_says_so():
+    """torch's messages run past the 160 characters a one-line note quotes (DeBERTa-v3's fallback line ended
+    'input.dim() = 5 is not equal'): the cut falls between words and ends with an ellipsis."""
+    from core.errors import first_line
+    message = ("permute(sparse_coo): number of dimensions in the tensor input does not match the length of the "
+               "desired ordering of dimensions i.e. input.dim() = 5 is not equal to len(dims) = 4")
+    cut = first_line(RuntimeError(message + "\nsecond line"))
+    assert cut.endswith("is not equal …") and len(cut) <= 162 and message.startswith(cut[:-2])
+    assert first_line(RuntimeError("short\nsecond line")) == "short" and first_line(KeyError()) == "KeyError"
