@@ -115,13 +115,14 @@ def compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, li
     """Speed-up, accuracy and macro-F1 differences, and a test of `metric` (`compared_on`) for each row against its
     baseline on seed-matched runs (over seeds and sentences; one seed each: exact McNemar for accuracy, the
     sentences' jackknife t for macro-F1; or "too few seeds"), Holm-adjusted over the rows of this report:
-    `p_value` adjusted, `p_value_raw` not."""
+    `p_value` adjusted, `p_value_raw` not. `tested_delta` is the difference the test is about, over the seed pairs
+    alone: where some seeds have no partner it differs from the difference of the rows' means over all seeds."""
     by_key = table.set_index("config_key")
     compared = []
     for row in table.itertuples(index=False):
         result: dict[str, Any] = {"speedup": math.nan, "speedup_lo": math.nan, "speedup_hi": math.nan,
                                   "accuracy_delta": math.nan, "f1_delta": math.nan, "compared_on": metric,
-                                  "seed_pairs": None, "test": None, "p_value_raw": math.nan}
+                                  "seed_pairs": None, "test": None, "tested_delta": math.nan, "p_value_raw": math.nan}
         if row.baseline_key in by_key.index:
             base = by_key.loc[row.baseline_key]
             result.update(speedup_interval(base, row))
@@ -129,7 +130,8 @@ def compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, li
             result["f1_delta"] = row.f1_mean - base["f1_mean"]
             if not row.baseline:
                 test = _test(groups[row.config_key][1], groups[row.baseline_key][1], COLUMN[metric])
-                result.update(seed_pairs=test.seed_pairs, test=test.test, p_value_raw=test.p_value)
+                result.update(seed_pairs=test.seed_pairs, test=test.test, tested_delta=test.delta,
+                              p_value_raw=test.p_value)
         compared.append(result)
     compared = pd.DataFrame(compared, index=table.index)
     compared["seed_pairs"] = compared["seed_pairs"].astype("Int64")  # whole numbers, blank where there is no test

@@ -39,6 +39,8 @@ def _versus(row: Any, metric: str = "accuracy") -> str:
     difference = row.f1_delta if metric == "macro-F1" else row.accuracy_delta
     if pd.isna(difference):
         return "no baseline run"
+    tested = getattr(row, "tested_delta", math.nan)  # over the seed pairs, what p is about (tables before it: none)
+    difference = difference if pd.isna(tested) else tested
     delta = f"{100 * difference:+.1f}".replace("-", "−") + " pp"
     if row.test == LABELS_UNKNOWN:
         return f"{delta}, no test ({LABELS_UNKNOWN})"
@@ -131,7 +133,8 @@ MACRO_F1_METHODS = (
     "jackknife standard error over the validation examples")  # then what Δ and the test compare
 F1_TEST_METHODS = (
     "Every run chose its epoch by dev macro-F1 (--select-by f1), as did every choice between runs (learning rate, "
-    "baseline), so macro-F1 is what is compared: Δ = macro-F1 − baseline macro-F1, ★ and the figures use it too. The "
+    "baseline), so macro-F1 is what is compared: Δ = macro-F1 − baseline macro-F1 (over the seeds both "
+    "have where a test ran), ★ and the figures use it too. The "
     "test pairs seed s with baseline seed s on the same validation examples, on macro-F1's jackknife pseudo-values "
     "(n·F − (n − 1)·F without example i, each seed's shifted to its F: macro-F1 is no mean over examples, its pseudo-"
     "values act as one). With two or more seed pairs (t, n seeds) it counts both noises: the larger p of the paired t"
@@ -189,7 +192,8 @@ def markdown(table: pd.DataFrame, about: dict[str, str], baseline: dict | None =
         "split are ranked "
         "on validation, the set they are reported on). ")
     accuracy_test = (
-        "Δ = accuracy − baseline accuracy. The test pairs seed s with "
+        "Δ = accuracy − baseline accuracy, over the seeds both have where a test ran (what it compares). The test "
+        "pairs seed s with "
         "baseline seed s on the same validation examples. With two or more seed pairs (t, n seeds) it counts both "
         "noises: "
         "the larger p of the paired t over the per-seed differences (n − 1 degrees of freedom) and a t whose squared "

@@ -651,3 +651,17 @@ def test_an_untimed_run_of_a_stacked_group_is_marked_as_its_share_of_the_groups_
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # below the header
     assert [("‡" in row) for row in rows] == [True, False]
     assert "‡ = trained in a stacked group (--max-parallel-runs) without a timing pass" in text
+
+
+def test_the_difference_beside_p_is_the_one_tested_on_the_seeds_both_sides_have():
+    # Baseline seeds 0-2, configuration seeds 1-2: the means over all seeds differ by -0.75 points (the baseline's
+    # seed 0 is high), but the test compares seeds 1 and 2 alone, where the configuration is 4.25 points better.
+    rows = [make_run(0, "linear", 2, s, a, 40.0, correct=correctness(a, s, 800))
+            for s, a in ((0, 0.95), (1, 0.80), (2, 0.80))]
+    rows += [make_run(4, "linear", 2, s, a, 20.0, correct=correctness(a, 50 + s, 800))
+             for s, a in ((1, 0.84), (2, 0.845))]
+    table = tradeoff_table(rows)
+    tested = row(table, freeze_depth=4)
+    assert tested["accuracy_delta"] == pytest.approx(-0.0075)  # the rows' means, as the table shows them
+    assert (tested["seed_pairs"], tested["tested_delta"]) == (2, pytest.approx(0.0425))
+    assert "| +4.2 pp, p " in markdown(table, report_context(rows, table))
