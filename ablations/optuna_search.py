@@ -46,6 +46,13 @@ def open_search_study(storage, name: str, objective: str, space: SearchSpace, ba
     # Settings are pinned by the first trial that completed: a study whose every trial failed (a dataset that
     # would not load, say) holds no result that other settings could be mixed with, so it takes the new ones.
     if stored is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        # ... but Optuna keeps a categorical parameter's choices for good once any trial holds it (failed ones too):
+        # another scheduler list would fail the first trial's suggest with a traceback, so it is refused here
+        choices = next((t.distributions["scheduler"].choices for t in study.get_trials(deepcopy=False)
+                        if "scheduler" in t.distributions), None)
+        if choices is not None and list(choices) != list(space.schedulers):
+            raise UsageError(f"study {name!r} holds trials over the schedulers {','.join(choices)}: search those "
+                             "again (--schedulers) or choose another --study-name")
         study.set_user_attr("search", wanted)
     elif stored["space"] != wanted["space"]:
         raise UsageError(f"study {name!r} was created with the search space {json.dumps(stored['space'])}: "

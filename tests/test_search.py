@@ -457,3 +457,16 @@ def test_the_search_says_it_chooses_on_validation_without_a_dev_split(monkeypatc
                    "--timing-repeats", "0", "--output-dir", str(tmp_path), "--no-progress", "--no-report") == 0
     printed = capsys.readouterr().out
     assert "objective pareto on validation accuracy," in printed and "dev accuracy" not in printed
+
+
+def test_a_study_whose_trials_all_failed_refuses_other_schedulers_in_one_line(tmp_path):
+    def failing(config, on_epoch):
+        raise FloatingPointError("training loss became nan in epoch 1")
+
+    search = searcher(tmp_path, train=failing)
+    search.run(1, progress=False)
+    wider = SearchSpace(freeze_depth=(0, 1), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
+    open_search_study(search.ledger.storage, "search", "pareto", wider, search.base)  # no trial completed: taken
+    linear = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
+    with pytest.raises(UsageError, match="holds trials over the schedulers linear,cosine"):
+        open_search_study(search.ledger.storage, "search", "pareto", linear, search.base)
