@@ -225,8 +225,10 @@ class Search:
 
         metric, named = choice_metric(self.base), pareto.SCORE_NAMES[choice_metric(self.base)]
         history: list[dict] = []
+        from ablations.stored_sitting import SITTING
         elsewhere = pareto.storage_points(self.ledger, self.study.study_name, fixed_fields(self.base.to_dict()),
-                                          self.device) if self.prune and len(self.study.directions) == 2 else []
+                                          self.device, self.study.user_attrs.get(SITTING)) \
+            if self.prune and len(self.study.directions) == 2 else []
 
         def on_epoch(entry: dict) -> str | None:
             history.append(entry)

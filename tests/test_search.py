@@ -470,3 +470,29 @@ def test_a_study_whose_trials_all_failed_refuses_other_schedulers_in_one_line(tm
     linear = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
     with pytest.raises(UsageError, match="holds trials over the schedulers linear,cosine"):
         open_search_study(search.ledger.storage, "search", "pareto", linear, search.base)
+
+
+def test_pruning_reads_each_run_time_from_the_study_stored_sitting_as_the_front_does(tmp_path):
+    """A search continued after a new sitting (another machine, a lost timings file) reports every run's time from
+    it: the points a trial is pruned against must be on that axis too, not the times the trials were told."""
+    from ablations.pareto import fixed_fields, storage_points, study_points
+    from ablations.stored_sitting import SITTING, sitting_key
+
+    def timed_train(config, on_epoch=None):
+        record = fake_train(config, on_epoch)
+        return {**record, "train_samples": 64, "timing": {"steps": 8 * config.epochs, "measured_at": "then"}}
+
+    space = SearchSpace(freeze_depth=(0, 0), schedulers=("linear",), epochs=(1, 1))
+    grid = searcher(tmp_path, "grid", space=space, train=timed_train, prune=False)
+    grid.run(1, progress=False)
+    search = searcher(tmp_path, space=space, train=timed_train, prune=False)
+    search.run(1, progress=False)
+    key = sitting_key(search.base.to_dict(), "fake", 64)
+    search.study.set_user_attr(SITTING, {"measured_at": "now", "rounds": 5, "evidence": "", "shapes": {key: {
+        "per_step": 0.5, "per_step_low": 0.4, "per_step_high": 0.6, "prefix_seconds": 0.0, "repeat_seconds": []}}})
+    front = run_rows("search", search.study.get_trials(), search.study.user_attrs)
+    assert front["train_seconds"].tolist() == [4.0]  # 8 steps at 0.5 s, where the trial was told 3.0 s
+    assert [p.seconds for p in study_points(search.study, "fake")] == [4.0]
+    elsewhere = storage_points(search.ledger, "search", fixed_fields(search.base.to_dict()), "fake",
+                               search.study.user_attrs[SITTING])
+    assert [(p.where, p.seconds) for p in elsewhere] == [("grid#0", 4.0)]
