@@ -496,3 +496,19 @@ def test_pruning_reads_each_run_time_from_the_study_stored_sitting_as_the_front_
     elsewhere = storage_points(search.ledger, "search", fixed_fields(search.base.to_dict()), "fake",
                                search.study.user_attrs[SITTING])
     assert [(p.where, p.seconds) for p in elsewhere] == [("grid#0", 4.0)]
+
+
+def test_a_run_pruned_before_and_proposed_again_is_pruned_from_its_record_not_retrained(tmp_path):
+    calls: list = []
+    search = searcher(tmp_path, train=lambda config, on_epoch: fake_train(config, on_epoch, calls),
+                      space=SearchSpace(freeze_depth=(0, 2), epochs=(2, 2), learning_rate=(1e-3, 5e-3)))
+    search.study.add_trial(optuna.trial.create_trial(values=[2.0, 0.1]))  # dominates every run after one epoch
+    for _ in range(3):  # a sampler repeating itself, as in a narrowed space
+        search.study.enqueue_trial({"freeze_depth": 1, "scheduler": "linear", "epochs": 2, "learning_rate": 1e-3,
+                                    "warmup_ratio": 0.0})
+    search.run(3, progress=False)
+    trials = search.study.get_trials()[1:]
+    assert len(calls) == 1 and search.counts["pruned"] == 3 and search.train_seconds == 2.0
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    assert all("not trained again" in t.user_attrs["fail_reason"] for t in trials[1:])
+    assert [len(t.user_attrs["record"]["history"]) for t in trials] == [1, 1, 1]
