@@ -76,8 +76,9 @@ def resolve_space(args: argparse.Namespace, layers: int) -> SearchSpace:
              "epochs": (args.epochs_range, "--epochs-range", int),
              "learning_rate": (args.lr_range, "--lr-range", float),
              "warmup_ratio": (args.warmup_range, "--warmup-range", float)}
-    values = {key: list(parse_range(text, flag, kind)) for key, (text, flag, kind) in flags.items() if text}
-    if args.schedulers:
+    # `is not None`: an empty value (an unset shell variable) is refused, not read as "no narrowing"
+    values = {key: list(parse_range(text, flag, kind)) for key, (text, flag, kind) in flags.items() if text is not None}
+    if args.schedulers is not None:
         values["schedulers"] = parse_choices(args.schedulers, "--schedulers", SCHEDULERS)
     space = SearchSpace.from_dict(values, defaults=space)
     space.validate(layers)
@@ -192,7 +193,8 @@ def checked_search(args: argparse.Namespace, base: RunConfig, space, name: str) 
                        compile=args.compile)
         search.run(args.trials, args.timeout, progress=not args.no_progress)
         c = search.counts
-        print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
+        print(f"search {name!r}: {sum(c.values())} trial(s) added, {len(study.get_trials(deepcopy=False))} in the "
+              f"study now: {c['trained']} trained ({search.train_seconds:.1f} s "
               f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
         for failure in search.failures:
             print(f"  failed {failure}")

@@ -71,6 +71,9 @@ def test_print_space_prints_the_space_resolved_against_the_model(monkeypatch, ca
     (["--lr-range", "1e-3,1e-5"], "search space learning_rate [0.001, 1e-05] is invalid: use positive bounds, low "
                                   "first"),
     (["--lr-range", "fast"], "--lr-range 'fast' is invalid"),
+    # An empty value (an unset shell variable) searched the whole range without a word.
+    (["--freeze-depths", ""], "--freeze-depths '' is invalid"),
+    (["--schedulers", ""], "--schedulers is empty"),
     (["--objective", "loss"], "argument --objective: invalid choice: 'loss'"),
     (["--max-parallel-runs", "0"], "--max-parallel-runs '0' is invalid: use auto or a whole number of at least 1"),
 ])
@@ -116,6 +119,7 @@ def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
     timings = [t.user_attrs["record"]["timing"] for t in trials if "record" in t.user_attrs]
     assert timings and {t["sitting"] for t in timings} == {3}
     assert len({t["measured_at"] for t in timings}) == (2 if contended[0] else 1)
+    assert "search 'search': 2 trial(s) added, 4 in the study now" in done.stdout  # not "2 trial(s) now"
     assert "4 trials in study `search`" in (tmp_path / "search_summary.md").read_text()
     assert (tmp_path / "pareto.csv").exists()
 
