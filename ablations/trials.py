@@ -227,8 +227,8 @@ class Search:
     def _wait(self, trial: Trial, config: RunConfig, holder) -> Outcome:
         """Another worker trains this run: reuse it when done, or reclaim and train it if that worker went stale."""
         while True:
-            if holder is None:
-                return self._train_together([(trial, config)])[0]
+            if holder is None:  # pruned by the trial that held it (one batch): replayed, not retrained
+                return self._pruned_again(trial, config) or self._train_together([(trial, config)])[0]
             if holder.complete:
                 return Outcome("reused", self.ledger.record(holder), holder.where)
             time.sleep(self.poll_seconds)

@@ -502,10 +502,12 @@ def test_pruning_reads_each_run_time_from_the_study_stored_sitting_as_the_front_
     assert [(p.where, p.seconds) for p in elsewhere] == [("grid#0", 4.0)]
 
 
-def test_a_run_pruned_before_and_proposed_again_is_pruned_from_its_record_not_retrained(tmp_path):
+@pytest.mark.parametrize("max_parallel", [1, 3])  # 3: the repeats wait in one batch on the trial that holds the run
+def test_a_run_pruned_before_and_proposed_again_is_pruned_from_its_record_not_retrained(tmp_path, max_parallel):
     calls: list = []
     search = searcher(tmp_path, train=lambda config, on_epoch: fake_train(config, on_epoch, calls),
-                      space=SearchSpace(freeze_depth=(0, 2), epochs=(2, 2), learning_rate=(1e-3, 5e-3)))
+                      space=SearchSpace(freeze_depth=(0, 2), epochs=(2, 2), learning_rate=(1e-3, 5e-3)),
+                      max_parallel=max_parallel, train_group=lambda configs, stoppers: [])
     search.study.add_trial(optuna.trial.create_trial(values=[2.0, 0.1]))  # dominates every run after one epoch
     for _ in range(3):  # a sampler repeating itself, as in a narrowed space
         search.study.enqueue_trial({"freeze_depth": 1, "scheduler": "linear", "epochs": 2, "learning_rate": 1e-3,
