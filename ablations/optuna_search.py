@@ -46,6 +46,13 @@ def open_search_study(storage, name: str, objective: str, space: SearchSpace, ba
     # Settings are pinned by the first trial that completed: a study whose every trial failed (a dataset that
     # would not load, say) holds no result that other settings could be mixed with, so it takes the new ones.
     if stored is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        # ... but Optuna keeps a categorical parameter's choices for good once any trial holds it (failed ones too):
+        # another scheduler list would fail the first trial's suggest with a traceback, so it is refused here
+        choices = next((t.distributions["scheduler"].choices for t in study.get_trials(deepcopy=False)
+                        if "scheduler" in t.distributions), None)
+        if choices is not None and list(choices) != list(space.schedulers):
+            raise UsageError(f"study {name!r} holds trials over the schedulers {','.join(choices)}: search those "
+                             "again (--schedulers) or choose another --study-name")
         study.set_user_attr("search", wanted)
     elif stored["space"] != wanted["space"]:
         raise UsageError(f"study {name!r} was created with the search space {json.dumps(stored['space'])}: "
@@ -69,8 +76,9 @@ def resolve_space(args: argparse.Namespace, layers: int) -> SearchSpace:
              "epochs": (args.epochs_range, "--epochs-range", int),
              "learning_rate": (args.lr_range, "--lr-range", float),
              "warmup_ratio": (args.warmup_range, "--warmup-range", float)}
-    values = {key: list(parse_range(text, flag, kind)) for key, (text, flag, kind) in flags.items() if text}
-    if args.schedulers:
+    # `is not None`: an empty value (an unset shell variable) is refused, not read as "no narrowing"
+    values = {key: list(parse_range(text, flag, kind)) for key, (text, flag, kind) in flags.items() if text is not None}
+    if args.schedulers is not None:
         values["schedulers"] = parse_choices(args.schedulers, "--schedulers", SCHEDULERS)
     space = SearchSpace.from_dict(values, defaults=space)
     space.validate(layers)
@@ -185,7 +193,8 @@ def checked_search(args: argparse.Namespace, base: RunConfig, space, name: str) 
                        compile=args.compile)
         search.run(args.trials, args.timeout, progress=not args.no_progress)
         c = search.counts
-        print(f"search {name!r}: {sum(c.values())} trial(s) now: {c['trained']} trained ({search.train_seconds:.1f} s "
+        print(f"search {name!r}: {sum(c.values())} trial(s) added, {len(study.get_trials(deepcopy=False))} in the "
+              f"study now: {c['trained']} trained ({search.train_seconds:.1f} s "
               f"of training), {c['reused']} answered from stored runs, {c['pruned']} pruned, {c['failed']} failed")
         for failure in search.failures:
             print(f"  failed {failure}")

@@ -82,24 +82,37 @@ def _same_device(record: dict | None, device: str | None) -> bool:
     return record is None or device is None or record.get("device") in (None, device)
 
 
+def _seconds(record: dict, sitting: dict | None) -> float:
+    """A run's training seconds on the study's time axis: from its stored sitting where that times the run's shape
+    (a search continued after a new sitting: the report reads every run's time from it, so pruning does too)."""
+    from ablations.stored_sitting import retimed
+    again = retimed(record, sitting) if sitting else None
+    return record["train_seconds"] if again is None else again["train_seconds"]
+
+
 def study_points(study: optuna.Study, device: str | None = None, metric: str = "accuracy") -> list[Point]:
     """A study's finished runs; its trials share the fixed settings (checked when a search study opens), but runs
     merged in from another storage (`ablations.merge`) may have chosen by another metric: those are left out."""
-    return [Point(t.values[0], t.values[1], f"{study.study_name}#{t.number}")
+    from ablations.stored_sitting import SITTING
+    sitting = study.user_attrs.get(SITTING)
+    return [Point(t.values[0], t.values[1] if record is None else _seconds(record, sitting),
+                  f"{study.study_name}#{t.number}")
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if _same_device(record := t.user_attrs.get("record"), device)
             and (record is None or record_metric(record) == metric)]
 
 
-def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | None = None) -> list[Point]:
-    """Finished runs of the storage's other studies (a grid, say) with exactly these fixed settings."""
+def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | None = None,
+                   sitting: dict | None = None) -> list[Point]:
+    """Finished runs of the storage's other studies (a grid, say) with exactly these fixed settings, timed by the
+    searching study's stored `sitting` where it holds their shape."""
     points = []
     for status in ledger.scan().values():
         for trial in status.complete:
             record, where = trial.user_attrs.get("record"), ledger.where(trial)
             if record and not where.startswith(f"{skip_study}#") and _same_device(record, device) \
                     and fixed_fields(record["config"]) == fixed:
-                points.append(Point(choice_value(record, record_metric(record)), record["train_seconds"], where))
+                points.append(Point(choice_value(record, record_metric(record)), _seconds(record, sitting), where))
     return points
 
 

@@ -57,6 +57,7 @@ class Outcome:
     kind: str
     record: dict | None = None
     reason: str | None = None
+    replayed: bool = False  # pruned again from an earlier trial's record of the same run: nothing trained
 
 
 def outcome_of(result: dict | Exception) -> Outcome:
@@ -142,6 +143,10 @@ class Search:
                         finish(trial, config, Outcome("reused", self.ledger.record(holder), holder.where))
                     else:
                         waiting.append((trial, config, holder))
+                for trial, config in list(claimed):
+                    if (outcome := self._pruned_again(trial, config)) is not None:
+                        claimed.remove((trial, config))
+                        finish(trial, config, outcome)
                 for group in self._groups(claimed):
                     bar.set_postfix_str(describe([c for _, c in group]))
                     for (trial, config), outcome in zip(group, self._train_together(group)):
@@ -187,18 +192,43 @@ class Search:
         elif outcome.kind == "pruned":
             self.ledger.finish_failed(self.study, trial_id, "pruned", outcome.reason, state=TrialState.PRUNED,
                                       record=outcome.record)
-            self.train_seconds += outcome.record["train_seconds"]
+            self.train_seconds += 0.0 if outcome.replayed else outcome.record["train_seconds"]
         elif outcome.kind == "failed":
             self.ledger.finish_failed(self.study, trial_id, "error", outcome.reason)
             self.failures.append(f"trial {trial.number} ({describe([config])}): {outcome.reason}")
             free_accelerator_memory()
         return outcome
 
+    def _pruned_again(self, trial: Trial, config: RunConfig) -> Outcome | None:
+        """A run this study pruned before, proposed again: its epochs replayed from that record through this trial's
+        pruning rule. Training is deterministic and the front only grows, so where the record's epochs are pruned
+        now the run would be again after the same epochs: it is not retrained (with --no-prune, or a margin that
+        lets it through, it is)."""
+        from optuna.trial import TrialState
+
+        earlier = next((t.user_attrs["record"] for t in self.study.get_trials(deepcopy=False,
+                                                                               states=(TrialState.PRUNED,))
+                        if t.user_attrs.get("run_id") == config.run_id and t.user_attrs.get("record")), None)
+        if earlier is None or not self.prune or len(self.study.directions) != 2:  # a median moves: not replayed
+            return None
+        from ablations.stored_sitting import SITTING, retimed
+        sitting = self.study.user_attrs.get(SITTING)
+        earlier = (retimed(earlier, sitting) if sitting else None) or earlier  # on the study's time axis
+        stopper = self._stopper(trial, config)
+        for epochs, entry in enumerate(earlier.get("history") or [], start=1):
+            if (reason := stopper(entry)) is not None:
+                history = earlier["history"][:epochs]
+                record = {**earlier, "history": history, "stopped_early": reason,
+                          "train_seconds": round(sum(e["train_seconds"] for e in history), 3)}
+                return Outcome("pruned", record, f"{reason} (replayed from the run's earlier pruned trial: not "
+                                                 "trained again)", replayed=True)
+        return None
+
     def _wait(self, trial: Trial, config: RunConfig, holder) -> Outcome:
         """Another worker trains this run: reuse it when done, or reclaim and train it if that worker went stale."""
         while True:
-            if holder is None:
-                return self._train_together([(trial, config)])[0]
+            if holder is None:  # pruned by the trial that held it (one batch): replayed, not retrained
+                return self._pruned_again(trial, config) or self._train_together([(trial, config)])[0]
             if holder.complete:
                 return Outcome("reused", self.ledger.record(holder), holder.where)
             time.sleep(self.poll_seconds)
@@ -225,8 +255,10 @@ class Search:
 
         metric, named = choice_metric(self.base), pareto.SCORE_NAMES[choice_metric(self.base)]
         history: list[dict] = []
+        from ablations.stored_sitting import SITTING
         elsewhere = pareto.storage_points(self.ledger, self.study.study_name, fixed_fields(self.base.to_dict()),
-                                          self.device) if self.prune and len(self.study.directions) == 2 else []
+                                          self.device, self.study.user_attrs.get(SITTING)) \
+            if self.prune and len(self.study.directions) == 2 else []
 
         def on_epoch(entry: dict) -> str | None:
             history.append(entry)

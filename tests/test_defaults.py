@@ -141,4 +141,4 @@ def test_the_search_prints_each_failed_runs_reason(monkeypatch, capsys, tmp_path
     code = run_command(monkeypatch, search.main, search.__name__, "--model", tiny_bert, "--dataset", toy_data,
                        "--trials", "1", "--output-dir", str(tmp_path), "--no-progress", "--no-report")
     assert code == 1
-    assert "failed trial 0" in capsys.readouterr().out.split("search 'search': 1 trial(s) now")[1]
+    assert "failed trial 0" in capsys.readouterr().out.split("search 'search': 1 trial(s) added, 1 in the study now")[1]

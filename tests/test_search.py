@@ -71,6 +71,9 @@ def test_print_space_prints_the_space_resolved_against_the_model(monkeypatch, ca
     (["--lr-range", "1e-3,1e-5"], "search space learning_rate [0.001, 1e-05] is invalid: use positive bounds, low "
                                   "first"),
     (["--lr-range", "fast"], "--lr-range 'fast' is invalid"),
+    # An empty value (an unset shell variable) searched the whole range without a word.
+    (["--freeze-depths", ""], "--freeze-depths '' is invalid"),
+    (["--schedulers", ""], "--schedulers is empty"),
     (["--objective", "loss"], "argument --objective: invalid choice: 'loss'"),
     (["--max-parallel-runs", "0"], "--max-parallel-runs '0' is invalid: use auto or a whole number of at least 1"),
 ])
@@ -116,6 +119,7 @@ def test_n_trials_then_n_more_extend_one_study(tiny_bert, toy_data, tmp_path):
     timings = [t.user_attrs["record"]["timing"] for t in trials if "record" in t.user_attrs]
     assert timings and {t["sitting"] for t in timings} == {3}
     assert len({t["measured_at"] for t in timings}) == (2 if contended[0] else 1)
+    assert "search 'search': 2 trial(s) added, 4 in the study now" in done.stdout  # not "2 trial(s) now"
     assert "4 trials in study `search`" in (tmp_path / "search_summary.md").read_text()
     assert (tmp_path / "pareto.csv").exists()
 
@@ -457,3 +461,60 @@ def test_the_search_says_it_chooses_on_validation_without_a_dev_split(monkeypatc
                    "--timing-repeats", "0", "--output-dir", str(tmp_path), "--no-progress", "--no-report") == 0
     printed = capsys.readouterr().out
     assert "objective pareto on validation accuracy," in printed and "dev accuracy" not in printed
+
+
+def test_a_study_whose_trials_all_failed_refuses_other_schedulers_in_one_line(tmp_path):
+    def failing(config, on_epoch):
+        raise FloatingPointError("training loss became nan in epoch 1")
+
+    search = searcher(tmp_path, train=failing)
+    search.run(1, progress=False)
+    wider = SearchSpace(freeze_depth=(0, 1), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
+    open_search_study(search.ledger.storage, "search", "pareto", wider, search.base)  # no trial completed: taken
+    linear = SearchSpace(freeze_depth=(0, 2), schedulers=("linear",), epochs=(1, 2), learning_rate=(1e-3, 5e-3))
+    with pytest.raises(UsageError, match="holds trials over the schedulers linear,cosine"):
+        open_search_study(search.ledger.storage, "search", "pareto", linear, search.base)
+
+
+def test_pruning_reads_each_run_time_from_the_study_stored_sitting_as_the_front_does(tmp_path):
+    """A search continued after a new sitting (another machine, a lost timings file) reports every run's time from
+    it: the points a trial is pruned against must be on that axis too, not the times the trials were told."""
+    from ablations.pareto import fixed_fields, storage_points, study_points
+    from ablations.stored_sitting import SITTING, sitting_key
+
+    def timed_train(config, on_epoch=None):
+        record = fake_train(config, on_epoch)
+        return {**record, "train_samples": 64, "timing": {"steps": 8 * config.epochs, "measured_at": "then"}}
+
+    space = SearchSpace(freeze_depth=(0, 0), schedulers=("linear",), epochs=(1, 1))
+    grid = searcher(tmp_path, "grid", space=space, train=timed_train, prune=False)
+    grid.run(1, progress=False)
+    search = searcher(tmp_path, space=space, train=timed_train, prune=False)
+    search.run(1, progress=False)
+    key = sitting_key(search.base.to_dict(), "fake", 64)
+    search.study.set_user_attr(SITTING, {"measured_at": "now", "rounds": 5, "evidence": "", "shapes": {key: {
+        "per_step": 0.5, "per_step_low": 0.4, "per_step_high": 0.6, "prefix_seconds": 0.0, "repeat_seconds": []}}})
+    front = run_rows("search", search.study.get_trials(), search.study.user_attrs)
+    assert front["train_seconds"].tolist() == [4.0]  # 8 steps at 0.5 s, where the trial was told 3.0 s
+    assert [p.seconds for p in study_points(search.study, "fake")] == [4.0]
+    elsewhere = storage_points(search.ledger, "search", fixed_fields(search.base.to_dict()), "fake",
+                               search.study.user_attrs[SITTING])
+    assert [(p.where, p.seconds) for p in elsewhere] == [("grid#0", 4.0)]
+
+
+@pytest.mark.parametrize("max_parallel", [1, 3])  # 3: the repeats wait in one batch on the trial that holds the run
+def test_a_run_pruned_before_and_proposed_again_is_pruned_from_its_record_not_retrained(tmp_path, max_parallel):
+    calls: list = []
+    search = searcher(tmp_path, train=lambda config, on_epoch: fake_train(config, on_epoch, calls),
+                      space=SearchSpace(freeze_depth=(0, 2), epochs=(2, 2), learning_rate=(1e-3, 5e-3)),
+                      max_parallel=max_parallel, train_group=lambda configs, stoppers: [])
+    search.study.add_trial(optuna.trial.create_trial(values=[2.0, 0.1]))  # dominates every run after one epoch
+    for _ in range(3):  # a sampler repeating itself, as in a narrowed space
+        search.study.enqueue_trial({"freeze_depth": 1, "scheduler": "linear", "epochs": 2, "learning_rate": 1e-3,
+                                    "warmup_ratio": 0.0})
+    search.run(3, progress=False)
+    trials = search.study.get_trials()[1:]
+    assert len(calls) == 1 and search.counts["pruned"] == 3 and search.train_seconds == 2.0
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    assert all("not trained again" in t.user_attrs["fail_reason"] for t in trials[1:])
+    assert [len(t.user_attrs["record"]["history"]) for t in trials] == [1, 1, 1]
