@@ -85,9 +85,8 @@ def _same_device(record: dict | None, device: str | None) -> bool:
 def _seconds(record: dict, sitting: dict | None) -> float:
     """A run's training seconds on the study's time axis: from its stored sitting where that times the run's shape
     (a search continued after a new sitting: the report reads every run's time from it, so pruning does too)."""
-    from ablations.stored_sitting import retimed
-    again = retimed(record, sitting) if sitting else None
-    return record["train_seconds"] if again is None else again["train_seconds"]
+    from ablations.stored_sitting import on_axis
+    return on_axis(record, sitting)["train_seconds"]
 
 
 def study_points(study: optuna.Study, device: str | None = None, metric: str = "accuracy") -> list[Point]:

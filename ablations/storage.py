@@ -236,12 +236,12 @@ def load_runs(url: str, study_names: list[str] | None = None, retime: bool = Tru
 def with_sitting(runs: list[dict], study_attrs: dict) -> list[dict]:
     """`runs` of one study (`run_of`) with their times from the study's stored timing sitting, where it holds one
     (`python -m ablations.timing_passes --interleave --store`); the runs are changed in place and returned."""
-    from ablations.stored_sitting import SITTING, retimed
+    from ablations.stored_sitting import SITTING, on_axis
     if (sitting := study_attrs.get(SITTING)) is None:
         return runs
     for run in runs:
-        if run["record"] and (record := retimed(run["record"], sitting)) is not None:
-            run["record"] = record
+        if run["record"]:
+            run["record"] = on_axis(run["record"], sitting)
     return runs
 
 

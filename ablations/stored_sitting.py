@@ -87,6 +87,12 @@ def retimed(record: dict, sitting: dict) -> dict | None:
                        "pass": {"measured_at": timing.get("measured_at"), "train_seconds": record["train_seconds"],
                                 "sitting": timing.get("sitting", 1)}}}
 
+def on_axis(record: dict, sitting: dict | None) -> dict:
+    """The record on its study's time axis: `retimed` from the study's stored sitting where that holds its shape,
+    else as stored. What the report, the search's pruning and its replays all read a run's time from."""
+    return (retimed(record, sitting) if sitting else None) or record
+
+
 def time_study(url: str, study_name: str, pending: list, session, device=None, compile: bool = False,
                progress=print, copied: set[str] | None = None) -> list:
     """The grid's or the search's sitting before its first run (`core.sitting`): the shapes of the runs it is

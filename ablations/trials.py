@@ -211,9 +211,8 @@ class Search:
                         if t.user_attrs.get("run_id") == config.run_id and t.user_attrs.get("record")), None)
         if earlier is None or not self.prune or len(self.study.directions) != 2:  # a median moves: not replayed
             return None
-        from ablations.stored_sitting import SITTING, retimed
-        sitting = self.study.user_attrs.get(SITTING)
-        earlier = (retimed(earlier, sitting) if sitting else None) or earlier  # on the study's time axis
+        from ablations.stored_sitting import SITTING, on_axis
+        earlier = on_axis(earlier, self.study.user_attrs.get(SITTING))
         stopper = self._stopper(trial, config)
         for epochs, entry in enumerate(earlier.get("history") or [], start=1):
             if (reason := stopper(entry)) is not None:
