@@ -31,6 +31,7 @@ from core import shared_steps
 from core.captured import CapturedStep, buckets_for, probe_capture, resolve_engine
 from core.config import RunConfig
 from core.device import autocast_for, make_optimizer, make_schedule, precision_for, resolve_device, sync_time
+from core.exact_dropout import random_state
 from core.model import count_parameters, freeze, meta_model, model_config, num_layers
 from core.record import RunRecord
 from core.recording import make_record
@@ -119,9 +120,10 @@ def group_size(config: RunConfig, device, free_bytes: int | None = None, capture
 
 def run_group(configs: Sequence[RunConfig], session: Session | None = None, device=None,
               on_epoch: Sequence[EpochCallback | None] | None = None, use_prefix_cache: bool = True,
-              capture: type[CapturedStep] | None = None) -> list[RunRecord | Exception]:
+              capture: type[CapturedStep] | None = None, exact_dropout: bool = False) -> list[RunRecord | Exception]:
     """Train `configs` (one work shape) as one stacked model, its step captured as a CUDA graph if `capture` is
-    given (`core.captured.CapturedStep`); per run its record, or the error that failed it."""
+    given (`core.captured.CapturedStep`); per run its record, or the error that failed it. `exact_dropout`: each
+    run draws the dropout masks it would draw alone (`core.exact_dropout`; eager steps only)."""
     wall_start = time.perf_counter()
     session = session or Session()
     if len({group_key(c) for c in configs}) != 1:
@@ -129,15 +131,21 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
     first = configs[0]
     data = session.text_data(first.dataset, session.tokenizer(first.model), first.text_column, first.label_column,
                              first.max_length)
-    problem = session.stack_problem(first.model, data, first.freeze_depth)
+    if exact_dropout and capture is not None:
+        raise ValueError("exact dropout draws each run's masks from the host: it runs the eager stacked step only")
+    problem = session.stack_problem(first.model, data, first.freeze_depth, exact_dropout)
     if problem is not None:  # e.g. a model with trainable convolutions: its runs train as they would alone
         _say_once(f"runs of {first.model} at freeze depth {first.freeze_depth} train one at a time: they cannot "
                   f"be stacked ({problem})")
         return [_alone(c, session, device, callback, use_prefix_cache)
                 for c, callback in zip(configs, on_epoch or [None] * len(configs))]
     with session.timer.working():
-        prepared = [prepare(c, session, device, False, use_prefix_cache) for c in configs]
-        trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture)
+        prepared, states = [], []
+        for config in configs:  # each run's random state as its prepare leaves it: where its dropout starts alone
+            prepared.append(prepare(config, session, device, False, use_prefix_cache))
+            states.append(random_state(prepared[-1].device))
+        trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture,
+                                states if exact_dropout else None)
         results: list[RunRecord | Exception] = []
         for p, training in zip(prepared, trainings):
             if isinstance(training, Exception):
@@ -150,10 +158,12 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
 
 
 def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[EpochCallback | None],
-                capture: type[CapturedStep] | None = None) -> list[Training | Exception]:
+                capture: type[CapturedStep] | None = None, random_states: list[torch.Tensor] | None = None
+                ) -> list[Training | Exception]:
     """The epochs of every run at once; after each, every live run's weights go into its own model for the
     solo `end_epoch`. Returns each run's Training (its `engine` says "captured" if the steps ran as replayed
-    graphs, "stacked" if eagerly), or the error that ended it."""
+    graphs, "stacked" if eagerly, and "exact dropout" where `random_states`, each run's random state after its
+    prepare, had it draw its own dropout masks as alone), or the error that ended it."""
     first = prepared[0]
     steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
     done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
@@ -169,11 +179,12 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                 timing = time_steps(first, first.model, optimizer, scheduler, session, False)
         for training in done:
             training.timing = timing
-    runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"]) for p in prepared]
+    runs = [StackedRun(p.config, p.model, _batches(p), p.train.lengths, p.labels["train"],
+                       random_states[i] if random_states else None) for i, p in enumerate(prepared)]
     autocast = (lambda: autocast_for(first.precision, first.device.type, cache_enabled=False)) \
         if capture is not None else first.autocast  # a captured step's autocast keeps no weight-cast cache
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,
-                         capture=capture, loss_scaling=first.precision == "fp16")
+                         capture=capture, loss_scaling=first.precision == "fp16", exact_dropout=bool(random_states))
     outcome: list[Training | Exception] = list(done)
 
     def live(i: int, epoch: int) -> bool:  # not failed, not stopped early, and this epoch is one of the run's
@@ -201,7 +212,8 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                 outcome[i] = error
     name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
     for training in done:
-        training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''})"
+        exact = ", exact dropout" if random_states else ""
+        training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''}{exact})"
     return outcome
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from core.data import TextData, load_text_data
+from core.exact_dropout import exact_dropout_problem
 from core.metrics import load_metric
 from core.model import find_backbone, fresh_model, load_pretrained, load_tokenizer
 from core.prefix_cache import PrefixCache, split_forward_mismatch
@@ -96,18 +97,22 @@ class Session:
             self._metrics[name] = load_metric(name)
         return self._metrics[name]
 
-    def stack_problem(self, name: str, data: TextData, depth: int) -> str | None:
+    def stack_problem(self, name: str, data: TextData, depth: int, exact_dropout: bool = False) -> str | None:
         """Why runs of this model at `depth` cannot train as one stacked group (`core.stacked_modules.stack_problem`,
-        its forward checked on a few training rows), or None; once per model, data and depth."""
-        key = (os.path.expanduser(name), data.fingerprint, depth)
-        if key not in self._stackable and any(k[:2] == key[:2] and k[2] < depth and problem is None
-                                              for k, problem in self._stackable.items()):
+        its forward checked on a few training rows; `exact_dropout`: and each run's dropout masks drawn as alone,
+        `core.exact_dropout.exact_dropout_problem`), or None; once per model, data, depth and kind of check."""
+        key = (os.path.expanduser(name), data.fingerprint, depth, exact_dropout)
+        if key not in self._stackable and any(k[:2] == key[:2] and k[3] == exact_dropout and k[2] < depth
+                                              and problem is None for k, problem in self._stackable.items()):
             # Runs that stack at a shallower depth stack here too: they train a subset of those modules, and the
             # modules frozen in between are shared, computing one function for every run's rows.
             self._stackable[key] = None
         if key not in self._stackable:
-            self._stackable[key] = stack_problem(self._pristine(name, data.label_names)[0], depth,
-                                                 probe_batches(data), data.pad_id)
+            model, batches = self._pristine(name, data.label_names)[0], probe_batches(data)
+            problem = stack_problem(model, depth, batches, data.pad_id)
+            if problem is None and exact_dropout:
+                problem = exact_dropout_problem(model, depth, batches, data.pad_id)
+            self._stackable[key] = problem
         return self._stackable[key]
 
 

@@ -14,7 +14,8 @@ own learning-rate schedule over its own epochs, its own gradient norm clipped to
 update (torch's fused AdamW kernel called on the run's slice: the same kernel and arithmetic as a solo run), in
 fp16 its own loss scale (a step whose gradients overflow is skipped for that run alone, as its GradScaler would),
 its own evaluation. Dropout draws independent masks per run (one draw over the stacked rows); they are not the masks
-a solo run would draw, so with dropout on a stacked run equals a solo run in distribution, not bit for bit.
+a solo run would draw, so with dropout on a stacked run equals a solo run in distribution, not bit for bit —
+unless `exact_dropout` (`core.exact_dropout`): then each run draws its masks from its own random state, as alone.
 Frozen modules are not stacked: the runs share them (they hold the same pretrained weights).
 A run of fewer epochs than the group's longest ends after its last epoch (its rates are 0 from there), and
 `narrowed` gives the runs that go on a smaller group of their own, so a run that ended costs no more steps.
@@ -34,6 +35,7 @@ from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
 from core.device import RunScales, rate_multipliers
+from core.exact_dropout import RunRandom, install as install_exact_dropout
 from core.model import decays, find_backbone, frozen_modules, num_layers
 from core.prefix_cache import layer_view
 from core.stacked_modules import StackedEmbedding, stack_models
@@ -90,6 +92,7 @@ class StackedRun:
     batch: Callable[[np.ndarray], dict]   # training rows -> model inputs on the device (tokens or prefix states)
     lengths: np.ndarray                   # training-row lengths (batch order is drawn from them, as solo)
     labels: torch.Tensor                  # training labels, on the host
+    random: torch.Tensor | None = None    # its dropout generator's state as alone (`core.exact_dropout`)
 
 
 class StackedRuns:
@@ -102,7 +105,7 @@ class StackedRuns:
 
     def __init__(self, runs: list[StackedRun], steps_per_epoch: int, pad_id: int, device, autocast=None,
                  cached: bool = False, max_grad_norm: float = 1.0, capture: type[CapturedStep] | None = None,
-                 buckets: tuple[int, ...] | None = None, loss_scaling: bool = False):
+                 buckets: tuple[int, ...] | None = None, loss_scaling: bool = False, exact_dropout: bool = False):
         shapes = {group_key(r.config) for r in runs}
         if len(shapes) != 1 or len({len(r.lengths) for r in runs}) != 1:
             raise ValueError("stacked runs must share their work shape (model, depth, batch, length, precision, "
@@ -110,9 +113,15 @@ class StackedRuns:
         self.runs, self.device, self.pad_id, self.max_grad_norm = runs, torch.device(device), pad_id, max_grad_norm
         self.autocast = autocast or contextlib.nullcontext
         self.settings = dict(autocast=autocast, cached=cached, max_grad_norm=max_grad_norm, capture=capture,
-                             buckets=buckets, loss_scaling=loss_scaling)  # what `narrowed` builds a group with
+                             buckets=buckets, loss_scaling=loss_scaling, exact_dropout=exact_dropout)
         config = runs[0].config
         self.model, self.axis = stack_models([r.model for r in runs])
+        self.random = None
+        if exact_dropout:  # each run's masks from its own random state, as alone (no graph can set that state)
+            if capture is not None or any(r.random is None for r in runs):
+                raise ValueError("exact dropout needs every run's random state and the eager stacked step")
+            self.random = RunRandom([r.random for r in runs], device)
+            install_exact_dropout(self.model, self.random)
         self.model.to(self.device)
         backbone = find_backbone(self.model)
         self.frozen = [] if cached or config.frozen_dropout else frozen_modules(backbone, config.freeze_depth)
@@ -249,6 +258,9 @@ class StackedRuns:
                 targets = [r.labels[i].to(self.device) for r, i in zip(self.runs, picks)]
                 if self.captured is None:
                     inputs, labels, weights = pad_and_stack(batches, targets, self.pad_id)
+                    if self.random is not None:  # where each run's batch, as padded alone, lies in the step's
+                        alone = [(len(t), b["attention_mask"].shape[1]) for b, t in zip(batches, targets)]
+                        self.random.begin_step(labels.shape[1], inputs["attention_mask"].shape[1], alone)
                     loss_sum += self.step(inputs, labels, weights, self.rates[self.global_step].tolist())
                 else:
                     bucket = bucket_for(max(b["attention_mask"].shape[1] for b in batches), self.buckets)
@@ -274,6 +286,9 @@ class StackedRuns:
         replayed = self.captured.replayed if self.captured is not None else 0
         steps_per_epoch, pad_id, device, settings = self.steps_per_epoch, self.pad_id, self.device, self.settings
         runs = [self.runs[i] for i in keep]
+        if self.random is not None:  # each run's dropout state goes on from where it stands
+            for i, run in zip(keep, runs):
+                run.random = self.random.states[i]
         vars(self).clear()  # every reference to this group's model, state and graphs (an empty shell is left)
         if device.type == "cuda":
             torch.cuda.empty_cache()
