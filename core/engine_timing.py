@@ -103,7 +103,9 @@ def _stacked(pristine, depth: int, config: RunConfig, runs: int, batches: list[d
         for _ in range(engine.captured.warmup + 1):
             run_step()
         if not engine.captured.replays:  # it fell back to the eager stacked step: timing that as "captured" lies
-            return engine.captured.why or "the step was not captured"
+            why = engine.captured.why or "the step was not captured"
+            engine.release()  # its device memory now, not when the cycle collector runs (core.stacked)
+            return why
     return run_step
 
 
