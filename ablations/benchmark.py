@@ -157,6 +157,9 @@ def step_times_main(args) -> int:
     print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device']}, "
           f"{rows[0]['precision']}, batch {args.batch_size}, {args.length} tokens, {rounds})")
     for row in rows:
+        if row["ms_per_run_step"] is None:  # a captured contender whose step fell back to eager: not timed
+            print(f"{row['depth']:>5d} {row['engine']:16s} {'—':>16s} {'—':>9s}   {row['not_timed']}")
+            continue
         print(f"{row['depth']:>5d} {row['engine']:16s} {row['ms_per_run_step']:16.2f} {row['vs_eager']:9.2f}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -156,6 +156,8 @@ def make_group_trainer(args: argparse.Namespace, session, engine: str
         except torch.cuda.OutOfMemoryError:
             if len(configs) == 1 or ended:
                 raise
+            results = None  # retried below: inside this block the error's traceback still holds the group's tensors
+        if results is None:
             free_accelerator_memory()
             fits.append((len(configs) + 1) // 2)
             print(f"a group of {len(configs)} runs ran out of device memory: training groups of at most {fits[-1]} "
@@ -220,7 +222,12 @@ def write_report(url: str, study_names: list[str], output_dir: str | Path, runs:
 
 
 def free_accelerator_memory() -> None:
-    """After a failed run (CUDA out of memory, say), hand the cached blocks back before the next one."""
+    """After a failed run (CUDA out of memory, say), hand the cached blocks back before the next one: first collect
+    what only reference cycles still hold (a stacked group and its captured step refer to each other), so that
+    empty_cache can give their blocks back."""
+    import gc
+
     import torch
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

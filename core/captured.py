@@ -107,9 +107,10 @@ class CapturedStep:
         self.replays: dict[object, Callable[[], torch.Tensor]] = {}
         self.replayed = 0  # steps that ran as a replayed graph (the record says "captured" only if any did)
         self.stream = None
+        self.why = ""  # why the step runs eagerly, once it does
         if not self.enabled:
-            why = reason or ("capture needs CUDA" if self.device.type != "cuda" else "capture switched off")
-            log.warning("training step runs eagerly: %s", why)
+            self.why = reason or ("capture needs CUDA" if self.device.type != "cuda" else "capture switched off")
+            log.warning("training step runs eagerly: %s", self.why)
 
     def __call__(self, bucket, values: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.enabled:
@@ -128,7 +129,8 @@ class CapturedStep:
             self.replays[bucket] = self._capture(static)
         except Exception as error:  # noqa: BLE001 - any capture failure means: go on eagerly
             self.enabled = False
-            log.warning("training step runs eagerly: capturing it failed (%s)", str(error).splitlines()[0][:200])
+            self.why = f"capturing it failed ({(str(error).splitlines() or [type(error).__name__])[0][:200]})"
+            log.warning("training step runs eagerly: %s", self.why)
             if self.reset is not None:
                 self.reset()
             return self.body(static)

@@ -102,6 +102,10 @@ def _stacked(pristine, depth: int, config: RunConfig, runs: int, batches: list[d
     if capture:  # warm-up and capture happen here: a timed step of this contender is a replay
         for _ in range(engine.captured.warmup + 1):
             run_step()
+        if not engine.captured.replays:  # it fell back to the eager stacked step: timing that as "captured" lies
+            why = engine.captured.why or "the step was not captured"
+            engine.release()  # its device memory now, not when the cycle collector runs (core.stacked)
+            return why
     return run_step
 
 
@@ -125,11 +129,15 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
                              f"cannot be stacked ({problem}): the grid and the search train them one at a time")
         batches = _batches(pristine[0], depth, batch_size, length, 8, device)
         contenders = {"eager": (1, _eager(pristine, depth, config, batches, device, autocast))}
+        untimed = {}  # captured contenders whose step did not capture: a row saying why, no time
         for n in runs:
             contenders[f"stacked N={n}"] = (n, _stacked(pristine, depth, config, n, batches, device, autocast, False))
             if capture:
-                contenders[f"captured N={n}"] = (n, _stacked(pristine, depth, config, n, batches, device,
-                                                             graph_autocast, True))
+                step = _stacked(pristine, depth, config, n, batches, device, graph_autocast, True)
+                if isinstance(step, str):
+                    untimed[f"captured N={n}"] = (n, step)
+                else:
+                    contenders[f"captured N={n}"] = (n, step)
         del pristine
         times = {name: [] for name in contenders}
         for _ in range(rounds):
@@ -148,4 +156,8 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
                          "ms_per_run_step": round(statistics.median(values), 3),
                          "vs_eager": round(statistics.median(ratios), 3), "rounds_ms": [round(v, 2) for v in values],
                          "device": str(device), "precision": precision, "batch_size": batch_size, "length": length})
+        for name, (n, why) in untimed.items():
+            rows.append({"depth": depth, "engine": name, "runs": n, "ms_per_run_step": None, "vs_eager": None,
+                         "not_timed": f"not captured: {why}", "device": str(device), "precision": precision,
+                         "batch_size": batch_size, "length": length})
     return rows

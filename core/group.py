@@ -141,11 +141,11 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
                 for c, callback in zip(configs, on_epoch or [None] * len(configs))]
     with session.timer.working():
         prepared, states = [], []
-        for config in configs:  # each run's random state as its prepare leaves it: where its dropout starts alone
+        for config in configs:
             prepared.append(prepare(config, session, device, False, use_prefix_cache))
-            states.append(random_state(prepared[-1].device))
-        trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture,
-                                states if exact_dropout else None)
+            if exact_dropout:  # the run's random state as its prepare leaves it: where its dropout starts alone
+                states.append(random_state(prepared[-1].device))
+        trainings = train_group(prepared, session, on_epoch or [None] * len(configs), capture, states or None)
         results: list[RunRecord | Exception] = []
         for p, training in zip(prepared, trainings):
             if isinstance(training, Exception):
@@ -191,26 +191,29 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         return outcome[i] is done[i] and not done[i].stopped and epoch <= prepared[i].config.epochs
 
     members = list(range(len(prepared)))  # the prepared run in each slot of the engine
-    for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
-        keep = [slot for slot, i in enumerate(members) if live(i, epoch)]
-        if not keep:
-            break
-        if len(keep) < len(members):  # runs ended (last epoch, pruned, failed): the rest go on as a smaller group
-            engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
-        started = sync_time(first.device)
-        losses = engine.train_epoch(epoch, session.timer.pause_point)
-        share = (sync_time(first.device) - started) / len(members)  # the group's loop, per run
-        for slot, i in enumerate(members):
-            p, training = prepared[i], done[i]
-            training.steps += steps_per_epoch
-            _load(p, engine.run_weights(slot))
-            try:
-                with p.frozen_view():
-                    end_epoch(p, p.model, session, training, epoch, steps_per_epoch, float(losses[slot]), share,
-                              on_epoch[i])
-            except FloatingPointError as error:
-                outcome[i] = error
-    name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
+    try:
+        for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
+            keep = [slot for slot, i in enumerate(members) if live(i, epoch)]
+            if not keep:
+                break
+            if len(keep) < len(members):  # runs ended (last epoch, pruned, failed): the rest go on as a smaller group
+                engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
+            started = sync_time(first.device)
+            losses = engine.train_epoch(epoch, session.timer.pause_point)
+            share = (sync_time(first.device) - started) / len(members)  # the group's loop, per run
+            for slot, i in enumerate(members):
+                p, training = prepared[i], done[i]
+                training.steps += steps_per_epoch
+                _load(p, engine.run_weights(slot))
+                try:
+                    with p.frozen_view():
+                        end_epoch(p, p.model, session, training, epoch, steps_per_epoch, float(losses[slot]), share,
+                                  on_epoch[i])
+                except FloatingPointError as error:
+                    outcome[i] = error
+        name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
+    finally:
+        engine.release()  # its captured step refers back to it: without this its memory waits for the cycle collector
     for training in done:
         exact = ", exact dropout" if random_states else ""
         training.engine = f"{name} ({len(prepared)} run{'s' if len(prepared) != 1 else ''}{exact})"

@@ -289,7 +289,7 @@ class StackedRuns:
         if self.random is not None:  # each run's dropout state goes on from where it stands
             for i, run in zip(keep, runs):
                 run.random = self.random.states[i]
-        vars(self).clear()  # every reference to this group's model, state and graphs (an empty shell is left)
+        self.release()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         group = StackedRuns(runs, steps_per_epoch, pad_id, device, **settings)
@@ -303,6 +303,12 @@ class StackedRuns:
             group.device_rates.start_at(global_step)
             group.captured.replayed = replayed  # the steps replayed so far count for the group's runs
         return group
+
+    def release(self) -> None:
+        """Drop every reference to this group's model, state and graphs now (an empty shell is left). A captured step
+        holds the group's own `_static_step`, so group and step are a reference cycle, which refcounting alone never
+        frees: on a GPU their memory would stay taken until Python's cycle collector happened to run."""
+        vars(self).clear()
 
     def run_weights(self, run: int) -> dict[str, torch.Tensor]:
         """Run `run`'s trainable weights under the solo model's parameter names."""

@@ -107,6 +107,47 @@ def test_a_failed_capture_falls_back_to_eager_with_one_log_line(caplog):
         "training step runs eagerly: capturing it failed (operation not permitted when stream is capturing)"]
 
 
+def test_a_capture_error_without_a_message_still_falls_back_to_eager(caplog):
+    """The fallback's log line took the message's first line: an error with an empty message (IndexError) ended the
+    run instead of going on eagerly."""
+    class SilentFailure(GraphOnTheCpu):
+        def _capture(self, static):
+            raise RuntimeError()
+
+    body, seen = counting_body()
+    step = SilentFailure(body, "cpu", enabled=True, warmup=1)
+    with caplog.at_level(logging.WARNING, logger="core.captured"):
+        losses = [float(step(32, {"x": torch.full((1,), float(i))})) for i in range(3)]
+    assert losses == [0.0, 1.0, 2.0] and step.why == "capturing it failed (RuntimeError)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "training step runs eagerly: capturing it failed (RuntimeError)"]
+
+
+def test_step_times_never_times_an_uncaptured_step_as_captured(tiny_bert, monkeypatch, capsys):
+    """A captured contender whose capture failed (or could not run) fell back to the eager stacked step and was still
+    timed and reported as "captured N=…": its row now says why and has no time; a real capture is timed as before."""
+    import sys
+
+    import core.engine_timing as engine_timing
+    from ablations import benchmark
+    from conftest import GraphOnTheCpu
+    sizes = dict(length=12, steps=1, warmup=1, rounds=1, device="cpu", capture=True)
+    rows = {r["engine"]: r for r in engine_timing.step_times(tiny_bert, [1], [0], **sizes)}
+    assert rows["captured N=1"]["ms_per_run_step"] is None and rows["captured N=1"]["vs_eager"] is None
+    assert rows["captured N=1"]["not_timed"] == "not captured: capture needs CUDA"
+    assert rows["stacked N=1"]["ms_per_run_step"] > 0
+    real = engine_timing.step_times
+    monkeypatch.setattr(engine_timing, "step_times", lambda *a, **k: real(*a, **k, capture=True))
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--step-times", "--model", tiny_bert, "--runs", "1",
+                                      "--freeze-depths", "0", "--steps", "1", "--rounds", "1", "--length", "12"])
+    assert benchmark.main() == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "captured N=1" in line)
+    assert line.split() == ["0", "captured", "N=1", "—", "—", "not", "captured:", "capture", "needs", "CUDA"]
+    monkeypatch.setattr(engine_timing, "CapturedStep", GraphOnTheCpu)  # a capture that works
+    rows = {r["engine"]: r for r in real(tiny_bert, [1], [0], **sizes)}
+    assert rows["captured N=1"]["ms_per_run_step"] > 0 and "not_timed" not in rows["captured N=1"]
+
+
 def test_a_probe_that_crashes_answers_no_and_the_parent_lives_on():
     crash = (sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})")
     ok, why = probe_capture("some-model", 32, "cuda", command=crash)

@@ -180,6 +180,61 @@ def test_a_group_that_runs_out_of_memory_trains_again_in_halves_and_later_groups
         [(depth, seed) for depth in (0, 1) for seed in range(42, 46)]
 
 
+def test_a_group_that_ran_out_of_memory_is_let_go_before_its_halves_train(model, data, monkeypatch):
+    """The halves were trained inside the `except` block, where the error's traceback still held the failed group's
+    frames and their tensors (and a stacked group with a captured step is a reference cycle): on a GPU the retry ran
+    beside the memory of the group that did not fit. Now it is gone before the first half starts."""
+    import weakref
+
+    from ablations.runner import make_group_trainer
+
+    class Group:  # stands in for a stacked group's device tensors, in a reference cycle as StackedRuns is
+        def __init__(self):
+            self.me = self
+    alive = []
+
+    def sized(configs, session, device, on_epoch=None, **kwargs):
+        if alive:
+            assert alive[0]() is None, "the failed group is still held while its halves train"
+            return [RuntimeError("not trained")] * len(configs)
+        failed = Group()
+        alive.append(weakref.ref(failed))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(run_group_module, "run_group", sized)
+    configs = [quick_config(model, data, seed=s) for s in range(4)]
+    results = make_group_trainer(Namespace(device="cpu"), Session(), "stacked")(configs)
+    assert len(results) == 4 and alive[0]() is None
+
+
+def test_a_captured_group_lets_go_of_its_model_and_graphs_when_it_ends(model, data, monkeypatch):
+    """A captured step holds its group's own step function, so the group (stacked weights, AdamW state, gradients,
+    graphs and their pools) was a reference cycle that outlived `run_group` until Python's cycle collector ran: on a
+    GPU the next group started beside it. It is let go as the group ends, the narrowed-away one included."""
+    import weakref
+
+    from conftest import GraphOnTheCpu
+    from core.stacked import StackedRuns
+    groups = []
+    train_epoch = StackedRuns.train_epoch
+
+    def noting(self, *args, **kwargs):
+        groups.append((weakref.ref(self), weakref.ref(self.model)))
+        return train_epoch(self, *args, **kwargs)
+    monkeypatch.setattr(StackedRuns, "train_epoch", noting)
+    configs = [quick_config(model, data, seed=0, epochs=1), quick_config(model, data, seed=1, epochs=2),
+               quick_config(model, data, seed=2, epochs=2)]
+    gc.collect()
+    gc.disable()  # only reference counting frees anything here
+    try:
+        results = run_group(configs, Session(), "cpu", capture=GraphOnTheCpu)
+        assert len(groups) == 2  # 3 runs, then the 2 of two epochs
+        assert [stacked() for _, stacked in groups] == [None, None]
+        assert all(group() is None or not vars(group()) for group, _ in groups)  # gone, or an empty shell
+    finally:
+        gc.enable()
+    assert [r.engine for r in results] == ["captured (3 runs)"] * 3
+
+
 def test_out_of_memory_after_an_epoch_ended_fails_the_group_as_before(model, data, monkeypatch):
     """Callbacks that have seen an epoch's results (the search's pruner) must not see it twice: such a group is
     not retried, and so is a group of one."""
