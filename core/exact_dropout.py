@@ -104,6 +104,12 @@ def _solo_layout(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _attends_everywhere(mask: torch.Tensor) -> bool:
+    """Whether a 4-d attention mask masks nothing (bool: all True; additive: all 0), as Hugging Face's mask code
+    finds for a batch without padding, which it then drops (sdpa gets no mask)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+
+
 def _attention(inner: Callable[[nn.Module], Callable]) -> Callable:
     """An attention function for the registry: the model's own (`inner(module)`), called once per run on the
     run's part where it drops out, on the whole stacked batch where it does not."""
@@ -120,6 +126,8 @@ def _attention(inner: Callable[[nn.Module], Callable]) -> Callable:
                 dims = random.token_dims(attention_mask, (2, 3))
                 mask = attention_mask[random.part(run, attention_mask, dims)] \
                     if attention_mask.shape[0] == query.shape[0] else attention_mask[..., :q.shape[2], :k.shape[2]]
+                if _attends_everywhere(mask):
+                    mask = None  # as the run's unpadded batch gets it alone: a GPU picks its kernel (and draws) by that
             with random.as_run(run):
                 part, _ = function(module, q, k, v, mask, dropout=dropout, **kwargs)
             if out is None:  # [rows, tokens, heads, dim], as the model's attention functions return it
