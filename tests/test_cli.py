@@ -329,3 +329,15 @@ def test_a_long_reason_in_a_one_line_message_is_cut_at_a_word_and_says_so():
     cut = first_line(RuntimeError(message + "\nsecond line"))
     assert cut.endswith("is not equal …") and len(cut) <= 162 and message.startswith(cut[:-2])
     assert first_line(RuntimeError("short\nsecond line")) == "short" and first_line(KeyError()) == "KeyError"
+
+
+def test_a_run_says_what_it_does_before_its_progress_bar_starts(tiny_bert, toy_data, capsys):
+    # The timing pass (3 + 5 × 10 steps) ran before the bar without a word: on 2 CPU cores the README's first run
+    # printed nothing for its first 90 s. --no-progress stays silent.
+    config = quick_config(tiny_bert, toy_data)
+    run(config, device="cpu", progress=False, session=core.session.Session(timing_repeats=2))
+    assert capsys.readouterr().err == ""
+    run(config.replace(max_length=24), device="cpu", progress=True, session=core.session.Session(timing_repeats=2))
+    err = capsys.readouterr().err
+    note = re.search(r"timing 3 \+ 2 × \d+ training steps alone before training, for train_seconds", err)
+    assert note and note.start() < err.index("freeze 0 · linear"), err
