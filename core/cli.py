@@ -50,7 +50,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         kind = _parse_type(f.type)
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+                                help=f"{f.metadata['help']} (default: {'on' if f.default else 'off'})")
         else:
             default = "unset" if f.default is None else f.default
             parser.add_argument(_flag(f.name), type=kind, default=f.default,

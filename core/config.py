@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from core.errors import UsageError
@@ -156,10 +157,12 @@ class RunConfig:
             (self.scheduler in schedulers, f"--scheduler {self.scheduler!r} is {unsupported}: use one of "
                                            f"{', '.join(schedulers)}"),
             (self.epochs >= 1, f"--epochs {self.epochs} is invalid: use a whole number of at least 1"),
-            (self.learning_rate > 0, f"--learning-rate {self.learning_rate} is invalid: use a positive number"),
+            (0 < self.learning_rate < math.inf, f"--learning-rate {self.learning_rate} is invalid: use a positive "
+                                                "number"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} is invalid: use a whole number of at least 1"),
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio} is invalid: use a fraction in [0, 1)"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is invalid: use 0 or a positive number"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay {self.weight_decay} is invalid: use 0 or a positive "
+                                                "number"),
             (self.max_train_samples is None or self.max_train_samples >= 1,
              f"--max-train-samples {self.max_train_samples} is invalid: use a whole number of at least 1"),
             (self.dev_size is None or (isinstance(self.dev_size, int) and self.dev_size >= 0)

@@ -54,6 +54,9 @@ BAD_COMMANDS = {
     "unknown scheduler": (["--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
     "zero epochs": (["--epochs", "0"], "--epochs 0"),
     "negative learning rate": (["--learning-rate=-0.001"], "--learning-rate -0.001"),
+    # Both were taken: inf trained to a NaN loss (exit 1), an infinite weight decay likewise.
+    "infinite learning rate": (["--learning-rate", "inf"], "--learning-rate inf is invalid: use a positive number"),
+    "infinite weight decay": (["--weight-decay", "inf"], "--weight-decay inf is invalid: use 0 or a positive number"),
     "missing dataset folder": (["--dataset", "{missing}"], "dataset folder '{missing}' does not exist"),
     "empty dataset folder": (["--dataset", "{empty}"], "dataset folder '{empty}' has no train file"),
     "folder without a train file": (["--dataset", "{no_train}"], "'{no_train}' has no train file"),
@@ -291,6 +294,16 @@ def test_every_flag_that_takes_a_value_shows_its_default(module):
         lists = {a.option_strings[0]: a.help for a in flags if a.metavar == "LIST"}
         assert set(lists) == {"--freeze-depths", "--schedulers", "--epochs"}
         assert all("comma-separated" in text for text in lists.values())
+
+
+@pytest.mark.parametrize("module", ["ablations.grid", "ablations.optuna_search"])
+def test_every_on_off_flag_shows_its_default(module):
+    # --frozen-dropout / --no-frozen-dropout said neither which one holds when neither is given.
+    import argparse
+    import importlib
+    parser = importlib.import_module(module).build_parser()
+    switches = [a for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)]
+    assert switches and [a.option_strings[0] for a in switches if "(default: o" not in (a.help or "")] == []
 
 
 def test_report_defaults_storage_and_output_dir_like_the_grid_and_takes_comma_separated_studies(
