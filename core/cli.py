@@ -129,7 +129,9 @@ def close_progress_bars() -> None:
     own and last, not glued to the end of a bar that is drawn again after it."""
     if (tqdm := sys.modules.get("tqdm")) is None:
         return
-    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+    bars = list(getattr(tqdm.tqdm, "_instances", ()))
+    # the innermost first (a run's bar below the search's): closing one moves the cursor back up to the bar above
+    for bar in sorted(bars, key=lambda bar: -abs(getattr(bar, "pos", 0))):
         with contextlib.suppress(Exception):
             bar.close()
 

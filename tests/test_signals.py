@@ -35,14 +35,20 @@ def test_the_line_saying_why_a_command_stopped_is_last_and_not_glued_to_a_progre
 
     from core.cli import main_guard
 
-    def main():
-        bar = tqdm(total=10, unit="step", desc="freeze 0 · linear · seed 42")
-        bar.update(3)
+    def main():  # the search's bar of trials, and a run's bar of steps below it
+        bars = [tqdm(total=2, unit="trial", desc="search search"),
+                tqdm(total=10, unit="step", desc="freeze 0 · linear · seed 42", leave=False)]
+        for bar in bars:
+            bar.update(1)
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as exit_:
         main_guard(main)
     err = capsys.readouterr().err
-    assert exit_.value.code == 130 and err.endswith("\ninterrupted\n"), repr(err[-300:])
+    assert exit_.value.code == 130 and err.endswith("interrupted\n"), repr(err[-300:])
+    # What the terminal's last line held when it was written: nothing (a bar cleared, or a fresh line), and the
+    # cursor not moved back up onto the search's bar ("\x1b[A").
+    before = err[: -len("interrupted\n")].rsplit("\n", 1)[-1]
+    assert before.rsplit("\r", 1)[-1] == "" and "\x1b[A" not in before, repr(err[-300:])
 
 
 def grid(model: str, data: str, url: str, out: Path) -> list[str]:
