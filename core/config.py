@@ -125,7 +125,7 @@ class RunConfig:
     weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights).", default=0.01)
     seed: int = _help("Seed for initialisation, batch order and the training subsample.", default=42)
     max_train_samples: int | None = _help("Train on a seeded random subsample of this many examples (drawn after "
-                                          "the dev split is carved out).", default=None)
+                                          "the dev split is carved out); unset: every training row.", default=None)
     # float first: the command line reads "1000" and "0.1" alike, and __post_init__ turns 1000.0 into 1000.
     dev_size: float | int | None = _help("Training rows held out as the dev split that every choice is made on (best "
                                          "epoch, learning rate, search objective): a count, a fraction in (0, 1), "

@@ -306,6 +306,16 @@ def test_every_on_off_flag_shows_its_default(module):
     assert switches and [a.option_strings[0] for a in switches if "(default: o" not in (a.help or "")] == []
 
 
+def test_every_setting_that_may_be_left_unset_says_what_unset_means():
+    # --max-train-samples said "(default: unset)" and not that it then trains on every row.
+    import dataclasses
+
+    from core.config import RunConfig
+    unexplained = [f.name for f in dataclasses.fields(RunConfig)
+                   if f.default is None and not re.search(r"\bunset:|if unset", f.metadata["help"])]
+    assert unexplained == []
+
+
 def test_report_defaults_storage_and_output_dir_like_the_grid_and_takes_comma_separated_studies(
         monkeypatch, capsys, tmp_path):
     from test_report import make_run, stored
