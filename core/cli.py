@@ -11,14 +11,16 @@ import contextlib
 import dataclasses
 import errno
 import os
+import signal
 import sys
+import threading
 import typing
 from itertools import takewhile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from core.config import RunConfig
-from core.errors import UsageError
+from core.errors import Terminated, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -48,7 +50,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         kind = _parse_type(f.type)
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+                                help=f"{f.metadata['help']} (default: {'on' if f.default else 'off'})")
         else:
             default = "unset" if f.default is None else f.default
             parser.add_argument(_flag(f.name), type=kind, default=f.default,
@@ -84,10 +86,12 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = (), **ove
 
 
 def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130, a closed output pipe exit 1, a training
-    loss that became NaN (a learning rate of 1e4 typed for 1e-4) or a full disk one line and exit 1, never a
-    traceback for any of them."""
+    """Run a command: bad input is one line and exit 2, Ctrl-C exit 130 and SIGTERM exit 143 (each one line, after
+    the claimed runs are recorded as interrupted), a closed output pipe exit 1, a training loss that became NaN (a
+    learning rate of 1e4 typed for 1e-4) or a full disk one line and exit 1, never a traceback for any of them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    before = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         try:
             code = main() or 0
@@ -99,9 +103,11 @@ def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as `Terminated`
+        close_progress_bars()
+        terminated = isinstance(stop, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        code = 128 + signal.SIGTERM if terminated else 130
     except FloatingPointError as error:  # core.train: "training loss became nan in epoch 1: lower the learning rate…"
         print(f"error: {error}", file=sys.stderr)
         code = 1
@@ -112,7 +118,27 @@ def main_guard(main: Callable[[], int | None]) -> typing.NoReturn:
         print(f"error: disk full: {full}; free some space and run the command again (finished runs are kept)",
               file=sys.stderr)
         code = 1
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)  # a test calling a command in its own process gets its own back
     sys.exit(code)
+
+
+def close_progress_bars() -> None:
+    """Close the bars a stopped command left open, so that the line saying why it stopped stands on a line of its
+    own and last, not glued to the end of a bar that is drawn again after it."""
+    if (tqdm := sys.modules.get("tqdm")) is None:
+        return
+    bars = list(getattr(tqdm.tqdm, "_instances", ()))
+    # the innermost first (a run's bar below the search's): closing one moves the cursor back up to the bar above
+    for bar in sorted(bars, key=lambda bar: -abs(getattr(bar, "pos", 0))):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _raise_terminated(signum, frame) -> typing.NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while the first is cleaned up ends it at once
+    raise Terminated()
 
 
 def disk_full(error: BaseException) -> str | None:

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from core.errors import UsageError
@@ -124,7 +125,7 @@ class RunConfig:
     weight_decay: float = _help("AdamW weight decay (not applied to biases and LayerNorm weights).", default=0.01)
     seed: int = _help("Seed for initialisation, batch order and the training subsample.", default=42)
     max_train_samples: int | None = _help("Train on a seeded random subsample of this many examples (drawn after "
-                                          "the dev split is carved out).", default=None)
+                                          "the dev split is carved out); unset: every training row.", default=None)
     # float first: the command line reads "1000" and "0.1" alike, and __post_init__ turns 1000.0 into 1000.
     dev_size: float | int | None = _help("Training rows held out as the dev split that every choice is made on (best "
                                          "epoch, learning rate, search objective): a count, a fraction in (0, 1), "
@@ -156,10 +157,12 @@ class RunConfig:
             (self.scheduler in schedulers, f"--scheduler {self.scheduler!r} is {unsupported}: use one of "
                                            f"{', '.join(schedulers)}"),
             (self.epochs >= 1, f"--epochs {self.epochs} is invalid: use a whole number of at least 1"),
-            (self.learning_rate > 0, f"--learning-rate {self.learning_rate} is invalid: use a positive number"),
+            (0 < self.learning_rate < math.inf, f"--learning-rate {self.learning_rate} is invalid: use a positive "
+                                                "number"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} is invalid: use a whole number of at least 1"),
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio} is invalid: use a fraction in [0, 1)"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is invalid: use 0 or a positive number"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay {self.weight_decay} is invalid: use 0 or a positive "
+                                                "number"),
             (self.max_train_samples is None or self.max_train_samples >= 1,
              f"--max-train-samples {self.max_train_samples} is invalid: use a whole number of at least 1"),
             (self.dev_size is None or (isinstance(self.dev_size, int) and self.dev_size >= 0)

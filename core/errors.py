@@ -5,6 +5,12 @@ class UsageError(ValueError):
     """Bad input: a value the run cannot use. The message is one sentence naming the value and what is allowed."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a batch scheduler's cancel, `docker stop`) raised where the process is, so it ends
+    as Ctrl-C does: a claimed run recorded as interrupted (rerun at once, not after its heartbeats go stale), no
+    record half-written, one line."""
+
+
 def first_line(error: BaseException, limit: int = 160) -> str:
     """An exception as a short phrase for a one-line message: its first line, or its type if it has no text."""
     text = str(error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,15 @@ def now() -> str:
 
 
 def write_record(record: RunRecord | dict, path: str | Path) -> None:
+    """Written beside `path` and renamed over it: a write cut short (a full disk, Ctrl-C) leaves the file that was
+    there (the record of the run before) whole, never an empty or half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     values = record.to_dict() if isinstance(record, RunRecord) else record
-    path.write_text(json.dumps(values, indent=2) + "\n")
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        scratch.write_text(json.dumps(values, indent=2) + "\n")
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
 

@@ -7,6 +7,7 @@ and keeps the other stages.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -81,7 +82,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
     done = Training(sharing=sharing)
     if session.timing_repeats:
         _train_mode(p)
-        done.timing = time_steps(p, forward, optimizer, scheduler, session, compile)
+        done.timing = time_steps(p, forward, optimizer, scheduler, session, compile, progress)
     bar = tqdm(total=total_steps, disable=not progress, unit="step", leave=False,
                desc=f"freeze {config.freeze_depth} · {config.scheduler} · seed {config.seed}")
     for epoch in range(1, config.epochs + 1):
@@ -160,13 +161,19 @@ def _train_mode(p: Prepared) -> None:
             module.eval()
 
 
-def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, compile: bool) -> timing.StepTiming:
+def time_steps(p: Prepared, forward, optimizer, scheduler, session: Session, compile: bool,
+               progress: bool = False) -> timing.StepTiming:
     """What one step of this run's work shape costs alone on this machine (`core.timing`): timed once per shape
     on the run's own first-epoch batches before it trains, the run's state put back afterwards."""
     shape = timing_shape(p, compile)
     if (known := session.timer.known(shape)) is not None:
         return known  # timed before: no batches to build, no model and optimizer state to copy and put back
     batches, cost = timing_batches(p)
+    if progress:  # on a CPU a minute or more before the progress bar: say what it is, not a silent terminal
+        timer = session.timer
+        print(f"timing {timer.warmup} + {timer.repeats} × {min(timer.steps, len(batches))} training steps alone "
+              "before training, for train_seconds and its interval (--timing-repeats 1: a quick look, 0: none)",
+              file=sys.stderr, flush=True)
     with timing.preserved(p.params, optimizer, scheduler, p.device, p.scaler):
         return session.timer.step_timing(shape, lambda indices: train_step(p, forward, indices, optimizer, scheduler),
                                          batches, p.device, device_name(p.device), cost, quiet_prefix_build(p))

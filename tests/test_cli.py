@@ -54,6 +54,9 @@ BAD_COMMANDS = {
     "unknown scheduler": (["--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
     "zero epochs": (["--epochs", "0"], "--epochs 0"),
     "negative learning rate": (["--learning-rate=-0.001"], "--learning-rate -0.001"),
+    # Both were taken: inf trained to a NaN loss (exit 1), an infinite weight decay likewise.
+    "infinite learning rate": (["--learning-rate", "inf"], "--learning-rate inf is invalid: use a positive number"),
+    "infinite weight decay": (["--weight-decay", "inf"], "--weight-decay inf is invalid: use 0 or a positive number"),
     "missing dataset folder": (["--dataset", "{missing}"], "dataset folder '{missing}' does not exist"),
     "empty dataset folder": (["--dataset", "{empty}"], "dataset folder '{empty}' has no train file"),
     "folder without a train file": (["--dataset", "{no_train}"], "'{no_train}' has no train file"),
@@ -293,6 +296,26 @@ def test_every_flag_that_takes_a_value_shows_its_default(module):
         assert all("comma-separated" in text for text in lists.values())
 
 
+@pytest.mark.parametrize("module", ["ablations.grid", "ablations.optuna_search"])
+def test_every_on_off_flag_shows_its_default(module):
+    # --frozen-dropout / --no-frozen-dropout said neither which one holds when neither is given.
+    import argparse
+    import importlib
+    parser = importlib.import_module(module).build_parser()
+    switches = [a for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)]
+    assert switches and [a.option_strings[0] for a in switches if "(default: o" not in (a.help or "")] == []
+
+
+def test_every_setting_that_may_be_left_unset_says_what_unset_means():
+    # --max-train-samples said "(default: unset)" and not that it then trains on every row.
+    import dataclasses
+
+    from core.config import RunConfig
+    unexplained = [f.name for f in dataclasses.fields(RunConfig)
+                   if f.default is None and not re.search(r"\bunset:|if unset", f.metadata["help"])]
+    assert unexplained == []
+
+
 def test_report_defaults_storage_and_output_dir_like_the_grid_and_takes_comma_separated_studies(
         monkeypatch, capsys, tmp_path):
     from test_report import make_run, stored
@@ -329,3 +352,15 @@ def test_a_long_reason_in_a_one_line_message_is_cut_at_a_word_and_says_so():
     cut = first_line(RuntimeError(message + "\nsecond line"))
     assert cut.endswith("is not equal …") and len(cut) <= 162 and message.startswith(cut[:-2])
     assert first_line(RuntimeError("short\nsecond line")) == "short" and first_line(KeyError()) == "KeyError"
+
+
+def test_a_run_says_what_it_does_before_its_progress_bar_starts(tiny_bert, toy_data, capsys):
+    # The timing pass (3 + 5 × 10 steps) ran before the bar without a word: on 2 CPU cores the README's first run
+    # printed nothing for its first 90 s. --no-progress stays silent.
+    config = quick_config(tiny_bert, toy_data)
+    run(config, device="cpu", progress=False, session=core.session.Session(timing_repeats=2))
+    assert capsys.readouterr().err == ""
+    run(config.replace(max_length=24), device="cpu", progress=True, session=core.session.Session(timing_repeats=2))
+    err = capsys.readouterr().err
+    note = re.search(r"timing 3 \+ 2 × \d+ training steps alone before training, for train_seconds", err)
+    assert note and note.start() < err.index("freeze 0 · linear"), err

@@ -148,6 +148,29 @@ def test_a_full_disk_while_writing_a_file_is_one_line(capsys):
     assert exit_.value.code == 1 and error.startswith("error: disk full:") and error.count("\n") == 1
 
 
+def test_a_record_write_cut_short_leaves_the_record_that_was_there_whole(tmp_path, monkeypatch):
+    # `python -m core` wrote run.json in place: a full disk (or Ctrl-C) mid-write left the earlier run's record
+    # truncated to half a JSON document, and the new one nowhere.
+    import errno
+    import json
+    from pathlib import Path
+
+    from core.record import write_record
+    path = tmp_path / "run.json"
+    path.write_text('{"run_id": "the run before"}\n')
+    write_text = Path.write_text
+
+    def disk_fills_halfway(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_text", disk_fills_halfway)
+    with pytest.raises(OSError):
+        write_record({"run_id": "this run", "history": list(range(100))}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"run_id": "the run before"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no scratch file left beside it
+
+
 def test_a_full_disk_while_saving_a_png_is_one_line(capsys):
     import matplotlib
     matplotlib.use("Agg")
