@@ -105,9 +105,11 @@ def _solo_layout(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _attends_everywhere(mask: torch.Tensor) -> bool:
-    """Whether a 4-d attention mask masks nothing (bool: all True; additive: all 0), as Hugging Face's mask code
-    finds for a batch without padding, which it then drops (sdpa gets no mask)."""
-    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+    """Whether a 4-d attention mask is one Hugging Face's mask code would not have made alone: a boolean mask (its
+    sdpa mask) that masks nothing, which it drops for a batch without padding (sdpa gets no mask). An additive
+    mask is kept: a model that builds its own (LayoutLM) hands sdpa one alone too, padding or not (and the eager
+    attention adds it, which changes nothing where it is 0)."""
+    return mask.dtype == torch.bool and bool(mask.all())
 
 
 def _attention(inner: Callable[[nn.Module], Callable]) -> Callable:
@@ -170,12 +172,14 @@ def install(model: nn.Module, random: RunRandom) -> None:
 
 
 @torch.no_grad()
-def exact_dropout_problem(model: nn.Module, depth: int, batches: list[dict], pad_id: int) -> str | None:
+def exact_dropout_problem(model: nn.Module, depth: int, batches: list[dict], pad_id: int,
+                          frozen_dropout: bool = False) -> str | None:
     """Why runs of `model` frozen to `depth` cannot draw their dropout per run when stacked, or None: two runs
-    (the model, and a copy with every trained weight moved by noise), in training mode with dropout on, run 0
-    on the first batch and run 1 on the last, each alone from a seed of its own, then stacked with the same seeds:
-    their logits must be each run's own. A dropout this module does not reach (a functional call, a subclass of
-    its own) draws other masks and fails here."""
+    (the model, and a copy with every trained weight moved by noise), in training mode with dropout on (in the
+    frozen layers too where `frozen_dropout`: they drop out in training then), run 0 on the first batch and run 1
+    on the last, each alone from a seed of its own, then stacked with the same seeds: their logits must be each
+    run's own. A dropout this module does not reach (a functional call, a subclass of its own) draws other masks
+    and fails here."""
     from core.model import freeze, frozen_modules, find_backbone
     from core.prefix_cache import error_phrase, gap_beyond_rounding
     from core.stacked import pad_and_stack
@@ -186,7 +190,7 @@ def exact_dropout_problem(model: nn.Module, depth: int, batches: list[dict], pad
     for run in runs:
         freeze(run, depth)
         run.train()
-        for module in frozen_modules(find_backbone(run), depth):
+        for module in [] if frozen_dropout else frozen_modules(find_backbone(run), depth):
             module.eval()
     for param in runs[1].parameters():
         if param.requires_grad:

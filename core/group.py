@@ -133,7 +133,7 @@ def run_group(configs: Sequence[RunConfig], session: Session | None = None, devi
                              first.max_length)
     if exact_dropout and capture is not None:
         raise ValueError("exact dropout draws each run's masks from the host: it runs the eager stacked step only")
-    problem = session.stack_problem(first.model, data, first.freeze_depth, exact_dropout)
+    problem = session.stack_problem(first.model, data, first.freeze_depth, exact_dropout, first.frozen_dropout)
     if problem is not None:  # e.g. a model with trainable convolutions: its runs train as they would alone
         _say_once(f"runs of {first.model} at freeze depth {first.freeze_depth} train one at a time: they cannot "
                   f"be stacked ({problem})")

@@ -97,12 +97,15 @@ class Session:
             self._metrics[name] = load_metric(name)
         return self._metrics[name]
 
-    def stack_problem(self, name: str, data: TextData, depth: int, exact_dropout: bool = False) -> str | None:
+    def stack_problem(self, name: str, data: TextData, depth: int, exact_dropout: bool = False,
+                      frozen_dropout: bool = False) -> str | None:
         """Why runs of this model at `depth` cannot train as one stacked group (`core.stacked_modules.stack_problem`,
         its forward checked on a few training rows; `exact_dropout`: and each run's dropout masks drawn as alone,
-        `core.exact_dropout.exact_dropout_problem`), or None; once per model, data, depth and kind of check."""
-        key = (os.path.expanduser(name), data.fingerprint, depth, exact_dropout)
-        if key not in self._stackable and any(k[:2] == key[:2] and k[3] == exact_dropout and k[2] < depth
+        `core.exact_dropout.exact_dropout_problem`, with the frozen layers' dropout on where `frozen_dropout`), or
+        None; once per model, data, depth and kind of check."""
+        kind = (exact_dropout, exact_dropout and frozen_dropout)
+        key = (os.path.expanduser(name), data.fingerprint, depth, kind)
+        if key not in self._stackable and any(k[:2] == key[:2] and k[3] == kind and k[2] < depth
                                               and problem is None for k, problem in self._stackable.items()):
             # Runs that stack at a shallower depth stack here too: they train a subset of those modules, and the
             # modules frozen in between are shared, computing one function for every run's rows.
@@ -111,7 +114,7 @@ class Session:
             model, batches = self._pristine(name, data.label_names)[0], probe_batches(data)
             problem = stack_problem(model, depth, batches, data.pad_id)
             if problem is None and exact_dropout:
-                problem = exact_dropout_problem(model, depth, batches, data.pad_id)
+                problem = exact_dropout_problem(model, depth, batches, data.pad_id, frozen_dropout)
             self._stackable[key] = problem
         return self._stackable[key]
 

@@ -71,18 +71,30 @@ def test_a_group_with_exact_dropout_records_what_each_run_alone_records(dropout_
         assert record.validation_predictions == alone.validation_predictions
 
 
-def test_a_model_whose_dropout_is_not_reached_trains_one_run_at_a_time(tmp_path, data, monkeypatch, caplog):
-    """DeBERTa-v2 drops out through a module of its own (StableDropout), which the per-run draw does not replace:
-    stacked, its runs would draw other masks than alone. The check sees it, and its runs train alone (exactly)."""
+def save_family(folder, kind: str) -> str:
+    """A tiny `kind` model (two layers) with its hidden and attention dropout at 0.3."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from conftest import VOCAB, write_tokenizer
     torch.manual_seed(0)
-    folder = tmp_path / "deberta"
-    config = AutoConfig.for_model("deberta-v2", num_labels=2, vocab_size=len(VOCAB), max_position_embeddings=64,
+    config = AutoConfig.for_model(kind, num_labels=2, vocab_size=len(VOCAB), max_position_embeddings=64,
                                   num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                   pad_token_id=0, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     write_tokenizer(folder)
+    return str(folder)
+
+
+def assert_records_alone(configs, together, engine: str) -> None:
+    for config, record in zip(configs, together):
+        alone = run(config, "cpu", progress=False, session=Session(timing_repeats=0))
+        assert record.engine == engine and record.validation_predictions == alone.validation_predictions
+        assert [e["train_loss"] for e in record.history] == [e["train_loss"] for e in alone.history]
+
+
+def test_a_model_whose_dropout_is_not_reached_trains_one_run_at_a_time(tmp_path, data, monkeypatch, caplog):
+    """DeBERTa-v2 drops out through a module of its own (StableDropout), which the per-run draw does not replace:
+    stacked, its runs would draw other masks than alone. The check sees it, and its runs train alone (exactly)."""
+    folder = save_family(tmp_path / "deberta", "deberta-v2")
     configs = [quick_config(str(folder), data, seed=seed, batch_size=8, max_train_samples=32) for seed in (0, 1)]
     monkeypatch.setattr(group_module, "_said", set())
     with caplog.at_level(logging.WARNING, logger="core.group"):
@@ -90,10 +102,30 @@ def test_a_model_whose_dropout_is_not_reached_trains_one_run_at_a_time(tmp_path,
     assert [r.getMessage().split(" (logits")[0] for r in caplog.records] == [
         f"runs of {folder} at freeze depth 0 train one at a time: they cannot be stacked (two runs stacked draw "
         "other dropout masks than each alone"]
-    for config, record in zip(configs, together):
-        alone = run(config, "cpu", progress=False, session=Session(timing_repeats=0))
-        assert record.engine == "eager" and record.validation_predictions == alone.validation_predictions
-        assert [e["train_loss"] for e in record.history] == [e["train_loss"] for e in alone.history]
+    assert_records_alone(configs, together, "eager")
+
+
+def test_frozen_layers_whose_dropout_is_not_reached_train_one_run_at_a_time_under_frozen_dropout(tmp_path, data):
+    """Megatron-BERT drops its attention probabilities out through an `nn.Dropout` over [rows, heads, tokens,
+    tokens], which the per-run draw cuts to the run's rows only. Frozen to its full depth only its head trains, so
+    the check passed with the frozen layers in eval mode; but `--frozen-dropout` keeps them dropping out, and the
+    runs stacked drew other masks (weights 2.5 % apart after one epoch). The check now runs the frozen layers as
+    training does, and the runs train one at a time; without --frozen-dropout they still stack, exactly."""
+    folder = save_family(tmp_path / "megatron", "megatron-bert")
+    base = quick_config(folder, data, freeze_depth=2, batch_size=8, max_train_samples=32)
+    for frozen_dropout, engine in ((True, "eager"), (False, "stacked (2 runs, exact dropout)")):
+        configs = [base.replace(seed=seed, frozen_dropout=frozen_dropout) for seed in (0, 1)]
+        assert_records_alone(configs, run_group(configs, Session(timing_repeats=0), "cpu", exact_dropout=True), engine)
+
+
+def test_a_model_that_builds_its_own_additive_mask_stacks_exactly(tmp_path, data):
+    """LayoutLM hands sdpa a mask of its own making (additive, all 0 without padding) where Hugging Face's mask
+    code would hand none: a run's part of it is kept as it is, as alone; dropping it (as a boolean mask that masks
+    nothing is dropped) changed the attention's draws, and the check refused a model whose runs stack exactly."""
+    folder = save_family(tmp_path / "layoutlm", "layoutlm")
+    configs = [quick_config(folder, data, seed=seed, batch_size=8, max_train_samples=32) for seed in (0, 1)]
+    together = run_group(configs, Session(timing_repeats=0), "cpu", exact_dropout=True)
+    assert_records_alone(configs, together, "stacked (2 runs, exact dropout)")
 
 
 def test_the_grid_with_exact_dropout_records_what_one_at_a_time_records(dropout_model, data, tmp_path, monkeypatch,
