@@ -177,9 +177,9 @@ def exact_dropout_problem(model: nn.Module, depth: int, batches: list[dict], pad
     """Why runs of `model` frozen to `depth` cannot draw their dropout per run when stacked, or None: two runs
     (the model, and a copy with every trained weight moved by noise), in training mode with dropout on (in the
     frozen layers too where `frozen_dropout`: they drop out in training then), run 0 on the first batch and run 1
-    on the last, each alone from a seed of its own, then stacked with the same seeds: their logits must be each
-    run's own. A dropout this module does not reach (a functional call, a subclass of its own) draws other masks
-    and fails here."""
+    on the last (`core.session.probe_batches`: of another length), each alone from a seed of its own, then stacked
+    with the same seeds: their logits must be each run's own. A dropout this module does not reach (a functional call, a
+    subclass of its own, an `nn.Dropout` over more than one tokens dim) draws other masks and fails here."""
     from core.model import freeze, frozen_modules, find_backbone
     from core.prefix_cache import error_phrase, gap_beyond_rounding
     from core.stacked import pad_and_stack

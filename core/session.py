@@ -120,11 +120,19 @@ class Session:
 
 
 def probe_batches(data: TextData) -> list[dict[str, torch.Tensor]]:
-    """A few training rows to check a model on, as two batches (on the CPU) of padded lengths of both parities
-    (where the first 64 rows have both): a model can treat an odd length apart (one that pools pairs of tokens)."""
+    """A few training rows to check a model on, as two batches (on the CPU) of padded lengths of both parities: a
+    model can treat an odd length apart (one that pools pairs of tokens), and one that treats a batch by its padded
+    length (FNet's Fourier transform over the tokens, a dropout over attention probabilities) shows only on two
+    lengths. Where the first 64 rows have one parity (all at --max-length, say), the second batch is cut a token
+    shorter."""
     train = data.splits["train"]
     head = train.subset(np.arange(min(64, len(train))), progress=False)
     first = head.subset(np.arange(min(4, len(head))))
     padded = int(first.lengths.max())
     other = [i for i in range(len(head)) if head.lengths[i] % 2 != padded % 2][:1] or [len(head) - 1]
-    return [rows.batch(np.arange(len(rows)), data.pad_id, "cpu") for rows in (first, head.subset(np.asarray(other)))]
+    batches = [rows.batch(np.arange(len(rows)), data.pad_id, "cpu") for rows in (first, head.subset(np.asarray(other)))]
+    length = batches[1]["attention_mask"].shape[1]
+    if length % 2 == padded % 2 and length > 1:
+        batches[1] = {k: v[:, :length - 1] if v.dim() >= 2 and v.shape[1] == length else v
+                      for k, v in batches[1].items()}
+    return batches

@@ -118,6 +118,51 @@ def test_frozen_layers_whose_dropout_is_not_reached_train_one_run_at_a_time_unde
         assert_records_alone(configs, run_group(configs, Session(timing_repeats=0), "cpu", exact_dropout=True), engine)
 
 
+def one_length_first(folder) -> str:
+    """Data whose first 70 training rows all reach --max-length 8 (9 tokens or more), the rest 3 to 8 tokens."""
+    import random
+    from conftest import FILLER, POSITIVE, NEGATIVE, write_split
+    rng = random.Random(0)
+
+    def rows(n: int, long: int) -> list:
+        labels = [rng.randrange(2) for _ in range(n)]
+        return [(" ".join([rng.choice([NEGATIVE, POSITIVE][y])] + rng.sample(FILLER, 8 if i < long else
+                                                                               rng.randint(1, 6))), y)
+                for i, y in enumerate(labels)]
+    write_split(folder / "train.tsv", rows(140, 70))
+    write_split(folder / "validation.tsv", rows(24, 0))
+    return str(folder)
+
+
+def test_the_check_sees_runs_of_other_lengths_where_the_first_training_rows_are_all_one_length(tmp_path):
+    """The check runs two probe batches; where both padded to one length (the first training rows all reach
+    --max-length), Megatron-BERT's dropout over [rows, heads, tokens, tokens] drew the masks it draws alone there
+    and passed, yet training batches of other lengths drew others (weights 7 % apart after an epoch). The second
+    probe batch is cut a token shorter there (`core.session.probe_batches`), and the runs train one at a time."""
+    data = one_length_first(tmp_path / "data")
+    folder = save_family(tmp_path / "megatron", "megatron-bert")
+    configs = [quick_config(folder, data, seed=seed, batch_size=8, max_train_samples=48, max_length=8)
+               for seed in (0, 1)]
+    assert_records_alone(configs, run_group(configs, Session(timing_repeats=0), "cpu", exact_dropout=True), "eager")
+
+
+def test_a_model_that_treats_a_batch_by_its_length_does_not_stack_where_the_first_rows_are_one_length(tmp_path):
+    """The same blind spot without --exact-dropout: FNet mixes tokens by a Fourier transform over the padded
+    length, so two runs stacked (padded to the longer) compute other logits than alone. Probed on two batches of
+    one length, it looked stackable; with the second cut shorter it is not."""
+    from conftest import VOCAB, write_tokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("fnet", num_labels=2, vocab_size=len(VOCAB), max_position_embeddings=64,
+                                  num_hidden_layers=2, hidden_size=32, intermediate_size=64, pad_token_id=0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "fnet")
+    write_tokenizer(tmp_path / "fnet")
+    session = Session(timing_repeats=0)
+    text = session.text_data(one_length_first(tmp_path / "data"), session.tokenizer(str(tmp_path / "fnet")), None,
+                             None, 8)
+    assert "compute other logits than each alone" in session.stack_problem(str(tmp_path / "fnet"), text, 0)
+
+
 def test_a_model_that_builds_its_own_additive_mask_stacks_exactly(tmp_path, data):
     """LayoutLM hands sdpa a mask of its own making (additive, all 0 without padding) where Hugging Face's mask
     code would hand none: a run's part of it is kept as it is, as alone; dropping it (as a boolean mask that masks
