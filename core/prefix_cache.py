@@ -2,7 +2,8 @@
 
 Frozen layers run in eval mode so that their outputs are a pure function of the input and can be cached:
 across epochs, seeds, schedulers and learning rates of a grid, and from a shallower depth to a deeper one
-(depth 6 = layers 3-5 run on the depth-3 states). States are stored unpadded in half precision.
+(depth 6 = layers 3-5 run on the depth-3 states). States are stored unpadded in the dtype the frozen layers hand
+on (fp32, also under autocast: LayerNorm computes in fp32), so the layers after them read what they would read live.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def gap_beyond_rounding(a: torch.Tensor, b: torch.Tensor) -> float | None:
 @dataclass
 class PrefixStates:
     """Hidden states after layer depth-1 for every example of one split, unpadded and concatenated."""
-    flat: torch.Tensor          # [total tokens, hidden], float16
+    flat: torch.Tensor          # [total tokens, hidden], in the dtype the frozen layers output
     offsets: np.ndarray         # example i owns flat[offsets[i]:offsets[i+1]]
     depth: int
     build_seconds: float        # what building it cost, cumulative over the shallower caches it came from
@@ -119,9 +120,9 @@ class PrefixStates:
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()
 
-    def batch(self, indices, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    def batch(self, indices, device) -> dict[str, torch.Tensor]:
         rows = [self.flat[self.offsets[i]:self.offsets[i + 1]] for i in indices]
-        states = to_device(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), device).to(dtype)
+        states = to_device(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), device)
         lengths = torch.as_tensor(self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)])
         mask = (torch.arange(states.shape[1])[None, :] < lengths[:, None]).long()
         return {"inputs_embeds": states, "attention_mask": to_device(mask, device)}
@@ -131,7 +132,7 @@ class PrefixStates:
 def _run_layers(model: nn.Module, backbone: Backbone, source, lengths: np.ndarray, start: int, stop: int,
                 pad_id: int, device, autocast) -> torch.Tensor:
     """Run layers start..stop-1 on tokens (start == 0) or on cached states; return unpadded states."""
-    out = torch.empty((int(lengths.sum()), model.config.hidden_size), dtype=torch.float16)
+    out = None
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     was_training = model.training
     model.eval()
@@ -140,11 +141,13 @@ def _run_layers(model: nn.Module, backbone: Backbone, source, lengths: np.ndarra
             inputs = source.batch(indices, pad_id, device) if start == 0 else source.batch(indices, device)
             with autocast():
                 hidden = backbone.base(**inputs).last_hidden_state
-            hidden = hidden.to("cpu", torch.float16)
+            hidden = hidden.to("cpu")
+            if out is None:  # the dtype the live layers hand on: a run on cached states reads what they compute
+                out = torch.empty((int(lengths.sum()), hidden.shape[-1]), dtype=hidden.dtype)
             for row, i in enumerate(indices):
                 out[offsets[i]:offsets[i + 1]] = hidden[row, :lengths[i]]
     model.train(was_training)
-    return out
+    return out if out is not None else torch.empty((0, model.config.hidden_size))
 
 
 class PrefixCache:
@@ -194,10 +197,11 @@ class PrefixCache:
     def _memmap(self, flat: torch.Tensor) -> torch.Tensor:
         self._disk = self._disk or tempfile.TemporaryDirectory(prefix="prefix-cache-")
         path = f"{self._disk.name}/{len(self.entries)}-{time.monotonic_ns()}.bin"
-        array = np.memmap(path, dtype=np.float16, mode="w+", shape=tuple(flat.shape))
-        array[:] = flat.numpy()
+        raw = flat.contiguous().view(torch.uint8).reshape(-1)  # bytes: numpy has no bfloat16
+        array = np.memmap(path, dtype=np.uint8, mode="w+", shape=tuple(raw.shape))
+        array[:] = raw.numpy()
         array.flush()
-        return torch.from_numpy(array)
+        return torch.from_numpy(array).view(flat.dtype).view(flat.shape)
 
     def clear(self) -> None:
         self.entries.clear()
