@@ -100,6 +100,8 @@ def test_train_seconds_is_the_timed_solo_cost_and_timing_changes_nothing(tiny_di
     assert untimed["timing"] is None and untimed["train_seconds_lo"] is None and untimed["contended"] is None
     assert untimed["train_seconds"] == pytest.approx(untimed["train_loop_seconds"] + untimed["prefix_cache"][
         "seconds"]["train"], abs=2e-3)
+    # The epochs add up to the record (what a search prunes on): the prefix build counts in epoch 1 here too.
+    assert sum(e["train_seconds"] for e in untimed["history"]) == pytest.approx(untimed["train_seconds"], abs=2e-3)
     # The timing pass steps on the run's own state and puts it back: the run computes the same thing.
     for name in ("validation_correct", "accuracy", "loss", "best_epoch"):
         assert timed[name] == untimed[name], name
