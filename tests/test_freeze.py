@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -192,6 +193,38 @@ def test_cache_beyond_its_memory_budget_spills_to_disk_unchanged(family_setup, m
     on_disk, _ = prefix_states(PrefixCache(device_budget_gb=0, host_budget_gb=0), model, backbone, split, key, 2,
                                *args)
     torch.testing.assert_close(on_disk.flat, in_memory.flat, atol=0, rtol=0)
+
+
+def _file_backed(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's memory is a mapping of a prefix-cache file (/proc/self/maps), not host memory."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split()
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= address < high:
+            return "prefix-cache-" in line
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_states_beyond_the_host_budget_are_built_into_their_file(tiny_bert, toy_data, monkeypatch):
+    """A split whose states fit neither budget is written into its memory-mapped file as it is built: building it in
+    host memory first (and copying it out after) needed that memory, which is what the budget is there to spare."""
+    from core import Session
+    session = Session(timing_repeats=0)
+    data = session.text_data(toy_data, session.tokenizer(tiny_bert), None, None, 32)
+    split, model = data.splits["validation"].subset(progress=False), session.model(tiny_bert, data.label_names)
+    backbone = find_backbone(model)
+    freeze(model, 1)
+    built, store = [], PrefixCache._store
+    monkeypatch.setattr(PrefixCache, "_store", lambda self, entry, states, device: built.append(
+        _file_backed(states.flat)) or store(self, entry, states, device))
+    states, _ = prefix_states(PrefixCache(device_budget_gb=0, host_budget_gb=0), model, backbone, split, ("k",), 1,
+                              data.pad_id, "cpu", contextlib.nullcontext)
+    assert built == [True] and _file_backed(states.flat)
+    in_memory, _ = prefix_states(PrefixCache(), model, backbone, split, ("k",), 1, data.pad_id, "cpu",
+                                 contextlib.nullcontext)
+    assert not _file_backed(in_memory.flat) and torch.equal(in_memory.flat, states.flat)
 
 
 @pytest.mark.parametrize("saved_as", [torch.float16, torch.bfloat16])
