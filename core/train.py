@@ -92,6 +92,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
         if epoch == 1 and sharing.resumed:
             store.restore(sharing.resumed, p.params, optimizer, scheduler, device, loss_sum, p.scaler)
             skip, earlier = sharing.resumed.steps, sharing.resumed.seconds
+            started = sync_time(device)  # the copy back is no step of the run alone: its steps took `earlier`
             bar.update(skip)
         batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
         for step in range(skip, len(batches) + 1):
