@@ -2,13 +2,17 @@
 
 Frozen layers run in eval mode so that their outputs are a pure function of the input and can be cached:
 across epochs, seeds, schedulers and learning rates of a grid, and from a shallower depth to a deeper one
-(depth 6 = layers 3-5 run on the depth-3 states). States are stored unpadded in half precision.
+(depth 6 = layers 3-5 run on the depth-3 states). States are stored unpadded in the dtype the frozen layers hand
+on (fp32, also under autocast: LayerNorm computes in fp32), so the layers after them read what they would read live.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -109,7 +113,7 @@ def gap_beyond_rounding(a: torch.Tensor, b: torch.Tensor) -> float | None:
 @dataclass
 class PrefixStates:
     """Hidden states after layer depth-1 for every example of one split, unpadded and concatenated."""
-    flat: torch.Tensor          # [total tokens, hidden], float16
+    flat: torch.Tensor          # [total tokens, hidden], in the dtype the frozen layers output
     offsets: np.ndarray         # example i owns flat[offsets[i]:offsets[i+1]]
     depth: int
     build_seconds: float        # what building it cost, cumulative over the shallower caches it came from
@@ -119,9 +123,9 @@ class PrefixStates:
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()
 
-    def batch(self, indices, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    def batch(self, indices, device) -> dict[str, torch.Tensor]:
         rows = [self.flat[self.offsets[i]:self.offsets[i + 1]] for i in indices]
-        states = to_device(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), device).to(dtype)
+        states = to_device(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), device)
         lengths = torch.as_tensor(self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)])
         mask = (torch.arange(states.shape[1])[None, :] < lengths[:, None]).long()
         return {"inputs_embeds": states, "attention_mask": to_device(mask, device)}
@@ -129,9 +133,11 @@ class PrefixStates:
 
 @torch.inference_mode()
 def _run_layers(model: nn.Module, backbone: Backbone, source, lengths: np.ndarray, start: int, stop: int,
-                pad_id: int, device, autocast) -> torch.Tensor:
-    """Run layers start..stop-1 on tokens (start == 0) or on cached states; return unpadded states."""
-    out = torch.empty((int(lengths.sum()), model.config.hidden_size), dtype=torch.float16)
+                pad_id: int, device, autocast, allocate=None) -> torch.Tensor:
+    """Run layers start..stop-1 on tokens (start == 0) or on cached states; return unpadded states, written into
+    allocate(shape, dtype) (host memory by default)."""
+    allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    out = None
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     was_training = model.training
     model.eval()
@@ -140,18 +146,21 @@ def _run_layers(model: nn.Module, backbone: Backbone, source, lengths: np.ndarra
             inputs = source.batch(indices, pad_id, device) if start == 0 else source.batch(indices, device)
             with autocast():
                 hidden = backbone.base(**inputs).last_hidden_state
-            hidden = hidden.to("cpu", torch.float16)
+            hidden = hidden.to("cpu")
+            if out is None:  # the dtype the live layers hand on: a run on cached states reads what they compute
+                out = allocate((int(lengths.sum()), hidden.shape[-1]), hidden.dtype)
             for row, i in enumerate(indices):
                 out[offsets[i]:offsets[i + 1]] = hidden[row, :lengths[i]]
     model.train(was_training)
-    return out
+    return out if out is not None else torch.empty((0, model.config.hidden_size))
 
 
 class PrefixCache:
     """A session's store of prefix states, keyed by (model, data, split, rows, depth), within a memory budget.
 
     States stay on the run's device while they fit `device_budget_gb`, else in host memory while they fit
-    `host_budget_gb`, else in a memory-mapped file; the least recently used entries are dropped first.
+    `host_budget_gb`, else in a memory-mapped file; the least recently used entries are dropped first. States that
+    can only end in a file are built into one: the build never holds more host memory than the budget.
     """
 
     def __init__(self, device_budget_gb: float = 4.0, host_budget_gb: float = 4.0):
@@ -159,6 +168,7 @@ class PrefixCache:
         self.host_budget = host_budget_gb * 2**30
         self.entries: OrderedDict[tuple, PrefixStates] = OrderedDict()
         self._disk = None
+        self._mapped = weakref.WeakValueDictionary()  # id -> tensor backed by a file
 
     def has(self, key: tuple, depth: int) -> bool:
         return (key, depth) in self.entries
@@ -178,26 +188,44 @@ class PrefixCache:
         self._store((key, depth), states, torch.device(device))
         return states, False
 
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """Where a build writes its states: host memory, or a file where they can be kept neither on the device nor
+        in host memory (`_store`'s rule for an entry alone)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        on_device = torch.device(device).type != "cpu" and nbytes <= self.device_budget
+        if nbytes > self.host_budget and not on_device:
+            return self._file(shape, dtype)
+        return torch.empty(shape, dtype=dtype)
+
     def _store(self, entry: tuple, states: PrefixStates, device: torch.device) -> None:
         while self.entries and self._used() + states.nbytes > self.device_budget + self.host_budget:
             self.entries.popitem(last=False)
         on_device = sum(s.nbytes for s in self.entries.values() if s.flat.device.type != "cpu")
         if device.type != "cpu" and on_device + states.nbytes <= self.device_budget:
             states.flat = states.flat.to(device)
-        elif self._used() - on_device + states.nbytes > self.host_budget:
-            states.flat = self._memmap(states.flat)
+        elif self._used() - on_device + states.nbytes > self.host_budget and not self._in_file(states.flat):
+            states.flat = self._file(states.flat.shape, states.flat.dtype).copy_(states.flat)
         self.entries[entry] = states
 
     def _used(self) -> int:
         return sum(s.nbytes for s in self.entries.values())
 
-    def _memmap(self, flat: torch.Tensor) -> torch.Tensor:
+    def _in_file(self, tensor: torch.Tensor) -> bool:
+        return self._mapped.get(id(tensor)) is tensor
+
+    def _file(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor in a memory-mapped file, unlinked once mapped: its disk space goes when the entry does."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
         self._disk = self._disk or tempfile.TemporaryDirectory(prefix="prefix-cache-")
         path = f"{self._disk.name}/{len(self.entries)}-{time.monotonic_ns()}.bin"
-        array = np.memmap(path, dtype=np.float16, mode="w+", shape=tuple(flat.shape))
-        array[:] = flat.numpy()
-        array.flush()
-        return torch.from_numpy(array)
+        array = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))  # bytes: numpy has no bfloat16
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        tensor = torch.from_numpy(array).view(dtype).view(shape)
+        self._mapped[id(tensor)] = tensor
+        return tensor
 
     def clear(self) -> None:
         self.entries.clear()
@@ -209,7 +237,8 @@ def prefix_states(cache: PrefixCache, model: nn.Module, backbone: Backbone, spli
 
     def build(shallower: PrefixStates | None, start: int) -> torch.Tensor:
         source = split if shallower is None else shallower
-        return _run_layers(model, backbone, source, split.lengths, start, depth, pad_id, device, autocast)
+        return _run_layers(model, backbone, source, split.lengths, start, depth, pad_id, device, autocast,
+                           lambda shape, dtype: cache.allocate(shape, dtype, device))
 
     build.lengths = split.lengths
     return cache.get(split_key, depth, build, device)

@@ -13,6 +13,7 @@ from core.record import RunRecord, now
 if TYPE_CHECKING:
     from core.session import Session
     from core.prepare import Prepared
+    from core.timing import StepTiming
     from core.train import Training
 
 
@@ -27,7 +28,7 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
     if training.timing and p.cached and training.timing.prefix_seconds is not None:
         # Steps and prefix build as timed together, alone and quiet (`StepTiming.prefix_seconds`), not this run's
         # own build under whatever load it met: one moment for both parts of what the run costs alone
-        alone = training.timing.record(training.steps, extra=training.timing.prefix_seconds)
+        alone = training.timing.record(training.steps, extra=charged_prefix_seconds(p, training.timing))
     elif training.timing:  # what the run costs alone: its steps at the timed per-step cost, plus its prefix build
         alone = training.timing.record(training.steps, extra=prefix_train, extra_contention=p.prefix.get("contended"))
     else:
@@ -63,3 +64,13 @@ def make_record(p: Prepared, training: Training, test_metrics: dict | None, sess
         validation_correct="".join("1" if x == y else "0" for x, y in zip(predictions, splits["validation"].labels)),
         validation_labels=[int(y) for y in splits["validation"].labels],
     )
+
+
+def charged_prefix_seconds(p: Prepared, step_timing: StepTiming | None) -> float:
+    """The frozen-prefix build a run's train_seconds includes: the quiet build kept with its step timing where there
+    is one (both parts of the time from one moment), else its own (as measured when built, even if reused)."""
+    if not p.cached:
+        return 0.0
+    if step_timing is not None and step_timing.prefix_seconds is not None:
+        return step_timing.prefix_seconds
+    return p.prefix["seconds"].get("train", 0.0)

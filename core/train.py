@@ -26,7 +26,7 @@ from core.device import clip_gradients, make_optimizer, make_schedule, precision
 from core.model import device_name, frozen_modules
 from core.prepare import Prepared, caches_prefix, prepare, split_rows
 from core.record import RunRecord
-from core.recording import make_record
+from core.recording import charged_prefix_seconds, make_record
 from core.session import Session
 
 EpochCallback = Callable[[dict], "str | None"]
@@ -92,6 +92,7 @@ def train_epochs(p: Prepared, forward, session: Session, on_epoch: EpochCallback
         if epoch == 1 and sharing.resumed:
             store.restore(sharing.resumed, p.params, optimizer, scheduler, device, loss_sum, p.scaler)
             skip, earlier = sharing.resumed.steps, sharing.resumed.seconds
+            started = sync_time(device)  # the copy back is no step of the run alone: its steps took `earlier`
             bar.update(skip)
         batches = length_grouped_batches(p.train.lengths, config.batch_size, seed=config.seed * 1000 + epoch)
         for step in range(skip, len(batches) + 1):
@@ -130,10 +131,10 @@ def end_epoch(p: Prepared, forward, session: Session, done: Training, epoch: int
     metrics, predictions = evaluate(p, forward, "validation", session)
     dev = evaluate(p, forward, "dev", session)[0] if "dev" in p.splits else None
     done.eval_seconds += time.perf_counter() - started
-    # An epoch's train_seconds is what it costs alone (timed steps; the prefix build counts in epoch 1),
-    # the seconds the search's pruning compares; loop_seconds what its steps took here.
-    prefix_train = p.prefix["seconds"].get("train", 0.0) if p.cached else 0.0
-    alone = done.timing.seconds(steps, prefix_train if epoch == 1 else 0.0)[0] if done.timing else epoch_seconds
+    # An epoch's train_seconds is what it costs alone (timed steps; the prefix build the record charges counts in
+    # epoch 1), the seconds the search's pruning compares; loop_seconds what its steps took here.
+    prefix = charged_prefix_seconds(p, done.timing) if epoch == 1 else 0.0
+    alone = done.timing.seconds(steps, prefix)[0] if done.timing else epoch_seconds + prefix
     entry = {"epoch": epoch, **metrics, **{f"dev_{k}": v for k, v in (dev or {}).items()},
              "train_loss": round(train_loss, 5), "train_seconds": round(alone, 3),
              "loop_seconds": round(epoch_seconds, 3)}

@@ -2,6 +2,8 @@
 and ends exactly where it would have ended alone."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import quick_config
@@ -57,6 +59,20 @@ def test_a_sibling_resumes_bit_for_bit(tiny_bert, toy_data, depth, precision, fi
     assert not torch.equal(weights[2], weights[0])
     # What the run costs alone: its own steps plus what the shared ones took when they ran.
     assert second["history"][0]["loop_seconds"] >= second["shared_steps"]["seconds"] > 0
+
+
+def test_putting_a_sibling_at_the_snapshot_is_not_its_training_time(tiny_bert, toy_data, monkeypatch):
+    """Without a timing pass train_seconds is the loop as it ran plus the shared steps as they ran: copying the
+    snapshot back (weights, AdamW moments) is neither, as taking it is not the first run's."""
+    linear = quick_config(tiny_bert, toy_data, warmup_ratio=0.3)
+    cosine = linear.replace(scheduler="cosine")
+    restore = shared_steps.SharedSteps.restore
+    monkeypatch.setattr(shared_steps.SharedSteps, "restore", staticmethod(
+        lambda *args: time.sleep(1.0) or restore(*args)))  # a model large enough for the copy to take a second
+    session = Session(timing_repeats=0)
+    run(linear, session, device="cpu", progress=False, siblings=[linear, cosine])
+    second = run(cosine, session, device="cpu", progress=False)
+    assert second["shared_steps"] and second["train_loop_seconds"] < 1.0 and second["wall_seconds"] > 1.0
 
 
 def test_only_schedule_siblings_share(tiny_bert, toy_data):

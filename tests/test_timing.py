@@ -322,6 +322,7 @@ def test_a_frozen_prefix_is_built_alone_and_a_contended_build_marks_the_run(tiny
     assert not again.contended and "prefix_evidence" not in again.timing  # charged the quiet build kept with them
     assert again.timing["extra_seconds"] == build < again.prefix_cache["seconds"]["train"] - 0.4
     assert again.train_seconds == pytest.approx(again.timing["steps"] * again.timing["per_step"] + build, abs=2e-3)
+    assert again.history[0]["train_seconds"] == again.train_seconds  # the epoch (what a search prunes on) alike
 
     fresh = core.train.run(config, device="cpu", progress=False, session=session(tmp_path / "fresh"))
     assert fresh.contended and "1.00 of 2 cores" in fresh.timing["prefix_evidence"]  # no quiet build to stand in
