@@ -16,7 +16,6 @@ at a time.
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 from collections.abc import Callable, Sequence
 
@@ -180,21 +179,15 @@ def exact_dropout_problem(model: nn.Module, depth: int, batches: list[dict], pad
     on the last (`core.session.probe_batches`: of another length), each alone from a seed of its own, then stacked
     with the same seeds: their logits must be each run's own. A dropout this module does not reach (a functional call, a
     subclass of its own, an `nn.Dropout` over more than one tokens dim) draws other masks and fails here."""
-    from core.model import freeze, frozen_modules, find_backbone
-    from core.prefix_cache import error_phrase, gap_beyond_rounding
-    from core.stacked import pad_and_stack
-    from core.stacked_modules import stack_models
+    from core.model import frozen_modules, find_backbone
+    from core.prefix_cache import error_phrase
+    from core.stacked_modules import logits_gap, probe_runs, stacked_probe
 
-    runs = [copy.deepcopy(model).float() for _ in range(2)]
-    noise = torch.Generator().manual_seed(0)
+    runs = probe_runs(model, depth)
     for run in runs:
-        freeze(run, depth)
         run.train()
         for module in [] if frozen_dropout else frozen_modules(find_backbone(run), depth):
             module.eval()
-    for param in runs[1].parameters():
-        if param.requires_grad:
-            param.add_(0.02 * torch.randn(param.shape, generator=noise))
     own = [batches[0], batches[-1]]
     outside = torch.get_rng_state()
     try:
@@ -203,20 +196,16 @@ def exact_dropout_problem(model: nn.Module, depth: int, batches: list[dict], pad
             states.append(torch.Generator().manual_seed(seed).get_state())  # the CPU's generator only (no CUDA's)
             torch.set_rng_state(states[-1])
             alone.append(run(**batch).logits)
-        inputs, labels, _ = pad_and_stack(own, [torch.zeros(len(b["input_ids"]), dtype=torch.long) for b in own],
-                                          pad_id)
-        stacked, axis = stack_models(runs)
-        axis.rows = labels.shape[1]
+        stacked, axis, inputs = stacked_probe(runs, own, pad_id)
         random = RunRandom(states, "cpu")
         install(stacked, random)
-        random.begin_step(labels.shape[1], inputs["attention_mask"].shape[1],
+        random.begin_step(axis.rows, inputs["attention_mask"].shape[1],
                           [(len(b["input_ids"]), b["attention_mask"].shape[1]) for b in own])
         together = stacked(**inputs).logits.view(2, axis.rows, -1)
     except Exception as error:  # any failure means: train these runs one at a time
         return f"two runs stacked with their own dropout masks fail ({error_phrase(error)})"
     finally:
         torch.set_rng_state(outside)
-    mine = torch.cat([together[run, :len(a)] for run, a in enumerate(alone)])
-    if (gap := gap_beyond_rounding(mine, torch.cat(alone))) is not None:
+    if (gap := logits_gap(together, alone)) is not None:
         return f"two runs stacked draw other dropout masks than each alone (logits up to {gap:.2g} apart)"
     return None

@@ -105,31 +105,51 @@ def stack_problem(model: nn.Module, depth: int, batches: Sequence[dict] | dict |
     return _stacked_forward_mismatch(model, depth, [batches] if isinstance(batches, dict) else list(batches), pad_id)
 
 
-@torch.no_grad()
-def _stacked_forward_mismatch(model: nn.Module, depth: int, batches: list[dict], pad_id: int) -> str | None:
-    """Two runs (the model, and a copy with every trained weight moved by noise) stacked, in eval mode and full
-    precision, run 0 on the first batch and run 1 on the last, each padded to the pair's rows and length as a
-    stacked step pads them (`core.stacked.pad_and_stack`): why their logits are not each run's own, or None."""
-    from core.stacked import pad_and_stack  # core.stacked builds on this module
-    runs = [copy.deepcopy(model).float().eval() for _ in range(2)]
+def probe_runs(model: nn.Module, depth: int) -> list[nn.Module]:
+    """The two runs a stack check compares, in fp32 and frozen to `depth`: the model, and a copy with every trained
+    weight moved by noise (so that a stacked twin mixing up its runs shows)."""
+    runs = [copy.deepcopy(model).float() for _ in range(2)]
     noise = torch.Generator().manual_seed(0)
     for run in runs:
         freeze(run, depth)
-    for param in runs[1].parameters():
-        if param.requires_grad:
-            param.add_(0.02 * torch.randn(param.shape, generator=noise))
+    with torch.no_grad():
+        for param in runs[1].parameters():
+            if param.requires_grad:
+                param.add_(0.02 * torch.randn(param.shape, generator=noise))
+    return runs
+
+
+def stacked_probe(runs: list[nn.Module], own: list[dict], pad_id: int) -> tuple[nn.Module, RunAxis, dict]:
+    """`runs` stacked, and their batches `own` padded and stacked as a training step does
+    (`core.stacked.pad_and_stack`): (the stacked model, its run axis set to the step's rows, its inputs)."""
+    from core.stacked import pad_and_stack  # core.stacked builds on this module
+    inputs, labels, _ = pad_and_stack(own, [torch.zeros(len(b["input_ids"]), dtype=torch.long) for b in own], pad_id)
+    stacked, axis = stack_models(runs)
+    axis.rows = labels.shape[1]
+    return stacked, axis, inputs
+
+
+def logits_gap(together: torch.Tensor, alone: list[torch.Tensor]) -> float | None:
+    """How far each run's rows of the stacked logits ([runs, rows, labels]) are from its logits alone, where that is
+    beyond rounding (`core.prefix_cache.gap_beyond_rounding`), else None."""
+    mine = torch.cat([together[run, :len(a)] for run, a in enumerate(alone)])
+    return gap_beyond_rounding(mine, torch.cat(alone))
+
+
+@torch.no_grad()
+def _stacked_forward_mismatch(model: nn.Module, depth: int, batches: list[dict], pad_id: int) -> str | None:
+    """Two runs (`probe_runs`) stacked, in eval mode and full precision, run 0 on the first batch and run 1 on the
+    last, each padded to the pair's rows and length as a stacked step pads them: why their logits are not each
+    run's own, or None."""
+    runs = [run.eval() for run in probe_runs(model, depth)]
     own = [batches[0], batches[-1]]
     try:
         alone = [run(**batch).logits for run, batch in zip(runs, own)]
-        inputs, _, weights = pad_and_stack(own, [torch.zeros(len(b["input_ids"]), dtype=torch.long) for b in own],
-                                           pad_id)
-        stacked, axis = stack_models(runs)
-        axis.rows = weights.shape[1]
+        stacked, axis, inputs = stacked_probe(runs, own, pad_id)
         together = stacked.eval()(**inputs).logits.view(2, axis.rows, -1)
     except Exception as error:  # any failure of the stacked forward means: do not stack this model
         return f"two runs stacked fail ({error_phrase(error)})"
-    mine = torch.cat([together[run, :len(a)] for run, a in enumerate(alone)])
-    if (gap := gap_beyond_rounding(mine, torch.cat(alone))) is not None:
+    if (gap := logits_gap(together, alone)) is not None:
         return f"two runs stacked compute other logits than each alone (up to {gap:.2g} apart)"
     return None
 
