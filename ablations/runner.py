@@ -113,7 +113,7 @@ def make_trainer(args: argparse.Namespace, pass_as: str, session=None, engine: s
     def one_group(config: RunConfig, extra: Any) -> dict:  # a group of one: siblings do not apply in a group
         result = run_group([config], session, args.device, on_epoch=[extra] if pass_as == "on_epoch" else None,
                            capture=CapturedStep if engine == "captured" else None,
-                           exact_dropout=getattr(args, "exact_dropout", False))[0]
+                           exact_dropout=args.exact_dropout)[0]
         if isinstance(result, Exception):
             raise result
         return result.to_dict()
@@ -152,7 +152,7 @@ def make_group_trainer(args: argparse.Namespace, session, engine: str
             return on_end
         try:
             results = run_group(configs, session, args.device, on_epoch=[noting(c) for c in callbacks],
-                                capture=capture, exact_dropout=getattr(args, "exact_dropout", False))
+                                capture=capture, exact_dropout=args.exact_dropout)
         except torch.cuda.OutOfMemoryError:
             if len(configs) == 1 or ended:
                 raise
@@ -196,13 +196,12 @@ def choose_engine(args: argparse.Namespace, config: RunConfig, group_size: int) 
     from core.group import choose_engine as choose
     if args.compile and args.engine == "auto":
         return "eager"  # --compile is the eager step's option: asking for it picks that engine
-    exact = getattr(args, "exact_dropout", False)
-    if exact and args.engine == "captured":
+    if args.exact_dropout and args.engine == "captured":
         raise UsageError("--exact-dropout draws each run's masks from the host, which a captured graph cannot: "
                          "use --engine stacked or auto")
     engine = choose(args.engine, args.device or default_device(), group_size, config.model, config.max_length,
                     config.precision)
-    if engine == "captured" and exact:
+    if engine == "captured" and args.exact_dropout:
         engine = "stacked"  # --engine auto: a graph cannot set each run's random state between draws
     if engine != "eager" and args.compile:
         raise UsageError("--compile applies to the eager engine: drop it, or use --engine eager")

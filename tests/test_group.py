@@ -234,10 +234,11 @@ def test_compile_on_cuda_picks_the_eager_engine_and_refuses_an_explicit_other(mo
     probes = []
     monkeypatch.setattr(run_group_module, "probe_capture", lambda *args: probes.append(args) or (True, ""))
     config = quick_config(model, "unused")
-    assert choose_engine(Namespace(engine="auto", device="cuda", compile=True), config, 4) == "eager"
+    compiled = Namespace(engine="auto", device="cuda", compile=True, exact_dropout=False)
+    assert choose_engine(compiled, config, 4) == "eager"
     assert probes == []
     with pytest.raises(UsageError, match="--compile applies to the eager engine"):
-        choose_engine(Namespace(engine="captured", device="cuda", compile=True), config, 4)
+        choose_engine(Namespace(engine="captured", device="cuda", compile=True, exact_dropout=False), config, 4)
 
 
 def test_engine_choice_on_the_cpu(model):
@@ -252,7 +253,7 @@ def test_engine_choice_on_the_cpu(model):
     from argparse import Namespace
 
     from ablations.runner import parallel_runs
-    flags = {"engine": "auto", "device": "cpu", "compile": False, "cache_device_gb": 4.0}
+    flags = {"engine": "auto", "device": "cpu", "compile": False, "cache_device_gb": 4.0, "exact_dropout": False}
     assert parallel_runs(Namespace(max_parallel_runs="auto", **flags), config) == ("eager", 1)
     assert parallel_runs(Namespace(max_parallel_runs="4", **flags), config) == ("stacked", 4)
     assert parallel_runs(Namespace(max_parallel_runs="4", **{**flags, "engine": "eager"}), config) == ("eager", 1)

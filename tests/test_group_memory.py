@@ -82,7 +82,7 @@ def test_the_prefix_cache_budget_is_kept_aside_before_runs_are_counted(model, mo
     assert group_size(config, "cpu", free_bytes=free, reserved=2 * free) == 1
     from ablations.runner import parallel_runs
     seen = []
-    flags = {"engine": "auto", "device": "cpu", "compile": False, "max_parallel_runs": "auto"}
+    flags = {"engine": "auto", "device": "cpu", "compile": False, "max_parallel_runs": "auto", "exact_dropout": False}
     monkeypatch.setattr(run_group_module, "group_size", lambda *args, **kwargs: seen.append(kwargs) or 1)
     parallel_runs(Namespace(cache_device_gb=1.5, **flags), config)
     assert seen[0]["reserved"] == int(1.5 * 2**30)  # --cache-device-gb
@@ -202,7 +202,7 @@ def test_a_group_that_ran_out_of_memory_is_let_go_before_its_halves_train(model,
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(run_group_module, "run_group", sized)
     configs = [quick_config(model, data, seed=s) for s in range(4)]
-    results = make_group_trainer(Namespace(device="cpu"), Session(), "stacked")(configs)
+    results = make_group_trainer(Namespace(device="cpu", exact_dropout=False), Session(), "stacked")(configs)
     assert len(results) == 4 and alive[0]() is None
 
 
@@ -242,9 +242,10 @@ def test_out_of_memory_after_an_epoch_ended_fails_the_group_as_before(model, dat
     configs = [quick_config(model, data, seed=s) for s in range(4)]
     asked = out_of_memory_above(2, monkeypatch, after_epoch=True)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        make_group_trainer(Namespace(device="cpu"), Session(), "stacked")(configs, [lambda entry: None] * 4)
+        make_group_trainer(Namespace(device="cpu", exact_dropout=False), Session(), "stacked")(
+            configs, [lambda entry: None] * 4)
     assert asked == [4]
     asked = out_of_memory_above(0, monkeypatch)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        make_group_trainer(Namespace(device="cpu"), Session(), "stacked")(configs[:1])
+        make_group_trainer(Namespace(device="cpu", exact_dropout=False), Session(), "stacked")(configs[:1])
     assert asked == [1]
