@@ -127,7 +127,8 @@ def make_group_trainer(args: argparse.Namespace, session, engine: str
     stored, or the error that failed it.
 
     The automatic group size is an estimate (`core.group.bytes_per_run`). A group that runs out of device memory
-    before any of its runs ended an epoch is trained again as two halves, and later groups of the command are
+    before any of its runs ended an epoch (while capturing its step too: `core.captured`) is trained again as two
+    halves, and later groups of the command are
     held to that size, with one line saying so; a group of one, or one that had ended an epoch (its callbacks
     have seen results), fails as before."""
     import torch

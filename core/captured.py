@@ -15,7 +15,9 @@ needs static shapes and no host syncs, so:
   and replayed; every step executes exactly once.
 Capture is tried in a child process first (`probe_capture`): capturing Hugging Face DistilBERT crashed the
 process (segfault) on an H100, and a crash must not take the run with it. Where capture is unavailable (a
-CPU, a failed probe, an error while capturing) the step runs eagerly, and one log line says why.
+CPU, a failed probe, an error while capturing) the step runs eagerly, and one log line says why — except where
+the device ran out of memory capturing a group's first epoch: that group is trained again in halves
+(`oom_raises`, `ablations.runner.make_group_trainer`), since a smaller captured group beats a larger eager one.
 """
 from __future__ import annotations
 
@@ -108,6 +110,9 @@ class CapturedStep:
         self.replayed = 0  # steps that ran as a replayed graph (the record says "captured" only if any did)
         self.stream = None
         self.why = ""  # why the step runs eagerly, once it does
+        # Running out of memory while capturing raises (the caller trains the group again smaller) instead of going
+        # on eagerly: `core.group.train_group` sets it for a group of several runs until its first epoch ends.
+        self.oom_raises = False
         if not self.enabled:
             self.why = reason or ("capture needs CUDA" if self.device.type != "cuda" else "capture switched off")
             log.warning("training step runs eagerly: %s", self.why)
@@ -128,6 +133,8 @@ class CapturedStep:
         try:
             self.replays[bucket] = self._capture(static)
         except Exception as error:  # noqa: BLE001 - any capture failure means: go on eagerly
+            if self.oom_raises and (out_of_memory := _out_of_memory(error)) is not None:
+                raise out_of_memory
             self.enabled = False
             self.why = f"capturing it failed ({(str(error).splitlines() or [type(error).__name__])[0][:200]})"
             log.warning("training step runs eagerly: %s", self.why)
@@ -158,6 +165,14 @@ class CapturedStep:
             graph.replay()
             return loss
         return replay
+
+
+def _out_of_memory(error: BaseException | None) -> torch.cuda.OutOfMemoryError | None:
+    """The device's out-of-memory error behind `error`: itself, or the one that ending an aborted capture (which can
+    raise in its turn) was handling."""
+    while error is not None and not isinstance(error, torch.cuda.OutOfMemoryError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 @functools.lru_cache(maxsize=16)  # one answer per (model, length, device, precision) for the process: seconds each

@@ -185,6 +185,8 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         if capture is not None else first.autocast  # a captured step's autocast keeps no weight-cast cache
     engine = StackedRuns(runs, steps_per_epoch, first.data.pad_id, first.device, autocast, first.cached,
                          capture=capture, loss_scaling=first.precision == "fp16", exact_dropout=bool(random_states))
+    if engine.captured is not None:  # a group too big to capture is trained again in halves, not eagerly
+        engine.captured.oom_raises = len(prepared) > 1
     outcome: list[Training | Exception] = list(done)
 
     def live(i: int, epoch: int) -> bool:  # not failed, not stopped early, and this epoch is one of the run's
@@ -200,6 +202,8 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                 engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
             started = sync_time(first.device)
             losses = engine.train_epoch(epoch, session.timer.pause_point)
+            if engine.captured is not None:  # the epoch's results go out now (`on_epoch`): no retry after this
+                engine.captured.oom_raises = False
             share = (sync_time(first.device) - started) / len(members)  # the group's loop, per run
             for slot, i in enumerate(members):
                 p, training = prepared[i], done[i]

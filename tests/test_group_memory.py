@@ -249,3 +249,66 @@ def test_out_of_memory_after_an_epoch_ended_fails_the_group_as_before(model, dat
     with pytest.raises(torch.cuda.OutOfMemoryError):
         make_group_trainer(Namespace(device="cpu", exact_dropout=False), Session(), "stacked")(configs[:1])
     assert asked == [1]
+
+
+
+def graph_that_fits(runs: int):
+    """A CPU stand-in for CUDA graphs (`conftest.GraphOnTheCpu`) whose capture runs out of device memory for a group
+    of more than `runs` runs, as capture_end raising in its turn leaves it: the out-of-memory error as the context
+    of another. Returns the class and the group sizes it captured."""
+    from conftest import GraphOnTheCpu
+    captured: list[int] = []
+
+    class FitsOnly(GraphOnTheCpu):
+        def _capture(self, static):
+            size = static["labels"].shape[0]
+            if size > runs:
+                try:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                except torch.cuda.OutOfMemoryError:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            captured.append(size)
+            return super()._capture(static)
+    return FitsOnly, captured
+
+
+def test_a_group_that_runs_out_of_memory_capturing_trains_again_in_halves_still_captured(model, data, monkeypatch,
+                                                                                         capsys, caplog):
+    """Capturing a group's step allocates its graph's memory pool: where the memory rule was wrong, the whole group
+    went on eagerly (one step ≈ 25 ms of launches on an H100 instead of ≈ 3 ms replayed). Before its first epoch
+    ends it is now trained again in halves, captured; each run's record as the run alone."""
+    import core.captured
+    from ablations.runner import make_group_trainer
+    stand_in, captured = graph_that_fits(2)
+    monkeypatch.setattr(core.captured, "CapturedStep", stand_in)
+    configs = [quick_config(model, data, seed=s, epochs=1) for s in range(4)]
+    alone = [run_group([c], Session(), "cpu")[0] for c in configs]
+    with caplog.at_level("WARNING", logger="core.captured"):
+        results = make_group_trainer(Namespace(device="cpu", exact_dropout=False), Session(), "captured")(configs)
+    assert "a group of 4 runs ran out of device memory: training groups of at most 2" in capsys.readouterr().out
+    assert not [r for r in caplog.records if "eagerly" in r.getMessage()]
+    assert captured and set(captured) == {2}
+    assert [r["engine"] for r in results] == ["captured (2 runs)"] * 4
+    assert [r["validation_predictions"] for r in results] == [r.validation_predictions for r in alone]
+
+
+def test_out_of_memory_capturing_goes_on_eagerly_after_an_epoch_ended_and_in_a_group_of_one(model, data, monkeypatch,
+                                                                                           caplog):
+    """A group whose epoch's results went out (to the pruner, say) is not trained again, and a group of one has no
+    halves: there a capture that runs out of memory goes on eagerly, as before."""
+    from core.stacked import StackedRuns
+    stand_in, captured = graph_that_fits(0)
+    with caplog.at_level("WARNING", logger="core.captured"):
+        (alone,) = run_group([quick_config(model, data, seed=0, epochs=1)], Session(), "cpu", capture=stand_in)
+    assert alone.engine == "stacked (1 run)" and captured == []
+    assert [r.getMessage() for r in caplog.records] == ["training step runs eagerly: capturing it failed (CUDA error: "
+                                                        "operation failed due to a previous error during capture)"]
+    seen, train_epoch = [], StackedRuns.train_epoch
+
+    def noting(self, epoch, *args, **kwargs):
+        seen.append((epoch, self.captured.oom_raises))
+        return train_epoch(self, epoch, *args, **kwargs)
+    monkeypatch.setattr(StackedRuns, "train_epoch", noting)
+    stand_in, captured = graph_that_fits(2)
+    run_group([quick_config(model, data, seed=s, epochs=2) for s in range(2)], Session(), "cpu", capture=stand_in)
+    assert seen == [(1, True), (2, False)]
