@@ -103,23 +103,16 @@ def _duration(seconds: float) -> str:
 def refuse_other_data(study, base: RunConfig) -> None:
     """A UsageError where the study holds completed runs of other data than `base`'s: their accuracies are on
     other sentences, so one map or Pareto front over both would compare what cannot be compared (and the default
-    --study-name is the same for every dataset). Data is compared as the run id compares it, by its rows
-    (`core.identity.data_fingerprint`): another spelling or a copied folder is the same data. Where only one side
-    can be read here (a folder since moved or deleted; a Hub id online, whose rows are not read) nothing is
-    refused: the two cannot be told apart."""
+    --study-name is the same for every dataset). Data is compared by its rows (`core.identity.same_data`)."""
     from optuna.trial import TrialState
 
-    from core.identity import data_fingerprint
+    from core.identity import same_data
     wanted = tuple(getattr(base, field) for field in DATA_FIELDS)
     stored = {tuple(c.get(field) for field in DATA_FIELDS)
               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if (c := (t.user_attrs.get("record") or {}).get("config"))} - {wanted}
-    if not stored:
-        return
-    new = data_fingerprint(*wanted)
+              if (c := (t.user_attrs.get("record") or {}).get("config"))}
     for data in sorted(stored, key=str):
-        old = data_fingerprint(*data)
-        if old != new and (old == data[0]) == (new == base.dataset):  # both read (or both names): comparable
+        if same_data(data, wanted) is False:
             raise UsageError(f"study {study.study_name!r} holds runs of other data ({data[0]!r}"
                              f"{', columns ' + ', '.join(map(str, data[1:])) if any(data[1:]) else ''}): choose "
                              "another --study-name (python -m ablations.report reads several studies at once)")

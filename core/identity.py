@@ -78,6 +78,18 @@ def data_fingerprint(dataset: str, text_column: str | None = None, label_column:
     return _DATA_HASHES[key]
 
 
+def same_data(first: tuple, second: tuple) -> bool | None:
+    """Whether two (dataset, text_column, label_column) name the same rows, as the run id compares them (another
+    spelling, folder or copy is the same data); None where only one side can be read here (a folder since moved or
+    deleted, a Hub id online), which cannot be told apart."""
+    if first == second:
+        return True
+    one, other = data_fingerprint(*first), data_fingerprint(*second)
+    if (one == first[0]) != (other == second[0]):
+        return None
+    return one == other
+
+
 def _rows_hash(dataset: str, text_column: str | None, label_column: str | None) -> str:
     from core.columns import detect_columns, drop_unlabeled_test
     from core.sources import load_raw

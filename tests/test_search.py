@@ -350,6 +350,22 @@ def test_a_study_refuses_another_space_or_other_fixed_settings(tmp_path):
         open_search_study(search.ledger.storage, "search", "accuracy", SMALL, search.base)
 
 
+def test_a_study_takes_a_copy_of_its_data_folder_and_refuses_other_data(tmp_path, toy_data):
+    """The run id hashes the data's rows, so a copied or moved data folder trains the same runs; the search refused
+    it as other fixed settings (the grid takes it)."""
+    import shutil
+
+    from conftest import write_toy_dataset
+    base = quick_config(str(tmp_path / "model"), toy_data)
+    search = searcher(tmp_path, base=base)
+    search.run(1, progress=False)
+    copy = shutil.copytree(toy_data, tmp_path / "copy")
+    open_search_study(search.ledger.storage, "search", "pareto", SMALL, base.replace(dataset=str(copy)))
+    other = write_toy_dataset(tmp_path / "other", train=80)
+    with pytest.raises(UsageError, match=f"was created with dataset='{toy_data}', not '{other}'"):
+        open_search_study(search.ledger.storage, "search", "pareto", SMALL, base.replace(dataset=str(other)))
+
+
 def test_the_accuracy_objective_has_its_own_study_and_optunas_median_pruner(tmp_path):
     search = searcher(tmp_path, "search-accuracy", objective="accuracy")
     search.study.pruner = optuna.pruners.MedianPruner()
