@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ablations.stats import compare_f1_seed_pairs, compare_seed_pairs, correctness, f1_interval, holm
+from ablations.stats import compare_f1_seed_pairs, compare_seed_pairs, correctness, f1_interval, holm, pareto_front
 from ablations.tuning import choose_configuration, metrics_of
+from core.config import DATA_FIELDS
 
 NUISANCE = ("learning_rate", "warmup_ratio", "weight_decay")
 COLUMN = {"accuracy": "accuracy", "macro-F1": "f1"}  # compared_on -> the table's column prefix
@@ -108,6 +109,17 @@ def _test(mine: list[dict], theirs: list[dict], metric: str):
     if labels is not None and any(len(predictions) != len(labels) for predictions, _ in pairs):
         labels = None  # not the validation set these runs were scored on
     return compare_f1_seed_pairs(pairs, labels, mine[0].get("num_labels") or 2, len(ours), len(theirs))
+
+
+def pareto_flags(table: pd.DataFrame, metric: str = "accuracy") -> list[bool]:
+    """The Pareto front (`ablations.stats.pareto_front`) of each dataset's rows apart: a front over the rows of
+    several datasets (a report of several studies) would let one dataset's accuracy dominate another's."""
+    data = [field for field in DATA_FIELDS if field in table.columns]
+    flags = pd.Series(False, index=table.index)
+    for _, rows in (table.groupby(data, dropna=False, sort=False) if data else [(None, table)]):
+        flags[rows.index] = pareto_front(rows[f"{COLUMN[metric]}_mean"].tolist(), rows["train_seconds"].tolist(),
+                                         rows["train_seconds_lo"].tolist(), rows["train_seconds_hi"].tolist())
+    return flags.tolist()
 
 
 def compare_with_baselines(table: pd.DataFrame, groups: dict[str, tuple[dict, list[dict]]],

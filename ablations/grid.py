@@ -13,7 +13,7 @@ from ablations.runner import (add_parallel_argument, add_study_arguments, defaul
                               make_group_trainer, make_trainer, parallel_runs, write_report)
 from core.cli import (ArgumentParser, add_run_arguments, check_output_dir, config_from_args, main_guard,
                       new_folders_removed_on_error)
-from core.config import RunConfig
+from core.config import DATA_FIELDS, RunConfig
 from core.errors import UsageError
 
 if TYPE_CHECKING:  # the cell loop, optuna, torch and the ledger load when the grid runs, not for --help
@@ -100,6 +100,31 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min"
 
 
+def refuse_other_data(study, base: RunConfig) -> None:
+    """A UsageError where the study holds completed runs of other data than `base`'s: their accuracies are on
+    other sentences, so one map or Pareto front over both would compare what cannot be compared (and the default
+    --study-name is the same for every dataset). Data is compared as the run id compares it, by its rows
+    (`core.identity.data_fingerprint`): another spelling or a copied folder is the same data. Where only one side
+    can be read here (a folder since moved or deleted; a Hub id online, whose rows are not read) nothing is
+    refused: the two cannot be told apart."""
+    from optuna.trial import TrialState
+
+    from core.identity import data_fingerprint
+    wanted = tuple(getattr(base, field) for field in DATA_FIELDS)
+    stored = {tuple(c.get(field) for field in DATA_FIELDS)
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if (c := (t.user_attrs.get("record") or {}).get("config"))} - {wanted}
+    if not stored:
+        return
+    new = data_fingerprint(*wanted)
+    for data in sorted(stored, key=str):
+        old = data_fingerprint(*data)
+        if old != new and (old == data[0]) == (new == base.dataset):  # both read (or both names): comparable
+            raise UsageError(f"study {study.study_name!r} holds runs of other data ({data[0]!r}"
+                             f"{', columns ' + ', '.join(map(str, data[1:])) if any(data[1:]) else ''}): choose "
+                             "another --study-name (python -m ablations.report reads several studies at once)")
+
+
 def make_trainers(args: argparse.Namespace, session, engine: str = "eager") -> tuple[TrainFn, GroupTrainFn]:
     """The grid's trainers of one run (`ablations.runner.make_trainer`, given the cell's schedule siblings) and of
     a group of runs (`ablations.runner.make_group_trainer`), over the command's one session."""
@@ -172,6 +197,7 @@ def run_grid(args, url, output_dir, configs, grid, base, depths, rates, session,
     study = open_study(ledger.storage, args.study_name)
     if "search" in study.user_attrs:  # its runs would pin nothing and the search could not go on (a grid's study)
         raise UsageError(f"study {args.study_name!r} holds a search, not a grid: choose another --study-name")
+    refuse_other_data(study, base)
     study.set_user_attr("grid", {"freeze_depths": depths, "schedulers": list(grid.schedulers),
                                  "epochs": list(grid.epochs), "seeds": list(grid.seeds), "base": base.to_dict(),
                                  "lr_by_depth": rates and {str(d): rates[d] for d in depths}})

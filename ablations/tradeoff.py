@@ -18,8 +18,8 @@ import pandas as pd
 from ablations import plots, tuning_plots
 from ablations.markdown import DEFAULT_BASELINE, compared_metric, failed_runs_note, markdown
 from ablations.plot_labels import point_label
-from ablations.baselines import COLUMN, compare_with_baselines, compared_on, f1_summary, tune_baselines
-from ablations.stats import accuracy_interval, pareto_front
+from ablations.baselines import compare_with_baselines, compared_on, f1_summary, pareto_flags, tune_baselines
+from ablations.stats import accuracy_interval
 from ablations.tuning import metrics_of, rate_curve_rows, tuned_cells
 from core.record import shows_macro_f1
 
@@ -175,8 +175,7 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
     table = pd.DataFrame(rows)
     tune_baselines(table, groups, overrides)
     metric = compared_on([record for _, records in groups.values() for record in records])
-    table["pareto"] = pareto_front(table[f"{COLUMN[metric]}_mean"].tolist(), table["train_seconds"].tolist(),
-                                   table["train_seconds_lo"].tolist(), table["train_seconds_hi"].tolist())
+    table["pareto"] = pareto_flags(table, metric)  # each dataset's front apart
     table = compare_with_baselines(table, groups, metric).drop(columns=["baseline_key", "config_key"])
     return table.sort_values(shown, kind="stable", na_position="first").reset_index(drop=True)
 

@@ -98,6 +98,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_ONLY = ("scheduler", "epochs", "warmup_ratio", "select_by")
 PER_RUN_FIELDS = ("seed", "scheduler", "epochs", "learning_rate", "warmup_ratio", "weight_decay", "select_by")
 COST_FREE = tuple(dict.fromkeys(PER_RUN_FIELDS + SCHEDULE_ONLY))
+DATA_FIELDS = ("dataset", "text_column", "label_column")  # what a run's validation sentences and labels are
 
 
 def _help(text: str, **kwargs):

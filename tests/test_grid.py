@@ -350,3 +350,28 @@ def test_a_grid_into_a_search_study_is_refused_and_leaves_the_search_able_to_go_
     assert "Traceback" not in said.err
     study = optuna.load_study(study_name="search", storage=url)
     assert "grid" not in study.user_attrs and not study.trials
+
+
+def test_a_study_of_one_dataset_refuses_a_grid_of_another_but_takes_a_copy_of_its_own(tiny_bert, toy_data, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The default --study-name is the same for every dataset: a grid on other data trained into the study of the
+    first, and its report put both datasets' accuracies on one Pareto front."""
+    import shutil
+
+    from ablations.grid import main
+    copy = shutil.copytree(toy_data, tmp_path / "copy")  # another folder, the same rows: the same runs
+    other = write_toy_dataset(tmp_path / "other", train=80)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    def grid(data: str) -> int:
+        argv = grid_command(tiny_bert, str(data), tmp_path / "out", url, "--freeze-depths", "1",
+                            "--schedulers", "linear", "--timing-repeats", "1")
+        return run_command(monkeypatch, main, "python -m ablations.grid", *argv[3:])
+
+    assert grid(toy_data) == 0 and grid(copy) == 0
+    capsys.readouterr()
+    assert grid(other) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"study 'grid' holds runs of other data ('{toy_data}'" in err, err
+    trials = optuna.load_study(study_name="grid", storage=url).get_trials()
+    assert len(trials) == 1 and trials[0].user_attrs["record"]["config"]["dataset"] == toy_data

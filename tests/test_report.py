@@ -271,6 +271,17 @@ def test_varying_fields_are_shown_and_pareto_flags(runs):
     assert bool(row(table, freeze_depth=0)["pareto"])
 
 
+def test_each_dataset_of_a_report_of_several_studies_has_its_own_front(runs):
+    """Accuracies on other sentences do not compare: a report over two datasets' studies put both on one front,
+    where the easier dataset's rows dominated every row of the harder one."""
+    harder = [make_run(depth, "linear", 2, seed, accuracy, seconds, study="other", dataset="imdb", number=10 + i)
+              for i, (depth, seed, accuracy, seconds) in enumerate(
+                  [(0, 0, 0.70, 60.0), (0, 1, 0.71, 61.0), (4, 0, 0.66, 30.0), (4, 1, 0.65, 31.0)])]
+    table = tradeoff_table(runs + harder)
+    assert {"glue/sst2", "imdb"} == set(table["dataset"])
+    assert table["pareto"].tolist() == [True] * 4
+
+
 def test_markdown_names_methods_data_and_marks_rows(runs):
     table = tradeoff_table(runs)
     text = markdown(table, report_context(runs, table))
