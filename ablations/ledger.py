@@ -19,13 +19,13 @@ worker's clock:
    and stored the next time the storage answers (this invocation's next loop, or the next one).
 Storages written before the table existed are indexed once on open (one light query, no records); their runs
 keep the ids of that time (`RunConfig.legacy_run_id`), which a look-up also tries.
+The read side (a run id's status, its record, every COMPLETE trial by run id) is `ablations.ledger_reads`.
 Optuna's GridSampler is deliberately not used: it counts FAIL cells as done and can hand one cell to two
 workers (optuna#2039, #5489).
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
 
 import optuna
 import sqlalchemy as sa
@@ -33,6 +33,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
+from ablations.ledger_reads import LedgerReads, RunStatus, StoredRuns
 from ablations.runs_table import COUNTED_FAILURES, RUNS, create_runs_table, insert_row, read_rows
 from ablations.storage import Spool, mask_url, retrying
 from core.errors import UsageError
@@ -59,59 +60,17 @@ def objective_values(study: optuna.Study, record: dict) -> list[float]:
     return values[:len(study.directions)]
 
 
-@dataclass
-class RunStatus:
-    """What the storage knows about one run id: its row in `ablation_runs` (or none)."""
-    run_id: str
-    state: str | None = None      # None: never claimed
-    trial_id: int | None = None
-    where: str = ""               # 'study#number' of that trial
-    failures: int = 0
-    live: bool = False            # RUNNING and its trial still alive
-
-    @property
-    def complete(self) -> bool:
-        return self.state == "COMPLETE"
-
-
-@dataclass
-class StoredRuns:
-    """The COMPLETE trials of one run id (the search's Pareto pruning reads records across studies)."""
-    complete: list[FrozenTrial] = field(default_factory=list)
-
-
-class Ledger:
+class Ledger(LedgerReads):
     """Reads and writes runs on one storage. Trials of every study count: a run id trains once per storage."""
 
     def __init__(self, storage: RDBStorage, spool: Spool | None = None):
-        self.storage = storage
+        super().__init__(storage)
         self.spool = spool or Spool.for_url(str(storage.engine.url))
-        self._where: dict[int, str] = {}
         self._params: dict[int, tuple[dict, dict]] = {}
-        self._complete: dict[int, FrozenTrial] = {}   # COMPLETE trials read by `scan`, by trial id
-        self._studies_read: set[int] = set()             # studies whose COMPLETE trials `scan` has read in a batch
         create_runs_table(storage.engine)
         self.flush_spool()
 
-    # -- look-ups --------------------------------------------------------------------------------------------
-    def _status(self, run_id: str, row: dict | None) -> RunStatus:
-        if row is None:
-            return RunStatus(run_id)
-        where = f"{row['study']}#{row['number']}"
-        self._where[row["trial_id"]] = where
-        state, live = row["state"], False
-        if state == "RUNNING":
-            trial_state = self._trial_state(row["trial_id"])
-            live = trial_state == TrialState.RUNNING
-            if trial_state == TrialState.COMPLETE:   # told, and its row about to say so: done, never retaken
-                state = "COMPLETE"
-        return RunStatus(run_id, state, row["trial_id"], where, row["failures"], live)
-
-    def _trial_state(self, trial_id: int) -> TrialState | None:
-        trials = models.TrialModel.__table__
-        with self.storage.engine.connect() as connection:
-            return connection.execute(sa.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
-
+    # -- look-ups (the rest of the read side: `ablations.ledger_reads`) --------------------------------------
     def lookup(self, configs: list) -> dict[str, RunStatus]:
         """The status of each config's run id. A run stored under its legacy id (storages written before
         fingerprints) counts as done: the new id is recorded as an alias of that trial."""
@@ -125,10 +84,6 @@ class Ledger:
             if old and old["state"] == "COMPLETE" and insert_row(self.storage.engine, {**old, "run_id": run_id}):
                 rows[run_id] = {**old, "run_id": run_id}
         return {run_id: self._status(run_id, rows.get(run_id)) for run_id in ids}
-
-    def lookup_ids(self, run_ids: list[str]) -> dict[str, RunStatus]:
-        rows = read_rows(self.storage.engine, run_ids)
-        return {run_id: self._status(run_id, rows.get(run_id)) for run_id in run_ids}
 
     # -- claims ----------------------------------------------------------------------------------------------
     def claim(self, study: optuna.Study, run_id: str, trial_id: int) -> RunStatus | None:
@@ -182,6 +137,10 @@ class Ledger:
         trial = self.storage.get_trial(trial_id)
         self._params[trial_id] = (trial.params, trial.distributions)
         return self.claim(study, run_id, trial_id)
+
+    def fail_stale(self) -> None:
+        for summary in self.storage.get_all_studies():
+            optuna.storages.fail_stale_trials(optuna.load_study(study_name=summary.study_name, storage=self.storage))
 
     def _release(self, trial_id: int, state: str, failed: bool = False) -> None:
         with self.storage.engine.begin() as connection:
@@ -271,51 +230,4 @@ class Ledger:
         """Answer a run from an identical one that already ran (in this study or another on the storage)."""
         record = self.record(status)
         self._add_complete(study, status.run_id, params, distributions, record, reused_from=status.where)
-
-    def record(self, status: RunStatus) -> dict:
-        return self.storage.get_trial(status.trial_id).user_attrs["record"]
-
-    def complete_in_study(self, study: optuna.Study) -> set[str]:
-        """Run ids with a COMPLETE trial in `study` (one light query: no records)."""
-        trials, attrs = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
-        query = sa.select(attrs.c.value_json).join(trials, trials.c.trial_id == attrs.c.trial_id).where(
-            (trials.c.study_id == study._study_id) & (trials.c.state == TrialState.COMPLETE) &
-            (attrs.c.key == "run_id"))
-        with self.storage.engine.connect() as connection:
-            return {value.strip('"') for value in connection.execute(query).scalars()}
-
-    def fail_stale(self) -> None:
-        for summary in self.storage.get_all_studies():
-            optuna.storages.fail_stale_trials(optuna.load_study(study_name=summary.study_name, storage=self.storage))
-
-    def where(self, trial: FrozenTrial) -> str:
-        """'study#number' of a trial seen by the last look-up or scan."""
-        return self._where.get(trial._trial_id, f"trial id {trial._trial_id}")
-
-    def scan(self) -> dict[str, StoredRuns]:
-        """Every COMPLETE trial with its record, by run id: the search's pruning reads these before each trial.
-        A finished trial never changes, so the ledger keeps those it has read: a scan lists the COMPLETE trials in
-        one light query (no records) and reads only those it has not seen, a study it meets first in one batch."""
-        trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
-        query = sa.select(trials.c.trial_id, trials.c.number, trials.c.study_id, studies.c.study_name).join(
-            studies, studies.c.study_id == trials.c.study_id).where(trials.c.state == TrialState.COMPLETE).order_by(
-            trials.c.study_id, trials.c.trial_id)
-        with self.storage.engine.connect() as connection:
-            complete = connection.execute(query).all()
-        for trial_id, _, study_id, _ in complete:
-            if trial_id in self._complete:
-                continue
-            if study_id in self._studies_read:
-                self._complete[trial_id] = self.storage.get_trial(trial_id)
-            else:
-                self._complete.update((trial._trial_id, trial) for trial in self.storage.get_all_trials(
-                    study_id, deepcopy=False, states=(TrialState.COMPLETE,)))
-                self._studies_read.add(study_id)
-        index: dict[str, StoredRuns] = {}
-        for trial_id, number, _, study_name in complete:
-            self._where[trial_id] = f"{study_name}#{number}"
-            trial = self._complete[trial_id]
-            if (run_id := trial.user_attrs.get("run_id")) is not None:
-                index.setdefault(run_id, StoredRuns()).complete.append(trial)
-        return index
 

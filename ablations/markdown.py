@@ -232,7 +232,7 @@ def failed_runs_note(ledger: pd.DataFrame, most: int = 5) -> str:
     """The runs that failed and never completed (a retry that completed is in the table), which no row holds: a
     configuration whose every seed failed (a NaN loss at a high rate) would otherwise be absent without a word.
     `ledger` is `ablations.tradeoff.run_table`."""
-    from ablations.plots import point_label
+    from ablations.plot_labels import point_label
     done = set(ledger.loc[ledger["state"] == "COMPLETE", "run_id"].dropna())
     failed = ledger[(ledger["state"] == "FAIL") & ~ledger["run_id"].isin(done)]
     key = failed["run_id"].fillna(failed["study"].astype(str) + "#" + failed["number"].astype(str))

@@ -14,48 +14,14 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.transforms import Bbox
+
+from ablations.label_placement import place_labels
+from ablations.plot_labels import reported, time_axis_label, varying_fields
 
 SIZE = (16, 10)   # inches; at DPI this is 1920 x 1200 px
 DPI = 120
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 PERCENT = 100
-SCHEDULER_SHORT = {"linear": "lin", "cosine": "cos", "constant": "const", "constant_with_warmup": "const-w",
-                   "cosine_with_restarts": "cos-r", "polynomial": "poly", "inverse_sqrt": "isqrt"}
-
-
-LABEL_NAMES = {"learning_rate": "lr", "warmup_ratio": "warmup", "weight_decay": "wd", "max_train_samples": "n",
-               "batch_size": "batch", "device": "", "dev_size": "dev"}
-
-
-def _value_text(value) -> str:
-    """Two significant digits for a float (7.42921e-05 -> 7.4e-05, 0.16777 -> 0.17): a label names a point, the
-    table holds the exact value."""
-    return f"{value:.2g}" if isinstance(value, float) else str(value)
-
-
-def point_label(fields: dict, extra: list[str]) -> str:
-    """Short point label such as 'd4 cos 2ep', plus any other field that varies ('lr 7.4e-05 warmup 0.17')."""
-    scheduler = SCHEDULER_SHORT.get(str(fields.get("scheduler")), str(fields.get("scheduler")))
-    parts = [f"d{fields.get('freeze_depth')}", scheduler, f"{fields.get('epochs')}ep"]
-    from ablations.markdown import UNSET
-    for name in extra:
-        short, value = LABEL_NAMES.get(name, name), fields.get(name)
-        parts.append(f"{short} {UNSET.get(name, value) if value is None else _value_text(value)}".strip())
-    return " ".join(parts)
-
-
-def varying_fields(table: pd.DataFrame) -> list[str]:
-    """Configuration fields beyond depth, schedule and epochs that differ between rows (e.g. learning_rate)."""
-    candidates = table.columns[3:table.columns.get_loc("label")].drop("learning_rate_choice", errors="ignore")
-    return [name for name in candidates if table[name].astype(str).nunique() > 1]
-
-
-def reported(table: pd.DataFrame) -> tuple[str, str]:
-    """The metric the figures draw (the table's `compared_on`: accuracy, or macro-F1 where every run chose by it)
-    as (column prefix, name): ("accuracy", "accuracy") or ("f1", "macro-F1")."""
-    from ablations.markdown import compared_metric
-    return ("f1", "macro-F1") if compared_metric(table) == "macro-F1" else ("accuracy", "accuracy")
 
 
 def _style():
@@ -83,86 +49,12 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def _label_offsets() -> list[tuple[float, float]]:
-    """Candidate label offsets in points: rings of growing radius around the point, 16 directions each,
-    starting up-right (where the eye expects a label)."""
-    angles = [math.radians(30 + 22.5 * k) for k in range(16)]
-    return [(radius * math.cos(a), radius * math.sin(a)) for radius in (12, 26, 44, 66, 92, 122) for a in angles]
-
-
-def _place_labels(figure: Figure, ax, xs: list[float], ys: list[float], labels: list[str]) -> None:
-    """Put each label where it overlaps no marker and no label placed so far: the nearest free place on rings
-    around its point (a thin leader line when it is not next to it), else the place of least overlap.
-
-    Runs after the layout is final (the layout engine is switched off here), since it measures in pixels."""
-    figure.draw_without_rendering()
-    figure.set_layout_engine("none")
-    renderer = FigureCanvasAgg(figure).get_renderer()
-    axes_box = ax.get_window_extent(renderer)
-    points = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
-    taken = [Bbox.from_bounds(px - 10, py - 10, 20, 20) for px, py in points]
-
-    def overlap(box: Bbox) -> float:
-        area = sum(max(0.0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0.0, min(box.y1, o.y1) - max(box.y0, o.y0))
-                   for o in taken)
-        inside = axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1
-        return area + (0.0 if inside else 1e9)
-
-    for x, y, label in sorted(zip(xs, ys, labels), key=lambda point: -point[1]):
-        best = None
-        for dx, dy in _label_offsets():
-            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=14,
-                               ha="left" if dx > 3 else "right" if dx < -3 else "center",
-                               va="bottom" if dy > 3 else "top" if dy < -3 else "center",
-                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
-            box = text.get_window_extent(renderer).expanded(1.02, 1.06)
-            text.remove()
-            cost = overlap(box)
-            if best is None or cost < best[0]:
-                best = (cost, dx, dy, box)
-            if cost == 0:
-                break
-        _, dx, dy, box = best
-        leader = {"arrowstyle": "-", "color": "0.45", "lw": 0.9, "shrinkA": 0, "shrinkB": 6} \
-            if math.hypot(dx, dy) > 20 else None
-        ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=14,
-                    ha="left" if dx > 3 else "right" if dx < -3 else "center",
-                    va="bottom" if dy > 3 else "top" if dy < -3 else "center", arrowprops=leader,
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8}, zorder=5)
-        taken.append(box)
-
-
 def _time_error(row) -> list[list[float]] | None:
     """x error bar from the configuration's 95 % timing interval; none for runs timed before intervals were."""
     low, high = getattr(row, "train_seconds_lo", math.nan), getattr(row, "train_seconds_hi", math.nan)
     if pd.isna(low) or pd.isna(high):
         return None
     return [[max(0.0, row.train_seconds - low)], [max(0.0, high - row.train_seconds)]]
-
-
-def time_axis_label(table: pd.DataFrame) -> str:
-    """What the x axis measures: the solo cost where every row was timed alone, else says which were not
-    (`ablations.markdown.timed_alone`: a single timing round is alone, without an interval)."""
-    from ablations.markdown import timed_alone, timing_passes
-    timed, interval = timed_alone(table)
-
-    def bars(over: str) -> str:
-        if interval[timed].all():
-            return f"x bars: 95 % interval over {over}"
-        if not interval[timed].any():
-            return "one timing round: no interval"
-        return f"x bars: 95 % interval over {over}; none: one timing round"
-    if timed.all():
-        passes, shapes = timing_passes(table)
-        if len(passes) == 1 and shapes > 1:
-            return (f"training time alone, from one sitting of {int(shapes)} work shapes timed together "
-                    f"(s; {bars('its rounds')})")  # the sitting's shapes: a search times depths it may not draw
-        if len(passes) > 1:
-            return f"training time alone, from {len(passes)} timing passes (s; {bars('repeats')})"
-        return f"training time alone (s; {bars('timing repeats')})"
-    if not timed.any():
-        return "training time as it ran (s; not timed alone, other work may have shared the machine)"
-    return f"training time (s; {int(timed.sum())} of {len(table)} timed alone; the others as they ran)"
 
 
 def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
@@ -221,7 +113,7 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         # taken under load looked like one taken alone.
         labels = [label + (" ★" if pareto else "") + (" ⚠" if loaded else "") + (" ‡" if share else "")
                   for label, pareto, loaded, share in zip(table["label"], table["pareto"], contended, shared)]
-        _place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table[f"{column}_mean"]), labels)
+        place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table[f"{column}_mean"]), labels)
         return _save(figure, path)
 
 
@@ -316,3 +208,4 @@ def curves(history: pd.DataFrame, about: dict[str, str], path: Path, metric: str
                             frameon=False)
         figure.suptitle(f"Validation {metric} per epoch (mean over seeds)\n{_title(about)}", fontsize=19)
         return _save(figure, path)
+

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ablations import plots, tuning_plots
 from ablations.markdown import DEFAULT_BASELINE, compared_metric, failed_runs_note, markdown
+from ablations.plot_labels import point_label
 from ablations.baselines import compare_with_baselines, compared_on, f1_summary, pareto_flags, tune_baselines
 from ablations.stats import accuracy_interval
 from ablations.tuning import metrics_of, rate_curve_rows, tuned_cells
@@ -160,7 +161,7 @@ def tradeoff_table(runs: list[dict], baseline: dict | None = None) -> pd.DataFra
         devs = [r.get("dev_accuracy") for r in records]
         target = json.dumps(fields | overrides, sort_keys=True, default=str)
         rows.append({**{name: fields.get(name) for name in shown}, **{k: how[key] for k in rate_choice},
-                     "label": plots.point_label(fields, in_label),
+                     "label": point_label(fields, in_label),
                      "seeds": len(records), "accuracy_mean": interval.mean, "accuracy_low": interval.low,
                      "accuracy_high": interval.high, "interval": interval.method,
                      "dev_accuracy_mean": sum(devs) / len(devs) if None not in devs else math.nan,
@@ -236,7 +237,7 @@ def _history(runs: list[dict]) -> pd.DataFrame:
     for key in tuned_cells(groups):  # the table's rows: a tuned cell's other rates are lr_curves.png's, not these
         fields, records = groups[key]
         for record in records:
-            rows += [{"label": plots.point_label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
+            rows += [{"label": point_label(fields, extra), "freeze_depth": fields.get("freeze_depth"),
                       "scheduler": fields.get("scheduler"), "epochs": fields.get("epochs"),
                       "seed": record["config"]["seed"], "epoch": point["epoch"], "accuracy": point["accuracy"],
                       "f1": point.get("f1", math.nan)}

@@ -1,12 +1,11 @@
-"""Load a classifier, find its embeddings and layer list, freeze a prefix of it."""
+"""Load a classifier: check its folder and config before anything heavy, load the pretrained weights once and
+copy them per run with a freshly drawn head. Its backbone and freezing (`core.backbone`) are part of this
+module's public names, so callers import the whole model side from here."""
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,19 +13,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from core.backbone import (SUPPORTED, Backbone, check_freeze_depth, count_parameters, decay_groups, decays,
+                           find_backbone, freeze, frozen_modules, num_layers)
 from core.errors import UsageError, first_line
 from core.hub import check_model_source, is_local, offline_hint
+from core.model_files import check_model_files
 
-# Modules that run before the first layer; ELECTRA projects small embeddings up to the hidden size.
-EMBEDDING_MODULES = ("embeddings", "embeddings_project")
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
-SUPPORTED = ("BERT-like encoders whose layers are one list (DistilBERT, BERT, MiniLM, RoBERTa, ELECTRA, "
-             "DeBERTa, MPNet, ModernBERT, …; README: First run, --model)")
+__all__ = ["Backbone", "check_freeze_depth", "check_max_length", "check_settings", "count_parameters", "decay_groups",
+           "decays", "device_name", "find_backbone", "fresh_model", "freeze", "frozen_modules", "load_model",
+           "load_pretrained", "load_tokenizer", "meta_model", "model_config", "num_layers", "preflight",
+           "token_limit"]
 
 
 def model_config(name: str) -> PretrainedConfig:
@@ -50,53 +46,6 @@ def model_config(name: str) -> PretrainedConfig:
     return config
 
 
-def check_model_files(folder: Path, name: str) -> None:
-    """A local model folder holds intact weights and a tokenizer; without tokenizer files transformers builds a
-    5-token vocabulary that maps every word to [UNK], and the run trains on nothing."""
-    weights = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
-    if not weights:
-        raise UsageError(f"model folder {name!r} has no weights ({', '.join(WEIGHT_FILES[::2])})")
-    if weights[0].name == "model.safetensors.index.json":
-        try:
-            shards = sorted(set(json.loads(weights[0].read_text())["weight_map"].values()))
-        except (ValueError, KeyError, OSError) as error:
-            raise UsageError(f"the weight index {str(weights[0])!r} is unreadable ({first_line(error)})") from None
-        for shard in shards:
-            check_safetensors(folder / shard)
-    elif weights[0].suffix == ".safetensors":
-        check_safetensors(weights[0])
-    elif weights[0].stat().st_size == 0:
-        raise UsageError(f"the weights file {str(weights[0])!r} is empty: download or save the model again")
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise UsageError(f"model folder {name!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
-                         "save the tokenizer with the model (tokenizer.save_pretrained)")
-
-
-def check_safetensors(path: Path) -> None:
-    """Read a safetensors header (8-byte length, JSON, then the tensor bytes) and check the file holds every
-    tensor it lists: a zero-byte, truncated or foreign file fails here in one line, not in a loader's traceback."""
-    def bad(why: str) -> UsageError:
-        return UsageError(f"the weights file {str(path)!r} is not a usable safetensors file ({why}): download or "
-                          "save the model again")
-    if not path.is_file():
-        raise bad("it is missing")
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        head = file.read(8)
-        if len(head) < 8:
-            raise bad(f"{size} bytes")
-        length = struct.unpack("<Q", head)[0]
-        if length > min(size - 8, 100_000_000):
-            raise bad("its header length is beyond the end of the file")
-        try:
-            header = json.loads(file.read(length))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise bad("its header is not safetensors JSON") from None
-    if 8 + length + end > size:
-        raise bad(f"truncated: {size} bytes of {8 + length + end}")
-
-
 def check_settings(config) -> PretrainedConfig:
     """Every check of a run's settings that needs no weights (the dataset path, the model's config, the freeze
     depth and --max-length against it); returns the model's config. `core.prepare.check` and `preflight`."""
@@ -117,21 +66,6 @@ def preflight(config, session) -> PretrainedConfig:
     data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
     find_backbone(session.model(config.model, data.label_names))
     return model_cfg
-
-
-def num_layers(config: PretrainedConfig) -> int:
-    count = getattr(config, "num_hidden_layers", None)
-    if not isinstance(count, int):
-        raise UsageError(f"cannot tell how many layers a {config.model_type!r} model has: freezing supports "
-                         f"{SUPPORTED}")
-    return count
-
-
-def check_freeze_depth(depth: int, config: PretrainedConfig, name: str) -> None:
-    layers = num_layers(config)
-    if not 0 <= depth <= layers:
-        raise UsageError(f"--freeze-depth {depth} is invalid for {name!r}, which has {layers} layers: use 0 to "
-                         f"{layers}")
 
 
 def meta_model(name: str) -> nn.Module:
@@ -223,77 +157,6 @@ def _from_pretrained(name: str, labels: list[str]) -> tuple[nn.Module, list[str]
     new = {k[0] if isinstance(k, tuple) else k for k in (*info["missing_keys"], *info["mismatched_keys"])}
     owners = {key.rsplit(".", 1)[0] for key in new}
     return model, [module_name for module_name, _ in model.named_modules() if module_name in owners]
-
-
-@dataclass
-class Backbone:
-    """Where a model keeps what freezing touches: the base model, its embedding modules and its layer list."""
-    base: nn.Module
-    embedding_names: tuple[str, ...]
-    layers_parent: nn.Module
-    layers_name: str
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return getattr(self.layers_parent, self.layers_name)
-
-    def embedding_modules(self) -> list[nn.Module]:
-        return [getattr(self.base, n) for n in self.embedding_names]
-
-
-def find_backbone(model: nn.Module) -> Backbone:
-    base = getattr(model, model.base_model_prefix, None)
-    kind = model.config.model_type
-    if base is None or not isinstance(getattr(base, "embeddings", None), nn.Module):
-        raise UsageError(f"cannot find the embeddings of a {kind!r} model: freezing supports {SUPPORTED}")
-    count = num_layers(model.config)
-    # The layer list is the ModuleList as long as the model is deep, closest to the base (encoder.layer,
-    # transformer.layer, ...), so new BERT-like architectures work without a table of names.
-    candidates = [(name, module) for name, module in base.named_modules()
-                  if isinstance(module, nn.ModuleList) and len(module) == count and name]
-    if not candidates:
-        raise UsageError(f"cannot find the {count} encoder layers of a {kind!r} model: freezing supports "
-                         f"{SUPPORTED}")
-    path = min(candidates, key=lambda c: c[0].count("."))[0]
-    parent_path, _, attr = path.rpartition(".")
-    parent = base.get_submodule(parent_path) if parent_path else base
-    embeddings = tuple(n for n in EMBEDDING_MODULES if isinstance(getattr(base, n, None), nn.Module))
-    return Backbone(base, embeddings, parent, attr)
-
-
-def frozen_modules(backbone: Backbone, depth: int) -> list[nn.Module]:
-    if depth == 0:
-        return []
-    return backbone.embedding_modules() + list(backbone.layers[:depth])
-
-
-def freeze(model: nn.Module, depth: int) -> Backbone:
-    """Freeze the embeddings and layers 0..depth-1 (depth 0 trains everything), as the reference study did."""
-    backbone = find_backbone(model)
-    check_freeze_depth(depth, model.config, model.config.name_or_path or model.config.model_type)
-    for parameter in model.parameters():
-        parameter.requires_grad = True
-    for module in frozen_modules(backbone, depth):
-        for parameter in module.parameters():
-            parameter.requires_grad = False
-    return backbone
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def decays(param: torch.Tensor) -> bool:
-    """Whether AdamW's weight decay applies: not to biases and normalisation weights (fewer than 2 dims)."""
-    return param.ndim >= 2
-
-
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: `weight_decay` on the parameters that `decays`, none on the others."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if decays(p)], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0}]
 
 
 def device_name(device: torch.device) -> str:

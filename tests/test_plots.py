@@ -11,7 +11,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from test_report import make_run
 
-from ablations import plots, tuning_plots
+from ablations import plot_labels, plots, tuning_plots
 from ablations.report import tradeoff_table
 
 ABOUT = {"model": "m", "data": "d", "train": "2,000", "validation": "200", "device": "cpu"}
@@ -99,7 +99,7 @@ def test_tradeoff_points_labels_and_legend_match_the_table(monkeypatch):
     assert {t.get_text(): h.get_marker() for t, h in zip(schedule_legend.get_texts(),
                                                           schedule_legend.legend_handles)} == marker
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front ★", "baseline", "⚠ timed under load"]
-    assert ax.get_xlabel().replace("\n", " ") == plots.time_axis_label(table)  # wrapped to the axes, not cut
+    assert ax.get_xlabel().replace("\n", " ") == plot_labels.time_axis_label(table)  # wrapped to the axes, not cut
     rings = [line for line in ax.lines if line.get_markerfacecolor() == "none"]
     assert sorted((line.get_xdata()[0], line.get_ydata()[0]) for line in rings) == sorted(
         (row.train_seconds, 100 * row.accuracy_mean) for row in table.itertuples() if row.baseline)
@@ -172,14 +172,14 @@ def test_depth_colours_tell_neighbours_apart_and_read_on_white(count):
 def test_point_labels_round_floats():
     fields = {"freeze_depth": 3, "scheduler": "cosine", "epochs": 2, "learning_rate": 7.42921e-05,
               "warmup_ratio": 0.16777, "max_train_samples": 2000}
-    assert plots.point_label(fields, ["learning_rate", "warmup_ratio", "max_train_samples"]) == \
+    assert plot_labels.point_label(fields, ["learning_rate", "warmup_ratio", "max_train_samples"]) == \
         "d3 cos 2ep lr 7.4e-05 warmup 0.17 n 2000"
 
 
 def test_the_time_axis_says_whether_its_times_were_taken_alone():
     import pandas as pd
 
-    from ablations.plots import time_axis_label
+    from ablations.plot_labels import time_axis_label
     nan = float("nan")
     timed = pd.DataFrame({"train_seconds_lo": [1.0, 2.0]})
     untimed = pd.DataFrame({"train_seconds_lo": [nan, nan], "timed_at": [None, None]})
