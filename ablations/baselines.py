@@ -111,12 +111,17 @@ def _test(mine: list[dict], theirs: list[dict], metric: str):
     return compare_f1_seed_pairs(pairs, labels, mine[0].get("num_labels") or 2, len(ours), len(theirs))
 
 
-def pareto_flags(table: pd.DataFrame, metric: str = "accuracy") -> list[bool]:
-    """The Pareto front (`ablations.stats.pareto_front`) of each dataset's rows apart: a front over the rows of
-    several datasets (a report of several studies) would let one dataset's accuracy dominate another's."""
+def data_groups(table: pd.DataFrame) -> list[pd.DataFrame]:
+    """The table's rows of each dataset apart (a report of several studies can hold several): accuracies on other
+    sentences do not compare, so each dataset has its own Pareto front."""
     data = [field for field in DATA_FIELDS if field in table.columns]
+    return [rows for _, rows in table.groupby(data, dropna=False, sort=False)] if data else [table]
+
+
+def pareto_flags(table: pd.DataFrame, metric: str = "accuracy") -> list[bool]:
+    """The Pareto front (`ablations.stats.pareto_front`) of each dataset's rows (`data_groups`)."""
     flags = pd.Series(False, index=table.index)
-    for _, rows in (table.groupby(data, dropna=False, sort=False) if data else [(None, table)]):
+    for rows in data_groups(table):
         flags[rows.index] = pareto_front(rows[f"{COLUMN[metric]}_mean"].tolist(), rows["train_seconds"].tolist(),
                                          rows["train_seconds_lo"].tolist(), rows["train_seconds_hi"].tolist())
     return flags.tolist()

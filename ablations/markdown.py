@@ -65,7 +65,7 @@ def time_methods(metric: str = "accuracy") -> str:
         "other processes loaded the machine (evidence in tradeoff.csv, column `contention`), so the time may be "
         "inflated. Speed-up = baseline time / configuration time, bounded by the two time intervals (exactly 1 where "
         "both read one timing: the same work shape and steps). ★ = Pareto-"
-        f"optimal: no other configuration is {as_good} and clearly faster (its time interval lies "
+        f"optimal: no other configuration on the same data is {as_good} and clearly faster (its time interval lies "
         f"entirely below this one's), and none with the same measured time {better}; a time difference "
         "inside the timing noise decides nothing.")
 

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ablations.baselines import data_groups
 from ablations.label_placement import place_labels
 from ablations.plot_labels import reported, time_axis_label, varying_fields
 
@@ -78,9 +79,10 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             if row.baseline:
                 ax.plot(row.train_seconds, mean, "o", markersize=30, markerfacecolor="none",
                         markeredgecolor="crimson", markeredgewidth=3, zorder=4)
-        front = table[table["pareto"]].sort_values("train_seconds")
-        ax.step(front["train_seconds"], PERCENT * front[f"{column}_mean"], where="post", color="0.3",
-                linestyle="--", linewidth=2, zorder=2)
+        for rows in data_groups(table):  # one front per dataset: accuracies on other sentences do not compare
+            front = rows[rows["pareto"]].sort_values("train_seconds")
+            ax.step(front["train_seconds"], PERCENT * front[f"{column}_mean"], where="post", color="0.3",
+                    linestyle="--", linewidth=2, zorder=2)
         ax.margins(x=0.12, y=0.12)
         axis = time_axis_label(table)  # wider than the axes, one line ran off the figure's left edge
         ax.set_xlabel(axis.replace(" (s; ", "\n(s; ", 1) if len(axis) > 70 else axis)

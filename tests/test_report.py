@@ -502,6 +502,22 @@ def test_tradeoff_plot_draws_the_time_interval_as_x_error_bars(monkeypatch, tmp_
     assert sorted(drawn, key=lambda d: d[0]) == [(20.0, None), (40.0, [[3.0], [4.0]])]
 
 
+def test_the_tradeoff_plot_draws_one_front_per_dataset(monkeypatch, tmp_path):
+    """One step line through both datasets' fronts zigzagged from one dataset's accuracy to the other's."""
+    from matplotlib.axes import Axes
+    steps, original = [], Axes.step
+
+    def spy(self, x, y, *args, **kwargs):
+        steps.append(sorted(zip(list(x), list(y))))
+        return original(self, x, y, *args, **kwargs)
+    monkeypatch.setattr(Axes, "step", spy)
+    rows = [make_run(0, "linear", 2, 0, 0.90, 40.0), make_run(4, "linear", 2, 0, 0.85, 20.0),
+            make_run(0, "linear", 2, 0, 0.70, 60.0, dataset="imdb", study="other"),
+            make_run(4, "linear", 2, 0, 0.65, 30.0, dataset="imdb", study="other")]
+    write_report(rows, tmp_path)
+    assert sorted(steps) == [[(20.0, 85.0), (40.0, 90.0)], [(30.0, 65.0), (60.0, 70.0)]]
+
+
 def test_a_stored_sitting_times_every_run_of_its_study_and_the_caption_says_which_passes(tmp_path):
     """Runs timed in two passes hours apart: the caption says the speed-ups carry the drift between passes. After
     a sitting is stored with the study (timing_passes --interleave --store), every run's time comes from it (steps
