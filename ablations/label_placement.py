@@ -1,5 +1,6 @@
 """Where each point's label goes on a scatter plot: the nearest place, on rings around its point, that overlaps no
-marker and no label placed before it (`place_labels`, the trade-off figure's point labels)."""
+marker and no label placed before it and, without a leader line, is nearer its own point than any other
+(`place_labels`, the trade-off figure's point labels)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ import math
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
+
+LEADER_BEYOND = 20  # points: a label placed farther from its point than this gets a thin leader line to it
 
 
 def _label_offsets() -> list[tuple[float, float]]:
@@ -17,8 +20,10 @@ def _label_offsets() -> list[tuple[float, float]]:
 
 
 def place_labels(figure: Figure, ax, xs: list[float], ys: list[float], labels: list[str]) -> None:
-    """Put each label where it overlaps no marker and no label placed so far: the nearest free place on rings
-    around its point (a thin leader line when it is not next to it), else the place of least overlap.
+    """Put each label where it overlaps no marker and no label placed so far, nearer its own point than any other:
+    the nearest such place on rings around its point (a thin leader line when it is not next to it), else the
+    place of least overlap — but never, without a leader line, nearer another point (a reader would take it for
+    that point's label).
 
     Runs after the layout is final (the layout engine is switched off here), since it measures in pixels."""
     figure.draw_without_rendering()
@@ -28,13 +33,22 @@ def place_labels(figure: Figure, ax, xs: list[float], ys: list[float], labels: l
     points = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
     taken = [Bbox.from_bounds(px - 10, py - 10, 20, 20) for px, py in points]
 
-    def overlap(box: Bbox) -> float:
+    def overlap(box: Bbox) -> tuple[bool, float]:
+        """(whether the box leaves the axes, the area it shares with markers and labels placed so far)."""
         area = sum(max(0.0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0.0, min(box.y1, o.y1) - max(box.y0, o.y0))
                    for o in taken)
         inside = axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1
-        return area + (0.0 if inside else 1e9)
+        return not inside, area
 
-    for x, y, label in sorted(zip(xs, ys, labels), key=lambda point: -point[1]):
+    def nearer_another(box: Bbox, own: int) -> bool:
+        """Whether the label's box lies nearer another point than its own: a reader would take it for that one's."""
+        def gap(px: float, py: float) -> float:
+            return math.hypot(max(box.x0 - px, 0.0, px - box.x1), max(box.y0 - py, 0.0, py - box.y1))
+        mine = gap(*points[own])
+        return any(gap(px, py) < mine for i, (px, py) in enumerate(points) if i != own)
+
+    for own in sorted(range(len(labels)), key=lambda i: -ys[i]):
+        x, y, label = xs[own], ys[own], labels[own]
         best = None
         for dx, dy in _label_offsets():
             text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=14,
@@ -43,14 +57,19 @@ def place_labels(figure: Figure, ax, xs: list[float], ys: list[float], labels: l
                                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
             box = text.get_window_extent(renderer).expanded(1.02, 1.06)
             text.remove()
-            cost = overlap(box)
+            # In this order: inside the axes; beside its point, nearer it than any other (without a leader line, a
+            # reader takes the nearest point for the label's: a mislabel is worse than a clash); no overlap; and
+            # with a leader line, preferably nearer its own point too.
+            outside, area = overlap(box)
+            led, nearer = math.hypot(dx, dy) > LEADER_BEYOND, nearer_another(box, own)
+            cost = (outside, not led and nearer, area, led and nearer)
             if best is None or cost < best[0]:
                 best = (cost, dx, dy, box)
-            if cost == 0:
+            if not any(cost):
                 break
         _, dx, dy, box = best
         leader = {"arrowstyle": "-", "color": "0.45", "lw": 0.9, "shrinkA": 0, "shrinkB": 6} \
-            if math.hypot(dx, dy) > 20 else None
+            if math.hypot(dx, dy) > LEADER_BEYOND else None
         ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=14,
                     ha="left" if dx > 3 else "right" if dx < -3 else "center",
                     va="bottom" if dy > 3 else "top" if dy < -3 else "center", arrowprops=leader,

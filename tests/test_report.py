@@ -434,6 +434,44 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(mo
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
         assert not any(box.overlaps(other) for other in boxes[i + 1:]), ax.texts[i].get_text()
         assert not any(box.x0 < px < box.x1 and box.y0 < py < box.y1 for px, py in markers)
+    assert_each_label_is_nearest_its_own_point(ax, renderer)
+
+
+def assert_each_label_is_nearest_its_own_point(ax, renderer) -> None:
+    """A label without a leader line lies nearer its own point than any other."""
+    from matplotlib.text import Text
+    points = [tuple(ax.transData.transform(t.xy)) for t in ax.texts]
+    for text, (px, py) in zip(ax.texts, points):
+        if text.arrow_patch is not None:
+            continue  # its leader line says whose it is
+        box = Text.get_window_extent(text, renderer)
+
+        def gap(x: float, y: float) -> float:
+            return math.hypot(max(box.x0 - x, 0.0, x - box.x1), max(box.y0 - y, 0.0, y - box.y1))
+        others = [gap(x, y) for x, y in points if (x, y) != (px, py)]
+        assert min(others) >= gap(px, py), f"{text.get_text()!r} lies nearer another point than its own"
+
+
+def test_a_label_never_lies_nearer_another_point_than_its_own(monkeypatch, tmp_path):
+    """results/tradeoff.png: "d2 lin 1ep lr 0.0003" sat just right of the d4-linear square, 6 s from its own point,
+    which it reads as labelling."""
+    from ablations import plots
+    cells = [(28.3, .811), (28.3, .809), (18.5, .808), (18.5, .810), (12.3, .814), (12.3, .799), (7.2, .697),
+             (7.2, .688)]
+    table = pd.DataFrame([{"freeze_depth": 2 * (i // 2), "scheduler": "linear" if i % 2 == 0 else "cosine",
+                           "train_seconds": x, "accuracy_mean": m, "accuracy_low": m - .015, "accuracy_high": m + .015,
+                           "baseline": i < 2, "pareto": i in (4, 6),
+                           "label": f"d{2 * (i // 2)} {'lin' if i % 2 == 0 else 'cos'} 1ep lr 0.0003"}
+                          for i, (x, m) in enumerate(cells)])
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or path)
+    plots.tradeoff(table, {"model": "m", "data": "d", "train": "2,000", "validation": "872", "device": "cpu"},
+                   tmp_path / "tradeoff.png")
+    ax = drawn[0].axes[0]
+    renderer = plots.FigureCanvasAgg(drawn[0]).get_renderer()
+    for text in ax.texts:
+        text.update_positions(renderer)
+    assert_each_label_is_nearest_its_own_point(ax, renderer)
 
 
 def timed(run: dict, low: float, high: float, contended: bool = False, evidence: str = "quiet") -> dict:
