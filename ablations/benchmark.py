@@ -154,10 +154,10 @@ def step_times_main(args) -> int:
         check_freeze_depth(depth, config, args.model)
     rows = step_times(args.model, runs, depths, args.batch_size, args.length, args.steps, rounds=args.rounds)
     rounds = f"median of {args.rounds} rounds" if args.rounds != 1 else "1 round"
-    print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device']}, "
+    print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device_name']}, "
           f"{rows[0]['precision']}, batch {args.batch_size}, {args.length} tokens, {rounds})")
     for row in rows:
-        if row["ms_per_run_step"] is None:  # a captured contender whose step fell back to eager: not timed
+        if row["ms_per_run_step"] is None:  # no step to time (did not capture, or did not fit): not timed
             print(f"{row['depth']:>5d} {row['engine']:16s} {'—':>16s} {'—':>9s}   {row['not_timed']}")
             continue
         print(f"{row['depth']:>5d} {row['engine']:16s} {row['ms_per_run_step']:16.2f} {row['vs_eager']:9.2f}")
