@@ -104,8 +104,8 @@ from safetensors.torch import load_file, save_file
 from core.sources import EMBEDDED_SHA256, EMBEDDED_SST2
 from core.model import device_name
 card = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-print("the project imports; python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
-      "device", card)
+print("the project imports from", pathlib.Path(core.train.__file__).parents[1], "; python", platform.python_version(),
+      "torch", torch.__version__, "cuda", torch.version.cuda, "device", card)
 
 source, model, data, card_file = sys.argv[1:]
 pathlib.Path(card_file).write_text(card)  # session.json names the card from here
