@@ -128,22 +128,35 @@ PY
   echo "== pip list"; $PY -m pip list 2>/dev/null
 }
 
-merge_step_times() {  # every part done so far into $OUT/step_times.json; a row's "part" names its process
+merge_step_times() {  # every part done so far into $OUT/step_times.json; a row's "part" and "plan" name its
+  # process, and "parts" says how each process ended (a failed one has no rows, and its number is not reused)
   $PY - "$WORK/steps" "$OUT/step_times.json" <<'PY'
 import json, pathlib, sys
-parts = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("part*.json"))]
-rows = [{**row, "part": i} for i, part in enumerate(parts) for row in part["step_times"]]
-pathlib.Path(sys.argv[2]).write_text(json.dumps({"step_times": rows, "args": [p["args"] for p in parts]}, indent=2))
+folder = pathlib.Path(sys.argv[1])
+parts = [dict(zip(("part", "plan", "exit_code"), line.split()))
+         for line in (folder / "parts.txt").read_text().splitlines()]
+rows, args = [], []
+for part in parts:
+    part["part"], part["exit_code"] = int(part["part"]), int(part["exit_code"])
+    found = folder / f"part{part['part']}.json"
+    done = json.loads(found.read_text()) if part["exit_code"] == 0 and found.exists() else \
+        {"step_times": [], "args": None}
+    rows += [{**row, "part": part["part"], "plan": part["plan"]} for row in done["step_times"]]
+    args.append(done["args"])
+pathlib.Path(sys.argv[2]).write_text(json.dumps({"step_times": rows, "parts": parts, "args": args}, indent=2))
 PY
 }
 
 stage_steps() {
-  rm -rf "$WORK/steps"; mkdir -p "$WORK/steps"
-  local part=0 item rc=0
+  rm -rf "$WORK/steps"; mkdir -p "$WORK/steps"; : > "$WORK/steps/parts.txt"
+  local part=0 item rc=0 code
   for item in $STEP_PLAN; do  # one process per item, merged after each: a stop or a failure keeps what is done
     part=$((part + 1))
     $PY -m ablations.benchmark --step-times --model "$MODEL" --freeze-depths "${item%%:*}" --runs "${item#*:}" \
-      "${STEP_FLAGS[@]}" --output "$WORK/steps/part$part.json" || { rc=1; continue; }
+      "${STEP_FLAGS[@]}" --output "$WORK/steps/part$part.json"
+    code=$?
+    echo "$part $item $code" >> "$WORK/steps/parts.txt"
+    [ "$code" = 0 ] || rc=1
     merge_step_times || rc=1
   done
   return $rc
