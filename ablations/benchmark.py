@@ -25,6 +25,18 @@ from core.cli import ArgumentParser, main_guard
 from core.errors import UsageError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed_recipe.py"
+# What each contender's seconds are: the key train_seconds does not mean the same thing for the Trainer and the project.
+SECONDS = {
+    "wall_seconds": "reference, tuned: their process per cell, start to exit; the project's is total_wall_seconds "
+                    "(one grid command over every cell: start-up, on CUDA the capture probe, the timing pass and "
+                    "evaluation included)",
+    "train_seconds": "reference, tuned: Trainer.train() as it ran (steps, data loading, per-epoch evaluation on "
+                     "validation; the reference also its per-epoch checkpoints and the best one's reload); project: "
+                     "the run's steps timed alone (core.timing) times its step count, plus its frozen-prefix build, "
+                     "no evaluation",
+    "train_loop_seconds": "project: its steps as they ran in the grid's process (a stacked group's loop / runs)",
+    "eval_seconds": "project: its per-epoch evaluation on the dev split and validation",
+}
 
 
 def _timed(command: list[str]) -> tuple[float, str]:
@@ -44,7 +56,10 @@ def recipe_run(args, depth: int, scheduler: str, tuned: bool) -> dict:
                "--seed", str(args.seed)] + (["--tuned"] if tuned else [])
     seconds, out = _timed(command)
     result = json.loads(out.strip().splitlines()[-1])
-    return {"wall_seconds": seconds, "train_seconds": result["train_seconds"], "accuracy": result["accuracy"]}
+    device = result.get("device", "cpu")
+    return {"wall_seconds": seconds, "train_seconds": result["train_seconds"], "accuracy": result["accuracy"],
+            "device": device,
+            "precision": "bf16" if tuned and device != "cpu" else "fp32"}  # seed_recipe.py: bf16=a.tuned and cuda
 
 
 def project_run(args, depths: list[int], schedulers: list[str], workdir: Path) -> tuple[float, dict]:
@@ -106,8 +121,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="benchmark-") as workdir:
         project_seconds, project_cells = project_run(args, depths, schedulers, Path(workdir))
     for cell in cells:
-        rows[cell]["project"] = {"accuracy": project_cells[cell]["accuracy"],
-                                 "train_seconds": project_cells[cell]["train_seconds"]}
+        record = project_cells[cell]
+        rows[cell]["project"] = {key: record.get(key) for key in (
+            "accuracy", "train_seconds", "train_loop_seconds", "eval_seconds", "device", "precision", "engine")}
         for name, tuned in (("reference", False), ("tuned", True)):
             if name == "reference" and args.skip_reference:
                 continue
@@ -134,7 +150,8 @@ def main() -> int:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"cells": {f"{d}-{s}": r for (d, s), r in rows.items()},
-                                           "total_wall_seconds": totals, "mean_accuracy": mean_accuracy,
+                                           "total_wall_seconds": totals, "seconds": SECONDS,
+                                           "mean_accuracy": mean_accuracy,
                                            "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     return 0
 
@@ -154,10 +171,10 @@ def step_times_main(args) -> int:
         check_freeze_depth(depth, config, args.model)
     rows = step_times(args.model, runs, depths, args.batch_size, args.length, args.steps, rounds=args.rounds)
     rounds = f"median of {args.rounds} rounds" if args.rounds != 1 else "1 round"
-    print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device']}, "
+    print(f"{'depth':>5s} {'engine':16s} {'ms per run-step':>16s} {'vs eager':>9s}   ({rows[0]['device_name']}, "
           f"{rows[0]['precision']}, batch {args.batch_size}, {args.length} tokens, {rounds})")
     for row in rows:
-        if row["ms_per_run_step"] is None:  # a captured contender whose step fell back to eager: not timed
+        if row["ms_per_run_step"] is None:  # no step to time (did not capture, or did not fit): not timed
             print(f"{row['depth']:>5d} {row['engine']:16s} {'—':>16s} {'—':>9s}   {row['not_timed']}")
             continue
         print(f"{row['depth']:>5d} {row['engine']:16s} {row['ms_per_run_step']:16.2f} {row['vs_eager']:9.2f}")

@@ -4,15 +4,22 @@
 - stacked N: `core.stacked.StackedRuns`, N runs as one model, the time divided by N;
 - captured N: the same stacked step captured as a CUDA graph and replayed (CUDA only; N = 1 is one run).
 The inputs are random token ids (depth 0) or random hidden states of the model's width (depth > 0: what the
-frozen-prefix cache feeds), `length` tokens with some padding, the model's real weights and shapes. Each
-round times every contender for `steps` steps after `warmup` untimed ones; what is reported is the median
-over rounds of each contender's ms per run-step and of its ratio to the eager step of the same round.
+frozen-prefix cache feeds), `length` tokens with some padding, the model's real weights and shapes, in train mode
+as training runs them (dropout on; frozen layers, where they run, in eval mode). A step is the step alone: its
+inputs are already on the device, padded and stacked (what the training loop does around it, assembling batches
+and copying them in, is in the grid's wall time, not here). Each round times every contender for `steps` steps
+after `warmup` untimed ones; what is reported is the median over rounds of each contender's ms per run-step and
+of its ratio to the eager step of the same round. A contender that does not fit beside the others in device
+memory, or whose step did not capture, gets a row that says so and no time.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +27,7 @@ import torch
 from core.captured import CapturedStep
 from core.config import RunConfig
 from core.device import autocast_for, clip_gradients, loss_scaler, make_optimizer, precision_for
-from core.model import freeze, fresh_model, load_pretrained, num_layers
+from core.model import device_name, freeze, fresh_model, load_pretrained, num_layers
 from core.prefix_cache import layer_view
 from core.errors import UsageError
 from core.stacked import StackedRun, StackedRuns, pad_and_stack
@@ -50,6 +57,7 @@ def _sync(device: torch.device) -> None:
 def _eager(pristine, depth: int, config: RunConfig, batches: list[dict], device, autocast):
     model = fresh_model(*pristine).to(device)
     backbone = freeze(model, depth)
+    model.train()  # from_pretrained leaves a model in eval mode: no dropout, not the step a run trains with
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config, device)
     scaler = loss_scaler(config.precision, device)  # fp16: scaled as a run's step is (core.train.train_step)
@@ -83,6 +91,9 @@ def _stacked(pristine, depth: int, config: RunConfig, runs: int, batches: list[d
                          cached=depth > 0, capture=CapturedStep if capture else None, buckets=(length,),
                          loss_scaling=config.precision == "fp16")
     del members
+    engine.model.train()  # as StackedRuns.train_epoch sets it: dropout on, live frozen layers in eval mode
+    for module in engine.frozen:
+        module.eval()
     stacked = []
     for i in range(len(batches)):
         parts = [batches[(i + r) % len(batches)] for r in range(runs)]  # each run its own batch
@@ -105,8 +116,24 @@ def _stacked(pristine, depth: int, config: RunConfig, runs: int, batches: list[d
         if not engine.captured.replays:  # it fell back to the eager stacked step: timing that as "captured" lies
             why = engine.captured.why or "the step was not captured"
             engine.release()  # its device memory now, not when the cycle collector runs (core.stacked)
-            return why
+            return f"not captured: {why}"
+    else:
+        run_step()  # one untimed step now: its activations and AdamW state are allocated here, where a lack of
+        # device memory is caught (step_times), not in the middle of the timed rounds
     return run_step
+
+
+def _contender(build, runs: int, device) -> Callable[[], object] | str:
+    """`build()`'s step, or why it has none: its own reason, or that it did not fit in device memory beside the
+    contenders built before it (all of a process's contenders live at once)."""
+    try:
+        return build()
+    except torch.OutOfMemoryError:
+        pass
+    gc.collect()  # the half-built group and its captured step are a reference cycle (core.stacked.release)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return f"out of device memory: {runs} run(s) did not fit beside this process's other contenders"
 
 
 def step_times(model: str, runs: list[int], depths: list[int], batch_size: int = 16, length: int = 32,
@@ -119,6 +146,8 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
     autocast = lambda: autocast_for(precision, device.type)  # noqa: E731
     graph_autocast = lambda: autocast_for(precision, device.type, cache_enabled=False)  # noqa: E731
     rows = []
+    same = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+            "precision": precision, "batch_size": batch_size, "length": length}  # every row: what ran, and where
     for depth in depths:
         config = RunConfig(model=model, dataset="timing", freeze_depth=depth, batch_size=batch_size, epochs=1,
                            scheduler="constant", max_length=max(8, length), learning_rate=1e-5, precision=precision)
@@ -129,15 +158,13 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
                              f"cannot be stacked ({problem}): the grid and the search train them one at a time")
         batches = _batches(pristine[0], depth, batch_size, length, 8, device)
         contenders = {"eager": (1, _eager(pristine, depth, config, batches, device, autocast))}
-        untimed = {}  # captured contenders whose step did not capture: a row saying why, no time
+        untimed = {}  # contenders with no step to time (no memory, no capture): a row saying why, no time
         for n in runs:
-            contenders[f"stacked N={n}"] = (n, _stacked(pristine, depth, config, n, batches, device, autocast, False))
-            if capture:
-                step = _stacked(pristine, depth, config, n, batches, device, graph_autocast, True)
-                if isinstance(step, str):
-                    untimed[f"captured N={n}"] = (n, step)
-                else:
-                    contenders[f"captured N={n}"] = (n, step)
+            kinds = [("stacked", autocast, False)] + ([("captured", graph_autocast, True)] if capture else [])
+            for kind, context, captured in kinds:
+                step = _contender(functools.partial(_stacked, pristine, depth, config, n, batches, device, context,
+                                                    captured), n, device)
+                (untimed if isinstance(step, str) else contenders)[f"{kind} N={n}"] = (n, step)
         del pristine
         times = {name: [] for name in contenders}
         for _ in range(rounds):
@@ -155,9 +182,8 @@ def step_times(model: str, runs: list[int], depths: list[int], batch_size: int =
             rows.append({"depth": depth, "engine": name, "runs": contenders[name][0],
                          "ms_per_run_step": round(statistics.median(values), 3),
                          "vs_eager": round(statistics.median(ratios), 3), "rounds_ms": [round(v, 2) for v in values],
-                         "device": str(device), "precision": precision, "batch_size": batch_size, "length": length})
+                         **same})
         for name, (n, why) in untimed.items():
             rows.append({"depth": depth, "engine": name, "runs": n, "ms_per_run_step": None, "vs_eager": None,
-                         "not_timed": f"not captured: {why}", "device": str(device), "precision": precision,
-                         "batch_size": batch_size, "length": length})
+                         "not_timed": why, **same})
     return rows

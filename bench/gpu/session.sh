@@ -15,7 +15,10 @@
 # Variables: STAGES (default setup,steps,grid,recipe,search); SMALL=1 (a tiny version of every stage, for a CPU
 # rehearsal); SETUP_LIMIT, STEPS_LIMIT, GRID_LIMIT, RECIPE_LIMIT, SEARCH_LIMIT (seconds); STEP_PLAN (depth:runs per process);
 # RECIPE_SAMPLES; WORK (scratch, default /tmp/gpu-session); PYTHON (default python3); GRID_FRESH=0 keeps an
-# earlier grid's ledger (resume, not a timing).
+# earlier grid's ledger and step timings (resume, not a timing).
+# Each of grid, recipe and search keeps its step timings (core.timer) in a folder of its own under $WORK, emptied
+# when the stage starts fresh: a rerun on a warm machine would otherwise reuse the timings an earlier attempt saved
+# in the machine's timing folder, skip its timing passes, and report a shorter wall time than a cold command takes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?OUT is not set: name the folder the results go to}"
@@ -39,7 +42,7 @@ if [ "$SMALL" = 1 ]; then  # the CPU rehearsal: same commands, tiny sizes, a CPU
   RECIPE_SAMPLES=${RECIPE_SAMPLES:-64}
   SEARCH_LIMIT=${SEARCH_LIMIT:-300}
   SEARCH_FLAGS=(--trials 4 --max-parallel-runs 4 --max-train-samples 64 --dev-size 32 --precision fp16)
-else  # one H100: 40 + 110 + 180 + 60 + 60 s = 7.5 min
+else  # one GPU (an H100 or H200): 40 + 110 + 180 + 60 + 60 s = 7.5 min
   SETUP_LIMIT=${SETUP_LIMIT:-40}; STEPS_LIMIT=${STEPS_LIMIT:-110}; GRID_LIMIT=${GRID_LIMIT:-180}
   RECIPE_LIMIT=${RECIPE_LIMIT:-60}; SEARCH_LIMIT=${SEARCH_LIMIT:-60}
   SEARCH_FLAGS=(--trials 8 --max-train-samples 8000 --precision fp16)  # --max-parallel-runs auto: min(fits, 8)
@@ -78,7 +81,7 @@ PY
   # process: the model back to fp32 on disk (the project loads fp32 anyway, core.model passes dtype=float32, but
   # the Trainer recipe's plain from_pretrained keeps a checkpoint's dtype in transformers 5 and would train fp16
   # master weights), and the embedded SST-2 as the train.tsv and validation.tsv the recipe reads.
-  $PY - "$CARRY/minilm-fp16" "$MODEL" "$WORK/sst2" <<'PY' || return 1
+  $PY - "$CARRY/minilm-fp16" "$MODEL" "$WORK/sst2" "$WORK/card.txt" <<'PY' || return 1
 import importlib, importlib.metadata as md, sys
 needed = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
           "numpy": "numpy", "pyarrow": "pyarrow", "pandas": "pandas", "scipy": "scipy", "xxhash": "xxhash",
@@ -99,10 +102,13 @@ import core.engine_timing, core.train  # noqa
 import hashlib, lzma, pathlib, platform, shutil, torch
 from safetensors.torch import load_file, save_file
 from core.sources import EMBEDDED_SHA256, EMBEDDED_SST2
-print("the project imports; python", platform.python_version(), "torch cuda", torch.version.cuda, "device",
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+from core.model import device_name
+card = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+print("the project imports from", pathlib.Path(core.train.__file__).parents[1], "; python", platform.python_version(),
+      "torch", torch.__version__, "cuda", torch.version.cuda, "device", card)
 
-source, model, data = sys.argv[1:]
+source, model, data, card_file = sys.argv[1:]
+pathlib.Path(card_file).write_text(card)  # session.json names the card from here
 shutil.copytree(source, model, dirs_exist_ok=True)
 weights = {k: v.float() if v.is_floating_point() else v for k, v in load_file(f"{source}/model.safetensors").items()}
 save_file(weights, f"{model}/model.safetensors", metadata={"format": "pt"})
@@ -122,38 +128,54 @@ PY
   echo "== pip list"; $PY -m pip list 2>/dev/null
 }
 
-merge_step_times() {  # every part done so far into $OUT/step_times.json; a row's "part" names its process
+merge_step_times() {  # every part done so far into $OUT/step_times.json; a row's "part" and "plan" name its
+  # process, and "parts" says how each process ended (a failed one has no rows, and its number is not reused)
   $PY - "$WORK/steps" "$OUT/step_times.json" <<'PY'
 import json, pathlib, sys
-parts = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("part*.json"))]
-rows = [{**row, "part": i} for i, part in enumerate(parts) for row in part["step_times"]]
-pathlib.Path(sys.argv[2]).write_text(json.dumps({"step_times": rows, "args": [p["args"] for p in parts]}, indent=2))
+folder = pathlib.Path(sys.argv[1])
+parts = [dict(zip(("part", "plan", "exit_code"), line.split()))
+         for line in (folder / "parts.txt").read_text().splitlines()]
+rows, args = [], []
+for part in parts:
+    part["part"], part["exit_code"] = int(part["part"]), int(part["exit_code"])
+    found = folder / f"part{part['part']}.json"
+    done = json.loads(found.read_text()) if part["exit_code"] == 0 and found.exists() else \
+        {"step_times": [], "args": None}
+    rows += [{**row, "part": part["part"], "plan": part["plan"]} for row in done["step_times"]]
+    args.append(done["args"])
+pathlib.Path(sys.argv[2]).write_text(json.dumps({"step_times": rows, "parts": parts, "args": args}, indent=2))
 PY
 }
 
 stage_steps() {
-  rm -rf "$WORK/steps"; mkdir -p "$WORK/steps"
-  local part=0 item rc=0
+  rm -rf "$WORK/steps"; mkdir -p "$WORK/steps"; : > "$WORK/steps/parts.txt"
+  local part=0 item rc=0 code
   for item in $STEP_PLAN; do  # one process per item, merged after each: a stop or a failure keeps what is done
     part=$((part + 1))
     $PY -m ablations.benchmark --step-times --model "$MODEL" --freeze-depths "${item%%:*}" --runs "${item#*:}" \
-      "${STEP_FLAGS[@]}" --output "$WORK/steps/part$part.json" || { rc=1; continue; }
+      "${STEP_FLAGS[@]}" --output "$WORK/steps/part$part.json"
+    code=$?
+    echo "$part $item $code" >> "$WORK/steps/parts.txt"
+    [ "$code" = 0 ] || rc=1
     merge_step_times || rc=1
   done
   return $rc
 }
 
 stage_grid() {
-  [ "${GRID_FRESH:-1}" = 1 ] && rm -rf "$WORK/grid" "$WORK/grid-times"
+  [ "${GRID_FRESH:-1}" = 1 ] && rm -rf "$WORK/grid" "$WORK/grid-times" "$WORK/grid-timing"
   mkdir -p "$WORK/grid"
+  export ABLATIONS_TIMING_DIR=$WORK/grid-timing
+  local command=($PY -m ablations.grid --model "$MODEL" --dataset sst2 --schedulers linear,cosine --epochs 1
+    --lr-by-depth results/lr_choice.txt --no-progress --no-report --output-dir "$WORK/grid" "${GRID_FLAGS[@]}")
+  echo "${command[*]}" > "$WORK/grid-command"
   local sampler=""
   if command -v nvidia-smi >/dev/null; then  # GPU busy % and memory every second, beside the runs
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$WORK/grid/smi.csv" 2>&1 &
     sampler=$!
   fi
   date +%s.%N > "$WORK/grid-times"
-  $PY -m ablations.grid --model "$MODEL" --dataset sst2 --schedulers linear,cosine --epochs 1 \
-    --lr-by-depth results/lr_choice.txt --no-progress --no-report --output-dir "$WORK/grid" "${GRID_FLAGS[@]}"
+  "${command[@]}"
   local rc=$?
   echo "$(date +%s.%N) $rc" >> "$WORK/grid-times"
   [ -n "$sampler" ] && kill "$sampler"
@@ -161,22 +183,31 @@ stage_grid() {
 }
 
 stage_search() {  # a batch of trials as stacked groups of mixed epochs: narrowing and recapture on CUDA
-  rm -rf "$WORK/search" "$WORK/search-times"; mkdir -p "$WORK/search"
+  rm -rf "$WORK/search" "$WORK/search-times" "$WORK/search-timing"; mkdir -p "$WORK/search"
+  export ABLATIONS_TIMING_DIR=$WORK/search-timing
+  local command=($PY -m ablations.optuna_search --model "$MODEL" --dataset sst2 --freeze-depths 5-6 --epochs-range 1-2
+    --no-progress --no-report --output-dir "$WORK/search" "${SEARCH_FLAGS[@]}")
+  echo "${command[*]}" > "$WORK/search-command"
   date +%s.%N > "$WORK/search-times"
-  $PY -m ablations.optuna_search --model "$MODEL" --dataset sst2 --freeze-depths 5-6 --epochs-range 1-2 \
-    --no-progress --no-report --output-dir "$WORK/search" "${SEARCH_FLAGS[@]}"
+  "${command[@]}"
   local rc=$?
   echo "$(date +%s.%N) $rc" >> "$WORK/search-times"
   return $rc
 }
 
-finish_runs() {  # finish_runs NAME LIMIT FLAGS: outside the stage's limit, time and count what the grid or the
+finish_runs() {  # finish_runs NAME LIMIT: outside the stage's limit, time and count what the grid or the
   # search did (even when stopped), then pack both ledgers as far as they exist
-  $PY - "$WORK" "$1" "$2" "$3" <<'PY'
+  $PY - "$WORK" "$1" "$2" <<'PY'
 import json, pathlib, sqlite3, sys
-work, name, limit, flags = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+work, name, limit = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 times = (work / f"{name}-times").read_text().split() if (work / f"{name}-times").exists() else []
-result = {"command_flags": flags, "limit_s": limit, "finished": len(times) == 3, "trials": {}}
+command = work / f"{name}-command"
+result = {"command": command.read_text().strip() if command.exists() else None, "limit_s": limit,
+          "finished": len(times) == 3, "trials": {},
+          "wall_s_covers": "the whole command, from before its process started to its exit: imports, model and data "
+                           "load, tokenizing, capture probe, timing passes, training, evaluation, ledger writes and "
+                           "what it writes under --no-report (the search: its summary, pareto.csv, importance.png); "
+                           "not the trade-off report, drawn afterwards from the ledger"}
 if times:
     result["wall_s"] = round(float(times[1]) - float(times[0]), 2) if len(times) == 3 else None
     result["exit_code"] = int(times[2]) if len(times) == 3 else None
@@ -184,8 +215,11 @@ db = work / name / "ablations.db"
 if db.exists():
     with sqlite3.connect(db) as con:
         result["trials"] = dict(con.execute("select state, count(*) from trials group by state").fetchall())
-        engines = con.execute("select value_json from trial_user_attributes where key = 'record'").fetchall()
-        result["engines"] = sorted({json.loads(v)["engine"] for (v,) in engines if json.loads(v).get("engine")})
+        records = [json.loads(v) for (v,) in
+                   con.execute("select value_json from trial_user_attributes where key = 'record'").fetchall()]
+    for key, field in (("engines", "engine"), ("devices", "device"), ("precisions", "precision"),
+                       ("train_samples", "train_samples")):  # what the stored runs say ran, and on how many rows
+        result[key] = sorted({r[field] for r in records if r.get(field) is not None})
 (work / name / f"{name}.json").write_text(json.dumps(result, indent=2))
 print(f"{name}:", json.dumps(result))
 PY
@@ -196,6 +230,7 @@ PY
 }
 
 stage_recipe() {
+  rm -rf "$WORK/recipe-timing"; export ABLATIONS_TIMING_DIR=$WORK/recipe-timing  # the project's grid times afresh
   $PY -m ablations.benchmark --model "$MODEL" --dataset "$WORK/sst2" --freeze-depths 0 --schedulers linear \
     --epochs 1 --learning-rate 1e-4 --max-train-samples "$RECIPE_SAMPLES" --recipe bench/gpu/seed_recipe.py \
     --output "$OUT/recipe.json"
@@ -207,7 +242,8 @@ record() {  # record NAME LIMIT RC SECONDS: one line per stage, then $OUT/sessio
   $PY - "$WORK" "$OUT/session.json" "$SMALL" "$STAGES" <<'PY'
 import json, pathlib, sys
 work, out, small, stages = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-summary = {"small": small == "1", "stages_asked": stages,
+card = work / "card.txt"
+summary = {"small": small == "1", "device": card.read_text() if card.exists() else None, "stages_asked": stages,
            "stages": [json.loads(line) for line in (work / "stages.jsonl").read_text().splitlines()]}
 for name in ("grid", "search"):
     if (work / name / f"{name}.json").exists():
@@ -223,8 +259,8 @@ run_stage() {  # run_stage NAME LIMIT LOG
   timeout -k 10 "$limit" bash "$SCRIPT" __stage "$name" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   local seconds; seconds=$(elapsed "$started" "$(date +%s%N)")
-  [ "$name" = grid ] && finish_runs grid "$GRID_LIMIT" "${GRID_FLAGS[*]}" 2>&1 | tee -a "$log"
-  [ "$name" = search ] && finish_runs search "$SEARCH_LIMIT" "${SEARCH_FLAGS[*]}" 2>&1 | tee -a "$log"
+  [ "$name" = grid ] && finish_runs grid "$GRID_LIMIT" 2>&1 | tee -a "$log"
+  [ "$name" = search ] && finish_runs search "$SEARCH_LIMIT" 2>&1 | tee -a "$log"
   echo "=== $name: exit $rc after $seconds s$([ "$rc" = 124 ] && echo ' (stopped at its limit)')" | tee -a "$log"
   record "$name" "$limit" "$rc" "$seconds"
   return "$rc"
