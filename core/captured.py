@@ -214,6 +214,7 @@ def _probe(model_dir: str, length: int, precision: str) -> None:
     values = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "labels": torch.zeros(1, 16, dtype=torch.long, device="cuda"),
               "weights": torch.ones(1, 16, device="cuda")}
+    engine.model.train()  # as training captures it: with dropout (from_pretrained leaves the model in eval mode)
     for _ in range(6):
         loss = engine.captured(length, values)
     torch.cuda.synchronize()

@@ -162,8 +162,9 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                 ) -> list[Training | Exception]:
     """The epochs of every run at once; after each, every live run's weights go into its own model for the
     solo `end_epoch`. Returns each run's Training (its `engine` says "captured" if the steps ran as replayed
-    graphs, "stacked" if eagerly, and "exact dropout" where `random_states`, each run's random state after its
-    prepare, had it draw its own dropout masks as alone), or the error that ended it."""
+    graphs, "captured in part" if some did and a failed capture left others eager, "stacked" if all ran eagerly,
+    and "exact dropout" where `random_states`, each run's random state after its prepare, had it draw its own
+    dropout masks as alone), or the error that ended it."""
     first = prepared[0]
     steps_per_epoch = math.ceil(len(first.train) / first.config.batch_size)
     done = [Training(sharing=shared_steps.Plan("", None, None, frozenset())) for _ in prepared]
@@ -193,12 +194,14 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         return outcome[i] is done[i] and not done[i].stopped and epoch <= prepared[i].config.epochs
 
     members = list(range(len(prepared)))  # the prepared run in each slot of the engine
+    fell_back: list[str] = []  # why a captured group went on eagerly, where one did (before or after narrowing)
     try:
         for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
             keep = [slot for slot, i in enumerate(members) if live(i, epoch)]
             if not keep:
                 break
             if len(keep) < len(members):  # runs ended (last epoch, pruned, failed): the rest go on as a smaller group
+                fell_back += [engine.captured.why] if engine.captured is not None and engine.captured.why else []
                 engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
             started = sync_time(first.device)
             losses = engine.train_epoch(epoch, session.timer.pause_point)
@@ -215,7 +218,10 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                                   on_epoch[i])
                 except FloatingPointError as error:
                     outcome[i] = error
-        name = "captured" if engine.captured is not None and engine.captured.replayed else "stacked"
+        fell_back += [engine.captured.why] if engine.captured is not None and engine.captured.why else []
+        replayed = engine.captured is not None and engine.captured.replayed
+        # "captured" only where no step fell back to eager after a failed capture (a later bucket's, say)
+        name = ("captured in part" if fell_back else "captured") if replayed else "stacked"
     finally:
         engine.release()  # its captured step refers back to it: without this its memory waits for the cycle collector
     for training in done:
