@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from core.device import sync_time
 from core.errors import UsageError
 
 ENGINES = ("auto", "eager", "captured", "stacked")
@@ -108,6 +109,7 @@ class CapturedStep:
         self.calls: dict[object, int] = {}
         self.replays: dict[object, Callable[[], torch.Tensor]] = {}
         self.replayed = 0  # steps that ran as a replayed graph (the record says "captured" only if any did)
+        self.capture_seconds = 0.0  # spent recording graphs: warm-up, not training time (kept out of the loop's time)
         self.stream = None
         self.why = ""  # why the step runs eagerly, once it does
         # Running out of memory while capturing raises (the caller trains the group again smaller) instead of going
@@ -130,6 +132,7 @@ class CapturedStep:
         self.calls[bucket] = self.calls.get(bucket, 0) + 1
         if self.calls[bucket] <= self.warmup:
             return self._warm(static)
+        started = sync_time(self.device)
         try:
             self.replays[bucket] = self._capture(static)
         except Exception as error:  # noqa: BLE001 - any capture failure means: go on eagerly
@@ -140,7 +143,9 @@ class CapturedStep:
             log.warning("training step runs eagerly: %s", self.why)
             if self.reset is not None:
                 self.reset()
+            self.capture_seconds += sync_time(self.device) - started
             return self.body(static)
+        self.capture_seconds += sync_time(self.device) - started
         self.replayed += 1
         return self.replays[bucket]()
 

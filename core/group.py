@@ -204,10 +204,12 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                 fell_back += [engine.captured.why] if engine.captured is not None and engine.captured.why else []
                 engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
             started = sync_time(first.device)
+            capturing = engine.captured.capture_seconds if engine.captured is not None else 0.0
             losses = engine.train_epoch(epoch, session.timer.pause_point)
             if engine.captured is not None:  # the epoch's results go out now (`on_epoch`): no retry after this
                 engine.captured.oom_raises = False
-            share = (sync_time(first.device) - started) / len(members)  # the group's loop, per run
+            capturing = (engine.captured.capture_seconds if engine.captured is not None else 0.0) - capturing
+            share = (sync_time(first.device) - started - capturing) / len(members)  # the loop, per run, less capture
             for slot, i in enumerate(members):
                 p, training = prepared[i], done[i]
                 training.steps += steps_per_epoch

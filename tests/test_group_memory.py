@@ -329,3 +329,19 @@ def test_a_group_whose_later_capture_failed_is_recorded_as_captured_in_part(mode
     assert [r.engine for r in results] == ["captured in part (2 runs)"] * 2
     results = run_group(configs, Session(), "cpu", capture=GraphOnTheCpu)
     assert [r.engine for r in results] == ["captured (2 runs)"] * 2
+
+
+def test_recording_graphs_is_not_counted_in_a_groups_training_loop(model, data):
+    """Capture is warm-up (issue 8): the seconds spent recording a group's graphs were in its train_loop_seconds."""
+    import time as clock
+
+    from conftest import GraphOnTheCpu
+
+    class SlowCapture(GraphOnTheCpu):
+        def _capture(self, static):
+            clock.sleep(4.0)
+            return super()._capture(static)
+    configs = [quick_config(model, data, seed=s, epochs=1) for s in range(2)]
+    results = run_group(configs, Session(), "cpu", capture=SlowCapture)
+    assert [r.engine for r in results] == ["captured (2 runs)"] * 2
+    assert all(r.train_loop_seconds < 2.0 for r in results), [r.train_loop_seconds for r in results]
