@@ -109,6 +109,7 @@ class CapturedStep:
         self.calls: dict[object, int] = {}
         self.replays: dict[object, Callable[[], torch.Tensor]] = {}
         self.replayed = 0  # steps that ran as a replayed graph (the record says "captured" only if any did)
+        self.fell_back = False  # a capture failed and later steps ran eagerly (the record says "captured in part")
         self.capture_seconds = 0.0  # spent recording graphs: warm-up, not training time (kept out of the loop's time)
         self.stream = None
         self.why = ""  # why the step runs eagerly, once it does
@@ -138,7 +139,7 @@ class CapturedStep:
         except Exception as error:  # noqa: BLE001 - any capture failure means: go on eagerly
             if self.oom_raises and (out_of_memory := _out_of_memory(error)) is not None:
                 raise out_of_memory
-            self.enabled = False
+            self.enabled, self.fell_back = False, True
             self.why = f"capturing it failed ({(str(error).splitlines() or [type(error).__name__])[0][:200]})"
             log.warning("training step runs eagerly: %s", self.why)
             if self.reset is not None:

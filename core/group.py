@@ -194,22 +194,21 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
         return outcome[i] is done[i] and not done[i].stopped and epoch <= prepared[i].config.epochs
 
     members = list(range(len(prepared)))  # the prepared run in each slot of the engine
-    fell_back: list[str] = []  # why a captured group went on eagerly, where one did (before or after narrowing)
+
+    def capture_seconds() -> float:  # recording graphs is warm-up (issue 8): kept out of the loop's time
+        return engine.captured.capture_seconds if engine.captured is not None else 0.0
     try:
         for epoch in range(1, max(p.config.epochs for p in prepared) + 1):
             keep = [slot for slot, i in enumerate(members) if live(i, epoch)]
             if not keep:
                 break
             if len(keep) < len(members):  # runs ended (last epoch, pruned, failed): the rest go on as a smaller group
-                fell_back += [engine.captured.why] if engine.captured is not None and engine.captured.why else []
                 engine, members = engine.narrowed(keep), [members[slot] for slot in keep]
-            started = sync_time(first.device)
-            capturing = engine.captured.capture_seconds if engine.captured is not None else 0.0
+            started, captures_before = sync_time(first.device), capture_seconds()
             losses = engine.train_epoch(epoch, session.timer.pause_point)
             if engine.captured is not None:  # the epoch's results go out now (`on_epoch`): no retry after this
                 engine.captured.oom_raises = False
-            capturing = (engine.captured.capture_seconds if engine.captured is not None else 0.0) - capturing
-            share = (sync_time(first.device) - started - capturing) / len(members)  # the loop, per run, less capture
+            share = (sync_time(first.device) - started - (capture_seconds() - captures_before)) / len(members)
             for slot, i in enumerate(members):
                 p, training = prepared[i], done[i]
                 training.steps += steps_per_epoch
@@ -220,10 +219,8 @@ def train_group(prepared: list[Prepared], session: Session, on_epoch: Sequence[E
                                   on_epoch[i])
                 except FloatingPointError as error:
                     outcome[i] = error
-        fell_back += [engine.captured.why] if engine.captured is not None and engine.captured.why else []
-        replayed = engine.captured is not None and engine.captured.replayed
-        # "captured" only where no step fell back to eager after a failed capture (a later bucket's, say)
-        name = ("captured in part" if fell_back else "captured") if replayed else "stacked"
+        step = engine.captured  # "captured" only where no step fell back to eager after a failed capture
+        name = "stacked" if step is None or not step.replayed else "captured in part" if step.fell_back else "captured"
     finally:
         engine.release()  # its captured step refers back to it: without this its memory waits for the cycle collector
     for training in done:

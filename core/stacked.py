@@ -278,12 +278,14 @@ class StackedRuns:
         and step counts, loss scales and places in their schedules — so that runs which ended (their last epoch, pruned,
         failed) stop costing steps. Called between epochs. This group's tensors are given back before the smaller one is
         built (what carries over waits on the host meanwhile), so the peak stays this group's; a captured step is
-        captured again for the new shapes (the count of replayed steps carries over)."""
+        captured again for the new shapes (its counts of replayed steps and capture seconds, and whether a capture
+        failed, carry over)."""
         index = torch.tensor(keep, device=self.device)
         carried = [[t.index_select(0, index).cpu() for t in ts] for ts in (self.params, *self.moments)]
         step_count, global_step = self.step_count.index_select(0, index).cpu(), self.global_step
         scales = self.scales.state(index) if self.scales is not None else None
-        replayed = self.captured.replayed if self.captured is not None else 0
+        carried_capture = {key: getattr(self.captured, key) for key in ("replayed", "fell_back", "capture_seconds")} \
+            if self.captured is not None else {}
         steps_per_epoch, pad_id, device, settings = self.steps_per_epoch, self.pad_id, self.device, self.settings
         runs = [self.runs[i] for i in keep]
         if self.random is not None:  # each run's dropout state goes on from where it stands
@@ -301,7 +303,7 @@ class StackedRuns:
         group.global_step = global_step
         if group.captured is not None:
             group.device_rates.start_at(global_step)
-            group.captured.replayed = replayed  # the steps replayed so far count for the group's runs
+            vars(group.captured).update(carried_capture)  # what the group's runs went through so far counts for them
         return group
 
     def release(self) -> None:
