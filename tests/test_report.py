@@ -404,10 +404,23 @@ def test_an_unset_dev_size_reads_as_the_default_split_not_as_none_beside_dev_siz
     assert [row.split(" | ")[4] for row in rows] == ["**default**", "**0**"]  # the "—" read as "no dev split"
 
 
+def drawn_tradeoff(table: pd.DataFrame, monkeypatch, tmp_path):
+    """The trade-off figure of `table`, drawn and not saved: its axes and renderer, the labels in place."""
+    from ablations import plots
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or path)
+    plots.tradeoff(table, {"model": "m", "data": "d", "train": "2,000", "validation": "872", "device": "cpu"},
+                   tmp_path / "tradeoff.png")
+    ax = drawn[0].axes[0]
+    renderer = plots.FigureCanvasAgg(drawn[0]).get_renderer()
+    for text in ax.texts:
+        text.update_positions(renderer)
+    return ax, renderer
+
+
 def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(monkeypatch, tmp_path):
     from matplotlib.text import Text
 
-    from ablations import plots
     # The 14-cell grid of results/grid-8000/ (8,000 sentences): depths 1-5 crowd within 26 s and 3 points.
     cells = [(132.6, .805, .783, .827), (89.5, .824, .771, .878), (38.3, .812, .804, .821), (38.5, .819, .764, .874),
              (31.9, .838, .802, .874), (31.8, .835, .779, .890), (25.2, .838, .824, .851), (25.5, .841, .832, .851),
@@ -417,14 +430,7 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_each_other_or_the_markers(mo
                            "accuracy_mean": m, "accuracy_low": lo, "accuracy_high": hi, "baseline": i < 2,
                            "pareto": i in (8, 9, 11, 12, 13), "label": f"d{i // 2} {'lin' if i % 2 else 'cos'} 1ep"}
                           for i, (x, m, lo, hi) in enumerate(cells)])
-    drawn = []
-    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or path)
-    plots.tradeoff(table, {"model": "m", "data": "d", "train": "8,000", "validation": "872", "device": "cpu"},
-                   tmp_path / "tradeoff.png")
-    ax = drawn[0].axes[0]
-    renderer = plots.FigureCanvasAgg(drawn[0]).get_renderer()
-    for text in ax.texts:
-        text.update_positions(renderer)
+    ax, renderer = drawn_tradeoff(table, monkeypatch, tmp_path)
     boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, not its leader line
     assert sorted(t.get_text() for t in ax.texts) == sorted(table["label"] + table["pareto"].map({True: " ★",
                                                                                                   False: ""}))
@@ -455,7 +461,6 @@ def assert_each_label_is_nearest_its_own_point(ax, renderer) -> None:
 def test_a_label_never_lies_nearer_another_point_than_its_own(monkeypatch, tmp_path):
     """results/tradeoff.png: "d2 lin 1ep lr 0.0003" sat just right of the d4-linear square, 6 s from its own point,
     which it reads as labelling."""
-    from ablations import plots
     cells = [(28.3, .811), (28.3, .809), (18.5, .808), (18.5, .810), (12.3, .814), (12.3, .799), (7.2, .697),
              (7.2, .688)]
     table = pd.DataFrame([{"freeze_depth": 2 * (i // 2), "scheduler": "linear" if i % 2 == 0 else "cosine",
@@ -463,15 +468,7 @@ def test_a_label_never_lies_nearer_another_point_than_its_own(monkeypatch, tmp_p
                            "baseline": i < 2, "pareto": i in (4, 6),
                            "label": f"d{2 * (i // 2)} {'lin' if i % 2 == 0 else 'cos'} 1ep lr 0.0003"}
                           for i, (x, m) in enumerate(cells)])
-    drawn = []
-    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or path)
-    plots.tradeoff(table, {"model": "m", "data": "d", "train": "2,000", "validation": "872", "device": "cpu"},
-                   tmp_path / "tradeoff.png")
-    ax = drawn[0].axes[0]
-    renderer = plots.FigureCanvasAgg(drawn[0]).get_renderer()
-    for text in ax.texts:
-        text.update_positions(renderer)
-    assert_each_label_is_nearest_its_own_point(ax, renderer)
+    assert_each_label_is_nearest_its_own_point(*drawn_tradeoff(table, monkeypatch, tmp_path))
 
 
 def timed(run: dict, low: float, high: float, contended: bool = False, evidence: str = "quiet") -> dict:
