@@ -70,8 +70,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 def make_session(args: argparse.Namespace):
     """The `core.session.Session` a command's runs share, with the cache budgets from the flags."""
     from core.session import Session
-    if args.cache_gb < 0 or args.cache_device_gb < 0:
-        raise UsageError("--cache-gb and --cache-device-gb must be 0 or more")
+    for flag, budget in (("--cache-gb", args.cache_gb), ("--cache-device-gb", args.cache_device_gb)):
+        if not budget >= 0:  # nan too: every comparison with it is False, so it was a budget without a limit
+            raise UsageError(f"{flag} {budget:g} is invalid: use 0 or more gigabytes")
     if args.timing_repeats < 0:
         raise UsageError(f"--timing-repeats {args.timing_repeats} is invalid: use 0 (no timing), 1 or more")
     return Session(cache_device_gb=args.cache_device_gb, cache_host_gb=args.cache_gb,

@@ -125,9 +125,13 @@ class Timer:
             return {}
 
     def _write(self, key: str, timing: StepTiming) -> None:
-        # Under the exclusive lease: no other writer. Write aside and rename: readers never see half a file.
+        # Under the exclusive lease: no other writer. Write aside and rename: readers never see half a file, and a
+        # write cut short (a full disk) leaves the saved timings whole and no scratch file behind.
         saved = self._read() | {key: asdict(timing)}
         scratch = self.path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        os.replace(scratch, self.path)
+        try:
+            scratch.write_text(json.dumps(saved, indent=1, sort_keys=True))
+            os.replace(scratch, self.path)
+        finally:
+            scratch.unlink(missing_ok=True)
 

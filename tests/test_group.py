@@ -50,6 +50,7 @@ def assert_each_as_alone(configs, callbacks, group, session) -> None:
         assert [e["train_loss"] for e in together.history] == pytest.approx([e["train_loss"] for e in alone.history],
                                                                             rel=1e-4)
         assert [e["train_seconds"] for e in together.history] == [e["train_seconds"] for e in alone.history]
+        assert together.steps == alone.steps  # what the record's train_seconds charges at the timed per-step cost
         assert together.timing is alone.timing  # one timing pass per work shape, the solo one
 
 

@@ -181,6 +181,37 @@ def test_two_claims_of_one_run_one_wins_and_a_stale_holder_is_taken_over(tmp_pat
     assert taken is not None and first.lookup_ids(["run-a"])["run-a"].trial_id == taken
 
 
+def test_a_claim_of_a_finished_run_loses_and_the_run_keeps_its_trial(tmp_path):
+    """A worker that looked before the run finished claims it after: it trains nothing, and the run's row still
+    names the trial that completed it (a FREE or stale row is taken over; a COMPLETE one never)."""
+    storage = open_storage(f"sqlite:///{tmp_path}/done.db")
+    study, first, second = open_study(storage, "grid"), Ledger(storage), Ledger(storage)
+    config = quick_config("model", "data")  # no such folders: the id hashes the names
+    won = first.new_claim(study, config.run_id, {}, {})
+    first.finish_complete(study, won, fake_record(config))
+    assert second.new_claim(study, config.run_id, {}, {}) is None
+    lost = study.get_trials()[-1]
+    assert lost.user_attrs["fail_kind"] == "claim_lost" and "already done" in lost.user_attrs["fail_reason"]
+    status = second.lookup_ids([config.run_id])[config.run_id]
+    assert status.complete and status.trial_id == won
+
+
+def test_a_spooled_run_the_storage_refuses_again_stays_in_the_spool(tmp_path):
+    from ablations.storage import Spool
+    spool = Spool(tmp_path / "spool.jsonl")
+    for n in range(3):
+        spool.add("grid", n, f"run-{n}", {}, {}, {"run_id": f"run-{n}"})
+    stored = []
+
+    def store(entry):
+        if entry["run_id"] == "run-1":  # the database went away again mid-flush
+            failing()
+        stored.append(entry["run_id"])
+    assert spool.flush(store) == 2 and stored == ["run-0", "run-2"]
+    assert spool.flush(lambda entry: stored.append(entry["run_id"])) == 1 and stored[-1] == "run-1"
+    assert not spool.path.exists()
+
+
 def failing(*args, **kwargs):
     raise sa.exc.OperationalError("UPDATE trials", {}, ConnectionRefusedError("connection refused"))
 

@@ -51,6 +51,7 @@ def test_heatmap_labels_each_cell_with_its_own_depth_when_panels_hold_different_
     first = panels[0]
     rows = {round(tick): label.get_text() for tick, label in zip(first.get_yticks() - 0.5, first.get_yticklabels())}
     assert sorted(rows.values(), key=int) == ["0", "1", "2", "4", "5", "6"]
+    assert (first.get_ylabel(), first.get_xlabel()) == ("freeze depth", "schedule")  # the axes their ticks name
     for ax in panels:
         assert first.get_shared_y_axes().joined(first, ax)
         epochs = int(ax.get_title().split()[0])
@@ -100,6 +101,7 @@ def test_tradeoff_points_labels_and_legend_match_the_table(monkeypatch):
                                                           schedule_legend.legend_handles)} == marker
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Pareto front ★", "baseline", "⚠ timed under load"]
     assert ax.get_xlabel().replace("\n", " ") == plot_labels.time_axis_label(table)  # wrapped to the axes, not cut
+    assert ax.get_ylabel() == "validation accuracy (%)"  # the held-out split the points are, not dev
     rings = [line for line in ax.lines if line.get_markerfacecolor() == "none"]
     assert sorted((line.get_xdata()[0], line.get_ydata()[0]) for line in rings) == sorted(
         (row.train_seconds, 100 * row.accuracy_mean) for row in table.itertuples() if row.baseline)

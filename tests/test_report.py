@@ -727,3 +727,18 @@ def test_the_difference_beside_p_is_the_one_tested_on_the_seeds_both_sides_have(
     assert tested["accuracy_delta"] == pytest.approx(-0.0075)  # the rows' means, as the table shows them
     assert (tested["seed_pairs"], tested["tested_delta"]) == (2, pytest.approx(0.0425))
     assert "| +4.2 pp, p " in markdown(table, report_context(rows, table))
+
+
+def test_the_table_reports_validation_and_shows_dev_beside_it():
+    """Every choice is made on dev; the accuracy a row reports, and its Δ, are validation's, which chose nothing."""
+    runs = [make_run(depth, "linear", 1, seed, 0.80 + 0.05 * depth, 30.0 - 10 * depth, number=2 * depth + seed)
+            for depth in (0, 1) for seed in (0, 1)]
+    for run in runs:
+        run["record"]["dev_accuracy"] = run["record"]["accuracy"] - 0.2 + 0.01 * run["record"]["config"]["seed"]
+    table = tradeoff_table(runs).set_index("freeze_depth")
+    for depth in (0, 1):
+        records = [r["record"] for r in runs if r["record"]["config"]["freeze_depth"] == depth]
+        assert table.loc[depth, "accuracy_mean"] == pytest.approx(sum(r["accuracy"] for r in records) / 2)
+        assert table.loc[depth, "dev_accuracy_mean"] == pytest.approx(sum(r["dev_accuracy"] for r in records) / 2)
+    validation = table["accuracy_mean"]
+    assert table.loc[1, "accuracy_delta"] == pytest.approx(validation[1] - validation[0])

@@ -133,3 +133,11 @@ def test_the_front_marks_a_time_taken_under_load_as_the_report_does(tmp_path):
     others = [line for line in (tmp_path / "search_summary.md").read_text().splitlines()
               if line.startswith("| 0 |")]
     assert others and all("⚠" not in line for line in others)
+
+
+def test_the_front_is_drawn_on_the_dev_score_that_chose_not_on_validation():
+    # On validation c would dominate both others; on dev, what the search chose on, a is the accurate end.
+    rows = pd.DataFrame([{"run_id": "a", "choice": 0.90, "dev_accuracy": 0.90, "accuracy": 0.70, "train_seconds": 10.0},
+                         {"run_id": "b", "choice": 0.80, "dev_accuracy": 0.80, "accuracy": 0.95, "train_seconds": 10.0},
+                         {"run_id": "c", "choice": 0.60, "dev_accuracy": 0.60, "accuracy": 0.99, "train_seconds": 5.0}])
+    assert list(front_table(rows)["run_id"]) == ["c", "a"]

@@ -49,6 +49,8 @@ def test_a_sibling_resumes_bit_for_bit(tiny_bert, toy_data, depth, precision, fi
     last = run(third, session, device="cpu", progress=False)  # same snapshot, after `second` trained on from it
     for got, want in ((second, expected), (last, expected_third)):
         assert got["shared_steps"]["steps"] == 5 and got["shared_steps"]["from_run"] == linear.run_id
+        # train_seconds charges every step at the timed cost, the shared ones too: what the run costs alone.
+        assert got["timing"]["steps"] == want["timing"]["steps"] == 12
         for name in SAME:
             assert got[name] == want[name], name
         for mine, theirs in zip(got["history"], want["history"]):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_SST2, quick_config, write_toy_dataset
+from conftest import SHARED_SST2, quick_config, write_tokenizer, write_toy_dataset
 
 import core.train
 from ablations.stats import macro_f1_pseudo_values
@@ -256,3 +256,76 @@ def test_clip_gradients_matches_clip_grad_norm_bit_for_bit(scale):
     clip_gradients(ours, 1.0, torch.device("cpu"))
     torch.nn.utils.clip_grad_norm_(reference, 1.0)
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, reference))
+
+
+@pytest.mark.parametrize("frozen_dropout", [True, False])
+def test_frozen_layers_train_in_train_mode_only_under_frozen_dropout(tiny_distilbert, toy_data, monkeypatch,
+                                                                      frozen_dropout):
+    """--frozen-dropout runs the frozen layers as the reference did (dropout on in the training steps); without it
+    they run in eval mode, the function the prefix cache computes. Here they run live (no cache) either way."""
+    modes = []
+    model = Session.model
+
+    def hooked(*args):
+        loaded = model(*args)
+        for layer in loaded.distilbert.transformer.layer[:2]:  # frozen at depth 2
+            layer.register_forward_pre_hook(
+                lambda module, _: modes.append(module.training) if torch.is_grad_enabled() else None)
+        return loaded
+
+    monkeypatch.setattr(Session, "model", hooked)
+    config = quick_config(tiny_distilbert, toy_data, freeze_depth=2, frozen_dropout=frozen_dropout)
+    run(config, progress=False, use_prefix_cache=False, session=Session(timing_repeats=0))
+    assert modes and set(modes) == {frozen_dropout}
+
+
+def test_a_training_step_clips_the_gradient_norm_to_one(tiny_distilbert, toy_data):
+    """The step AdamW takes reads gradients of global norm at most 1 (here a loss scaled 1000x: far above it)."""
+    from core.device import make_optimizer, make_schedule
+    from core.prepare import prepare
+    config = quick_config(tiny_distilbert, toy_data)
+    p = prepare(config, Session(timing_repeats=0), "cpu", False, False)
+    optimizer = make_optimizer(p.model, config, p.device)
+    scheduler = make_schedule(optimizer, config, 10)
+    norms = []
+    optimizer.register_step_pre_hook(lambda *_: norms.append(float(torch.nn.utils.get_total_norm(
+        [q.grad for q in p.params if q.grad is not None]))))
+
+    def forward(**inputs):
+        output = p.model(**inputs)
+        output.loss = output.loss * 1000
+        return output
+
+    core.train.train_step(p, forward, np.arange(16), optimizer, scheduler)
+    assert norms == [pytest.approx(1.0, rel=1e-4)]
+
+
+def test_the_seed_draws_the_head_and_the_batch_order(tiny_distilbert, toy_data, tmp_path, monkeypatch):
+    """Seeds are the nuisance a study averages over: each one its own head initialisation and batch order, the
+    same seed the same ones, and the pretrained body the same for all."""
+    from transformers import AutoModel
+    encoder = tmp_path / "encoder"  # a pretrained encoder without a classification head: the head is drawn new
+    AutoModel.from_pretrained(tiny_distilbert).save_pretrained(encoder)
+    write_tokenizer(encoder)
+    heads, bodies, orders = [], [], []
+    prepare, train_step = core.train.prepare, core.train.train_step
+
+    def prepared(*args, **kwargs):
+        p = prepare(*args, **kwargs)
+        heads.append(p.model.classifier.weight.detach().clone())
+        bodies.append(p.model.distilbert.transformer.layer[0].ffn.lin1.weight.detach().clone())
+        orders.append([])
+        return p
+
+    def step(p, forward, indices, *args):
+        orders[-1].append(indices.tolist())
+        return train_step(p, forward, indices, *args)
+
+    monkeypatch.setattr(core.train, "prepare", prepared)
+    monkeypatch.setattr(core.train, "train_step", step)
+    for seed in (0, 1, 0):
+        run(quick_config(str(encoder), toy_data, seed=seed), progress=False, session=Session(timing_repeats=0))
+    assert torch.equal(heads[0], heads[2]) and not torch.equal(heads[0], heads[1])
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    assert sorted(sum(orders[0], [])) == sorted(sum(orders[1], []))  # the same rows, in another order
+    assert torch.equal(bodies[0], bodies[1])
