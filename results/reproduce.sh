@@ -51,8 +51,8 @@ tuned-timing)  # The tuned study's shapes timed again in one sitting, round-robi
   # kept with the study (--store): its report then takes every run's time from this one sitting.
   python -m ablations.timing_passes --storage "$DB" --study-name tuned --interleave --store \
     --output results/timing_interleaved.md ;;
-steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (interleaved rounds; ~6 min, quiet).
-  python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 \
+steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (7 interleaved rounds; ~12 min, quiet).
+  python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 --rounds 7 \
     --output results/step_times_cpu.json ;;
 report)  # The current study's trade-off at the top of results/; each older study's in its own folder.
   python -m ablations.report --storage "$DB" --study-name tuned --output-dir results
