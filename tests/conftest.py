@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import uuid
@@ -182,6 +183,16 @@ def run_command(monkeypatch, main, prog: str, *arguments: str) -> int:
     with pytest.raises(SystemExit) as exit_:
         main_guard(main)
     return exit_.value.code
+
+
+def disk_fills_halfway(monkeypatch) -> None:
+    """Every Path.write_text from now on writes half its text, then fails as a full disk does (monkeypatch.undo)."""
+    write_text = Path.write_text
+
+    def half(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_text", half)
 
 
 def quick_config(model: str, dataset: str, **changes):

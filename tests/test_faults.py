@@ -151,19 +151,13 @@ def test_a_full_disk_while_writing_a_file_is_one_line(capsys):
 def test_a_record_write_cut_short_leaves_the_record_that_was_there_whole(tmp_path, monkeypatch):
     # `python -m core` wrote run.json in place: a full disk (or Ctrl-C) mid-write left the earlier run's record
     # truncated to half a JSON document, and the new one nowhere.
-    import errno
     import json
-    from pathlib import Path
 
+    from conftest import disk_fills_halfway
     from core.record import write_record
     path = tmp_path / "run.json"
     path.write_text('{"run_id": "the run before"}\n')
-    write_text = Path.write_text
-
-    def disk_fills_halfway(self, text, *args, **kwargs):
-        write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
-    monkeypatch.setattr(Path, "write_text", disk_fills_halfway)
+    disk_fills_halfway(monkeypatch)
     with pytest.raises(OSError):
         write_record({"run_id": "this run", "history": list(range(100))}, path)
     monkeypatch.undo()

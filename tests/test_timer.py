@@ -2,11 +2,11 @@
 paused), and the machine's timing file is never left half-written."""
 from __future__ import annotations
 
-import errno
 import fcntl
 from pathlib import Path
 
 import pytest
+from conftest import disk_fills_halfway
 
 from core.lease import Lease
 from core.timer import Timer
@@ -48,13 +48,7 @@ def test_a_timing_write_cut_short_leaves_the_saved_timings_whole(tmp_path, monke
         pass
 
     saved = Timer(lease=Lease(tmp_path), **QUIET).step_timing("shape-a", step, list(range(10)))
-    write_text = Path.write_text
-
-    def disk_fills_halfway(self, text, *args, **kwargs):
-        write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
-
-    monkeypatch.setattr(Path, "write_text", disk_fills_halfway)
+    disk_fills_halfway(monkeypatch)
     with pytest.raises(OSError):
         Timer(lease=Lease(tmp_path), **QUIET).step_timing("shape-b", step, list(range(10)))
     monkeypatch.undo()
