@@ -121,14 +121,20 @@ def now() -> str:
 
 
 def write_record(record: RunRecord | dict, path: str | Path) -> None:
-    """Written beside `path` and renamed over it: a write cut short (a full disk, Ctrl-C) leaves the file that was
-    there (the record of the run before) whole, never an empty or half-written one."""
+    """The record as JSON at `path`, atomically (`write_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     values = record.to_dict() if isinstance(record, RunRecord) else record
+    write_atomically(path, json.dumps(values, indent=2) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Written beside `path` and renamed over it: a write cut short (a full disk, Ctrl-C) leaves the file that was
+    there (the record of the run before, the saved timings) whole, never an empty or half-written one, and no
+    scratch file behind; readers never see half a file."""
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        scratch.write_text(json.dumps(values, indent=2) + "\n")
+        scratch.write_text(text)
         os.replace(scratch, path)
     finally:
         scratch.unlink(missing_ok=True)

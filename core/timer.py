@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
@@ -14,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from core.lease import Contention, Lease, LoadProbe
+from core.record import write_atomically
 from core.timing import REPEATS, STEPS, WARMUP, StepTiming, interleaved_steps, measure_steps, sample_batches
 
 
@@ -125,13 +125,6 @@ class Timer:
             return {}
 
     def _write(self, key: str, timing: StepTiming) -> None:
-        # Under the exclusive lease: no other writer. Write aside and rename: readers never see half a file, and a
-        # write cut short (a full disk) leaves the saved timings whole and no scratch file behind.
-        saved = self._read() | {key: asdict(timing)}
-        scratch = self.path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            scratch.write_text(json.dumps(saved, indent=1, sort_keys=True))
-            os.replace(scratch, self.path)
-        finally:
-            scratch.unlink(missing_ok=True)
+        # Under the exclusive lease: no other writer.
+        write_atomically(self.path, json.dumps(self._read() | {key: asdict(timing)}, indent=1, sort_keys=True))
 
