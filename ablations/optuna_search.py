@@ -33,12 +33,10 @@ OBJECTIVES = {"pareto": ("maximize", "minimize"), "accuracy": ("maximize",)}
 
 def open_search_study(storage, name: str, objective: str, space: SearchSpace, base: RunConfig) -> optuna.Study:
     """The study, holding its space and fixed settings so that a later invocation extends the same search."""
-    from ablations.pareto import fixed_fields
+    from ablations.pareto import changed_fixed, fixed_fields
     from optuna.trial import TrialState
 
     from ablations.ledger import open_study
-    from core.config import DATA_FIELDS
-    from core.identity import same_data
 
     study = open_study(storage, name, OBJECTIVES[objective])
     if "grid" in study.user_attrs:
@@ -59,14 +57,10 @@ def open_search_study(storage, name: str, objective: str, space: SearchSpace, ba
     elif stored["space"] != wanted["space"]:
         raise UsageError(f"study {name!r} was created with the search space {json.dumps(stored['space'])}: "
                          "search that space again or choose another --study-name")
-    elif changed := [k for k in wanted["fixed"] if stored["fixed"].get(k) != wanted["fixed"][k]]:
-        data = [tuple(fixed.get(k) for k in DATA_FIELDS) for fixed in (stored["fixed"], wanted["fixed"])]
-        if same_data(*data):  # another spelling or copy of the same rows: the same runs (run ids hash the rows)
-            changed = [k for k in changed if k not in DATA_FIELDS]
-        if changed:
-            key = changed[0]
-            raise UsageError(f"study {name!r} was created with {key}={stored['fixed'].get(key)!r}, not "
-                             f"{wanted['fixed'][key]!r}: use the same fixed settings or choose another --study-name")
+    elif changed := changed_fixed(stored["fixed"], wanted["fixed"]):  # a copied folder is the same (run ids)
+        key = changed[0]
+        raise UsageError(f"study {name!r} was created with {key}={stored['fixed'].get(key)!r}, not "
+                         f"{wanted['fixed'].get(key)!r}: use the same fixed settings or choose another --study-name")
     return study
 
 

@@ -77,6 +77,33 @@ def fixed_fields(config: dict) -> dict:
     return {name: value for name, value in config.items() if name not in SEARCHED}
 
 
+def changed_fixed(stored: dict, fixed: dict) -> list[str]:
+    """The fixed settings (`fixed_fields`) in which `stored` differs from `fixed`, comparing the model and the data
+    as run ids do, by their contents (`core.identity`): another spelling of a path, a copied data or model folder
+    is no change."""
+    from core.config import DATA_FIELDS
+    from core.identity import model_fingerprint, same_data
+
+    changed = [name for name in fixed if stored.get(name) != fixed[name]]
+    # a model read nowhere here (a Hub id offline, a moved folder) is its name: only that name is the same model
+    if "model" in changed and stored.get("model") and \
+            model_fingerprint(stored["model"]) == model_fingerprint(fixed["model"]):
+        changed.remove("model")
+    if set(changed) & set(DATA_FIELDS) and \
+            same_data(*(tuple(d.get(k) for k in DATA_FIELDS) for d in (stored, fixed))) is True:
+        changed = [name for name in changed if name not in DATA_FIELDS]
+    return changed
+
+
+def same_fixed(config: dict, fixed: dict) -> bool:
+    """Whether a stored run's config has these fixed settings (`changed_fixed`: a copied folder is the same)."""
+    from core.config import DATA_FIELDS
+    theirs = fixed_fields(config)
+    differ = {name for name in {*theirs, *fixed} if theirs.get(name) != fixed.get(name)}
+    # only a path can name the same contents: any other difference is another run, known without reading files
+    return not differ or (differ <= {"model", *DATA_FIELDS} and not changed_fixed(theirs, fixed))
+
+
 def _same_device(record: dict | None, device: str | None) -> bool:
     """Times compare only on one device; a run without a device name (or no device to match) is kept."""
     return record is None or device is None or record.get("device") in (None, device)
@@ -103,14 +130,14 @@ def study_points(study: optuna.Study, device: str | None = None, metric: str = "
 
 def storage_points(ledger: Ledger, skip_study: str, fixed: dict, device: str | None = None,
                    sitting: dict | None = None) -> list[Point]:
-    """Finished runs of the storage's other studies (a grid, say) with exactly these fixed settings, timed by the
-    searching study's stored `sitting` where it holds their shape."""
+    """Finished runs of the storage's other studies (a grid, say) with these fixed settings (`same_fixed`: a copy of
+    the data or model is the same), timed by the searching study's stored `sitting` where it holds their shape."""
     points = []
     for status in ledger.scan().values():
         for trial in status.complete:
             record, where = trial.user_attrs.get("record"), ledger.where(trial)
             if record and not where.startswith(f"{skip_study}#") and _same_device(record, device) \
-                    and fixed_fields(record["config"]) == fixed:
+                    and same_fixed(record["config"], fixed):
                 points.append(Point(choice_value(record, record_metric(record)), _seconds(record, sitting), where))
     return points
 

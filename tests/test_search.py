@@ -366,6 +366,50 @@ def test_a_study_takes_a_copy_of_its_data_folder_and_refuses_other_data(tmp_path
         open_search_study(search.ledger.storage, "search", "pareto", SMALL, base.replace(dataset=str(other)))
 
 
+def test_a_study_takes_a_copy_of_its_model_folder_and_refuses_another_model(tmp_path, toy_data, tiny_bert):
+    """As the run id hashes the model's files, a copied model folder is the same model; a model of other weights
+    is not."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    base = quick_config(tiny_bert, toy_data)
+    search = searcher(tmp_path, base=base)
+    search.run(1, progress=False)
+    copy = shutil.copytree(tiny_bert, tmp_path / "copied-model")
+    open_search_study(search.ledger.storage, "search", "pareto", SMALL, base.replace(model=str(copy)))
+    other = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save_pretrained(tmp_path / "other-model")
+    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (Path(tiny_bert) / name).exists():
+            shutil.copy(Path(tiny_bert) / name, tmp_path / "other-model" / name)
+    with pytest.raises(UsageError, match=f"was created with model='{tiny_bert}', not '{tmp_path / 'other-model'}'"):
+        open_search_study(search.ledger.storage, "search", "pareto", SMALL,
+                          base.replace(model=str(tmp_path / "other-model")))
+
+
+def test_a_search_on_copied_data_is_pruned_against_the_runs_stored_on_the_original(tmp_path, toy_data, tiny_bert):
+    """Pruning compares a trial with the storage's other runs of the same fixed settings: a grid stored on the
+    original data folder holds the same runs as a search on a copy of it (or of the model), and was left out when
+    the settings were compared as path strings. Runs on other data stay out."""
+    import shutil
+
+    from ablations.pareto import fixed_fields, storage_points
+    from conftest import write_toy_dataset
+    grid = searcher(tmp_path, "grid", base=quick_config(tiny_bert, toy_data), prune=False)
+    grid.run(2, progress=False)
+    other = searcher(tmp_path, "other", base=quick_config(tiny_bert, str(write_toy_dataset(tmp_path / "o", 80))),
+                     prune=False)
+    other.run(1, progress=False)
+    data = shutil.copytree(toy_data, tmp_path / "copied-data")
+    model = shutil.copytree(tiny_bert, tmp_path / "copied-model")
+    search = searcher(tmp_path, base=quick_config(str(model), str(data)))
+    points = storage_points(search.ledger, "search", fixed_fields(search.base.to_dict()), "fake")
+    assert sorted(p.where for p in points) == ["grid#0", "grid#1"]
+
+
 def test_the_accuracy_objective_has_its_own_study_and_optunas_median_pruner(tmp_path):
     search = searcher(tmp_path, "search-accuracy", objective="accuracy")
     search.study.pruner = optuna.pruners.MedianPruner()
