@@ -71,8 +71,10 @@ def make_session(args: argparse.Namespace):
     """The `core.session.Session` a command's runs share, with the cache budgets from the flags."""
     from core.session import Session
     for flag, budget in (("--cache-gb", args.cache_gb), ("--cache-device-gb", args.cache_device_gb)):
-        if not budget >= 0:  # nan too: every comparison with it is False, so it was a budget without a limit
-            raise UsageError(f"{flag} {budget:g} is invalid: use 0 or more gigabytes")
+        # nan (every comparison with it is False) and inf were budgets without a limit: a cache could then fill
+        # the host's memory or the GPU's, which the budget exists to prevent
+        if not 0 <= budget < float("inf"):
+            raise UsageError(f"{flag} {budget:g} is invalid: use 0 or more gigabytes, a finite number")
     if args.timing_repeats < 0:
         raise UsageError(f"--timing-repeats {args.timing_repeats} is invalid: use 0 (no timing), 1 or more")
     return Session(cache_device_gb=args.cache_device_gb, cache_host_gb=args.cache_gb,

@@ -80,9 +80,11 @@ BAD_COMMANDS = {
     "CUDA device this machine lacks": (["--device", "cuda:99"], "--device 'cuda:99': "),
     "unknown device": (["--device", "gpu"], "--device 'gpu' is unknown: use cpu, cuda or cuda:N"),
     "unknown flag": (["--freez-depth", "3"], "unrecognized arguments: --freez-depth 3"),
-    # These three ran: a negative budget, a quick look for timing repeats, and nan a cache budget without a limit.
+    # These ran: a negative budget, a quick look for timing repeats, and nan or inf a cache budget without a limit.
     "negative cache budget": (["--cache-gb", "-1"], "--cache-gb -1 is invalid: use 0 or more gigabytes"),
     "cache budget not a number": (["--cache-device-gb", "nan"], "--cache-device-gb nan is invalid"),
+    "cache budget without a limit": (["--cache-gb", "inf"], "--cache-gb inf is invalid: use 0 or more gigabytes, a "
+                                     "finite number"),
     "negative timing repeats": (["--timing-repeats", "-1"], "--timing-repeats -1 is invalid"),
 }
 
