@@ -57,9 +57,12 @@ def duration_estimate(pending: list[RunConfig], planned: int, base: RunConfig, d
 
     if not pending:
         return f"all {planned} runs are stored: nothing to train"
+    from core.batches import dev_rows_count
     from core.timing import seconds_per_training_step
     step, rows = seconds_per_training_step(base, session, device)
-    steps = sum(c.epochs * math.ceil(min(rows, c.max_train_samples or rows) / c.batch_size) for c in pending)
+    left = {c.dev_size: rows - dev_rows_count(rows, c.dev_size) for c in pending}  # the dev split trains nothing
+    steps = sum(c.epochs * math.ceil(min(left[c.dev_size], c.max_train_samples or rows) / c.batch_size)
+                for c in pending)
     total = steps * step
     quick = base.max_train_samples is None or any(c.epochs > 1 for c in pending)  # not already a quick look
     hint = " For a quick look: --max-train-samples 2000 --epochs 1." if total > 600 and quick else ""

@@ -91,7 +91,8 @@ def assert_dashboard_opens(url: str, study_name: str, trials: int) -> None:
 
 
 def test_the_duration_estimate_is_the_pending_steps_times_the_probed_step(tiny_bert, toy_data, monkeypatch):
-    """The grid's estimate takes its step time from core.timing's probe, once, and only when runs are pending."""
+    """The grid's estimate takes its step time from core.timing's probe, once, and only when runs are pending; its
+    steps are those of the training rows left after the dev split (they were counted with the dev rows)."""
     import math
 
     import core.timing
@@ -101,8 +102,9 @@ def test_the_duration_estimate_is_the_pending_steps_times_the_probed_step(tiny_b
     monkeypatch.setattr(core.timing, "seconds_per_training_step",
                         lambda config, session, device: probed.append(config) or (0.5, 100))
     base = quick_config(tiny_bert, toy_data)
-    pending = [base.replace(epochs=2, max_train_samples=40), base]
-    steps = 2 * math.ceil(40 / base.batch_size) + math.ceil(100 / base.batch_size)
+    pending = [base.replace(epochs=2, max_train_samples=40), base, base.replace(dev_size=0), base.replace(dev_size=20)]
+    # 100 train rows: the default dev split takes 10 (10 %), --dev-size 0 none, --dev-size 20 twenty
+    steps = 2 * math.ceil(40 / 16) + math.ceil(90 / 16) + math.ceil(100 / 16) + math.ceil(80 / 16)
     assert duration_estimate([], 3, base, "cpu", None) == "all 3 runs are stored: nothing to train" and not probed
     assert f"({steps} steps x 0.500 s" in duration_estimate(pending, 3, base, "cpu", None) and probed == [base]
 
