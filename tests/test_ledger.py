@@ -40,6 +40,17 @@ def own_spool(tmp_path, monkeypatch):
     monkeypatch.setenv("ABLATIONS_SPOOL_DIR", str(tmp_path / "spool"))
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def storage_url(request, tmp_path):
+    """A fresh storage of each backend workers share: claims are atomic in each database's own way (SQLite locks
+    the file, PostgreSQL the row), so each claim test runs on both."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.db"
+    else:
+        with fresh_postgres_database("ledger") as url:
+            yield url
+
+
 def cells(model: str, data: str):
     return Grid((0, 1), ("linear", "cosine"), (1,), (0,)).configs(quick_config(model, data))
 
@@ -149,8 +160,8 @@ def statements(storage, action) -> list[str]:
     return seen
 
 
-def test_a_claim_reads_only_the_rows_of_its_run_ids_however_many_trials_are_stored(tmp_path):
-    storage = open_storage(f"sqlite:///{tmp_path}/many.db")
+def test_a_claim_reads_only_the_rows_of_its_run_ids_however_many_trials_are_stored(storage_url):
+    storage = open_storage(storage_url)
     ledger, study = Ledger(storage), open_study(storage, "grid")
     base = quick_config("model", "data")   # no such folders: the ids fall back to the names, no fingerprint I/O
     counts = []
@@ -169,8 +180,8 @@ def test_a_claim_reads_only_the_rows_of_its_run_ids_however_many_trials_are_stor
     assert counts[0] == counts[1]   # 20x the stored trials, the same statements
 
 
-def test_two_claims_of_one_run_one_wins_and_a_stale_holder_is_taken_over(tmp_path):
-    storage = open_storage(f"sqlite:///{tmp_path}/claims.db", heartbeat_seconds=1)
+def test_two_claims_of_one_run_one_wins_and_a_stale_holder_is_taken_over(storage_url):
+    storage = open_storage(storage_url, heartbeat_seconds=1)
     study, first, second = open_study(storage, "grid"), Ledger(storage), Ledger(storage)
     won = first.new_claim(study, "run-a", {}, {})
     assert won is not None and second.new_claim(study, "run-a", {}, {}) is None
@@ -181,10 +192,10 @@ def test_two_claims_of_one_run_one_wins_and_a_stale_holder_is_taken_over(tmp_pat
     assert taken is not None and first.lookup_ids(["run-a"])["run-a"].trial_id == taken
 
 
-def test_a_claim_of_a_finished_run_loses_and_the_run_keeps_its_trial(tmp_path):
+def test_a_claim_of_a_finished_run_loses_and_the_run_keeps_its_trial(storage_url):
     """A worker that looked before the run finished claims it after: it trains nothing, and the run's row still
     names the trial that completed it (a FREE or stale row is taken over; a COMPLETE one never)."""
-    storage = open_storage(f"sqlite:///{tmp_path}/done.db")
+    storage = open_storage(storage_url)
     study, first, second = open_study(storage, "grid"), Ledger(storage), Ledger(storage)
     config = quick_config("model", "data")  # no such folders: the id hashes the names
     won = first.new_claim(study, config.run_id, {}, {})
