@@ -34,6 +34,7 @@ from torch import nn
 from core.batches import length_grouped_batches
 from core.captured import CapturedStep, LearningRates, bucket_for, buckets_for
 from core.config import PER_RUN_FIELDS, RunConfig
+from core.data import to_device
 from core.device import RunScales, rate_multipliers
 from core.exact_dropout import RunRandom, install as install_exact_dropout
 from core.model import decays, find_backbone, frozen_modules, num_layers
@@ -230,6 +231,12 @@ class StackedRuns:
         for p in self.params:
             p.grad.mul_(coef.view(-1, *[1] * (p.ndim - 1)))
 
+    def _stack(self, batches: list[dict], targets: list[torch.Tensor], **shape) -> tuple[dict, torch.Tensor,
+                                                                                       torch.Tensor]:
+        """`pad_and_stack` of a step's batches (on the device) and labels (on the host, moved in one copy)."""
+        inputs, labels, weights = pad_and_stack(batches, targets, self.pad_id, **shape)
+        return inputs, to_device(labels, self.device), to_device(weights, self.device)
+
     @torch.no_grad()
     def _update(self, rates) -> None:
         """Each run's AdamW step on its own slices: torch's fused kernel, as a solo run's optimizer calls it."""
@@ -255,17 +262,18 @@ class StackedRuns:
             for step in range(len(orders[0])):
                 picks = [order[step] for order in orders]
                 batches = [r.batch(i) for r, i in zip(self.runs, picks)]
-                targets = [r.labels[i].to(self.device) for r, i in zip(self.runs, picks)]
+                targets = [r.labels[i] for r, i in zip(self.runs, picks)]  # on the host: stacked there, then one
+                # pinned, queued copy each (`to_device`); a plain copy per run waited for the GPU's queue N times
                 if self.captured is None:
-                    inputs, labels, weights = pad_and_stack(batches, targets, self.pad_id)
+                    inputs, labels, weights = self._stack(batches, targets)
                     if self.random is not None:  # where each run's batch, as padded alone, lies in the step's
                         alone = [(len(t), b["attention_mask"].shape[1]) for b, t in zip(batches, targets)]
                         self.random.begin_step(labels.shape[1], inputs["attention_mask"].shape[1], alone)
                     loss_sum += self.step(inputs, labels, weights, self.rates[self.global_step].tolist())
                 else:
                     bucket = bucket_for(max(b["attention_mask"].shape[1] for b in batches), self.buckets)
-                    inputs, labels, weights = pad_and_stack(batches, targets, self.pad_id,
-                                                            rows=self.runs[0].config.batch_size, length=bucket)
+                    inputs, labels, weights = self._stack(batches, targets, rows=self.runs[0].config.batch_size,
+                                                          length=bucket)
                     loss_sum += self.captured(bucket, {**inputs, "labels": labels, "weights": weights})
                 self.global_step += 1
                 if after_step is not None:

@@ -179,6 +179,32 @@ def test_a_captured_group_computes_what_the_eager_group_does(model_dir, data, de
         assert worst < 1e-4, f"run {i}: a weight tensor differs by {worst:.2e} relative"
 
 
+@pytest.mark.parametrize("capture", [None, GraphOnTheCpu], ids=["eager", "captured"])
+def test_a_stacked_epoch_copies_host_tensors_to_the_device_only_queued(model_dir, data, capture, monkeypatch):
+    """On a GPU a plain `.to(device)` of a host tensor waits for every kernel queued before it: the engine copied
+    each run's labels so, N host syncs a step, which the captured step exists to avoid (the host can no longer
+    prepare the next step while the GPU runs this one). Every host tensor must go through `core.data.to_device`
+    (pinned memory, a queued copy); on the CPU that is what can be checked: no `.to` with a device in
+    core/stacked.py while an epoch trains."""
+    import os
+    import sys
+
+    group = configs(model_dir, data, 0)
+    engine = StackedRuns([prepare(c)[0] for c in group], 30, prepare(group[0])[2], "cpu", capture=capture,
+                         buckets=(6, 8, 10) if capture else None)
+    real, moved = torch.Tensor.to, []
+
+    def spy(tensor, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if caller.endswith(os.path.join("core", "stacked.py")) and (
+                "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args)):
+            moved.append((sys._getframe(1).f_lineno, tuple(tensor.shape)))
+        return real(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    engine.train_epoch(1)
+    assert moved == [], f"blocking copies to the device from core/stacked.py (line, shape): {moved[:4]}"
+
+
 @pytest.mark.parametrize("depth, capture", [(0, None), (1, None), (1, GraphOnTheCpu)],
                          ids=["depth0-eager", "depth1-eager", "depth1-captured"])
 def test_a_narrowed_group_goes_on_where_the_whole_group_stood(model_dir, data, depth, capture, monkeypatch):
