@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_engine(requested: str, device) -> str:
-    """`auto` is the eager step on the CPU (capture needs CUDA; stacking MiniLM does not clearly pay on the 2-core
-    CPU: N = 2 / 4 took 0.93x / 0.99x the eager ms per run-step at depth 0, 0.84x / 0.85x at depth 3, one run stacked
-    1.10x / 1.04x, rounds spread ±25 %: results/step_times_cpu.json) and the captured step on CUDA (no GPU has run
-    it yet: issue 14's figures are not measured). `core.group.choose_engine` makes the final choice (probe, group
-    size)."""
+    """`auto` is the eager step on the CPU (capture needs CUDA; stacking MiniLM pays little on the 2-core CPU, and
+    not at every depth: N = 2 / 4 took 0.84x / 0.85x the eager ms per run-step at depth 3 but 0.93x / 0.99x at depth
+    0, one run stacked 1.10x / 1.04x, single rounds from 30 % below to 37 % above their median:
+    results/step_times_cpu.json) and the captured step on CUDA (no GPU has run it yet: issue 14's figures are not
+    measured). `core.group.choose_engine` makes the final choice (probe, group size)."""
     if requested not in ENGINES:
         raise UsageError(f"--engine {requested!r} is unknown: use one of {', '.join(ENGINES)}")
     if requested == "auto":

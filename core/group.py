@@ -105,10 +105,10 @@ def _parameters(model_name: str, depth: int) -> tuple[int, int]:
 
 def group_size(config: RunConfig, device, free_bytes: int | None = None, captured: bool = False,
                reserved: int = 0) -> int:
-    """The automatic --max-parallel-runs: 1 on a CPU (stacking does not pay there, `core.captured`); on CUDA as
-    many runs as fit in MEMORY_HEADROOM of the free device memory, less `reserved` bytes (the frozen-prefix cache's
-    device budget, filled only after this is decided), at `bytes_per_run` each (`captured`: with a graph pool per
-    length bucket), 1..MAX_GROUP."""
+    """The automatic --max-parallel-runs: 1 on a CPU (stacking pays little there, and not at every depth:
+    `core.captured`); on CUDA as many runs as fit in MEMORY_HEADROOM of the free device memory, less `reserved`
+    bytes (the frozen-prefix cache's device budget, filled only after this is decided), at `bytes_per_run` each
+    (`captured`: with a graph pool per length bucket), 1..MAX_GROUP."""
     device = resolve_device(device)
     if device.type != "cuda" and free_bytes is None:
         return 1

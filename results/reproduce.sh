@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # How results/ was made: the reference study's question on real SST-2 with the PyPI MiniLM-L6 (CPU, 2 cores).
 # Every step is resumable: run it again and only missing runs train (all runs live in results/sst2.db).
-# Usage: bash results/reproduce.sh [stage ...]   stages: lr grid fullgrid recipe search tuned report (default: all, in order)
+# Usage: bash results/reproduce.sh [stage ...]   stages: lr grid fullgrid recipe search tuned report (default: all, in
+# order); on request only: tuned-timing, steps (each needs a quiet machine; it re-measures, so its numbers move).
 # Where things land: the current study (`tuned`, results/README.md section 9) at the top of results/, every older
-# study in a folder named for it (grid-8000/, full-cpu/, recipes/, search-8000/); `report` only reads sst2.db.
+# study in a folder named for it (grid-8000/, full-cpu/, recipes/, search-8000/, h100/); `report` only reads the
+# stored runs (sst2.db, and h100/h100.db for the H100 grid, which h100/parallel.sh made on the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -67,6 +69,7 @@ run_table(load_runs(sys.argv[1])).to_csv('results/runs.csv', index=False)" "$DB"
   python -m ablations.report --storage "$DB" --study-name recipes --output-dir results/recipes \
     --baseline freeze_depth=0,scheduler=linear,epochs=3
   python -m ablations.report --storage "$DB" --study-name grid-full --output-dir results/full-cpu
+  python -m ablations.report --storage "sqlite:///$PWD/results/h100/h100.db" --study-name grid --output-dir results/h100
   python -c "import sys; from ablations.pareto import rewrite_search_outputs
 rewrite_search_outputs(sys.argv[1], 'search', 'results/search-8000')" "$DB" > /dev/null ;;  # its front and summary
 esac; done
