@@ -2,7 +2,8 @@
 # How results/ was made: the reference study's question on real SST-2 with the PyPI MiniLM-L6 (CPU, 2 cores).
 # Every step is resumable: run it again and only missing runs train (all runs live in results/sst2.db).
 # Usage: bash results/reproduce.sh [stage ...]   stages: lr grid fullgrid recipe search tuned report (default: all, in
-# order); on request only: tuned-timing, steps (each needs a quiet machine; it re-measures, so its numbers move).
+# order); on request only: tuned-timing, steps, first-run (each re-measures, so its numbers move; the first two
+# need a quiet machine).
 # Where things land: the current study (`tuned`, results/README.md section 9) at the top of results/, every older
 # study in a folder named for it (grid-8000/, full-cpu/, recipes/, search-8000/, h100/); `report` only reads the
 # stored runs (sst2.db, and h100/h100.db for the H100 grid, which h100/parallel.sh made on the GPU).
@@ -53,6 +54,22 @@ tuned-timing)  # The tuned study's shapes timed again in one sitting, round-robi
   # kept with the study (--store): its report then takes every run's time from this one sitting.
   python -m ablations.timing_passes --storage "$DB" --study-name tuned --interleave --store \
     --output results/timing_interleaved.md ;;
+first-run)  # README "First run": its command as printed there, on the packaged MiniLM and the embedded SST-2; the
+  # record and the command's wall time (start-up and loading included) are what the README quotes.
+  mkdir -p results/first-run
+  command=(python -m core --model "$MODEL" --dataset sst2 --freeze-depth 0 --scheduler linear --epochs 1
+           --learning-rate 1e-4 --max-train-samples 2000 --output results/first-run/run.json --no-progress)
+  started=$(date +%s.%N)
+  "${command[@]}" | tee results/first-run/output.txt
+  ended=$(date +%s.%N)
+  python - "$started" "$ended" "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" "$(nproc)" <<'PY' > results/first-run/command.json
+import json, sys
+started, ended, cpu, cores = sys.argv[1:]
+print(json.dumps({"command": "python -m core --model $MODEL --dataset sst2 --freeze-depth 0 --scheduler linear "
+                  "--epochs 1 --learning-rate 1e-4 --max-train-samples 2000 --output run.json",
+                  "wall_s": round(float(ended) - float(started), 1), "cpu": cpu, "cores": int(cores)}, indent=1))
+PY
+  ;;
 steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (7 interleaved rounds; ~12 min, quiet).
   python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 --rounds 7 \
     --output results/step_times_cpu.json ;;

@@ -82,3 +82,22 @@ def test_the_quoted_search_and_study_counts_are_the_stored_ones():
     assert (f"20 trials with {search.train_seconds.sum():,.0f} s of training in all: "
             f"{(search.state == 'COMPLETE').sum()} complete") in text
     assert f"The study holds {(runs.study == 'tuned').sum()}:" in text
+
+
+def test_the_first_run_quoted_is_the_stored_one():
+    """README's "First run" paragraph quotes `bash results/reproduce.sh first-run`'s record and wall time."""
+    record = json.loads((RESULTS / "first-run/run.json").read_text())
+    command = json.loads((RESULTS / "first-run/command.json").read_text())
+    timing = record["timing"]
+    timed = timing["warmup_seconds"] + sum(timing["repeat_seconds"]) * timing["steps_per_repeat"]
+    paragraph = " ".join((ROOT / "README.md").read_text().split("On 2 CPU cores this first run")[1]
+                         .split("- `--model`")[0].split())
+    assert f"{command['wall_s']:.1f} s from the command to its exit" in paragraph
+    assert command["cpu"].startswith("Intel(R) Xeon") and "Intel Xeon" in paragraph
+    assert f"Of the record's {record['wall_seconds']:.1f} s" in paragraph
+    assert f"{timed:.0f} s time its steps alone ({timing['warmup_seconds']:.0f} s of them the " \
+           f"{timing['warmup_steps']} warm-up steps)" in paragraph
+    assert f"{record['train_loop_seconds']:.1f} s train the {timing['steps']} steps" in paragraph
+    assert f"{record['eval_seconds']:.1f} s evaluate" in paragraph
+    assert f"`train_seconds` counts the steps alone ({record['train_seconds']:.1f} s)" in paragraph
+    assert record["precision"] == "bf16" and "bf16 autocast" in paragraph
