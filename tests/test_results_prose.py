@@ -101,3 +101,16 @@ def test_the_first_run_quoted_is_the_stored_one():
     assert f"{record['eval_seconds']:.1f} s evaluate" in paragraph
     assert f"`train_seconds` counts the steps alone ({record['train_seconds']:.1f} s)" in paragraph
     assert record["precision"] == "bf16" and "bf16 autocast" in paragraph
+
+
+def test_the_dev_split_cost_quoted_is_the_first_runs():
+    """`--dev-size`'s cost is read off the first run's record: its evaluation of dev and validation, per row."""
+    record = json.loads((RESULTS / "first-run/run.json").read_text())
+    per_row = record["eval_seconds"] / (record["dev_samples"] + len(record["validation_labels"]))
+    loop = record["train_loop_seconds"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"evaluated dev's {record['dev_samples']:,} and validation's {len(record['validation_labels'])} rows in "
+            f"{record['eval_seconds']:.1f} s against {loop:.1f} s of training, so the dev rows cost ≈ "
+            f"{per_row * record['dev_samples']:.1f} s, {100 * per_row * record['dev_samples'] / loop:.0f} % of its "
+            f"epoch") in text
+    assert f"(6,735) would cost {100 * per_row * 6735 / loop:.0f} % of such an epoch" in text
