@@ -83,6 +83,13 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             front = rows[rows["pareto"]].sort_values("train_seconds")
             ax.step(front["train_seconds"], PERCENT * front[f"{column}_mean"], where="post", color="0.3",
                     linestyle="--", linewidth=2, zorder=2)
+        bars = []  # each point's error bars, which a label should not cover
+        for row in table.itertuples(index=False):
+            mean, low, high = (PERCENT * getattr(row, f"{column}_{part}") for part in ("mean", "low", "high"))
+            if not pd.isna(low):
+                bars.append(((row.train_seconds, low), (row.train_seconds, high)))
+            if (spread := _time_error(row)) is not None:
+                bars.append(((row.train_seconds - spread[0][0], mean), (row.train_seconds + spread[1][0], mean)))
         ax.margins(x=0.12, y=0.12)
         axis = time_axis_label(table)  # wider than the axes, one line ran off the figure's left edge
         ax.set_xlabel(axis.replace(" (s; ", "\n(s; ", 1) if len(axis) > 70 else axis)
@@ -115,7 +122,7 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
         # taken under load looked like one taken alone.
         labels = [label + (" ★" if pareto else "") + (" ⚠" if loaded else "") + (" ‡" if share else "")
                   for label, pareto, loaded, share in zip(table["label"], table["pareto"], contended, shared)]
-        place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table[f"{column}_mean"]), labels)
+        place_labels(figure, ax, list(table["train_seconds"]), list(PERCENT * table[f"{column}_mean"]), labels, bars)
         return _save(figure, path)
 
 
