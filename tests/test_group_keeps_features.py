@@ -78,7 +78,8 @@ def test_a_search_prunes_runs_of_a_stacked_group_each_as_one_at_a_time(model, da
         search.run(3, progress=False)
         trials[parallel] = study.get_trials()[1:]
     states = [t.state for t in trials[3]]
-    assert TrialState.PRUNED in states and TrialState.COMPLETE in states, "the test needs runs of 1 and of 2+ epochs (seed 4: 2, 1, 3)"
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states, \
+        "the test needs runs of 1 and of 2+ epochs (sampler seed 4 proposes 2, 1, 3)"
     for alone, together in zip(trials[1], trials[3], strict=True):
         first, second = alone.user_attrs["record"], together.user_attrs["record"]
         assert second["config"] == first["config"] and together.state == alone.state
