@@ -103,14 +103,15 @@ def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def assert_each_as_alone(configs, group, alone) -> None:
-    """Same initial weights (its own head), selected weights within 1e-5 relative, same kept epoch, predictions
-    and metrics."""
+    """Same initial weights (its own head), the same kept epoch, predictions and metrics, and the kept weights within
+    1e-4 relative: fp32 rounding, amplified over up to 90 AdamW steps, reached 7e-6 here (a planted bug: 1e-2 and
+    more); the bound to rounding is fp64's, `test_head_less_runs_stacked_are_solo_runs_to_fp64_rounding`."""
     for config, (start, best, record), (start_alone, best_alone, record_alone) in zip(configs, group, alone):
         assert start.keys() == start_alone.keys()
         assert all(torch.equal(start[n], start_alone[n]) for n in start), f"seed {config.seed}: another start"
         keep = [i for i, n in enumerate(start) if not n.endswith(ZERO_GRADIENT)]
         error = relative_error([best[i] for i in keep], [best_alone[i] for i in keep])
-        assert error < 1e-5, f"seed {config.seed}: the kept weights differ by {error:.1e} relative"
+        assert error < 1e-4, f"seed {config.seed}: the kept weights differ by {error:.1e} relative"
         assert record.engine == f"stacked ({len(configs)} runs)" and record_alone.engine == "eager"
         assert record.best_epoch == record_alone.best_epoch
         assert record.validation_predictions == record_alone.validation_predictions
@@ -121,28 +122,50 @@ def assert_each_as_alone(configs, group, alone) -> None:
 
 
 def base_config(model: str, data: str, **changes):
-    return quick_config(model, data, batch_size=8, max_train_samples=TRAIN_ROWS, dev_size=0, **changes)
+    return quick_config(model, data, batch_size=8, max_train_samples=TRAIN_ROWS, **changes)  # dev: 10 % (default)
+
+
+def schedules(base):
+    """Three seeds, each its own schedule, warmup, rate, weight decay and selection metric."""
+    return [base.replace(seed=0, scheduler="linear", learning_rate=1e-2),
+            base.replace(seed=1, scheduler="cosine", learning_rate=5e-3, warmup_ratio=0.1, weight_decay=0.1,
+                         select_by="f1"),
+            base.replace(seed=2, scheduler="constant_with_warmup", learning_rate=2e-3, warmup_ratio=0.3,
+                         select_by="loss")]
 
 
 def test_each_run_of_a_group_draws_its_own_head_and_trains_as_alone(setup, monkeypatch):
     """Three seeds of a head-less encoder, each its own schedule (linear, cosine, constant with warmup), warmup
     (0, 0.1, 0.3), rate, weight decay and selection metric (accuracy, macro-F1, loss): stacked, each starts from the
     head its seed draws alone (the seeds' heads differ), keeps the epoch it keeps alone (not the same one for all)
-    and ends where it ends alone: weights within 1e-5 relative after 90 steps, the same predictions and metrics."""
+    and ends where it ends alone: the same predictions and metrics (`assert_each_as_alone`)."""
     model, data = setup
     assert "classifier" in load_pretrained(model, ["0", "1", "2"])[1], "the encoder ships a head: none is drawn"
-    base = base_config(model, data, epochs=3)
-    configs = [base.replace(seed=0, scheduler="linear", learning_rate=3e-3),
-               base.replace(seed=1, scheduler="cosine", learning_rate=5e-3, warmup_ratio=0.1, weight_decay=0.1,
-                            select_by="f1"),
-               base.replace(seed=2, scheduler="constant_with_warmup", learning_rate=2e-3, warmup_ratio=0.3,
-                            select_by="loss")]
+    configs = schedules(base_config(model, data, epochs=3))
     group, alone = trained(monkeypatch, configs)
     heads = [start["classifier.weight"] for start, _, _ in group]
     assert heads[0].shape[0] == 3 and not any(torch.equal(heads[i], heads[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
     assert_each_as_alone(configs, group, alone)
     assert len({r.best_epoch for _, _, r in group}) > 1, "every run kept the same epoch: selection is not per run"
     assert max(r.accuracy for _, _, r in group) > 0.5  # one run at least learned (the largest class: 0.40)
+
+
+def test_head_less_runs_stacked_are_solo_runs_to_fp64_rounding(setup):
+    """The same three schedules in fp64, one epoch (30 steps) on the engine (`core.stacked.StackedRuns`): each
+    seed's own head, three classes, sentence pairs (BERT's token types 0 and 1) end where the run alone ends, to
+    rounding (2e-15 measured)."""
+    from test_stacked import prepare, solo_weights, stacked_error
+
+    from core.stacked import StackedRuns
+    model, data = setup
+    configs = schedules(base_config(model, data, epochs=1, dev_size=0))
+    runs = [prepare(c, dtype=torch.float64, cached=False) for c in configs]
+    engine = StackedRuns([r[0] for r in runs], steps_per_epoch=30, pad_id=runs[0][2], device="cpu", cached=False)
+    engine.train_epoch(1)
+    for i, config in enumerate(configs):
+        whole, worst = stacked_error(engine.run_weights(i), solo_weights(prepare(config, dtype=torch.float64,
+                                                                                 cached=False)[0], cached=False))
+        assert whole < 1e-11 and worst < 1e-10, f"seed {config.seed}: {whole:.1e} whole, {worst:.1e} worst"
 
 
 def test_each_run_of_a_group_clips_its_own_gradient_norm(tmp_path, monkeypatch):
