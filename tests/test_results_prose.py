@@ -114,3 +114,37 @@ def test_the_dev_split_cost_quoted_is_the_first_runs():
             f"{per_row * record['dev_samples']:.1f} s, {100 * per_row * record['dev_samples'] / loop:.0f} % of its "
             f"epoch") in text
     assert f"(6,735) would cost {100 * per_row * 6735 / loop:.0f} % of such an epoch" in text
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+
+
+def test_the_cpu_settings_quoted_are_the_stored_measurement():
+    """README's host-memory and fused-AdamW figures, and core/host_memory.py's, are `reproduce.sh cpu-settings`'s."""
+    import core.host_memory
+    data = json.loads((RESULTS / "cpu_settings.json").read_text())
+    faults, adamw = data["page_faults"], data["adamw"]
+    readme = " ".join((ROOT / "README.md").read_text().split("**Host memory reused on the CPU.**")[1]
+                      .split("; evaluation under")[0].split())
+    docstring = " ".join(core.host_memory.__doc__.split())
+    per_step = faults["minor_faults_per_step"]
+    system = {name: faults["system_ms_per_step_rounds"][name] for name in ("default", "reuse")}
+    wall = faults["reuse_vs_default_ms_per_step"]
+    assert f"{data['rounds']} alternating rounds" in readme
+    assert f"{faults['steps']} steps after {faults['warmup']} warm-up ones" in readme
+    assert faults["precision"] == "bf16" and faults["batch_size"] == 16 and faults["length"] == 32
+    assert f"{per_step['default']:,} → {per_step['reuse']:,} minor page faults a step" in readme
+    assert f"{per_step['default']:,} -> {per_step['reuse']:,} minor page faults a step" in docstring
+    medians = [f"{statistics.median(system[name]):.1f}" for name in ("default", "reuse")]
+    assert f"(system CPU time) {medians[0]} → {medians[1]} ms a step" in readme
+    assert f"{medians[0]} -> {medians[1]} ms (medians of {data['rounds']} rounds)" in docstring
+    assert (f"rounds {spread(system['default'])} → {spread(system['reuse'])} ms") in readme
+    assert f"the rounds' ratio ran from {wall['low']:.2f}× to {wall['high']:.2f}×" in readme
+    assert data["device_name"].startswith("cpu (Intel(R) Xeon") and "2-core Xeon" in readme
+    ratios = adamw["vs_fused"]
+    assert (f"of MiniLM's {adamw['parameters']:,} parameters takes {ratios['per-tensor']['median']:.2f}× the fused "
+            f"one's time and the multi-tensor one (`foreach=True`) {ratios['foreach']['median']:.2f}× (median of "
+            f"{data['rounds']} interleaved rounds, {ratios['per-tensor']['low']:.2f}–{ratios['per-tensor']['high']:.2f}"
+            f"× and {ratios['foreach']['low']:.2f}–{ratios['foreach']['high']:.2f}×; fused "
+            f"{adamw['ms_per_step']['fused']:.1f} ms") in readme
