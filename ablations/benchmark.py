@@ -10,6 +10,8 @@ Wall time is measured around each process, start-up included, so the ratio is wh
 
 `--step-times` instead times one training step per run of the engines (`core.engine_timing`): eager (the
 solo step), stacked and, on CUDA, captured, at `--runs` runs per group (default 1,14,56; a CPU wants 1,2,4).
+`--cpu-settings` instead measures what a run's two CPU settings buy (`core.host_costs`): the page faults and step
+time of depth-0 training steps with and without freed memory kept for reuse, and fused against per-tensor AdamW.
 """
 from __future__ import annotations
 
@@ -95,18 +97,25 @@ def main() -> int:
                         "(default: print only)")
     parser.add_argument("--step-times", action="store_true",
                         help="time ms per run-step of the eager, stacked and (CUDA) captured engines instead")
+    parser.add_argument("--cpu-settings", action="store_true",
+                        help="measure page faults with and without core.host_memory's setting and fused against "
+                             "per-tensor AdamW on the CPU instead")
     parser.add_argument("--runs", default="1,14,56", metavar="LIST",
                         help="--step-times: comma-separated runs per stacked group (default: 1,14,56)")
-    parser.add_argument("--batch-size", type=int, default=16, help="--step-times: rows per run and step (default: 16)")
-    parser.add_argument("--length", type=int, default=32, help="--step-times: tokens per row (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="--step-times, --cpu-settings: rows per run and step (default: 16)")
+    parser.add_argument("--length", type=int, default=32,
+                        help="--step-times, --cpu-settings: tokens per row (default: 32)")
     parser.add_argument("--steps", type=int, default=20,
-                        help="--step-times: timed steps per contender and round (default: 20)")
+                        help="--step-times, --cpu-settings: timed steps per contender and round (default: 20)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="--step-times: interleaved rounds, the median kept (default: 3)")
+                        help="--step-times, --cpu-settings: interleaved rounds, the median kept (default: 3)")
     parser.add_argument("project_args", nargs="*", help="extra flags for the project's grid (after --)")
     args = parser.parse_args()
     if args.step_times:
         return step_times_main(args)
+    if args.cpu_settings:
+        return cpu_settings_main(args)
     if not args.dataset:
         raise UsageError("--dataset is missing: give a folder with train.tsv and validation.tsv")
     if not args.recipe.is_file():
@@ -156,14 +165,45 @@ def main() -> int:
     return 0
 
 
-def step_times_main(args) -> int:
-    from ablations.space import parse_int_list
-    runs = parse_int_list(args.runs, "--runs", low=1)
-    depths = parse_int_list(args.freeze_depths, "--freeze-depths")
+def check_sizes(args) -> None:
     for name, value, least in (("--batch-size", args.batch_size, 1), ("--length", args.length, 8),
                                ("--steps", args.steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:
             raise UsageError(f"{name} {value} is too small: use at least {least}")
+
+
+def cpu_settings_main(args) -> int:
+    check_sizes(args)
+    from core.host_costs import cpu_settings
+    from core.model import model_config
+    model_config(args.model)  # a folder that holds no model is refused here, not in a child process
+    result = cpu_settings(args.model, args.batch_size, args.length, args.steps, args.rounds)
+    faults, adamw = result["page_faults"], result["adamw"]
+    per_step = faults["minor_faults_per_step"]
+    print(f"minor page faults a step: {per_step['default']:,} with glibc's default, {per_step['reuse']:,} with freed "
+          f"memory reused; with reuse, a step's")
+    for key, what in (("ms_per_step", "wall time"), ("cpu_ms_per_step", "CPU time"),
+                      ("system_ms_per_step", "system CPU time")):
+        ratio = faults[f"reuse_vs_default_{key}"]
+        print(f"  {what}: {ratio['median']:.2f}x the default's (rounds {ratio['low']:.2f}-{ratio['high']:.2f})"
+              if ratio["median"] is not None else f"  {what}: too short to register")
+    print(f"AdamW over {adamw['parameters']:,} parameters, fused {adamw['ms_per_step']['fused']:.1f} ms a step:")
+    for name, summary in adamw["vs_fused"].items():
+        cpu = adamw["cpu_vs_fused"][name]
+        print(f"  {name}: {summary['median']:.2f}x the fused update's time (rounds {summary['low']:.2f}-"
+              f"{summary['high']:.2f}), CPU time {cpu['median']:.2f}x (rounds {cpu['low']:.2f}-{cpu['high']:.2f})"
+              if cpu["median"] is not None else f"  {name}: {summary['median']:.2f}x the fused update's time")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({**result, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    return 0
+
+
+def step_times_main(args) -> int:
+    from ablations.space import parse_int_list
+    runs = parse_int_list(args.runs, "--runs", low=1)
+    depths = parse_int_list(args.freeze_depths, "--freeze-depths")
+    check_sizes(args)
     from core.engine_timing import step_times
     from core.model import check_freeze_depth, model_config
     config = model_config(args.model)

@@ -2,8 +2,8 @@
 # How results/ was made: the reference study's question on real SST-2 with the PyPI MiniLM-L6 (CPU, 2 cores).
 # Every step is resumable: run it again and only missing runs train (all runs live in results/sst2.db).
 # Usage: bash results/reproduce.sh [stage ...]   stages: lr grid fullgrid recipe search tuned report (default: all, in
-# order); on request only: tuned-timing, steps, first-run (each re-measures, so its numbers move; the first two
-# need a quiet machine).
+# order); on request only: tuned-timing, steps, first-run, cpu-settings (each re-measures, so its numbers move; the
+# first two need a quiet machine).
 # Where things land: the current study (`tuned`, results/README.md section 9) at the top of results/, every older
 # study in a folder named for it (grid-8000/, full-cpu/, recipes/, search-8000/, h100/); `report` only reads the
 # stored runs (sst2.db, and h100/h100.db for the H100 grid, which h100/parallel.sh made on the GPU).
@@ -73,6 +73,11 @@ PY
 steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (7 interleaved rounds; ~12 min, quiet).
   python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 --rounds 7 \
     --output results/step_times_cpu.json ;;
+cpu-settings)  # README "Host memory reused on the CPU" and fused AdamW: page faults and step time with and without
+  # core.host_memory's setting (a process each), fused against per-tensor AdamW (5.4 and 9.8 min here beside other
+  # sessions' load; the fault counts do not move with it, the step times do).
+  python -m ablations.benchmark --cpu-settings --model "$MODEL" --steps 10 --rounds 5 \
+    --output results/cpu_settings.json ;;
 report)  # The current study's trade-off at the top of results/; each older study's in its own folder.
   python -m ablations.report --storage "$DB" --study-name tuned --output-dir results
   python -m ablations.report --storage "$DB" --study-name tuned --output-dir results/schedules \

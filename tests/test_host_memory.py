@@ -69,3 +69,38 @@ def test_a_cpu_run_leaves_large_blocks_reused(tiny_bert, toy_data):
     block = 64 * 2**20 // 4096
     assert faults() <= 3 * block + 64  # at most three of ten allocations faulted in anew (see above)
     assert faults(ABLATIONS_KEEP_GLIBC_MALLOC="1") > 8 * block
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not reuse_freed_memory(), reason="glibc only")
+def test_cpu_settings_counts_faults_with_and_without_the_setting_and_times_three_adamw_updates(
+        tiny_bert, tmp_path, monkeypatch, capsys):
+    """`python -m ablations.benchmark --cpu-settings`: each setting in a process of its own (the setting cannot be
+    undone in a process), alternating; AdamW fused, per-tensor and foreach on the model's every parameter."""
+    from ablations import benchmark
+    out = tmp_path / "cpu_settings.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--cpu-settings", "--model", tiny_bert, "--batch-size", "2",
+                                      "--length", "8", "--steps", "2", "--rounds", "1", "--output", str(out)])
+    assert benchmark.main() == 0
+    result = json.loads(out.read_text())
+    faults, adamw = result["page_faults"], result["adamw"]
+    assert faults["applied"] == {"default": [False], "reuse": [True]}  # one process each, the setting as asked
+    assert [len(faults["minor_faults_rounds"][name]) for name in ("default", "reuse")] == [1, 1]
+    assert faults["reuse_vs_default_ms_per_step"]["median"] > 0
+    assert set(adamw["ms_per_step"]) == {"fused", "per-tensor", "foreach"}
+    assert set(adamw["vs_fused"]) == set(adamw["cpu_vs_fused"]) == {"per-tensor", "foreach"}
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    assert adamw["parameters"] == sum(p.numel() for p in model.parameters())
+    printed = capsys.readouterr().out
+    assert "minor page faults a step" in printed and "per-tensor:" in printed
+
+
+def test_cpu_settings_refuses_bad_sizes_and_a_missing_model_in_one_line(tmp_path, monkeypatch):
+    from ablations import benchmark
+    from core.errors import UsageError
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--cpu-settings", "--model", str(tmp_path), "--steps", "0"])
+    with pytest.raises(UsageError, match="--steps 0 is too small"):
+        benchmark.main()
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--cpu-settings", "--model", str(tmp_path / "none")])
+    with pytest.raises(UsageError):
+        benchmark.main()
