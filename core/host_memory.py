@@ -5,9 +5,8 @@ kernel on free, so a tensor of that size allocated every step is faulted in page
 kernel, every step. A training step on the CPU allocates several: the word-embedding gradient alone is
 47 MB for MiniLM (30,522 x 384 floats) and 94 MB for DistilBERT. Measured by `python -m ablations.benchmark
 --cpu-settings` (results/cpu_settings.json: 2-core Xeon, MiniLM, batch 16, full fine-tune, each setting in a
-process of its own): 20,018 -> 1 minor page faults a step, and the system CPU time a step spends on them
-41.9 -> 0.8 ms (medians of 5 rounds); the wall time of a step on that shared machine moved more with other
-processes' load than with the setting.
+process of its own): 18,580 -> 58 minor page faults a step, and the system CPU time a step spends on them
+33.9 -> 0.4 ms (medians of 5 rounds); a step's wall time moved less: 0.97x the default's (rounds 0.76-1.05x).
 
 `reuse_freed_memory()` tells glibc (`mallopt`) to serve large blocks from its heap and not to trim it, as
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` would at start-up; the process's peak memory is unchanged

@@ -74,8 +74,8 @@ steps)  # Issue 14 on the CPU: ms per run-step, eager vs N runs stacked (7 inter
   python -m ablations.benchmark --step-times --model "$MODEL" --runs 1,2,4 --freeze-depths 0,3 --length 32 --rounds 7 \
     --output results/step_times_cpu.json ;;
 cpu-settings)  # README "Host memory reused on the CPU" and fused AdamW: page faults and step time with and without
-  # core.host_memory's setting (a process each), fused against per-tensor AdamW (5.4 and 9.8 min here beside other
-  # sessions' load; the fault counts do not move with it, the step times do).
+  # core.host_memory's setting (a process each), fused against per-tensor AdamW (2 min on a quiet machine; 5.4 and
+  # 9.8 min beside other sessions' load, which moves the step times).
   python -m ablations.benchmark --cpu-settings --model "$MODEL" --steps 10 --rounds 5 \
     --output results/cpu_settings.json ;;
 report)  # The current study's trade-off at the top of results/; each older study's in its own folder.

@@ -256,7 +256,9 @@ def test_the_cpu_settings_quoted_are_the_stored_measurement():
     assert f"(system CPU time) {medians[0]} → {medians[1]} ms a step" in readme
     assert f"{medians[0]} -> {medians[1]} ms (medians of {data['rounds']} rounds)" in docstring
     assert (f"rounds {spread(system['default'])} → {spread(system['reuse'])} ms") in readme
-    assert f"the rounds' ratio ran from {wall['low']:.2f}× to {wall['high']:.2f}×" in readme
+    assert (f"{wall['median']:.2f}× the default's (median of the rounds' ratios, rounds {wall['low']:.2f}–"
+            f"{wall['high']:.2f}×)") in readme
+    assert f"{wall['median']:.2f}x the default's (rounds {wall['low']:.2f}-{wall['high']:.2f}x)" in docstring
     assert data["device_name"].startswith("cpu (Intel(R) Xeon") and "2-core Xeon" in readme
     ratios = adamw["vs_fused"]
     assert (f"of MiniLM's {adamw['parameters']:,} parameters takes {ratios['per-tensor']['median']:.2f}× the fused "
