@@ -31,8 +31,26 @@ def compare(alone: dict[tuple, dict], loaded: dict[tuple, dict], quiet: bool = F
         broken += not ok
         loop = b["train_loop_seconds"] / a["train_loop_seconds"] if a.get("train_loop_seconds") else float("nan")
         rows.append(f"| {key[0]} | {key[1]} | {_time(a)} | {_time(b)} | {ratio:.2f} | "
-                    f"{'yes' if b.get('contended') else 'no'} | {loop:.2f} | {'✓' if ok else '✗'} |")
+                    f"{'yes' if b.get('contended') else 'no'} | {loop:.2f} | {'✓' if ok else '✗'} | "
+                    f"{_cores(a, 'foreign_cores')} | {_cores(b, 'foreign_cores')} | {_cores(b, 'paused_cores')} |")
     return rows, broken
+
+
+def _cores(record: dict, field: str) -> str:
+    """What the load probe measured while the record's timing ran (`core.lease.LoadProbe`): cores kept busy by
+    processes outside the project (`foreign_cores`), or by the project's other workers while they waited for
+    the lease (`paused_cores`: ~0 when they waited); — where the record has none."""
+    value = (record.get("timing") or {}).get(field)
+    return "—" if value is None else f"{value:.2f}"
+
+
+def timed_at(records: list[dict]) -> str:
+    """When the records' timings were taken: the first and last `measured_at`, UTC."""
+    moments = sorted(t["measured_at"] for r in records if (t := r.get("timing") or {}).get("measured_at"))
+    if not moments:
+        return "no timing stored"
+    first, last = (m.replace("T", " ").rstrip("Z") for m in (moments[0], moments[-1]))
+    return f"{first} UTC" if first == last else f"{first} to {last} UTC"
 
 
 def _time(record: dict) -> str:
@@ -60,12 +78,16 @@ def main() -> int:
                          "two workers beside a CPU hog")
     rule = f"within {TOLERANCE:.0%} of A and not marked contended" if args.quiet else \
         f"within {TOLERANCE:.0%} of A, or B marked contended"
-    lines = [f"Same grid alone (A) and as {what} (B), device: {device}.", "",
-             "| freeze depth | schedule | train s, A | train s, B | B / A | B contended | loop s B / A | rule |",
-             "|--:|---|--:|--:|--:|:-:|--:|:-:|", *rows, "",
+    lines = [f"Same grid alone (A) and as {what} (B), device: {device}. A timed {timed_at(list(alone.values()))}; "
+             f"B timed {timed_at(list(loaded.values()))}.", "",
+             "| freeze depth | schedule | train s, A | train s, B | B / A | B contended | loop s B / A | rule | "
+             "A foreign cores | B foreign cores | B paused cores |",
+             "|--:|---|--:|--:|--:|:-:|--:|:-:|--:|--:|--:|", *rows, "",
              f"Rule: train_seconds in B {rule}. "
              f"{len(rows) - broken} of {len(rows)} configs keep it. 'loop s' is what the steps took as they ran "
-             "(the time axis before this check)."]
+             "(the time axis before this check). Foreign cores: cores other processes kept busy while the config's "
+             "timing ran (the probe's `timing.foreign_cores`; above 0.25 marks it contended); paused cores: what "
+             "the project's other workers used meanwhile (`timing.paused_cores`: they wait while one times)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

@@ -122,7 +122,7 @@ def timing_table(name: str) -> list[dict]:
     rows = []
     for line in (RESULTS / "timing" / name).read_text().splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[0].isdigit():
+        if len(cells) in (8, 11) and cells[0].isdigit():  # 11: with the load columns (A's, B's foreign; B's paused)
             rows.append({"depth": int(cells[0]), "alone": cells[2], "ratio": float(cells[4]),
                          "contended": cells[5] == "yes", "loop": float(cells[6])})
     return rows
