@@ -60,11 +60,17 @@ def check_settings(config) -> PretrainedConfig:
 def preflight(config, session) -> PretrainedConfig:
     """Resolve and check everything a study's runs share, once, before any trial is recorded: the model (config,
     weights, tokenizer, finite weight values, a layer list to freeze) and the dataset (it loads, its columns and
-    labels). Loaded through the command's `core.session.Session`, so the first run finds them loaded."""
+    labels). Loaded through the command's `core.session.Session`, so the first run finds them loaded.
+
+    Loading and tokenizing take a core for seconds: as a project worker (`core.lease`), so that another worker's
+    timing (a frozen-prefix build, a sitting) waits for it to end instead of counting it as foreign load, and it
+    does not start while one runs."""
     model_cfg = check_settings(config)
-    tokenizer = session.tokenizer(config.model)
-    data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column, config.max_length)
-    find_backbone(session.model(config.model, data.label_names))
+    with session.timer.working():
+        tokenizer = session.tokenizer(config.model)
+        data = session.text_data(config.dataset, tokenizer, config.text_column, config.label_column,
+                                 config.max_length)
+        find_backbone(session.model(config.model, data.label_names))
     return model_cfg
 
 

@@ -50,7 +50,8 @@ def prepared_shapes(chosen: dict[Any, RunConfig], session: Session, device, view
 
     shapes = {}
     for name, config in chosen.items():
-        p = prepare(config, session, device, False, True)  # a frozen prefix is built alone, as in a run
+        with session.timer.working():  # preparing takes a core: another worker's timing waits for it (core.lease)
+            p = prepare(config, session, device, False, True)  # a frozen prefix is built alone, as in a run
         views.enter_context(p.frozen_view())
         forward = torch.compile(p.model, dynamic=True) if compile else p.model
         steps_per_epoch = math.ceil(len(p.train) / config.batch_size)

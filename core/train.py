@@ -50,7 +50,8 @@ def run(config: RunConfig, device: str | torch.device | None = None, progress: b
             forward = torch.compile(prepared.model, dynamic=True) if compile else prepared.model
             training = train_epochs(prepared, forward, session, on_epoch, progress, compile, siblings)
             test_metrics = evaluate_test(prepared, forward, training.best, session)
-    return make_record(prepared, training, test_metrics, session, compile, wall_start)
+        # still a worker: the record (library versions, predictions) takes CPU that another's timing would count
+        return make_record(prepared, training, test_metrics, session, compile, wall_start)
 
 
 @dataclass

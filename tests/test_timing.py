@@ -813,3 +813,34 @@ def test_a_sitting_whose_frozen_prefix_build_met_load_is_not_stored_with_the_stu
     assert "timing_sitting" not in optuna.load_study(study_name="grid", storage=url).user_attrs
     records = {r["record"]["config"]["freeze_depth"]: r["record"] for r in load_runs(url)}
     assert records[1]["contended"] and not records[0]["contended"]
+
+
+def test_loading_and_preparing_outside_a_run_count_as_a_project_worker(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """Two grid workers started together: one loading its model and data, or preparing its sitting's runs (seconds
+    of a core, no pause point), while the other built a frozen prefix alone made that build contended
+    (results/timing/show-workers.md: 4 of 6 configs marked). Both now hold the lease's shared lock: the other's
+    timing waits for them to end, and cannot start while they run."""
+    import contextlib
+
+    import core.prepare
+    from core.model import preflight
+    from core.session import Session
+    from core.sitting import prepared_shapes
+
+    session = Session()
+    session._timer = Timer(lease=Lease(tmp_path), repeats=1, steps=1, warmup=0, threshold=1e9)
+    registered = []
+    real_tokenizer, real_prepare = session.tokenizer, core.prepare.prepare
+    monkeypatch.setattr(session, "tokenizer", lambda name: registered.append(session.timer.lease.worker_pids())
+                        or real_tokenizer(name))
+    config = quick_config(tiny_bert, toy_data, freeze_depth=1)
+    preflight(config, session)
+    assert registered == [[os.getpid()]] and session.timer.lease.worker_pids() == []
+
+    def prepare(*args, **kwargs):
+        registered.append(session.timer.lease.worker_pids())
+        return real_prepare(*args, **kwargs)
+    monkeypatch.setattr(core.prepare, "prepare", prepare)
+    with contextlib.ExitStack() as views:
+        prepared_shapes({"shape": config}, session, "cpu", views)
+    assert registered[1] == [os.getpid()] and session.timer.lease.worker_pids() == []
