@@ -6,6 +6,7 @@ marked contended; `loop seconds` (what the steps took as they ran) shows what th
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from core.cli import ArgumentParser, main_guard
@@ -32,8 +33,22 @@ def compare(alone: dict[tuple, dict], loaded: dict[tuple, dict], quiet: bool = F
         loop = b["train_loop_seconds"] / a["train_loop_seconds"] if a.get("train_loop_seconds") else float("nan")
         rows.append(f"| {key[0]} | {key[1]} | {_time(a)} | {_time(b)} | {ratio:.2f} | "
                     f"{'yes' if b.get('contended') else 'no'} | {loop:.2f} | {'✓' if ok else '✗'} | "
-                    f"{_cores(a, 'foreign_cores')} | {_cores(b, 'foreign_cores')} | {_cores(b, 'paused_cores')} |")
+                    f"{_cores(a, 'foreign_cores')} | {_cores(b, 'foreign_cores')} | {_cores(b, 'paused_cores')} | "
+                    f"{_build(b)} |")
     return rows, broken
+
+
+def _build(record: dict) -> str:
+    """The train split's frozen-prefix build, which train_seconds includes: "quiet", the foreign load it met
+    (`prefix_cache.contended`, its evidence: "other processes kept 0.51 of 2 cores busy ..."), or — (no prefix)."""
+    prefix = record.get("prefix_cache") or {}
+    if not prefix.get("cached"):
+        return "—"
+    evidence = prefix.get("contended")
+    if not evidence:
+        return "quiet"
+    found = re.search(r"kept ([\d.]+) of \d+ cores", evidence)
+    return f"{found.group(1)} cores ⚠" if found else "contended ⚠"
 
 
 def _cores(record: dict, field: str) -> str:
@@ -81,13 +96,14 @@ def main() -> int:
     lines = [f"Same grid alone (A) and as {what} (B), device: {device}. A timed {timed_at(list(alone.values()))}; "
              f"B timed {timed_at(list(loaded.values()))}.", "",
              "| freeze depth | schedule | train s, A | train s, B | B / A | B contended | loop s B / A | rule | "
-             "A foreign cores | B foreign cores | B paused cores |",
-             "|--:|---|--:|--:|--:|:-:|--:|:-:|--:|--:|--:|", *rows, "",
+             "A foreign cores | B foreign cores | B paused cores | B prefix build |",
+             "|--:|---|--:|--:|--:|:-:|--:|:-:|--:|--:|--:|:-:|", *rows, "",
              f"Rule: train_seconds in B {rule}. "
              f"{len(rows) - broken} of {len(rows)} configs keep it. 'loop s' is what the steps took as they ran "
              "(the time axis before this check). Foreign cores: cores other processes kept busy while the config's "
              "timing ran (the probe's `timing.foreign_cores`; above 0.25 marks it contended); paused cores: what "
-             "the project's other workers used meanwhile (`timing.paused_cores`: they wait while one times)."]
+             "the project's other workers used meanwhile (`timing.paused_cores`: they wait while one times); B prefix "
+             "build: the foreign load B's frozen-prefix build met, which train_seconds includes (⚠ above 0.25)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

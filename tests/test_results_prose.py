@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,10 +123,19 @@ def timing_table(name: str) -> list[dict]:
     rows = []
     for line in (RESULTS / "timing" / name).read_text().splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) in (8, 11) and cells[0].isdigit():  # 11: with the load columns (A's, B's foreign; B's paused)
+        if len(cells) in (8, 12) and cells[0].isdigit():  # 12: with the load columns (A's, B's foreign, ...)
+            load = [float(c) if c not in ("—", "") else None for c in cells[8:11]] if len(cells) == 12 else [None] * 3
             rows.append({"depth": int(cells[0]), "alone": cells[2], "ratio": float(cells[4]),
-                         "contended": cells[5] == "yes", "loop": float(cells[6])})
+                         "contended": cells[5] == "yes", "loop": float(cells[6]), "a_foreign": load[0],
+                         "b_foreign": load[1], "b_paused": load[2], "build": cells[11] if len(cells) == 12 else None})
     return rows
+
+
+def timed_moments(name: str) -> tuple[datetime, datetime]:
+    """When A and B of a `results/timing/` table were first timed (its first line)."""
+    head = (RESULTS / "timing" / name).read_text().splitlines()[0]
+    found = re.findall(r"(A|B) timed (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", head)
+    return tuple(datetime.strptime(moment, "%Y-%m-%d %H:%M:%S") for _, moment in found)
 
 
 def spread(values: list[float], digits: int = 1) -> str:
@@ -137,7 +147,8 @@ def percent_spread(ratios: list[float]) -> str:
 
 
 def test_the_timing_demo_figures_are_the_stored_tables():
-    """README's show.sh paragraph: every ratio and time it quotes is read back from results/timing/*.md."""
+    """README's show.sh paragraph: every ratio, time, load and interval it quotes is read back from
+    results/timing/*.md."""
     paragraph = " ".join((ROOT / "README.md").read_text().split("Shown on this project's 2-core CPU")[1]
                          .split("Compare times within one study")[0].split())
     hog, workers = timing_table("show.md"), timing_table("show-workers.md")
@@ -146,21 +157,30 @@ def test_the_timing_demo_figures_are_the_stored_tables():
     def alone_times(rows):
         return [next(row["alone"] for row in rows if row["depth"] == depth) for depth in (0, 3, 6)]
     first = alone_times(hog)
-    seconds = [time.replace(" [", " s [") for time in first]  # "31.6 [30.0, 33.1]" -> "31.6 s [30.0, 33.1]"
+    assert alone_times(workers) == alone_times(again) == first  # one alone run, A of every table
+    seconds = [time.replace(" [", " s [") for time in first]  # "17.2 [13.9, 20.5]" -> "17.2 s [13.9, 20.5]"
     assert f"alone, the solo costs were {seconds[0]}, {seconds[1]} and {seconds[2]}" in paragraph
+    assert f"other processes kept {max(r['a_foreign'] for r in hog):.2f} cores busy during every timing" in paragraph
     assert all(row["contended"] for row in hog) and "every timing was marked `contended`" in paragraph
+    assert f"other processes kept {spread([r['b_foreign'] for r in hog], 2)} of 2 cores busy" in paragraph
     assert f"its solo estimate {spread([r['ratio'] for r in hog])}× the quiet one" in paragraph
     assert f"the loops themselves ran {spread([r['loop'] for r in hog])}× slower" in paragraph
-    second = [time.split(" [")[0] for time in alone_times(workers)]
-    assert f"whose timings were {second[0]} s, {second[1]} s and {second[2]} s" in paragraph
-    assert not any(row["contended"] for row in workers)
-    assert f"every time within {percent_spread([r['ratio'] for r in workers])} of alone and none contended" \
-        in paragraph
+    quiet = [r for r in workers if not r["contended"]]
+    marked = [r for r in workers if r["contended"]]
+    assert (f"{len(quiet)} of {len(workers)} times within {percent_spread([r['ratio'] for r in quiet])} of alone "
+            "and unmarked") in paragraph
+    assert f"kept out of every step timing ({max(r['b_foreign'] for r in workers):.2f} cores)" in paragraph
     assert f"took {spread([r['loop'] for r in workers])}× longer" in paragraph
+    assert all(r["build"].endswith("⚠") for r in marked) and len({r["build"] for r in marked}) == 1
+    assert f"{len(marked)} marked contended, their frozen-prefix builds having met " \
+           f"{marked[0]['build'].split()[0]} cores" in paragraph
     by_depth = {depth: [r["ratio"] for r in before if r["depth"] == depth] for depth in (3, 6)}
     assert (f"put depth 3 at {spread(by_depth[3], 2)}× and depth 6 at {spread(by_depth[6], 2)}× its time alone"
             ) in paragraph and not any(row["contended"] for row in before)
+    alone_at, again_at = timed_moments("show-again.md")
+    assert f"the grid alone again {round((again_at - alone_at).total_seconds() / 60)} minutes later" in paragraph
     assert f"came out {percent_spread([r['ratio'] for r in again])} slower" in paragraph
+    assert f"its loops {percent_spread([2 - r['loop'] for r in again])} faster" in paragraph
 
 
 def stored_trials(study: str) -> list:

@@ -284,9 +284,13 @@ def test_timing_check_shows_the_load_each_timing_ran_beside_and_when():
     alone = {(0, "linear", 42): record(10.0, 0.013)}
     loaded = {(0, "linear", 42): record(10.5, 0.021, 0.004, "2026-11-28T12:31:00Z")}
     rows, _ = compare(alone, loaded, quiet=True)
-    assert rows[0].endswith("| ✓ | 0.01 | 0.02 | 0.00 |")
+    assert rows[0].endswith("| ✓ | 0.01 | 0.02 | 0.00 | — |")
     assert compare(alone, {(0, "linear", 42): {"train_seconds": 10.0, "train_loop_seconds": 10.0}})[0][0].endswith(
-        "| — | — |")
+        "| — | — | — |")
+    built = {**loaded[(0, "linear", 42)], "contended": True, "prefix_cache": {
+        "cached": True, "contended": "other processes kept 0.51 of 2 cores busy (threshold 0.25); the project's "
+                                     "other workers kept 0.00 cores busy"}}
+    assert compare(alone, {(0, "linear", 42): built})[0][0].endswith("| 0.02 | 0.00 | 0.51 cores ⚠ |")
     assert timed_at(list(alone.values()) + list(loaded.values())) == \
         "2026-11-28 12:00:00 to 2026-11-28 12:31:00 UTC"
 
