@@ -156,13 +156,16 @@ def main() -> int:
     for name, seconds in totals.items():
         ratio = f", {seconds / project_seconds:.2f}x the project's" if name != "project" else ""
         print(f"total {name:9s}: {seconds:7.1f} s wall, mean accuracy {mean_accuracy[name]:.4f}{ratio}")
+    write_output(args, {"cells": {f"{d}-{s}": r for (d, s), r in rows.items()}, "total_wall_seconds": totals,
+                        "seconds": SECONDS, "mean_accuracy": mean_accuracy})
+    return 0
+
+
+def write_output(args, result: dict) -> None:
+    """`--output`: the result as JSON with the command's arguments (nothing without --output)."""
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"cells": {f"{d}-{s}": r for (d, s), r in rows.items()},
-                                           "total_wall_seconds": totals, "seconds": SECONDS,
-                                           "mean_accuracy": mean_accuracy,
-                                           "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
-    return 0
+        args.output.write_text(json.dumps({**result, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 
 
 def check_sizes(args) -> None:
@@ -193,9 +196,7 @@ def cpu_settings_main(args) -> int:
         print(f"  {name}: {summary['median']:.2f}x the fused update's time (rounds {summary['low']:.2f}-"
               f"{summary['high']:.2f}), CPU time {cpu['median']:.2f}x (rounds {cpu['low']:.2f}-{cpu['high']:.2f})"
               if cpu["median"] is not None else f"  {name}: {summary['median']:.2f}x the fused update's time")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({**result, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    write_output(args, result)
     return 0
 
 
@@ -218,10 +219,7 @@ def step_times_main(args) -> int:
             print(f"{row['depth']:>5d} {row['engine']:16s} {'—':>16s} {'—':>9s}   {row['not_timed']}")
             continue
         print(f"{row['depth']:>5d} {row['engine']:16s} {row['ms_per_run_step']:16.2f} {row['vs_eager']:9.2f}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"step_times": rows, "args": {k: str(v) for k, v in vars(args).items()}},
-                                          indent=2))
+    write_output(args, {"step_times": rows})
     return 0
 
 

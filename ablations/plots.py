@@ -69,13 +69,18 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
     with _style(), sns.axes_style("whitegrid"):
         figure = Figure(figsize=SIZE, layout="constrained")
         ax = figure.subplots()
+        bars = []  # each point's error bars, which a label should not cover
         for row in table.itertuples(index=False):
             mean, low, high = (PERCENT * getattr(row, f"{column}_{part}") for part in ("mean", "low", "high"))
-            colour = colours[row.freeze_depth]
+            colour, spread = colours[row.freeze_depth], _time_error(row)
             ax.errorbar(row.train_seconds, mean, yerr=None if pd.isna(low) else [[mean - low], [high - mean]],
-                        xerr=_time_error(row), fmt=markers[row.scheduler], color=colour, ecolor=colour,
+                        xerr=spread, fmt=markers[row.scheduler], color=colour, ecolor=colour,
                         elinewidth=2, capsize=5, markersize=14, markeredgecolor="white", markeredgewidth=1.2,
                         zorder=3)
+            if not pd.isna(low):
+                bars.append(((row.train_seconds, low), (row.train_seconds, high)))
+            if spread is not None:
+                bars.append(((row.train_seconds - spread[0][0], mean), (row.train_seconds + spread[1][0], mean)))
             if row.baseline:
                 ax.plot(row.train_seconds, mean, "o", markersize=30, markerfacecolor="none",
                         markeredgecolor="crimson", markeredgewidth=3, zorder=4)
@@ -83,13 +88,6 @@ def tradeoff(table: pd.DataFrame, about: dict[str, str], path: Path) -> Path:
             front = rows[rows["pareto"]].sort_values("train_seconds")
             ax.step(front["train_seconds"], PERCENT * front[f"{column}_mean"], where="post", color="0.3",
                     linestyle="--", linewidth=2, zorder=2)
-        bars = []  # each point's error bars, which a label should not cover
-        for row in table.itertuples(index=False):
-            mean, low, high = (PERCENT * getattr(row, f"{column}_{part}") for part in ("mean", "low", "high"))
-            if not pd.isna(low):
-                bars.append(((row.train_seconds, low), (row.train_seconds, high)))
-            if (spread := _time_error(row)) is not None:
-                bars.append(((row.train_seconds - spread[0][0], mean), (row.train_seconds + spread[1][0], mean)))
         ax.margins(x=0.12, y=0.12)
         axis = time_axis_label(table)  # wider than the axes, one line ran off the figure's left edge
         ax.set_xlabel(axis.replace(" (s; ", "\n(s; ", 1) if len(axis) > 70 else axis)
